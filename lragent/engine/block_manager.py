@@ -1,0 +1,105 @@
+"""Cache blocks for sequences under a sharing scheme: prefix matching per pool, allocation, publishing, release.
+
+Keys and base values share one block table (they are always keyed alike); the LR pool has its own table.
+"""
+
+from __future__ import annotations
+
+from lragent.cache.block_pool import BlockPool
+from lragent.cache.kv_cache import CacheLayout
+from lragent.cache.prefix_hash import block_hashes
+from lragent.cache.sharing import SharingScheme
+from lragent.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, scheme: SharingScheme, layout: CacheLayout):
+        self.scheme = scheme
+        self.block_size = layout.block_size
+        self.base = BlockPool("base", layout.num_base_blocks)
+        self.lr = BlockPool("lr", layout.num_lr_blocks) if scheme.has_lr_pool else None
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def capacity_tokens(self) -> int:
+        cap = self.base.num_blocks
+        if self.lr is not None:
+            cap = min(cap, self.lr.num_blocks)
+        return cap * self.block_size
+
+    def _namespaces(self, seq: Sequence, cache_key: str) -> tuple[str, str]:
+        lr_ns = self.scheme.lr_namespace(cache_key)
+        if seq.lora_slot == 0:  # the base model's R is zero: never let agents read it as their own
+            lr_ns = cache_key
+        return self.scheme.base_namespace(cache_key), lr_ns
+
+    def admit(self, seq: Sequence, cache_key: str) -> bool:
+        """Match the cached prefix and allocate the rest of the prompt; False (nothing held) if it does not fit."""
+        full = (len(seq) - 1) // self.block_size  # keep >= 1 token to compute: the last one gives the logits
+        base_ns, lr_ns = self._namespaces(seq, cache_key)
+        base_hashes = block_hashes(seq.token_ids, self.block_size, base_ns, full)
+        need = self.blocks_for(len(seq))
+        if self.base.peek(base_hashes) == 0 and need > self.base.num_available():
+            return False
+        base_ids = self.base.match(base_hashes)
+        lr_ids: list[int] = []
+        if self.lr is not None:
+            lr_ids = self.lr.match(block_hashes(seq.token_ids, self.block_size, lr_ns, len(base_ids)))
+        lr_short = need - len(lr_ids) if self.lr is not None else 0
+        if need - len(base_ids) > self.base.num_available() or (
+            self.lr is not None and lr_short > self.lr.num_available()
+        ):
+            self.base.release(base_ids)
+            if self.lr is not None:
+                self.lr.release(lr_ids)
+            return False
+        seq.base_blocks = base_ids + self.base.allocate(need - len(base_ids))
+        seq.num_base_cached = len(base_ids) * self.block_size
+        seq.base_registered = len(base_ids)
+        if self.lr is not None:
+            seq.lr_blocks = lr_ids + self.lr.allocate(lr_short)
+            seq.lr_registered = len(lr_ids)
+            seq.num_computed = len(lr_ids) * self.block_size
+        else:
+            seq.num_computed = seq.num_base_cached
+        seq.cache_key = cache_key
+        return True
+
+    def can_append(self, seq: Sequence) -> bool:
+        if self.blocks_for(len(seq)) <= len(seq.base_blocks):
+            return True
+        return self.base.num_available() >= 1 and (self.lr is None or self.lr.num_available() >= 1)
+
+    def append_slot(self, seq: Sequence) -> None:
+        """Grow the block tables to cover the position about to be computed."""
+        if self.blocks_for(len(seq)) > len(seq.base_blocks):
+            seq.base_blocks += self.base.allocate(1)
+            if self.lr is not None:
+                seq.lr_blocks += self.lr.allocate(1)
+
+    def publish(self, seq: Sequence) -> None:
+        """Index every block that became full and computed, so later requests can reuse it."""
+        base_ns, lr_ns = self._namespaces(seq, seq.cache_key)
+        full_base = min(seq.num_base_cached, len(seq)) // self.block_size
+        if full_base > seq.base_registered:
+            hashes = block_hashes(seq.token_ids, self.block_size, base_ns, full_base)
+            for i in range(seq.base_registered, full_base):
+                self.base.register(seq.base_blocks[i], hashes[i])
+            seq.base_registered = full_base
+        if self.lr is not None:
+            full_lr = min(seq.num_computed, len(seq)) // self.block_size
+            if full_lr > seq.lr_registered:
+                hashes = block_hashes(seq.token_ids, self.block_size, lr_ns, full_lr)
+                for i in range(seq.lr_registered, full_lr):
+                    self.lr.register(seq.lr_blocks[i], hashes[i])
+                seq.lr_registered = full_lr
+
+    def release(self, seq: Sequence) -> None:
+        self.base.release(seq.base_blocks)
+        if self.lr is not None:
+            self.lr.release(seq.lr_blocks)
+        seq.base_blocks, seq.lr_blocks = [], []
+        seq.num_computed = seq.num_base_cached = 0
+        seq.base_registered = seq.lr_registered = 0

@@ -1,0 +1,265 @@
+"""The engine: owns the model, adapters, cache and scheduler; `step()` is the only place they meet."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lragent.cache.kv_cache import CacheLayout, KVCache
+from lragent.cache.sharing import get_scheme
+from lragent.config import EngineConfig
+from lragent.engine.block_manager import BlockManager
+from lragent.engine.model_runner import ModelRunner
+from lragent.engine.scheduler import Scheduler
+from lragent.engine.sequence import RequestMetrics, Sequence
+from lragent.kernels import make_backend
+from lragent.lora.adapter import AdapterError, load_peft_adapter
+from lragent.lora.bank import LoRABank
+from lragent.lora.registry import AdapterRegistry
+from lragent.models.llama import Runtime
+from lragent.models.loader import load_model
+from lragent.sampling import SamplingParams
+
+CPU_DEFAULT_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    adapter: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated so far
+    new_token_ids: list[int]  # generated in the last step (for streaming)
+    text: str
+    finished: bool
+    finish_reason: str | None
+    metrics: RequestMetrics
+    logprobs: list[float] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.scheme = get_scheme(config.sharing)
+        loaded = load_model(config.model, self.dtype, self.device, config.max_model_len)
+        self.model, self.model_config = loaded.model, loaded.config
+        self.tokenizer = self._load_tokenizer(loaded.tokenizer_dir)
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        adapters = [load_peft_adapter(n, p, self.model_config) for n, p in config.adapters.items()]
+        max_loras = config.max_loras or len(adapters) + 4
+        max_rank = config.max_lora_rank or max([a.rank for a in adapters] or [16])
+        self.registry = AdapterRegistry(self.scheme, self.model_config.num_layers, max_loras, config.allow_unshared_a)
+        self.bank = LoRABank(self.model_config, max_loras, max_rank, self.dtype, self.device)
+        for adapter in adapters:
+            self.bank.load(self.registry.add(adapter), adapter)
+        layout = CacheLayout.for_budget(
+            self.model_config,
+            self._cache_budget(),
+            config.block_size,
+            max_rank,
+            self.scheme.lr_blocks_per_base_block(max_loras),
+            self.dtype,
+        )
+        self.cache = KVCache(self.model_config, layout, self.dtype, self.device)
+        self.model.bind(Runtime(self.cache, self.bank, make_backend(config.attention_backend, self.device)))
+        self.block_manager = BlockManager(self.scheme, layout)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.cache, self.scheme, self.device)
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings, self.block_manager.capacity_tokens
+        )
+        self._ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self._seqs: dict[str, Sequence] = {}
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _load_tokenizer(folder):
+        if folder is None:
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+
+    def _cache_budget(self) -> int:
+        if self.config.kv_cache_bytes is not None:
+            return self.config.kv_cache_bytes
+        if self.device.type == "cpu":
+            return CPU_DEFAULT_CACHE_BYTES
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserve = 2 << 30  # activations and logits of the largest step
+        return int(self.config.gpu_memory_utilization * total - (total - free) - reserve)
+
+    # ---- adapters ------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        adapter = load_peft_adapter(name, path, self.model_config)
+        self.bank.load(self.registry.add(adapter), adapter)
+
+    def unload_adapter(self, name: str) -> None:
+        busy = [s.request_id for s in self._seqs.values() if s.adapter == name]
+        if busy:
+            raise AdapterError(f"adapter {name!r} is in use by {len(busy)} running request(s)")
+        self.bank.unload(self.registry.remove(name))
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (dummy weights): pass prompts as lists of token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise TypeError("a prompt must be a string or a list of integer token ids")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+        return list(prompt)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but the context length is {self.max_model_len} "
+                "(at least one token must be generated)"
+            )
+        slot = self.registry.slot_of(adapter)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, ids, params, adapter or "", slot)
+        seq.cache_key = self.registry.cache_key(adapter)
+        seq.generator = torch.Generator().manual_seed(
+            params.seed if params.seed is not None else self._rng.randrange(1 << 62)
+        )
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, post-process. Returns an output for every sequence that got a token."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        tokens, logprobs = self.runner.run(batch)
+        outputs, k = [], 0
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed += n
+            seq.num_base_cached = max(seq.num_base_cached, seq.num_computed)
+            if batch.is_prefill:
+                seq.metrics.computed_tokens += n
+            self.block_manager.publish(seq)
+            if seq.num_computed == len(seq):
+                self._append_token(seq, tokens[k], logprobs[k])
+                outputs.append(self._output(seq, [tokens[k]]))
+                k += 1
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float) -> None:
+        seq.token_ids.append(token)
+        seq.logprobs.append(logprob)
+        m = seq.metrics
+        m.generated_tokens += 1
+        if m.first_token_time is None:
+            m.first_token_time = time.perf_counter()
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            m.finish_time = time.perf_counter()
+            self._seqs.pop(seq.request_id, None)
+            if self.tokenizer is not None and seq.stop_text_len is None:
+                seq.text = self.detokenize(seq)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.tokenizer is not None and self._hit_stop_string(seq):
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        text = self.detokenize(seq)
+        hits = [(text.find(s), s) for s in seq.params.stop if s in text]
+        if not hits:
+            return False
+        at, stop = min(hits)
+        seq.stop_text_len = at + (len(stop) if seq.params.include_stop_str_in_output else 0)
+        seq.text = text[: seq.stop_text_len]
+        return True
+
+    def detokenize(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+
+    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            adapter=seq.adapter,
+            prompt_token_ids=seq.token_ids[: seq.prompt_len],
+            token_ids=seq.output_ids,
+            new_token_ids=new,
+            text=seq.text,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            metrics=seq.metrics,
+            logprobs=list(seq.logprobs),
+        )
+
+    # ---- introspection -------------------------------------------------------------------------------------
+    def cache_stats(self) -> dict:
+        """Bytes and blocks per pool (key, base_value, lr) and prefix-cache hit counts."""
+        layout, cfg = self.cache.layout, self.model_config
+        per_block = CacheLayout.bytes_per_base_block(cfg, layout.block_size, self.dtype) // 2
+        lr_block = CacheLayout.bytes_per_lr_block(cfg, layout.block_size, layout.lr_rank, self.dtype)
+        pools = {}
+        for name, pool, block_bytes in (
+            ("key", self.block_manager.base, per_block),
+            ("base_value", self.block_manager.base, per_block),
+            ("lr", self.block_manager.lr, lr_block),
+        ):
+            if pool is None:
+                pools[name] = {"bytes_allocated": 0, "bytes_used": 0, "blocks_total": 0, "blocks_in_use": 0}
+                continue
+            usage = pool.usage()
+            held = usage["blocks_in_use"] + usage["blocks_cached"]
+            pools[name] = {"bytes_allocated": usage["blocks_total"] * block_bytes, "bytes_used": held * block_bytes, **usage}
+        base = self.block_manager.base.stats
+        return {
+            "sharing": self.scheme.mode.value,
+            "block_size": layout.block_size,
+            "pools": pools,
+            "bytes_used": sum(p["bytes_used"] for p in pools.values()),
+            "bytes_allocated": sum(p["bytes_allocated"] for p in pools.values()),
+            "hit_rate": base.hit_blocks / base.queried_blocks if base.queried_blocks else 0.0,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+        }

@@ -1,0 +1,88 @@
+"""Turns a scheduled batch into tensors and metadata, runs the model once, samples."""
+
+from __future__ import annotations
+
+import torch
+
+from lragent.cache.kv_cache import KVCache
+from lragent.cache.sharing import SharingScheme
+from lragent.engine.sampler import sample
+from lragent.engine.scheduler import ScheduledBatch
+from lragent.kernels.metadata import AttentionMetadata
+from lragent.lora.metadata import LoRAMetadata, group_by_slot
+from lragent.models.context import ForwardContext
+from lragent.models.llama import CausalLM
+
+
+def _table(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(t) for t in tables))
+    rows = [t + [-1] * (width - len(t)) for t in tables]
+    return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, cache: KVCache, scheme: SharingScheme, device: torch.device):
+        self.model = model
+        self.cache = cache
+        self.scheme = scheme
+        self.device = device
+        self.block_size = cache.block_size
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, list[int]]:
+        """Flatten the batch; returns input ids, the step's context, and the row of each sampling sequence."""
+        bs = self.block_size
+        ids, positions, token_slots = [], [], []
+        base_idx, base_slots, base_pos, lr_slots = [], [], [], []
+        query_start, context_lens, sample_rows = [0], [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            start, end = seq.num_computed, seq.num_computed + n
+            for pos in range(start, end):
+                if pos >= seq.num_base_cached:  # LR prefill skips tokens whose keys/base values exist
+                    base_idx.append(len(ids))
+                    base_pos.append(pos)
+                    base_slots.append(seq.base_blocks[pos // bs] * bs + pos % bs)
+                if self.cache.lr is not None:
+                    lr_slots.append(seq.lr_blocks[pos // bs] * bs + pos % bs)
+                ids.append(seq.token_ids[pos])
+                positions.append(pos)
+                token_slots.append(seq.lora_slot)
+            query_start.append(len(ids))
+            context_lens.append(end)
+            if end == len(seq):
+                sample_rows.append(len(ids) - 1)
+        dev = self.device
+        all_written = len(base_idx) == len(ids)
+        base_token_slots = [token_slots[i] for i in base_idx]
+        attn = AttentionMetadata(
+            query_lens=list(batch.num_tokens),
+            context_lens=context_lens,
+            query_start=torch.tensor(query_start, dtype=torch.int32).to(dev, non_blocking=True),
+            context_lens_t=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            base_block_tables=_table([s.base_blocks for s in batch.seqs], dev),
+            lr_block_tables=_table([s.lr_blocks for s in batch.seqs], dev) if self.cache.lr is not None else None,
+            seq_lora_slots=torch.tensor([s.lora_slot for s in batch.seqs], dtype=torch.int64).to(dev),
+            base_write_idx=None if all_written else torch.tensor(base_idx, dtype=torch.int64).to(dev),
+            base_slots=torch.tensor(base_slots, dtype=torch.int64).to(dev, non_blocking=True),
+            lr_slots=torch.tensor(lr_slots, dtype=torch.int64).to(dev) if self.cache.lr is not None else None,
+            is_decode=not batch.is_prefill,
+        )
+        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        ctx = ForwardContext(
+            attn=attn,
+            lora=LoRAMetadata(group_by_slot(token_slots, dev), group_by_slot(base_token_slots, dev)),
+            expand_values=not self.scheme.has_lr_pool,
+            positions=pos_t,
+            base_positions=pos_t if all_written else torch.tensor(base_pos, dtype=torch.int64).to(dev),
+        )
+        return torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True), ctx, sample_rows
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
+        """One forward pass; returns a token (and its log-prob) for each sequence whose pending tokens all ran."""
+        input_ids, ctx, rows = self.prepare(batch)
+        hidden = self.model(input_ids, ctx)
+        if not rows:
+            return [], []
+        logits = self.model.logits(hidden[rows])
+        samplers = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed + n == len(s)]
+        return sample(logits, [s.params for s in samplers], [s.generator for s in samplers])

@@ -1,0 +1,41 @@
+"""Next-token choice: greedy, or temperature with top-k / top-p, with per-request seeded generators."""
+
+from __future__ import annotations
+
+import torch
+
+from lragent.sampling import SamplingParams
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask everything outside the top-k tokens and outside the smallest set with probability mass >= top_p."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> tuple[list[int], list[float]]:
+    """logits [n, vocab] float32 -> chosen token ids and their log-probabilities (under the unfiltered softmax)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if all(p.greedy for p in params):
+        chosen = logits.argmax(dim=-1)
+    else:
+        picks = []
+        for row, p, gen in zip(logits, params, generators):
+            if p.greedy:
+                picks.append(row.argmax())
+                continue
+            probs = torch.softmax(filter_logits(row / p.temperature, p.top_k, p.top_p), dim=-1)
+            picks.append(torch.multinomial(probs.cpu() if gen is not None else probs, 1, generator=gen)[0])
+        chosen = torch.stack([t.to(logits.device) for t in picks])
+    chosen_lp = logprobs.gather(-1, chosen[:, None])[:, 0]
+    return chosen.tolist(), chosen_lp.tolist()

@@ -1,0 +1,32 @@
+"""Per-step attention metadata, built once by the model runner and read by every layer's attention backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes a flattened batch of B sequences with T new tokens in total.
+
+    Sequence i owns tokens `query_start[i]:query_start[i+1]` of the batch and attends to its first
+    `context_lens[i]` positions (cached prefix + its new tokens, causal over the new ones).
+    """
+
+    query_lens: list[int]  # host copy, [B]
+    context_lens: list[int]  # host copy, [B]
+    query_start: torch.Tensor  # [B+1] int32
+    context_lens_t: torch.Tensor  # [B] int32
+    base_block_tables: torch.Tensor  # [B, max_blocks] int32 into the key/value pools, -1 padded
+    lr_block_tables: torch.Tensor | None  # [B, max_lr_blocks] int32 into the LR pool; None without an LR pool
+    seq_lora_slots: torch.Tensor  # [B] int64, adapter slot of each sequence (its B_v in `s (P R) B`)
+    base_write_idx: torch.Tensor | None  # token indices whose keys/base values are written; None = all T
+    base_slots: torch.Tensor  # [n written] flat slot ids (block * block_size + offset) in the key/value pools
+    lr_slots: torch.Tensor | None  # [T] flat slot ids in the LR pool
+    is_decode: bool = False  # every sequence has exactly one new token
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)

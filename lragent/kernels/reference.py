@@ -1,0 +1,114 @@
+"""Flash-LoRA-Attention in plain PyTorch: the CPU path and the oracle for the Triton kernels.
+
+The adapter part of the values is never expanded: O = P V_base + s (P R) B, with R the rank-r LR cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lragent.cache.kv_cache import KVCache
+from lragent.kernels.backend import AttentionBackend
+from lragent.kernels.metadata import AttentionMetadata
+
+
+def lora_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v_base: torch.Tensor,
+    lr: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    lora_scale: float,
+    sm_scale: float,
+) -> torch.Tensor:
+    """One sequence. q [Lq, Hq, d]; k, v_base [Lk, Hkv, d]; lr [Lk, r]; b_up [r, Hkv, d].
+
+    Query j sits at absolute position Lk - Lq + j and sees keys up to it (causal over the new tokens).
+    Scores and softmax run in float32 (or the input's dtype if wider).
+    """
+    lq, hq, d = q.shape
+    lk, hkv, _ = k.shape
+    group = hq // hkv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(acc).view(lq, hkv, group, d).permute(1, 2, 0, 3)  # [Hkv, G, Lq, d]
+    scores = torch.einsum("hgqd,khd->hgqk", qg, k.to(acc)) * sm_scale
+    key_pos = torch.arange(lk, device=q.device)
+    query_pos = torch.arange(lk - lq, lk, device=q.device)
+    scores.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hgqk,khd->hgqd", probs, v_base.to(acc))
+    if lr is not None and b_up is not None:
+        pr = torch.einsum("hgqk,kr->hgqr", probs, lr.to(acc))  # rank-r accumulator
+        out = out + lora_scale * torch.einsum("hgqr,rhd->hgqd", pr, b_up.to(acc))
+    return out.permute(2, 0, 1, 3).reshape(lq, hq, d).to(q.dtype)
+
+
+def naive_lora_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v_base: torch.Tensor,
+    lr: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    lora_scale: float,
+    sm_scale: float,
+) -> torch.Tensor:
+    """The obvious way: materialise V = V_base + s R B, then causal attention. Only for tests and benchmarks."""
+    v = v_base if lr is None else v_base + lora_scale * torch.einsum("kr,rhd->khd", lr, b_up)
+    lq, hq, d = q.shape
+    lk, hkv, _ = k.shape
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * sm_scale
+    mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v)
+
+
+def gather_positions(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Flat pool slots of positions 0..length-1 of one sequence."""
+    pos = torch.arange(length, device=block_table.device)
+    return block_table[pos // block_size].long() * block_size + pos % block_size
+
+
+class TorchReferenceBackend(AttentionBackend):
+    """Loops over sequences; exact in float32/float64. Kernels must match it."""
+
+    name = "torch"
+
+    def store(self, cache, layer, key, value, lr, meta) -> None:
+        if key is not None and key.shape[0]:
+            slots = meta.base_slots.long()
+            cache.key[layer].view(-1, *key.shape[1:]).index_copy_(0, slots, key)
+            cache.value[layer].view(-1, *value.shape[1:]).index_copy_(0, slots, value)
+        if lr is not None and cache.lr is not None:
+            cache.lr[layer].view(-1, lr.shape[-1]).index_copy_(0, meta.lr_slots.long(), lr)
+
+    def attend(
+        self,
+        cache: KVCache,
+        layer: int,
+        query: torch.Tensor,
+        value_up: torch.Tensor | None,
+        lora_scaling: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        bs, hkv, d = cache.block_size, cache.num_kv_heads, cache.head_dim
+        keys = cache.key[layer].view(-1, hkv, d)
+        values = cache.value[layer].view(-1, hkv, d)
+        lrs = None if cache.lr is None or value_up is None else cache.lr[layer].view(-1, cache.lr_rank)
+        out = torch.empty_like(query)
+        starts = meta.query_start.tolist()
+        slots = meta.seq_lora_slots.tolist()
+        for i, ctx_len in enumerate(meta.context_lens):
+            q = query[starts[i] : starts[i + 1]]
+            idx = gather_positions(meta.base_block_tables[i], ctx_len, bs)
+            lr = b_up = None
+            scale = 0.0
+            if lrs is not None and slots[i] != 0:
+                lr = lrs[gather_positions(meta.lr_block_tables[i], ctx_len, bs)]
+                b_up = value_up[slots[i]].view(-1, hkv, d)
+                scale = float(lora_scaling[slots[i]])
+            out[starts[i] : starts[i + 1]] = lora_attention(
+                q, keys[idx], values[idx], lr, b_up, scale, d**-0.5
+            )
+        return out

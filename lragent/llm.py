@@ -1,0 +1,97 @@
+"""The offline Python API: `LLM(...).generate(...)`, `chat`, `cache_stats`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from lragent.config import EngineConfig
+from lragent.engine.llm_engine import LLMEngine, RequestOutput
+from lragent.sampling import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """Several LoRA agents on one base model, with a KV cache shared across them as `sharing` allows.
+
+    >>> llm = LLM(adapters={"plan": "adapters/plan", "action": "adapters/action"}, sharing="base_shared")
+    >>> llm.generate(["Question: ..."], adapter="plan")[0].text
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        adapters: dict[str, str] | None = None,
+        sharing: str = "base_shared",
+        device: str = "cpu",
+        dtype: str = "auto",
+        **engine_kwargs: Any,
+    ):
+        config = EngineConfig(model=model, adapters=dict(adapters or {}), sharing=sharing, device=device, dtype=dtype, **engine_kwargs)
+        self.engine = LLMEngine(config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self.engine.registry.adapters)
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        adapter: str | None | Seq[str | None] = None,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run all prompts to completion in one continuous batch; outputs come back in prompt order.
+
+        `adapter` is one name for all prompts or one per prompt (None = the base model). Every request is
+        validated before any runs, so a bad one leaves the engine untouched.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * n
+        if len(adapters) != n or len(params) != n:
+            raise ValueError(f"{n} prompts but {len(adapters)} adapters and {len(params)} sampling params")
+        for name in set(adapters):
+            self.engine.registry.slot_of(name)  # unknown adapter: fail before queuing anything
+        ids = [self.engine.add_request(p, sp, a) for p, sp, a in zip(prompts, params, adapters)]
+        done: dict[str, RequestOutput] = {}
+        while len(done) < n:
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        adapter: str | None | Seq[str | None] = None,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template (with the generation prompt) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.apply_chat_template(c) for c in conversations], adapter, sampling_params)
+
+    def apply_chat_template(self, messages: list[Message]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError("each chat message must be a dict with 'role' and 'content'")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def cache_stats(self) -> dict:
+        return self.engine.cache_stats()
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)

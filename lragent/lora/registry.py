@@ -1,0 +1,69 @@
+"""Which adapters are loaded, in which slot, and whether they fit the sharing scheme. Plain Python."""
+
+from __future__ import annotations
+
+import itertools
+
+from lragent.cache.sharing import SharingScheme
+from lragent.lora.adapter import AdapterError, LoRAAdapter, unshared_value_layers
+
+
+class AdapterRegistry:
+    def __init__(self, scheme: SharingScheme, num_layers: int, max_loras: int, allow_unshared_a: bool = False):
+        self.scheme = scheme
+        self.num_layers = num_layers
+        self.max_loras = max_loras
+        self.allow_unshared_a = allow_unshared_a
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self.slots: dict[str, int] = {}
+        self.cache_keys: dict[str, str] = {}  # unique per load, so a reloaded name never matches stale cache entries
+        self._loads = itertools.count()
+
+    def check(self, adapter: LoRAAdapter) -> None:
+        """Refuse an adapter that breaks the scheme, with the reason spelled out."""
+        if adapter.name in self.adapters:
+            raise AdapterError(f"adapter {adapter.name!r} is already loaded")
+        if not adapter.name or adapter.name.startswith("<"):
+            raise AdapterError(f"invalid adapter name {adapter.name!r}")
+        if len(self.adapters) >= self.max_loras:
+            raise AdapterError(f"cannot load {adapter.name!r}: all {self.max_loras} adapter slots are in use (max_loras)")
+        if "k_proj" in adapter.targets and not self.scheme.allows_key_adapter:
+            raise AdapterError(
+                f"adapter {adapter.name!r} adapts k_proj, which makes keys agent-specific; {self.scheme.mode.value} "
+                "shares keys across agents, so it supports q/v/o/MLP adapters only (use non_shared or full_shared)"
+            )
+        if self.scheme.requires_shared_a and not self.allow_unshared_a and self.adapters:
+            layers = unshared_value_layers([*self.adapters.values(), adapter], self.num_layers)
+            if layers:
+                shown = ", ".join(map(str, layers[:8])) + (" ..." if len(layers) > 8 else "")
+                raise AdapterError(
+                    f"base_lr_shared needs every adapter's v_proj A to be the same matrix (shared-A), but adapter "
+                    f"{adapter.name!r} differs in layers {shown}; train with a shared A, use base_shared, or pass "
+                    "allow_unshared_a=True to accept the accuracy loss"
+                )
+
+    def add(self, adapter: LoRAAdapter) -> int:
+        self.check(adapter)
+        used = set(self.slots.values())
+        slot = next(s for s in range(1, self.max_loras + 1) if s not in used)
+        self.adapters[adapter.name] = adapter
+        self.slots[adapter.name] = slot
+        self.cache_keys[adapter.name] = f"{adapter.name}#{next(self._loads)}"
+        return slot
+
+    def remove(self, name: str) -> int:
+        if name not in self.adapters:
+            raise AdapterError(f"unknown adapter {name!r}")
+        del self.adapters[name], self.cache_keys[name]
+        return self.slots.pop(name)
+
+    def slot_of(self, name: str | None) -> int:
+        if not name:
+            return 0
+        if name not in self.slots:
+            known = ", ".join(sorted(self.slots)) or "none loaded"
+            raise AdapterError(f"unknown adapter {name!r} (loaded: {known})")
+        return self.slots[name]
+
+    def cache_key(self, name: str | None) -> str:
+        return "<base>" if not name else self.cache_keys[name]
