@@ -1,0 +1,285 @@
+"""One question's AutoAct loop as a step-wise state machine: `next_call()` says which agent to run on which
+token ids, `feed(output)` consumes that agent's output. No model calls here, so many episodes can be driven
+concurrently by one batched `llm.generate` per round (see `pipeline.run_episodes`).
+
+Per iteration (one Thought/Action/Observation step, at most `max_iterations` of them):
+  plan    thought  : prompt = trajectory                          -> "{thought}\\n" appended
+  plan    tool     : prompt = trajectory                          -> "Aciton: {Tool}[" parsed for the tool
+  action  argument : prompt = trajectory + "Aciton: {Tool}[\\n### Response:\\n" -> "{arg}]\\n" + observation
+After Finish the next iteration belongs to reflect:
+  reflect thought  : prompt = trajectory                          -> "{thought}\\n" appended
+  reflect verdict  : prompt = trajectory                          -> "Action: Reflect[right|wrong]\\n" + observation
+Reflect[right] ends the episode; Reflect[wrong] sends it back to plan; a second Finish ends it (AutoAct's rule).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lragent.agents import parsing
+from lragent.agents import tools as T
+from lragent.agents.formats import TrajectoryFormat
+from lragent.eval.scoring import Score
+
+
+class Phase(enum.Enum):
+    PLAN_THOUGHT = "plan_thought"
+    PLAN_TOOL = "plan_tool"
+    ACTION = "action"
+    REFLECT_THOUGHT = "reflect_thought"
+    REFLECT_VERDICT = "reflect_verdict"
+    DONE = "done"
+
+
+ROLE_OF = {
+    Phase.PLAN_THOUGHT: "plan",
+    Phase.PLAN_TOOL: "plan",
+    Phase.ACTION: "action",
+    Phase.REFLECT_THOUGHT: "reflect",
+    Phase.REFLECT_VERDICT: "reflect",
+}
+
+
+class Trajectory:
+    """The shared trajectory as text plus token ids, grown by appending encoded chunks.
+
+    Invariant (checked in tests with the real tokenizer): every chunk starts after a newline with a non-space
+    character, so `ids == encode(text)` and every agent's prompt is a token-level prefix extension.
+    """
+
+    def __init__(self, encode: Callable[[str, bool], list[int]], opening: str) -> None:
+        self._encode = encode
+        self.text = opening
+        self.ids: list[int] = list(encode(opening, True))  # the tokenizer's default specials, as training does
+
+    def append(self, chunk: str) -> None:
+        self.text += chunk
+        self.ids.extend(self._encode(chunk, False))
+
+
+@dataclass
+class AgentCall:
+    """One pending agent call of one episode."""
+
+    episode: int  # index of the episode in the driver's list
+    role: str  # adapter name: plan | action | reflect
+    phase: Phase
+    prompt_ids: list[int]
+
+
+def _metric(metrics: Any, name: str) -> float:
+    if metrics is None:
+        return 0.0
+    value = metrics.get(name, 0) if isinstance(metrics, dict) else getattr(metrics, name, 0)
+    return float(value or 0)
+
+
+@dataclass
+class EpisodeResult:
+    id: str
+    task: str
+    gold: str
+    prediction: str | None
+    correct: bool
+    em: float
+    f1: float
+    iterations: int
+    out_of_function: bool  # no Finish within the iteration cap (or context) -> scored wrong
+    finished: bool  # ended by Reflect[right] or a second Finish
+    halt_reason: str  # finished | max_iterations | context
+    calls: dict[str, int]
+    parse_failures: dict[str, int]
+    prompt_tokens: int
+    reused_tokens: int
+    base_reused_tokens: int
+    computed_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    wall_s: float
+    trajectory: str | None = None
+
+
+@dataclass
+class EpisodeConfig:
+    max_iterations: int = 45
+    max_context_tokens: int = 8192  # halt when a prompt plus max_new_tokens would not fit
+    max_new_tokens: int = 128
+
+
+@dataclass
+class Episode:
+    """State machine of one question."""
+
+    qid: str
+    task: str
+    gold: str
+    fmt: TrajectoryFormat
+    toolbox: T.ToolBox
+    traj: Trajectory
+    score_fn: Callable[[str | None], Score]
+    config: EpisodeConfig = field(default_factory=EpisodeConfig)
+    phase: Phase = Phase.PLAN_THOUGHT
+    iterations: int = 1  # the opening trajectory already starts iteration 1
+    answer: str | None = None
+    finished: bool = False
+    halt_reason: str = ""
+    tool: str | None = None  # tool chosen in the current iteration
+    calls: Counter = field(default_factory=Counter)
+    failures: Counter = field(default_factory=Counter)
+    stats: Counter = field(default_factory=Counter)
+    t_start: float | None = None
+    t_end: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    # -- driver interface -----------------------------------------------------------------------------------
+    def next_call(self, index: int) -> AgentCall | None:
+        """The pending agent call, or None once done (halts here when the prompt would not fit)."""
+        if self.done:
+            return None
+        if self.t_start is None:
+            self.t_start = time.perf_counter()
+        ids = list(self.traj.ids)
+        if len(ids) + self.config.max_new_tokens > self.config.max_context_tokens:
+            self._halt("context")
+            return None
+        return AgentCall(index, ROLE_OF[self.phase], self.phase, ids)
+
+    def feed(self, output: Any) -> None:
+        """Consume the output (engine `RequestOutput`-like: .text, .token_ids, .metrics) of the pending call."""
+        role = ROLE_OF[self.phase]
+        self.calls[role] += 1
+        m = getattr(output, "metrics", None)
+        for name in ("prompt_tokens", "reused_tokens", "base_reused_tokens", "computed_tokens", "ttft_s"):
+            self.stats[name] += _metric(m, name)
+        self.stats["generated_tokens"] += len(getattr(output, "token_ids", None) or [])
+        text = getattr(output, "text", "") or ""
+        handler = {
+            Phase.PLAN_THOUGHT: self._on_plan_thought,
+            Phase.PLAN_TOOL: self._on_plan_tool,
+            Phase.ACTION: self._on_action,
+            Phase.REFLECT_THOUGHT: self._on_reflect_thought,
+            Phase.REFLECT_VERDICT: self._on_reflect_verdict,
+        }[self.phase]
+        handler(text)
+
+    # -- transitions ----------------------------------------------------------------------------------------
+    def _on_plan_thought(self, text: str) -> None:
+        thought = parsing.parse_thought(text)
+        if thought is None:
+            self.failures["plan_thought"] += 1
+        self.traj.append((thought or "") + "\n")
+        self.phase = Phase.PLAN_TOOL
+
+    def _on_plan_tool(self, text: str) -> None:
+        tool = parsing.parse_tool(text)
+        if tool == "Reflect":  # Reflect is reflect's, right after Finish; the plan choosing it is invalid
+            verdict = parsing.inline_argument(text) or "right"
+            self._observe_free(f"Reflect[{verdict}]", T.MSG_REFLECT_INVALID, "Reflect")
+        elif tool is None:
+            self.failures["plan_tool"] += 1
+            raw = " ".join(text.split()) or "None"
+            self._observe_free(raw, T.MSG_INVALID[self.task], "invalid")
+        else:  # a known tool; one the task lacks still gets its argument and then the invalid-action observation
+            self.tool = tool
+            self.traj.append(self.fmt.action_call(tool))
+            self.phase = Phase.ACTION
+
+    def _on_action(self, text: str) -> None:
+        arg = parsing.parse_argument(text)
+        if arg is None:
+            self.failures["action"] += 1
+        arg = " ".join((arg or "").split())
+        self.traj.append(arg + "]\n")
+        if self.tool != "Finish":
+            self._observe(self.toolbox.run(self.tool, arg))
+            self._next_iteration(Phase.PLAN_THOUGHT)
+        elif self.answer is None:  # first answer: reflect reviews it
+            self.answer = arg
+            self.toolbox.note_step("Finish")
+            self._observe(T.MSG_FINISH)
+            self._next_iteration(Phase.REFLECT_THOUGHT)
+        else:  # AutoAct: a Finish after a rejected answer is final
+            self.answer = arg
+            self._observe(T.MSG_CORRECT if self.score_fn(arg).correct else T.MSG_INCORRECT, next_thought=False)
+            self.finished = True
+            self._halt("finished")
+
+    def _on_reflect_thought(self, text: str) -> None:
+        thought = parsing.parse_thought(text)
+        if thought is None:
+            self.failures["reflect_thought"] += 1
+        self.traj.append((thought or "") + "\n")
+        self.phase = Phase.REFLECT_VERDICT
+
+    def _on_reflect_verdict(self, text: str) -> None:
+        verdict = parsing.parse_reflect(text)
+        if verdict == "right":
+            self.traj.append(self.fmt.free_action("Reflect[right]"))
+            correct = self.score_fn(self.answer).correct
+            self._observe(T.MSG_CORRECT if correct else T.MSG_INCORRECT, next_thought=False)
+            self.finished = True
+            self._halt("finished")
+        elif verdict == "wrong":
+            self._observe_free("Reflect[wrong]", T.MSG_REFLECT_WRONG, "Reflect")
+        else:
+            self.failures["reflect_verdict"] += 1
+            self._observe_free(" ".join(text.split()) or "None", T.MSG_INVALID[self.task], "invalid")
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def _observe(self, obs: str, next_thought: bool = True) -> None:
+        self.traj.append(self.fmt.observe(obs, next_thought))
+
+    def _observe_free(self, call: str, obs: str, step: str) -> None:
+        """An action written without an action-agent call, its observation, then back to plan."""
+        self.traj.append(self.fmt.free_action(call))
+        self.toolbox.note_step(step)
+        self._observe(obs)
+        self._next_iteration(Phase.PLAN_THOUGHT)
+
+    def _next_iteration(self, phase: Phase) -> None:
+        self.tool = None
+        if self.iterations >= self.config.max_iterations:
+            self._halt("max_iterations")
+            return
+        self.iterations += 1
+        self.phase = phase
+
+    def _halt(self, reason: str) -> None:
+        self.halt_reason = reason
+        self.phase = Phase.DONE
+        self.t_end = time.perf_counter()
+
+    def result(self, keep_trajectory: bool = False) -> EpisodeResult:
+        s = self.score_fn(self.answer)
+        wall = (self.t_end or time.perf_counter()) - (self.t_start or time.perf_counter())
+        return EpisodeResult(
+            id=self.qid,
+            task=self.task,
+            gold=self.gold,
+            prediction=self.answer,
+            correct=s.correct,
+            em=s.em,
+            f1=s.f1,
+            iterations=self.iterations,
+            out_of_function=self.answer is None,
+            finished=self.finished,
+            halt_reason=self.halt_reason,
+            calls=dict(self.calls),
+            parse_failures=dict(self.failures),
+            prompt_tokens=int(self.stats["prompt_tokens"]),
+            reused_tokens=int(self.stats["reused_tokens"]),
+            base_reused_tokens=int(self.stats["base_reused_tokens"]),
+            computed_tokens=int(self.stats["computed_tokens"]),
+            generated_tokens=int(self.stats["generated_tokens"]),
+            ttft_s=float(self.stats["ttft_s"]),
+            wall_s=wall,
+            trajectory=self.traj.text if keep_trajectory else None,
+        )

@@ -1,0 +1,88 @@
+"""A scripted stand-in for `lragent.LLM` with the same `generate()` contract, for tests and dry runs.
+
+    llm = ScriptedLLM(lambda role, prompt_text: "Finish[" if ... else "...")
+    outs = llm.generate(prompts, adapter=["plan", "action"], sampling_params=SamplingParams(...))
+
+The tokenizer is byte-level (one id per UTF-8 byte) so no model files are needed. Metrics mimic a prefix cache
+shared by all roles: `reused_tokens` is the longest prefix of the prompt already seen in any earlier prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+class ByteTokenizer:
+    """encode: UTF-8 bytes -> ids 0..255; decode: back (invalid bytes replaced)."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@dataclass
+class FakeOutput:
+    text: str
+    token_ids: list[int]
+    metrics: dict[str, float]
+
+
+@dataclass
+class CallLog:
+    role: str
+    prompt: str
+    params: Any
+
+
+class ScriptedLLM:
+    """`script(role, prompt_text) -> output text`; output is cut at the first stop string like the engine."""
+
+    def __init__(self, script: Callable[[str, str], str]) -> None:
+        self.script = script
+        self.tokenizer = ByteTokenizer()
+        self.log: list[CallLog] = []
+        self.batches: list[int] = []
+        self._seen: list[list[int]] = []
+
+    def generate(self, prompts: Sequence[Any], adapter: str | Sequence[str] = "plan", sampling_params: Any = None):
+        roles = [adapter] * len(prompts) if isinstance(adapter, str) else list(adapter)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        self.batches.append(len(prompts))
+        outs = []
+        for prompt, role, sp in zip(prompts, roles, params):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            text_in = self.tokenizer.decode(ids)
+            self.log.append(CallLog(role, text_in, sp))
+            text = self.script(role, text_in)
+            for s in getattr(sp, "stop", None) or []:
+                if s in text:
+                    text = text[: text.index(s)]
+            reused = max((_common_prefix(ids, seen) for seen in self._seen), default=0)
+            self._seen.append(ids)
+            out_ids = self.tokenizer.encode(text)
+            metrics = {"prompt_tokens": len(ids), "reused_tokens": reused, "computed_tokens": len(ids) - reused,
+                       "ttft_s": 0.001}
+            outs.append(FakeOutput(text, out_ids, metrics))
+        return outs
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

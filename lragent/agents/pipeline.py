@@ -1,0 +1,197 @@
+"""The AutoAct pipeline over the engine's Python API: many questions, one LLM, one batched generate per round.
+
+    from lragent import LLM
+    from lragent.agents.pipeline import PipelineConfig, run_pipeline
+    llm = LLM(model=..., adapters={"plan": p, "action": a, "reflect": r}, sharing="base_lr_shared")
+    results = run_pipeline(llm, records, PipelineConfig(workers=8, seed=42))   # list[EpisodeResult]
+
+Each round the driver asks every active episode for its pending call (plan / action / reflect on a list of token
+ids), sends them all in ONE `llm.generate(prompts, adapter=[roles...], sampling_params=...)`, and feeds the
+outputs back. `workers` bounds how many questions are in flight; finished ones are replaced from the queue.
+Prompts are token-id lists so that the engine's prefix cache sees identical prefixes across agents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lragent.agents.episode import Episode, EpisodeConfig, EpisodeResult, Trajectory
+from lragent.agents.formats import TrajectoryFormat, load_format
+from lragent.agents.tools import ToolBox, ToolConfig
+from lragent.eval.scoring import Score, score_hotpotqa, score_scienceqa
+
+ROLES = ("plan", "action", "reflect")
+
+
+@dataclass
+class PipelineConfig:
+    """Decoding of the paper (temperature 0.9, top-p 0.75, top-k 40, stop at newline, 128 new tokens)."""
+
+    max_iterations: int = 45
+    max_tokens: int = 128
+    temperature: float = 0.9
+    top_p: float = 0.75
+    top_k: int = 40
+    stop: tuple[str, ...] = ("\n",)
+    greedy: bool = False
+    seed: int = 42
+    workers: int = 1
+    max_context_tokens: int | None = None  # None: the engine's max_model_len (8192 if it has none)
+    keep_trajectories: bool = False
+
+
+def detect_task(record: dict) -> str:
+    """'hotpotqa' (question/answer/context) or 'scienceqa' (Question/choices/Answer)."""
+    if "context" in record and "question" in record:
+        return "hotpotqa"
+    if "Question" in record and "choices" in record:
+        return "scienceqa"
+    raise ValueError(f"unknown question format, keys: {sorted(record)}")
+
+
+def record_id(record: dict, fallback: int) -> str:
+    return str(record.get("id") or record.get("pid") or record.get("_id") or fallback)
+
+
+def scorer_for(record: dict, task: str) -> Callable[[str | None], Score]:
+    if task == "hotpotqa":
+        return lambda pred: score_hotpotqa(pred, record["answer"])
+    return lambda pred: score_scienceqa(pred, record["choices"], record["Answer"])
+
+
+def make_encoder(tokenizer: Any) -> Callable[[str, bool], list[int]]:
+    """`encode(text, special)`: the opening with the tokenizer's default special tokens (as training tokenises a
+    whole prompt), appended chunks without."""
+
+    def encode(text: str, special: bool = False) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=special))
+
+    return encode
+
+
+def make_episode(
+    record: dict,
+    encode: Callable[[str, bool], list[int]],
+    index: int = 0,
+    task: str | None = None,
+    fmt: TrajectoryFormat | None = None,
+    episode_config: EpisodeConfig | None = None,
+    tool_config: ToolConfig | None = None,
+) -> Episode:
+    task = task or detect_task(record)
+    fmt = fmt or load_format(task)
+    gold = record["answer"] if task == "hotpotqa" else record["Answer"]
+    return Episode(
+        qid=record_id(record, index),
+        task=task,
+        gold=gold,
+        fmt=fmt,
+        toolbox=ToolBox.for_record(record, task, tool_config),
+        traj=Trajectory(encode, fmt.opening(record)),
+        score_fn=scorer_for(record, task),
+        config=episode_config or EpisodeConfig(),
+    )
+
+
+def _sampling_cls() -> type:
+    try:
+        from lragent import SamplingParams  # noqa: PLC0415 (engine may not be importable in unit tests)
+    except ImportError:
+        from lragent.agents.fake import SamplingParams  # noqa: PLC0415
+    return SamplingParams
+
+
+def sampling_params(cfg: PipelineConfig, seed: int, cls: type | None = None) -> Any:
+    cls = cls or _sampling_cls()
+    if cfg.greedy:
+        return cls(max_tokens=cfg.max_tokens, temperature=0.0, top_p=1.0, top_k=1, stop=list(cfg.stop), seed=seed)
+    return cls(
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        stop=list(cfg.stop),
+        seed=seed,
+    )
+
+
+def call_seed(base: int, qid: str, n: int) -> int:
+    """Per-call seed independent of batch composition: hash(base seed, question id, call number)."""
+    digest = hashlib.blake2b(f"{base}:{qid}:{n}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def engine_max_len(llm: Any, default: int = 8192) -> int:
+    engine = getattr(llm, "engine", None)
+    return int(getattr(engine, "max_model_len", None) or getattr(llm, "max_model_len", None) or default)
+
+
+class Driver:
+    """Runs episodes concurrently through one LLM, one `generate` call per round.
+
+    Every call gets its own SamplingParams whose seed depends only on (seed, question id, call number), so a
+    question's sampled trajectory does not depend on which other questions share its batch.
+    """
+
+    def __init__(self, llm: Any, cfg: PipelineConfig, sampling_cls: type | None = None) -> None:
+        self.llm = llm
+        self.cfg = cfg
+        self.sampling_cls = sampling_cls
+        self.rounds = 0
+
+    def _generate(self, prompts: list[list[int]], roles: list[str], seeds: list[int]) -> list[Any]:
+        params = [sampling_params(self.cfg, s, self.sampling_cls) for s in seeds]
+        return self.llm.generate(prompts, adapter=roles, sampling_params=params)
+
+    def run(self, episodes: Sequence[Episode], progress: Callable[[EpisodeResult], None] | None = None) -> None:
+        queue = list(range(len(episodes)))[::-1]
+        active: list[int] = []
+        n_calls = [0] * len(episodes)
+        while queue or active:
+            while queue and len(active) < max(1, self.cfg.workers):
+                active.append(queue.pop())
+            calls = []
+            for i in active:
+                call = episodes[i].next_call(i)
+                if call is not None:
+                    calls.append(call)
+            still = [c.episode for c in calls]
+            for i in active:
+                if i not in still and progress is not None:
+                    progress(episodes[i].result(self.cfg.keep_trajectories))
+            active = still
+            if not calls:
+                continue
+            self.rounds += 1
+            seeds = [call_seed(self.cfg.seed, episodes[c.episode].qid, n_calls[c.episode]) for c in calls]
+            outs = self._generate([c.prompt_ids for c in calls], [c.role for c in calls], seeds)
+            if len(outs) != len(calls):
+                raise RuntimeError(f"generate returned {len(outs)} outputs for {len(calls)} prompts")
+            for c, out in zip(calls, outs):
+                n_calls[c.episode] += 1
+                episodes[c.episode].feed(out)
+
+
+def run_pipeline(
+    llm: Any,
+    records: Iterable[dict],
+    cfg: PipelineConfig | None = None,
+    tool_config: ToolConfig | None = None,
+    progress: Callable[[EpisodeResult], None] | None = None,
+    sampling_cls: type | None = None,
+) -> list[EpisodeResult]:
+    """Run the AutoAct loop on every record (HotpotQA or ScienceQA rows); results in input order."""
+    cfg = cfg or PipelineConfig()
+    encode = make_encoder(llm.tokenizer)
+    ecfg = EpisodeConfig(cfg.max_iterations, cfg.max_context_tokens or engine_max_len(llm), cfg.max_tokens)
+    formats: dict[str, TrajectoryFormat] = {}
+    episodes = []
+    for i, rec in enumerate(records):
+        task = detect_task(rec)
+        fmt = formats.setdefault(task, load_format(task))
+        episodes.append(make_episode(rec, encode, i, task, fmt, ecfg, tool_config))
+    Driver(llm, cfg, sampling_cls).run(episodes, progress)
+    return [e.result(cfg.keep_trajectories) for e in episodes]
