@@ -1,0 +1,96 @@
+"""Tokenisation, truncation and padded batches for supervised role training (loss on output tokens only).
+
+An example becomes ``prompt ids + output ids + [eos]``. The prompt is tokenised as one string with the tokenizer's
+default special tokens (what inference does with a whole prompt); the output is tokenised on its own, without special
+tokens, so the boundary is the one a generation continuing the prompt sees.
+
+Truncation when the sequence exceeds ``max_len``: the output keeps at most half of ``max_len`` (its start); the prompt
+keeps its head (system prompt and question, up to the first ``Thought: \\n### Response:\\n``) and the most recent
+tokens that fit, dropping the oldest steps of the trajectory in between. When the head does not tokenise as a prefix of
+the prompt, or too little room is left after it (< ``MIN_TAIL`` tokens), the prompt is simply cut from the left.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lragent.train import data as fmt
+from lragent.train.examples import Example
+
+IGNORE_INDEX = -100
+MIN_TAIL = 64
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one example; ``ids[:n_prompt]`` is the (possibly truncated) prompt, the rest is supervised."""
+
+    ids: tuple[int, ...]
+    n_prompt: int
+    truncated: bool
+
+    @property
+    def n_output(self) -> int:
+        return len(self.ids) - self.n_prompt
+
+
+def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _head_len(tokenizer: Any, prompt: str, prompt_ids: list[int]) -> int:
+    """Tokens of the prompt's head (system prompt + question), or 0 if it does not tokenise as a prefix."""
+    cut = prompt.find(fmt.THOUGHT_PROMPT)
+    if cut <= 0:
+        return 0
+    head_ids = _ids(tokenizer, prompt[:cut], special=True)
+    return len(head_ids) if prompt_ids[: len(head_ids)] == head_ids else 0
+
+
+def truncate_prompt(prompt_ids: list[int], head_len: int, budget: int) -> list[int]:
+    """Keep ``prompt_ids[:head_len]`` and the last tokens so that at most ``budget`` remain (see module doc)."""
+    if len(prompt_ids) <= budget:
+        return prompt_ids
+    if head_len and budget - head_len >= MIN_TAIL:
+        return prompt_ids[:head_len] + prompt_ids[len(prompt_ids) - (budget - head_len) :]
+    return prompt_ids[len(prompt_ids) - budget :]
+
+
+def encode_example(tokenizer: Any, example: Example, max_len: int) -> Encoded:
+    """Tokenise one example and fit it into ``max_len`` tokens."""
+    prompt_ids = _ids(tokenizer, example.input, special=True)
+    out_ids = (_ids(tokenizer, example.output, special=False) + [tokenizer.eos_token_id])[: max_len // 2]
+    budget = max_len - len(out_ids)
+    truncated = len(prompt_ids) > budget
+    if truncated:
+        prompt_ids = truncate_prompt(prompt_ids, _head_len(tokenizer, example.input, prompt_ids), budget)
+    return Encoded(tuple(prompt_ids + out_ids), len(prompt_ids), truncated)
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (IGNORE_INDEX on prompt and padding), [B, T]."""
+    width = max(len(e.ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids = torch.tensor(e.ids, dtype=torch.long)
+        input_ids[i, : len(ids)] = ids
+        labels[i, e.n_prompt : len(ids)] = ids[e.n_prompt :]
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless example indices: a fresh seeded shuffle per epoch, cut into batches (the last one may be short)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]

@@ -1,0 +1,199 @@
+"""``lragent train``: train role adapter sets, check them, sample from them.
+
+lragent train --task hotpotqa --mode independent --out DIR [options]    train a set (plan, action, reflect)
+lragent train check DIR [--module v_proj]                              shared-A bit equality across roles
+lragent train sample DIR [--task hotpotqa]                             greedy outputs on training prompts
+lragent train plot DIR                                                 redraw loss_curve.png from train_log.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lragent.train import data as fmt
+from lragent.train.batching import encode_example
+from lragent.train.config import MODES, SAVE_DTYPES, TrainConfig
+from lragent.train.examples import Example, default_data_dir, load_role_examples
+from lragent.train.loop import resolve_device
+from lragent.train.report import LOG_NAME, PLOT_NAME, build_log, plot_losses, write_log
+
+HF_NAMES = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lragent train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--task", choices=fmt.TASKS, default="hotpotqa")
+    p.add_argument("--roles", type=_csv, default=fmt.ROLES, help="comma list (default plan,action,reflect)")
+    p.add_argument("--mode", choices=MODES, default="independent")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF folder or .gguf")
+    p.add_argument("--out", type=Path, required=True, help="set folder: <out>/<role>/adapter_model.safetensors")
+    p.add_argument("--data-dir", type=Path, default=None, help=f"trajectory folder (default {default_data_dir()})")
+    p.add_argument("--plan-from", type=Path, default=None, help="shared-a: reuse this trained plan adapter folder")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--targets", type=_csv, default=("q_proj", "v_proj"))
+    p.add_argument("--shared-modules", type=_csv, default=("v_proj",), help="modules whose lora_A is shared")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps per role (0: use --epochs)")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--save-dtype", choices=SAVE_DTYPES, default="float16")
+    p.add_argument("--max-examples", type=int, default=None, help="first N examples per role (smoke runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        mode=args.mode,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        targets=args.targets,
+        shared_modules=args.shared_modules,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.max_steps or None,
+        epochs=args.epochs,
+        max_seq_len=args.max_seq_len,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        save_dtype=args.save_dtype,
+        max_examples=args.max_examples,
+    )
+
+
+def load_base(model: str, device: torch.device):
+    """(model folder, tokenizer, model on device in fp32) for a model argument."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lragent.models.hub import resolve_model
+
+    folder = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa")
+    return folder, tokenizer, base.to(device)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from lragent.train.recipes import train_set
+
+    cfg = config_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(cfg.device)
+    start = time.perf_counter()
+    _, tokenizer, base = load_base(args.model, device)
+    roles = [r for r in args.roles if not (cfg.mode == "shared-a" and args.plan_from and r == "plan")]
+    examples = {r: load_role_examples(args.task, r, args.data_dir)[: cfg.max_examples] for r in roles}
+    encoded = {r: [encode_example(tokenizer, e, cfg.max_seq_len) for e in exs] for r, exs in examples.items()}
+    for role, enc in encoded.items():
+        print(f"{role}: {len(enc)} examples, {sum(e.truncated for e in enc)} truncated to {cfg.max_seq_len} tokens")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    base_name = HF_NAMES.get(args.model.lower(), args.model)
+    results = train_set(base, encoded, cfg, args.out, pad_id, base_name=base_name, plan_from=args.plan_from)
+    notes = {"plan_from": str(args.plan_from)} if args.plan_from else {}
+    log = build_log(cfg, results, task=args.task, model=base_name, device=device,
+                    total_s=time.perf_counter() - start, notes=notes)  # fmt: skip
+    write_log(log, args.out)
+    plot_losses(log, args.out / PLOT_NAME)
+    for role, entry in log["roles"].items():
+        print(f"{role}: loss {entry['loss_first']:.3f} -> {entry['loss_last']:.3f}, {entry['time_s']:.1f} s")
+    return 0
+
+
+def run_check(argv: list[str]) -> int:
+    from lragent.train.checks import check_shared_a
+
+    p = argparse.ArgumentParser(prog="lragent train check")
+    p.add_argument("set_dir", type=Path)
+    p.add_argument("--module", default="v_proj")
+    args = p.parse_args(argv)
+    result = check_shared_a(args.set_dir, args.module)
+    print(json.dumps(result.__dict__))
+    return 0 if result.identical else 1
+
+
+def sample_examples(task: str, data_dir: Path | None, index: int) -> dict[str, tuple[str, Example]]:
+    """One training example per role call kind: label -> (role, example)."""
+    plan = load_role_examples(task, "plan", data_dir)
+    reflect = load_role_examples(task, "reflect", data_dir)
+    verdicts = [e for e in reflect if e.output.startswith("Reflect[")]
+    thoughts = [e for e in reflect if not e.output.startswith("Reflect[")]
+    return {
+        "plan_thought": ("plan", [e for e in plan if e.kind == "thought"][index]),
+        "plan_tool": ("plan", [e for e in plan if e.kind == "tool"][index]),
+        "action": ("action", load_role_examples(task, "action", data_dir)[index]),
+        "reflect_thought": ("reflect", thoughts[index]),
+        "reflect_verdict": ("reflect", verdicts[index]),
+    }
+
+
+def run_sample(argv: list[str]) -> int:
+    from lragent.models.hub import resolve_model
+    from lragent.train.checks import greedy_samples
+
+    p = argparse.ArgumentParser(prog="lragent train sample")
+    p.add_argument("set_dir", type=Path)
+    p.add_argument("--task", choices=fmt.TASKS, default="hotpotqa")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    chosen = sample_examples(args.task, args.data_dir, args.index)
+    prompts = {label: (args.set_dir / role, ex.input) for label, (role, ex) in chosen.items()}
+    outputs = greedy_samples(resolve_model(args.model), prompts, args.max_new_tokens)
+    rows = [
+        {"call": k, "role": chosen[k][0], "expected": chosen[k][1].output, "generated": v} for k, v in outputs.items()
+    ]
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+    return 0
+
+
+def run_plot(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lragent train plot")
+    p.add_argument("set_dir", type=Path)
+    args = p.parse_args(argv)
+    log = json.loads((args.set_dir / LOG_NAME).read_text())
+    return 0 if plot_losses(log, args.set_dir / PLOT_NAME) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"check": run_check, "sample": run_sample, "plot": run_plot}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return run_train(train_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The training log (JSON) and loss-curve picture (PNG) written next to an adapter set."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lragent.train.config import TrainConfig
+from lragent.train.loop import RoleResult
+
+LOG_NAME = "train_log.json"
+PLOT_NAME = "loss_curve.png"
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    info = {
+        "device": str(device),
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def build_log(
+    cfg: TrainConfig,
+    results: dict[str, RoleResult],
+    *,
+    task: str,
+    model: str,
+    device: torch.device,
+    total_s: float,
+    notes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Settings, machine, and per role: examples, steps, time, tokens, first/last loss and the per-step losses."""
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": task,
+        "model": model,
+        "settings": cfg.to_dict(),
+        "machine": machine_info(device),
+        "total_time_s": round(total_s, 2),
+        "roles": {
+            role: {**res.summary(), "losses": [round(x, 5) for x in res.losses]} for role, res in results.items()
+        },
+        **(notes or {}),
+    }
+
+
+def write_log(log: dict[str, Any], out_dir: Path) -> Path:
+    path = Path(out_dir) / LOG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(log, indent=1) + "\n")
+    return path
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_losses(log: dict[str, Any], path: Path) -> Path | None:
+    """Loss per optimizer step for each role (raw, faint; 10-step moving mean, solid). None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for role, entry in log["roles"].items():
+        losses = entry["losses"]
+        (line,) = ax.plot(range(1, len(losses) + 1), _smooth(losses, 10), label=f"{role} ({entry['time_s']:.0f} s)")
+        ax.plot(range(1, len(losses) + 1), losses, color=line.get_color(), alpha=0.25, linewidth=0.8)
+    settings = log["settings"]
+    ax.set_title(
+        f"{log['task']} / {settings['mode']}: r {settings['rank']}, lr {settings['lr']}, bs {settings['batch_size']}"
+    )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (output tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
