@@ -4,7 +4,7 @@
     outs = llm.generate(prompts, adapter=["plan", "action"], sampling_params=SamplingParams(...))
 
 The tokenizer is byte-level (one id per UTF-8 byte) so no model files are needed. Metrics mimic a prefix cache
-shared by all roles: `reused_tokens` is the longest prefix of the prompt already seen in any earlier prompt.
+shared by all roles: `reused_tokens` is the longest prefix shared with one of the last 8 prompts.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class ScriptedLLM:
             for s in getattr(sp, "stop", None) or []:
                 if s in text:
                     text = text[: text.index(s)]
-            reused = max((_common_prefix(ids, seen) for seen in self._seen), default=0)
+            reused = max((_common_prefix(ids, seen) for seen in self._seen[-8:]), default=0)
             self._seen.append(ids)
             out_ids = self.tokenizer.encode(text)
             metrics = {"prompt_tokens": len(ids), "reused_tokens": reused, "computed_tokens": len(ids) - reused,
@@ -81,8 +81,12 @@ class ScriptedLLM:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """Length of the common prefix (binary search over C-speed slice comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

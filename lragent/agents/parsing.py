@@ -28,7 +28,7 @@ _ALIASES = {t.lower(): t for t in TOOLS} | {
 # Labels a model may echo in front of its output ("Action 3:", "Aciton:", "### Response:", "Thought:").
 _LABEL = re.compile(r"^\s*(?:#+\s*Response\s*:|(?:Thought|Action|Aciton|Act)\s*\d*\s*:)\s*", re.IGNORECASE)
 # Where a thought stops if the model runs on into the next field on the same line.
-_FIELD_START = re.compile(r"\s*(?:\bA(?:ct)?i(?:on|ton)\s*\d*\s*:|\bOb(?:ser|ver)s?ation\s*\d*\s*:|#{2,}\s*Response)")
+_FIELD_START = re.compile(r"\s*(?:\bA(?:ction|citon)\s*\d*\s*:|\bOb(?:servation|versation)\s*\d*\s*:|#{2,}\s*Response)")
 
 
 def _strip_labels(text: str) -> str:
@@ -110,8 +110,8 @@ def parse_argument(text: str | None) -> str | None:
     return line or None
 
 
-_RIGHT = {"right", "correct", "yes", "true", "r"}
-_WRONG = {"wrong", "incorrect", "no", "false", "w"}
+_RIGHT = {"right", "correct", "yes", "true"}
+_WRONG = {"wrong", "incorrect", "no", "false"}
 
 
 def parse_reflect(text: str | None, lenient: bool = True) -> str | None:

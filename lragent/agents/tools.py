@@ -116,6 +116,7 @@ class ToolBox:
     _lookup_keyword: str = ""
     _lookup_index: int = 0
     _bm25: BM25Okapi | None = None
+    _docs: list[list[str]] = field(default_factory=list)
 
     @classmethod
     def for_record(cls, record: dict, task: str, config: ToolConfig | None = None) -> ToolBox:
@@ -150,25 +151,31 @@ class ToolBox:
 
     # -- Retrieve -------------------------------------------------------------------------------------------
     def find_title(self, entity: str) -> Passage | None:
-        """Exact normalised title, else containment either way, else difflib ratio >= threshold."""
+        """Exact normalised title; else the title without its "(qualifier)"; else whole-word containment either way
+        covering at least half the words ("Badr Hari kickboxer", "Gordon Gee"); else difflib ratio >= threshold."""
         key = normalize_title(entity)
         if not key or not self.passages:
             return None
         norms = [normalize_title(p.title) for p in self.passages]
-        for p, n in zip(self.passages, norms):
-            if n == key:
-                return p
-        # the entity names a title plus extra words ("Badr Hari kickboxer") or a title minus its qualifier
-        # ("Verano de Escandalo" for "Verano de Escándalo (1998)"): whole-word containment, longest title first
-        best = None
-        for p, n in zip(self.passages, norms):
-            if len(n) >= 4 and (f" {n} " in f" {key} " or (len(key) >= 4 and f" {key} " in f" {n} ")):
-                covered = min(len(n), len(key)) / max(len(n), len(key))
+        bases = [normalize_title(re.sub(r"\s*\([^)]*\)\s*$", "", p.title)) for p in self.passages]
+        for names in (norms, bases):
+            for p, n in zip(self.passages, names):
+                if n == key:
+                    return p
+        key_words = key.split()
+        best: tuple[float, Passage] | None = None
+        for p, n in zip(self.passages, bases):
+            words = n.split()
+            if len(n) < 4 or len(key) < 4:
+                continue
+            if f" {n} " in f" {key} " or f" {key} " in f" {n} ":
+                covered = min(len(words), len(key_words)) / max(len(words), len(key_words))
                 if covered >= 0.5 and (best is None or covered > best[0]):
                     best = (covered, p)
         if best is not None:
             return best[1]
-        ratios = [difflib.SequenceMatcher(None, key, n).ratio() for n in norms]
+        ratios = [max(difflib.SequenceMatcher(None, key, n).ratio(), difflib.SequenceMatcher(None, key, b).ratio())
+                  for n, b in zip(norms, bases)]
         i = max(range(len(ratios)), key=ratios.__getitem__)
         return self.passages[i] if ratios[i] >= self.config.retrieve_threshold else None
 
@@ -204,8 +211,12 @@ class ToolBox:
             self.last_found = False
             return MSG_SEARCH_ERROR
         if self._bm25 is None:
-            self._bm25 = BM25Okapi([bm25_tokens(p.title + " " + p.text) or ["_"] for p in self.passages])
-        scores = self._bm25.get_scores(tokens)
+            self._docs = [bm25_tokens(p.title + " " + p.text) or ["_"] for p in self.passages]
+            self._bm25 = BM25Okapi(self._docs)
+        scores = list(self._bm25.get_scores(tokens))
+        if max(scores) <= 0:  # tiny corpora: Okapi idf is 0 for a term in half the documents; count overlaps
+            q = set(tokens)
+            scores = [float(len(q & set(d))) for d in self._docs]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         hits = [i for i in order[: self.config.search_top_k] if scores[i] > 0]
         if not hits:
