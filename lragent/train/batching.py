@@ -72,18 +72,38 @@ def encode_example(tokenizer: Any, example: Example, max_len: int) -> Encoded:
     return Encoded(tuple(prompt_ids + out_ids), len(prompt_ids), truncated)
 
 
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (IGNORE_INDEX on prompt and padding), [B, T]."""
+@dataclass(frozen=True)
+class Batch:
+    """Left-padded tensors [B, T]: every output ends at column T-1, so only the last ``n_keep`` columns carry labels
+    and the LM head runs on ``n_keep + 1`` positions only (``logits_to_keep``)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor  # 0.. per sequence, counted from its first real token
+    labels: torch.Tensor  # IGNORE_INDEX on padding and prompt
+    n_keep: int  # longest output in the batch
+
+    def to(self, device: torch.device) -> Batch:
+        move = {
+            k: getattr(self, k).to(device, non_blocking=True)
+            for k in ("input_ids", "attention_mask", "position_ids", "labels")
+        }
+        return Batch(**move, n_keep=self.n_keep)
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> Batch:
+    """Left-pad a list of encoded examples into one :class:`Batch`."""
     width = max(len(e.ids) for e in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, e in enumerate(batch):
         ids = torch.tensor(e.ids, dtype=torch.long)
-        input_ids[i, : len(ids)] = ids
-        labels[i, e.n_prompt : len(ids)] = ids[e.n_prompt :]
-        mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        input_ids[i, width - len(ids) :] = ids
+        labels[i, width - e.n_output :] = ids[e.n_prompt :]
+        mask[i, width - len(ids) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(input_ids, mask, positions, labels, max(e.n_output for e in batch))
 
 
 def batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lragent.train.data import ROLES
 from lragent.train.recipes import WEIGHTS_NAME
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -32,9 +33,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def check_shared_a(set_dir: Path, module: str = "v_proj", roles: tuple[str, ...] | None = None) -> SharedACheck:
     """Compare ``module``'s lora_A of every role folder in ``set_dir`` with the first role's (plan's), bit by bit."""
     set_dir = Path(set_dir)
-    roles = roles or tuple(
-        sorted((p.parent.name for p in set_dir.glob(f"*/{WEIGHTS_NAME}")), key=lambda r: r != "plan")
-    )
+    found = [p.parent.name for p in set_dir.glob(f"*/{WEIGHTS_NAME}")]
+    roles = roles or tuple(sorted(found, key=lambda r: (ROLES.index(r) if r in ROLES else len(ROLES), r)))
     if len(roles) < 2:
         raise ValueError(f"{set_dir}: need at least two role folders, found {roles}")
     weights = {r: load_file(str(set_dir / r / WEIGHTS_NAME)) for r in roles}

@@ -21,7 +21,7 @@ from lragent.train.batching import encode_example
 from lragent.train.config import MODES, SAVE_DTYPES, TrainConfig
 from lragent.train.examples import Example, default_data_dir, load_role_examples
 from lragent.train.loop import resolve_device
-from lragent.train.report import LOG_NAME, PLOT_NAME, build_log, plot_losses, write_log
+from lragent.train.report import LOG_NAME, PLOT_NAME, build_log, plot_losses, write_log, write_manifest
 
 HF_NAMES = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
@@ -38,6 +38,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--roles", type=_csv, default=fmt.ROLES, help="comma list (default plan,action,reflect)")
     p.add_argument("--mode", choices=MODES, default="independent")
     p.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF folder or .gguf")
+    p.add_argument("--base-name", default=None, help="base model name written in adapter_config.json")
     p.add_argument("--out", type=Path, required=True, help="set folder: <out>/<role>/adapter_model.safetensors")
     p.add_argument("--data-dir", type=Path, default=None, help=f"trajectory folder (default {default_data_dir()})")
     p.add_argument("--plan-from", type=Path, default=None, help="shared-a: reuse this trained plan adapter folder")
@@ -114,7 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
     for role, enc in encoded.items():
         print(f"{role}: {len(enc)} examples, {sum(e.truncated for e in enc)} truncated to {cfg.max_seq_len} tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    base_name = HF_NAMES.get(args.model.lower(), args.model)
+    base_name = args.base_name or HF_NAMES.get(args.model.lower(), args.model)
     results = train_set(base, encoded, cfg, args.out, pad_id, base_name=base_name, plan_from=args.plan_from)
     notes = {"plan_from": str(args.plan_from)} if args.plan_from else {}
     log = build_log(cfg, results, task=args.task, model=base_name, device=device,
@@ -187,9 +188,16 @@ def run_plot(argv: list[str]) -> int:
     return 0 if plot_losses(log, args.set_dir / PLOT_NAME) else 1
 
 
+def run_manifest(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lragent train manifest")
+    p.add_argument("root", type=Path, help="folder of adapter sets")
+    print(write_manifest(p.parse_args(argv).root))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"check": run_check, "sample": run_sample, "plot": run_plot}
+    commands = {"check": run_check, "sample": run_sample, "plot": run_plot, "manifest": run_manifest}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return run_train(train_parser().parse_args(argv))

@@ -13,9 +13,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lragent.train.batching import Encoded, batches, collate
+from lragent.train.batching import IGNORE_INDEX, Batch, Encoded, batches, collate
 from lragent.train.config import TrainConfig
 
 
@@ -71,6 +72,19 @@ def warmup_cosine(total: int, warmup_ratio: float):
     return factor
 
 
+def output_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over the batch's output tokens; logits only for the last ``n_keep + 1`` positions."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.n_keep + 1,
+    ).logits
+    predicted = logits[:, :-1].float()  # position t predicts token t+1
+    target = batch.labels[:, -batch.n_keep :]
+    return F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 def _activate(model: torch.nn.Module, role: str, params: Sequence[torch.nn.Parameter]) -> None:
     """Make ``role`` the active adapter; PEFT's set_adapter rewrites requires_grad, so restore ours."""
     if len(model.peft_config) > 1:
@@ -107,9 +121,8 @@ def train_adapters(
             micro = []
             for _ in range(cfg.grad_accum):
                 batch = [encoded[i] for i in next(samplers[role])]
-                inputs = {k: v.to(device, non_blocking=True) for k, v in collate(batch, pad_id).items()}
                 with _autocast(device, cfg.precision):
-                    loss = model(**inputs).loss
+                    loss = output_loss(model, collate(batch, pad_id).to(device))
                 (loss / cfg.grad_accum).backward()
                 micro.append(loss.detach().float())
                 results[role].tokens += sum(len(e.ids) for e in batch)

@@ -96,7 +96,7 @@ def save_adapter(model: PeftModel, role: str, out_dir: Path, dtype: str) -> Path
     """Write ``role`` as a standard PEFT folder; weights cast to ``dtype`` (float16 keeps the shipped files small)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(model, adapter_name=role)
+    state = get_peft_model_state_dict(model, adapter_name=role, save_embedding_layers=False)
     state = {k: v.detach().to("cpu", getattr(torch, dtype)).contiguous() for k, v in state.items()}
     save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     config = model.peft_config[role]

@@ -100,3 +100,43 @@ def plot_losses(log: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+def write_manifest(root: Path) -> Path:
+    """Index every adapter set under ``root`` (a folder holding ``train_log.json``) into ``root/manifest.json``."""
+    root = Path(root)
+    sets = {}
+    for log_path in sorted(root.glob(f"*/{LOG_NAME}")):
+        log = json.loads(log_path.read_text())
+        set_dir = log_path.parent
+        roles = sorted((p.parent.name for p in set_dir.glob("*/adapter_config.json")), key=_role_order)
+        trained = {
+            r: {k: e[k] for k in ("steps", "time_s", "loss_first", "loss_last", "examples")}
+            for r, e in log["roles"].items()
+        }
+        sets[set_dir.name] = {
+            "task": log["task"],
+            "mode": log["settings"]["mode"],
+            "model": log["model"],
+            "roles": roles,
+            "shared_a_modules": list(log["settings"]["shared_modules"])
+            if log["settings"]["mode"] != "independent"
+            else [],
+            "rank": log["settings"]["rank"],
+            "alpha": log["settings"]["alpha"],
+            "targets": list(log["settings"]["targets"]),
+            "machine": log["machine"].get("gpu", log["machine"]["device"]),
+            "trained": trained,
+            **({"plan_from": log["plan_from"]} if "plan_from" in log else {}),
+        }
+    path = root / MANIFEST_NAME
+    path.write_text(json.dumps(sets, indent=1) + "\n")
+    return path
+
+
+def _role_order(role: str) -> tuple[int, str]:
+    order = ("plan", "action", "reflect")
+    return (order.index(role) if role in order else len(order), role)

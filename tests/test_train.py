@@ -1,0 +1,254 @@
+"""lragent.train: prompt format, example derivation, truncation and the LoRA recipes on a tiny random Llama (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from lragent.train import data as fmt
+from lragent.train import examples as E
+from lragent.train.batching import IGNORE_INDEX, collate, encode_example, truncate_prompt
+from lragent.train.checks import check_shared_a
+from lragent.train.config import TrainConfig
+from lragent.train.recipes import WEIGHTS_NAME, train_set
+
+DATA = E.default_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "hotpotqa_action.json").is_file(), reason="trajectory data not present")
+
+
+# ---- tiny model and tokenizer (no files, no downloads) ------------------------------------------------------------
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<eos>": len(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_llama(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def toy_trajectory() -> E.Trajectory:
+    steps = (
+        fmt.Step("I should search.", "BingSearch[capital of France]", "Paris is the capital of France."),
+        fmt.Step("Found it.", "Finish[Paris]", fmt.REFLECT_PROMPT_OBS),
+        fmt.Step("My answer is correct.", "Reflect[right]", "Answer is CORRECT"),
+    )
+    return E.Trajectory("hotpotqa", "What is the capital of France?", steps)
+
+
+def toy_examples(n: int = 4) -> dict[str, list[E.Example]]:
+    traj = toy_trajectory()
+    pools = {"plan": E.plan_examples(traj), "action": E.action_examples(traj), "reflect": E.reflect_examples(traj)}
+    return {role: [pool[i % len(pool)] for i in range(n)] for role, pool in pools.items()}
+
+
+def encode_all(tok, exs: dict[str, list[E.Example]], max_len: int) -> dict:
+    return {role: [encode_example(tok, e, max_len) for e in items] for role, items in exs.items()}
+
+
+# ---- prompt format ---------------------------------------------------------------------------------------------------
+
+
+def test_prompt_builders_chain_into_the_history():
+    traj = toy_trajectory()
+    history = traj.head
+    assert history == fmt.HOTPOTQA_SYSTEM_PROMPT + "\nQuestion:What is the capital of France?\n"
+    s = traj.steps[0]
+    assert fmt.plan_thought_prompt(history) == history + "Thought: \n### Response:\n"
+    tool_prompt = fmt.plan_tool_prompt(history, s.thought)
+    assert tool_prompt == history + "Thought: \n### Response:\nI should search.\n"
+    act = fmt.action_prompt(history, s.thought, "BingSearch")
+    assert act == tool_prompt + fmt.plan_tool_output("BingSearch") + fmt.RESPONSE
+    assert act.endswith("I should search.\nAciton: BingSearch[\n### Response:\n")
+    # the completed step continues the action prompt with the argument, "]" and the observation
+    assert fmt.render_step(s) == act[len(history) :] + "capital of France]\nObversation: " + s.observation + "\n"
+    reflect_step = fmt.render_step(traj.steps[2])
+    assert (
+        reflect_step
+        == "Thought: \n### Response:\nMy answer is correct.\nAction: Reflect[right]\nObversation: Answer is CORRECT\n"
+    )
+    full = fmt.render_history("hotpotqa", traj.question, traj.steps)
+    assert fmt.parse_history(full) == (traj.head, list(traj.steps))
+
+
+def test_output_parsers_and_observation_format():
+    assert fmt.parse_plan_tool_output("Aciton: Retrieve[") == "Retrieve"
+    assert fmt.parse_plan_tool_output(" Aciton: Lookup") == "Lookup"
+    assert fmt.parse_plan_tool_output("nothing") is None
+    assert fmt.parse_action_output(" Milhouse]\nObversation") == "Milhouse"
+    assert fmt.format_observation(" a\nb \n") == "a b"
+    assert fmt.normalize_question("scienceqa", "Q?\nOptions: (A) x") == "Q?\nOptions:(A) x"
+    assert fmt.parse_action("Finish[yes]") == ("Finish", "yes") and fmt.parse_action("None.") is None
+
+
+def test_toy_examples_follow_the_roles():
+    traj = toy_trajectory()
+    plan = E.plan_examples(traj)  # the step after Finish is reflect's: only the two tool steps
+    assert [e.output for e in plan] == ["I should search.", "Aciton: BingSearch[", "Found it.", "Aciton: Finish["]
+    assert [e.output for e in E.action_examples(traj)] == ["capital of France", "Paris"]
+    assert [e.output for e in E.reflect_examples(traj)] == ["My answer is correct.", "Reflect[right]"]
+
+
+@needs_data
+def test_hotpotqa_plan_examples_derived_from_full_trajectories():
+    plan = E.load_role_examples("hotpotqa", "plan", DATA)
+    assert 1300 <= len(plan) <= 1420
+    kinds = Counter(e.kind for e in plan)
+    assert kinds["thought"] == kinds["tool"] == len(plan) // 2
+    tool_line = re.compile(r"^Aciton: (BingSearch|Retrieve|Lookup|Finish)\[$")
+    for e in plan:
+        assert e.input.startswith(fmt.HOTPOTQA_SYSTEM_PROMPT + "\nQuestion:")
+        if e.kind == "tool":
+            assert tool_line.match(e.output), e.output
+            assert e.input.endswith("\n") and not e.input.endswith(fmt.RESPONSE)
+        else:
+            assert e.output and "\n" not in e.output
+            assert e.input.endswith(fmt.THOUGHT_PROMPT)
+
+
+@needs_data
+def test_replay_reproduces_the_shipped_action_and_reflect_examples():
+    """The format is the data's: replaying the full trajectories gives exactly the shipped action/reflect files."""
+    trajs = E.task_trajectories("hotpotqa", DATA)
+    for role, derive in (("action", E.action_examples), ("reflect", E.reflect_examples)):
+        derived = Counter((e.input, e.output) for t in trajs for e in derive(t))
+        shipped = Counter((e.input, e.output) for e in E.read_examples(DATA / E.FILES[("hotpotqa", role)], role))
+        assert derived == shipped, role
+
+
+# ---- tokenisation ----------------------------------------------------------------------------------------------------
+
+
+def test_truncation_keeps_head_and_recent_tail():
+    ids = list(range(100))
+    assert truncate_prompt(ids, head_len=10, budget=80) == list(range(10)) + list(range(30, 100))
+    assert truncate_prompt(ids, head_len=50, budget=80) == list(range(20, 100))  # no room after the head
+    assert truncate_prompt(ids, head_len=10, budget=200) == ids
+
+
+def test_encode_and_collate_supervise_only_the_output(tok):
+    ex = E.plan_examples(toy_trajectory())[1]
+    full = encode_example(tok, ex, max_len=4096)
+    assert not full.truncated and full.ids[-1] == tok.eos_token_id
+    assert tok.decode(list(full.ids[full.n_prompt : -1])) == ex.output
+    short = encode_example(tok, ex, max_len=1000)  # the head alone is ~1100 bytes: plain left cut
+    assert short.truncated and len(short.ids) == 1000 and short.ids[short.n_prompt :] == full.ids[full.n_prompt :]
+    batch = collate([short, full], pad_id=tok.pad_token_id)  # left-padded: outputs end in the last column
+    n_out, width = full.n_output, len(full.ids)
+    assert batch.input_ids.shape == (2, width) and batch.n_keep == n_out
+    assert batch.labels[1, width - n_out :].tolist() == list(full.ids[full.n_prompt :])
+    assert (batch.labels[:, : width - n_out] == IGNORE_INDEX).all()
+    assert batch.attention_mask[0].sum() == 1000 and batch.attention_mask[0, : width - 1000].sum() == 0
+    assert batch.position_ids[0, -1] == 999 and batch.position_ids[1, -1] == width - 1
+
+
+def test_left_padded_loss_matches_unpadded(tok):
+    from lragent.train.loop import output_loss
+
+    model = tiny_llama(len(tok)).eval()
+    encoded = [encode_example(tok, e, 200) for e in toy_examples(3)["action"]]
+    with torch.no_grad():
+        joint = output_loss(model, collate(encoded, tok.pad_token_id))
+        alone = [output_loss(model, collate([e], tok.pad_token_id)) * e.n_output for e in encoded]
+    assert torch.allclose(joint, sum(alone) / sum(e.n_output for e in encoded), atol=1e-5)
+
+
+# ---- training recipes on a tiny random Llama -------------------------------------------------------------------------
+
+
+def _cfg(mode: str, **kw) -> TrainConfig:
+    base = dict(mode=mode, max_steps=4, batch_size=2, max_seq_len=160, lr=5e-2, rank=4, alpha=8, dropout=0.0)
+    return TrainConfig(**(base | kw))
+
+
+def test_independent_training_decreases_loss_and_saves_peft_folders(tok, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base = tiny_llama(len(tok))
+    data = encode_all(tok, {"action": toy_examples(2)["action"]}, 160)
+    results = train_set(base, data, _cfg("independent", max_steps=25), tmp_path, tok.pad_token_id, base_name="tiny")
+    losses = results["action"].losses
+    assert len(losses) == 25 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    folder = tmp_path / "action"
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+    saved = load_file(str(folder / WEIGHTS_NAME))
+    assert all(v.dtype == torch.float16 for v in saved.values())
+    model = PeftModel.from_pretrained(tiny_llama(len(tok)), str(folder))
+    state = dict(model.named_parameters())
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    assert torch.equal(state[key.replace("lora_B.", "lora_B.default.")].half(), saved[key])
+    assert saved[key].abs().sum() > 0  # B moved away from its zero init
+
+
+def test_shared_a_keeps_plans_v_proj_a_bitwise(tok, tmp_path):
+    base = tiny_llama(len(tok))
+    data = encode_all(tok, toy_examples(), 160)
+    train_set(base, data, _cfg("shared-a"), tmp_path / "sa", tok.pad_token_id)
+    check = check_shared_a(tmp_path / "sa", "v_proj")
+    assert check.identical and check.layers == 2 and check.roles == ("plan", "action", "reflect")
+    assert not check_shared_a(tmp_path / "sa", "q_proj").identical  # only v_proj is shared
+    train_set(base, {"plan": data["plan"]}, _cfg("independent"), tmp_path / "ind", tok.pad_token_id)
+    train_set(base, {"action": data["action"]}, _cfg("shared-a"), tmp_path / "reuse", tok.pad_token_id,
+              plan_from=tmp_path / "ind" / "plan")  # fmt: skip
+    assert check_shared_a(tmp_path / "reuse").identical
+    assert not any("lora" in n for n, _ in base.named_modules())  # adapters removed from the base afterwards
+
+
+def test_joint_training_ties_one_a_for_all_roles(tok, tmp_path):
+    base = tiny_llama(len(tok))
+    results = train_set(base, encode_all(tok, toy_examples(), 160), _cfg("joint"), tmp_path, tok.pad_token_id)
+    assert set(results) == {"plan", "action", "reflect"}
+    assert all(len(r.losses) == 4 and all(math.isfinite(x) for x in r.losses) for r in results.values())
+    check = check_shared_a(tmp_path)
+    assert check.identical and check.layers == 2
+
+
+def test_cli_trains_a_set_from_a_model_folder(tok, tmp_path, monkeypatch):
+    from lragent.train import cli
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    monkeypatch.setattr(cli, "load_role_examples", lambda task, role, data_dir=None: toy_examples()[role])
+    out = tmp_path / "set"
+    argv = ["--model", str(model_dir), "--out", str(out), "--mode", "shared-a", "--max-steps", "2", "--batch-size", "2",
+            "--max-seq-len", "128", "--rank", "4", "--device", "cpu"]  # fmt: skip
+    assert cli.main(argv) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert set(log["roles"]) == {"plan", "action", "reflect"} and log["settings"]["mode"] == "shared-a"
+    assert all(len(r["losses"]) == 2 and r["time_s"] >= 0 for r in log["roles"].values())
+    assert (out / "loss_curve.png").stat().st_size > 0
+    assert cli.main(["check", str(out)]) == 0
