@@ -1,0 +1,177 @@
+"""Request bodies of the OpenAI (and vLLM adapter-management) API, validated with pydantic.
+
+Unknown fields are ignored, as agent frameworks send many vendor extras; fields that would change the result but
+that lragent does not implement (tools, penalties, logit bias, JSON mode, ...) are refused by `unsupported()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+
+from lragent.server.errors import APIError, bad_request
+
+INT64 = 1 << 63
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class _Generation(_Body):
+    """Fields shared by chat and text completions (OpenAI names, plus a few of vLLM's extensions)."""
+
+    model: str
+    max_tokens: StrictInt | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: StrictInt = 1
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = Field(default=None, ge=-INT64, lt=INT64)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM-style extensions
+    top_k: StrictInt | None = None
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[StrictInt] | None = None
+    include_stop_str_in_output: StrictBool = False
+    min_tokens: StrictInt = 0
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(param, reason) for every field set to something lragent cannot honour."""
+        out = []
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                out.append((name, f"{name} is not supported (only 0)"))
+        if self.logit_bias:
+            out.append(("logit_bias", "logit_bias is not supported"))
+        if self.min_tokens:
+            out.append(("min_tokens", "min_tokens is not supported"))
+        return out
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"content parts of type {part.type!r} are not supported (text only)", "messages")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        out = super().unsupported()
+        if self.tools:
+            out.append(("tools", "tool calling is not supported: describe tools in the prompt instead"))
+        if self.top_logprobs:
+            out.append(
+                ("top_logprobs", "top_logprobs is not supported: logprobs=true returns the sampled tokens' only")
+            )
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            out.append(("response_format", "only response_format {'type': 'text'} is supported"))
+        return out
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
+    echo: StrictBool = False
+    suffix: str | None = None
+    best_of: StrictInt | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        out = super().unsupported()
+        if self.logprobs:
+            out.append(("logprobs", "only logprobs=0 (the sampled tokens' log-probabilities) is supported"))
+        if self.echo and self.logprobs is not None:
+            out.append(("echo", "echo with logprobs is not supported (prompt log-probabilities are not computed)"))
+        if self.suffix:
+            out.append(("suffix", "suffix is not supported"))
+        if self.best_of is not None and self.best_of != self.n:
+            out.append(("best_of", "best_of is not supported (use n)"))
+        return out
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class LoadLoRARequest(_Body):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRARequest(_Body):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
+def parse_body(model: type[_Body], data: Any):
+    """Validate a decoded JSON body; the first problem becomes a 400 naming the field."""
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        body = model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or None
+        where = ".".join(str(p) for p in first["loc"])
+        raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param) from None
+    if isinstance(body, _Generation):
+        for param, reason in body.unsupported():
+            raise bad_request(reason, param)
+    return body
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int, base_cached: int) -> dict:
+    """OpenAI usage; `cached_tokens` counts prompt tokens served entirely from the cache (no forward pass).
+
+    `base_cached_tokens` (an lragent extension) counts prompt tokens whose keys and base values came from the
+    shared cache: under base_shared they are reused although the agent still runs its own (LR) prefill.
+    """
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached, "base_cached_tokens": base_cached},
+    }
