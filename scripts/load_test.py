@@ -1,0 +1,419 @@
+#!/usr/bin/env python
+"""Load test: N concurrent plan/action/reflect trajectories replayed through the OpenAI API of an lragent server.
+
+Each trajectory is a short agent episode (a small trace in the shape of the paper's appendix C.6): `plan` reads
+the context and writes a thought, `action` writes a tool call, a tool observation is appended, and so on for
+`--iterations`, then `reflect`. Every agent sends the whole trajectory; the server shares the prefix across
+adapters. All agents of all trajectories run concurrently (bounded by --agents), for --rounds rounds with fresh
+trajectories, within --max-seconds. Loopback only.
+
+Reports per round requests/s, prompt+generated tokens/s, client TTFT p50/p99 (time to the first streamed token),
+errors (must be 0), the share of prompt tokens served from the cache, and the server's resident memory before and
+after, to show it does not grow across rounds. Prints a table and one parseable `LOADTEST ...` line, writes JSON.
+
+    python scripts/load_test.py                                   # spawns a CPU server with random role adapters
+    python scripts/load_test.py --url http://127.0.0.1:8000       # an already running server
+    python scripts/load_test.py --write-adapters /tmp/roles       # just write random shared-A adapters
+    python scripts/load_test.py --model dummy:llama-3.1-8b --device cuda --api tokens   # GPU, token-id prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+
+ROLES = ("plan", "action", "reflect")
+WORDS = (
+    "the river city museum north treaty harbor album singer novel season team founded during second director "
+    "village county railway film island species award band league war empire college bridge mountain bishop "
+    "station festival journal born written released located known career party election poet painter ship"
+).split()
+SYSTEM = (
+    "You are one of three agents (plan, action, reflect) answering a multi-hop question. Tools: Retrieve[entity], "
+    "Lookup[keyword], Finish[answer]. Think step by step and keep the trajectory consistent."
+)
+
+
+# ---- random role adapters -------------------------------------------------------------------------------------
+def write_random_adapters(folder: Path, model: str, rank: int = 8, seed: int = 0) -> dict[str, str]:
+    """Three q/v LoRA adapters in PEFT's file format whose v_proj A is shared (valid under base_lr_shared)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lragent.models.config import ModelConfig
+    from lragent.models.hub import resolve_model
+    from lragent.models.presets import preset
+
+    if model.startswith("dummy:"):
+        config = ModelConfig.from_dict(preset(model.split(":", 1)[1]), name=model)
+    else:
+        config = ModelConfig.from_file(resolve_model(model) / "config.json", name=model)
+    shapes, gen = config.module_shapes(), torch.Generator().manual_seed(seed)
+    shared_a = {
+        layer: torch.randn(rank, shapes["v_proj"][0], generator=gen) / shapes["v_proj"][0] ** 0.5
+        for layer in range(config.num_layers)
+    }
+    paths = {}
+    for role in ROLES:
+        tensors = {}
+        for layer in range(config.num_layers):
+            for module in ("q_proj", "v_proj"):
+                d_in, d_out = shapes[module]
+                prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+                a = shared_a[layer] if module == "v_proj" else torch.randn(rank, d_in, generator=gen) / d_in**0.5
+                tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
+                tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * 0.05
+        out = folder / role
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"]}
+        (out / "adapter_config.json").write_text(json.dumps(cfg))
+        paths[role] = str(out)
+    return paths
+
+
+# ---- the server -----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_server(args: argparse.Namespace, adapters: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "lragent.server",
+        "--model",
+        args.model,
+        "--sharing",
+        args.sharing,
+        "--device",
+        args.device,
+    ]
+    cmd += [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--kv-cache-bytes",
+        args.kv_cache_bytes,
+        "--log-level",
+        "warning",
+    ]
+    for role, path in adapters.items():
+        cmd += ["--adapter", f"{role}={path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + args.startup_timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("the server did not become healthy in time")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Selected /metrics samples, summed over labels."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as r:
+        text = r.read().decode()
+    wanted = {
+        "process_resident_memory_bytes": "rss",
+        "lragent_num_requests_running": "running",
+        "lragent_num_requests_waiting": "waiting",
+        "lragent_prompt_tokens_total": "prompt",
+        "lragent_prompt_tokens_reused_total": "reused",
+        "lragent_prompt_tokens_computed_total": "computed",
+    }
+    out = dict.fromkeys(wanted.values(), 0.0)
+    out["blocks_in_use"] = 0.0
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        base = name.split("{", 1)[0]
+        if base in wanted:
+            out[wanted[base]] += float(value)
+        elif base == "lragent_cache_blocks" and 'state="in_use"' in name:
+            out["blocks_in_use"] += float(value)
+    return out
+
+
+# ---- trajectories ---------------------------------------------------------------------------------------------
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@dataclass
+class Trajectory:
+    """One agent episode; `messages` for the chat API, `ids` for token-id prompts (dummy models)."""
+
+    rng: random.Random
+    api: str
+    messages: list[dict] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+
+    def start(self, context_words: int) -> None:
+        question = f"Question: {words(self.rng, 16)}?\nContext: {words(self.rng, context_words)}"
+        self.messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        self.ids = [self.rng.randrange(1000, 30000) for _ in range(context_words + 40)]
+
+    def observe(self, n_words: int) -> None:
+        self.messages.append({"role": "user", "content": f"Observation: {words(self.rng, n_words)}"})
+        self.ids += [self.rng.randrange(1000, 30000) for _ in range(n_words)]
+
+    def answer(self, text: str, n_tokens: int) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+        self.ids += [self.rng.randrange(1000, 30000) for _ in range(n_tokens)]  # stands in for the generated ids
+
+
+def turns(iterations: int) -> list[tuple[str, bool]]:
+    """(role, observation before it) for one episode."""
+    plan = [("plan", i > 0) for i in range(iterations)]
+    return [t for pair in zip(plan, [("action", False)] * iterations) for t in pair] + [("reflect", True)]
+
+
+@dataclass
+class Sample:
+    ttft: float
+    latency: float
+    prompt: int
+    cached: int
+    generated: int
+
+
+async def one_request(client: openai.AsyncOpenAI, traj: Trajectory, role: str, args) -> tuple[Sample, str]:
+    start = time.perf_counter()
+    extra = {"ignore_eos": True}
+    common = dict(
+        model=role, max_tokens=args.gen_tokens, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    if traj.api == "chat":
+        stream = await client.chat.completions.create(messages=traj.messages, extra_body=extra, **common)
+    else:
+        stream = await client.completions.create(prompt=traj.ids, extra_body=extra, **common)
+    first, text, usage = None, [], None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            piece = (c.delta.content if traj.api == "chat" else c.text) or ""
+            if first is None and (piece or c.finish_reason):
+                first = time.perf_counter()
+            text.append(piece)
+    end = time.perf_counter()
+    if usage is None:
+        raise RuntimeError("no usage in the last chunk")
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    sample = Sample((first or end) - start, end - start, usage.prompt_tokens, cached or 0, usage.completion_tokens)
+    return sample, "".join(text)
+
+
+async def run_episode(
+    client, traj: Trajectory, args, samples: list[Sample], errors: list[str], deadline: float
+) -> None:
+    traj.start(args.context_words)
+    for role, observe in turns(args.iterations):
+        if time.time() > deadline:
+            return
+        if observe:
+            traj.observe(args.observation_words)
+        try:
+            sample, text = await one_request(client, traj, role, args)
+        except Exception as exc:  # counted, reported, and the episode ends
+            errors.append(f"{role}: {type(exc).__name__}: {exc}")
+            return
+        samples.append(sample)
+        traj.answer(text, sample.generated)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def run_round(url: str, args, round_no: int, deadline: float) -> dict:
+    client = openai.AsyncOpenAI(
+        base_url=f"{url}/v1", api_key=args.api_key or "none", max_retries=0, timeout=args.request_timeout
+    )
+    before = scrape(url)
+    samples: list[Sample] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    episodes = [
+        run_episode(
+            client,
+            Trajectory(random.Random(args.seed * 1000 + round_no * 100 + i), args.api),
+            args,
+            samples,
+            errors,
+            deadline,
+        )
+        for i in range(args.agents)
+    ]
+    await asyncio.gather(*episodes)
+    wall = time.perf_counter() - start
+    await client.close()
+    await asyncio.sleep(0.2)
+    after = scrape(url)
+    ttfts = [s.ttft for s in samples]
+    tokens = sum(s.prompt + s.generated for s in samples)
+    prompt = sum(s.prompt for s in samples)
+    return {
+        "round": round_no,
+        "ttfts": ttfts,
+        "requests": len(samples),
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "wall_s": wall,
+        "req_per_s": len(samples) / wall,
+        "tok_per_s": tokens / wall,
+        "ttft_p50_s": pct(ttfts, 0.5),
+        "ttft_p99_s": pct(ttfts, 0.99),
+        "latency_p50_s": pct([s.latency for s in samples], 0.5),
+        "prompt_tokens": prompt,
+        "cached_share": sum(s.cached for s in samples) / prompt if prompt else 0.0,
+        "computed_prompt_tokens": after["computed"] - before["computed"],
+        "rss_before_mib": before["rss"] / 2**20,
+        "rss_after_mib": after["rss"] / 2**20,
+        "left_running": after["running"] + after["waiting"],
+        "blocks_in_use_after": after["blocks_in_use"],
+    }
+
+
+HEADER = (
+    f"{'round':>5} {'reqs':>5} {'err':>4} {'wall s':>7} {'req/s':>6} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
+    f"{'cached':>7} {'RSS before':>11} {'RSS after':>10}"
+)
+
+
+def row_line(r: dict) -> str:
+    return (
+        f"{r['round']:>5} {r['requests']:>5} {r['errors']:>4} {r['wall_s']:>7.1f} {r['req_per_s']:>6.2f} "
+        f"{r['tok_per_s']:>7.0f} {r['ttft_p50_s'] * 1e3:>7.0f}ms {r['ttft_p99_s'] * 1e3:>7.0f}ms "
+        f"{r['cached_share']:>6.0%} {r['rss_before_mib']:>8.0f}MiB {r['rss_after_mib']:>7.0f}MiB"
+    )
+
+
+def summarize(args: argparse.Namespace, rows: list[dict]) -> dict:
+    ttfts = [t for r in rows for t in r["ttfts"]]
+    requests, wall = sum(r["requests"] for r in rows), sum(r["wall_s"] for r in rows)
+    prompt = sum(r["prompt_tokens"] for r in rows)
+    return {
+        "agents": args.agents,
+        "rounds": len(rows),
+        "requests": requests,
+        "errors": sum(r["errors"] for r in rows),
+        "req_per_s": requests / wall if wall else 0.0,
+        "tok_per_s": sum(r["tok_per_s"] * r["wall_s"] for r in rows) / wall if wall else 0.0,
+        "ttft_p50_ms": 1e3 * pct(ttfts, 0.5),
+        "ttft_p99_ms": 1e3 * pct(ttfts, 0.99),
+        "cached_share": sum(r["cached_share"] * r["prompt_tokens"] for r in rows) / prompt if prompt else 0.0,
+        "rss_round1_mib": rows[0]["rss_after_mib"],
+        "rss_growth_after_round1_mib": rows[-1]["rss_after_mib"] - rows[0]["rss_after_mib"],
+        "left_running": rows[-1]["left_running"],
+        "blocks_in_use_after": rows[-1]["blocks_in_use_after"],
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--url", help="an already running server (default: spawn one)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sharing", default="base_lr_shared")
+    p.add_argument("--kv-cache-bytes", default="256M")
+    p.add_argument("--adapters-dir", help="role adapters plan/action/reflect (default: random shared-A ones)")
+    p.add_argument("--write-adapters", metavar="DIR", help="write random shared-A role adapters to DIR and exit")
+    p.add_argument("--api", choices=["chat", "tokens"], default=None, help="default: chat, tokens for dummy models")
+    p.add_argument("--agents", type=int, default=8, help="concurrent trajectories")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iterations", type=int, default=2, help="plan/action pairs per trajectory (then reflect)")
+    p.add_argument("--context-words", type=int, default=200)
+    p.add_argument("--observation-words", type=int, default=60)
+    p.add_argument("--gen-tokens", type=int, default=8)
+    p.add_argument("--max-seconds", type=float, default=900, help="no new requests after this")
+    p.add_argument("--request-timeout", type=float, default=300)
+    p.add_argument("--startup-timeout", type=float, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="results/load_test.json")
+    args = p.parse_args(argv)
+    args.api = args.api or ("tokens" if args.model.startswith("dummy:") else "chat")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.write_adapters:
+        for role, path in write_random_adapters(Path(args.write_adapters), args.model).items():
+            print(f"{role}={path}")
+        return 0
+    proc, tmp = None, None
+    url = args.url.rstrip("/") if args.url else None
+    if url is None:
+        if args.adapters_dir:
+            adapters = {r: str(Path(args.adapters_dir) / r) for r in ROLES}
+        else:
+            tmp = tempfile.TemporaryDirectory(prefix="lragent-roles-")
+            adapters = write_random_adapters(Path(tmp.name), args.model)
+        proc, url = spawn_server(args, adapters)
+    rows: list[dict] = []
+    try:
+        deadline = time.time() + args.max_seconds
+        print(HEADER, flush=True)
+        for round_no in range(1, args.rounds + 1):
+            if time.time() > deadline:
+                break
+            rows.append(asyncio.run(run_round(url, args, round_no, deadline)))
+            print(row_line(rows[-1]), flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        if tmp is not None:
+            tmp.cleanup()
+    if not rows:
+        print("no round ran", file=sys.stderr)
+        return 1
+    summary = summarize(args, rows)
+    print("LOADTEST " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    for r in rows:
+        for example in r["error_examples"]:
+            print(f"  error (round {r['round']}): {example}")
+    meta = {"machine": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "argv": sys.argv}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps({"meta": meta, "args": vars(args), "rounds": rows, "summary": summary}, indent=2)
+        )
+    return 1 if summary["errors"] or summary["left_running"] or summary["blocks_in_use_after"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
