@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from lragent.engine.llm_engine import LLMEngine
 from lragent.lora.adapter import AdapterError
@@ -43,13 +44,16 @@ async def read_json(request: Request, limit: int):
     declared = request.headers.get("content-length")
     oversize = declared is not None and declared.isdigit() and int(declared) > limit
     body, seen = bytearray(), 0
-    async for chunk in request.stream():
-        seen += len(chunk)
-        oversize = oversize or seen > limit
-        if not oversize:
-            body += chunk
-        elif seen > DRAIN_FACTOR * limit:
-            break
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            oversize = oversize or seen > limit
+            if not oversize:
+                body += chunk
+            elif seen > DRAIN_FACTOR * limit:
+                break
+    except ClientDisconnect:
+        raise APIError(400, "the client disconnected while sending the request body") from None
     if oversize:
         raise APIError(
             413, f"the request body is larger than the server's limit of {limit} bytes", None, "request_too_large"
