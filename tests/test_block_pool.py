@@ -1,0 +1,89 @@
+"""Block pool, prefix hashing and scheduling logic: plain Python, no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from lragent.cache.block_pool import BlockPool
+from lragent.cache.kv_cache import CacheLayout
+from lragent.cache.prefix_hash import block_hashes
+from lragent.cache.sharing import SharingMode, get_scheme
+from lragent.engine.block_manager import BlockManager
+from lragent.engine.scheduler import Scheduler
+from lragent.engine.sequence import Sequence
+from lragent.sampling import SamplingParams
+
+
+def test_hash_chain_depends_on_prefix_and_namespace():
+    a = block_hashes(list(range(12)), 4, "")
+    assert len(a) == 3
+    assert block_hashes(list(range(12)), 4, "plan") != a
+    changed = block_hashes([99] + list(range(1, 12)), 4, "")
+    assert all(x != y for x, y in zip(a, changed))  # a change in block 0 changes every later hash
+    assert block_hashes(list(range(13)), 4, "") == a
+
+
+def test_pool_refcount_cache_and_lru_eviction():
+    pool = BlockPool("t", 3)
+    ids = pool.allocate(2)
+    pool.register(ids[0], 111)
+    pool.register(ids[1], 222)
+    pool.release(ids)
+    assert pool.num_available() == 3 and len(pool.cached) == 2
+    assert pool.match([111, 222, 333]) == ids
+    pool.release(ids)
+    # allocate 3: the free block first, then evict cached ones, tail first
+    pool.allocate(1)
+    assert pool.peek([111, 222]) == 2
+    pool.allocate(1)
+    assert pool.peek([111, 222]) == 1  # block of hash 222 (the tail) was evicted first
+    with pytest.raises(MemoryError):
+        pool.allocate(2)
+
+
+def test_release_twice_is_caught():
+    pool = BlockPool("t", 2)
+    ids = pool.allocate(1)
+    pool.release(ids)
+    with pytest.raises(AssertionError):
+        pool.release(ids)
+
+
+def make_seq(rid, tokens, adapter="plan", slot=1):
+    seq = Sequence(rid, tokens, SamplingParams(max_tokens=4), adapter, slot)
+    seq.cache_key = adapter
+    return seq
+
+
+@pytest.mark.parametrize("mode", list(SharingMode))
+def test_block_manager_keys_pools_per_scheme(mode):
+    scheme = get_scheme(mode)
+    bm = BlockManager(scheme, CacheLayout(4, 32, 32 if scheme.has_lr_pool else 0, 8))
+    first = make_seq("a", list(range(17)), "plan")
+    assert bm.admit(first, "plan")
+    first.num_computed = first.num_base_cached = 17
+    bm.publish(first)
+    second = make_seq("b", list(range(17)) + [5, 6, 7, 8], "action", slot=2)
+    assert bm.admit(second, "action")
+    base_hit = second.num_base_cached
+    computed = second.num_computed
+    expect_base = 0 if scheme.base_keyed_by_adapter else 16
+    expect_lr = 16 if (not scheme.lr_keyed_by_adapter and not scheme.base_keyed_by_adapter) else 0
+    assert base_hit == expect_base
+    assert computed == (expect_lr if scheme.has_lr_pool else expect_base)
+
+
+def test_scheduler_preempts_when_cache_is_full():
+    scheme = get_scheme("non_shared")
+    bm = BlockManager(scheme, CacheLayout(4, 4, 4, 8))
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    a, b = make_seq("a", list(range(7))), make_seq("b", list(range(100, 107)))
+    sched.add(a), sched.add(b)
+    batch = sched.schedule()
+    assert batch.is_prefill and batch.seqs == [a, b]
+    for s in (a, b):
+        s.num_computed = s.num_base_cached = len(s)
+        s.token_ids.append(1)  # sampled; now each needs block 2 for position 7
+    batch = sched.schedule()
+    assert not batch.is_prefill
+    assert batch.seqs == [a] and b in sched.waiting and b.metrics.preemptions == 1
