@@ -43,7 +43,9 @@ class Server:
         self.engine = engine
 
     def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kw.pop("api_key", KEY), max_retries=0, timeout=120, **kw)
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=kw.pop("api_key", KEY), max_retries=0, timeout=120, **kw
+        )
 
     def post(self, path: str, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {KEY}", **kw.pop("headers", {})}
@@ -63,7 +65,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(shared_a_adapters):
-    config = EngineConfig(adapters=shared_a_adapters, sharing="base_lr_shared", kv_cache_bytes=48 << 20, max_model_len=MAX_LEN)
+    config = EngineConfig(
+        adapters=shared_a_adapters, sharing="base_lr_shared", kv_cache_bytes=48 << 20, max_model_len=MAX_LEN
+    )
     engine = LLMEngine(config)
     app = create_app(engine, ServerSettings(api_key=KEY, max_body_bytes=BODY_LIMIT))
     sock = socket.socket()
@@ -87,7 +91,9 @@ def wait_idle(server: Server, timeout: float = 30.0) -> dict:
     while True:
         m = server.metrics()
         busy = m[("lragent_num_requests_running", ())] + m[("lragent_num_requests_waiting", ())]
-        pinned = sum(v for (name, labels), v in m.items() if name == "lragent_cache_blocks" and ("state", "in_use") in labels)
+        pinned = sum(
+            v for (name, labels), v in m.items() if name == "lragent_cache_blocks" and ("state", "in_use") in labels
+        )
         if busy == 0 and pinned == 0:
             return m
         assert time.time() < deadline, f"engine still busy: {busy} sequences, {pinned} blocks in use"
@@ -171,7 +177,9 @@ def test_streaming_matches_non_streaming(server):
         assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].message.content
         assert streamed == cut.choices[0].message.content
 
-    pieces = list(client.completions.create(model="action", prompt="One, two,", max_tokens=6, temperature=0, stream=True))
+    pieces = list(
+        client.completions.create(model="action", prompt="One, two,", max_tokens=6, temperature=0, stream=True)
+    )
     plain = client.completions.create(model="action", prompt="One, two,", max_tokens=6, temperature=0)
     assert "".join(p.choices[0].text for p in pieces) == plain.choices[0].text
 
@@ -185,7 +193,9 @@ def test_agents_share_one_trajectory(server):
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
     def turn(role: str, text: str):
-        return client.completions.create(model=role, prompt=text, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        return client.completions.create(
+            model=role, prompt=text, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
 
     async def run():
         plan = await turn("plan", TRAJECTORY + "Thought:")
@@ -228,14 +238,22 @@ def test_bad_input_gets_error_objects_while_others_are_served(server):
     good = ThreadPoolExecutor(1).submit(
         lambda: list(
             client.completions.create(
-                model="plan", prompt="Count: 1, 2, 3,", max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True}
+                model="plan",
+                prompt="Count: 1, 2, 3,",
+                max_tokens=12,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
             )
         )
     )
     chat = "/v1/chat/completions"
     msgs = [{"role": "user", "content": "hi"}]
     json_headers = {"Content-Type": "application/json"}
-    assert "JSON" in _error(server.post(chat, content=b'{"model": "plan", "messages": [', headers=json_headers), 400)["message"]
+    assert (
+        "JSON"
+        in _error(server.post(chat, content=b'{"model": "plan", "messages": [', headers=json_headers), 400)["message"]
+    )
     _error(server.post(chat, content=b"[1, 2]", headers=json_headers), 400)
     _error(server.post(chat, content=b"", headers=json_headers), 400)
     err = _error(server.post(chat, json={"model": "nope", "messages": msgs}), 404)
@@ -287,11 +305,15 @@ def test_load_and_unload_adapters(server, shared_a_adapters, qv_adapters):
     assert "critic" in {m.id for m in client.models.list().data}
     assert client.completions.create(model="critic", prompt="Hello", max_tokens=2, temperature=0).choices[0].text
     # a different v_proj A breaks base_lr_shared: refused with the engine's reason
-    err = _error(server.post("/v1/load_lora_adapter", json={"lora_name": "rogue", "lora_path": qv_adapters["plan"]}), 400)
+    err = _error(
+        server.post("/v1/load_lora_adapter", json={"lora_name": "rogue", "lora_path": qv_adapters["plan"]}), 400
+    )
     assert "shared-A" in err["message"] and "rogue" in err["message"]
     err = _error(server.post("/v1/load_lora_adapter", json={"lora_name": "ghost", "lora_path": "/nonexistent/x"}), 400)
     assert "adapter_config.json" in err["message"]
-    _error(server.post("/v1/load_lora_adapter", json={"lora_name": "critic", "lora_path": shared_a_adapters["plan"]}), 400)
+    _error(
+        server.post("/v1/load_lora_adapter", json={"lora_name": "critic", "lora_path": shared_a_adapters["plan"]}), 400
+    )
     _error(server.post("/v1/load_lora_adapter", json={"lora_name": MODEL, "lora_path": shared_a_adapters["plan"]}), 400)
     _error(server.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 400)
     assert server.post("/v1/unload_lora_adapter", json={"lora_name": "critic"}).status_code == 200
@@ -316,7 +338,9 @@ def test_disconnect_mid_stream_frees_the_sequence(server):
         "stream": True,
     }
     with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        with http.stream(
+            "POST", f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ) as resp:
             assert resp.status_code == 200
             events = 0
             for line in resp.iter_lines():
@@ -342,7 +366,9 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer(server):
 
 
 def test_cli_parsing():
-    args = build_parser().parse_args(["--adapter", "plan=/a", "--adapter", "act=/b", "--kv-cache-bytes", "256M", "--port", "9"])
+    args = build_parser().parse_args(
+        ["--adapter", "plan=/a", "--adapter", "act=/b", "--kv-cache-bytes", "256M", "--port", "9"]
+    )
     assert args.adapter == [("plan", "/a"), ("act", "/b")] and args.kv_cache_bytes == 256 << 20 and args.port == 9
     assert parse_size("1.5G") == int(1.5 * (1 << 30)) and parse_size("4096") == 4096
     with pytest.raises(SystemExit):
@@ -350,3 +376,79 @@ def test_cli_parsing():
     assert main(["serve", "--adapter", "a=/x", "--adapter", "a=/y"]) == 2
     assert main(["--sharing", "base_lr_shared", "--block-size", "3"]) == 2
     assert json.dumps(vars(build_parser().parse_args([])))  # defaults are plain values
+
+
+# ---- the engine loop alone (no model) -------------------------------------------------------------------------
+
+
+class FlakyEngine:
+    """Stands in for LLMEngine: one token per step; the step after `fail_at` raises once."""
+
+    def __init__(self, fail_at: int):
+        self.registry = type("Registry", (), {"adapters": {}})()
+        self.max_model_len = 64
+        self.seqs: dict[str, int] = {}
+        self.steps, self.fail_at = 0, fail_at
+
+    def add_request(self, ids, params, adapter, request_id):
+        if not ids:
+            raise ValueError("the prompt is empty")
+        self.seqs[request_id] = [0, params.max_tokens]
+
+    def abort(self, request_id):
+        return self.seqs.pop(request_id, None) is not None
+
+    def has_unfinished(self):
+        return bool(self.seqs)
+
+    def step(self):
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise RuntimeError("boom")
+        from lragent.engine.llm_engine import RequestOutput
+        from lragent.engine.sequence import RequestMetrics
+
+        outs = []
+        for rid in list(self.seqs):
+            self.seqs[rid][0] += 1
+            n, limit = self.seqs[rid]
+            done = n >= limit
+            reason = "length" if done else None
+            outs.append(RequestOutput(rid, "", [1], [7] * n, [7], "", done, reason, RequestMetrics()))
+            if done:
+                del self.seqs[rid]
+        return outs
+
+
+def test_engine_loop_reports_errors_and_keeps_running():
+    from lragent.sampling import SamplingParams
+    from lragent.server.engine_loop import AsyncEngine, EngineRequest
+
+    loop = AsyncEngine(FlakyEngine(fail_at=2))
+    loop.start()
+
+    async def drain(queue):
+        items = []
+        while not items or (items[-1].error is None and not items[-1].output.finished):
+            items.append(await asyncio.wait_for(queue.get(), 10))
+        return items
+
+    async def run():
+        params = SamplingParams(max_tokens=3)
+        with pytest.raises(ValueError, match="empty"):  # a bad request adds nothing
+            await loop.submit([EngineRequest([1], params, None, "a", 0), EngineRequest([], params, None, "b", 1)])
+        assert await loop.call(lambda engine: dict(engine.seqs)) == {}
+        first = await drain(await loop.submit([EngineRequest([1], params, None, "c", 0)]))
+        assert first[-1].error == "engine error: RuntimeError: boom"  # the failing step ends the requests in flight
+        second = await drain(await loop.submit([EngineRequest([1], params, None, "d", 0)]))
+        assert [len(i.output.token_ids) for i in second] == [1, 2, 3] and second[-1].output.finished
+        endless = await loop.submit([EngineRequest([1], SamplingParams(max_tokens=10**9), None, "e", 0)])
+        await endless.get()
+        loop.abort_nowait(["e"])  # what a disconnect does: the sequence is gone
+        assert await loop.call(lambda engine: "e" in engine.seqs) is False
+
+    try:
+        asyncio.run(run())
+    finally:
+        loop.stop()
+    assert not loop.alive
