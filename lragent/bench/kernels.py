@@ -1,0 +1,515 @@
+"""`lragent bench kernels`: Flash-LoRA-Attention kernels against naive materialisation and plain SDPA.
+
+Llama-3.1-8B attention shape (32 q heads, 8 kv heads, head_dim 128), rank-8 LR cache, bf16, block size 16.
+
+- decode: one token per sequence, context 1k..64k, batch 1/8/32. Ours reads K + V_base + R through block tables
+  (random block order). Naive: materialise V = V_base + s R B (contiguous), then SDPA. Plain: SDPA over contiguous
+  K/V with no LoRA (the lower bound). Achieved bandwidth = bytes of K + V_base + R read once / time.
+- prefill: one sequence, 512..8k new tokens over a cached prefix of 0..32k, causal over the new tokens.
+  TFLOP/s counts the causal QK^T and PV work (4 d per visible (query, key) pair per head).
+- calibration in the same run: device-to-device copy bandwidth (bytes read + written) and bf16 8192^3 matmul rate.
+- `--lora`: the multi-LoRA shrink/expand kernels vs the per-adapter torch loop, for q_proj of Llama-3.1-8B.
+
+Prints tables and writes JSON (`--json`). `--smoke` runs tiny shapes (also on the CPU under TRITON_INTERPRET=1)
+to exercise the code path; its timings mean nothing.
+"""
+
+# ruff: noqa: B023  (closures timed right where they are defined)
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HQ, HKV, D = 32, 8, 128
+
+
+def _parse_list(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = 1024 if part.endswith("k") else 1
+        out.append(int(float(part.rstrip("k")) * mult))
+    return out
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+class Timer:
+    """Median time in ms. CUDA: triton.testing.do_bench (events, L2 flushed before each call). CPU: wall clock."""
+
+    def __init__(self, device: torch.device, warmup_ms: int, rep_ms: int):
+        self.device, self.warmup, self.rep = device, warmup_ms, rep_ms
+
+    def __call__(self, fn) -> float:
+        if self.device.type == "cuda":
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median"))
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def calibrate(device: torch.device, timer: Timer, smoke: bool) -> dict:
+    n = (1 << 20) if smoke else (1 << 30)  # 1 GiB of bf16 each way on the GPU
+    src = torch.randn(n // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    t_copy = timer(lambda: dst.copy_(src))
+    copy_bw = 2 * src.numel() * src.element_size() / (t_copy * 1e-3)
+    src = dst = None
+    m = 256 if smoke else 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    t_mm = timer(lambda: a @ b)
+    return {"copy_bandwidth_GBps": copy_bw / 1e9, "matmul_bf16_TFLOPs": 2 * m**3 / (t_mm * 1e-3) / 1e12}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SDPA helpers (the fastest backend that accepts the call; which one is recorded)
+# ------------------------------------------------------------------------------------------------------------
+def _sdpa_call(q, k, v, prefix: int):
+    """q [B, Hq, Lq, d]; k, v [B, Hkv, Lk, d]; causal with the query block at the end of the keys."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    lq, lk = q.shape[2], k.shape[2]
+    if lq == 1:
+        return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    if prefix == 0:
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    mask = causal_lower_right(lq, lk)
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def sdpa_fn(q, k, v, prefix: int):
+    """Try flash, then memory-efficient, then cuDNN, then any backend (GQA expanded as a last resort)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tries = []
+    if q.device.type == "cuda":
+        tries = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    for backend in tries:
+        call = _sdpa_call(q, k, v, prefix)
+        try:
+            with sdpa_kernel([backend]):
+                call()
+
+            def run(call=call, backend=backend):
+                with sdpa_kernel([backend]):
+                    return call()
+
+            return run, backend.name.lower()
+        except RuntimeError:
+            continue
+    try:
+        call = _sdpa_call(q, k, v, prefix)
+        call()
+        return call, "default"
+    except RuntimeError:
+        g = q.shape[1] // k.shape[1]
+        ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        return _sdpa_call(q, ke, ve, prefix), "default-expanded"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# paged inputs
+# ------------------------------------------------------------------------------------------------------------
+class PagedPools:
+    """Key / base-value / LR pools big enough for the largest case, shared by every case (random block order)."""
+
+    def __init__(self, max_tokens: int, block_size: int, rank: int, dtype, device, num_slots: int = 4):
+        self.bs, self.rank = block_size, rank
+        self.num_blocks = -(-max_tokens // block_size) + 1
+        shape = (self.num_blocks, block_size, HKV, D)
+        self.key = torch.randn(shape, dtype=dtype, device=device)
+        self.value = torch.randn(shape, dtype=dtype, device=device)
+        self.lr = torch.randn(self.num_blocks, block_size, rank, dtype=dtype, device=device)
+        self.value_up = torch.randn(num_slots, rank, HKV * D, dtype=dtype, device=device) * 0.05
+        self.value_up[0] = 0
+        self.scaling = torch.full((num_slots,), 2.0, device=device)
+        self.scaling[0] = 0
+        self.device = device
+
+    def tables(self, batch: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nb = -(-ctx // self.bs)
+        perm = torch.randperm(self.num_blocks, device=self.device)[: batch * nb]
+        lperm = torch.randperm(self.num_blocks, device=self.device)[: batch * nb]
+        return perm.view(batch, nb).int(), lperm.view(batch, nb).int()
+
+
+def _naive_values(v_base, lr, b_sel, scale):
+    """V = V_base + s R B over the whole context: v_base [B, Hkv, L, d], lr [B, L, r], b_sel [B, r, Hkv, d]."""
+    return v_base + scale * torch.einsum("blr,brhd->bhld", lr, b_sel)
+
+
+def bench_decode(pools: PagedPools, batches, contexts, timer, dtype, device, calib, kw, baselines=True) -> list[dict]:
+    from lragent.kernels.triton_attention import default_num_splits, paged_decode
+
+    rows = []
+    for ctx in contexts:
+        for batch in batches:
+            bt, lbt = pools.tables(batch, ctx)
+            slots = (torch.arange(batch, device=device) % 3 + 1).long()  # mixed adapters 1, 2, 3
+            ctx_t = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+            q = torch.randn(batch, HQ, D, dtype=dtype, device=device)
+            out = torch.empty_like(q)
+            splits = kw.get("num_splits") or default_num_splits(batch, HKV, ctx, device, kw.get("block_n") or 64)
+
+            def ours():
+                return paged_decode(
+                    q, pools.key, pools.value, pools.lr, bt, lbt, ctx_t, slots, pools.value_up, pools.scaling,
+                    max_context=ctx, out=out, **kw,
+                )
+
+            t_ours = timer(ours)
+            nbytes = batch * ctx * (2 * HKV * D + pools.rank) * torch.finfo(dtype).bits // 8
+            bw = nbytes / (t_ours * 1e-3) / 1e9
+            if not baselines:
+                rows.append({"batch": batch, "context": ctx, "num_splits": splits, "ours_ms": t_ours,
+                             "ours_GBps": bw, "ours_pct_copy_bw": 100 * bw / calib["copy_bandwidth_GBps"]})
+                continue
+            # contiguous copies for the baselines (same shapes; values random)
+            kc = torch.randn(batch, HKV, ctx, D, dtype=dtype, device=device)
+            vc = torch.randn(batch, HKV, ctx, D, dtype=dtype, device=device)
+            qc = q.view(batch, HQ, 1, D)
+            plain, backend = sdpa_fn(qc, kc, vc, 0)
+            t_plain = timer(plain)
+            lr_c = torch.randn(batch, ctx, pools.rank, dtype=dtype, device=device)
+            b_sel = pools.value_up[slots].view(batch, pools.rank, HKV, D)
+
+            def naive():
+                v_full = _naive_values(vc, lr_c, b_sel, 2.0)
+                return F.scaled_dot_product_attention(qc, kc, v_full, enable_gqa=True)
+
+            try:
+                t_naive = timer(naive)
+            except torch.OutOfMemoryError:
+                t_naive = float("nan")
+            kc = vc = lr_c = None  # free before the next case
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            plain_bytes = batch * ctx * 2 * HKV * D * torch.finfo(dtype).bits // 8
+            rows.append(
+                {
+                    "batch": batch,
+                    "context": ctx,
+                    "num_splits": splits,
+                    "ours_ms": t_ours,
+                    "naive_ms": t_naive,
+                    "sdpa_ms": t_plain,
+                    "sdpa_backend": backend,
+                    "bytes": nbytes,
+                    "ours_GBps": bw,
+                    "ours_pct_copy_bw": 100 * bw / calib["copy_bandwidth_GBps"],
+                    "sdpa_pct_copy_bw": 100 * plain_bytes / (t_plain * 1e-3) / 1e9 / calib["copy_bandwidth_GBps"],
+                    "ours_over_sdpa": t_ours / t_plain,
+                    "naive_over_ours": t_naive / t_ours,
+                }
+            )
+            print(_decode_line(rows[-1]), flush=True)
+    return rows
+
+
+def _decode_line(r: dict) -> str:
+    return (
+        f"decode  B={r['batch']:>3} ctx={_fmt_len(r['context']):>5} splits={r['num_splits']:>3} | ours {r['ours_ms']:8.3f} ms"
+        f" {r['ours_GBps']:7.0f} GB/s ({r['ours_pct_copy_bw']:5.1f}% copy) | sdpa {r['sdpa_ms']:8.3f} ms"
+        f" ({r['sdpa_pct_copy_bw']:5.1f}%) | naive {r['naive_ms']:8.3f} ms | ours/sdpa {r['ours_over_sdpa']:5.2f}"
+        f" naive/ours {r['naive_over_ours']:5.2f}"
+    )
+
+
+def prefill_flops(new: int, prefix: int) -> float:
+    visible = new * prefix + new * (new + 1) / 2
+    return 4.0 * D * HQ * visible
+
+
+def bench_prefill(pools: PagedPools, news, prefixes, timer, dtype, device, calib, kw, baselines=True) -> list[dict]:
+    from lragent.kernels.triton_attention import paged_prefill
+
+    rows = []
+    for prefix in prefixes:
+        for new in news:
+            ctx = prefix + new
+            bt, lbt = pools.tables(1, ctx)
+            q = torch.randn(new, HQ, D, dtype=dtype, device=device)
+            out = torch.empty_like(q)
+            qstart = torch.tensor([0, new], dtype=torch.int32, device=device)
+            ctx_t = torch.tensor([ctx], dtype=torch.int32, device=device)
+            slots = torch.tensor([1], dtype=torch.long, device=device)
+
+            def ours():
+                return paged_prefill(
+                    q, pools.key, pools.value, pools.lr, bt, lbt, qstart, ctx_t, slots, pools.value_up, pools.scaling,
+                    max_query_len=new, out=out, **kw,
+                )
+
+            t_ours = timer(ours)
+            flops = prefill_flops(new, prefix)
+            if not baselines:
+                rows.append({"new_tokens": new, "prefix": prefix, "ours_ms": t_ours,
+                             "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12})
+                continue
+            kc = torch.randn(1, HKV, ctx, D, dtype=dtype, device=device)
+            vc = torch.randn(1, HKV, ctx, D, dtype=dtype, device=device)
+            qc = q.transpose(0, 1).unsqueeze(0).contiguous()
+            plain, backend = sdpa_fn(qc, kc, vc, prefix)
+            t_plain = timer(plain)
+            lr_c = torch.randn(1, ctx, pools.rank, dtype=dtype, device=device)
+            b_sel = pools.value_up[slots].view(1, pools.rank, HKV, D)
+            v_full = _naive_values(vc, lr_c, b_sel, 2.0)
+            naive_attn, _ = sdpa_fn(qc, kc, v_full, prefix)
+
+            def naive():
+                _naive_values(vc, lr_c, b_sel, 2.0)
+                return naive_attn()
+
+            t_naive = timer(naive)
+            rows.append(
+                {
+                    "new_tokens": new,
+                    "prefix": prefix,
+                    "ours_ms": t_ours,
+                    "naive_ms": t_naive,
+                    "sdpa_ms": t_plain,
+                    "sdpa_backend": backend,
+                    "flops": flops,
+                    "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12,
+                    "sdpa_TFLOPs": flops / (t_plain * 1e-3) / 1e12,
+                    "ours_pct_matmul": 100 * flops / (t_ours * 1e-3) / 1e12 / calib["matmul_bf16_TFLOPs"],
+                    "ours_over_sdpa": t_ours / t_plain,
+                    "naive_over_ours": t_naive / t_ours,
+                }
+            )
+            print(_prefill_line(rows[-1]), flush=True)
+            kc = vc = lr_c = v_full = None
+    return rows
+
+
+def _prefill_line(r: dict) -> str:
+    return (
+        f"prefill new={_fmt_len(r['new_tokens']):>5} prefix={_fmt_len(r['prefix']):>5} | ours {r['ours_ms']:8.3f} ms"
+        f" {r['ours_TFLOPs']:6.1f} TFLOP/s ({r['ours_pct_matmul']:4.1f}% mm) | sdpa {r['sdpa_ms']:8.3f} ms"
+        f" {r['sdpa_TFLOPs']:6.1f} [{r['sdpa_backend']}] | naive {r['naive_ms']:8.3f} ms | ours/sdpa"
+        f" {r['ours_over_sdpa']:5.2f} naive/ours {r['naive_over_ours']:5.2f}"
+    )
+
+
+def bench_lora(timer, dtype, device, smoke: bool) -> list[dict]:
+    """q_proj-shaped multi-LoRA delta (4096 -> 4096, rank 16 stacks holding rank-8 adapters), 3 adapters mixed."""
+    from lragent.kernels.triton_lora import lora_expand, lora_shrink
+    from lragent.lora.metadata import group_by_slot
+
+    d_in = d_out = 256 if smoke else 4096
+    rank, slots_n = 16, 4
+    a = torch.randn(slots_n, d_in, rank, dtype=dtype, device=device) / d_in**0.5
+    b = torch.randn(slots_n, rank, d_out, dtype=dtype, device=device)
+    a[:, :, 8:] = 0
+    b[:, 8:] = 0
+    scaling = torch.full((slots_n,), 2.0, device=device)
+    rows = []
+    for t in (8,) if smoke else (32, 256, 4096):
+        x = torch.randn(t, d_in, dtype=dtype, device=device)
+        token_slots = [1 + (i * 3 // t) for i in range(t)]  # three contiguous adapter runs (sequences)
+        segs = group_by_slot(token_slots, device)
+        idx = torch.cat([s[1] for s in segs]).int()
+        starts = [0]
+        for _, rws in segs:
+            starts.append(starts[-1] + rws.numel())
+        seg_start = torch.tensor(starts, dtype=torch.int32, device=device)
+        seg_slot = torch.tensor([s for s, _ in segs], dtype=torch.int32, device=device)
+        max_len = max(r.numel() for _, r in segs)
+        y = torch.zeros(t, d_out, dtype=dtype, device=device)
+
+        def ours():
+            h = lora_shrink(x, a, seg_start, seg_slot, max_len, tokens=idx, out_dtype=torch.float32)
+            return lora_expand(h, b, seg_start, seg_slot, max_len, scaling, out=y, add=True, tokens=idx)
+
+        def loop():
+            out = torch.zeros(t, d_out, dtype=dtype, device=device)
+            for slot, rws in segs:
+                out[rws] += (x[rws] @ a[slot]) @ b[slot] * 2.0
+            return y + out
+
+        t_ours, t_loop = timer(ours), timer(loop)
+        rows.append({"tokens": t, "d_in": d_in, "d_out": d_out, "ours_ms": t_ours, "torch_loop_ms": t_loop})
+        print(f"lora    T={t:>5} {d_in}->{d_out} r{rank} | ours {t_ours:8.4f} ms | torch loop {t_loop:8.4f} ms", flush=True)
+    return rows
+
+
+def sweep(pools, timer, dtype, device, calib) -> dict:
+    """A few tile configurations at representative shapes; the engine's defaults come from this."""
+    res = {"decode": [], "prefill": []}
+    for bn, nw, ns in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]:
+        kw = dict(block_n=bn, num_warps=nw, num_stages=ns)
+        for batch, ctx in ((1, 32768), (8, 8192), (32, 16384)):
+            try:
+                r = bench_decode(pools, [batch], [ctx], timer, dtype, device, calib, kw, baselines=False)[0]
+                res["decode"].append({**kw, "batch": batch, "context": ctx, "ours_ms": r["ours_ms"], "pct": r["ours_pct_copy_bw"]})
+                print(f"sweep decode {kw} B={batch} ctx={ctx}: {r['ours_ms']:.3f} ms {r['ours_pct_copy_bw']:.0f}%", flush=True)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile / fit is just skipped
+                res["decode"].append({**kw, "batch": batch, "context": ctx, "error": repr(e)[:200]})
+    for bm, bn, nw, ns in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2)]:
+        kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        for new, prefix in ((4096, 0), (2048, 16384)):
+            try:
+                r = bench_prefill(pools, [new], [prefix], timer, dtype, device, calib, kw, baselines=False)[0]
+                res["prefill"].append({**kw, "new": new, "prefix": prefix, "ours_ms": r["ours_ms"], "TFLOPs": r["ours_TFLOPs"]})
+                print(f"sweep prefill {kw} new={new} prefix={prefix}: {r['ours_ms']:.3f} ms {r['ours_TFLOPs']:.0f} TFLOP/s", flush=True)
+            except Exception as e:  # noqa: BLE001
+                res["prefill"].append({**kw, "new": new, "prefix": prefix, "error": repr(e)[:200]})
+    return res
+
+
+def targets(decode: list[dict], prefill: list[dict]) -> dict:
+    long = [r for r in decode if r["context"] >= 8192]
+    at32 = [r for r in decode if r["context"] == 32768]
+    out = {
+        "decode_ge8k_min_pct_copy_bw": min((r["ours_pct_copy_bw"] for r in long), default=None),
+        "decode_ge8k_max_ours_over_sdpa": max((r["ours_over_sdpa"] for r in long), default=None),
+        "decode_32k_min_naive_over_ours": min((r["naive_over_ours"] for r in at32), default=None),
+        "prefill_max_ours_over_sdpa": max((r["ours_over_sdpa"] for r in prefill), default=None),
+    }
+    out["met"] = {
+        "decode_80pct_copy_bw": out["decode_ge8k_min_pct_copy_bw"] is not None and out["decode_ge8k_min_pct_copy_bw"] >= 80,
+        "decode_within_1.15x_sdpa": out["decode_ge8k_max_ours_over_sdpa"] is not None
+        and out["decode_ge8k_max_ours_over_sdpa"] <= 1.15,
+        "decode_2x_faster_than_naive_at_32k": out["decode_32k_min_naive_over_ours"] is not None
+        and out["decode_32k_min_naive_over_ours"] >= 2,
+        "prefill_within_1.25x_sdpa": out["prefill_max_ours_over_sdpa"] is not None and out["prefill_max_ours_over_sdpa"] <= 1.25,
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lragent bench kernels", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--decode-contexts", default="1k,2k,4k,8k,16k,32k,64k")
+    ap.add_argument("--decode-batches", default="1,8,32")
+    ap.add_argument("--prefill-new", default="512,1k,2k,4k,8k")
+    ap.add_argument("--prefill-prefixes", default="0,8k,32k")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--json", default="results/bench_kernels.json")
+    ap.add_argument("--only", default="decode,prefill,lora", help="comma list of decode, prefill, lora")
+    ap.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
+    ap.add_argument("--warmup-ms", type=int, default=25)
+    ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the code path only")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        print("lragent bench kernels needs a CUDA GPU (use --smoke for a CPU code-path check)", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    if args.smoke:
+        global HQ, HKV, D
+        HQ, HKV, D = 4, 2, 32
+        args.decode_contexts, args.decode_batches = "40", "1,2"
+        args.prefill_new, args.prefill_prefixes = "16", "0,40"
+        if device.type == "cpu":
+            dtype = torch.float32
+    decode_ctx, decode_b = _parse_list(args.decode_contexts), _parse_list(args.decode_batches)
+    news, prefixes = _parse_list(args.prefill_new), _parse_list(args.prefill_prefixes)
+    only = set(args.only.split(","))
+    timer = Timer(device, args.warmup_ms, args.rep_ms)
+    torch.manual_seed(0)
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    calib = calibrate(device, timer, args.smoke)
+    print(f"card: {card}; copy bandwidth {calib['copy_bandwidth_GBps']:.0f} GB/s; bf16 matmul "
+          f"{calib['matmul_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
+    max_tokens = max(
+        max(decode_ctx) * max(decode_b) if "decode" in only else 0,
+        max(news) + max(prefixes) if "prefill" in only else 0,
+        16384 + 2048 if args.sweep else 0,
+        32 * 16384 if args.sweep and not args.smoke else 0,
+    )
+    pools = PagedPools(max(max_tokens, 64), args.block_size, args.rank, dtype, device)
+    result = {
+        "card": card,
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": "lragent bench kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "rank": args.rank, "block_size": args.block_size,
+                  "dtype": str(dtype).removeprefix("torch.")},
+        "calibration": calib,
+    }
+    if args.sweep:
+        result["sweep"] = sweep(pools, timer, dtype, device, calib)
+    decode = bench_decode(pools, decode_b, decode_ctx, timer, dtype, device, calib, {}) if "decode" in only else []
+    prefill = bench_prefill(pools, news, prefixes, timer, dtype, device, calib, {}) if "prefill" in only else []
+    lora = bench_lora(timer, dtype, device, args.smoke) if "lora" in only else []
+    result.update(decode=decode, prefill=prefill, lora=lora, targets=targets(decode, prefill))
+
+    print()
+    print(render_markdown(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o))
+        print(f"wrote {path}")
+    return 0
+
+
+def render_markdown(res: dict) -> str:
+    c = res["calibration"]
+    lines = [
+        f"card {res['card']}, {res['date']}, torch {res['torch']}, triton {res['triton']}; copy bandwidth "
+        f"{c['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
+        "",
+    ]
+    if res.get("decode"):
+        lines += [
+            "| decode B | context | ours ms | ours GB/s | % copy bw | SDPA no-LoRA ms | SDPA % copy bw | naive ms | ours / SDPA | naive / ours |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in res["decode"]:
+            lines.append(
+                f"| {r['batch']} | {_fmt_len(r['context'])} | {r['ours_ms']:.3f} | {r['ours_GBps']:.0f} | "
+                f"{r['ours_pct_copy_bw']:.0f}% | {r['sdpa_ms']:.3f} | {r['sdpa_pct_copy_bw']:.0f}% | {r['naive_ms']:.3f} | "
+                f"{r['ours_over_sdpa']:.2f} | {r['naive_over_ours']:.2f} |"
+            )
+        lines.append("")
+    if res.get("prefill"):
+        lines += [
+            "| prefill new | prefix | ours ms | ours TFLOP/s | % matmul | SDPA no-LoRA ms | SDPA TFLOP/s | SDPA backend | naive ms | ours / SDPA |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in res["prefill"]:
+            lines.append(
+                f"| {_fmt_len(r['new_tokens'])} | {_fmt_len(r['prefix'])} | {r['ours_ms']:.3f} | {r['ours_TFLOPs']:.0f} | "
+                f"{r['ours_pct_matmul']:.0f}% | {r['sdpa_ms']:.3f} | {r['sdpa_TFLOPs']:.0f} | {r['sdpa_backend']} | "
+                f"{r['naive_ms']:.3f} | {r['ours_over_sdpa']:.2f} |"
+            )
+        lines.append("")
+    if res.get("lora"):
+        lines += ["| LoRA delta tokens | shape | ours ms | torch loop ms |", "|---|---|---|---|"]
+        for r in res["lora"]:
+            lines.append(f"| {r['tokens']} | {r['d_in']}->{r['d_out']} | {r['ours_ms']:.4f} | {r['torch_loop_ms']:.4f} |")
+        lines.append("")
+    t = res.get("targets")
+    if t:
+        lines.append("targets: " + ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in t["met"].items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,486 @@
+"""Flash-LoRA-Attention in Triton over the engine's paged pools.
+
+O = softmax(Q K^T / sqrt(d)) (V_base + s R B) = P V_base + s (P R) B_g, with one extra rank-r accumulator
+`acc_r = P R` next to FlashAttention's `acc_v = P V_base`; `R B` is never materialised.
+
+Two entry points, both reading keys / base values / LR rows through the block tables:
+
+- `paged_prefill`: several sequences in one launch, each with a cached prefix and `query_len` new tokens
+  (causal over the new ones), each with its own adapter slot. One program per (query tile, q head, sequence).
+- `paged_decode`: one query token per sequence, split-KV (flash-decoding): program (sequence, kv head, split)
+  handles all G = q_heads / kv_heads query heads of its kv head together (G padded to 16 rows of one `tl.dot`),
+  writes partial (acc_v, acc_r, max, sum); a second small kernel merges the splits and applies `s acc_r B_g`.
+  With one split the first kernel finishes the job itself.
+
+Any rank 1..64 (padded to a power of two >= 16 inside, masked loads), head_dim 64/128/256 (any power of two),
+any power-of-two block size, fp16 / bf16 / fp32 (fp32 dots run in IEEE precision so tests can ask for ~1e-5).
+Slot 0 (no adapter) and `value_up=None` skip the LR term entirely (the LR pool is not even read).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, triton.next_power_of_2(max(1, n)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# prefill: varlen, paged, cached prefix, causal over the new tokens, one adapter per sequence
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _prefill_tile(
+    acc, acc_r, m_i, l_i, q, qpos, n0, ctx,
+    k_ptr, v_ptr, lr_ptr, bt_row, lbt_row, kv_col, lr_end,
+    offs_d, offs_r, offs_n,
+    sm_scale_log2,
+    HKV_D: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
+    MASKED: tl.constexpr, HAS_LR: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    kpos = n0 + offs_n
+    if MASKED:
+        kmask = kpos < ctx
+        blk = tl.load(bt_row + kpos // BS, mask=kmask, other=0).to(tl.int64)
+    else:
+        kmask = kpos >= 0
+        blk = tl.load(bt_row + kpos // BS).to(tl.int64)
+    row = blk * BS + (kpos % BS)
+    kv_off = row[:, None] * HKV_D + kv_col + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptr + kv_off, mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + kv_off)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
+    if MASKED:
+        visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptr + kv_off, mask=kmask[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptr + kv_off)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    if HAS_LR:
+        lmask = kpos < lr_end  # lr_end = 0 for slot 0: nothing read
+        lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
+        lrow = lblk * BS + (kpos % BS)
+        lr = tl.load(lr_ptr + lrow[:, None] * R + offs_r[None, :], mask=lmask[:, None] & (offs_r[None, :] < R), other=0.0)
+        acc_r = acc_r * alpha[:, None] + tl.dot(p.to(lr.dtype), lr, input_precision=DOT_PREC)
+    return acc, acc_r, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, bt_ptr, lbt_ptr, qstart_ptr, ctx_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
+    sm_scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_lbt, stride_vs, stride_vr,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LR: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    mt = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q0 = tl.load(qstart_ptr + b)
+    qlen = tl.load(qstart_ptr + b + 1) - q0
+    if mt * BLOCK_M >= qlen:
+        return
+    ctx = tl.load(ctx_ptr + b)
+    prefix = ctx - qlen
+    g = h // G
+
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    offs_r = tl.arange(0, R_PAD)
+    rmask = offs_m < qlen
+    qpos = prefix + offs_m
+    q_rows = (q0 + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=rmask[:, None], other=0.0)
+
+    use_lr = False
+    lr_end = 0
+    if HAS_LR:
+        slot = tl.load(slot_ptr + b)
+        use_lr = slot != 0
+        lr_end = tl.where(use_lr, ctx, 0)
+
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    acc_r = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    lbt_row = lbt_ptr + b.to(tl.int64) * stride_lbt
+    kv_col = g * D
+
+    # keys strictly before the tile's first query: no mask at all
+    first_q = prefix + mt * BLOCK_M
+    full_end = (first_q // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, acc_r, m_i, l_i = _prefill_tile(
+            acc, acc_r, m_i, l_i, q, qpos, n0, ctx, k_ptr, v_ptr, lr_ptr, bt_row, lbt_row, kv_col, lr_end,
+            offs_d, offs_r, offs_n, sm_scale_log2, HKV * D, R, BS, False, HAS_LR, DOT_PREC,
+        )
+    # the diagonal: causal mask and the end of the context
+    end = tl.minimum(ctx, prefix + (mt + 1) * BLOCK_M)
+    for n0 in range(full_end, end, BLOCK_N):
+        acc, acc_r, m_i, l_i = _prefill_tile(
+            acc, acc_r, m_i, l_i, q, qpos, n0, ctx, k_ptr, v_ptr, lr_ptr, bt_row, lbt_row, kv_col, lr_end,
+            offs_d, offs_r, offs_n, sm_scale_log2, HKV * D, R, BS, True, HAS_LR, DOT_PREC,
+        )
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc
+    if HAS_LR:
+        if use_lr:
+            scale = tl.load(scaling_ptr + slot)
+            up = tl.load(
+                vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + kv_col + offs_d[None, :],
+                mask=offs_r[:, None] < R,
+                other=0.0,
+            ).to(tl.float32)
+            out = out + scale * tl.dot(acc_r, up, input_precision="ieee")
+    out = out / l_safe[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None],
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# decode: split-KV, all q heads of one kv head per program
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, lr_ptr, bt_ptr, lbt_ptr, ctx_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
+    pacc_ptr, pr_ptr, pml_ptr,
+    sm_scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_lbt, stride_vs, stride_vr,
+    NUM_SPLITS,
+    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+    R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LR: tl.constexpr,
+    SINGLE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    g = tl.program_id(0)  # kv heads of one token range run side by side: neighbouring rows of the pools
+    sp = tl.program_id(1)
+    b = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = sp * split_len
+    end = tl.minimum(start + split_len, ctx)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    offs_r = tl.arange(0, R_PAD)
+    gmask = offs_g < G
+    heads = g * G + offs_g
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+
+    use_lr = False
+    lr_end = 0
+    if HAS_LR:
+        slot = tl.load(slot_ptr + b)
+        use_lr = slot != 0
+        lr_end = tl.where(use_lr, end, 0)
+
+    acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+    acc_r = tl.zeros([G_PAD, R_PAD], dtype=tl.float32)
+    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    bt_row = bt_ptr + b64 * stride_bt
+    lbt_row = lbt_ptr + b64 * stride_lbt
+    kv_col = g * D
+    for n0 in range(start, end, BLOCK_N):
+        kpos = n0 + offs_n
+        kmask = kpos < end
+        blk = tl.load(bt_row + kpos // BS, mask=kmask, other=0).to(tl.int64)
+        row = blk * BS + (kpos % BS)
+        kv_off = row[:, None] * (HKV * D) + kv_col + offs_d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kmask[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
+        s = tl.where(kmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        if HAS_LR:
+            lmask = kpos < lr_end
+            lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
+            lrow = lblk * BS + (kpos % BS)
+            lr = tl.load(
+                lr_ptr + lrow[:, None] * R + offs_r[None, :], mask=lmask[:, None] & (offs_r[None, :] < R), other=0.0
+            )
+            acc_r = acc_r * alpha[:, None] + tl.dot(p.to(lr.dtype), lr, input_precision=DOT_PREC)
+        m_i = m_new
+
+    if SINGLE:
+        out = acc
+        if HAS_LR:
+            if use_lr:
+                scale = tl.load(scaling_ptr + slot)
+                up = tl.load(
+                    vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + kv_col + offs_d[None, :],
+                    mask=offs_r[:, None] < R,
+                    other=0.0,
+                ).to(tl.float32)
+                out = out + scale * tl.dot(acc_r, up, input_precision="ieee")
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = out / l_safe[:, None]
+        tl.store(
+            out_ptr + b64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=gmask[:, None],
+        )
+    else:
+        # partials laid out [B, NUM_SPLITS, HQ, ...]
+        base = (b64 * NUM_SPLITS + sp) * (HKV * G) + heads
+        tl.store(pacc_ptr + base[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+        if HAS_LR:
+            tl.store(pr_ptr + base[:, None] * R_PAD + offs_r[None, :], acc_r, mask=gmask[:, None])
+        tl.store(pml_ptr + base * 2, m_i, mask=gmask)
+        tl.store(pml_ptr + base * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
+    stride_ot, stride_oh, stride_vs, stride_vr,
+    NUM_SPLITS,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+    NS_PAD: tl.constexpr, CHUNK: tl.constexpr, HAS_LR: tl.constexpr,
+):
+    """Program (sequence, q head): merge the splits' partials with their max / sum, then add s acc_r B_g."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, D)
+    offs_r = tl.arange(0, R_PAD)
+    b64 = b.to(tl.int64)
+    offs_s = tl.arange(0, NS_PAD)
+    rows = (b64 * NUM_SPLITS + offs_s) * HQ + h
+    smask = offs_s < NUM_SPLITS
+    m_all = tl.load(pml_ptr + rows * 2, mask=smask, other=float("-inf"))
+    l_all = tl.load(pml_ptr + rows * 2 + 1, mask=smask, other=0.0)
+    m_max = tl.max(m_all, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    big_l = tl.sum(tl.exp2(m_all - m_max) * l_all, 0)  # empty splits: exp2(-inf) * 0 = 0
+    offs_c = tl.arange(0, CHUNK)
+    acc = tl.zeros([D], dtype=tl.float32)
+    acc_r = tl.zeros([R_PAD], dtype=tl.float32)
+    for c0 in range(0, NUM_SPLITS, CHUNK):
+        cs = c0 + offs_c
+        cmask = cs < NUM_SPLITS
+        crow = (b64 * NUM_SPLITS + cs) * HQ + h
+        w = tl.exp2(tl.load(pml_ptr + crow * 2, mask=cmask, other=float("-inf")) - m_max)
+        part = tl.load(pacc_ptr + crow[:, None] * D + offs_d[None, :], mask=cmask[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
+        if HAS_LR:
+            part_r = tl.load(pr_ptr + crow[:, None] * R_PAD + offs_r[None, :], mask=cmask[:, None], other=0.0)
+            acc_r += tl.sum(w[:, None] * part_r, 0)
+    out = acc
+    if HAS_LR:
+        slot = tl.load(slot_ptr + b)
+        if slot != 0:
+            scale = tl.load(scaling_ptr + slot)
+            g = h // G
+            up = tl.load(
+                vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + g * D + offs_d[None, :],
+                mask=offs_r[:, None] < R,
+                other=0.0,
+            ).to(tl.float32)
+            out = out + scale * tl.sum(acc_r[:, None] * up, 0)
+    big_l = tl.where(big_l == 0.0, 1.0, big_l)
+    tl.store(out_ptr + b64 * stride_ot + h * stride_oh + offs_d, (out / big_l).to(out_ptr.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------------------
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class _Pools:
+    """Flattened views of one layer's pools plus the constexprs every launch needs."""
+
+    def __init__(self, key, value, lr, value_up, lora_scaling, block_size):
+        self.key, self.value = key, value
+        self.hkv, self.d = key.shape[-2], key.shape[-1]
+        self.bs = block_size
+        self.has_lr = lr is not None and value_up is not None
+        self.lr = lr if self.has_lr else key
+        self.r = lr.shape[-1] if self.has_lr else 1
+        self.r_pad = _pow2_at_least(self.r, 16)
+        if self.has_lr:
+            if value_up.shape[1] != self.r:
+                raise ValueError(f"value_up rank {value_up.shape[1]} does not match the LR pool width {self.r}")
+            if value_up.stride(-1) != 1:
+                value_up = value_up.contiguous()
+        self.vup = value_up if self.has_lr else key
+        self.stride_vs = value_up.stride(0) if self.has_lr else 0
+        self.stride_vr = value_up.stride(1) if self.has_lr else 0
+        self.scaling = lora_scaling
+
+
+def paged_prefill(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    lr_pool: torch.Tensor | None,
+    base_block_tables: torch.Tensor,
+    lr_block_tables: torch.Tensor | None,
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+    seq_lora_slots: torch.Tensor,
+    value_up: torch.Tensor | None,
+    lora_scaling: torch.Tensor,
+    max_query_len: int,
+    out: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """query [T, Hq, d]; pools [num_blocks, block_size, Hkv, d] / [num_lr_blocks, block_size, r]. Returns [T, Hq, d]."""
+    t, hq, d = query.shape
+    p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1])
+    if hq % p.hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {p.hkv} kv heads")
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    out = torch.empty_like(query) if out is None else out
+    b = seq_lora_slots.shape[0]
+    if t == 0 or b == 0:
+        return out
+    sm_scale = d**-0.5 if sm_scale is None else sm_scale
+    on_gpu = query.device.type == "cuda"
+    wide = query.element_size() * d  # bytes per row: fp32 (tests only) and d 256 get smaller tiles
+    if block_m is None:
+        block_m = (128 if wide <= 256 else 64 if wide <= 512 else 32) if on_gpu else 16
+        block_m = min(block_m, _pow2_at_least(max_query_len, 16))
+    if block_n is None:
+        block_n = (64 if wide <= 256 else 32) if on_gpu else 16
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 else 4
+    if num_stages is None:
+        num_stages = 3 if wide <= 256 else 2
+    lbt = lr_block_tables if (p.has_lr and lr_block_tables is not None) else base_block_tables
+    grid = (triton.cdiv(max_query_len, block_m), hq, b)
+    _prefill_kernel[grid](
+        query, key_pool, value_pool, p.lr, base_block_tables, lbt, query_start, context_lens, seq_lora_slots,
+        p.vup, lora_scaling, out,
+        sm_scale * LOG2E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        base_block_tables.stride(0), lbt.stride(0), p.stride_vs, p.stride_vr,
+        HKV=p.hkv, G=hq // p.hkv, D=d, R=p.r, R_PAD=p.r_pad, BS=p.bs,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_LR=p.has_lr, DOT_PREC=_dot_precision(query.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int = 64) -> int:
+    """Enough (sequence, kv head, split) programs to fill the GPU about twice; at least 4 key tiles per split."""
+    target = 2 * _num_sms(device)
+    per = batch * num_kv_heads
+    splits = max(1, -(-target // per))
+    return max(1, min(splits, -(-max_context // (4 * block_n)), 256))
+
+
+def paged_decode(
+    query: torch.Tensor,
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    lr_pool: torch.Tensor | None,
+    base_block_tables: torch.Tensor,
+    lr_block_tables: torch.Tensor | None,
+    context_lens: torch.Tensor,
+    seq_lora_slots: torch.Tensor,
+    value_up: torch.Tensor | None,
+    lora_scaling: torch.Tensor,
+    max_context: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """query [B, Hq, d] (one token per sequence). `num_splits` fixed (CUDA graphs) or chosen from `max_context`."""
+    b, hq, d = query.shape
+    p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1])
+    if hq % p.hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {p.hkv} kv heads")
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    out = torch.empty_like(query) if out is None else out
+    if b == 0:
+        return out
+    on_gpu = query.device.type == "cuda"
+    wide = query.element_size() * d
+    if block_n is None:
+        block_n = (64 if wide <= 256 else 32) if on_gpu else 16
+    if num_splits is None:
+        if max_context is None:
+            raise ValueError("give max_context (host value) or num_splits")
+        num_splits = default_num_splits(b, p.hkv, max_context, query.device, block_n)
+    sm_scale = d**-0.5 if sm_scale is None else sm_scale
+    g = hq // p.hkv
+    single = num_splits == 1
+    if single:
+        pacc = pr = pml = out  # unused
+    else:
+        pacc = torch.empty(b, num_splits, hq, d, dtype=torch.float32, device=query.device)
+        pr = torch.empty(b, num_splits, hq, p.r_pad, dtype=torch.float32, device=query.device) if p.has_lr else pacc
+        pml = torch.empty(b, num_splits, hq, 2, dtype=torch.float32, device=query.device)
+    lbt = lr_block_tables if (p.has_lr and lr_block_tables is not None) else base_block_tables
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:
+        num_stages = 3 if wide <= 256 else 2
+    _decode_kernel[(p.hkv, num_splits, b)](
+        query, key_pool, value_pool, p.lr, base_block_tables, lbt, context_lens, seq_lora_slots, p.vup, lora_scaling,
+        out, pacc, pr, pml,
+        sm_scale * LOG2E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        base_block_tables.stride(0), lbt.stride(0), p.stride_vs, p.stride_vr,
+        num_splits,
+        HKV=p.hkv, G=g, G_PAD=_pow2_at_least(g, 16), D=d, R=p.r, R_PAD=p.r_pad, BS=p.bs, BLOCK_N=block_n,
+        HAS_LR=p.has_lr, SINGLE=single, DOT_PREC=_dot_precision(query.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not single:
+        _decode_merge_kernel[(b, hq)](
+            pacc, pr, pml, seq_lora_slots, p.vup, lora_scaling, out,
+            out.stride(0), out.stride(1), p.stride_vs, p.stride_vr,
+            num_splits,
+            HQ=hq, G=g, D=d, R=p.r, R_PAD=p.r_pad, NS_PAD=_pow2_at_least(num_splits, 16),
+            CHUNK=16 if d <= 128 else 8, HAS_LR=p.has_lr,
+            num_warps=4,
+        )
+    return out
+
+
+def sm_scale_for(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,329 @@
+"""Multi-LoRA projections in Triton over a flattened batch of tokens of mixed adapters.
+
+Tokens are grouped into segments, each with one adapter slot: `tokens` (optional permutation [N] into the
+batch's rows), `seg_start` [G+1] int32 offsets into it, `seg_slot` [G] int32. Segment g covers batch rows
+`tokens[seg_start[g]:seg_start[g+1]]` (rows seg_start[g]..seg_start[g+1]-1 when `tokens` is None). Rows in no
+segment are left alone (expand) or zero (shrink).
+
+- `lora_shrink`: `Y[t] = X[t] A[slot(t)]`, A stacked [S, d_in, r]; split-K over d_in for few tokens.
+- `lora_expand`: `out[t] (+)= scale[slot(t)] * Y[t] B[slot(t)]`, B stacked [S, r, d_out]; accumulates into
+  the base projection's output in place when asked.
+- `shared_shrink`: `Y = X A` for one A shared by every adapter (BaseLRShared's v_proj A): one segment.
+
+Ranks 1..64 (any; padded to a power of two >= 16 inside with masks). Float32 inputs use IEEE-precision dots.
+`TritonLoRABank` is an opt-in drop-in for `LoRABank` whose `delta` / `value_shrink` run these kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lragent.lora.bank import LoRABank
+from lragent.lora.metadata import Segments
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, out_ptr, tok_ptr, seg_start_ptr, seg_slot_ptr,
+    K, k_per_split,
+    stride_xt, stride_as, stride_ak, stride_ot,
+    R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_TOK: tl.constexpr, ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    mt = tl.program_id(0)
+    seg = tl.program_id(1)
+    ks = tl.program_id(2)
+    s0 = tl.load(seg_start_ptr + seg)
+    s1 = tl.load(seg_start_ptr + seg + 1)
+    if s0 + mt * BLOCK_M >= s1:
+        return
+    slot = tl.load(seg_slot_ptr + seg).to(tl.int64)
+    idx = s0 + mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    imask = idx < s1
+    if HAS_TOK:
+        rows = tl.load(tok_ptr + idx, mask=imask, other=0).to(tl.int64)
+    else:
+        rows = idx.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    rmask = offs_r < R
+    k_lo = ks * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    a_base = a_ptr + slot * stride_as
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < k_hi
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + kk[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(a_base + kk[:, None] * stride_ak + offs_r[None, :], mask=kmask[:, None] & rmask[None, :], other=0.0)
+        acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PREC)
+    optr = out_ptr + rows[:, None] * stride_ot + offs_r[None, :]
+    omask = imask[:, None] & rmask[None, :]
+    if ATOMIC:
+        tl.atomic_add(optr, acc, mask=omask)
+    else:
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _expand_kernel(
+    y_ptr, b_ptr, out_ptr, tok_ptr, seg_start_ptr, seg_slot_ptr, scaling_ptr,
+    N,
+    stride_yt, stride_bs, stride_br, stride_ot,
+    R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TOK: tl.constexpr, ADD: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    mt = tl.program_id(0)
+    seg = tl.program_id(1)
+    nt = tl.program_id(2)
+    s0 = tl.load(seg_start_ptr + seg)
+    s1 = tl.load(seg_start_ptr + seg + 1)
+    if s0 + mt * BLOCK_M >= s1:
+        return
+    slot = tl.load(seg_slot_ptr + seg).to(tl.int64)
+    idx = s0 + mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    imask = idx < s1
+    if HAS_TOK:
+        rows = tl.load(tok_ptr + idx, mask=imask, other=0).to(tl.int64)
+    else:
+        rows = idx.to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    rmask = offs_r < R
+    cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    y = tl.load(y_ptr + rows[:, None] * stride_yt + offs_r[None, :], mask=imask[:, None] & rmask[None, :], other=0.0)
+    bw = tl.load(
+        b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + cols[None, :],
+        mask=rmask[:, None] & cmask[None, :],
+        other=0.0,
+    )
+    scale = tl.load(scaling_ptr + slot)
+    acc = tl.dot(y.to(bw.dtype), bw, input_precision=DOT_PREC) * scale
+    optr = out_ptr + rows[:, None] * stride_ot + cols[None, :]
+    omask = imask[:, None] & cmask[None, :]
+    if ADD:
+        acc += tl.load(optr, mask=omask, other=0.0).to(tl.float32)
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def _rpad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    a_stack: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_slot: torch.Tensor,
+    max_seg_len: int,
+    tokens: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """x [T, d_in]; a_stack [S, d_in, r] -> [T, r] (zeros for rows in no segment). `out` must be zero there."""
+    t, k = x.shape
+    r = a_stack.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if a_stack.stride(-1) != 1:
+        a_stack = a_stack.contiguous()
+    out_dtype = out_dtype or x.dtype
+    g = seg_slot.shape[0]
+    on_gpu = x.device.type == "cuda"
+    block_m = 16 if max_seg_len <= 16 or not on_gpu else (32 if max_seg_len <= 32 else 64)
+    block_k = 128 if on_gpu else 32
+    m_tiles = triton.cdiv(max(max_seg_len, 1), block_m)
+    if split_k is None:
+        split_k = 1
+        if on_gpu:
+            want = 2 * _num_sms(x.device)
+            split_k = max(1, min(want // max(1, m_tiles * g), triton.cdiv(k, 4 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    atomic = split_k > 1
+    if atomic:
+        work = torch.zeros(t, r, dtype=torch.float32, device=x.device)
+    elif out is None:
+        work = torch.zeros(t, r, dtype=out_dtype, device=x.device)
+    else:
+        work = out
+    if t and g and max_seg_len:
+        _shrink_kernel[(m_tiles, g, split_k)](
+            x, a_stack, work, tokens if tokens is not None else seg_start, seg_start, seg_slot,
+            k, k_per_split,
+            x.stride(0), a_stack.stride(0), a_stack.stride(1), work.stride(0),
+            R=r, R_PAD=_rpad(r), BLOCK_M=block_m, BLOCK_K=block_k,
+            HAS_TOK=tokens is not None, ATOMIC=atomic, DOT_PREC=_dot_precision(x.dtype),
+            num_warps=4, num_stages=3 if on_gpu else 1,
+        )
+    if atomic:
+        if out is not None:
+            out.copy_(work)
+            return out
+        return work if out_dtype == torch.float32 else work.to(out_dtype)
+    return work
+
+
+def shared_shrink(x: torch.Tensor, a: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Y = X A for one A [d_in, r] shared by every adapter: all T tokens in one segment."""
+    t = x.shape[0]
+    seg_start = torch.tensor([0, t], dtype=torch.int32, device=x.device)
+    seg_slot = torch.zeros(1, dtype=torch.int32, device=x.device)
+    return lora_shrink(x, a.unsqueeze(0), seg_start, seg_slot, t, out_dtype=out_dtype)
+
+
+def lora_expand(
+    y: torch.Tensor,
+    b_stack: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_slot: torch.Tensor,
+    max_seg_len: int,
+    scaling: torch.Tensor,
+    out: torch.Tensor | None = None,
+    add: bool = True,
+    tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[t] (+)= scaling[slot] * y[t] @ b_stack[slot]; y [T, r], b_stack [S, r, d_out], scaling [S] float32.
+
+    `out=None` returns a fresh delta (zeros on rows in no segment)."""
+    t, r = y.shape
+    n = b_stack.shape[-1]
+    if b_stack.stride(-1) != 1:
+        b_stack = b_stack.contiguous()
+    if out is None:
+        out = torch.zeros(t, n, dtype=b_stack.dtype, device=y.device)
+        add = False
+    if out.stride(-1) != 1:
+        raise ValueError("lora_expand needs an output with contiguous rows")
+    g = seg_slot.shape[0]
+    on_gpu = y.device.type == "cuda"
+    block_m = 16 if max_seg_len <= 16 or not on_gpu else (32 if max_seg_len <= 32 else 64)
+    block_n = (128 if max_seg_len <= 64 else 64) if on_gpu else 32
+    if t and g and max_seg_len:
+        _expand_kernel[(triton.cdiv(max_seg_len, block_m), g, triton.cdiv(n, block_n))](
+            y, b_stack, out, tokens if tokens is not None else seg_start, seg_start, seg_slot, scaling,
+            n,
+            y.stride(0), b_stack.stride(0), b_stack.stride(1), out.stride(0),
+            R=r, R_PAD=_rpad(r), BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_TOK=tokens is not None, ADD=add, DOT_PREC=_dot_precision(b_stack.dtype),
+            num_warps=4, num_stages=2 if on_gpu else 1,
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# opt-in engine hook
+# ------------------------------------------------------------------------------------------------------------
+class _SegmentPlan:
+    __slots__ = ("tokens", "seg_start", "seg_slot", "max_len", "slots", "covers_all")
+
+    def __init__(self, segments: Segments, num_tokens: int, device: torch.device):
+        starts, lens, idx = [0], [], []
+        self.slots = [slot for slot, _ in segments]
+        for _, rows in segments:
+            n = num_tokens if rows is None else rows.numel()
+            lens.append(n)
+            starts.append(starts[-1] + n)
+            if rows is not None:
+                idx.append(rows)
+        self.covers_all = starts[-1] == num_tokens
+        self.max_len = max(lens, default=0)
+        if idx and len(idx) == len(segments):
+            self.tokens = torch.cat(idx).to(torch.int32)
+        elif idx:  # a None ("all tokens") segment mixed with indexed ones cannot happen; be safe anyway
+            self.tokens = torch.cat(
+                [torch.arange(num_tokens, device=device) if rows is None else rows for _, rows in segments]
+            ).to(torch.int32)
+        else:
+            self.tokens = None
+        self.seg_start = torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True)
+        self.seg_slot = torch.tensor(self.slots, dtype=torch.int32).to(device, non_blocking=True)
+
+
+class TritonLoRABank(LoRABank):
+    """`LoRABank` whose multi-LoRA projections run the Triton kernels (one shrink + one expand launch per module).
+
+    Segment plans are built once per step (the Segments list object is the same for every layer) and reused.
+    `add_delta(y, x, ...)` adds in place into the base projection's output, saving the delta's allocation and add.
+    `value_shrink` uses the single shared shrink when every token's adapter shares one v_proj A (BaseLRShared).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._plan_key: tuple | None = None
+        self._plan: _SegmentPlan | None = None
+        self._shared_v: dict[int, bool] = {}
+
+    def load(self, slot, adapter) -> None:
+        super().load(slot, adapter)
+        self._shared_v.clear()
+
+    def unload(self, slot) -> None:
+        super().unload(slot)
+        self._shared_v.clear()
+
+    def _plan_for(self, segments: Segments, module: str | None, num_tokens: int, device) -> _SegmentPlan | None:
+        if module is not None:
+            active = [(s, i) for s, i in segments if (s, module) in self.active]
+            if len(active) != len(segments):
+                return _SegmentPlan(active, num_tokens, device) if active else None
+        key = (id(segments), num_tokens)
+        if self._plan_key != key or self._plan_segments is not segments:
+            self._plan = _SegmentPlan(segments, num_tokens, device)
+            self._plan_key, self._plan_segments = key, segments
+        return self._plan
+
+    _plan_segments = None
+
+    def _delta_into(self, out, x, layer, module, segments, add) -> torch.Tensor | None:
+        key = (layer, module)
+        if key not in self.down or not segments:
+            return None
+        plan = self._plan_for(segments, module, x.shape[0], x.device)
+        if plan is None:
+            return None
+        y = lora_shrink(x, self.down[key], plan.seg_start, plan.seg_slot, plan.max_len, tokens=plan.tokens,
+                        out_dtype=torch.float32)
+        return lora_expand(y, self.up[key], plan.seg_start, plan.seg_slot, plan.max_len, self.scaling,
+                           out=out, add=add, tokens=plan.tokens)
+
+    def delta(self, x, layer, module, segments):
+        return self._delta_into(None, x, layer, module, segments, add=False)
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, segments: Segments) -> torch.Tensor:
+        """y += s * (x A) B per token, in place; returns y."""
+        self._delta_into(y, x, layer, module, segments, add=True)
+        return y
+
+    def _v_shared(self, layer: int) -> bool:
+        if layer not in self._shared_v:
+            down = self.down.get((layer, "v_proj"))
+            slots = sorted(s for s, m in self.active if m == "v_proj")
+            self._shared_v[layer] = down is not None and len(slots) > 0 and all(
+                torch.equal(down[slots[0]], down[s]) for s in slots[1:]
+            )
+        return self._shared_v[layer]
+
+    def value_shrink(self, x, layer, segments):
+        down = self.down.get((layer, "v_proj"))
+        t = x.shape[0]
+        if down is None or not segments:
+            return torch.zeros(t, self.max_rank, dtype=x.dtype, device=x.device)
+        plan = self._plan_for(segments, "v_proj", t, x.device)
+        if plan is None:
+            return torch.zeros(t, self.max_rank, dtype=x.dtype, device=x.device)
+        if plan.covers_all and self._v_shared(layer):
+            return shared_shrink(x, down[plan.slots[0]], out_dtype=x.dtype)
+        return lora_shrink(x, down, plan.seg_start, plan.seg_slot, plan.max_len, tokens=plan.tokens,
+                           out_dtype=x.dtype)

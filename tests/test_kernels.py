@@ -1,0 +1,461 @@
+"""Triton kernels against the PyTorch reference (float64 oracle), on fresh random inputs with outputs poisoned first.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on small shapes (CI). With CUDA the same small cases run
+compiled, and the `gpu`-marked matrix adds the real shapes (head_dim 64/128/256, GQA 1/4/8, ranks 1..64, bf16/fp16).
+Unused pool slots hold NaN, so a read outside a sequence's blocks (or of a slot-0 sequence's LR rows) shows up.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit of the kernel modules
+
+from lragent.kernels.metadata import AttentionMetadata  # noqa: E402
+from lragent.kernels.reference import TorchReferenceBackend  # noqa: E402
+from lragent.kernels.triton_attention import paged_decode, paged_prefill  # noqa: E402
+from lragent.kernels.triton_backend import TritonBackend  # noqa: E402
+from lragent.kernels.triton_lora import TritonLoRABank, lora_expand, lora_shrink, shared_shrink  # noqa: E402
+from lragent.kernels.triton_store import store_kv_lr  # noqa: E402
+from lragent.lora.adapter import LoRAAdapter  # noqa: E402
+from lragent.lora.bank import LoRABank  # noqa: E402
+from lragent.lora.metadata import group_by_slot  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in the output (unwritten element or a poisoned read)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a random paged batch
+# ------------------------------------------------------------------------------------------------------------
+def make_case(
+    seqs: list[tuple[int, int, int]],
+    hq: int,
+    hkv: int,
+    d: int,
+    rank: int | None,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int,
+    num_slots: int = 4,
+    device: torch.device = DEVICE,
+):
+    """seqs: (cached prefix, new tokens, adapter slot) per sequence. rank None: no LR pool (FullShared)."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    ctx = [p + q for p, q, _ in seqs]
+    nblocks = [-(-c // block_size) for c in ctx]
+    total = sum(nblocks) + 3
+    base_ids = list(range(total))
+    rng.shuffle(base_ids)
+    lr_ids = list(range(total))
+    rng.shuffle(lr_ids)
+    key = torch.randn(total, block_size, hkv, d, generator=gen)
+    value = torch.randn(total, block_size, hkv, d, generator=gen)
+    lr = torch.randn(total, block_size, rank, generator=gen) if rank else None
+    base_valid = torch.zeros(total, block_size, dtype=torch.bool)
+    lr_valid = torch.zeros(total, block_size, dtype=torch.bool)
+    tables, lr_tables, used = [], [], 0
+    width = max(nblocks)
+    for (_, _, slot), c, nb in zip(seqs, ctx, nblocks):
+        bt = base_ids[used : used + nb]
+        lbt = lr_ids[used : used + nb]
+        used += nb
+        pos = torch.arange(c)
+        base_valid[torch.tensor(bt)[pos // block_size], pos % block_size] = True
+        if slot != 0:
+            lr_valid[torch.tensor(lbt)[pos // block_size], pos % block_size] = True
+        tables.append(bt + [-1] * (width - nb))
+        lr_tables.append((lbt if slot != 0 else [-1] * nb) + [-1] * (width - nb))
+    # poison every slot no sequence owns (block tails, spare blocks, slot-0 sequences' LR rows)
+    key[~base_valid] = float("nan")
+    value[~base_valid] = float("nan")
+    if lr is not None:
+        lr[~lr_valid] = float("nan")
+    q_lens = [q for _, q, _ in seqs]
+    t = sum(q_lens)
+    query = torch.randn(t, hq, d, generator=gen)
+    value_up = torch.randn(num_slots, rank, hkv * d, generator=gen) / max(rank, 1) ** 0.5 if rank else None
+    scaling = torch.rand(num_slots, generator=gen) + 0.5
+    if value_up is not None:
+        value_up[0] = 0
+    scaling[0] = 0
+    qs = [0]
+    for q in q_lens:
+        qs.append(qs[-1] + q)
+    meta = AttentionMetadata(
+        query_lens=q_lens,
+        context_lens=ctx,
+        query_start=torch.tensor(qs, dtype=torch.int32, device=device),
+        context_lens_t=torch.tensor(ctx, dtype=torch.int32, device=device),
+        base_block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        lr_block_tables=torch.tensor(lr_tables, dtype=torch.int32, device=device) if rank else None,
+        seq_lora_slots=torch.tensor([s for _, _, s in seqs], dtype=torch.int64, device=device),
+        base_write_idx=None,
+        base_slots=torch.zeros(0, dtype=torch.int64, device=device),
+        lr_slots=None,
+        is_decode=all(q == 1 for q in q_lens),
+    )
+
+    def cache_in(dt, dev):
+        return SimpleNamespace(
+            key=[key.to(dev, dt)],
+            value=[value.to(dev, dt)],
+            lr=[lr.to(dev, dt)] if lr is not None else None,
+            block_size=block_size,
+            num_kv_heads=hkv,
+            head_dim=d,
+            lr_rank=rank or 0,
+        )
+
+    cache = cache_in(dtype, device)
+    vup = value_up.to(device, dtype) if value_up is not None else None
+    case = SimpleNamespace(
+        cache=cache, meta=meta, query=query.to(device, dtype), value_up=vup, scaling=scaling.to(device), seqs=seqs
+    )
+    # float64 oracle from the same (rounded) inputs, on the CPU
+    ref_meta = AttentionMetadata(
+        **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in meta.__dict__.items()}
+    )
+    ref_cache = SimpleNamespace(**{**cache.__dict__})
+    ref_cache.key = [cache.key[0].cpu().double()]
+    ref_cache.value = [cache.value[0].cpu().double()]
+    ref_cache.lr = [cache.lr[0].cpu().double()] if cache.lr is not None else None
+    case.ref = TorchReferenceBackend().attend(
+        ref_cache, 0, case.query.cpu().double(), vup.cpu().double() if vup is not None else None, scaling, ref_meta
+    )
+    return case
+
+
+def run_kernel(case, decode: bool, **kw):
+    c, m = case.cache, case.meta
+    out = torch.full_like(case.query, float("nan"))
+    args = dict(
+        key_pool=c.key[0], value_pool=c.value[0], lr_pool=c.lr[0] if c.lr is not None else None,
+        base_block_tables=m.base_block_tables, lr_block_tables=m.lr_block_tables,
+        seq_lora_slots=m.seq_lora_slots, value_up=case.value_up, lora_scaling=case.scaling, out=out,
+    )
+    if decode:
+        return paged_decode(case.query, context_lens=m.context_lens_t, max_context=max(m.context_lens), **args, **kw)
+    return paged_prefill(
+        case.query, query_start=m.query_start, context_lens=m.context_lens_t, max_query_len=max(m.query_lens),
+        **args, **kw,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# small cases: interpreted on the CPU (CI), compiled on a GPU
+# ------------------------------------------------------------------------------------------------------------
+# (seqs, hq, hkv, d, rank, block_size)
+PREFILL_SMALL = [
+    # ragged lengths, prefixes crossing block boundaries, mixed adapters incl. slot 0, GQA 4
+    ([(0, 5, 1), (13, 7, 2), (16, 16, 0), (3, 1, 3)], 8, 2, 32, 8, 4),
+    # GQA 1 (MHA), rank 1, a query tile that spans two tiles (q_len 20 > 16)
+    ([(7, 20, 2), (0, 3, 1)], 2, 2, 16, 1, 8),
+    # GQA 8, rank 16, block size 16, long prefix
+    ([(40, 9, 3), (1, 17, 2)], 8, 1, 16, 16, 16),
+    # rank 64, head_dim 64
+    ([(5, 6, 1)], 2, 1, 64, 64, 4),
+]
+
+
+@pytest.mark.parametrize("case_id", range(len(PREFILL_SMALL)))
+def test_prefill_small(case_id):
+    seqs, hq, hkv, d, rank, bs = PREFILL_SMALL[case_id]
+    case = make_case(seqs, hq, hkv, d, rank, bs, torch.float32, seed=case_id)
+    assert rel_err(run_kernel(case, decode=False), case.ref) < TOL[torch.float32]
+
+
+def test_prefill_no_lr_pool():
+    """FullShared: no LR pool, value_up None."""
+    case = make_case([(6, 4, 1), (0, 9, 2)], 4, 2, 16, None, 4, torch.float32, seed=11)
+    assert rel_err(run_kernel(case, decode=False), case.ref) < TOL[torch.float32]
+
+
+DECODE_SMALL = [
+    ([(0, 1, 1), (30, 1, 2), (16, 1, 0), (63, 1, 3)], 8, 2, 32, 8, 4),
+    ([(100, 1, 2), (5, 1, 1)], 4, 4, 16, 3, 16),
+    ([(77, 1, 3)], 8, 1, 16, 64, 8),
+]
+
+
+@pytest.mark.parametrize("case_id", range(len(DECODE_SMALL)))
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_small(case_id, splits):
+    seqs, hq, hkv, d, rank, bs = DECODE_SMALL[case_id]
+    case = make_case(seqs, hq, hkv, d, rank, bs, torch.float32, seed=100 + case_id)
+    assert rel_err(run_kernel(case, decode=True, num_splits=splits), case.ref) < TOL[torch.float32]
+
+
+def test_decode_no_lr_pool():
+    case = make_case([(20, 1, 1), (3, 1, 0)], 4, 1, 16, None, 4, torch.float32, seed=12)
+    assert rel_err(run_kernel(case, decode=True, num_splits=2), case.ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_small(dtype):
+    if dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("Triton's interpreter computes bf16 dots wrongly (numpy has no bf16); bf16 runs in the GPU matrix")
+    case = make_case([(9, 5, 1), (4, 1, 2)], 4, 2, 16, 8, 4, dtype, seed=13)
+    assert rel_err(run_kernel(case, decode=False), case.ref) < TOL[dtype]
+    dcase = make_case([(9, 1, 1), (30, 1, 2)], 4, 2, 16, 8, 4, dtype, seed=14)
+    assert rel_err(run_kernel(dcase, decode=True, num_splits=2), dcase.ref) < TOL[dtype]
+
+
+def _store_inputs(n, t, hkv, d, rank, num_blocks, bs, dtype, seed, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(num_blocks * bs, generator=gen)
+    base_slots = slots[:n].clone()
+    lr_slots = torch.randperm(num_blocks * bs, generator=gen)[:t].clone()
+    if n > 2:
+        base_slots[1] = -1  # a padding row: skipped
+    key = torch.randn(n, hkv, d, generator=gen).to(device, dtype)
+    value = torch.randn(n, hkv, d, generator=gen).to(device, dtype)
+    lr = torch.randn(t, rank, generator=gen).to(device, torch.float32)  # float32 shrink output, cast on store
+    pools = [torch.randn(num_blocks, bs, hkv, d, generator=gen).to(device, dtype) for _ in range(2)]
+    lr_pool = torch.randn(num_blocks, bs, rank, generator=gen).to(device, dtype)
+    return key, value, lr, base_slots.to(device), lr_slots.to(device), pools, lr_pool
+
+
+def _check_store(n, t, hkv, d, rank, bs, dtype, seed):
+    key, value, lr, base_slots, lr_slots, (kp, vp), lp = _store_inputs(n, t, hkv, d, rank, 7, bs, dtype, seed)
+    ref = [kp.clone(), vp.clone(), lp.clone()]
+    store_kv_lr(kp, vp, lp, key, value, base_slots, lr, lr_slots)
+    keep = base_slots >= 0
+    ref[0].view(-1, hkv, d)[base_slots[keep]] = key[keep]
+    ref[1].view(-1, hkv, d)[base_slots[keep]] = value[keep]
+    ref[2].view(-1, rank)[lr_slots] = lr.to(dtype)
+    assert torch.equal(kp, ref[0]) and torch.equal(vp, ref[1]) and torch.equal(lp, ref[2])
+
+
+@pytest.mark.parametrize("n,t,rank", [(5, 9, 8), (9, 4, 1), (0, 6, 16), (6, 6, 64)])
+def test_store_small(n, t, rank):
+    _check_store(n, t, 2, 16, rank, 4, torch.float32, seed=n * 31 + t)
+
+
+def _lora_ref(x, a_stack, b_stack, scaling, token_slots):
+    out = torch.zeros(x.shape[0], b_stack.shape[-1], dtype=torch.float64)
+    for i, s in enumerate(token_slots):
+        if s:
+            out[i] = (x[i].double() @ a_stack[s].double()) @ b_stack[s].double() * float(scaling[s])
+    return out
+
+
+def _check_lora(t, d_in, d_out, rank, token_slots, dtype, seed, split_k=None):
+    gen = torch.Generator().manual_seed(seed)
+    s = 4
+    x = torch.randn(t, d_in, generator=gen).to(DEVICE, dtype)
+    a = (torch.randn(s, d_in, rank, generator=gen) / d_in**0.5).to(DEVICE, dtype)
+    b = torch.randn(s, rank, d_out, generator=gen).to(DEVICE, dtype)
+    a[0] = 0
+    b[0] = 0
+    scaling = (torch.rand(s, generator=gen) + 0.5).to(DEVICE)
+    segs = group_by_slot(token_slots, DEVICE)
+    starts, slots, idx = [0], [], []
+    for slot, rows in segs:
+        rows = torch.arange(t, device=DEVICE) if rows is None else rows
+        idx.append(rows)
+        starts.append(starts[-1] + rows.numel())
+        slots.append(slot)
+    tokens = torch.cat(idx).to(torch.int32) if idx else torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    seg_start = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    seg_slot = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
+    max_len = max((r.numel() for r in idx), default=0)
+    y = lora_shrink(x, a, seg_start, seg_slot, max_len, tokens=tokens, out_dtype=torch.float32, split_k=split_k)
+    y_ref = torch.zeros(t, rank, dtype=torch.float64)
+    for i, sl in enumerate(token_slots):
+        y_ref[i] = x[i].cpu().double() @ a[sl].cpu().double()
+    tol = TOL[dtype]
+    assert rel_err(y.cpu(), y_ref) < tol or y_ref.abs().max() == 0
+    base = torch.randn(t, d_out, generator=gen).to(DEVICE, dtype)
+    out = base.clone()
+    lora_expand(y, b, seg_start, seg_slot, max_len, scaling, out=out, add=True, tokens=tokens)
+    ref = base.cpu().double() + _lora_ref(x.cpu(), a.cpu(), b.cpu(), scaling.cpu(), token_slots)
+    assert rel_err(out.cpu(), ref) < tol
+    fresh = lora_expand(y, b, seg_start, seg_slot, max_len, scaling, tokens=tokens)
+    assert rel_err(fresh.cpu() + base.cpu().double(), ref) < tol
+
+
+@pytest.mark.parametrize(
+    "t,rank,slots,split_k",
+    [
+        (7, 8, "mixed", None),  # tokens of 3 adapters and slot 0, interleaved
+        (5, 1, "mixed", 3),  # rank 1, split-K with atomics
+        (20, 16, "one", None),  # one adapter for all tokens (segment None)
+        (6, 64, "mixed", 2),  # rank 64
+    ],
+)
+def test_lora_small(t, rank, slots, split_k):
+    rng = random.Random(t * rank)
+    token_slots = [rng.randrange(4) for _ in range(t)] if slots == "mixed" else [2] * t
+    _check_lora(t, 96, 80, rank, token_slots, torch.float32, seed=t + rank, split_k=split_k)
+
+
+def test_shared_shrink_small():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 72, generator=gen).to(DEVICE)
+    a = torch.randn(72, 8, generator=gen).to(DEVICE)
+    y = shared_shrink(x, a)
+    assert rel_err(y.cpu(), x.cpu().double() @ a.cpu().double()) < TOL[torch.float32]
+
+
+class _Cfg:
+    def __init__(self, h, q, kv, inter):
+        self.shapes = {"q_proj": (h, q), "v_proj": (h, kv), "o_proj": (q, h), "k_proj": (h, kv),
+                       "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+    def module_shapes(self):
+        return self.shapes
+
+
+def _adapter(name, rank, layers, modules, cfg, seed, shared_a=None):
+    gen = torch.Generator().manual_seed(seed)
+    w = {}
+    for layer in range(layers):
+        for mod in modules:
+            d_in, d_out = cfg.module_shapes()[mod]
+            a = torch.randn(d_in, rank, generator=gen) / d_in**0.5
+            if mod == "v_proj" and shared_a is not None:
+                a = shared_a.setdefault(layer, a)
+            w[(layer, mod)] = (a, torch.randn(rank, d_out, generator=gen))
+    return LoRAAdapter(name=name, rank=rank, scaling=16 / rank, targets=frozenset(modules), weights=w)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_triton_lora_bank_matches_bank(shared):
+    """The opt-in engine hook gives the reference bank's delta / value_shrink on a mixed batch."""
+    cfg = _Cfg(48, 64, 32, 80)
+    kw = dict(config=cfg, max_loras=3, max_rank=16, dtype=torch.float32, device=DEVICE)
+    ref_bank, bank = LoRABank(**kw), TritonLoRABank(**kw)
+    shared_a = {} if shared else None
+    specs = [(8, ("q_proj", "v_proj")), (4, ("v_proj", "o_proj")), (16, ("v_proj",))]
+    if shared:  # one v_proj A for all: same rank
+        specs = [(8, mods) for _, mods in specs]
+    for slot, (rank, mods) in enumerate(specs, 1):
+        ad = _adapter(f"a{slot}", rank, 2, mods, cfg, seed=slot, shared_a=shared_a)
+        ref_bank.load(slot, ad)
+        bank.load(slot, ad)
+    gen = torch.Generator().manual_seed(3)
+    token_slots = [1, 1, 2, 0, 3, 3, 3, 1, 2] if not shared else [1, 1, 2, 3, 3, 2]
+    x = torch.randn(len(token_slots), 48, generator=gen).to(DEVICE)
+    segs = group_by_slot(token_slots, DEVICE)
+    for layer in range(2):
+        for mod in ("q_proj", "v_proj", "o_proj", "k_proj"):
+            xin = x if mod != "o_proj" else torch.randn(len(token_slots), 64, generator=gen).to(DEVICE)
+            ref, got = ref_bank.delta(xin, layer, mod, segs), bank.delta(xin, layer, mod, segs)
+            assert (ref is None) == (got is None), mod
+            if ref is not None:
+                assert rel_err(got.cpu(), ref.cpu()) < 1e-5, mod
+                y = torch.randn_like(ref)
+                assert rel_err(bank.add_delta(y.clone(), xin, layer, mod, segs).cpu(), (y + ref).cpu()) < 1e-5
+        ref_r, got_r = ref_bank.value_shrink(x, layer, segs), bank.value_shrink(x, layer, segs)
+        assert rel_err(got_r.cpu(), ref_r.cpu()) < 1e-5
+    if shared:
+        assert bank._v_shared(0)
+
+
+def test_backend_store_then_attend():
+    """TritonBackend end to end: store new tokens through the kernel, then attend; vs the reference backend."""
+    seqs = [(5, 3, 1), (0, 6, 2), (12, 2, 0)]
+    case = make_case(seqs, 4, 2, 16, 8, 4, torch.float32, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    m = case.meta
+    # the new tokens' entries are written by the store kernel (the case's pools hold them already: overwrite)
+    slots, lr_slots = [], []
+    for i, (p, q, _) in enumerate(seqs):
+        for pos in range(p, p + q):
+            slots.append(int(m.base_block_tables[i, pos // 4]) * 4 + pos % 4)
+            lb = int(m.lr_block_tables[i, pos // 4])
+            lr_slots.append(lb * 4 + pos % 4 if lb >= 0 else -1)
+    t = len(slots)
+    key = torch.randn(t, 2, 16, generator=gen).to(DEVICE)
+    value = torch.randn(t, 2, 16, generator=gen).to(DEVICE)
+    lr = torch.randn(t, 8, generator=gen).to(DEVICE)
+    m.base_slots = torch.tensor(slots, device=DEVICE)
+    m.lr_slots = torch.tensor(lr_slots, device=DEVICE)
+    ref_cache = SimpleNamespace(**case.cache.__dict__)
+    ref_cache.key = [case.cache.key[0].clone()]
+    ref_cache.value = [case.cache.value[0].clone()]
+    ref_cache.lr = [case.cache.lr[0].clone()]
+    tb, rb = TritonBackend(), TorchReferenceBackend()
+    tb.store(case.cache, 0, key, value, lr, m)
+    keep = m.lr_slots >= 0
+    ref_cache.key[0].view(-1, 2, 16)[m.base_slots] = key
+    ref_cache.value[0].view(-1, 2, 16)[m.base_slots] = value
+    ref_cache.lr[0].view(-1, 8)[m.lr_slots[keep]] = lr[keep]
+    assert torch.equal(case.cache.key[0].nan_to_num(7.0), ref_cache.key[0].nan_to_num(7.0))
+    assert torch.equal(case.cache.lr[0].nan_to_num(7.0), ref_cache.lr[0].nan_to_num(7.0))
+    out = tb.attend(case.cache, 0, case.query, case.value_up, case.scaling, m)
+    ref = rb.attend(ref_cache, 0, case.query, case.value_up, case.scaling, m)
+    assert rel_err(out.cpu(), ref.cpu()) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the GPU shape matrix (compiled kernels; skipped without CUDA)
+# ------------------------------------------------------------------------------------------------------------
+def _ragged(rng: random.Random, n: int, max_prefix: int, max_q: int, slots: int, decode: bool):
+    return [
+        (rng.choice([0, rng.randrange(max_prefix + 1)]), 1 if decode else rng.randrange(1, max_q + 1), rng.randrange(slots))
+        for _ in range(n)
+    ]
+
+
+GPU_MATRIX = [
+    (hq, hkv, d, rank, dtype)
+    for d in (64, 128, 256)
+    for hq, hkv in ((8, 8), (16, 4), (32, 4))
+    for rank, dtype in ((1, torch.bfloat16), (8, torch.bfloat16), (16, torch.float16), (64, torch.float32))
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("cfg", GPU_MATRIX, ids=lambda c: f"hq{c[0]}-hkv{c[1]}-d{c[2]}-r{c[3]}-{str(c[4])[6:]}")
+def test_gpu_matrix(cfg):
+    hq, hkv, d, rank, dtype = cfg
+    rng = random.Random(hash(cfg) & 0xFFFF)
+    for bs in (16, 32):
+        pre = make_case(_ragged(rng, 5, 700, 300, 4, False), hq, hkv, d, rank, bs, dtype, seed=rng.randrange(1 << 30))
+        err = rel_err(run_kernel(pre, decode=False).cpu(), pre.ref)
+        assert err < TOL[dtype], f"prefill bs={bs}: {err}"
+        dec = make_case(_ragged(rng, 7, 3000, 1, 4, True), hq, hkv, d, rank, bs, dtype, seed=rng.randrange(1 << 30))
+        for splits in (None, 1):
+            err = rel_err(run_kernel(dec, decode=True, num_splits=splits).cpu(), dec.ref)
+            assert err < TOL[dtype], f"decode bs={bs} splits={splits}: {err}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rank", [1, 8, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_store_and_lora(rank, dtype):
+    _check_store(300, 500, 8, 128, rank, 16, dtype, seed=rank)
+    rng = random.Random(rank)
+    for t in (1, 32, 700):
+        token_slots = [rng.randrange(4) for _ in range(t)]
+        _check_lora(t, 2048, 1024, rank, token_slots, dtype, seed=t + rank)
+
+
+def test_bench_kernels_smoke(tmp_path):
+    """`lragent bench kernels --smoke`: the benchmark's code path on tiny shapes (timings meaningless here)."""
+    from lragent.bench.kernels import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--smoke", "--json", str(out), "--warmup-ms", "1", "--rep-ms", "1"]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["decode"] and res["prefill"] and res["lora"] and "targets" in res
