@@ -426,8 +426,9 @@ GPU_MATRIX = [
 @pytest.mark.parametrize("cfg", GPU_MATRIX, ids=lambda c: f"hq{c[0]}-hkv{c[1]}-d{c[2]}-r{c[3]}-{str(c[4])[6:]}")
 def test_gpu_matrix(cfg):
     hq, hkv, d, rank, dtype = cfg
-    rng = random.Random(hash(cfg) & 0xFFFF)
-    for bs in (16, 32):
+    index = GPU_MATRIX.index(cfg)
+    rng = random.Random(index)
+    for bs in ((16, 32)[index % 2],):  # both block sizes over the matrix, one per config (compile time)
         pre = make_case(_ragged(rng, 5, 700, 300, 4, False), hq, hkv, d, rank, bs, dtype, seed=rng.randrange(1 << 30))
         err = rel_err(run_kernel(pre, decode=False).cpu(), pre.ref)
         assert err < TOL[dtype], f"prefill bs={bs}: {err}"
