@@ -187,6 +187,18 @@ def _free_memory() -> None:
         pass
 
 
+def _progress_logger(tag: str, total: int, log: Callable[[str], None], every: int = 10
+                     ) -> Callable[[EpisodeResult], None]:
+    t0, done = time.perf_counter(), []
+
+    def progress(r: EpisodeResult) -> None:
+        done.append(r.correct)
+        if len(done) % every == 0 or len(done) == total:
+            log(f"  {tag}: {len(done)}/{total} done, {sum(done)} correct ({time.perf_counter() - t0:.0f}s)")
+
+    return progress
+
+
 def run_eval(spec: EvalSpec, llm_factory: LLMFactory = default_llm_factory,
              log: Callable[[str], None] = print) -> EvalReport:
     datasets = [(Path(p).stem, *load_questions(p, spec.limit)) for p in spec.data]
@@ -203,7 +215,8 @@ def run_eval(spec: EvalSpec, llm_factory: LLMFactory = default_llm_factory,
             try:
                 for name, task, rows in todo:
                     t0 = time.perf_counter()
-                    results = run_pipeline(llm, rows, spec.pipeline, spec.tools)
+                    progress = _progress_logger(f"{name} | {aset.name} | {scheme}", len(rows), log)
+                    results = run_pipeline(llm, rows, spec.pipeline, spec.tools, progress=progress)
                     s = summarize(results, name, task, aset.name, scheme, time.perf_counter() - t0)
                     summaries.append(s)
                     log(f"{name} | {aset.name} | {scheme}: acc {s.accuracy:.1f}% f1 {s.f1:.1f}% "
