@@ -353,13 +353,19 @@ def test_runner_end_to_end_with_a_fake_llm(tmp_path):
     from lragent.eval.report import format_table, write_report
     from lragent.eval.runner import find_adapter_sets, run_eval
 
-    for task in ("hotpotqa", "scienceqa"):
+    for name in ("hotpotqa-shared-a", "scienceqa-independent", "mixed/any"):
         for role in ("plan", "action", "reflect"):
-            (tmp_path / "adapters" / "shared-a" / task / role).mkdir(parents=True)
+            (tmp_path / "adapters" / name / role).mkdir(parents=True)
     sets = find_adapter_sets([tmp_path / "adapters"])
-    assert sorted((s.name, s.task) for s in sets) == [("hotpotqa", "hotpotqa"), ("scienceqa", "scienceqa")] or sorted(
-        (s.name, s.task) for s in sets
-    ) == [("shared-a/hotpotqa", "hotpotqa"), ("shared-a/scienceqa", "scienceqa")]
+    assert sorted((s.name, s.task) for s in sets) == [
+        ("hotpotqa-shared-a", "hotpotqa"), ("mixed/any", None), ("scienceqa-independent", "scienceqa")
+    ]
+    (tmp_path / "adapters" / "manifest.json").write_text(json.dumps({"hotpotqa-shared-a": {"task": "scienceqa"}}))
+    assert find_adapter_sets([tmp_path / "adapters"])[0].task == "scienceqa"  # the manifest wins
+    (tmp_path / "adapters" / "manifest.json").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "adapters" / "mixed")
     hp = tmp_path / "hp.jsonl"
     hp.write_text("\n".join(json.dumps({**HOTPOT, "id": f"q{i}"}) for i in range(4)) + "\n")
     sq = tmp_path / "sq.jsonl"
@@ -372,10 +378,18 @@ def test_runner_end_to_end_with_a_fake_llm(tmp_path):
     made = []
 
     def factory(spec_, scheme, aset):
+        if scheme == "base_lr_shared" and aset.task == "scienceqa" and not spec_.force:
+            raise ValueError("v_proj A differs across roles")  # what the engine's AdapterError says, roughly
         made.append((scheme, aset.task))
         answer = "Badr Hari" if aset.task == "hotpotqa" else "B"
         return ScriptedLLM(Script([("t", "Aciton: Finish[", answer)]))
 
+    logs = []
+    spec.force = False
+    skipped = run_eval(spec, llm_factory=factory, log=logs.append)
+    assert len(skipped.summaries) == 3 and any("skipped" in line for line in logs)
+    spec.force = True
+    made.clear()
     report = run_eval(spec, llm_factory=factory, log=lambda s: None)
     assert len(made) == 4  # fresh LLM per (adapter set, scheme)
     assert [(s.dataset, s.scheme, s.n, s.accuracy) for s in report.summaries] == [

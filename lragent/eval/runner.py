@@ -44,6 +44,24 @@ def _is_set(d: Path) -> bool:
     return all((d / r).is_dir() for r in ROLES)
 
 
+def _set_task(folder: Path, parts: Sequence[str]) -> str | None:
+    """The task a set serves: from a `manifest.json` beside it (the shipped sets' index), else from a path
+    component named `<task>` or `<task>-...` / `<task>_...`; None: any task."""
+    manifest = folder.parent / "manifest.json"
+    if manifest.is_file():
+        try:
+            entry = json.loads(manifest.read_text(encoding="utf-8")).get(folder.name, {})
+        except (ValueError, AttributeError):
+            entry = {}
+        if isinstance(entry, dict) and entry.get("task") in TASKS:
+            return entry["task"]
+    for part in reversed([p.lower() for p in parts]):
+        for task in TASKS:
+            if part == task or part.startswith((task + "-", task + "_")):
+                return task
+    return None
+
+
 def find_adapter_sets(roots: Sequence[str | Path], max_depth: int = 3) -> list[AdapterSet]:
     """Every folder (the roots themselves included, up to `max_depth` levels down) holding plan/, action/ and
     reflect/ subfolders. A path component named after a task (hotpotqa, scienceqa) restricts the set to it."""
@@ -55,11 +73,9 @@ def find_adapter_sets(roots: Sequence[str | Path], max_depth: int = 3) -> list[A
             if not d.is_dir():
                 continue
             if _is_set(d):
-                rel = d.relative_to(root) if d != root else Path(root.name)
-                parts = [p.lower() for p in (root.name, *d.relative_to(root).parts)]
-                task = next((t for t in TASKS if t in parts), None)
-                name = "/".join(rel.parts) if d != root else root.name
-                found.append(AdapterSet(name, {r: str(d / r) for r in ROLES}, task))
+                name = "/".join(d.relative_to(root).parts) if d != root else root.name
+                parts = [root.name, *d.relative_to(root).parts]
+                found.append(AdapterSet(name, {r: str(d / r) for r in ROLES}, _set_task(d, parts)))
             elif depth < max_depth:
                 frontier.extend((c, depth + 1) for c in sorted(d.iterdir()) if c.is_dir())
     return found
@@ -211,7 +227,11 @@ def run_eval(spec: EvalSpec, llm_factory: LLMFactory = default_llm_factory,
             log(f"adapter set {aset.name} ({aset.task}) serves none of the question files; skipped")
             continue
         for scheme in spec.schemes:
-            llm = llm_factory(spec, scheme, aset)
+            try:
+                llm = llm_factory(spec, scheme, aset)
+            except ValueError as e:  # AdapterError: e.g. base_lr_shared with unshared A and no --force
+                log(f"{aset.name} | {scheme}: skipped: {e}")
+                continue
             try:
                 for name, task, rows in todo:
                     t0 = time.perf_counter()
