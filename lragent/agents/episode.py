@@ -1,6 +1,6 @@
 """One question's AutoAct loop as a step-wise state machine: `next_call()` says which agent to run on which
 token ids, `feed(output)` consumes that agent's output. No model calls here, so many episodes can be driven
-concurrently by one batched `llm.generate` per round (see `pipeline.run_episodes`).
+concurrently by one batched `llm.generate` per round (see `pipeline.Driver`).
 
 Per iteration (one Thought/Action/Observation step, at most `max_iterations` of them):
   plan    thought  : prompt = trajectory                          -> "{thought}\\n" appended
