@@ -7,43 +7,20 @@ finds shared prefixes itself, across adapters as the sharing scheme allows, so c
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from lragent.engine.llm_engine import RequestOutput
 from lragent.sampling import SamplingParams
 from lragent.server.engine_loop import AsyncEngine, EngineRequest
 from lragent.server.errors import APIError, bad_request, from_engine_error
-from lragent.server.protocol import INT64, ChatCompletionRequest, CompletionRequest, usage
-from lragent.server.streaming import ClientDisconnected, EventStream, TextStream, sse, until_disconnect
+from lragent.server.protocol import INT64, ChatCompletionRequest, CompletionRequest
+from lragent.server.responses import Job, Responder
+from lragent.server.streaming import ClientDisconnected, EventStream, until_disconnect
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "stop")
-
-
-@dataclass
-class Job:
-    """One HTTP request's generation: prompts x n choices (choice index = prompt index * n + j)."""
-
-    kind: str  # "chat" or "completion"
-    id: str
-    model: str
-    prompts: list[list[int]]
-    requests: list[EngineRequest]
-    stream: bool
-    include_usage: bool
-    logprobs: bool
-    echo: list[str] | None = None  # prompt texts to prepend (completions with echo)
-    created: int = field(default_factory=lambda: int(time.time()))
-    finished: dict[int, RequestOutput] = field(default_factory=dict)
-
-    def unfinished_ids(self) -> list[str]:
-        return [r.request_id for r in self.requests if r.index not in self.finished]
 
 
 class OpenAIServing:
@@ -53,6 +30,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.aliases = aliases | {model_name}
         self.max_choices = max_choices
+        self.responder = Responder(tokenizer)
 
     # ---- request -> engine requests ------------------------------------------------------------------------
     def resolve_model(self, name: str) -> str | None:
@@ -187,14 +165,14 @@ class OpenAIServing:
             self.engine.abort_nowait(job.unfinished_ids())
 
         if job.stream:
-            return EventStream(self._events(job, queue), on_close)
+            return EventStream(self.responder.events(job, queue), on_close)
         try:
             await until_disconnect(request.receive, self._collect(job, queue))
         except ClientDisconnected:
             return Response(status_code=499)
         finally:
             on_close()
-        return JSONResponse(self._response(job))
+        return JSONResponse(self.responder.response(job))
 
     async def _collect(self, job: Job, queue: asyncio.Queue) -> None:
         while len(job.finished) < len(job.requests):
@@ -203,106 +181,3 @@ class OpenAIServing:
                 raise APIError(500, item.error)
             if item.output.finished:
                 job.finished[item.index] = item.output
-
-    # ---- responses -----------------------------------------------------------------------------------------
-    def _usage(self, job: Job) -> dict:
-        n = len(job.requests) // len(job.prompts)
-        firsts = [job.finished[i * n].metrics for i in range(len(job.prompts)) if i * n in job.finished]
-        return usage(
-            sum(len(p) for p in job.prompts),
-            sum(len(o.token_ids) for o in job.finished.values()),
-            sum(m.reused_tokens for m in firsts),
-            sum(m.base_reused_tokens for m in firsts),
-        )
-
-    def _token_strings(self, ids: list[int]) -> list[str]:
-        return [self.decode([t]) if self.tokenizer is not None else str(t) for t in ids]
-
-    def _logprobs(self, job: Job, ids: list[int], logprobs: list[float], offset: int = 0) -> dict | None:
-        if not job.logprobs:
-            return None
-        tokens = self._token_strings(ids)
-        if job.kind == "chat":
-            content = [
-                {"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-                for s, lp in zip(tokens, logprobs)
-            ]
-            return {"content": content}
-        offsets, at = [], offset
-        for s in tokens:
-            offsets.append(at)
-            at += len(s)
-        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
-
-    def _response(self, job: Job) -> dict:
-        choices = []
-        n = len(job.requests) // len(job.prompts)
-        for index in sorted(job.finished):
-            out = job.finished[index]
-            lp = self._logprobs(job, out.token_ids, out.logprobs[: len(out.token_ids)])
-            if job.kind == "chat":
-                message = {"role": "assistant", "content": out.text}
-                choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": out.finish_reason})
-            else:
-                text = (job.echo[index // n] if job.echo else "") + out.text
-                choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
-        obj = "chat.completion" if job.kind == "chat" else "text_completion"
-        return {
-            "id": job.id,
-            "object": obj,
-            "created": job.created,
-            "model": job.model,
-            "choices": choices,
-            "usage": self._usage(job),
-            "system_fingerprint": None,
-        }
-
-    def _chunk(self, job: Job, choices: list[dict], usage_obj: dict | None = None) -> str:
-        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-        chunk = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices}
-        if job.include_usage:
-            chunk["usage"] = usage_obj
-        return sse(chunk)
-
-    def _choice_delta(self, job: Job, index: int, text: str, reason: str | None, lp: dict | None) -> dict:
-        if job.kind == "chat":
-            delta = {"content": text} if text else {}
-            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
-        return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
-
-    async def _events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[str]:
-        n = len(job.requests) // len(job.prompts)
-        streams = {
-            r.index: TextStream(self.tokenizer, r.params.stop, r.params.include_stop_str_in_output)
-            for r in job.requests
-        }
-        for r in job.requests:  # the role (chat) or the echoed prompt first: headers and a first byte go out now
-            if job.kind == "chat":
-                first = {
-                    "index": r.index,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                yield self._chunk(job, [first])
-            elif job.echo:
-                yield self._chunk(job, [self._choice_delta(job, r.index, job.echo[r.index // n], None, None)])
-        while len(job.finished) < len(job.requests):
-            item = await queue.get()
-            if item.error is not None:
-                yield sse(APIError(500, item.error).body())
-                break
-            out = item.output
-            stream = streams[item.index]
-            text = stream.final(out.text) if out.finished else stream.delta(out.token_ids)
-            new = out.new_token_ids
-            lp = self._logprobs(job, new, out.logprobs[len(out.token_ids) - len(new) : len(out.token_ids)])
-            if text or lp or out.finished:
-                reason = out.finish_reason if out.finished else None
-                yield self._chunk(job, [self._choice_delta(job, item.index, text, reason, lp)])
-            if out.finished:
-                job.finished[item.index] = out
-        else:
-            if job.include_usage:
-                yield self._chunk(job, [], self._usage(job))
-        yield sse("[DONE]")

@@ -1,0 +1,147 @@
+"""OpenAI response bodies and SSE chunks for a finished or running `Job` (chat or text completion)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from lragent.engine.llm_engine import RequestOutput
+from lragent.server.engine_loop import EngineRequest
+from lragent.server.errors import APIError
+from lragent.server.protocol import usage as usage_object
+from lragent.server.streaming import TextStream, sse
+
+
+@dataclass
+class Job:
+    """One HTTP request's generation: prompts x n choices (choice index = prompt index * n + j)."""
+
+    kind: str  # "chat" or "completion"
+    id: str
+    model: str
+    prompts: list[list[int]]
+    requests: list[EngineRequest]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    echo: list[str] | None = None  # prompt texts to prepend (completions with echo)
+    created: int = field(default_factory=lambda: int(time.time()))
+    finished: dict[int, RequestOutput] = field(default_factory=dict)
+
+    def unfinished_ids(self) -> list[str]:
+        return [r.request_id for r in self.requests if r.index not in self.finished]
+
+
+class Responder:
+    """Formats outputs; `tokenizer` (None for dummy models) turns token ids into text."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def decode(self, ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def usage(self, job: Job) -> dict:
+        n = len(job.requests) // len(job.prompts)
+        firsts = [job.finished[i * n].metrics for i in range(len(job.prompts)) if i * n in job.finished]
+        return usage_object(
+            sum(len(p) for p in job.prompts),
+            sum(len(o.token_ids) for o in job.finished.values()),
+            sum(m.reused_tokens for m in firsts),
+            sum(m.base_reused_tokens for m in firsts),
+        )
+
+    def _token_strings(self, ids: list[int]) -> list[str]:
+        return [self.decode([t]) if self.tokenizer is not None else str(t) for t in ids]
+
+    def _logprobs(self, job: Job, ids: list[int], logprobs: list[float], offset: int = 0) -> dict | None:
+        if not job.logprobs:
+            return None
+        tokens = self._token_strings(ids)
+        if job.kind == "chat":
+            content = [
+                {"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
+                for s, lp in zip(tokens, logprobs)
+            ]
+            return {"content": content}
+        offsets, at = [], offset
+        for s in tokens:
+            offsets.append(at)
+            at += len(s)
+        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+
+    def response(self, job: Job) -> dict:
+        choices = []
+        n = len(job.requests) // len(job.prompts)
+        for index in sorted(job.finished):
+            out = job.finished[index]
+            lp = self._logprobs(job, out.token_ids, out.logprobs[: len(out.token_ids)])
+            if job.kind == "chat":
+                message = {"role": "assistant", "content": out.text}
+                choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": out.finish_reason})
+            else:
+                text = (job.echo[index // n] if job.echo else "") + out.text
+                choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
+        obj = "chat.completion" if job.kind == "chat" else "text_completion"
+        return {
+            "id": job.id,
+            "object": obj,
+            "created": job.created,
+            "model": job.model,
+            "choices": choices,
+            "usage": self.usage(job),
+            "system_fingerprint": None,
+        }
+
+    def _chunk(self, job: Job, choices: list[dict], usage_obj: dict | None = None) -> str:
+        obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        chunk = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices}
+        if job.include_usage:
+            chunk["usage"] = usage_obj
+        return sse(chunk)
+
+    def _choice_delta(self, job: Job, index: int, text: str, reason: str | None, lp: dict | None) -> dict:
+        if job.kind == "chat":
+            delta = {"content": text} if text else {}
+            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
+
+    async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[str]:
+        n = len(job.requests) // len(job.prompts)
+        streams = {
+            r.index: TextStream(self.tokenizer, r.params.stop, r.params.include_stop_str_in_output)
+            for r in job.requests
+        }
+        for r in job.requests:  # the role (chat) or the echoed prompt first: headers and a first byte go out now
+            if job.kind == "chat":
+                first = {
+                    "index": r.index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                yield self._chunk(job, [first])
+            elif job.echo:
+                yield self._chunk(job, [self._choice_delta(job, r.index, job.echo[r.index // n], None, None)])
+        while len(job.finished) < len(job.requests):
+            item = await queue.get()
+            if item.error is not None:
+                yield sse(APIError(500, item.error).body())
+                break
+            out = item.output
+            stream = streams[item.index]
+            text = stream.final(out.text) if out.finished else stream.delta(out.token_ids)
+            new = out.new_token_ids
+            lp = self._logprobs(job, new, out.logprobs[len(out.token_ids) - len(new) : len(out.token_ids)])
+            if text or lp or out.finished:
+                reason = out.finish_reason if out.finished else None
+                yield self._chunk(job, [self._choice_delta(job, item.index, text, reason, lp)])
+            if out.finished:
+                job.finished[item.index] = out
+        else:
+            if job.include_usage:
+                yield self._chunk(job, [], self.usage(job))
+        yield sse("[DONE]")
