@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import write_peft_adapter
 from lragent import LLM, AdapterError, SamplingParams
+from lragent.bench.adapters import write_peft_adapter
 from lragent.models.config import ModelConfig
 
 OK = SamplingParams(max_tokens=3, temperature=0.0)

@@ -77,13 +77,13 @@ def test_scheduler_preempts_when_cache_is_full():
     scheme = get_scheme("non_shared")
     bm = BlockManager(scheme, CacheLayout(4, 4, 4, 8))
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
-    a, b = make_seq("a", list(range(7))), make_seq("b", list(range(100, 107)))
+    a, b = make_seq("a", list(range(8))), make_seq("b", list(range(100, 108)))
     sched.add(a), sched.add(b)
     batch = sched.schedule()
     assert batch.is_prefill and batch.seqs == [a, b]
     for s in (a, b):
         s.num_computed = s.num_base_cached = len(s)
-        s.token_ids.append(1)  # sampled; now each needs block 2 for position 7
+        s.token_ids.append(1)  # sampled; position 8 needs a third block each
     batch = sched.schedule()
     assert not batch.is_prefill
     assert batch.seqs == [a] and b in sched.waiting and b.metrics.preemptions == 1
