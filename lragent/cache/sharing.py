@@ -6,10 +6,10 @@ The block manager and the model runner ask the scheme; nothing else branches on 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class SharingMode(str, Enum):
+class SharingMode(StrEnum):
     NON_SHARED = "non_shared"
     FULL_SHARED = "full_shared"
     BASE_SHARED = "base_shared"
