@@ -34,8 +34,9 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
     assert not torch.isnan(out).any(), "NaN in the output (unwritten element or a poisoned read)"
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -231,7 +232,8 @@ def _store_inputs(n, t, hkv, d, rank, num_blocks, bs, dtype, seed, device=DEVICE
 
 
 def _check_store(n, t, hkv, d, rank, bs, dtype, seed):
-    key, value, lr, base_slots, lr_slots, (kp, vp), lp = _store_inputs(n, t, hkv, d, rank, 7, bs, dtype, seed)
+    num_blocks = -(-max(n, t) // bs) + 2
+    key, value, lr, base_slots, lr_slots, (kp, vp), lp = _store_inputs(n, t, hkv, d, rank, num_blocks, bs, dtype, seed)
     ref = [kp.clone(), vp.clone(), lp.clone()]
     store_kv_lr(kp, vp, lp, key, value, base_slots, lr, lr_slots)
     keep = base_slots >= 0

@@ -47,16 +47,39 @@ def _fmt_len(n: int) -> str:
 
 
 class Timer:
-    """Median time in ms. CUDA: triton.testing.do_bench (events, L2 flushed before each call). CPU: wall clock."""
+    """Median time in ms. CUDA: each function is captured once in a CUDA graph (so host launch overhead stays out,
+    as in the engine's graphed decode) and its replays timed by triton.testing.do_bench (events, L2 flushed before
+    each replay); functions that cannot be captured are timed eagerly. CPU: wall clock."""
 
-    def __init__(self, device: torch.device, warmup_ms: int, rep_ms: int):
-        self.device, self.warmup, self.rep = device, warmup_ms, rep_ms
+    def __init__(self, device: torch.device, warmup_ms: int, rep_ms: int, graphs: bool = True):
+        self.device, self.warmup, self.rep, self.graphs = device, warmup_ms, rep_ms, graphs
+        self.eager_fallbacks = 0
+
+    def _graphed(self, fn):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
 
     def __call__(self, fn) -> float:
         if self.device.type == "cuda":
             import triton.testing
 
-            return float(triton.testing.do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median"))
+            run = fn
+            if self.graphs:
+                try:
+                    graph = self._graphed(fn)
+                    run = graph.replay
+                except Exception:  # noqa: BLE001 - not capturable: time it eagerly
+                    torch.cuda.synchronize()
+                    self.eager_fallbacks += 1
+            return float(triton.testing.do_bench(run, warmup=self.warmup, rep=self.rep, return_mode="median"))
         fn()
         times = []
         for _ in range(3):
@@ -178,6 +201,12 @@ def bench_decode(pools: PagedPools, batches, contexts, timer, dtype, device, cal
 
             t_ours = timer(ours)
             nbytes = batch * ctx * (2 * HKV * D + pools.rank) * torch.finfo(dtype).bits // 8
+            t_nolr = float("nan")
+            if baselines:  # the same kernel without the LR term (value_up None): what the rank-r path costs
+                t_nolr = timer(lambda: paged_decode(
+                    q, pools.key, pools.value, None, bt, None, ctx_t, slots, None, pools.scaling,
+                    max_context=ctx, out=out, **kw,
+                ))
             bw = nbytes / (t_ours * 1e-3) / 1e9
             if not baselines:
                 rows.append({"batch": batch, "context": ctx, "num_splits": splits, "ours_ms": t_ours,
@@ -210,6 +239,7 @@ def bench_decode(pools: PagedPools, batches, contexts, timer, dtype, device, cal
                     "context": ctx,
                     "num_splits": splits,
                     "ours_ms": t_ours,
+                    "ours_no_lr_ms": t_nolr,
                     "naive_ms": t_naive,
                     "sdpa_ms": t_plain,
                     "sdpa_backend": backend,
@@ -261,6 +291,12 @@ def bench_prefill(pools: PagedPools, news, prefixes, timer, dtype, device, calib
 
             t_ours = timer(ours)
             flops = prefill_flops(new, prefix)
+            t_nolr = float("nan")
+            if baselines:
+                t_nolr = timer(lambda: paged_prefill(
+                    q, pools.key, pools.value, None, bt, None, qstart, ctx_t, slots, None, pools.scaling,
+                    max_query_len=new, out=out, **kw,
+                ))
             if not baselines:
                 rows.append({"new_tokens": new, "prefix": prefix, "ours_ms": t_ours,
                              "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12})
@@ -285,6 +321,7 @@ def bench_prefill(pools: PagedPools, news, prefixes, timer, dtype, device, calib
                     "new_tokens": new,
                     "prefix": prefix,
                     "ours_ms": t_ours,
+                    "ours_no_lr_ms": t_nolr,
                     "naive_ms": t_naive,
                     "sdpa_ms": t_plain,
                     "sdpa_backend": backend,
@@ -354,17 +391,21 @@ def bench_lora(timer, dtype, device, smoke: bool) -> list[dict]:
 
 def sweep(pools, timer, dtype, device, calib) -> dict:
     """A few tile configurations at representative shapes; the engine's defaults come from this."""
+    from lragent.kernels.triton_attention import default_num_splits
+
     res = {"decode": [], "prefill": []}
-    for bn, nw, ns in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]:
-        kw = dict(block_n=bn, num_warps=nw, num_stages=ns)
+    for bn, nw, ns in [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2)]:
         for batch, ctx in ((1, 32768), (8, 8192), (32, 16384)):
-            try:
-                r = bench_decode(pools, [batch], [ctx], timer, dtype, device, calib, kw, baselines=False)[0]
-                res["decode"].append({**kw, "batch": batch, "context": ctx, "ours_ms": r["ours_ms"], "pct": r["ours_pct_copy_bw"]})
-                print(f"sweep decode {kw} B={batch} ctx={ctx}: {r['ours_ms']:.3f} ms {r['ours_pct_copy_bw']:.0f}%", flush=True)
-            except Exception as e:  # noqa: BLE001 - a config that does not compile / fit is just skipped
-                res["decode"].append({**kw, "batch": batch, "context": ctx, "error": repr(e)[:200]})
-    for bm, bn, nw, ns in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2)]:
+            base = default_num_splits(batch, HKV, ctx, device, bn)
+            for splits in sorted({base, max(1, base // 2), base * 2}):
+                kw = dict(block_n=bn, num_warps=nw, num_stages=ns, num_splits=splits)
+                try:
+                    r = bench_decode(pools, [batch], [ctx], timer, dtype, device, calib, kw, baselines=False)[0]
+                    res["decode"].append({**kw, "batch": batch, "context": ctx, "ours_ms": r["ours_ms"], "pct": r["ours_pct_copy_bw"]})
+                    print(f"sweep decode {kw} B={batch} ctx={ctx}: {r['ours_ms']:.3f} ms {r['ours_pct_copy_bw']:.0f}%", flush=True)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile / fit is just skipped
+                    res["decode"].append({**kw, "batch": batch, "context": ctx, "error": repr(e)[:200]})
+    for bm, bn, nw, ns in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3)]:
         kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
         for new, prefix in ((4096, 0), (2048, 16384)):
             try:
@@ -408,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="results/bench_kernels.json")
     ap.add_argument("--only", default="decode,prefill,lora", help="comma list of decode, prefill, lora")
     ap.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
+    ap.add_argument("--no-graphs", action="store_true", help="time eager launches instead of CUDA graph replays")
     ap.add_argument("--warmup-ms", type=int, default=25)
     ap.add_argument("--rep-ms", type=int, default=100)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the code path only")
@@ -428,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     decode_ctx, decode_b = _parse_list(args.decode_contexts), _parse_list(args.decode_batches)
     news, prefixes = _parse_list(args.prefill_new), _parse_list(args.prefill_prefixes)
     only = set(args.only.split(","))
-    timer = Timer(device, args.warmup_ms, args.rep_ms)
+    timer = Timer(device, args.warmup_ms, args.rep_ms, graphs=not args.no_graphs)
     torch.manual_seed(0)
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -458,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     prefill = bench_prefill(pools, news, prefixes, timer, dtype, device, calib, {}) if "prefill" in only else []
     lora = bench_lora(timer, dtype, device, args.smoke) if "lora" in only else []
     result.update(decode=decode, prefill=prefill, lora=lora, targets=targets(decode, prefill))
+    result["timing"] = "eager" if args.no_graphs else f"CUDA graph replays ({timer.eager_fallbacks} eager fallbacks)"
 
     print()
     print(render_markdown(result))
@@ -473,30 +516,30 @@ def render_markdown(res: dict) -> str:
     c = res["calibration"]
     lines = [
         f"card {res['card']}, {res['date']}, torch {res['torch']}, triton {res['triton']}; copy bandwidth "
-        f"{c['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
+        f"{c['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s; timing: {res.get('timing')}",
         "",
     ]
     if res.get("decode"):
         lines += [
-            "| decode B | context | ours ms | ours GB/s | % copy bw | SDPA no-LoRA ms | SDPA % copy bw | naive ms | ours / SDPA | naive / ours |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| decode B | context | splits | ours ms | ours GB/s | % copy bw | ours w/o LR ms | SDPA no-LoRA ms | SDPA % copy bw | naive ms | ours / SDPA | naive / ours |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["decode"]:
             lines.append(
-                f"| {r['batch']} | {_fmt_len(r['context'])} | {r['ours_ms']:.3f} | {r['ours_GBps']:.0f} | "
-                f"{r['ours_pct_copy_bw']:.0f}% | {r['sdpa_ms']:.3f} | {r['sdpa_pct_copy_bw']:.0f}% | {r['naive_ms']:.3f} | "
+                f"| {r['batch']} | {_fmt_len(r['context'])} | {r['num_splits']} | {r['ours_ms']:.3f} | {r['ours_GBps']:.0f} | "
+                f"{r['ours_pct_copy_bw']:.0f}% | {r['ours_no_lr_ms']:.3f} | {r['sdpa_ms']:.3f} | {r['sdpa_pct_copy_bw']:.0f}% | {r['naive_ms']:.3f} | "
                 f"{r['ours_over_sdpa']:.2f} | {r['naive_over_ours']:.2f} |"
             )
         lines.append("")
     if res.get("prefill"):
         lines += [
-            "| prefill new | prefix | ours ms | ours TFLOP/s | % matmul | SDPA no-LoRA ms | SDPA TFLOP/s | SDPA backend | naive ms | ours / SDPA |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| prefill new | prefix | ours ms | ours TFLOP/s | % matmul | ours w/o LR ms | SDPA no-LoRA ms | SDPA TFLOP/s | SDPA backend | naive ms | ours / SDPA |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["prefill"]:
             lines.append(
                 f"| {_fmt_len(r['new_tokens'])} | {_fmt_len(r['prefix'])} | {r['ours_ms']:.3f} | {r['ours_TFLOPs']:.0f} | "
-                f"{r['ours_pct_matmul']:.0f}% | {r['sdpa_ms']:.3f} | {r['sdpa_TFLOPs']:.0f} | {r['sdpa_backend']} | "
+                f"{r['ours_pct_matmul']:.0f}% | {r['ours_no_lr_ms']:.3f} | {r['sdpa_ms']:.3f} | {r['sdpa_TFLOPs']:.0f} | {r['sdpa_backend']} | "
                 f"{r['naive_ms']:.3f} | {r['ours_over_sdpa']:.2f} |"
             )
         lines.append("")

@@ -152,8 +152,9 @@ def _prefill_kernel(
                 vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + kv_col + offs_d[None, :],
                 mask=offs_r[:, None] < R,
                 other=0.0,
-            ).to(tl.float32)
-            out = out + scale * tl.dot(acc_r, up, input_precision="ieee")
+            )
+            # bf16/fp16: one low-precision MMA (an IEEE fp32 dot here spills registers); fp32: exact
+            out = out + scale * tl.dot(acc_r.to(up.dtype), up, input_precision=DOT_PREC)
     out = out / l_safe[:, None]
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -241,8 +242,8 @@ def _decode_kernel(
                     vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + kv_col + offs_d[None, :],
                     mask=offs_r[:, None] < R,
                     other=0.0,
-                ).to(tl.float32)
-                out = out + scale * tl.dot(acc_r, up, input_precision="ieee")
+                )
+                out = out + scale * tl.dot(acc_r.to(up.dtype), up, input_precision=DOT_PREC)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = out / l_safe[:, None]
         tl.store(
@@ -378,6 +379,8 @@ def paged_prefill(
     wide = query.element_size() * d  # bytes per row: fp32 (tests only) and d 256 get smaller tiles
     if block_m is None:
         block_m = (128 if wide <= 256 else 64 if wide <= 512 else 32) if on_gpu else 16
+        if on_gpu and triton.cdiv(max_query_len, block_m) * hq * b < 2 * _num_sms(query.device):
+            block_m = min(block_m, 64)  # small grids: twice the programs
         block_m = min(block_m, _pow2_at_least(max_query_len, 16))
     if block_n is None:
         block_n = (64 if wide <= 256 else 32) if on_gpu else 16
@@ -400,12 +403,14 @@ def paged_prefill(
     return out
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int = 64) -> int:
-    """Enough (sequence, kv head, split) programs to fill the GPU about twice; at least 4 key tiles per split."""
-    target = 2 * _num_sms(device)
-    per = batch * num_kv_heads
-    splits = max(1, -(-target // per))
-    return max(1, min(splits, -(-max_context // (4 * block_n)), 256))
+def default_num_splits(
+    batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int = 64, programs_per_sm: int = 4
+) -> int:
+    """Split-KV count: about one full wave of (kv head, split, sequence) programs (the decode kernel keeps ~4 resident
+    per SM at 128 registers x 4 warps), rounded down so the last wave is not a small tail; >= 2 key tiles a split."""
+    slots = programs_per_sm * _num_sms(device)
+    splits = max(1, slots // max(1, batch * num_kv_heads))
+    return max(1, min(splits, -(-max_context // (2 * block_n)), 256))
 
 
 def paged_decode(
@@ -441,10 +446,17 @@ def paged_decode(
     wide = query.element_size() * d
     if block_n is None:
         block_n = (64 if wide <= 256 else 32) if on_gpu else 16
+    if num_stages is None:
+        num_stages = 2  # 95 registers at d 128: five programs per SM
     if num_splits is None:
         if max_context is None:
             raise ValueError("give max_context (host value) or num_splits")
         num_splits = default_num_splits(b, p.hkv, max_context, query.device, block_n)
+    if num_warps is None:
+        num_warps = 4
+    # the P R dot's N must cover 8 columns per warp, or Triton lays the warps along the 16 padded query rows and
+    # every warp computes the whole tile (twice the registers, a quarter of the occupancy)
+    r_pad = max(p.r_pad, 8 * num_warps)
     sm_scale = d**-0.5 if sm_scale is None else sm_scale
     g = hq // p.hkv
     single = num_splits == 1
@@ -452,13 +464,9 @@ def paged_decode(
         pacc = pr = pml = out  # unused
     else:
         pacc = torch.empty(b, num_splits, hq, d, dtype=torch.float32, device=query.device)
-        pr = torch.empty(b, num_splits, hq, p.r_pad, dtype=torch.float32, device=query.device) if p.has_lr else pacc
+        pr = torch.empty(b, num_splits, hq, r_pad, dtype=torch.float32, device=query.device) if p.has_lr else pacc
         pml = torch.empty(b, num_splits, hq, 2, dtype=torch.float32, device=query.device)
     lbt = lr_block_tables if (p.has_lr and lr_block_tables is not None) else base_block_tables
-    if num_warps is None:
-        num_warps = 4
-    if num_stages is None:
-        num_stages = 3 if wide <= 256 else 2
     _decode_kernel[(p.hkv, num_splits, b)](
         query, key_pool, value_pool, p.lr, base_block_tables, lbt, context_lens, seq_lora_slots, p.vup, lora_scaling,
         out, pacc, pr, pml,
@@ -466,7 +474,7 @@ def paged_decode(
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         base_block_tables.stride(0), lbt.stride(0), p.stride_vs, p.stride_vr,
         num_splits,
-        HKV=p.hkv, G=g, G_PAD=_pow2_at_least(g, 16), D=d, R=p.r, R_PAD=p.r_pad, BS=p.bs, BLOCK_N=block_n,
+        HKV=p.hkv, G=g, G_PAD=_pow2_at_least(g, 16), D=d, R=p.r, R_PAD=r_pad, BS=p.bs, BLOCK_N=block_n,
         HAS_LR=p.has_lr, SINGLE=single, DOT_PREC=_dot_precision(query.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -475,7 +483,7 @@ def paged_decode(
             pacc, pr, pml, seq_lora_slots, p.vup, lora_scaling, out,
             out.stride(0), out.stride(1), p.stride_vs, p.stride_vr,
             num_splits,
-            HQ=hq, G=g, D=d, R=p.r, R_PAD=p.r_pad, NS_PAD=_pow2_at_least(num_splits, 16),
+            HQ=hq, G=g, D=d, R=p.r, R_PAD=r_pad, NS_PAD=_pow2_at_least(num_splits, 16),
             CHUNK=16 if d <= 128 else 8, HAS_LR=p.has_lr,
             num_warps=4,
         )
