@@ -81,3 +81,35 @@ def test_paged_backend_matches_contiguous():
         want = naive_lora_attention(q[start : start + q_lens[i]], k, v, r, b, float(scaling[seq_slots[i]]), 16**-0.5)
         torch.testing.assert_close(out[start : start + q_lens[i]], want, rtol=1e-10, atol=1e-10)
         start += q_lens[i]
+
+
+def test_batched_decode_matches_per_sequence_loop():
+    torch.manual_seed(1)
+    cfg = ModelConfig("llama", 100, 64, 64, 1, 8, 2, 16, 1e-6, 1e4, 512, False, False)
+    bs, rank = 4, 8
+    cache = KVCache(cfg, CacheLayout(bs, 40, 40, rank), torch.float64, torch.device("cpu"))
+    cache.key.normal_(), cache.value.normal_(), cache.lr.normal_()
+    ctx_lens, slots = [9, 1, 17, 4], [1, 0, 2, 1]
+    perm = torch.randperm(40).tolist()
+    tables = [perm[i * 5 : i * 5 + -(-n // bs)] for i, n in enumerate(ctx_lens)]
+    lr_tables = [perm[20 + i * 5 : 20 + i * 5 + -(-n // bs)] for i, n in enumerate(ctx_lens)]
+
+    def pad(t):
+        w = max(map(len, t))
+        return torch.tensor([x + [-1] * (w - len(x)) for x in t], dtype=torch.int32)
+
+    def meta(is_decode):
+        return AttentionMetadata(
+            query_lens=[1] * 4, context_lens=ctx_lens, query_start=torch.arange(5, dtype=torch.int32),
+            context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32), base_block_tables=pad(tables),
+            lr_block_tables=pad(lr_tables), seq_lora_slots=torch.tensor(slots), base_write_idx=None,
+            base_slots=torch.zeros(0, dtype=torch.int64), lr_slots=None, is_decode=is_decode,
+        )
+
+    q = torch.randn(4, 8, 16, dtype=torch.float64)
+    value_up = torch.randn(3, rank, 32, dtype=torch.float64)
+    scaling = torch.tensor([0.0, 2.0, 0.5])
+    backend = TorchReferenceBackend()
+    batched = backend.attend(cache, 0, q, value_up, scaling, meta(True))
+    looped = backend.attend(cache, 0, q, value_up, scaling, meta(False))
+    torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-10)

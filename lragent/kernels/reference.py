@@ -70,8 +70,46 @@ def gather_positions(block_table: torch.Tensor, length: int, block_size: int) ->
     return block_table[pos // block_size].long() * block_size + pos % block_size
 
 
+def batched_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lrs: torch.Tensor | None,
+    value_up: torch.Tensor | None,
+    lora_scaling: torch.Tensor,
+    meta: AttentionMetadata,
+    block_size: int,
+) -> torch.Tensor:
+    """All sequences of a decode step at once (one query token each), contexts padded to the longest and masked.
+
+    keys/values: flat pools [slots, Hkv, d]; lrs: flat LR pool [slots, r]. Same math as `lora_attention`.
+    """
+    b, hq, d = query.shape
+    hkv = keys.shape[1]
+    acc = torch.promote_types(query.dtype, torch.float32)
+    longest = max(meta.context_lens)
+    pos = torch.arange(longest, device=query.device)
+    valid = pos[None, :] < meta.context_lens_t[:, None].long()  # [B, L]
+
+    def slots(tables: torch.Tensor) -> torch.Tensor:
+        blocks = tables[:, pos // block_size].long().clamp_min(0)
+        return blocks * block_size + pos % block_size
+
+    idx = slots(meta.base_block_tables)
+    qg = query.to(acc).view(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys[idx].to(acc)) * d**-0.5
+    probs = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, values[idx].to(acc))
+    if lrs is not None:
+        pr = torch.einsum("bhgl,blr->bhgr", probs, lrs[slots(meta.lr_block_tables)].to(acc))
+        b_up = value_up[meta.seq_lora_slots].view(b, -1, hkv, d).to(acc)
+        scale = lora_scaling[meta.seq_lora_slots].to(acc)[:, None, None, None]
+        out = out + scale * torch.einsum("bhgr,brhd->bhgd", pr, b_up)
+    return out.reshape(b, hq, d).to(query.dtype)
+
+
 class TorchReferenceBackend(AttentionBackend):
-    """Loops over sequences; exact in float32/float64. Kernels must match it."""
+    """Exact in float32/float64; decode steps run batched, prefill loops over sequences. Kernels must match it."""
 
     name = "torch"
 
@@ -96,6 +134,8 @@ class TorchReferenceBackend(AttentionBackend):
         keys = cache.key[layer].view(-1, hkv, d)
         values = cache.value[layer].view(-1, hkv, d)
         lrs = None if cache.lr is None or value_up is None else cache.lr[layer].view(-1, cache.lr_rank)
+        if meta.is_decode:
+            return batched_decode_attention(query, keys, values, lrs, value_up, lora_scaling, meta, bs)
         out = torch.empty_like(query)
         starts = meta.query_start.tolist()
         slots = meta.seq_lora_slots.tolist()
