@@ -375,6 +375,7 @@ def test_cli_parsing():
         build_parser().parse_args(["--adapter", "no-equals-sign"])
     assert main(["serve", "--adapter", "a=/x", "--adapter", "a=/y"]) == 2
     assert main(["--sharing", "base_lr_shared", "--block-size", "3"]) == 2
+    assert main(["--adapter-set", "no-such-set"]) == 2
     assert json.dumps(vars(build_parser().parse_args([])))  # defaults are plain values
 
 

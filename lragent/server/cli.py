@@ -2,6 +2,7 @@
 
     lragent serve --model smollm2-135m-instruct --adapter plan=PATH --adapter action=PATH \\
         --sharing base_lr_shared --host 127.0.0.1 --port 8000 [--api-key KEY]
+    lragent serve --adapter-set hotpotqa-shared-a          # the shipped plan/action/reflect adapters
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=PATH",
         help="a PEFT LoRA folder served under NAME (repeatable)",
+    )
+    p.add_argument(
+        "--adapter-set", default=None, metavar="SET", help="serve every role of a shipped set, e.g. hotpotqa-shared-a"
     )
     p.add_argument("--sharing", default=SharingMode.BASE_LR_SHARED.value, choices=[m.value for m in SharingMode])
     p.add_argument("--host", default="127.0.0.1")
@@ -109,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.adapter_set:
+        try:
+            from lragent.adapters import adapter_set
+
+            shipped = adapter_set(args.adapter_set)
+            if not shipped:
+                raise FileNotFoundError("no such shipped set (see lragent/adapters/manifest.json)")
+            args.adapter = [(role, str(path)) for role, path in shipped.items()] + args.adapter
+        except (ImportError, OSError) as exc:
+            print(f"error: adapter set {args.adapter_set!r}: {exc}", file=sys.stderr)
+            return 2
     names = [n for n, _ in args.adapter]
     if len(set(names)) != len(names):
         print("error: an adapter name is given twice", file=sys.stderr)
