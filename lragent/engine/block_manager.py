@@ -82,19 +82,17 @@ class BlockManager:
     def publish(self, seq: Sequence) -> None:
         """Index every block that became full and computed, so later requests can reuse it."""
         base_ns, lr_ns = self._namespaces(seq, seq.cache_key)
-        full_base = min(seq.num_base_cached, len(seq)) // self.block_size
-        if full_base > seq.base_registered:
-            hashes = block_hashes(seq.token_ids, self.block_size, base_ns, full_base)
-            for i in range(seq.base_registered, full_base):
-                self.base.register(seq.base_blocks[i], hashes[i])
-            seq.base_registered = full_base
+        seq.base_registered = self._publish(self.base, seq, seq.base_blocks, seq.base_registered, seq.num_base_cached, base_ns)
         if self.lr is not None:
-            full_lr = min(seq.num_computed, len(seq)) // self.block_size
-            if full_lr > seq.lr_registered:
-                hashes = block_hashes(seq.token_ids, self.block_size, lr_ns, full_lr)
-                for i in range(seq.lr_registered, full_lr):
-                    self.lr.register(seq.lr_blocks[i], hashes[i])
-                seq.lr_registered = full_lr
+            seq.lr_registered = self._publish(self.lr, seq, seq.lr_blocks, seq.lr_registered, seq.num_computed, lr_ns)
+
+    def _publish(self, pool: BlockPool, seq: Sequence, table: list[int], done: int, computed: int, ns: str) -> int:
+        full = min(computed, len(seq)) // self.block_size
+        if full > done:
+            hashes = block_hashes(seq.token_ids, self.block_size, ns, full)
+            for i in range(done, full):
+                pool.register(table[i], hashes[i])
+        return max(done, full)
 
     def release(self, seq: Sequence) -> None:
         self.base.release(seq.base_blocks)
