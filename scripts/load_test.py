@@ -9,7 +9,8 @@ trajectories, within --max-seconds. Loopback only.
 
 Reports per round requests/s, prompt+generated tokens/s, client TTFT p50/p99 (time to the first streamed token),
 errors (must be 0), the share of prompt tokens served from the cache, and the server's resident memory before and
-after, to show it does not grow across rounds. Prints a table and one parseable `LOADTEST ...` line, writes JSON.
+after, to show it does not grow across rounds (a warm-up first writes every KV cache block once, as the cache's
+zeroed pages only become resident when first used). Prints a table and one parseable `LOADTEST ...` line, writes JSON.
 
     python scripts/load_test.py                                   # spawns a CPU server with random role adapters
     python scripts/load_test.py --url http://127.0.0.1:8000       # an already running server
@@ -146,8 +147,7 @@ def scrape(url: str) -> dict[str, float]:
         "lragent_prompt_tokens_reused_total": "reused",
         "lragent_prompt_tokens_computed_total": "computed",
     }
-    out = dict.fromkeys(wanted.values(), 0.0)
-    out["blocks_in_use"] = 0.0
+    out = dict.fromkeys([*wanted.values(), "blocks_in_use", "key_blocks", "block_size"], 0.0)
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
@@ -157,7 +157,38 @@ def scrape(url: str) -> dict[str, float]:
             out[wanted[base]] += float(value)
         elif base == "lragent_cache_blocks" and 'state="in_use"' in name:
             out["blocks_in_use"] += float(value)
+        elif base == "lragent_cache_blocks" and 'pool="key"' in name and 'state="total"' in name:
+            out["key_blocks"] = float(value)
+        elif base == "lragent_info" and 'block_size="' in name:
+            out["block_size"] = float(name.split('block_size="', 1)[1].split('"', 1)[0])
     return out
+
+
+async def warm_up(url: str, args: argparse.Namespace) -> dict:
+    """Write every KV cache block once before measuring: the cache's pages are zeroed lazily, so RSS rises the
+    first time each block is used; after this, RSS changes across rounds are real growth."""
+    before = scrape(url)
+    capacity = int(before["key_blocks"] * before["block_size"])
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=args.api_key or "none", max_retries=0, timeout=600)
+    cards = (await client.models.list()).data
+    max_len = int((cards[0].model_extra or {}).get("max_model_len", 512))
+    chunk = min(256, max_len - 1)
+    count = -(-capacity * 11 // 10 // chunk)  # 10% more tokens than the cache holds, in distinct prompts
+    rng = random.Random(args.seed + 99)
+    start = time.perf_counter()
+    prompts = [[rng.randrange(1000, 30000) for _ in range(chunk)] for _ in range(count)]
+    await asyncio.gather(
+        *(client.completions.create(model=ROLES[0], prompt=p, max_tokens=1, temperature=0) for p in prompts)
+    )
+    await client.close()
+    after = scrape(url)
+    return {
+        "warmup_s": time.perf_counter() - start,
+        "warmup_prompt_tokens": count * chunk,
+        "cache_capacity_tokens": capacity,
+        "rss_before_warmup_mib": before["rss"] / 2**20,
+        "rss_after_warmup_mib": after["rss"] / 2**20,
+    }
 
 
 # ---- trajectories ---------------------------------------------------------------------------------------------
@@ -318,7 +349,7 @@ def row_line(r: dict) -> str:
     )
 
 
-def summarize(args: argparse.Namespace, rows: list[dict]) -> dict:
+def summarize(args: argparse.Namespace, rows: list[dict], warm: dict) -> dict:
     ttfts = [t for r in rows for t in r["ttfts"]]
     requests, wall = sum(r["requests"] for r in rows), sum(r["wall_s"] for r in rows)
     prompt = sum(r["prompt_tokens"] for r in rows)
@@ -332,8 +363,8 @@ def summarize(args: argparse.Namespace, rows: list[dict]) -> dict:
         "ttft_p50_ms": 1e3 * pct(ttfts, 0.5),
         "ttft_p99_ms": 1e3 * pct(ttfts, 0.99),
         "cached_share": sum(r["cached_share"] * r["prompt_tokens"] for r in rows) / prompt if prompt else 0.0,
-        "rss_round1_mib": rows[0]["rss_after_mib"],
-        "rss_growth_after_round1_mib": rows[-1]["rss_after_mib"] - rows[0]["rss_after_mib"],
+        "rss_baseline_mib": warm.get("rss_after_warmup_mib", rows[0]["rss_after_mib"]),
+        "rss_growth_mib": rows[-1]["rss_after_mib"] - warm.get("rss_after_warmup_mib", rows[0]["rss_after_mib"]),
         "left_running": rows[-1]["left_running"],
         "blocks_in_use_after": rows[-1]["blocks_in_use_after"],
     }
@@ -362,6 +393,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=300)
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-warmup", dest="warmup", action="store_false", help="skip writing the whole KV cache once before round 1"
+    )
     p.add_argument("--json", default="results/load_test.json")
     args = p.parse_args(argv)
     args.api = args.api or ("tokens" if args.model.startswith("dummy:") else "chat")
@@ -384,8 +418,17 @@ def main(argv: list[str] | None = None) -> int:
             adapters = write_random_adapters(Path(tmp.name), args.model)
         proc, url = spawn_server(args, adapters)
     rows: list[dict] = []
+    warm: dict = {}
     try:
         deadline = time.time() + args.max_seconds
+        if args.warmup:
+            warm = asyncio.run(warm_up(url, args))
+            print(
+                f"warm-up: {warm['warmup_prompt_tokens']} prompt tokens over a {warm['cache_capacity_tokens']}-token "
+                f"cache in {warm['warmup_s']:.1f} s; server RSS {warm['rss_before_warmup_mib']:.0f} -> "
+                f"{warm['rss_after_warmup_mib']:.0f} MiB",
+                flush=True,
+            )
         print(HEADER, flush=True)
         for round_no in range(1, args.rounds + 1):
             if time.time() > deadline:
@@ -401,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no round ran", file=sys.stderr)
         return 1
-    summary = summarize(args, rows)
+    summary = summarize(args, rows, warm)
     print("LOADTEST " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     for r in rows:
         for example in r["error_examples"]:
@@ -410,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
-            json.dumps({"meta": meta, "args": vars(args), "rounds": rows, "summary": summary}, indent=2)
+            json.dumps({"meta": meta, "args": vars(args), "warmup": warm, "rounds": rows, "summary": summary}, indent=2)
         )
     return 1 if summary["errors"] or summary["left_running"] or summary["blocks_in_use_after"] else 0
 

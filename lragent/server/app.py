@@ -74,7 +74,7 @@ def _tokenizer_copy(tokenizer):
 def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     name = settings.served_model_name or engine.config.model
-    metrics = ServerMetrics(name, engine.scheme.mode.value)
+    metrics = ServerMetrics(name, engine.scheme.mode.value, engine.config.block_size)
     loop = AsyncEngine(engine, metrics)
     serving = OpenAIServing(loop, _tokenizer_copy(engine.tokenizer), name, {engine.config.model}, settings.max_choices)
     created = int(time.time())

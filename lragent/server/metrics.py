@@ -26,7 +26,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, sharing: str):
+    def __init__(self, model_name: str, sharing: str, block_size: int = 16):
         self.base_label = model_name
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes etc. (Linux)
@@ -88,8 +88,13 @@ class ServerMetrics:
         self.running = Gauge("lragent_num_requests_running", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("lragent_num_requests_waiting", "Sequences queued in the engine (queue depth)", registry=r)
         self.adapters = Gauge("lragent_adapters_loaded", "LoRA adapters loaded", registry=r)
-        self.info = Gauge("lragent_info", "Served model and sharing scheme", ["model", "sharing"], registry=r)
-        self.info.labels(model_name, sharing).set(1)
+        self.info = Gauge(
+            "lragent_info",
+            "Served model, sharing scheme and cache block size",
+            ["model", "sharing", "block_size"],
+            registry=r,
+        )
+        self.info.labels(model_name, sharing, str(block_size)).set(1)
 
     def label(self, adapter: str | None) -> str:
         return adapter or self.base_label
