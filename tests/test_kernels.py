@@ -33,6 +33,11 @@ TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
+class Case(SimpleNamespace):
+    def __repr__(self) -> str:  # keep pytest's failure report short (no tensor dumps)
+        return f"Case(seqs={self.seqs})"
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
     assert not torch.isnan(out).any(), "NaN in the output (unwritten element or a poisoned read)"
@@ -124,13 +129,16 @@ def make_case(
 
     cache = cache_in(dtype, device)
     vup = value_up.to(device, dtype) if value_up is not None else None
-    case = SimpleNamespace(
+    case = Case(
         cache=cache, meta=meta, query=query.to(device, dtype), value_up=vup, scaling=scaling.to(device), seqs=seqs
     )
     # float64 oracle from the same (rounded) inputs, on the CPU
     ref_meta = AttentionMetadata(
         **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in meta.__dict__.items()}
     )
+    # the per-sequence loop reads only each sequence's own positions; the batched decode path pads contexts and would
+    # multiply the poisoned (NaN) padding by zero probabilities
+    ref_meta.is_decode = False
     ref_cache = SimpleNamespace(**{**cache.__dict__})
     ref_cache.key = [cache.key[0].cpu().double()]
     ref_cache.value = [cache.value[0].cpu().double()]

@@ -377,17 +377,16 @@ def paged_prefill(
     sm_scale = d**-0.5 if sm_scale is None else sm_scale
     on_gpu = query.device.type == "cuda"
     wide = query.element_size() * d  # bytes per row: fp32 (tests only) and d 256 get smaller tiles
+    # tiles from the H200 sweep (BENCHMARKS.md): 64 x 64 with 4 warps beat 128-row tiles with 8 warps at d 128
     if block_m is None:
-        block_m = (128 if wide <= 256 else 64 if wide <= 512 else 32) if on_gpu else 16
-        if on_gpu and triton.cdiv(max_query_len, block_m) * hq * b < 2 * _num_sms(query.device):
-            block_m = min(block_m, 64)  # small grids: twice the programs
+        block_m = (64 if wide <= 512 else 32) if on_gpu else 16
         block_m = min(block_m, _pow2_at_least(max_query_len, 16))
     if block_n is None:
         block_n = (64 if wide <= 256 else 32) if on_gpu else 16
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
     if num_stages is None:
-        num_stages = 3 if wide <= 256 else 2
+        num_stages = 2
     lbt = lr_block_tables if (p.has_lr and lr_block_tables is not None) else base_block_tables
     grid = (triton.cdiv(max_query_len, block_m), hq, b)
     _prefill_kernel[grid](
@@ -484,7 +483,7 @@ def paged_decode(
             out.stride(0), out.stride(1), p.stride_vs, p.stride_vr,
             num_splits,
             HQ=hq, G=g, D=d, R=p.r, R_PAD=r_pad, NS_PAD=_pow2_at_least(num_splits, 16),
-            CHUNK=16 if d <= 128 else 8, HAS_LR=p.has_lr,
+            CHUNK=min(_pow2_at_least(num_splits, 16), 64 if d <= 128 else 32), HAS_LR=p.has_lr,
             num_warps=4,
         )
     return out
