@@ -7,8 +7,9 @@
 # recipe: the independent plan adapter is reused as is, action and reflect are trained with its v_proj lora_A loaded
 # and frozen), then a bit-equality check of the shared A, then greedy samples (HF + PEFT) on training prompts.
 # Settings (environment): PY, MODEL, BASE_NAME, TASKS, DATA_DIR, DEVICE, STEPS, BATCH, MAX_LEN, LR, SEED, SAMPLE.
-# Measured: ~TODO s per role on one H100 (bf16 autocast). A 2-core CPU needs ~40 s per step of 2 x 512 tokens, so
-# the defaults (200 steps of 8 x 1024) take many hours there; for a CPU smoke run use e.g. STEPS=20 BATCH=2 MAX_LEN=512.
+# Measured on one H200 (bf16 autocast, 2026-11-27): 30-44 s per role, about 5 minutes for a task's two sets including
+# model load and tokenisation. CPU: a 2-core box managed ~40 s per step of 2 x 512 tokens, so the defaults (200 steps
+# of 8 x 1024 per role) would take tens of hours there; for a CPU smoke run use e.g. STEPS=20 BATCH=2 MAX_LEN=512 SAMPLE=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

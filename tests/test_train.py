@@ -252,3 +252,26 @@ def test_cli_trains_a_set_from_a_model_folder(tok, tmp_path, monkeypatch):
     assert all(len(r["losses"]) == 2 and r["time_s"] >= 0 for r in log["roles"].values())
     assert (out / "loss_curve.png").stat().st_size > 0
     assert cli.main(["check", str(out)]) == 0
+
+
+# ---- the shipped adapter sets ----------------------------------------------------------------------------------------
+
+
+def test_shipped_sets_are_peft_folders_with_a_shared_v_proj_a():
+    from lragent.adapters import ADAPTERS_DIR, adapter_set, manifest
+
+    index = manifest()
+    assert {"hotpotqa-independent", "hotpotqa-shared-a"} <= set(index)
+    for name, entry in index.items():
+        folders = adapter_set(name)
+        assert list(folders) == ["plan", "action", "reflect"] and entry["roles"] == list(folders)
+        for folder in folders.values():
+            config = json.loads((folder / "adapter_config.json").read_text())
+            assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (
+                8,
+                16,
+                ["q_proj", "v_proj"],
+            )
+            assert (folder / WEIGHTS_NAME).stat().st_size < 2_000_000
+        shared = check_shared_a(ADAPTERS_DIR / name, "v_proj")
+        assert shared.layers == 30 and shared.identical == (entry["mode"] == "shared-a")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def load_base(model: str, device: torch.device):
-    """(model folder, tokenizer, model on device in fp32) for a model argument."""
+    """(model folder, tokenizer, model on device in fp32) for a model argument. The tokenizer's EOS is checked
+    against the model config's: every output is trained to end with it, so it must be the id inference stops at."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lragent.models.hub import resolve_model
@@ -97,6 +99,13 @@ def load_base(model: str, device: torch.device):
     folder = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa")
+    eos = base.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is not None and tokenizer.eos_token_id != eos:
+        print(
+            f"warning: tokenizer EOS {tokenizer.eos_token!r} ({tokenizer.eos_token_id}) != config EOS {eos}; using {eos}"
+        )
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     return folder, tokenizer, base.to(device)
 
 
@@ -112,12 +121,15 @@ def run_train(args: argparse.Namespace) -> int:
     roles = [r for r in args.roles if not (cfg.mode == "shared-a" and args.plan_from and r == "plan")]
     examples = {r: load_role_examples(args.task, r, args.data_dir)[: cfg.max_examples] for r in roles}
     encoded = {r: [encode_example(tokenizer, e, cfg.max_seq_len) for e in exs] for r, exs in examples.items()}
+    print(f"EOS appended to every output: {tokenizer.eos_token!r} (id {tokenizer.eos_token_id})")
     for role, enc in encoded.items():
         print(f"{role}: {len(enc)} examples, {sum(e.truncated for e in enc)} truncated to {cfg.max_seq_len} tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     base_name = args.base_name or HF_NAMES.get(args.model.lower(), args.model)
     results = train_set(base, encoded, cfg, args.out, pad_id, base_name=base_name, plan_from=args.plan_from)
-    notes = {"plan_from": str(args.plan_from)} if args.plan_from else {}
+    notes = {"eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id}
+    if args.plan_from:  # recorded relative to the set's parent folder when it lies there
+        notes["plan_from"] = os.path.relpath(args.plan_from, args.out.parent)
     log = build_log(cfg, results, task=args.task, model=base_name, device=device,
                     total_s=time.perf_counter() - start, notes=notes)  # fmt: skip
     write_log(log, args.out)
