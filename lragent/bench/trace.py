@@ -1,0 +1,825 @@
+"""`lragent bench trace`: the paper's multi-agent trace benchmark (LRAgent appendix C.6), our engine under the four
+sharing schemes side by side with HF transformers + PEFT, with a roofline floor and plots.
+
+The trace is one growing trajectory that three LoRA agents (plan / action / reflect, rank-8 q/v adapters) take
+turns on. Each step appends `prefill` tokens (random ids, or ids from a JSON trace) and the step's agent generates
+`generate` tokens (greedy, EOS ignored). The prompt of every step is the whole trajectory so far as token ids, so
+what an agent can reuse is decided by the engine's prefix cache under the sharing scheme alone.
+
+Metrics per system and length: throughput (trajectory tokens / end-to-end time), TTFT (sum of the steps' prefill
+latencies), per-step latencies, prompt tokens computed vs reused, peak KV cache bytes, peak device memory, and the
+roofline floor (see `lragent.bench.roofline`). `--concurrent K` runs K independent trajectories through one engine
+at once (HF + PEFT runs one trajectory at a time, like the published system, so it only takes K = 1).
+
+JSON trace format (`--trace FILE`):
+    {"name": "my-trace",
+     "steps": [{"agent": "plan",   "prefill": 512,           "generate": 32},
+               {"agent": "action", "prefill": [9906, 11, 1917], "generate": 8},
+               {"agent": "plan",   "prefill": "ctx",         "generate": 32}]}
+  - `agent`: any name; each distinct name becomes one adapter (random rank-8 q/v, shared v_proj A, unless given
+    with `--adapter NAME=PATH`).
+  - `prefill`: tokens appended before the agent runs: a count (random ids), a list of token ids (replayed as
+    given), or "ctx" (a count taken from `--ctx`, one run per value; without "ctx" the trace runs once).
+  - `generate`: tokens the agent generates (>= 1). A step may also be written `["plan", 512, 32]`, and the file
+    may be a bare list of steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lragent.bench.adapters import model_config_for, write_random_adapters
+from lragent.bench.roofline import ModelCost, Rates, calibrate, ideal_floor_s, system_floor_s
+
+ENGINE_SYSTEMS = ("non_shared", "full_shared", "base_shared", "base_lr_shared")
+HF_SYSTEMS = ("hf_non_shared", "hf_full_shared")
+ALL_SYSTEMS = ENGINE_SYSTEMS + HF_SYSTEMS
+PAPER_CTX = (256, 512, 1024, 2048, 4096, 8192, 16384)
+CPU_CTX = (256, 512, 1024)
+AGENTS = ("plan", "action", "reflect")
+
+
+# ---- the trace ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    agent: str
+    prefill: int | str | tuple[int, ...]  # count, "ctx", or explicit token ids
+    generate: int
+
+    def appended(self, ctx: int | None) -> int:
+        if isinstance(self.prefill, tuple):
+            return len(self.prefill)
+        if self.prefill == "ctx":
+            if ctx is None:
+                raise ValueError("the trace has a 'ctx' step but no --ctx value")
+            return ctx
+        return int(self.prefill)
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """One concrete trace: steps with `ctx` resolved to counts."""
+
+    name: str
+    ctx: int | None
+    steps: tuple[Step, ...]
+
+    @property
+    def counts(self) -> list[tuple[int, int]]:
+        return [(s.appended(self.ctx), s.generate) for s in self.steps]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(a + g for a, g in self.counts)
+
+    @property
+    def agents(self) -> list[str]:
+        return list(dict.fromkeys(s.agent for s in self.steps))
+
+    def label(self) -> str:
+        return fmt_tokens(self.total_tokens)
+
+
+def paper_steps(gen_cap: int | None = None) -> tuple[Step, ...]:
+    """The 17 steps of one iteration (appendix C.6); `gen_cap` shortens generation (warm-up, tests)."""
+
+    def g(n: int) -> int:
+        return n if gen_cap is None else max(1, min(n, gen_cap))
+
+    steps = [Step("plan", 512, g(32))]
+    for i in range(5):  # steps 2..16: plan 8/8, action 8/8, then (four times) plan reads a retrieved document
+        steps.append(Step("plan", 8, g(8)))
+        steps.append(Step("action", 8, g(8)))
+        if i < 4:
+            steps.append(Step("plan", "ctx", g(32)))
+    steps.append(Step("reflect", 32, g(32)))
+    steps.append(Step("reflect", 8, g(8)))
+    return tuple(steps)
+
+
+def paper_trace(ctx: int, gen_cap: int | None = None, first_prefill: int = 512) -> TraceSpec:
+    steps = list(paper_steps(gen_cap))
+    steps[0] = Step("plan", first_prefill, steps[0].generate)
+    return TraceSpec("paper", ctx, tuple(steps))
+
+
+def parse_trace(data) -> tuple[str, tuple[Step, ...]]:
+    """Validate a JSON trace (see the module docstring); returns its name and steps."""
+    name = "custom"
+    if isinstance(data, dict):
+        name = str(data.get("name", name))
+        data = data.get("steps")
+    if not isinstance(data, list) or not data:
+        raise ValueError("a trace needs a non-empty list of steps (a list, or an object with 'steps')")
+    steps = []
+    for i, raw in enumerate(data):
+        where = f"step {i + 1}"
+        if isinstance(raw, (list, tuple)):
+            if len(raw) != 3:
+                raise ValueError(f"{where}: a list step is [agent, prefill, generate], got {raw!r}")
+            raw = {"agent": raw[0], "prefill": raw[1], "generate": raw[2]}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected an object or a 3-item list, got {type(raw).__name__}")
+        unknown = set(raw) - {"agent", "prefill", "generate"}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        agent, prefill, generate = raw.get("agent"), raw.get("prefill", 0), raw.get("generate")
+        if not isinstance(agent, str) or not agent or "=" in agent:
+            raise ValueError(f"{where}: 'agent' must be a non-empty name, got {agent!r}")
+        if not isinstance(generate, int) or isinstance(generate, bool) or generate < 1:
+            raise ValueError(f"{where}: 'generate' must be an integer >= 1, got {generate!r}")
+        if isinstance(prefill, list):
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prefill):
+                raise ValueError(f"{where}: 'prefill' token ids must be non-negative integers")
+            prefill = tuple(prefill)
+        elif prefill == "ctx":
+            pass
+        elif not isinstance(prefill, int) or isinstance(prefill, bool) or prefill < 0:
+            raise ValueError(f"{where}: 'prefill' must be a count >= 0, a list of token ids or \"ctx\", got {prefill!r}")
+        steps.append(Step(agent, prefill, generate))
+    if steps[0].prefill in (0, ()):
+        raise ValueError("step 1 must append at least one token (the trajectory starts empty)")
+    return name, tuple(steps)
+
+
+def load_trace(path: str | Path) -> tuple[str, tuple[Step, ...]]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return parse_trace(data)
+
+
+def token_range(vocab: int) -> tuple[int, int]:
+    """Random ids avoid both ends of the vocabulary, where the special tokens usually live."""
+    return max(1, min(1000, vocab // 32)), vocab - max(1, vocab // 64)
+
+
+def appended_tokens(spec: TraceSpec, vocab: int, seed: int, trajectory: int) -> list[list[int]]:
+    """The ids each step appends, the same for every system (seeded by trace seed and trajectory index)."""
+    lo, hi = token_range(vocab)
+    rng = random.Random(f"{seed}/{trajectory}/{spec.name}/{spec.ctx}")
+    out = []
+    for step, (n, _) in zip(spec.steps, spec.counts):
+        if isinstance(step.prefill, tuple):
+            bad = [t for t in step.prefill if t >= vocab]
+            if bad:
+                raise ValueError(f"trace token ids out of range [0, {vocab}): {bad[:5]}")
+            out.append(list(step.prefill))
+        else:
+            out.append([rng.randrange(lo, hi) for _ in range(n)])
+    return out
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------------
+def fmt_tokens(n: float) -> str:
+    return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:.0f}"
+
+
+def parse_sizes(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part:
+            mult = 1024 if part.endswith("k") else 1
+            out.append(int(float(part.rstrip("k")) * mult))
+    return out
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def _free_cuda() -> None:
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def reset_prefix_cache(engine) -> None:
+    """Forget every cached (unreferenced) block so the next run starts cold and its KV peak is its own.
+
+    Reaches into the block pools: the engine has no public call for this (yet)."""
+    from lragent.cache.block_pool import PoolStats
+
+    assert not engine.has_unfinished(), "reset with requests in flight"
+    for pool in (engine.block_manager.base, engine.block_manager.lr):
+        if pool is None:
+            continue
+        for block_id in list(pool.cached):
+            pool.blocks[block_id].hash = None
+            pool.free.append(block_id)
+        pool.cached.clear()
+        pool.by_hash = {h: b for h, b in pool.by_hash.items() if pool.blocks[b].ref_count > 0}
+        pool.stats = PoolStats()
+
+
+class _Timers:
+    """Wall time of the engine's pieces, by wrapping instance methods (the engine is not modified)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.reset()
+        runner = engine.runner
+        orig_run, orig_prepare = runner.run, runner.prepare
+
+        def run(batch):
+            t0 = time.perf_counter()
+            try:
+                return orig_run(batch)
+            finally:
+                kind = "prefill" if batch.is_prefill else "decode"
+                self.run_s[kind] += time.perf_counter() - t0
+                self.count[kind] += 1
+                self.tokens[kind] += batch.total_tokens
+
+        def prepare(batch):
+            t0 = time.perf_counter()
+            try:
+                return orig_prepare(batch)
+            finally:
+                self.prepare_s["prefill" if batch.is_prefill else "decode"] += time.perf_counter() - t0
+
+        runner.run, runner.prepare = run, prepare
+
+    def reset(self) -> None:
+        self.run_s = {"prefill": 0.0, "decode": 0.0}
+        self.prepare_s = {"prefill": 0.0, "decode": 0.0}
+        self.count = {"prefill": 0, "decode": 0}
+        self.tokens = {"prefill": 0, "decode": 0}
+        self.step_s = 0.0
+
+    def summary(self) -> dict:
+        dec = max(1, self.count["decode"])
+        return {
+            "forward_passes": dict(self.count),
+            "prefill_forward_s": self.run_s["prefill"],
+            "decode_forward_s": self.run_s["decode"],
+            "decode_step_ms": 1e3 * self.run_s["decode"] / dec if self.count["decode"] else None,
+            "host_prepare_ms_per_decode": 1e3 * self.prepare_s["decode"] / dec if self.count["decode"] else None,
+            "host_prepare_prefill_s": self.prepare_s["prefill"],
+            "engine_step_s": self.step_s,  # engine.step() total: scheduling, forward, bookkeeping
+            "outside_forward_s": self.step_s - self.run_s["prefill"] - self.run_s["decode"],
+        }
+
+
+# ---- our engine ----------------------------------------------------------------------------------------------------
+def build_engine(args, system: str, adapters: dict[str, str]):
+    from lragent.config import EngineConfig
+    from lragent.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(
+        model=args.model, adapters=adapters, sharing=system, device=args.device, dtype=args.dtype,
+        block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
+        attention_backend=args.attention_backend, max_num_seqs=max(256, max(args.concurrent)),
+    )
+    engine = LLMEngine(config)
+    engine._bench_timers = _Timers(engine)
+    return engine
+
+
+def run_engine_trace(engine, spec: TraceSpec, k: int, seed: int, deadline: float) -> dict:
+    """K independent trajectories of `spec` through one engine at once, driven with add_request / step."""
+    from lragent.sampling import SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    device = engine.device
+    appended = [appended_tokens(spec, vocab, seed, t) for t in range(k)]
+    tokens: list[list[int]] = [[] for _ in range(k)]
+    pos = [0] * k
+    records: list[list[dict]] = [[] for _ in range(k)]
+    active: dict[str, int] = {}
+    kv_peak = 0
+    timers = engine._bench_timers
+    timers.reset()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    status = "ok"
+
+    def submit(t: int) -> None:
+        step = spec.steps[pos[t]]
+        tokens[t].extend(appended[t][pos[t]])
+        params = SamplingParams(max_tokens=step.generate, temperature=0.0, ignore_eos=True)
+        rid = engine.add_request(list(tokens[t]), params, step.agent, request_id=f"t{t}-s{pos[t]}-{time.monotonic_ns()}")
+        active[rid] = t
+
+    t_start = time.perf_counter()
+    try:
+        for t in range(k):
+            submit(t)
+        while active:
+            s0 = time.perf_counter()
+            outs = engine.step()
+            timers.step_s += time.perf_counter() - s0
+            kv_peak = max(kv_peak, _kv_used(engine))
+            if not outs and not engine.scheduler.running and engine.scheduler.waiting:
+                status = "KV budget exhausted (a prompt does not fit the cache)"
+                break
+            for out in outs:
+                if not out.finished:
+                    continue
+                t = active.pop(out.request_id)
+                m = out.metrics
+                step = spec.steps[pos[t]]
+                records[t].append({
+                    "agent": step.agent, "appended": len(appended[t][pos[t]]), "prompt_tokens": m.prompt_tokens,
+                    "reused_tokens": m.reused_tokens, "base_reused_tokens": m.base_reused_tokens,
+                    "computed_tokens": m.computed_tokens, "generated": m.generated_tokens,
+                    "preemptions": m.preemptions, "ttft_s": m.ttft_s, "latency_s": m.latency_s,
+                })
+                tokens[t].extend(out.token_ids)
+                pos[t] += 1
+                if pos[t] < len(spec.steps):
+                    submit(t)
+            if active and time.perf_counter() > deadline:
+                status = "timeout"
+                break
+    except ValueError as e:  # a prompt longer than the cache can ever hold
+        status = f"KV budget exhausted: {e}"
+    except MemoryError as e:
+        status = f"KV budget exhausted: {e}"
+    except RuntimeError as e:
+        if not _is_oom(e):
+            raise
+        status = "OOM"
+    e2e = time.perf_counter() - t_start
+    for rid in list(active):
+        engine.abort(rid)
+    row = {"e2e_s": e2e, "status": status, "kv_peak_bytes": kv_peak, **timers.summary()}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        pool = sum(engine.cache.pool_bytes().values())
+        row["device_peak_bytes"] = peak
+        row["device_peak_effective_bytes"] = peak - pool + kv_peak  # the preallocated pool counted as used only
+    row.update(_summarise(records, spec, k))
+    reset_prefix_cache(engine)
+    return row
+
+
+def _kv_used(engine) -> int:
+    bm, cache = engine.block_manager, engine.cache
+    used = 0
+    for pool, tensors in ((bm.base, (cache.key, cache.value)), (bm.lr, (cache.lr,))):
+        if pool is None:
+            continue
+        per_block = sum(t.numel() * t.element_size() for t in tensors if t is not None) // pool.num_blocks
+        used += (pool.num_blocks - len(pool.free)) * per_block  # in use + cached (still findable)
+    return used
+
+
+def _summarise(records: list[list[dict]], spec: TraceSpec, k: int) -> dict:
+    done = [r for r in records if len(r) == len(spec.steps)]
+    flat = [s for r in records for s in r]
+    out = {
+        "trajectories_done": len(done),
+        "computed_tokens": sum(s["computed_tokens"] for s in flat),
+        "reused_tokens": sum(s["reused_tokens"] for s in flat),
+        "prompt_tokens": sum(s["prompt_tokens"] for s in flat),
+        "generated_tokens": sum(s["generated"] for s in flat),
+        "preemptions": sum(s["preemptions"] for s in flat),
+    }
+    if done:
+        n = len(done)
+        out["ttft_s"] = sum(sum(s["ttft_s"] for s in r) for r in done) / n
+        out["step_ttft_s"] = [sum(r[i]["ttft_s"] for r in done) / n for i in range(len(spec.steps))]
+        out["step_latency_s"] = [sum(r[i]["latency_s"] for r in done) / n for i in range(len(spec.steps))]
+        out["step_computed_tokens"] = [sum(r[i]["computed_tokens"] for r in done) / n for i in range(len(spec.steps))]
+    if k == 1 and records:
+        out["steps"] = records[0]
+    return out
+
+
+def warm_up(engine, spec_ctx: int, seed: int, k: int = 1, first_prefill: int = 512) -> None:
+    """Compile/warm the kernels on a short-generation trace (ids disjoint from the timed runs), then forget it.
+
+    On a GPU, a 9.1k-token trace reaches every decode split count that batch-1 decode at longer contexts uses."""
+    spec = paper_trace(spec_ctx, gen_cap=3, first_prefill=first_prefill)
+    run_engine_trace(engine, TraceSpec("warmup", spec.ctx, spec.steps), min(k, 4), seed + 7919, time.perf_counter() + 600)
+    if k > 4:
+        run_engine_trace(engine, TraceSpec("warmup", 64, paper_trace(64, 3, first_prefill).steps), k, seed + 7919, time.perf_counter() + 600)
+
+
+def profile_decode(engine, context: int, steps: int, seed: int) -> dict:
+    """Where a decode step's time goes at `context` tokens: wall per step, host metadata time, and (CUDA) GPU
+    kernel time and launches per step from torch.profiler."""
+    from lragent.sampling import SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    lo, hi = token_range(vocab)
+    rng = random.Random(seed + 31)
+    adapter = sorted(engine.registry.adapters)[0] if engine.registry.adapters else None
+    prompt = [rng.randrange(lo, hi) for _ in range(context)]
+    engine.add_request(prompt, SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True), adapter,
+                       request_id="profile")
+    timers = engine._bench_timers
+    while engine.has_unfinished():  # prefill
+        engine.step()
+        if timers.count["decode"] >= 2:
+            break
+    timers.reset()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = (time.perf_counter() - t0) / steps
+    out = {"context": context, "decode_step_wall_ms": wall * 1e3,
+           "runner_run_ms": 1e3 * timers.run_s["decode"] / max(1, timers.count["decode"]),
+           "host_prepare_ms": 1e3 * timers.prepare_s["decode"] / max(1, timers.count["decode"])}
+    if engine.device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / steps  # microseconds
+        by_name: dict[str, float] = {}
+        for e in kernels:
+            by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / steps
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+        out.update({"gpu_kernel_ms": busy / 1e3, "kernel_launches": len(kernels) / steps,
+                    "gpu_busy_fraction": (busy / 1e3) / (wall * 1e3),
+                    "top_kernels_ms": {name[:80]: us / 1e3 for name, us in top}})
+    engine.abort("profile")
+    reset_prefix_cache(engine)
+    return out
+
+
+# ---- HF transformers + PEFT ----------------------------------------------------------------------------------------
+def run_hf_trace(runner, spec: TraceSpec, vocab: int, seed: int, deadline: float, device: torch.device) -> dict:
+    runner.reset()
+    appended = appended_tokens(spec, vocab, seed, 0)
+    tokens: list[int] = []
+    records = []
+    status = "ok"
+    _free_cuda()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start = time.perf_counter()
+    try:
+        for i, step in enumerate(spec.steps):
+            tokens.extend(appended[i])
+            r = runner.run_step(step.agent, tokens, step.generate, deadline)
+            gen = r.pop("generated")
+            records.append({"agent": step.agent, "appended": len(appended[i]), **r, "base_reused_tokens": r["reused_tokens"],
+                            "generated": len(gen), "preemptions": 0})
+            tokens.extend(gen)
+            if time.perf_counter() > deadline and i + 1 < len(spec.steps):
+                raise TimeoutError
+    except TimeoutError:
+        status = "timeout"
+    except RuntimeError as e:
+        if not _is_oom(e):
+            raise
+        status = "OOM"
+    e2e = time.perf_counter() - t_start
+    row = {"e2e_s": e2e, "status": status, "kv_peak_bytes": runner.kv_peak}
+    runner.reset()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        row["device_peak_bytes"] = row["device_peak_effective_bytes"] = torch.cuda.max_memory_allocated(device)
+    row.update(_summarise([records], spec, 1))
+    _free_cuda()
+    return row
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+def _finish_row(row: dict, system: str, spec: TraceSpec, k: int, cost: ModelCost, rates: Rates) -> dict:
+    row = {"system": system, "concurrent": k, "ctx": spec.ctx, "trace": spec.name,
+           "total_tokens": spec.total_tokens, **row}
+    if row["status"] == "ok":
+        row["throughput_tok_s"] = k * spec.total_tokens / row["e2e_s"]
+        if k == 1:
+            floor = ideal_floor_s(cost, rates, spec.counts)
+            lr = system in ("non_shared", "base_shared", "base_lr_shared")
+            steps = [(s["prompt_tokens"], s["computed_tokens"], s["generated"]) for s in row.get("steps", [])]
+            row["floor_s"] = floor
+            row["system_floor_s"] = system_floor_s(cost, rates, steps, lr=lr) if steps else None
+            row["time_over_floor"] = row["e2e_s"] / floor
+    return row
+
+
+def _row_line(r: dict) -> str:
+    ok = r["status"] == "ok"
+
+    def f(key, fmt):
+        v = r.get(key)
+        return format(v, fmt) if (ok and v is not None) else "-"
+
+    dec = r.get("decode_step_ms")
+    return (f"{r['system']:<15} {r['concurrent']:>3} {fmt_tokens(r['total_tokens']):>6} "
+            f"{(r['status'] if not ok else 'ok')[:22]:<22} {f('throughput_tok_s', '10.1f')} {f('ttft_s', '8.3f')} "
+            f"{f('e2e_s', '8.2f')} {r.get('computed_tokens', 0):>9} {r.get('reused_tokens', 0):>9} "
+            f"{_gib(r.get('kv_peak_bytes')):>8} {_gib(r.get('device_peak_effective_bytes')):>8} "
+            f"{f('floor_s', '8.3f')} {(format(100 * r['time_over_floor'], '7.0f') + '%') if ok and r.get('time_over_floor') else '       -'} "
+            f"{(format(dec, '7.2f')) if dec else '      -'}")
+
+
+HEADER = (f"{'system':<15} {'K':>3} {'tokens':>6} {'status':<22} {'tok/s':>10} {'TTFT s':>8} {'e2e s':>8} "
+          f"{'computed':>9} {'reused':>9} {'KV GiB':>8} {'mem GiB':>8} {'floor s':>8} {'t/floor':>8} {'dec ms':>7}")
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, evaluated on the rows of this run (paper trace only)."""
+    ok = {(r["system"], r["ctx"], r["concurrent"]): r for r in rows if r["status"] == "ok" and r["trace"] == "paper"}
+    allrows = {(r["system"], r["ctx"], r["concurrent"]): r for r in rows if r["trace"] == "paper"}
+    out = []
+
+    def add(name, value, threshold, passed):
+        out.append({"target": name, "value": value, "threshold": threshold,
+                    "result": "n/a" if passed is None else ("PASS" if passed else "FAIL")})
+
+    def ratio(a, b, key, invert=False):
+        if a is None or b is None or not a.get(key) or not b.get(key):
+            return None
+        return b[key] / a[key] if invert else a[key] / b[key]
+
+    at = 8192
+    blr, fs, ns = ok.get(("base_lr_shared", at, 1)), ok.get(("full_shared", at, 1)), ok.get(("non_shared", at, 1))
+    v = ratio(blr, fs, "throughput_tok_s")
+    add("33.7k: base_lr_shared / full_shared throughput", v, ">= 0.95", None if v is None else v >= 0.95)
+    v = ratio(blr, ns, "throughput_tok_s")
+    add("33.7k: base_lr_shared / non_shared throughput", v, ">= 2.5", None if v is None else v >= 2.5)
+    v = ratio(blr, ns, "ttft_s", invert=True)
+    add("33.7k: non_shared / base_lr_shared TTFT", v, ">= 4.2", None if v is None else v >= 4.2)
+    v = blr["throughput_tok_s"] if blr else None
+    add("33.7k: base_lr_shared tok/s", v, ">= 8000", None if v is None else v >= 8000)
+    ctxs = sorted({c for (_, c, _) in ok if c is not None})
+    for system in ("base_shared", "base_lr_shared"):
+        vals = [ratio(ok.get((system, c, 1)), ok.get(("non_shared", c, 1)), "kv_peak_bytes") for c in ctxs]
+        vals = [x for x in vals if x is not None]
+        add(f"{system} / non_shared peak KV bytes (max over lengths)", max(vals) if vals else None, "<= 0.36",
+            None if not vals else max(vals) <= 0.36)
+    big = allrows.get(("base_lr_shared", 16384, 1)), allrows.get(("base_shared", 16384, 1))
+    if any(big):
+        bad = [r["system"] + ": " + r["status"] for r in big if r and r["status"] != "ok"]
+        add("66.4k: no OOM (base_shared, base_lr_shared)", "; ".join(bad) or "ok", "ok", not bad)
+    for c in ctxs:
+        v = ratio(ok.get(("non_shared", c, 1)), ok.get(("hf_non_shared", c, 1)), "throughput_tok_s")
+        if v is not None:
+            need = 5.0 if c == 256 else 3.0
+            add(f"{fmt_tokens(paper_trace(c).total_tokens)}: non_shared / hf_non_shared throughput", v, f">= {need}", v >= need)
+    for c in ctxs:
+        r = ok.get(("base_lr_shared", c, 1))
+        if r and c >= 2048 and r.get("time_over_floor"):
+            add(f"{fmt_tokens(r['total_tokens'])}: base_lr_shared time / floor", r["time_over_floor"], "<= 1.5",
+                r["time_over_floor"] <= 1.5)
+    for (system, c, k), r in ok.items():
+        one = ok.get((system, c, 1))
+        if k == 16 and one:
+            v = r["throughput_tok_s"] / one["throughput_tok_s"]
+            add(f"{fmt_tokens(r['total_tokens'])}: {system} --concurrent 16 / single throughput", v, ">= 8", v >= 8)
+    return out
+
+
+def _print_targets(targets: list[dict]) -> None:
+    if not targets:
+        return
+    print("\ntargets (issue 5):")
+    for t in targets:
+        v = t["value"]
+        v = "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+        print(f"  {t['result']:<5} {t['target']}: {v} (want {t['threshold']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lragent bench trace", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="smollm2-135m-instruct (CPU), dummy:llama-3.1-8b, dummy:ministral-8b (random weights)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--ctx", default=None, help="L_ctx values, e.g. 256,512,1k (default: 256..16k on CUDA, 256..1k on CPU)")
+    p.add_argument("--trace", default=None, help="a JSON trace (see the module doc); default: the paper's 17 steps")
+    p.add_argument("--first-prefill", type=int, default=512, help="tokens of step 1 (the paper: 512)")
+    p.add_argument("--gen-cap", type=int, default=None, help="cap every step's generation (tests; not the paper)")
+    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma list of {', '.join(ALL_SYSTEMS)}")
+    p.add_argument("--concurrent", default="1", help="comma list of K: K independent trajectories at once (engine only)")
+    p.add_argument("--hf-max-tokens", type=int, default=None, help="skip HF + PEFT on traces longer than this")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a real PEFT adapter for an agent (default: random rank-8 q/v with shared v_proj A)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV budget (default: the engine's)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per (system, length, K) run")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole benchmark; later runs are skipped")
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--profile-decode", type=int, default=None, metavar="CTX",
+                   help="also break a decode step at CTX tokens down (host vs GPU kernels) for every engine system")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/trace", help="results folder (trace.json, PNG plots)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+
+    t_begin = time.perf_counter()
+    budget_end = t_begin + args.time_budget if args.time_budget else math.inf
+    device = torch.device(args.device)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in ALL_SYSTEMS]
+    if unknown:
+        p.error(f"unknown systems {unknown}; choose from {', '.join(ALL_SYSTEMS)}")
+    args.concurrent = [int(k) for k in args.concurrent.split(",")]
+    if any(k < 1 for k in args.concurrent):
+        p.error("--concurrent values must be >= 1")
+    ctxs = parse_sizes(args.ctx) if args.ctx else list(PAPER_CTX if device.type == "cuda" else CPU_CTX)
+    if args.trace:
+        name, steps = load_trace(args.trace)
+        if args.gen_cap:
+            steps = tuple(Step(s.agent, s.prefill, max(1, min(s.generate, args.gen_cap))) for s in steps)
+        has_ctx = any(s.prefill == "ctx" for s in steps)
+        specs = [TraceSpec(name, c, steps) for c in ctxs] if has_ctx else [TraceSpec(name, None, steps)]
+    else:
+        specs = [paper_trace(c, args.gen_cap, args.first_prefill) for c in ctxs]
+    agents = specs[0].agents
+    mconfig = model_config_for(args.model)
+    from lragent.config import EngineConfig
+
+    dtype = EngineConfig(model=args.model, device=args.device, dtype=args.dtype).torch_dtype
+    random_weights = args.model.startswith("dummy:")
+    given = dict(a.split("=", 1) for a in args.adapter)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    rates = calibrate(device, dtype)
+    cost = ModelCost.of(mconfig, dtype)
+    meta = {
+        "model": args.model, "random_weights": random_weights, "device": args.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "dtype": str(dtype).split(".")[-1], "threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "lragent bench trace " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "torch": torch.__version__, "rates": rates.as_dict(), "agents": agents,
+        "adapters": "given: " + ", ".join(given) if given else "random rank-8 q/v LoRA (alpha 16), shared v_proj A",
+    }
+    try:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+        import peft
+
+        meta["peft"] = peft.__version__
+    except ImportError:
+        pass
+    result = {"meta": meta, "rows": [], "profiles": {}, "targets": []}
+    json_path = out_dir / "trace.json"
+
+    def save() -> None:
+        json_path.write_text(json.dumps(result, indent=1, default=str))
+
+    print(f"trace benchmark: {args.model} ({'RANDOM weights: speed only, outputs meaningless' if random_weights else 'real weights'}), "
+          f"{meta['dtype']} on {meta['device_name']}; {meta['adapters']}")
+    print(f"calibration: matmul {rates.matmul_flops / 1e12:.1f} TFLOP/s, copy {rates.copy_bytes / 1e9:.0f} GB/s "
+          f"(floor = every forward pass at max(FLOPs / matmul rate, bytes / copy bandwidth))")
+    print(HEADER, flush=True)
+
+    def record(row: dict) -> None:
+        result["rows"].append(row)
+        print(_row_line(row), flush=True)
+        save()
+
+    def skipped(system, spec, k, why):
+        record(_finish_row({"status": why, "e2e_s": None}, system, spec, k, cost, rates))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        missing = [a for a in agents if a not in given]
+        adapters = dict(given)
+        if missing:
+            adapters.update(write_random_adapters(args.model, Path(tmp), missing, rank=8, shared_a=True))
+        adapters = {a: adapters[a] for a in agents}
+
+        for system in [s for s in systems if s in ENGINE_SYSTEMS]:
+            if time.perf_counter() > budget_end:
+                for spec in specs:
+                    for k in args.concurrent:
+                        skipped(system, spec, k, "skipped (time budget)")
+                continue
+            engine = None
+            try:
+                engine = build_engine(args, system, adapters)
+                if not args.no_warmup:
+                    gpu = device.type == "cuda"
+                    warm_up(engine, 2048 if gpu else 16, args.seed, max(args.concurrent), 512 if gpu else 32)
+            except Exception as e:  # noqa: BLE001 - reported, not raised: the other systems still run
+                status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}"
+                for spec in specs:
+                    for k in args.concurrent:
+                        skipped(system, spec, k, status)
+                engine = None
+                _free_cuda()
+                continue
+            failed = None
+            for spec in specs:
+                for k in args.concurrent:
+                    if failed:
+                        skipped(system, spec, k, f"skipped ({failed} at a shorter length)")
+                        continue
+                    now = time.perf_counter()
+                    if now > budget_end:
+                        skipped(system, spec, k, "skipped (time budget)")
+                        continue
+                    row = run_engine_trace(engine, spec, k, args.seed, min(now + args.run_timeout, budget_end))
+                    row = _finish_row(row, system, spec, k, cost, rates)
+                    record(row)
+                    if row["status"] == "OOM" or row["status"] == "timeout":
+                        failed = row["status"]
+            if args.profile_decode and time.perf_counter() < budget_end:
+                try:
+                    result["profiles"][system] = profile_decode(engine, args.profile_decode, 16, args.seed)
+                    save()
+                except Exception as e:  # noqa: BLE001
+                    result["profiles"][system] = {"error": f"{type(e).__name__}: {e}"}
+            del engine
+            _free_cuda()
+
+        hf = [s for s in systems if s in HF_SYSTEMS]
+        if hf:
+            from lragent.bench.hf_baseline import HFRunner, load_hf_peft
+
+            model = None
+            try:
+                if time.perf_counter() < budget_end:
+                    model = load_hf_peft(args.model, adapters, args.device, dtype)
+            except Exception as e:  # noqa: BLE001
+                for system in hf:
+                    for spec in specs:
+                        skipped(system, spec, 1, "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}")
+                hf = []
+            for system in hf:
+                runner = HFRunner(model, system, args.device) if model is not None else None
+                if runner is not None and not args.no_warmup:
+                    warm = paper_trace(16, gen_cap=2, first_prefill=32)
+                    run_hf_trace(runner, TraceSpec("warmup", 16, warm.steps), mconfig.vocab_size, args.seed + 7919,
+                                 time.perf_counter() + 120, device)
+                failed = None
+                for spec in specs:
+                    if runner is None or time.perf_counter() > budget_end:
+                        skipped(system, spec, 1, "skipped (time budget)")
+                    elif failed:
+                        skipped(system, spec, 1, f"skipped ({failed} at a shorter length)")
+                    elif args.hf_max_tokens and spec.total_tokens > args.hf_max_tokens:
+                        skipped(system, spec, 1, "skipped (--hf-max-tokens)")
+                    else:
+                        now = time.perf_counter()
+                        row = run_hf_trace(runner, spec, mconfig.vocab_size, args.seed,
+                                           min(now + args.run_timeout, budget_end), device)
+                        row = _finish_row(row, system, spec, 1, cost, rates)
+                        record(row)
+                        if row["status"] in ("OOM", "timeout"):
+                            failed = row["status"]
+            del model
+            _free_cuda()
+
+    rows = result["rows"]
+    print("\n" + HEADER)
+    for spec in specs:
+        for r in rows:
+            if r["ctx"] == spec.ctx and r["trace"] == spec.name:
+                print(_row_line(r))
+    print("tok/s = trajectory tokens (appended + generated) x K / end-to-end time; TTFT = sum of prefill latencies "
+          "(per trajectory); KV GiB = peak cache bytes held (in use + reusable); mem GiB = peak device memory with "
+          "the engine's preallocated pool counted only as far as used; t/floor = time / roofline floor; "
+          "dec ms = mean decode forward pass")
+    if random_weights:
+        print("NOTE: random (dummy) weights: speed only; generated tokens are meaningless.")
+    for system, prof in result["profiles"].items():
+        print(f"decode profile {system}: " + json.dumps(prof))
+    result["targets"] = check_targets(rows) if not args.trace else []
+    _print_targets(result["targets"])
+    result["meta"]["wall_s"] = time.perf_counter() - t_begin
+    save()
+    if not args.no_plots:
+        try:
+            from lragent.bench.plots import plot_results
+
+            for path in plot_results(result, out_dir):
+                print("wrote", path)
+        except ImportError:
+            print("matplotlib is missing: no plots (python -m lragent.bench.plots trace.json redraws them)")
+    print("wrote", json_path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
