@@ -59,7 +59,7 @@ def test_json_trace_formats_and_errors(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         tb.load_trace(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="ctx"):
-        tb.TraceSpec("x", None, steps).counts
+        _ = tb.TraceSpec("x", None, steps).counts
     with pytest.raises(ValueError, match="out of range"):
         tb.appended_tokens(tb.TraceSpec("x", 1, ((tb.Step("a", (5000,), 1)),)), 1000, 0, 0)
 

@@ -63,13 +63,13 @@ def calibrate(device: str | torch.device, dtype: torch.dtype) -> Rates:
     dst = torch.empty_like(src)
     t_copy = _time(lambda: dst.copy_(src), device, 10 if gpu else 5)
     copy_bw = 2 * src.numel() * src.element_size() / t_copy
-    del src, dst
+    src = dst = None
     m = 8192 if gpu else 768
     a = torch.randn(m, m, dtype=dtype, device=device)
     b = torch.randn(m, m, dtype=dtype, device=device)
     t_mm = _time(lambda: a @ b, device, 10 if gpu else 3)
     rates = Rates(2 * m**3 / t_mm, copy_bw, torch.cuda.get_device_name(device) if gpu else "cpu", str(dtype).split(".")[-1])
-    del a, b
+    a = b = None
     if gpu:
         torch.cuda.empty_cache()
     return rates
