@@ -57,7 +57,8 @@ class LLMEngine:
         max_loras = config.max_loras or len(adapters) + 4
         max_rank = config.max_lora_rank or max([a.rank for a in adapters] or [16])
         self.registry = AdapterRegistry(self.scheme, self.model_config.num_layers, max_loras, config.allow_unshared_a)
-        self.bank = LoRABank(self.model_config, max_loras, max_rank, self.dtype, self.device)
+        backend = make_backend(config.attention_backend, self.device)
+        self.bank = self._bank_class(backend.name)(self.model_config, max_loras, max_rank, self.dtype, self.device)
         for adapter in adapters:
             self.bank.load(self.registry.add(adapter), adapter)
         layout = CacheLayout.for_budget(
@@ -69,7 +70,7 @@ class LLMEngine:
             self.dtype,
         )
         self.cache = KVCache(self.model_config, layout, self.dtype, self.device)
-        self.model.bind(Runtime(self.cache, self.bank, make_backend(config.attention_backend, self.device)))
+        self.model.bind(Runtime(self.cache, self.bank, backend))
         self.block_manager = BlockManager(self.scheme, layout)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache, self.scheme, self.device)
@@ -88,6 +89,15 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(folder))
+
+    @staticmethod
+    def _bank_class(backend_name: str) -> type[LoRABank]:
+        """With the Triton attention backend, the multi-LoRA projections run as Triton kernels too."""
+        if backend_name == "triton":
+            from lragent.kernels.triton_lora import TritonLoRABank
+
+            return TritonLoRABank
+        return LoRABank
 
     def _cache_budget(self) -> int:
         if self.config.kv_cache_bytes is not None:

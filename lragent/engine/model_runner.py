@@ -14,10 +14,17 @@ from lragent.models.context import ForwardContext
 from lragent.models.llama import CausalLM
 
 
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list -> device tensor; pinned staging keeps the copy asynchronous on CUDA (no host sync)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 def _table(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max(1, max(len(t) for t in tables))
-    rows = [t + [-1] * (width - len(t)) for t in tables]
-    return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
+    return _upload([t + [-1] * (width - len(t)) for t in tables], torch.int32, device)
 
 
 class ModelRunner:
@@ -56,25 +63,25 @@ class ModelRunner:
         attn = AttentionMetadata(
             query_lens=list(batch.num_tokens),
             context_lens=context_lens,
-            query_start=torch.tensor(query_start, dtype=torch.int32).to(dev, non_blocking=True),
-            context_lens_t=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            query_start=_upload(query_start, torch.int32, dev),
+            context_lens_t=_upload(context_lens, torch.int32, dev),
             base_block_tables=_table([s.base_blocks for s in batch.seqs], dev),
             lr_block_tables=_table([s.lr_blocks for s in batch.seqs], dev) if self.cache.lr is not None else None,
-            seq_lora_slots=torch.tensor([s.lora_slot for s in batch.seqs], dtype=torch.int64).to(dev),
-            base_write_idx=None if all_written else torch.tensor(base_idx, dtype=torch.int64).to(dev),
-            base_slots=torch.tensor(base_slots, dtype=torch.int64).to(dev, non_blocking=True),
-            lr_slots=torch.tensor(lr_slots, dtype=torch.int64).to(dev) if self.cache.lr is not None else None,
+            seq_lora_slots=_upload([s.lora_slot for s in batch.seqs], torch.int64, dev),
+            base_write_idx=None if all_written else _upload(base_idx, torch.int64, dev),
+            base_slots=_upload(base_slots, torch.int64, dev),
+            lr_slots=_upload(lr_slots, torch.int64, dev) if self.cache.lr is not None else None,
             is_decode=not batch.is_prefill,
         )
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        pos_t = _upload(positions, torch.int64, dev)
         ctx = ForwardContext(
             attn=attn,
             lora=LoRAMetadata(group_by_slot(token_slots, dev), group_by_slot(base_token_slots, dev)),
             expand_values=not self.scheme.has_lr_pool,
             positions=pos_t,
-            base_positions=pos_t if all_written else torch.tensor(base_pos, dtype=torch.int64).to(dev),
+            base_positions=pos_t if all_written else _upload(base_pos, torch.int64, dev),
         )
-        return torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True), ctx, sample_rows
+        return _upload(ids, torch.int64, dev), ctx, sample_rows
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:

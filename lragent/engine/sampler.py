@@ -38,4 +38,5 @@ def sample(
             picks.append(torch.multinomial(probs.cpu() if gen is not None else probs, 1, generator=gen)[0])
         chosen = torch.stack([t.to(logits.device) for t in picks])
     chosen_lp = logprobs.gather(-1, chosen[:, None])[:, 0]
-    return chosen.tolist(), chosen_lp.tolist()
+    both = torch.stack([chosen.double(), chosen_lp.double()]).cpu()  # the step's one device-to-host copy
+    return [int(t) for t in both[0].tolist()], both[1].tolist()
