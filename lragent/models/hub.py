@@ -48,6 +48,10 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype="float32")
     config = model.config.to_dict()
+    eos = config.get("eos_token_id")
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+        # some transformers versions read the GGUF's EOS as <|im_start|>; the model config is authoritative
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
