@@ -141,6 +141,9 @@ def test_trace_bench_every_system_on_cpu(tmp_path, tiny_model, capsys):
     assert (out / "throughput.png").stat().st_size > 0 and (out / "ttft.png").stat().st_size > 0
     assert (out / "throughput_k2.png").is_file()
     assert result["meta"]["rates"]["matmul_TFLOPs"] > 0
+    assert tb.main(["--report", str(out / "trace.json"), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    merged = json.loads((tmp_path / "rep" / "trace.json").read_text())
+    assert len(merged["rows"]) == len(result["rows"]) and merged["targets"]
 
 
 def test_trace_bench_json_trace_and_budget(tmp_path, tiny_model):

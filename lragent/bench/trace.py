@@ -631,7 +631,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/trace", help="results folder (trace.json, PNG plots)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--report", nargs="+", metavar="TRACE_JSON",
+                   help="run nothing: merge these trace.json files, print the table and targets, write --out")
     args = p.parse_args(argv)
+    if args.report:
+        return report_main(args.report, args.out, not args.no_plots)
 
     t_begin = time.perf_counter()
     budget_end = t_begin + args.time_budget if args.time_budget else math.inf
@@ -791,25 +795,34 @@ def main(argv: list[str] | None = None) -> int:
             del model
             _free_cuda()
 
+    result["meta"]["wall_s"] = time.perf_counter() - t_begin
+    return report(result, out_dir, plots=not args.no_plots, targets=not args.trace)
+
+
+def report(result: dict, out_dir: Path, plots: bool = True, targets: bool = True) -> int:
+    """Print the table (grouped by length), the decode profiles and the targets; write trace.json and the plots."""
     rows = result["rows"]
     print("\n" + HEADER)
-    for spec in specs:
-        for r in rows:
-            if r["ctx"] == spec.ctx and r["trace"] == spec.name:
-                print(_row_line(r))
+    keys = sorted({(r["trace"], r["total_tokens"]) for r in rows}, key=lambda kv: kv[1])
+    for key in keys:
+        for r in sorted((r for r in rows if (r["trace"], r["total_tokens"]) == key),
+                        key=lambda r: (r["concurrent"], ALL_SYSTEMS.index(r["system"]))):
+            print(_row_line(r))
     print("tok/s = trajectory tokens (appended + generated) x K / end-to-end time; TTFT = sum of prefill latencies "
           "(per trajectory); KV GiB = peak cache bytes held (in use + reusable); mem GiB = peak device memory with "
           "the engine's preallocated pool counted only as far as used; t/floor = time / roofline floor; "
           "dec ms = mean decode forward pass")
-    if random_weights:
+    if result["meta"].get("random_weights"):
         print("NOTE: random (dummy) weights: speed only; generated tokens are meaningless.")
-    for system, prof in result["profiles"].items():
+    for system, prof in result.get("profiles", {}).items():
         print(f"decode profile {system}: " + json.dumps(prof))
-    result["targets"] = check_targets(rows) if not args.trace else []
+    result["targets"] = check_targets(rows) if targets else []
     _print_targets(result["targets"])
-    result["meta"]["wall_s"] = time.perf_counter() - t_begin
-    save()
-    if not args.no_plots:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "trace.json"
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    if plots:
         try:
             from lragent.bench.plots import plot_results
 
@@ -820,6 +833,24 @@ def main(argv: list[str] | None = None) -> int:
     print("wrote", json_path)
     return 0
 
+
+def report_main(files: list[str], out_dir: str, plots: bool) -> int:
+    """Merge the rows (and profiles) of several trace.json files of one machine and report them together."""
+    merged = None
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        if merged is None:
+            merged = {"meta": dict(data["meta"], merged_from=list(files)), "rows": [], "profiles": {}}
+        merged["rows"].extend(data["rows"])
+        merged["profiles"].update(data.get("profiles", {}))
+    seen, rows = set(), []
+    for r in reversed(merged["rows"]):  # a later file's row wins
+        key = (r["system"], r["trace"], r["total_tokens"], r["concurrent"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
+    merged["rows"] = rows[::-1]
+    return report(merged, Path(out_dir), plots, targets=all(r["trace"] == "paper" for r in rows))
 
 if __name__ == "__main__":
     raise SystemExit(main())
