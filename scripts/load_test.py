@@ -9,8 +9,9 @@ trajectories, within --max-seconds. Loopback only.
 
 Reports per round requests/s, prompt+generated tokens/s, client TTFT p50/p99 (time to the first streamed token),
 errors (must be 0), the share of prompt tokens served from the cache, and the server's resident memory before and
-after, to show it does not grow across rounds (a warm-up first writes every KV cache block once, as the cache's
-zeroed pages only become resident when first used). Prints a table and one parseable `LOADTEST ...` line, writes JSON.
+after, to show it does not grow across rounds (a warm-up first fills the KV cache in near-maximal prefill steps,
+so the allocator's high-water mark is reached before the first round). Prints a table and one parseable
+`LOADTEST ...` line, writes JSON; exits 1 on any error or if a sequence or cache block is left behind.
 
     python scripts/load_test.py                                   # spawns a CPU server with random role adapters
     python scripts/load_test.py --url http://127.0.0.1:8000       # an already running server
@@ -165,8 +166,9 @@ def scrape(url: str) -> dict[str, float]:
 
 
 async def warm_up(url: str, args: argparse.Namespace) -> dict:
-    """Write every KV cache block once before measuring: the cache's pages are zeroed lazily, so RSS rises the
-    first time each block is used; after this, RSS changes across rounds are real growth."""
+    """Fill the whole KV cache once, in near-maximal prefill steps, before measuring: the allocator's high-water
+    mark (activations of the largest step, Python and torch pools) is reached here, so RSS changes across the
+    rounds that follow are real growth."""
     before = scrape(url)
     capacity = int(before["key_blocks"] * before["block_size"])
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=args.api_key or "none", max_retries=0, timeout=600)
@@ -394,7 +396,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--no-warmup", dest="warmup", action="store_false", help="skip writing the whole KV cache once before round 1"
+        "--no-warmup", dest="warmup", action="store_false", help="skip filling the KV cache once before round 1"
     )
     p.add_argument("--json", default="results/load_test.json")
     args = p.parse_args(argv)
