@@ -256,14 +256,6 @@ def test_store_small(n, t, rank):
     _check_store(n, t, 2, 16, rank, 4, torch.float32, seed=n * 31 + t)
 
 
-def _lora_ref(x, a_stack, b_stack, scaling, token_slots):
-    out = torch.zeros(x.shape[0], b_stack.shape[-1], dtype=torch.float64)
-    for i, s in enumerate(token_slots):
-        if s:
-            out[i] = (x[i].double() @ a_stack[s].double()) @ b_stack[s].double() * float(scaling[s])
-    return out
-
-
 def _check_lora(t, d_in, d_out, rank, token_slots, dtype, seed, split_k=None):
     gen = torch.Generator().manual_seed(seed)
     s = 4
@@ -285,15 +277,16 @@ def _check_lora(t, d_in, d_out, rank, token_slots, dtype, seed, split_k=None):
     seg_slot = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
     max_len = max((r.numel() for r in idx), default=0)
     y = lora_shrink(x, a, seg_start, seg_slot, max_len, tokens=tokens, out_dtype=torch.float32, split_k=split_k)
-    y_ref = torch.zeros(t, rank, dtype=torch.float64)
-    for i, sl in enumerate(token_slots):
-        y_ref[i] = x[i].cpu().double() @ a[sl].cpu().double()
+    sl = torch.tensor(token_slots)
+    x64, a64, b64 = x.cpu().double(), a.cpu().double(), b.cpu().double()
+    y_ref = torch.einsum("tk,tkr->tr", x64, a64[sl])
     tol = TOL[dtype]
     assert rel_err(y.cpu(), y_ref) < tol or y_ref.abs().max() == 0
     base = torch.randn(t, d_out, generator=gen).to(DEVICE, dtype)
     out = base.clone()
     lora_expand(y, b, seg_start, seg_slot, max_len, scaling, out=out, add=True, tokens=tokens)
-    ref = base.cpu().double() + _lora_ref(x.cpu(), a.cpu(), b.cpu(), scaling.cpu(), token_slots)
+    delta = torch.einsum("tr,trn->tn", y_ref, b64[sl]) * scaling.cpu().double()[sl][:, None]
+    ref = base.cpu().double() + delta
     assert rel_err(out.cpu(), ref) < tol
     fresh = lora_expand(y, b, seg_start, seg_slot, max_len, scaling, tokens=tokens)
     assert rel_err(fresh.cpu() + base.cpu().double(), ref) < tol
