@@ -89,8 +89,9 @@ def test_batched_decode_matches_per_sequence_loop():
     bs, rank = 4, 8
     cache = KVCache(cfg, CacheLayout(bs, 40, 40, rank), torch.float64, torch.device("cpu"))
     cache.key.normal_(), cache.value.normal_(), cache.lr.normal_()
+    cache.value[0, 0].fill_(float("nan")), cache.lr[0, 0].fill_(float("nan"))  # unused block: must not leak
     ctx_lens, slots = [9, 1, 17, 4], [1, 0, 2, 1]
-    perm = torch.randperm(40).tolist()
+    perm = (torch.randperm(39) + 1).tolist()  # block 0 stays unused (and NaN)
     tables = [perm[i * 5 : i * 5 + -(-n // bs)] for i, n in enumerate(ctx_lens)]
     lr_tables = [perm[20 + i * 5 : 20 + i * 5 + -(-n // bs)] for i, n in enumerate(ctx_lens)]
 

@@ -99,9 +99,11 @@ def batched_decode_attention(
     qg = query.to(acc).view(b, hkv, hq // hkv, d)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, keys[idx].to(acc)) * d**-0.5
     probs = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, values[idx].to(acc))
+    pad = ~valid[:, :, None]  # padding rows may hold anything (even NaN): zero them, 0 * NaN would leak
+    out = torch.einsum("bhgl,blhd->bhgd", probs, values[idx].to(acc).masked_fill(pad[..., None], 0.0))
     if lrs is not None:
-        pr = torch.einsum("bhgl,blr->bhgr", probs, lrs[slots(meta.lr_block_tables)].to(acc))
+        lr = lrs[slots(meta.lr_block_tables)].to(acc).masked_fill(pad, 0.0)
+        pr = torch.einsum("bhgl,blr->bhgr", probs, lr)
         b_up = value_up[meta.seq_lora_slots].view(b, -1, hkv, d).to(acc)
         scale = lora_scaling[meta.seq_lora_slots].to(acc)[:, None, None, None]
         out = out + scale * torch.einsum("bhgr,brhd->bhgd", pr, b_up)
