@@ -367,6 +367,7 @@ def summarize(args: argparse.Namespace, rows: list[dict], warm: dict) -> dict:
         "cached_share": sum(r["cached_share"] * r["prompt_tokens"] for r in rows) / prompt if prompt else 0.0,
         "rss_baseline_mib": warm.get("rss_after_warmup_mib", rows[0]["rss_after_mib"]),
         "rss_growth_mib": rows[-1]["rss_after_mib"] - warm.get("rss_after_warmup_mib", rows[0]["rss_after_mib"]),
+        "rss_growth_after_round1_mib": rows[-1]["rss_after_mib"] - rows[0]["rss_after_mib"],
         "left_running": rows[-1]["left_running"],
         "blocks_in_use_after": rows[-1]["blocks_in_use_after"],
     }
