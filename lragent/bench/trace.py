@@ -409,14 +409,19 @@ def _summarise(records: list[list[dict]], spec: TraceSpec, k: int) -> dict:
     return out
 
 
-def warm_up(engine, spec_ctx: int, seed: int, k: int = 1, first_prefill: int = 512) -> None:
-    """Compile/warm the kernels on a short-generation trace (ids disjoint from the timed runs), then forget it.
+def warm_up(engine, ctxs: list[int], seed: int, k: int = 1, first_prefill: int = 512) -> None:
+    """Compile/warm the kernels on short-generation traces (ids disjoint from the timed runs), then forget them.
 
-    On a GPU, a 9.1k-token trace reaches every decode split count that batch-1 decode at longer contexts uses."""
-    spec = paper_trace(spec_ctx, gen_cap=3, first_prefill=first_prefill)
-    run_engine_trace(engine, TraceSpec("warmup", spec.ctx, spec.steps), min(k, 4), seed + 7919, time.perf_counter() + 600)
+    Triton specialises integer arguments (e.g. block-table widths divisible by 16), so a kernel can still compile
+    in a timed run; on a GPU a 9.1k-token trace plus the shortest timed length catches most variants (a fresh
+    machine's first run still showed one ~1 s compile stall in 17 steps: see BENCHMARKS.md)."""
+    for ctx in ctxs:
+        spec = paper_trace(ctx, gen_cap=3, first_prefill=first_prefill)
+        run_engine_trace(engine, TraceSpec("warmup", spec.ctx, spec.steps), min(k, 4), seed + 7919,
+                         time.perf_counter() + 600)
     if k > 4:
-        run_engine_trace(engine, TraceSpec("warmup", 64, paper_trace(64, 3, first_prefill).steps), k, seed + 7919, time.perf_counter() + 600)
+        spec = paper_trace(64, 3, first_prefill)
+        run_engine_trace(engine, TraceSpec("warmup", 64, spec.steps), k, seed + 7919, time.perf_counter() + 600)
 
 
 def profile_decode(engine, context: int, steps: int, seed: int) -> dict:
@@ -724,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
                 engine = build_engine(args, system, adapters)
                 if not args.no_warmup:
                     gpu = device.type == "cuda"
-                    warm_up(engine, 2048 if gpu else 16, args.seed, max(args.concurrent), 512 if gpu else 32)
+                    warm_ctx = sorted({2048, min(ctxs)}) if gpu else [16]
+                    warm_up(engine, warm_ctx, args.seed, max(args.concurrent), 512 if gpu else 32)
             except Exception as e:  # noqa: BLE001 - reported, not raised: the other systems still run
                 status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}"
                 for spec in specs:
