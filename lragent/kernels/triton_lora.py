@@ -225,8 +225,15 @@ def lora_expand(
 # ------------------------------------------------------------------------------------------------------------
 # opt-in engine hook
 # ------------------------------------------------------------------------------------------------------------
+def _upload(values: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.int32)
+    if device.type == "cuda":
+        host = host.pin_memory()  # asynchronous copy: no host synchronisation inside a step
+    return host.to(device, non_blocking=True)
+
+
 class _SegmentPlan:
-    __slots__ = ("tokens", "seg_start", "seg_slot", "max_len", "slots", "covers_all")
+    __slots__ = ("tokens", "seg_start", "seg_slot", "max_len", "slots", "covers_all", "shared")
 
     def __init__(self, segments: Segments, num_tokens: int, device: torch.device):
         starts, lens, idx = [0], [], []
@@ -247,8 +254,9 @@ class _SegmentPlan:
             ).to(torch.int32)
         else:
             self.tokens = None
-        self.seg_start = torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True)
-        self.seg_slot = torch.tensor(self.slots, dtype=torch.int32).to(device, non_blocking=True)
+        self.seg_start = _upload(starts, device)
+        self.seg_slot = _upload(self.slots, device)
+        self.shared = None  # (seg_start, seg_slot) of one segment over all tokens, built on first use
 
 
 class TritonLoRABank(LoRABank):
@@ -323,7 +331,9 @@ class TritonLoRABank(LoRABank):
         plan = self._plan_for(segments, "v_proj", t, x.device)
         if plan is None:
             return torch.zeros(t, self.max_rank, dtype=x.dtype, device=x.device)
-        if plan.covers_all and self._v_shared(layer):
-            return shared_shrink(x, down[plan.slots[0]], out_dtype=x.dtype)
+        if plan.covers_all and self._v_shared(layer):  # BaseLRShared: one A for every token, one segment
+            if plan.shared is None:
+                plan.shared = (_upload([0, t], x.device), _upload([plan.slots[0]], x.device))
+            return lora_shrink(x, down, plan.shared[0], plan.shared[1], t, out_dtype=x.dtype)
         return lora_shrink(x, down, plan.seg_start, plan.seg_slot, plan.max_len, tokens=plan.tokens,
                            out_dtype=x.dtype)
