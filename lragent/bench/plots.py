@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+COLORS = {"non_shared": "C3", "full_shared": "C1", "base_shared": "C2", "base_lr_shared": "C0",
+          "hf_non_shared": "C5", "hf_full_shared": "C4"}
+
 
 def _fmt_tokens(n: float) -> str:
     return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:.0f}"
@@ -34,12 +37,13 @@ def plot_results(result: dict, out_dir: str | Path) -> list[str]:
         ):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             systems = list(dict.fromkeys(r["system"] for r in rows if r["concurrent"] == k))
-            for system in systems:
+            for i, system in enumerate(systems):
                 pts = sorted((r["total_tokens"], r[metric]) for r in rows
                              if r["system"] == system and r["concurrent"] == k and r.get(metric))
                 if pts:
                     style = "--" if system.startswith("hf_") else "-"
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=system)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=system,
+                            color=COLORS.get(system, f"C{i}"))
             ax.set_xscale("log")
             ax.set_yscale("log")
             ticks = sorted({r["total_tokens"] for r in rows if r["concurrent"] == k})
