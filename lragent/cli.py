@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 
-from lragent.cache.sharing import SharingMode
+from lragent.engine_args import add_engine_args, engine_config
 
 # subcommands implemented in their own modules, each exposing `main(argv) -> int`
 DELEGATED = {
@@ -20,61 +20,23 @@ DELEGATED = {
 BENCHES = {"trace": "lragent.bench.trace", "kernels": "lragent.bench.kernels", "decode": "lragent.bench.decode"}
 
 
-def parse_adapters(pairs: list[str]) -> dict[str, str]:
-    adapters = {}
-    for pair in pairs:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--adapter expects NAME=PATH, got {pair!r}")
-        adapters[name] = path
-    return adapters
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Engine options shared by every subcommand that builds an `LLM`."""
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF folder, .gguf or dummy:<preset>")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a PEFT LoRA folder (repeat)")
-    parser.add_argument("--sharing", default="base_shared", choices=[m.value for m in SharingMode])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-bytes", type=int, default=None)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--allow-unshared-a", action="store_true", help="base_lr_shared with different v_proj A")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        model=args.model,
-        adapters=parse_adapters(args.adapter),
-        sharing=args.sharing,
-        device=args.device,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        kv_cache_bytes=args.kv_cache_bytes,
-        max_model_len=args.max_model_len,
-        allow_unshared_a=args.allow_unshared_a,
-    )
-
-
 def generate_main(argv: list[str], chat: bool) -> int:
     from lragent import LLM, SamplingParams
 
     parser = argparse.ArgumentParser(prog=f"lragent {'chat' if chat else 'generate'}")
-    add_engine_args(parser)
+    add_engine_args(parser, default_sharing="base_shared")
     parser.add_argument("prompt", nargs="+")
     parser.add_argument("--use", default=None, help="adapter name to run (default: the first --adapter, else the base)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
-    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[])
     parser.add_argument("--json", action="store_true", help="print outputs with metrics as JSON")
     args = parser.parse_args(argv)
-    kwargs = engine_kwargs(args)
-    adapter = args.use or next(iter(kwargs["adapters"]), None)
-    llm = LLM(**kwargs)
+    config = engine_config(args)
+    adapter = args.use or next(iter(config.adapters), None)
+    llm = LLM.from_config(config)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=args.stop,

@@ -32,6 +32,12 @@ class LLM:
         config = EngineConfig(model=model, adapters=dict(adapters or {}), sharing=sharing, device=device, dtype=dtype, **engine_kwargs)
         self.engine = LLMEngine(config)
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config)
+        return llm
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer
