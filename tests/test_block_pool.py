@@ -87,3 +87,19 @@ def test_scheduler_preempts_when_cache_is_full():
     batch = sched.schedule()
     assert not batch.is_prefill
     assert batch.seqs == [a] and b in sched.waiting and b.metrics.preemptions == 1
+
+
+def test_drop_cached_forgets_unreferenced_blocks_only():
+    pool = BlockPool("t", 4)
+    held, loose = pool.allocate(1), pool.allocate(1)
+    pool.register(held[0], 1), pool.register(loose[0], 2)
+    pool.release(loose)
+    pool.drop_cached()
+    assert pool.peek([1]) == 1 and pool.peek([2]) == 0
+    assert pool.num_available() == 3 and pool.stats.hit_blocks == 0
+
+
+def test_extending_a_known_chain_equals_hashing_from_scratch():
+    tokens = list(range(40))
+    head = block_hashes(tokens, 4, "ns", 3)
+    assert block_hashes(tokens, 4, "ns", known=head) == block_hashes(tokens, 4, "ns")

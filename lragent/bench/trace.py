@@ -214,21 +214,8 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def reset_prefix_cache(engine) -> None:
-    """Forget every cached (unreferenced) block so the next run starts cold and its KV peak is its own.
-
-    Reaches into the block pools: the engine has no public call for this (yet)."""
-    from lragent.cache.block_pool import PoolStats
-
-    assert not engine.has_unfinished(), "reset with requests in flight"
-    for pool in (engine.block_manager.base, engine.block_manager.lr):
-        if pool is None:
-            continue
-        for block_id in list(pool.cached):
-            pool.blocks[block_id].hash = None
-            pool.free.append(block_id)
-        pool.cached.clear()
-        pool.by_hash = {h: b for h, b in pool.by_hash.items() if pool.blocks[b].ref_count > 0}
-        pool.stats = PoolStats()
+    """Forget every cached block so the next run starts cold and its KV peak is its own."""
+    engine.reset_prefix_cache()
 
 
 class _Timers:

@@ -107,6 +107,15 @@ class BlockPool:
         block.ref_count += 1
         return block_id
 
+    def drop_cached(self) -> None:
+        """Forget every unreferenced cached block (blocks in use keep their hashes) and zero the hit counters."""
+        for block_id in self.cached:
+            del self.by_hash[self.blocks[block_id].hash]
+            self.blocks[block_id].hash = None
+            self.free.append(block_id)
+        self.cached.clear()
+        self.stats = PoolStats()
+
     def usage(self) -> dict[str, int]:
         return {
             "blocks_total": self.num_blocks,

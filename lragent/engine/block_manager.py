@@ -46,7 +46,9 @@ class BlockManager:
         base_ids = self.base.match(base_hashes)
         lr_ids: list[int] = []
         if self.lr is not None:
-            lr_ids = self.lr.match(block_hashes(seq.token_ids, self.block_size, lr_ns, len(base_ids)))
+            lr_hashes = block_hashes(seq.token_ids, self.block_size, lr_ns, len(base_ids))
+            lr_ids = self.lr.match(lr_hashes)
+            seq.lr_hashes = lr_hashes[: len(lr_ids)]
         lr_short = need - len(lr_ids) if self.lr is not None else 0
         if need - len(base_ids) > self.base.num_available() or (
             self.lr is not None and lr_short > self.lr.num_available()
@@ -55,6 +57,7 @@ class BlockManager:
             if self.lr is not None:
                 self.lr.release(lr_ids)
             return False
+        seq.base_hashes = base_hashes[: len(base_ids)]
         seq.base_blocks = base_ids + self.base.allocate(need - len(base_ids))
         seq.num_base_cached = len(base_ids) * self.block_size
         seq.base_registered = len(base_ids)
@@ -82,14 +85,20 @@ class BlockManager:
     def publish(self, seq: Sequence) -> None:
         """Index every block that became full and computed, so later requests can reuse it."""
         base_ns, lr_ns = self._namespaces(seq, seq.cache_key)
-        seq.base_registered = self._publish(self.base, seq, seq.base_blocks, seq.base_registered, seq.num_base_cached, base_ns)
+        seq.base_registered = self._publish(
+            self.base, seq, seq.base_blocks, seq.base_hashes, seq.base_registered, seq.num_base_cached, base_ns
+        )
         if self.lr is not None:
-            seq.lr_registered = self._publish(self.lr, seq, seq.lr_blocks, seq.lr_registered, seq.num_computed, lr_ns)
+            seq.lr_registered = self._publish(
+                self.lr, seq, seq.lr_blocks, seq.lr_hashes, seq.lr_registered, seq.num_computed, lr_ns
+            )
 
-    def _publish(self, pool: BlockPool, seq: Sequence, table: list[int], done: int, computed: int, ns: str) -> int:
+    def _publish(
+        self, pool: BlockPool, seq: Sequence, table: list[int], hashes: list[int], done: int, computed: int, ns: str
+    ) -> int:
         full = min(computed, len(seq)) // self.block_size
         if full > done:
-            hashes = block_hashes(seq.token_ids, self.block_size, ns, full)
+            hashes[:] = block_hashes(seq.token_ids, self.block_size, ns, full, known=hashes)
             for i in range(done, full):
                 pool.register(table[i], hashes[i])
         return max(done, full)
@@ -101,3 +110,4 @@ class BlockManager:
         seq.base_blocks, seq.lr_blocks = [], []
         seq.num_computed = seq.num_base_cached = 0
         seq.base_registered = seq.lr_registered = 0
+        seq.base_hashes, seq.lr_hashes = [], []

@@ -244,6 +244,14 @@ class LLMEngine:
             logprobs=list(seq.logprobs),
         )
 
+    def reset_prefix_cache(self) -> None:
+        """Start cold: forget every cached block no request holds (for benchmarks and experiments)."""
+        if self.has_unfinished():
+            raise RuntimeError("cannot reset the prefix cache while requests are in flight")
+        self.block_manager.base.drop_cached()
+        if self.block_manager.lr is not None:
+            self.block_manager.lr.drop_cached()
+
     # ---- introspection -------------------------------------------------------------------------------------
     def cache_stats(self) -> dict:
         """Bytes and blocks per pool (key, base_value, lr) and prefix-cache hit counts."""

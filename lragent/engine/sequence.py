@@ -63,6 +63,8 @@ class Sequence:
         self.num_base_cached = 0  # positions < this have keys and base values in the pool
         self.base_registered = 0  # leading base blocks already published to the prefix index
         self.lr_registered = 0
+        self.base_hashes: list[int] = []  # hash chain of the published base blocks (extended, never recomputed)
+        self.lr_hashes: list[int] = []
         self.cache_key = ""  # the adapter's per-load key that namespaces its cache entries
         self.finish_reason: str | None = None
         self.text = ""
