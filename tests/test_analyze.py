@@ -76,6 +76,8 @@ def test_analyze_shared_a_tiny(tmp_path, shared_a_adapters):
             reused = cross["base_reused_tokens_mean"] if scheme == "base_shared" else cross["reused_tokens_mean"]
             assert reused == split
     assert fid["base_shared"]["per_pair"]["plan->action"]["reused_tokens_mean"] == 0  # LR prefill of [0, P)
+    gap = s["role_gap"]  # plan vs action, both their own passes: the adapters differ, so does the output
+    assert list(gap["per_pair"]) == ["plan->action"] and gap["kl_mean"] > 1e-6
     paths = A.write_report(report, tmp_path / "out")
     assert all(p.is_file() for p in paths.values())
     assert "base_lr_shared" in paths["md"].read_text()

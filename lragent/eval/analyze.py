@@ -19,7 +19,8 @@ Each trajectory is cut to its first `--max-tokens` tokens.
    the engine, reusing whatever the scheme lets it reuse (a plan -> action handoff, teacher-forced). Its next-token
    distributions at positions [P, L) are compared with its own non_shared forward pass: greedy (argmax) agreement,
    KL(non_shared || scheme) in nats, the change in NLL of the trajectory's actual next tokens, and the relative
-   error of its hidden states after every layer.
+   error of its hidden states after every layer. For scale, the "role gap" compares the reader's own distribution
+   with the producer's own distribution at the same positions (what the adapters change in the first place).
 
 Everything runs through the engine (`LLM`) with forward hooks on the model (`k_proj`/`v_proj` outputs, `X A_v` from
 the engine's LoRA bank, every decoder layer's output, the final hidden states); nothing is reimplemented. Writes
@@ -429,6 +430,7 @@ def analyze_set(spec: AnalyzeSpec, aset: AdapterSet, log: Callable[[str], None] 
     }
     if spec.similarity:
         result["similarity"] = sim.result()
+    result["role_gap"] = role_gap(spec, trajs, refs, model, bs)
     _free(llm, rec)
 
     schemes = (["non_shared"] if spec.control else []) + list(spec.schemes)
@@ -480,6 +482,30 @@ def analyze_set(spec: AnalyzeSpec, aset: AdapterSet, log: Callable[[str], None] 
     return result
 
 
+def role_gap(spec: AnalyzeSpec, trajs: list[list[int]], refs: list[dict[str, torch.Tensor]], model: Any,
+             block_size: int) -> dict:
+    """The scale of what the adapters change: the reader's own distribution vs the producer's own distribution at
+    the same window positions (both non_shared), per cross-agent pair whose producer is also a reader."""
+    per_pair = {}
+    for producer, reader in spec.pairs:
+        if producer == reader or producer not in refs[0] or reader not in refs[0]:
+            continue
+        acc = FidelityAccumulator(0)
+        for t, ids in enumerate(trajs):
+            split = split_point(len(ids), spec.window, block_size)
+            h_reader, h_producer = refs[t][reader], refs[t][producer]
+            with torch.inference_mode():
+                acc.add(model.logits(h_reader[-1]), model.logits(h_producer[-1]), torch.tensor(ids[split + 1:]),
+                        h_reader, h_producer)
+        per_pair[f"{producer}->{reader}"] = acc
+    total = FidelityAccumulator(0)
+    for acc in per_pair.values():
+        total.merge(acc)
+    keys = ("positions", "agreement", "kl_mean", "kl_median", "kl_p95", "kl_max")
+    return {**{k: total.result()[k] for k in keys}, "per_pair": {p: {k: a.result()[k] for k in keys}
+                                                                 for p, a in per_pair.items()}}
+
+
 def _expected_reuse(scheme: str) -> str:
     return {"non_shared": "none", "full_shared": "all of [0, P)", "base_shared": "keys/base values of [0, P)",
             "base_lr_shared": "all of [0, P)"}[scheme]
@@ -528,6 +554,11 @@ def fidelity_table(report: dict) -> tuple[list[str], list[list[str]]]:
               "dNLL", "reused tok/reader"]
     rows = []
     for s in report["sets"]:
+        gap = s.get("role_gap")
+        if gap and gap["positions"]:
+            rows.append([s["adapters"], "(role gap: producer's own distribution)", str(gap["positions"]),
+                         f"{100 * gap['agreement']:.2f}", f"{gap['kl_mean']:.5f}", f"{gap['kl_p95']:.5f}",
+                         f"{gap['kl_max']:.4f}", "", "", ""])
         for f in s["fidelity"]:
             name = f["scheme"] + (" (forced, unshared A)" if f["forced"] else "")
             reused = f["reused_tokens_mean"] if f["scheme"] != "base_shared" else f["base_reused_tokens_mean"]
@@ -548,7 +579,9 @@ def format_markdown(report: dict) -> str:
         "",
         _md_table(*similarity_table(report)),
         "",
-        "Handoff fidelity vs non_shared (reader's next-token distribution on the window after the producer's prefix):",
+        "Handoff fidelity vs non_shared (reader's next-token distribution on the window after the producer's prefix). "
+        "The role-gap row compares the reader's own distribution with the producer's own one at the same positions: "
+        "the scale of what the adapters change, which a sharing error should stay well below.",
         "",
         _md_table(*fidelity_table(report)),
     ]
