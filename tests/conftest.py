@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread: the models here are small, and on a 2-core CI runner shared with a server subprocess, OpenMP
+# threads that spin against each other made decode steps ~10x slower (measured on this machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from lragent.bench.adapters import write_peft_adapter
 from lragent.models.config import ModelConfig
