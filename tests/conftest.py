@@ -14,9 +14,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from lragent.bench.adapters import write_peft_adapter
-from lragent.models.config import ModelConfig
-from lragent.models.hub import resolve_model
+from lragent.bench.adapters import write_peft_adapter  # noqa: E402
+from lragent.models.config import ModelConfig  # noqa: E402
+from lragent.models.hub import resolve_model  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
