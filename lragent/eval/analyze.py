@@ -502,8 +502,8 @@ def role_gap(spec: AnalyzeSpec, trajs: list[list[int]], refs: list[dict[str, tor
     for acc in per_pair.values():
         total.merge(acc)
     keys = ("positions", "agreement", "kl_mean", "kl_median", "kl_p95", "kl_max")
-    return {**{k: total.result()[k] for k in keys}, "per_pair": {p: {k: a.result()[k] for k in keys}
-                                                                 for p, a in per_pair.items()}}
+    return {**{k: total.result()[k] for k in (*keys, "hidden_rel_err_per_layer")},
+            "per_pair": {p: {k: a.result()[k] for k in keys} for p, a in per_pair.items()}}
 
 
 def _expected_reuse(scheme: str) -> str:
@@ -550,21 +550,21 @@ def similarity_table(report: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def fidelity_table(report: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["adapters", "scheme", "positions", "greedy agree %", "KL mean", "KL p95", "KL max", "NLL ref",
-              "dNLL", "reused tok/reader"]
+    header = ["adapters", "scheme", "positions", "greedy agree %", "KL mean", "KL median", "KL p95", "KL max",
+              "reused tok/reader"]
     rows = []
     for s in report["sets"]:
         gap = s.get("role_gap")
         if gap and gap["positions"]:
-            rows.append([s["adapters"], "(role gap: producer's own distribution)", str(gap["positions"]),
-                         f"{100 * gap['agreement']:.2f}", f"{gap['kl_mean']:.5f}", f"{gap['kl_p95']:.5f}",
-                         f"{gap['kl_max']:.4f}", "", "", ""])
+            rows.append([s["adapters"], "role gap (no sharing)", str(gap["positions"]),
+                         f"{100 * gap['agreement']:.2f}", f"{gap['kl_mean']:.4f}", f"{gap['kl_median']:.4f}",
+                         f"{gap['kl_p95']:.4f}", f"{gap['kl_max']:.2f}", "-"])
         for f in s["fidelity"]:
             name = f["scheme"] + (" (forced, unshared A)" if f["forced"] else "")
             reused = f["reused_tokens_mean"] if f["scheme"] != "base_shared" else f["base_reused_tokens_mean"]
             rows.append([s["adapters"], name, str(f["positions"]), f"{100 * f['agreement']:.2f}",
-                         f"{f['kl_mean']:.5f}", f"{f['kl_p95']:.5f}", f"{f['kl_max']:.4f}", f"{f['nll_ref']:.4f}",
-                         f"{f['nll_delta']:+.5f}", f"{reused:.0f}" + (" (K/V_base)" if f["scheme"] == "base_shared" else "")])
+                         f"{f['kl_mean']:.4f}", f"{f['kl_median']:.4f}", f"{f['kl_p95']:.4f}", f"{f['kl_max']:.2f}",
+                         f"{reused:.0f}" + (" (K/V_base)" if f["scheme"] == "base_shared" else "")])
     return header, rows
 
 
@@ -595,7 +595,7 @@ def print_tables(report: dict) -> None:
     except ImportError:
         print(format_markdown(report))
         return
-    console = Console()
+    console = Console(width=max(150, Console().width))
     for title, (header, rows) in (
         ("cosine similarity across agents (Table 1)", similarity_table(report)),
         ("handoff fidelity vs non_shared", fidelity_table(report)),
@@ -625,15 +625,22 @@ def write_plot(report: dict, path: Path) -> None:
         ax.set_xlabel("layer")
         ax.set_ylabel("cosine similarity across agents")
         ax.set_title(f"{s['adapters']}: each agent's own pass")
-        ax.set_ylim(-0.1, 1.05)
+        ax.set_ylim(-0.3, 1.05)
         ax.legend(fontsize=7)
         ax = axes[row][1]
+        floor = 1e-4
+        gap = s.get("role_gap") or {}
+        if gap.get("hidden_rel_err_per_layer"):
+            values = gap["hidden_rel_err_per_layer"]
+            ax.plot(range(len(values)), [max(v, floor) for v in values], color="grey", linestyle="--",
+                    label=f"role gap (reader vs producer, no sharing): KL {gap['kl_mean']:.3f}, agree {100 * gap['agreement']:.1f}%")
         for f in s["fidelity"]:
             values = f["hidden_rel_err_per_layer"]
             label = f"{f['scheme']}{' (forced)' if f['forced'] else ''}: KL {f['kl_mean']:.4f}, agree {100 * f['agreement']:.1f}%"
-            ax.plot(range(len(values)), [max(v, 1e-9) for v in values], marker=".", label=label)
+            ax.plot(range(len(values)), [max(v, floor) for v in values], marker=".", label=label)
         ax.set_yscale("log")
-        ax.set_xlabel("layer (last: final norm)")
+        ax.set_ylim(floor * 0.8, None)
+        ax.set_xlabel(f"layer (last: final norm; exact 0 drawn at {floor:g})")
         ax.set_ylabel("reader hidden state rel. error vs non_shared")
         ax.set_title(f"{s['adapters']}: handoff (producer prefix, reader window)")
         ax.legend(fontsize=7)
@@ -706,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
     p.add_argument("--out", default="results/analyze")
+    p.add_argument("--replot", metavar="JSON", default=None, help="only rebuild the tables and plot from an analyze.json")
     return p
 
 
@@ -739,6 +747,12 @@ def spec_from_args(args: argparse.Namespace) -> AnalyzeSpec:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text(encoding="utf-8"))
+        print_tables(report)
+        paths = write_report(report, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
     try:
         spec = spec_from_args(args)
     except (ValueError, FileNotFoundError) as e:
