@@ -95,9 +95,11 @@ def run_demo(spec: DemoSpec, log: Callable[[str], None] = print, llm_factory: Ca
         wall = time.perf_counter() - t0
         summary = summarize(results, Path(spec.data).stem, task, spec.adapters.name, scheme, wall)
         cache = llm.cache_stats()
+        summary_dict = asdict(summary)
+        summary_dict["base_reused_tokens"] = sum(r.base_reused_tokens for r in results)
         answers = [{"id": r.id, "gold": r.gold, "prediction": r.prediction, "correct": r.correct,
                     "iterations": r.iterations, "halt": r.halt_reason} for r in results]
-        runs.append(SchemeRun(scheme, forced, asdict(summary), cache, answers))
+        runs.append(SchemeRun(scheme, forced, summary_dict, cache, answers))
         log(f"{scheme}{' (forced)' if forced else ''}: {sum(a['correct'] for a in answers)}/{len(answers)} correct, "
             f"{summary.computed_tokens} prompt tokens computed, {summary.reused_tokens} reused, "
             f"cache {cache['bytes_used'] / 2**20:.1f} MiB, {wall:.1f}s")
@@ -137,6 +139,7 @@ def metric_rows(runs: list[SchemeRun]) -> tuple[list[str], list[list[str]]]:
         row("prompt tokens", lambda r: str(r.summary["prompt_tokens"])),
         row("  computed (prefill)", lambda r: str(r.summary["computed_tokens"])),
         row("  reused from cache", lambda r: f"{r.summary['reused_tokens']} ({100 * r.summary['reuse_ratio']:.0f}%)"),
+        row("  keys/base values reused", lambda r: str(r.summary["base_reused_tokens"])),
         row("generated tokens", lambda r: str(r.summary["generated_tokens"])),
         row("KV cache used (MiB)", lambda r: f"{r.cache['bytes_used'] / mib:.1f}"),
         row("  keys + base values", lambda r: f"{(r.cache['pools']['key']['bytes_used'] + r.cache['pools']['base_value']['bytes_used']) / mib:.1f}"),
@@ -232,8 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print("cost per sharing scheme (all questions together)", *metric_rows(runs))
     if any(r.forced for r in runs):
         print("* forced: base_lr_shared with adapters whose v_proj A differ (allow_unshared_a), the paper's failure mode")
-    print("computed = prompt tokens run through the model (LR prefill included); reused = served from another call's "
-          "cache; KV cache used = blocks held or cached at the end (fp32 on CPU).")
+    print("computed = prompt tokens run through the model (base_shared's LR prefill included); reused = served entirely "
+          "from an earlier call's cache; keys/base values reused = tokens whose K and X W_v0 came from the cache "
+          "(base_shared still runs its own LR prefill over them); KV cache used = blocks held or cached at the end "
+          "(fp32 on CPU); TTFT is summed over all agent calls, which run concurrently across questions.")
     print(f"total {time.perf_counter() - t0:.0f}s")
     if args.out:
         out = Path(args.out)
