@@ -96,3 +96,20 @@ def test_cli_unshared_a_forced_and_refused(tmp_path, qv_adapters):
     assert A.main([*common, "--no-force", "--out", str(tmp_path / "refused")]) == 0
     (s,) = json.loads((tmp_path / "refused" / "analyze.json").read_text())["sets"]
     assert s["fidelity"] == []
+
+
+def test_answer_agreement(tmp_path, capsys):
+    def q(scheme, qid, pred, traj, correct=False):
+        return {"dataset": "d", "adapters": "a", "scheme": scheme, "id": qid, "prediction": pred, "trajectory": traj,
+                "correct": correct}
+
+    questions = [q("non_shared", "1", "x", "t1", True), q("non_shared", "2", "y", "t2"),
+                 q("base_shared", "1", "x", "t1", True), q("base_shared", "2", "z", "t2b")]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"questions": questions}))
+    rows = {r["scheme"]: r for r in A.answer_agreement(path)}
+    assert rows["non_shared"]["same_answer"] == 1.0
+    assert rows["base_shared"]["same_answer"] == 0.5 and rows["base_shared"]["same_trajectory"] == 0.5
+    assert rows["base_shared"]["correct"] == 1
+    assert A.main(["--answers", str(path)]) == 0
+    assert "base_shared" in capsys.readouterr().out

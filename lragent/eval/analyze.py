@@ -659,6 +659,40 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
+# ---- end-to-end agreement from an eval run ------------------------------------------------------------------------
+
+
+def answer_agreement(eval_json: str | Path, reference: str = "non_shared") -> list[dict]:
+    """Per (dataset, adapters, scheme) of an `lragent eval` JSON: how often the final answer (and, with saved
+    trajectories, the whole trajectory) equals the `reference` scheme's on the same question. Only meaningful for
+    greedy runs, where non_shared is deterministic."""
+    payload = json.loads(Path(eval_json).read_text(encoding="utf-8"))
+    ref = {(q["dataset"], q["adapters"], q["id"]): q for q in payload["questions"] if q["scheme"] == reference}
+    groups: dict[tuple[str, str, str], list[tuple[dict, dict]]] = {}
+    for q in payload["questions"]:
+        r = ref.get((q["dataset"], q["adapters"], q["id"]))
+        if r is not None:
+            groups.setdefault((q["dataset"], q["adapters"], q["scheme"]), []).append((q, r))
+    rows = []
+    for (dataset, adapters, scheme), items in groups.items():
+        same_traj = [q.get("trajectory") == r.get("trajectory") for q, r in items if r.get("trajectory")]
+        rows.append({
+            "dataset": dataset, "adapters": adapters, "scheme": scheme, "n": len(items),
+            "same_answer": sum(q["prediction"] == r["prediction"] for q, r in items) / len(items),
+            "same_trajectory": sum(same_traj) / len(same_traj) if same_traj else None,
+            "correct": sum(q["correct"] for q, _ in items), "reference_correct": sum(r["correct"] for _, r in items),
+        })
+    return rows
+
+
+def print_answer_agreement(rows: list[dict], reference: str = "non_shared") -> None:
+    header = ["dataset", "adapters", "scheme", "n", f"same answer as {reference} %", "same trajectory %", "correct"]
+    table = [[r["dataset"], r["adapters"], r["scheme"], str(r["n"]), f"{100 * r['same_answer']:.0f}",
+              "-" if r["same_trajectory"] is None else f"{100 * r['same_trajectory']:.0f}", str(r["correct"])]
+             for r in rows]
+    print(_md_table(header, table))
+
+
 # ---- CLI ------------------------------------------------------------------------------------------------------
 
 
@@ -714,6 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
     p.add_argument("--out", default="results/analyze")
     p.add_argument("--replot", metavar="JSON", default=None, help="only rebuild the tables and plot from an analyze.json")
+    p.add_argument("--answers", metavar="EVAL_JSON", default=None,
+                   help="only compare an `lragent eval` run's answers/trajectories per scheme with non_shared's")
     return p
 
 
@@ -747,6 +783,9 @@ def spec_from_args(args: argparse.Namespace) -> AnalyzeSpec:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.answers:
+        print_answer_agreement(answer_agreement(args.answers))
+        return 0
     if args.replot:
         report = json.loads(Path(args.replot).read_text(encoding="utf-8"))
         print_tables(report)
