@@ -16,7 +16,12 @@ so the allocator's high-water mark is reached before the first round). Prints a 
     python scripts/load_test.py                                   # spawns a CPU server with random role adapters
     python scripts/load_test.py --url http://127.0.0.1:8000       # an already running server
     python scripts/load_test.py --write-adapters /tmp/roles       # just write random shared-A adapters
-    python scripts/load_test.py --model dummy:llama-3.1-8b --device cuda --api tokens   # GPU, token-id prompts
+    python scripts/load_test.py --model dummy:llama-3.1-8b --device cuda --dtype bfloat16 --kv-cache-bytes 16G \
+        --max-model-len 8192                                      # GPU, token-id prompts (scripts/gpu_load_test.sh)
+
+On CUDA the GPU's used memory (nvidia-smi) is read before and after every round as well. `--kv-cache-bytes auto`
+lets the engine size the cache (1 GiB on CPU, --gpu-memory-utilization of the card on CUDA). The JSON is rewritten
+after every round, so a run stopped by an outer time limit keeps the rounds it finished.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -108,32 +114,67 @@ def spawn_server(args: argparse.Namespace, adapters: dict[str, str]) -> tuple[su
         "--device",
         args.device,
     ]
-    cmd += [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--kv-cache-bytes",
-        args.kv_cache_bytes,
-        "--log-level",
-        "warning",
-    ]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    if args.kv_cache_bytes and args.kv_cache_bytes != "auto":
+        cmd += ["--kv-cache-bytes", args.kv_cache_bytes]
+    for flag in ("dtype", "gpu_memory_utilization", "max_model_len", "max_num_batched_tokens", "attention_backend"):
+        if getattr(args, flag) is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    cmd += args.server_arg
     for role, path in adapters.items():
         cmd += ["--adapter", f"{role}={path}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + args.startup_timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit("the server did not become healthy in time")
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited with code {proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return proc, url
+            except OSError:
+                time.sleep(0.5)
+        raise SystemExit(f"the server did not become healthy in {args.startup_timeout:.0f} s")
+    except BaseException:  # also a SIGTERM (Stopped) during start-up: don't leave the server behind
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+
+
+def gpu_used_mib(device: str) -> float | None:
+    """Used memory of the card (nvidia-smi, every process: the server is the only one on a lent machine)."""
+    if not device.startswith("cuda"):
+        return None
+    index = device.split(":", 1)[1] if ":" in device else "0"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", index],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return float(out.stdout.strip().splitlines()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -182,6 +223,13 @@ async def warm_up(url: str, args: argparse.Namespace) -> dict:
     await asyncio.gather(
         *(client.completions.create(model=ROLES[0], prompt=p, max_tokens=1, temperature=0) for p in prompts)
     )
+    # a few decode steps with every adapter at once (compiles the decode and multi-LoRA paths on a GPU)
+    await asyncio.gather(
+        *(
+            client.completions.create(model=role, prompt=prompts[i % count][:32], max_tokens=4, temperature=0)
+            for i, role in enumerate(ROLES)
+        )
+    )
     await client.close()
     after = scrape(url)
     return {
@@ -190,6 +238,7 @@ async def warm_up(url: str, args: argparse.Namespace) -> dict:
         "cache_capacity_tokens": capacity,
         "rss_before_warmup_mib": before["rss"] / 2**20,
         "rss_after_warmup_mib": after["rss"] / 2**20,
+        "gpu_used_after_warmup_mib": gpu_used_mib(args.device),
     }
 
 
@@ -293,6 +342,7 @@ async def run_round(url: str, args, round_no: int, deadline: float) -> dict:
         base_url=f"{url}/v1", api_key=args.api_key or "none", max_retries=0, timeout=args.request_timeout
     )
     before = scrape(url)
+    gpu_before = gpu_used_mib(args.device)
     samples: list[Sample] = []
     errors: list[str] = []
     start = time.perf_counter()
@@ -332,6 +382,8 @@ async def run_round(url: str, args, round_no: int, deadline: float) -> dict:
         "computed_prompt_tokens": after["computed"] - before["computed"],
         "rss_before_mib": before["rss"] / 2**20,
         "rss_after_mib": after["rss"] / 2**20,
+        "gpu_used_before_mib": gpu_before,
+        "gpu_used_after_mib": gpu_used_mib(args.device),
         "left_running": after["running"] + after["waiting"],
         "blocks_in_use_after": after["blocks_in_use"],
     }
@@ -355,7 +407,7 @@ def summarize(args: argparse.Namespace, rows: list[dict], warm: dict) -> dict:
     ttfts = [t for r in rows for t in r["ttfts"]]
     requests, wall = sum(r["requests"] for r in rows), sum(r["wall_s"] for r in rows)
     prompt = sum(r["prompt_tokens"] for r in rows)
-    return {
+    summary = {
         "agents": args.agents,
         "rounds": len(rows),
         "requests": requests,
@@ -371,6 +423,21 @@ def summarize(args: argparse.Namespace, rows: list[dict], warm: dict) -> dict:
         "left_running": rows[-1]["left_running"],
         "blocks_in_use_after": rows[-1]["blocks_in_use_after"],
     }
+    gpu_after = [r["gpu_used_after_mib"] for r in rows if r.get("gpu_used_after_mib") is not None]
+    if gpu_after:
+        summary["gpu_used_mib"] = gpu_after[-1]
+        summary["gpu_growth_after_round1_mib"] = gpu_after[-1] - gpu_after[0]
+    return summary
+
+
+def write_json(args: argparse.Namespace, meta: dict, warm: dict, rows: list[dict], summary: dict | None) -> None:
+    if not args.json:
+        return
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "args": vars(args), "warmup": warm, "rounds": rows, "summary": summary}
+    if summary is None:
+        doc["partial"] = True
+    Path(args.json).write_text(json.dumps(doc, indent=2))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -382,7 +449,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="cpu")
     p.add_argument("--sharing", default="base_lr_shared")
-    p.add_argument("--kv-cache-bytes", default="256M")
+    p.add_argument("--kv-cache-bytes", default="256M", help="'auto': the engine's default (GPU: a share of the card)")
+    p.add_argument("--dtype", default=None, help="server --dtype (default: its own, float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=None, help="server flag (with --kv-cache-bytes auto)"
+    )
+    p.add_argument("--max-model-len", type=int, default=None, help="server flag")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="server flag")
+    p.add_argument("--attention-backend", default=None, help="server flag")
+    p.add_argument(
+        "--server-arg", action="append", default=[], metavar="ARG", help="one more argument for the server (repeatable)"
+    )
     p.add_argument("--adapters-dir", help="role adapters plan/action/reflect (default: random shared-A ones)")
     p.add_argument("--write-adapters", metavar="DIR", help="write random shared-A role adapters to DIR and exit")
     p.add_argument("--api", choices=["chat", "tokens"], default=None, help="default: chat, tokens for dummy models")
@@ -405,12 +482,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class Stopped(Exception):
+    pass
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.write_adapters:
         for role, path in write_random_adapters(Path(args.write_adapters), args.model).items():
             print(f"{role}={path}")
         return 0
+    # an outer `timeout` sends SIGTERM: stop the spawned server, wait for it, and report the rounds finished so far
+    signal.signal(signal.SIGTERM, _stop)
+    meta = {
+        "machine": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "argv": sys.argv,
+    }
+    if args.device.startswith("cuda"):
+        meta["gpu"] = gpu_name()
     proc, tmp = None, None
     url = args.url.rstrip("/") if args.url else None
     if url is None:
@@ -422,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         proc, url = spawn_server(args, adapters)
     rows: list[dict] = []
     warm: dict = {}
+    stopped = None
     try:
         deadline = time.time() + args.max_seconds
         if args.warmup:
@@ -438,27 +535,32 @@ def main(argv: list[str] | None = None) -> int:
                 break
             rows.append(asyncio.run(run_round(url, args, round_no, deadline)))
             print(row_line(rows[-1]), flush=True)
+            write_json(args, meta, warm, rows, None)
+    except Stopped as exc:
+        stopped = str(exc)
+        print(f"stopped ({stopped}) after {len(rows)} finished round(s)", file=sys.stderr, flush=True)
     finally:
         if proc is not None:
             proc.terminate()
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
         if tmp is not None:
             tmp.cleanup()
     if not rows:
         print("no round ran", file=sys.stderr)
         return 1
     summary = summarize(args, rows, warm)
+    if stopped:
+        summary["stopped"] = stopped
     print("LOADTEST " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     for r in rows:
         for example in r["error_examples"]:
             print(f"  error (round {r['round']}): {example}")
-    meta = {"machine": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "argv": sys.argv}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps({"meta": meta, "args": vars(args), "warmup": warm, "rounds": rows, "summary": summary}, indent=2)
-        )
-    return 1 if summary["errors"] or summary["left_running"] or summary["blocks_in_use_after"] else 0
+    write_json(args, meta, warm, rows, summary)
+    return 1 if stopped or summary["errors"] or summary["left_running"] or summary["blocks_in_use_after"] else 0
 
 
 if __name__ == "__main__":
