@@ -91,7 +91,7 @@ class EpisodeResult:
     iterations: int
     out_of_function: bool  # no Finish within the iteration cap (or context) -> scored wrong
     finished: bool  # ended by Reflect[right] or a second Finish
-    halt_reason: str  # finished | max_iterations | context
+    halt_reason: str  # finished | max_iterations | context | time_limit
     calls: dict[str, int]
     parse_failures: dict[str, int]
     prompt_tokens: int
@@ -138,6 +138,15 @@ class Episode:
     @property
     def done(self) -> bool:
         return self.phase is Phase.DONE
+
+    @property
+    def started(self) -> bool:
+        return self.t_start is not None
+
+    def halt(self, reason: str) -> None:
+        """Stop from outside (e.g. the driver's time limit); an answer already given is still scored."""
+        if not self.done:
+            self._halt(reason)
 
     # -- driver interface -----------------------------------------------------------------------------------
     def next_call(self, index: int) -> AgentCall | None:

@@ -14,6 +14,7 @@ Prompts are token-id lists so that the engine's prefix cache sees identical pref
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ class PipelineConfig:
     workers: int = 1
     max_context_tokens: int | None = None  # None: the engine's max_model_len (8192 if it has none)
     keep_trajectories: bool = False
+    time_limit_s: float | None = None  # wall bound of one run: no round starts after it (see Driver.run)
 
 
 def detect_task(record: dict) -> str:
@@ -134,6 +136,11 @@ class Driver:
 
     Every call gets its own SamplingParams whose seed depends only on (seed, question id, call number), so a
     question's sampled trajectory does not depend on which other questions share its batch.
+
+    With `cfg.time_limit_s`, no round starts once that many seconds have passed since `run` began: episodes in
+    flight are halted with reason ``time_limit`` (an answer already given is still scored, as at the iteration
+    cap) and episodes not started yet stay unstarted (`run_pipeline` leaves them out). A round already running
+    finishes, so the bound is soft by one round (at most `max_tokens` decode steps).
     """
 
     def __init__(self, llm: Any, cfg: PipelineConfig, sampling_cls: type | None = None) -> None:
@@ -141,16 +148,32 @@ class Driver:
         self.cfg = cfg
         self.sampling_cls = sampling_cls
         self.rounds = 0
+        self.decode_steps = 0  # sum over rounds of the longest output: the decode passes a batched engine ran
+        self.generate_s = 0.0
+        self.timed_out = False
 
     def _generate(self, prompts: list[list[int]], roles: list[str], seeds: list[int]) -> list[Any]:
         params = [sampling_params(self.cfg, s, self.sampling_cls) for s in seeds]
         return self.llm.generate(prompts, adapter=roles, sampling_params=params)
 
+    def stats(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "decode_steps": self.decode_steps, "generate_s": self.generate_s,
+                "timed_out": self.timed_out}
+
     def run(self, episodes: Sequence[Episode], progress: Callable[[EpisodeResult], None] | None = None) -> None:
+        t0 = time.perf_counter()
+        limit = self.cfg.time_limit_s
         queue = list(range(len(episodes)))[::-1]
         active: list[int] = []
         n_calls = [0] * len(episodes)
         while queue or active:
+            if limit is not None and time.perf_counter() - t0 >= limit:
+                self.timed_out = True
+                for i in active:
+                    episodes[i].halt("time_limit")
+                    if progress is not None:
+                        progress(episodes[i].result(self.cfg.keep_trajectories))
+                return
             while queue and len(active) < max(1, self.cfg.workers):
                 active.append(queue.pop())
             calls = []
@@ -167,9 +190,12 @@ class Driver:
                 continue
             self.rounds += 1
             seeds = [call_seed(self.cfg.seed, episodes[c.episode].qid, n_calls[c.episode]) for c in calls]
+            t_gen = time.perf_counter()
             outs = self._generate([c.prompt_ids for c in calls], [c.role for c in calls], seeds)
+            self.generate_s += time.perf_counter() - t_gen
             if len(outs) != len(calls):
                 raise RuntimeError(f"generate returned {len(outs)} outputs for {len(calls)} prompts")
+            self.decode_steps += max((len(getattr(o, "token_ids", None) or []) for o in outs), default=0)
             for c, out in zip(calls, outs):
                 n_calls[c.episode] += 1
                 episodes[c.episode].feed(out)
@@ -182,8 +208,12 @@ def run_pipeline(
     tool_config: ToolConfig | None = None,
     progress: Callable[[EpisodeResult], None] | None = None,
     sampling_cls: type | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> list[EpisodeResult]:
-    """Run the AutoAct loop on every record (HotpotQA or ScienceQA rows); results in input order."""
+    """Run the AutoAct loop on every record (HotpotQA or ScienceQA rows); results in input order.
+
+    Questions never started because `cfg.time_limit_s` ran out are left out of the results (their count goes to
+    `stats["not_run"]`); `stats`, when given, also receives the driver's rounds, decode steps and generate time."""
     cfg = cfg or PipelineConfig()
     encode = make_encoder(llm.tokenizer)
     ecfg = EpisodeConfig(cfg.max_iterations, cfg.max_context_tokens or engine_max_len(llm), cfg.max_tokens)
@@ -193,5 +223,8 @@ def run_pipeline(
         task = detect_task(rec)
         fmt = formats.setdefault(task, load_format(task))
         episodes.append(make_episode(rec, encode, i, task, fmt, ecfg, tool_config))
-    Driver(llm, cfg, sampling_cls).run(episodes, progress)
-    return [e.result(cfg.keep_trajectories) for e in episodes]
+    driver = Driver(llm, cfg, sampling_cls)
+    driver.run(episodes, progress)
+    if stats is not None:
+        stats.update(driver.stats(), not_run=sum(not e.started for e in episodes))
+    return [e.result(cfg.keep_trajectories) for e in episodes if e.started]

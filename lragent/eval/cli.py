@@ -2,6 +2,12 @@
 
     lragent eval /work/shared/data/hotpotqa/hotpotqa_easy.jsonl --sharing non_shared,base_shared,base_lr_shared \\
         --adapters lragent/adapters --limit 50 --workers 16 --out results/eval
+    lragent eval easy.jsonl medium.jsonl --together --workers 256 --device cuda --dtype float32 \\
+        --kv-cache-bytes 10G --time-limit 480 --greedy --out results/eval_gpu   # all 200 in flight, bounded
+    lragent eval --merge results/a/eval.json results/b/eval.json --out results/eval_all   # one table + chart
+
+eval.json and eval.png are rewritten after every run (adapter set x scheme x file or pool), so an interrupted
+evaluation keeps what it finished.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from dataclasses import asdict
 
 from lragent.agents.pipeline import PipelineConfig
 from lragent.agents.tools import ToolConfig
-from lragent.eval.report import print_table, write_report
+from lragent.engine_args import parse_size
+from lragent.eval.report import merge_reports, print_table, write_report
 from lragent.eval.runner import DEFAULT_ADAPTER_ROOT, EvalSpec, find_adapter_sets, run_eval
 
 SCHEMES = ("non_shared", "full_shared", "base_shared", "base_lr_shared")
@@ -22,7 +29,8 @@ SCHEMES = ("non_shared", "full_shared", "base_shared", "base_lr_shared")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lragent eval", description=__doc__.split("\n")[0])
-    p.add_argument("data", nargs="+", help="JSONL question files (HotpotQA or ScienceQA rows; format detected)")
+    p.add_argument("data", nargs="+", help="JSONL question files (HotpotQA or ScienceQA rows; format detected); "
+                                          "with --merge, eval.json files")
     p.add_argument("--sharing", default="base_lr_shared",
                    help=f"comma-separated schemes, or 'all' ({', '.join(SCHEMES)})")
     p.add_argument("--adapters", action="append", default=None, metavar="DIR",
@@ -30,8 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
                         f"comma-separated ok); default {DEFAULT_ADAPTER_ROOT}")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="engine dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--kv-cache-bytes", type=parse_size, default=None,
+                   help="KV cache budget per engine, e.g. 10G (default: 1G on CPU, 90%% of free memory on CUDA; "
+                        "set it when several evaluations share one GPU)")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other LLM/EngineConfig keyword, e.g. max_num_seqs=256 (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each file")
     p.add_argument("--workers", type=int, default=8, help="questions in flight at once (one batched generate per round)")
+    p.add_argument("--together", action="store_true",
+                   help="run the files of one task as one pool of questions through each engine (reported per file "
+                        "and combined); with --workers >= the pool, all questions advance in the same batches")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="seconds per pipeline run: then the questions in flight are halted (reported as "
+                        "time-limited, scored on any answer given) and unstarted ones dropped (not_run)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="seconds for the whole evaluation: later runs are skipped, the last one is cut to fit")
+    p.add_argument("--merge", action="store_true", help="merge the eval.json files given as DATA into one report")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of T 0.9 / top-p 0.75 / top-k 40")
     p.add_argument("--max-iterations", type=int, default=45)
@@ -55,6 +79,32 @@ def parse_schemes(text: str) -> list[str]:
     return schemes
 
 
+def parse_engine_args(items: Sequence[str]) -> dict[str, object]:
+    """['max_num_seqs=64', 'enforce_eager=true'] -> {'max_num_seqs': 64, 'enforce_eager': True}."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
+        low = raw.strip().lower()
+        value: object
+        if low in ("true", "false"):
+            value = low == "true"
+        elif low in ("none", "null"):
+            value = None
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        out[key] = value
+    return out
+
+
 def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     roots = [r for a in (args.adapters or [str(DEFAULT_ADAPTER_ROOT)]) for r in a.split(",") if r]
     sets = find_adapter_sets(roots)
@@ -70,18 +120,36 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         keep_trajectories=args.save_trajectories,
     )
     tools = ToolConfig(max_sentences=args.retrieve_sentences or None)
+    engine_kwargs = parse_engine_args(args.engine_arg)
+    if args.kv_cache_bytes is not None:
+        engine_kwargs["kv_cache_bytes"] = args.kv_cache_bytes
+    for name, value in (("time limit", args.time_limit), ("time budget", args.time_budget)):
+        if value is not None and value <= 0:
+            raise ValueError(f"the {name} must be positive, got {value}")
     return EvalSpec(data=list(args.data), schemes=parse_schemes(args.sharing), adapter_sets=sets, limit=args.limit,
-                    pipeline=pipeline, tools=tools, model=args.model, device=args.device, force=args.force)
+                    pipeline=pipeline, tools=tools, model=args.model, device=args.device, dtype=args.dtype,
+                    force=args.force, engine_kwargs=engine_kwargs, together=args.together,
+                    time_limit=args.time_limit, time_budget=args.time_budget)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.merge:
+        try:
+            report = merge_reports(args.data)
+        except (ValueError, OSError) as e:
+            print(f"lragent eval --merge: {e}", file=sys.stderr)
+            return 2
+        print_table(report.summaries)
+        paths = write_report(report, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
     try:
         spec = spec_from_args(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"lragent eval: {e}", file=sys.stderr)
         return 2
-    report = run_eval(spec)
+    report = run_eval(spec, checkpoint=lambda partial: write_report(partial, args.out))
     print_table(report.summaries)
     paths = write_report(report, args.out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

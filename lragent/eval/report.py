@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from lragent.eval.runner import EvalReport, RunSummary
@@ -16,6 +18,7 @@ COLUMNS = (
     ("accuracy", "acc %", "{:.1f}"),
     ("f1", "F1 %", "{:.1f}"),
     ("out_of_function", "OOF %", "{:.1f}"),
+    ("time_limited", "cut %", "{:.1f}"),
     ("mean_iterations", "iters", "{:.1f}"),
     ("reuse_ratio", "reused %", "{:.1%}"),
     ("computed_tokens", "computed tok", "{}"),
@@ -66,7 +69,8 @@ def write_chart(summaries: list[RunSummary], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    groups = list(dict.fromkeys(f"{s.dataset}\n{s.adapters}" for s in summaries))
+    group_of = lambda s: f"{s.dataset.replace('+', '+' + chr(10))}\n{s.adapters}"  # noqa: E731 (pooled files: one per line)
+    groups = list(dict.fromkeys(group_of(s) for s in summaries))
     schemes = list(dict.fromkeys(s.scheme for s in summaries))
     width = 0.8 / max(len(schemes), 1)
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.5 * len(groups) + 4), 4.5))
@@ -74,7 +78,7 @@ def write_chart(summaries: list[RunSummary], path: Path) -> None:
         for j, scheme in enumerate(schemes):
             values = []
             for g in groups:
-                match = [s for s in summaries if f"{s.dataset}\n{s.adapters}" == g and s.scheme == scheme]
+                match = [s for s in summaries if group_of(s) == g and s.scheme == scheme]
                 values.append(getattr(match[0], key) if match else 0.0)
             xs = [i + (j - (len(schemes) - 1) / 2) * width for i in range(len(groups))]
             bars = ax.bar(xs, values, width, label=scheme)
@@ -98,3 +102,29 @@ def write_report(report: EvalReport, out_dir: str | Path, stem: str = "eval") ->
     else:
         paths.pop("png")
     return paths
+
+
+def load_report(path: str | Path) -> EvalReport:
+    """An eval.json (or eval.json.gz) written by `write_report` back into an EvalReport."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "summaries" not in data:
+        raise ValueError(f"{path}: not an eval.json (no 'summaries')")
+    known = {f.name for f in fields(RunSummary)}
+    summaries = [RunSummary(**{k: v for k, v in s.items() if k in known}) for s in data["summaries"]]
+    return EvalReport(spec=data.get("spec", {}), summaries=summaries, questions=data.get("questions", []))
+
+
+def merge_reports(paths: Sequence[str | Path]) -> EvalReport:
+    """Several eval.json files (e.g. one per scheme, run as separate processes) as one report: summaries and
+    questions concatenated in the order given, the specs kept as a list under `merged`."""
+    reports = [load_report(p) for p in paths]
+    if not reports:
+        raise ValueError("nothing to merge")
+    return EvalReport(
+        spec={"merged": [{"path": str(p), **r.spec} for p, r in zip(paths, reports)]},
+        summaries=[s for r in reports for s in r.summaries],
+        questions=[q for r in reports for q in r.questions],
+    )

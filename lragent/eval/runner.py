@@ -6,7 +6,10 @@
     write_report(report, "results/eval")       # eval.json + eval.png
 
 One fresh LLM per (adapter set, scheme), so no cache state leaks between schemes; every question file whose task
-the adapter set serves runs through it.
+the adapter set serves runs through it (one file after the other, or, with `together`, all files of a task as one
+pool of questions in flight at once, reported per file and combined). `time_limit` bounds one pipeline run (the
+questions in flight are halted, see `pipeline.Driver`), `time_budget` the whole evaluation (runs that would start
+after it are skipped); `checkpoint` gets the report after every run, so a killed process leaves what it finished.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import gc
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +122,16 @@ class RunSummary:
     generated_tokens: int
     reuse_ratio: float  # reused / prompt tokens
     ttft_s: float  # sum over all agent calls
-    wall_s: float  # the whole run (all questions, concurrently)
+    wall_s: float  # the whole run (all questions, concurrently; with `together`, the pooled run's)
+    time_limited: float = 0.0  # % halted in flight by the run's time limit (scored on any answer given so far)
+    not_run: int = 0  # questions never started before the time limit (not in n)
+    rounds: int = 0  # batched generate calls of the run
+    decode_steps: int = 0  # sum over rounds of the longest output (decode passes of the engine)
 
 
 def summarize(results: Sequence[EpisodeResult], dataset: str, task: str, adapters: str, scheme: str,
-              wall_s: float) -> RunSummary:
+              wall_s: float, stats: dict[str, Any] | None = None) -> RunSummary:
+    stats = stats or {}
     n = max(len(results), 1)
     prompt = sum(r.prompt_tokens for r in results)
     reused = sum(r.reused_tokens for r in results)
@@ -147,6 +155,10 @@ def summarize(results: Sequence[EpisodeResult], dataset: str, task: str, adapter
         reuse_ratio=reused / prompt if prompt else 0.0,
         ttft_s=sum(r.ttft_s for r in results),
         wall_s=wall_s,
+        time_limited=100.0 * sum(r.halt_reason == "time_limit" for r in results) / n,
+        not_run=int(stats.get("not_run", 0)),
+        rounds=int(stats.get("rounds", 0)),
+        decode_steps=int(stats.get("decode_steps", 0)),
     )
 
 
@@ -160,8 +172,12 @@ class EvalSpec:
     tools: ToolConfig = field(default_factory=ToolConfig)
     model: str = "smollm2-135m-instruct"
     device: str = "auto"
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA (the engine's default); float32 to compare with the CPU
     force: bool = False  # allow base_lr_shared with adapters whose v_proj A differ
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    together: bool = False  # the question files of one task as one pool (one engine pass per scheme)
+    time_limit: float | None = None  # seconds per pipeline run (see pipeline.Driver)
+    time_budget: float | None = None  # seconds for the whole evaluation
 
 
 @dataclass
@@ -189,7 +205,7 @@ def default_llm_factory(spec: EvalSpec, scheme: str, adapters: AdapterSet) -> An
     if spec.force:
         kwargs["allow_unshared_a"] = True
     return LLM(model=spec.model, adapters=dict(adapters.paths), sharing=scheme, device=resolve_device(spec.device),
-               **kwargs)
+               dtype=spec.dtype, **kwargs)
 
 
 def _free_memory() -> None:
@@ -215,36 +231,88 @@ def _progress_logger(tag: str, total: int, log: Callable[[str], None], every: in
     return progress
 
 
+def _pools(datasets: list[tuple[str, str, list[dict]]], together: bool) -> list[list[tuple[str, str, list[dict]]]]:
+    """Files run one by one, or (together) grouped by task in order of first appearance."""
+    if not together:
+        return [[d] for d in datasets]
+    by_task: dict[str, list] = {}
+    for d in datasets:
+        by_task.setdefault(d[1], []).append(d)
+    return list(by_task.values())
+
+
 def run_eval(spec: EvalSpec, llm_factory: LLMFactory = default_llm_factory,
-             log: Callable[[str], None] = print) -> EvalReport:
+             log: Callable[[str], None] = print, checkpoint: Callable[[EvalReport], None] | None = None) -> EvalReport:
+    t_start = time.perf_counter()
     datasets = [(Path(p).stem, *load_questions(p, spec.limit)) for p in spec.data]
     if not spec.adapter_sets:
         raise ValueError("no adapter sets: pass --adapters DIR (folders with plan/, action/, reflect/)")
-    summaries, questions = [], []
+    summaries: list[RunSummary] = []
+    questions: list[dict] = []
+    skipped: list[str] = []
+    spec_dict = asdict(spec)
+
+    def report() -> EvalReport:
+        return EvalReport(spec={**spec_dict, "skipped_runs": list(skipped)}, summaries=list(summaries),
+                          questions=list(questions))
+
+    def remaining() -> float | None:
+        return None if spec.time_budget is None else spec.time_budget - (time.perf_counter() - t_start)
+
     for aset in spec.adapter_sets:
         todo = [d for d in datasets if aset.serves(d[1])]
         if not todo:
             log(f"adapter set {aset.name} ({aset.task}) serves none of the question files; skipped")
             continue
         for scheme in spec.schemes:
+            left = remaining()
+            if left is not None and left <= 0:
+                skipped += [f"{name} | {aset.name} | {scheme}" for name, _, _ in todo]
+                log(f"{aset.name} | {scheme}: skipped: time budget of {spec.time_budget:.0f}s spent")
+                continue
             try:
                 llm = llm_factory(spec, scheme, aset)
             except ValueError as e:  # AdapterError: e.g. base_lr_shared with unshared A and no --force
                 log(f"{aset.name} | {scheme}: skipped: {e}")
                 continue
             try:
-                for name, task, rows in todo:
+                for pool in _pools(todo, spec.together):
+                    left = remaining()
+                    if left is not None and left <= 0:
+                        skipped += [f"{name} | {aset.name} | {scheme}" for name, _, _ in pool]
+                        log(f"{aset.name} | {scheme}: skipped {[p[0] for p in pool]}: time budget spent")
+                        continue
+                    limits = [x for x in (spec.time_limit, left) if x is not None]
+                    pipeline = replace(spec.pipeline, time_limit_s=min(limits) if limits else None)
+                    names = [name for name, _, _ in pool]
+                    rows = [r for _, _, file_rows in pool for r in file_rows]
+                    tag = "+".join(names)
                     t0 = time.perf_counter()
-                    progress = _progress_logger(f"{name} | {aset.name} | {scheme}", len(rows), log)
-                    results = run_pipeline(llm, rows, spec.pipeline, spec.tools, progress=progress)
-                    s = summarize(results, name, task, aset.name, scheme, time.perf_counter() - t0)
-                    summaries.append(s)
-                    log(f"{name} | {aset.name} | {scheme}: acc {s.accuracy:.1f}% f1 {s.f1:.1f}% "
-                        f"oof {s.out_of_function:.1f}% reuse {100 * s.reuse_ratio:.1f}% wall {s.wall_s:.1f}s")
-                    questions += [{"dataset": name, "adapters": aset.name, "scheme": scheme, **asdict(r)}
-                                  for r in results]
+                    progress = _progress_logger(f"{tag} | {aset.name} | {scheme}", len(rows), log)
+                    stats: dict[str, Any] = {}
+                    results = run_pipeline(llm, rows, pipeline, spec.tools, progress=progress, stats=stats)
+                    wall = time.perf_counter() - t0
+                    # which file each result came from: questions start in input order, so the started ones (the
+                    # results) are the first len(results) rows
+                    origin = [name for name, _, file_rows in pool for _ in file_rows]
+                    started = origin[: len(results)]
+                    parts = [(name, task, [r for r, o in zip(results, started) if o == name]) for name, task, _ in pool]
+                    if len(pool) > 1:
+                        parts.append((tag, pool[0][1], results))
+                    for name, task, res in parts:
+                        not_run = sum(o == name for o in origin) - len(res) if name != tag else stats.get("not_run", 0)
+                        s = summarize(res, name, task, aset.name, scheme, wall, {**stats, "not_run": not_run})
+                        summaries.append(s)
+                        cut = f" time-limited {s.time_limited:.1f}% not run {s.not_run}" if stats.get("timed_out") else ""
+                        log(f"{name} | {aset.name} | {scheme}: acc {s.accuracy:.1f}% f1 {s.f1:.1f}% "
+                            f"oof {s.out_of_function:.1f}% iters {s.mean_iterations:.1f} reuse {100 * s.reuse_ratio:.1f}% "
+                            f"rounds {s.rounds} decode steps {s.decode_steps} wall {s.wall_s:.1f}s{cut}")
+                    questions.extend({"dataset": o, "adapters": aset.name, "scheme": scheme, **asdict(r)}
+                                     for r, o in zip(results, started))
+                    if checkpoint is not None:
+                        checkpoint(report())
             finally:
                 del llm  # one engine (and its KV pool) at a time
                 _free_memory()
-    spec_dict = asdict(spec)
-    return EvalReport(spec=spec_dict, summaries=summaries, questions=questions)
+    return report()
+
