@@ -28,6 +28,8 @@ class EngineConfig:
     max_lora_rank: int | None = None  # default: the largest loaded rank, at least 16
     allow_unshared_a: bool = False  # BASE_LR_SHARED with different v_proj A (measurably worse; for experiments)
     attention_backend: str = "auto"  # "torch" (reference) or "triton" when available
+    enforce_eager: bool = False  # CUDA: no decode graphs (every step launches its kernels from Python)
+    cuda_graph_max_batch: int = 256  # decode batches up to this size replay a captured graph
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -42,7 +44,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in [0.05, 1]")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "cuda_graph_max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
 

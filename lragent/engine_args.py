@@ -44,6 +44,8 @@ def add_engine_args(p: argparse.ArgumentParser, default_sharing: str = SharingMo
     p.add_argument("--max-lora-rank", type=int, default=None)
     p.add_argument("--allow-unshared-a", action="store_true", help="base_lr_shared without shared-A (less accurate)")
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps without CUDA graphs")
+    p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured as a graph")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -64,5 +66,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_lora_rank=args.max_lora_rank,
         allow_unshared_a=args.allow_unshared_a,
         attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        cuda_graph_max_batch=args.cuda_graph_max_batch,
         seed=args.seed,
     )

@@ -1,34 +1,92 @@
-"""CPU/GPU decode throughput of our engine against HF transformers + PEFT on the same machine, same adapter.
+"""Decode throughput of our engine against HF transformers + PEFT on the same machine, same adapter, and (`--floor`)
+against the memory-bandwidth floor of a decode step.
 
-Decode tok/s = batch * (new_tokens - 1) / (time from first token to last token), so prefill is excluded on both.
+Decode tok/s = batch * (new_tokens - 1) / (time from the last first token to the last token), so prefill is
+excluded on both. The floor of one decode step is (weight bytes + the cache bytes every sequence reads: keys, base
+values and its LR rows) over the copy bandwidth measured in the same run; `--floor` reports step time / floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import logging
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from lragent.bench.adapters import write_random_adapters
+from lragent.bench.adapters import model_config_for, write_random_adapters
 
 
-def ours(model: str, adapter_dir: str, batch: int, prompt_len: int, new_tokens: int, device: str) -> float:
+def ours(model: str, adapter_dir: str, batch: int, prompt_len: int, new_tokens: int, device: str, **engine) -> float:
     from lragent import LLM, SamplingParams
 
-    llm = LLM(model=model, adapters={"plan": adapter_dir}, sharing="non_shared", device=device)
+    engine.setdefault("sharing", "non_shared")
+    if device != "cpu":
+        engine.setdefault("max_model_len", prompt_len + new_tokens + 16)
+    t0 = time.perf_counter()
+    llm = LLM(model=model, adapters={"plan": adapter_dir}, device=device, **engine)
+    _log(f"engine ready in {time.perf_counter() - t0:.1f} s")
     vocab = llm.engine.model_config.vocab_size
     prompts = [[(97 * i + 13 * j) % (vocab - 100) + 50 for j in range(prompt_len)] for i in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts, adapter="plan", sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    # warm-up: compiles kernels and captures the decode graph of this batch size
+    llm.generate(prompts, adapter="plan", sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+    _log(f"warm-up done at {time.perf_counter() - t0:.1f} s")
+    llm.engine.reset_prefix_cache()
     outs = llm.generate([p[::-1] for p in prompts], adapter="plan", sampling_params=params)
-    first = min(o.metrics.first_token_time for o in outs)
+    first = max(o.metrics.first_token_time for o in outs)  # prefill-first: decode starts once all have one token
     last = max(o.metrics.finish_time for o in outs)
+    del llm, outs
+    gc.collect()  # free this engine's pools before the next one is sized from the free memory
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return batch * (new_tokens - 1) / (last - first)
+
+
+def _log(msg: str) -> None:
+    print(f"  [bench decode] {msg}", file=sys.stderr, flush=True)
+
+
+def decode_floor_s(model: str, batch: int, context: int, dtype: torch.dtype, rates, rank: int = 8) -> float:
+    """Bytes one decode step must move (every weight once, each sequence's K, V_base and LR rows) over bandwidth."""
+    from lragent.bench.roofline import ModelCost
+
+    cost = ModelCost.of(model_config_for(model), dtype, rank)
+    per_token = cost.kv_bytes_per_token + cost.lr_bytes_per_token
+    return (cost.weight_bytes + batch * context * per_token) / rates.copy_bytes
+
+
+def floor_report(args) -> list[dict]:
+    """Our decode step time at each batch size against its bandwidth floor (GPU; no HF run)."""
+    from lragent.bench.roofline import calibrate
+    from lragent.config import DTYPES
+
+    dtype = DTYPES["bfloat16" if args.dtype == "auto" else args.dtype]
+    rates = calibrate(args.device, dtype)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = write_random_adapters(args.model, Path(tmp), ["plan"], rank=8)["plan"]
+        for batch in args.batch:
+            tok_s = ours(args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device,
+                         sharing=args.sharing, dtype=args.dtype, enforce_eager=args.enforce_eager)
+            step = batch / tok_s
+            floor = decode_floor_s(args.model, batch, args.prompt_len + args.new_tokens // 2, dtype, rates)
+            rows.append({"batch": batch, "context": args.prompt_len, "tok_s": tok_s, "step_ms": step * 1e3,
+                         "floor_ms": floor * 1e3, "x_floor": step / floor})
+            _log(f"batch {batch}: {step * 1e3:.2f} ms/step, floor {floor * 1e3:.2f} ms")
+    print(f"decode vs bandwidth floor, {args.model}, {args.sharing}, q/v LoRA r8, context {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, {rates.device}, copy {rates.copy_bytes / 1e9:.0f} GB/s"
+          f"{', eager' if args.enforce_eager else ', CUDA graphs'}")
+    print(f"{'batch':>5} {'tok/s':>9} {'step ms':>8} {'floor ms':>9} {'x floor':>8}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['tok_s']:>9.0f} {r['step_ms']:>8.2f} {r['floor_ms']:>9.2f} {r['x_floor']:>7.2f}x")
+    return [dict(r, rates=rates.as_dict()) for r in rows]
 
 
 def hf_peft(model: str, adapter_dir: str, batch: int, prompt_len: int, new_tokens: int, device: str) -> float:
@@ -61,8 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="results/bench_decode.json")
+    parser.add_argument("--floor", action="store_true", help="GPU: step time against the bandwidth floor, no HF run")
+    parser.add_argument("--sharing", default="base_lr_shared", help="scheme for --floor")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.floor:
+        logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s")
+        rows = floor_report(args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter = write_random_adapters(args.model, Path(tmp), ["plan"], rank=8)["plan"]

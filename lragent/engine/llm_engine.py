@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from lragent.cache.sharing import get_scheme
 from lragent.config import EngineConfig
 from lragent.engine.block_manager import BlockManager
 from lragent.engine.model_runner import ModelRunner
-from lragent.engine.scheduler import Scheduler
+from lragent.engine.scheduler import ScheduledBatch, Scheduler
 from lragent.engine.sequence import RequestMetrics, Sequence
 from lragent.kernels import make_backend
 from lragent.lora.adapter import AdapterError, load_peft_adapter
@@ -24,7 +25,10 @@ from lragent.models.llama import Runtime
 from lragent.models.loader import load_model
 from lragent.sampling import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 CPU_DEFAULT_CACHE_BYTES = 1 << 30
+GRAPH_RESERVE_BYTES = 256 << 20  # the decode graphs' memory pool (one step's activations at the largest size)
 
 
 @dataclass
@@ -61,9 +65,10 @@ class LLMEngine:
         self.bank = self._bank_class(backend.name)(self.model_config, max_loras, max_rank, self.dtype, self.device)
         for adapter in adapters:
             self.bank.load(self.registry.add(adapter), adapter)
+        self.backend = backend
         layout = CacheLayout.for_budget(
             self.model_config,
-            self._cache_budget(),
+            self._cache_budget(max_rank, bool(adapters)),
             config.block_size,
             max_rank,
             self.scheme.lr_blocks_per_base_block(max_loras),
@@ -77,6 +82,8 @@ class LLMEngine:
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings, self.block_manager.capacity_tokens
         )
+        if self.device.type == "cuda" and backend.name == "triton" and not config.enforce_eager:
+            self.runner.enable_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs), self.max_model_len)
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -99,25 +106,78 @@ class LLMEngine:
             return TritonLoRABank
         return LoRABank
 
-    def _cache_budget(self) -> int:
+    def _cache_budget(self, max_rank: int, with_adapter: bool) -> int:
+        """Explicit bytes; 1 GiB on CPU; on CUDA what `gpu_memory_utilization` leaves after a measured warm-up.
+
+        The warm-up runs the largest step the scheduler may issue (max_num_batched_tokens of prefill, logits for
+        max_num_seqs rows) against a throwaway one-block cache and records the peak it allocates on top of the
+        weights: that, everything else already on the card, and a small reserve for decode graphs come off
+        the budget.
+        """
+        self.activation_peak_bytes = 0
         if self.config.kv_cache_bytes is not None:
             return self.config.kv_cache_bytes
         if self.device.type == "cpu":
             return CPU_DEFAULT_CACHE_BYTES
+        self.activation_peak_bytes = self._profile_peak(max_rank, with_adapter)
         free, total = torch.cuda.mem_get_info(self.device)
-        reserve = 2 << 30  # activations and logits of the largest step
-        return int(self.config.gpu_memory_utilization * total - (total - free) - reserve)
+        allocator_slack = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        in_use = total - free - allocator_slack  # weights, adapters, CUDA context, other processes
+        graph_reserve = 0 if self.config.enforce_eager else GRAPH_RESERVE_BYTES
+        budget = int(self.config.gpu_memory_utilization * total - in_use - self.activation_peak_bytes - graph_reserve)
+        logger.info(
+            "KV cache budget %.2f GiB: %.0f%% of %.1f GiB, minus %.2f GiB in use and a measured %.2f GiB step peak",
+            budget / 2**30, 100 * self.config.gpu_memory_utilization, total / 2**30, in_use / 2**30,
+            self.activation_peak_bytes / 2**30,
+        )
+        return budget
+
+    @torch.inference_mode()
+    def _profile_peak(self, max_rank: int, with_adapter: bool) -> int:
+        cfg = self.config
+        layout = CacheLayout(cfg.block_size, 1, 1 if self.scheme.has_lr_pool else 0, max_rank)
+        scratch = KVCache(self.model_config, layout, self.dtype, self.device)
+        self.model.bind(Runtime(scratch, self.bank, self.backend))
+        runner = ModelRunner(self.model, scratch, self.scheme, self.device)
+        longest = max(1, (cfg.max_model_len or self.model_config.max_position_embeddings) - 1)
+        total, seqs = cfg.max_num_batched_tokens, []
+        while total > 0 and len(seqs) < cfg.max_num_seqs:
+            n = min(total, longest)
+            seq = Sequence(f"profile-{len(seqs)}", [0] * n, SamplingParams(), "", 1 if with_adapter else 0)
+            seq.base_blocks = [0] * (-(-n // cfg.block_size))  # every row lands in the one scratch block
+            seq.lr_blocks = list(seq.base_blocks) if self.scheme.has_lr_pool else []
+            seqs.append(seq)
+            total -= n
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids, ctx, _ = runner.prepare(ScheduledBatch(seqs, [len(s) for s in seqs], True))
+        self.model(ids, ctx)
+        hidden = torch.zeros(cfg.max_num_seqs, self.model_config.hidden_size, dtype=self.dtype, device=self.device)
+        torch.log_softmax(self.model.logits(hidden), dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del scratch, runner, ids, ctx, hidden
+        torch.cuda.empty_cache()
+        return peak
 
     # ---- adapters ------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
         adapter = load_peft_adapter(name, path, self.model_config)
         self.bank.load(self.registry.add(adapter), adapter)
+        self._adapters_changed()
 
     def unload_adapter(self, name: str) -> None:
         busy = [s.request_id for s in self._seqs.values() if s.adapter == name]
         if busy:
             raise AdapterError(f"adapter {name!r} is in use by {len(busy)} running request(s)")
         self.bank.unload(self.registry.remove(name))
+        self._adapters_changed()
+
+    def _adapters_changed(self) -> None:
+        """Captured decode graphs hold the adapter stacks that existed at capture: recapture on next use."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.clear()
 
     # ---- requests ------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from lragent.cache.kv_cache import KVCache
@@ -12,6 +14,9 @@ from lragent.kernels.metadata import AttentionMetadata
 from lragent.lora.metadata import LoRAMetadata, group_by_slot
 from lragent.models.context import ForwardContext
 from lragent.models.llama import CausalLM
+
+if TYPE_CHECKING:
+    from lragent.engine.cuda_graph import DecodeGraphs
 
 
 def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -34,6 +39,14 @@ class ModelRunner:
         self.scheme = scheme
         self.device = device
         self.block_size = cache.block_size
+        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA unless enforce_eager
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        from lragent.engine.cuda_graph import DecodeGraphs  # imports Triton
+
+        self.graphs = DecodeGraphs(
+            self.model, self.cache, not self.scheme.has_lr_pool, max_batch, max_model_len, self.device
+        )
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, list[int]]:
         """Flatten the batch; returns input ids, the step's context, and the row of each sampling sequence."""
@@ -86,10 +99,14 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
         """One forward pass; returns a token (and its log-prob) for each sequence whose pending tokens all ran."""
-        input_ids, ctx, rows = self.prepare(batch)
-        hidden = self.model(input_ids, ctx)
-        if not rows:
-            return [], []
-        logits = self.model.logits(hidden[rows])
+        if self.graphs is not None and self.graphs.supports(batch.seqs, batch.is_prefill):
+            hidden = self.graphs.run(batch.seqs)  # every decode row samples
+        else:
+            input_ids, ctx, rows = self.prepare(batch)
+            if not rows:
+                self.model(input_ids, ctx)
+                return [], []
+            hidden = self.model(input_ids, ctx)[rows]
+        logits = self.model.logits(hidden)
         samplers = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed + n == len(s)]
         return sample(logits, [s.params for s in samplers], [s.generator for s in samplers])

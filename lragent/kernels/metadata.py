@@ -26,6 +26,7 @@ class AttentionMetadata:
     base_slots: torch.Tensor  # [n written] flat slot ids (block * block_size + offset) in the key/value pools
     lr_slots: torch.Tensor | None  # [T] flat slot ids in the LR pool
     is_decode: bool = False  # every sequence has exactly one new token
+    decode_splits: int | None = None  # fixed split-KV count (CUDA graphs: the grid must not follow the lengths)
 
     @property
     def num_seqs(self) -> int:

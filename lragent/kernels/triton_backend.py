@@ -56,7 +56,7 @@ class TritonBackend(AttentionBackend):
                 query,
                 context_lens=meta.context_lens_t,
                 max_context=max(meta.context_lens, default=1),
-                num_splits=self.decode_splits,
+                num_splits=meta.decode_splits or self.decode_splits,
                 **args,
             )
         return paged_prefill(

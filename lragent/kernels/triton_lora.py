@@ -232,7 +232,9 @@ def _upload(values: list[int], device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-class _SegmentPlan:
+class SegmentPlan:
+    """Device-side grouping of a step's tokens by adapter slot, as the shrink/expand kernels read it."""
+
     __slots__ = ("tokens", "seg_start", "seg_slot", "max_len", "slots", "covers_all", "shared")
 
     def __init__(self, segments: Segments, num_tokens: int, device: torch.device):
@@ -258,6 +260,18 @@ class _SegmentPlan:
         self.seg_slot = _upload(self.slots, device)
         self.shared = None  # (seg_start, seg_slot) of one segment over all tokens, built on first use
 
+    @classmethod
+    def per_token(cls, seg_start: torch.Tensor, seg_slot: torch.Tensor) -> SegmentPlan:
+        """One segment per token over static buffers (CUDA-graph decode): `seg_start` = 0..T, `seg_slot` [T].
+
+        Tokens without an adapter read slot 0, whose stacks are zero, so the result stays exact; the grid depends
+        only on T, never on which adapters the step mixes.
+        """
+        plan = cls.__new__(cls)
+        plan.tokens, plan.seg_start, plan.seg_slot, plan.max_len = None, seg_start, seg_slot, 1
+        plan.slots, plan.covers_all, plan.shared = [], False, None
+        return plan
+
 
 class TritonLoRABank(LoRABank):
     """`LoRABank` whose multi-LoRA projections run the Triton kernels (one shrink + one expand launch per module).
@@ -270,7 +284,7 @@ class TritonLoRABank(LoRABank):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._plan_key: tuple | None = None
-        self._plan: _SegmentPlan | None = None
+        self._plan: SegmentPlan | None = None
         self._shared_v: dict[int, bool] = {}
 
     def load(self, slot, adapter) -> None:
@@ -281,14 +295,16 @@ class TritonLoRABank(LoRABank):
         super().unload(slot)
         self._shared_v.clear()
 
-    def _plan_for(self, segments: Segments, module: str | None, num_tokens: int, device) -> _SegmentPlan | None:
+    def _plan_for(self, segments: Segments | SegmentPlan, module: str | None, num_tokens: int, device) -> SegmentPlan | None:
+        if isinstance(segments, SegmentPlan):  # prebuilt (CUDA-graph decode)
+            return segments
         if module is not None:
             active = [(s, i) for s, i in segments if (s, module) in self.active]
             if len(active) != len(segments):
-                return _SegmentPlan(active, num_tokens, device) if active else None
+                return SegmentPlan(active, num_tokens, device) if active else None
         key = (id(segments), num_tokens)
         if self._plan_key != key or self._plan_segments is not segments:
-            self._plan = _SegmentPlan(segments, num_tokens, device)
+            self._plan = SegmentPlan(segments, num_tokens, device)
             self._plan_key, self._plan_segments = key, segments
         return self._plan
 
