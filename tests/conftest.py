@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from lragent.bench.adapters import write_peft_adapter  # noqa: E402
+from lragent.bench.adapters import write_peft_adapter, write_random_llama  # noqa: E402
 from lragent.models.config import ModelConfig  # noqa: E402
 from lragent.models.hub import resolve_model  # noqa: E402
 
@@ -66,16 +66,11 @@ def all_module_adapters(tmp_path_factory, model_config) -> dict[str, str]:
 def tiny_llama(tmp_path_factory) -> tuple[str, dict[str, str]]:
     """A 2-layer random Llama with SmolLM2's kv geometry (3 kv heads x 64), plus three q/v adapters: for tests
     whose point is cache bookkeeping over long contexts, not the embedded model's outputs."""
-    import transformers
-
     root = tmp_path_factory.mktemp("tiny_llama")
-    cfg = transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=3,
-        num_key_value_heads=3, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+    config = write_random_llama(
+        root / "model", vocab_size=1000, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=3, num_key_value_heads=3, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    config = ModelConfig.from_file(root / "model" / "config.json")
     adapters = {
         role: str(write_peft_adapter(root / role, config, ("q_proj", "v_proj"), seed=30 + i))
         for i, role in enumerate(("plan", "action", "reflect"))

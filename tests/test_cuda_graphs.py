@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lragent.bench.adapters import write_peft_adapter
+from lragent.bench.adapters import write_peft_adapter, write_random_llama
 from lragent.engine.cuda_graph import capture_sizes
 from lragent.llm import LLM
 from lragent.models.config import ModelConfig
@@ -31,16 +31,11 @@ def test_capture_sizes_cover_every_batch():
 @pytest.fixture(scope="module")
 def tiny_gqa(tmp_path_factory) -> tuple[str, dict[str, str]]:
     """4 layers, 8 q heads over 2 kv heads, d 64; shared-A q/v adapters plus one that also targets o_proj/MLP."""
-    import transformers
-
     root = tmp_path_factory.mktemp("tiny_gqa")
-    cfg = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=512, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False,
+    config = write_random_llama(
+        root / "model", vocab_size=512, hidden_size=512, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    config = ModelConfig.from_file(root / "model" / "config.json")
     shared: dict[int, torch.Tensor] = {}
     adapters = {
         role: str(write_peft_adapter(root / role, config, ("q_proj", "v_proj"), seed=40 + i, shared_value_a=shared))

@@ -24,6 +24,15 @@ def model_config_for(model: str) -> ModelConfig:
     return ModelConfig.from_file(resolve_model(model) / "config.json")
 
 
+def write_random_llama(folder: Path, seed: int = 0, **shape) -> ModelConfig:
+    """A seeded random HF Llama checkpoint of the given `LlamaConfig` shape, saved to `folder` (tests, benchmarks)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).save_pretrained(folder)
+    return ModelConfig.from_file(Path(folder) / "config.json")
+
+
 def write_peft_adapter(
     folder: Path,
     config: ModelConfig,
