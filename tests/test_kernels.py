@@ -463,3 +463,38 @@ def test_bench_kernels_smoke(tmp_path):
 
     res = json.loads(out.read_text())
     assert res["decode"] and res["prefill"] and res["lora"] and "targets" in res
+
+
+def test_triton_lora_bank_plans_interleaved_and_per_token():
+    """Two segment lists used alternately (FULL_SHARED: all tokens for q, the base-written subset for k/v) hit their
+    own cached plans; the one-segment-per-row plan of CUDA-graph decode (slot 0 rows included) gives the same deltas."""
+    from lragent.kernels.triton_lora import SegmentPlan
+
+    cfg = _Cfg(48, 64, 32, 80)
+    kw = dict(config=cfg, max_loras=3, max_rank=16, dtype=torch.float32, device=DEVICE)
+    ref_bank, bank = LoRABank(**kw), TritonLoRABank(**kw)
+    for slot, (rank, mods) in enumerate([(8, ("q_proj", "v_proj")), (4, ("v_proj", "o_proj")), (16, ("q_proj",))], 1):
+        ad = _adapter(f"a{slot}", rank, 2, mods, cfg, seed=10 + slot)
+        ref_bank.load(slot, ad)
+        bank.load(slot, ad)
+    gen = torch.Generator().manual_seed(5)
+    token_slots = [2, 1, 0, 3, 1, 2, 3]
+    x = torch.randn(len(token_slots), 48, generator=gen).to(DEVICE)
+    subset = [0, 2, 3, 6]
+    segs = group_by_slot(token_slots, DEVICE)
+    sub_segs = group_by_slot([token_slots[i] for i in subset], DEVICE)
+    per_token = SegmentPlan.per_token(
+        torch.arange(len(token_slots) + 1, dtype=torch.int32, device=DEVICE),
+        torch.tensor(token_slots, dtype=torch.int32, device=DEVICE),
+    )
+    for layer in range(2):
+        for mod in ("q_proj", "v_proj", "o_proj"):
+            xin = x if mod != "o_proj" else torch.randn(len(token_slots), 64, generator=gen).to(DEVICE)
+            ref = ref_bank.delta(xin, layer, mod, segs)
+            ref_sub = ref_bank.delta(xin[subset], layer, mod, sub_segs)
+            assert rel_err(bank.delta(xin, layer, mod, segs).cpu(), ref.cpu()) < 1e-5, mod
+            assert rel_err(bank.delta(xin[subset], layer, mod, sub_segs).cpu(), ref_sub.cpu()) < 1e-5, mod
+            assert rel_err(bank.delta(xin, layer, mod, per_token).cpu(), ref.cpu()) < 1e-5, mod
+        ref_r = ref_bank.value_shrink(x, layer, segs)
+        assert rel_err(bank.value_shrink(x, layer, per_token).cpu(), ref_r.cpu()) < 1e-5
+    assert len(bank._plans) <= TritonLoRABank._PLANS_KEPT

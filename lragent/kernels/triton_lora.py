@@ -281,34 +281,42 @@ class TritonLoRABank(LoRABank):
     `value_shrink` uses the single shared shrink when every token's adapter shares one v_proj A (BaseLRShared).
     """
 
+    _PLANS_KEPT = 8  # a step builds at most a handful: all tokens / base-written tokens x module subsets
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._plan_key: tuple | None = None
-        self._plan: SegmentPlan | None = None
+        # (id(segments), T, active slots) -> (segments, plan); holding `segments` keeps its id from being reused
+        self._plans: dict[tuple, tuple[Segments, SegmentPlan | None]] = {}
         self._shared_v: dict[int, bool] = {}
 
     def load(self, slot, adapter) -> None:
         super().load(slot, adapter)
         self._shared_v.clear()
+        self._plans.clear()
 
     def unload(self, slot) -> None:
         super().unload(slot)
         self._shared_v.clear()
+        self._plans.clear()
 
     def _plan_for(self, segments: Segments | SegmentPlan, module: str | None, num_tokens: int, device) -> SegmentPlan | None:
+        """The step's plan for `segments`, restricted to the adapters that target `module`; built once per step.
+
+        FULL_SHARED alternates two segment lists per layer (all tokens for q, base-written tokens for k/v) and mixed
+        adapter sets give per-module subsets, so several plans are cached at once rather than only the last one.
+        """
         if isinstance(segments, SegmentPlan):  # prebuilt (CUDA-graph decode)
             return segments
-        if module is not None:
-            active = [(s, i) for s, i in segments if (s, module) in self.active]
-            if len(active) != len(segments):
-                return SegmentPlan(active, num_tokens, device) if active else None
-        key = (id(segments), num_tokens)
-        if self._plan_key != key or self._plan_segments is not segments:
-            self._plan = SegmentPlan(segments, num_tokens, device)
-            self._plan_key, self._plan_segments = key, segments
-        return self._plan
-
-    _plan_segments = None
+        active = segments if module is None else [(s, i) for s, i in segments if (s, module) in self.active]
+        key = (id(segments), num_tokens, tuple(s for s, _ in active))
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is segments:
+            return hit[1]
+        plan = SegmentPlan(active, num_tokens, device) if active else None
+        if len(self._plans) >= self._PLANS_KEPT:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = (segments, plan)
+        return plan
 
     def _delta_into(self, out, x, layer, module, segments, add) -> torch.Tensor | None:
         key = (layer, module)
