@@ -13,6 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # Triton kernels run interpreted on the CPU; the variable must be set before any module defines a @triton.jit
+    # kernel, and test modules are imported in file order (test_cuda_graphs imports the LoRA kernels first)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lragent.bench.adapters import write_peft_adapter, write_random_llama  # noqa: E402
 from lragent.models.config import ModelConfig  # noqa: E402
