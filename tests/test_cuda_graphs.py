@@ -115,3 +115,52 @@ def test_measured_cache_budget():
     assert 0 < engine.cache_stats()["bytes_allocated"] <= 0.3 * total
     out = llm.generate([[1, 2, 3] * 100], sampling_params=SamplingParams(max_tokens=8, ignore_eos=True))
     assert len(out[0].token_ids) == 8
+
+
+def test_static_inputs_follow_growing_and_replaced_block_tables():
+    """The graph inputs are refilled incrementally (only new block-table entries are written); a sequence whose block
+    lists were replaced (preempted and re-admitted), a padding row and a new occupant must all be rewritten whole.
+    Runs on the CPU: only the filling is exercised, no capture."""
+    from types import SimpleNamespace
+
+    from lragent.cache.kv_cache import CacheLayout, KVCache
+    from lragent.engine.cuda_graph import DecodeGraphs
+    from lragent.models.config import ModelConfig
+    from lragent.models.presets import preset
+
+    config = ModelConfig.from_dict(preset("smollm2-135m"))
+    cache = KVCache(config, CacheLayout(4, 64, 64, 8), torch.float32, torch.device("cpu"))
+    model = SimpleNamespace(config=config)
+    graphs = DecodeGraphs(model, cache, expand_values=False, max_batch=8, max_model_len=128, device=torch.device("cpu"))
+
+    def seq(blocks, lr, pos, slot):
+        return SimpleNamespace(num_computed=pos, token_ids=list(range(100, 100 + pos + 1)), base_blocks=blocks,
+                               lr_blocks=lr, lora_slot=slot)
+
+    def check(seqs, size):
+        graphs._fill(seqs, size)
+        for i, s in enumerate(seqs):
+            nb = s.num_computed // 4 + 1
+            assert graphs.tables[0, i, :nb].tolist() == s.base_blocks[:nb]
+            assert graphs.tables[1, i, :nb].tolist() == s.lr_blocks[:nb]
+            pos = s.num_computed
+            assert graphs.i64[:, i].tolist() == [s.token_ids[pos], pos, s.base_blocks[pos // 4] * 4 + pos % 4,
+                                                 s.lr_blocks[pos // 4] * 4 + pos % 4, s.lora_slot]
+            assert graphs.i32[:, i].tolist() == [pos + 1, s.lora_slot]
+        for i in range(len(seqs), size):  # padding: no store, one readable key, no adapter
+            assert graphs.i64[2:4, i].tolist() == [-1, -1] and graphs.i32[:, i].tolist() == [1, 0]
+            assert graphs.tables[0, i, 0] == 0
+
+    a = seq([5, 9, 2], [7, 1, 3], 10, 1)
+    b = seq([11], [12], 2, 2)
+    check([a, b], 2)
+    a.base_blocks += [30]  # grows in place, as the block manager appends
+    a.lr_blocks += [31]
+    a.num_computed, a.token_ids = 12, a.token_ids + [7, 8]
+    check([a, b], 2)
+    b.base_blocks, b.lr_blocks = [40, 41], [42, 43]  # released and re-allocated: new lists
+    b.num_computed, b.token_ids = 5, b.token_ids + [1, 2, 3]
+    check([a, b], 2)
+    check([a], 2)  # b finished: row 1 pads
+    c = seq([50, 51, 52, 53], [54, 55, 56, 57], 13, 3)
+    check([a, c, b], 4)  # a new occupant in row 1, b moved to row 2

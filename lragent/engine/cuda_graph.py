@@ -36,6 +36,10 @@ def capture_sizes(max_batch: int) -> list[int]:
     return sorted(set(sizes + [max_batch]))
 
 
+def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    return t.pin_memory() if pin else t
+
+
 class DecodeGraphs:
     def __init__(
         self, model: CausalLM, cache: KVCache, expand_values: bool, max_batch: int, max_model_len: int,
@@ -55,11 +59,15 @@ class DecodeGraphs:
         self.i32 = torch.zeros(2, b, dtype=torch.int32, device=device)  # context lengths, adapter slot (int32)
         self.tables = torch.zeros(2 if self.has_lr else 1, b, w, dtype=torch.int32, device=device)
         self.seg_start = torch.arange(b + 1, dtype=torch.int32, device=device)
-        self.host_i64 = torch.zeros(5, b, dtype=torch.int64).pin_memory()
-        self.host_i32 = torch.zeros(2, b, dtype=torch.int32).pin_memory()
-        self.host_tables = torch.zeros(self.tables.shape, dtype=torch.int32).pin_memory()
-        self.host_staging = torch.zeros(self.tables.numel(), dtype=torch.int32).pin_memory()
+        pin = device.type == "cuda"  # (the buffers also work unpinned on the CPU, where the filling is tested)
+        self.host_i64 = _host(torch.zeros(5, b, dtype=torch.int64), pin)
+        self.host_i32 = _host(torch.zeros(2, b, dtype=torch.int32), pin)
+        self.host_tables = _host(torch.zeros(self.tables.shape, dtype=torch.int32), pin)
+        self.host_staging = _host(torch.zeros(self.tables.numel(), dtype=torch.int32), pin)
         self.staging = torch.zeros(self.tables.numel(), dtype=torch.int32, device=device)
+        # per row: (base block list, LR block list, entries already in host_tables) of the sequence it held last
+        # step; block lists only grow in place or are replaced, so an unchanged list needs only its new entries
+        self._rows: list[tuple[list[int], list[int], int] | None] = [None] * b
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
@@ -101,11 +109,15 @@ class DecodeGraphs:
             )
             i32[:, i] = (pos + 1, seq.lora_slot)
             nb = pos // bs + 1
-            tables[0, i, :nb] = seq.base_blocks[:nb]
-            if self.has_lr:
-                tables[1, i, :nb] = seq.lr_blocks[:nb]
+            row = self._rows[i]
+            done = row[2] if row is not None and row[0] is seq.base_blocks and row[1] is seq.lr_blocks else 0
+            if nb > done:
+                tables[0, i, done:nb] = seq.base_blocks[done:nb]
+                if self.has_lr:
+                    tables[1, i, done:nb] = seq.lr_blocks[done:nb]
+            self._rows[i] = (seq.base_blocks, seq.lr_blocks, nb)
             used = max(used, nb)
-        self._pad_rows(i64, i32, tables, n, size)
+        self._pad_rows(i64, i32, tables, self._rows, n, size)
         self.i64[:, :size].copy_(self.host_i64[:, :size], non_blocking=True)
         self.i32[:, :size].copy_(self.host_i32[:, :size], non_blocking=True)
         # only the used corner of the tables travels: staged contiguously, then scattered on the device
@@ -117,8 +129,9 @@ class DecodeGraphs:
         self.tables[:, :size, :used].copy_(self.staging[:count].view(corner.shape))
 
     @staticmethod
-    def _pad_rows(i64: np.ndarray, i32: np.ndarray, tables: np.ndarray, n: int, size: int) -> None:
+    def _pad_rows(i64: np.ndarray, i32: np.ndarray, tables: np.ndarray, rows: list, n: int, size: int) -> None:
         """Padding rows: token 0 at position 0, slot -1 (no store), one key of block 0, no adapter."""
+        rows[n:size] = [None] * (size - n)
         i64[:, n:size] = 0
         i64[_BASE_SLOT, n:size] = -1
         i64[_LR_SLOT, n:size] = -1
@@ -148,7 +161,7 @@ class DecodeGraphs:
 
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # safe contents for the warm-up run (it really executes: no pool writes, finite reads)
-        self._pad_rows(self.host_i64.numpy(), self.host_i32.numpy(), self.host_tables.numpy(), 0, size)
+        self._pad_rows(self.host_i64.numpy(), self.host_i32.numpy(), self.host_tables.numpy(), self._rows, 0, size)
         self.i64[:, :size].copy_(self.host_i64[:, :size])
         self.i32[:, :size].copy_(self.host_i32[:, :size])
         self.tables[:, :size, 0] = 0

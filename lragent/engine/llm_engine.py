@@ -294,7 +294,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id,
             adapter=seq.adapter,
-            prompt_token_ids=seq.token_ids[: seq.prompt_len],
+            prompt_token_ids=seq.prompt_ids,
             token_ids=seq.output_ids,
             new_token_ids=new,
             text=seq.text,

@@ -53,6 +53,7 @@ class Sequence:
         self.request_id = request_id
         self.token_ids = list(prompt_ids)
         self.prompt_len = len(prompt_ids)
+        self.prompt_ids = list(prompt_ids)  # handed to every output of this request as is (no per-step copy)
         self.params = params
         self.adapter = adapter  # name ("" for the base model)
         self.lora_slot = slot
