@@ -7,9 +7,24 @@
 # recipe: the independent plan adapter is reused as is, action and reflect are trained with its v_proj lora_A loaded
 # and frozen), then a bit-equality check of the shared A, then greedy samples (HF + PEFT) on training prompts.
 # Settings (environment): PY, MODEL, BASE_NAME, TASKS, DATA_DIR, DEVICE, STEPS, BATCH, MAX_LEN, LR, SEED, SAMPLE.
-# Measured on one H200 (bf16 autocast, 2026-11-27): 30-44 s per role, about 5 minutes for a task's two sets including
-# model load and tokenisation. CPU: a 2-core box managed ~40 s per step of 2 x 512 tokens, so the defaults (200 steps
-# of 8 x 1024 per role) would take tens of hours there; for a CPU smoke run use e.g. STEPS=20 BATCH=2 MAX_LEN=512 SAMPLE=0.
+# Shipped sets and how they were trained (per-step losses, machine and versions in each set's train_log.json):
+# - hotpotqa-{independent,shared-a}: the defaults (200 steps of 8 x 1024 tokens per role, lr 5e-4, bf16 autocast) on one
+#   H200, 2026-11-27: 30-44 s per role, about 5 minutes for the task's two sets including model load and tokenisation.
+# - scienceqa-{independent,shared-a}: on the 2-core CPU box (float32, OMP_NUM_THREADS=2, shared with other jobs),
+#   2026-11-28, with
+#       OMP_NUM_THREADS=2 TASKS=scienceqa DEVICE=cpu STEPS=45 BATCH=4 MAX_LEN=576 scripts/train_adapters.sh
+#   ~9-10 s per step, 380-450 s per role; the whole run (both sets, shared-A check, samples, manifest) took 35 min
+#   (2109 s). Loss, mean of the first -> last 10 steps: plan 3.93 -> 1.78, action 4.01 -> 1.90, reflect 2.02 -> 1.11
+#   (independent); action 3.61 -> 1.84, reflect 1.86 -> 1.09 (shared-A); no step skipped. With MAX_LEN 576 every
+#   truncated ScienceQA example keeps its prompt's head (system prompt + question, up to 443 tokens); 512 would not.
+#   These sets are short CPU runs (180 examples seen per role) and weaker than 200-step GPU training.
+#   A first GPU attempt at the defaults (H200, bf16) went to NaN (plan at step 90, action at 55; shared-A inherited
+#   plan's NaN A). Most likely cause: left padding gave fully masked attention rows, which fused CUDA SDPA kernels can
+#   turn into NaN that leaks into real tokens (torch's CPU SDPA returns 0 there: the same batches are finite on CPU).
+#   The trainer now masks padding so that no row is empty, skips (and logs) steps with a non-finite loss or gradient,
+#   and refuses to save non-finite weights (lragent/train/batching.py, loop.py, recipes.py).
+# CPU speed: the defaults (200 steps of 8 x 1024 per role) would take many hours on 2 cores; for a smoke run use e.g.
+# STEPS=20 BATCH=2 MAX_LEN=512 SAMPLE=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -12,7 +12,7 @@ import torch
 
 from lragent.train import data as fmt
 from lragent.train import examples as E
-from lragent.train.batching import IGNORE_INDEX, collate, encode_example, truncate_prompt
+from lragent.train.batching import IGNORE_INDEX, Encoded, attention_mask_4d, collate, encode_example, truncate_prompt
 from lragent.train.checks import check_shared_a
 from lragent.train.config import TrainConfig
 from lragent.train.recipes import WEIGHTS_NAME, train_set
@@ -184,6 +184,61 @@ def test_left_padded_loss_matches_unpadded(tok):
     assert torch.allclose(joint, sum(alone) / sum(e.n_output for e in encoded), atol=1e-5)
 
 
+def strict_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Plain softmax attention with -inf on masked scores: NaN on a fully masked query row, as fused CUDA kernels
+    (bf16 SDPA) can give; torch's CPU SDPA returns 0 there, which hides the problem on CPU."""
+    if enable_gqa:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    scores = query @ key.transpose(-2, -1) * (scale if scale is not None else query.shape[-1] ** -0.5)
+    if is_causal:
+        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(-1) @ value
+
+
+def test_attention_mask_has_no_empty_row_and_hides_padding():
+    mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    m = attention_mask_4d(mask)[:, 0]
+    assert m.shape == (2, 5, 5) and m.any(-1).all()  # every query row attends to something
+    assert torch.equal(m[1], torch.ones(5, 5, dtype=torch.bool).tril())  # unpadded: plain causal
+    assert torch.equal(m[0, :3], torch.eye(5, dtype=torch.bool)[:3])  # padding attends to itself only
+    assert not m[0, 3:, :3].any() and m[0, 3:, 3:].equal(torch.ones(2, 2, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "strict", "eager"])
+def test_heavily_left_padded_batch_gives_the_unpadded_per_example_loss(tok, attention, monkeypatch):
+    """A short example padded by ~10x its length: finite, and the loss of each example equals its unpadded loss,
+    also under an attention kernel that returns NaN for fully masked rows (the H200 bf16 NaN of the ScienceQA run)."""
+    from lragent.train.loop import example_losses, output_loss
+
+    model = tiny_llama(len(tok)).eval()
+    if attention == "strict":
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", strict_sdpa)
+    elif attention == "eager":
+        model.config._attn_implementation = "eager"
+    short = Encoded(tuple(range(5, 25)), 12, False)  # 12 prompt + 8 output tokens
+    long = Encoded(tuple(range(30, 230)), 180, False)  # 200 tokens: the short one gets 180 padding positions
+    with torch.no_grad():
+        padded = example_losses(model, collate([short, long], tok.pad_token_id))
+        alone = torch.cat([example_losses(model, collate([e], tok.pad_token_id)) for e in (short, long)])
+        mean = output_loss(model, collate([short, long], tok.pad_token_id))
+    assert torch.isfinite(padded).all() and torch.isfinite(alone).all()
+    assert torch.allclose(padded, alone, atol=1e-5), (padded, alone)
+    assert torch.allclose(mean, (alone[0] * 8 + alone[1] * 20) / 28, atol=1e-5)
+
+
+def test_padded_batch_backward_is_finite_under_strict_attention(tok, monkeypatch):
+    from lragent.train.loop import output_loss
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", strict_sdpa)
+    model = tiny_llama(len(tok))
+    batch = collate([Encoded(tuple(range(5, 15)), 6, False), Encoded(tuple(range(5, 105)), 90, False)], 0)
+    output_loss(model, batch).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 # ---- training recipes on a tiny random Llama -------------------------------------------------------------------------
 
 
@@ -236,6 +291,92 @@ def test_joint_training_ties_one_a_for_all_roles(tok, tmp_path):
     assert check.identical and check.layers == 2
 
 
+class Poison:
+    """Forward hook on the LM head: makes the logits (``where="loss"``) or only their gradient (``where="grad"``)
+    NaN on the chosen forward calls (counted from 0)."""
+
+    def __init__(self, calls, where="loss"):
+        self.calls, self.where, self.n = set(calls), where, 0
+
+    def __call__(self, module, args, output):
+        hit, self.n = self.n in self.calls, self.n + 1
+        if not hit:
+            return None
+        if self.where == "loss":
+            return output * float("nan")
+        output.register_hook(lambda g: g * float("nan"))
+        return output
+
+
+def _lora_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_guard_skips_a_poisoned_step(tok, where):
+    from lragent.train.loop import train_adapters
+    from lragent.train.recipes import attach, nonfinite_tensors
+
+    base = tiny_llama(len(tok))
+    base.lm_head.register_forward_hook(Poison({2}, where))
+    cfg = _cfg("independent", max_steps=6, max_skipped_ratio=0.2)
+    model = attach(base, ["action"], cfg, "tiny")
+    res = train_adapters(model, encode_all(tok, {"action": toy_examples(4)["action"]}, 160), cfg, tok.pad_token_id)
+    result = res["action"]
+    assert result.skipped == [2] and len(result.losses) == 6
+    assert math.isfinite(result.losses[2]) == (where == "grad")  # a NaN gradient with a finite loss is caught too
+    assert all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 2)
+    summary = result.summary()
+    assert (
+        summary["skipped_steps"] == 1 and math.isfinite(summary["loss_first"]) and math.isfinite(summary["loss_last"])
+    )
+    assert not nonfinite_tensors(_lora_weights(model))
+
+
+def test_guard_makes_no_update_on_poisoned_steps_and_fails_when_all_are(tok, tmp_path):
+    from lragent.train.loop import TrainingFailed, train_adapters
+    from lragent.train.recipes import attach
+
+    base = tiny_llama(len(tok))
+    base.lm_head.register_forward_hook(Poison(range(100)))
+    data = encode_all(tok, {"action": toy_examples(2)["action"]}, 160)
+    model = attach(base, ["action"], _cfg("independent", max_skipped_ratio=1.0), "tiny")
+    before = _lora_weights(model)
+    res = train_adapters(model, data, _cfg("independent", max_skipped_ratio=1.0), tok.pad_token_id)
+    assert res["action"].skipped == [0, 1, 2, 3]
+    after = _lora_weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no optimizer update at all
+    model.unload()
+    with pytest.raises(TrainingFailed, match="4 of 4"):  # default max_skipped_ratio: the run fails loudly
+        train_set(base, data, _cfg("independent"), tmp_path / "set", tok.pad_token_id)
+    assert not (tmp_path / "set" / "action").exists()
+
+
+def test_nonfinite_weights_are_never_saved_nor_shared(tok, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lragent.train.loop import TrainingFailed
+    from lragent.train.recipes import attach, load_frozen_a, save_adapter
+
+    cfg = _cfg("independent")
+    model = attach(tiny_llama(len(tok)), ["plan"], cfg, "tiny")
+    save_adapter(model, "plan", tmp_path / "good", "float16")
+    with torch.no_grad():
+        model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["plan"].weight[0, 0] = 1e6  # float16: inf
+    with pytest.raises(TrainingFailed, match="not finite"):
+        save_adapter(model, "plan", tmp_path / "overflow", "float16")
+    assert not (tmp_path / "overflow").exists()
+    weights = load_file(str(tmp_path / "good" / WEIGHTS_NAME))
+    key = next(k for k in weights if "v_proj.lora_A" in k)
+    weights[key][0, 0] = float("nan")
+    (tmp_path / "nan").mkdir()
+    save_file(weights, str(tmp_path / "nan" / WEIGHTS_NAME))
+    other = attach(tiny_llama(len(tok)), ["action"], _cfg("shared-a"), "tiny")
+    with pytest.raises(TrainingFailed, match="shared A source"):
+        load_frozen_a(other, "action", tmp_path / "nan", ("v_proj",))
+    assert load_frozen_a(other, "action", tmp_path / "good", ("v_proj",)) == 2
+
+
 def test_cli_trains_a_set_from_a_model_folder(tok, tmp_path, monkeypatch):
     from lragent.train import cli
 
@@ -250,6 +391,7 @@ def test_cli_trains_a_set_from_a_model_folder(tok, tmp_path, monkeypatch):
     log = json.loads((out / "train_log.json").read_text())
     assert set(log["roles"]) == {"plan", "action", "reflect"} and log["settings"]["mode"] == "shared-a"
     assert all(len(r["losses"]) == 2 and r["time_s"] >= 0 for r in log["roles"].values())
+    assert all(r["skipped_steps"] == 0 and r["skipped"] == [] for r in log["roles"].values())
     assert (out / "loss_curve.png").stat().st_size > 0
     assert cli.main(["check", str(out)]) == 0
 

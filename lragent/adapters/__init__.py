@@ -5,6 +5,9 @@ Sets (SmolLM2-135M-Instruct, LoRA r 8, alpha 16 on q_proj and v_proj, fp16 weigh
 - ``hotpotqa-independent``: plan, action and reflect each with their own A and B.
 - ``hotpotqa-shared-a``: the paper's recipe; plan is the independent plan, action and reflect were trained with
   plan's v_proj ``lora_A`` frozen, so v_proj A is bitwise identical across the three roles (BaseLRShared needs it).
+- ``scienceqa-independent`` / ``scienceqa-shared-a``: the same two recipes on the ScienceQA trajectories, trained on
+  a 2-core CPU (45 steps of 4 x 576 tokens per role, float32, 35 minutes for both sets; see
+  ``scripts/train_adapters.sh``), so shorter-trained than the HotpotQA sets (200 steps of 8 x 1024 on an H200).
 
 Each set folder also holds ``train_log.json`` (settings, loss per step, time, machine), ``loss_curve.png`` and
 ``samples.json`` (greedy outputs on training prompts). Reproduce with ``scripts/train_adapters.sh``; the prompt format

@@ -8,6 +8,12 @@ Truncation when the sequence exceeds ``max_len``: the output keeps at most half 
 keeps its head (system prompt and question, up to the first ``Thought: \\n### Response:\\n``) and the most recent
 tokens that fit, dropping the oldest steps of the trajectory in between. When the head does not tokenise as a prefix of
 the prompt, or too little room is left after it (< ``MIN_TAIL`` tokens), the prompt is simply cut from the left.
+
+Batches are left-padded. A padding position has no real token at or before it, so under the plain causal + padding
+mask its query row would be fully masked; some fused attention kernels (CUDA SDPA, bf16) return NaN for such rows, and
+the NaN then reaches real tokens through ``0 * NaN`` in the next layer's ``P @ V`` (and through the backward pass).
+:func:`attention_mask_4d` therefore lets every padding position attend to itself only: no row is ever empty, and
+real tokens still see only the real tokens before them.
 """
 
 from __future__ import annotations
@@ -104,6 +110,17 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> Batch:
         mask[i, width - len(ids) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return Batch(input_ids, mask, positions, labels, max(e.n_output for e in batch))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask (True = attend) from a [B, T] padding mask: causal, real keys only, and each position
+    may always attend to itself, so a padding query attends to itself alone instead of to nothing (see module doc)."""
+    real = attention_mask.bool()
+    width = real.shape[-1]
+    idx = torch.arange(width, device=real.device)
+    causal = idx[None, :] <= idx[:, None]  # [T(query), T(key)]
+    diagonal = idx[None, :] == idx[:, None]
+    return (causal & (real[:, None, :] | diagonal))[:, None]
 
 
 def batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:

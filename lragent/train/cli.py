@@ -53,6 +53,12 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument(
+        "--max-skipped-ratio",
+        type=float,
+        default=0.1,
+        help="steps with a non-finite loss/gradient make no update; fail if more than this share do",
+    )
     p.add_argument("--max-steps", type=int, default=200, help="optimizer steps per role (0: use --epochs)")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--max-seq-len", type=int, default=1024)
@@ -78,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_ratio=args.warmup_ratio,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
+        max_skipped_ratio=args.max_skipped_ratio,
         max_steps=args.max_steps or None,
         epochs=args.epochs,
         max_seq_len=args.max_seq_len,
@@ -135,7 +142,8 @@ def run_train(args: argparse.Namespace) -> int:
     write_log(log, args.out)
     plot_losses(log, args.out / PLOT_NAME)
     for role, entry in log["roles"].items():
-        print(f"{role}: loss {entry['loss_first']:.3f} -> {entry['loss_last']:.3f}, {entry['time_s']:.1f} s")
+        skipped = f", {entry['skipped_steps']} steps skipped (non-finite)" if entry["skipped_steps"] else ""
+        print(f"{role}: loss {entry['loss_first']:.3f} -> {entry['loss_last']:.3f}, {entry['time_s']:.1f} s{skipped}")
     return 0
 
 

@@ -25,6 +25,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
+    max_skipped_ratio: float = 0.1  # steps with a non-finite loss/gradient are skipped; more than this fails the run
     batch_size: int = 8
     grad_accum: int = 1
     max_steps: int | None = 200
@@ -43,6 +44,8 @@ class TrainConfig:
             raise ValueError(f"save_dtype {self.save_dtype!r} not in {SAVE_DTYPES}")
         if self.rank <= 0 or self.batch_size <= 0 or self.grad_accum <= 0 or self.max_seq_len < 16:
             raise ValueError("rank, batch_size and grad_accum must be positive and max_seq_len >= 16")
+        if not 0.0 <= self.max_skipped_ratio <= 1.0:
+            raise ValueError("max_skipped_ratio must be in [0, 1]")
         if self.max_steps is None and self.epochs is None:
             raise ValueError("give max_steps or epochs")
         if self.mode != "independent" and not set(self.shared_modules) <= set(self.targets):

@@ -2,12 +2,17 @@
 
 With several adapters (joint training) every optimizer step takes one batch per adapter, each forwarded with that
 adapter active; parameters shared between adapters (a tied lora_A) collect the gradients of all of them.
+
+Guard: a step whose loss or gradient norm is not finite makes no optimizer update (its gradients are dropped, the LR
+schedule still advances) and is recorded in :attr:`RoleResult.skipped`; more than ``cfg.max_skipped_ratio`` of the
+steps skipped for one adapter raises :class:`TrainingFailed` (something systematic, not one bad batch).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,8 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lragent.train.batching import IGNORE_INDEX, Batch, Encoded, batches, collate
+from lragent.train.batching import IGNORE_INDEX, Batch, Encoded, attention_mask_4d, batches, collate
 from lragent.train.config import TrainConfig
+
+
+class TrainingFailed(RuntimeError):
+    """Training produced no usable adapter (too many non-finite steps, or non-finite weights)."""
 
 
 @dataclass
@@ -31,10 +40,14 @@ class RoleResult:
     time_s: float = 0.0
     tokens: int = 0  # prompt + output tokens forwarded (no padding)
     output_tokens: int = 0  # supervised tokens
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # non-finite on skipped steps
+    skipped: list[int] = field(default_factory=list)  # optimizer steps skipped (non-finite loss or gradient)
 
     def summary(self, window: int = 10) -> dict[str, float | int | str]:
-        head, tail = self.losses[:window], self.losses[-window:]
+        """First/last loss: means over the first/last ``window`` steps that made an update."""
+        skipped = set(self.skipped)
+        kept = [x for i, x in enumerate(self.losses) if i not in skipped and math.isfinite(x)]
+        head, tail = kept[:window], kept[-window:]
         return {
             "role": self.role,
             "examples": self.examples,
@@ -45,6 +58,7 @@ class RoleResult:
             "output_tokens": self.output_tokens,
             "loss_first": round(sum(head) / max(1, len(head)), 4),
             "loss_last": round(sum(tail) / max(1, len(tail)), 4),
+            "skipped_steps": len(self.skipped),
         }
 
 
@@ -72,17 +86,48 @@ def warmup_cosine(total: int, warmup_ratio: float):
     return factor
 
 
-def output_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over the batch's output tokens; logits only for the last ``n_keep + 1`` positions."""
+def attention_inputs(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The attention mask to pass for ``batch``: the 4D mask of :func:`attention_mask_4d` (no fully masked row) for
+    the sdpa and eager implementations (bool, or additive for eager), the 2D padding mask for the others (flash
+    attention unpads, so it has no padding rows)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return attention_mask_4d(batch.attention_mask)
+    if impl == "eager":
+        allowed = attention_mask_4d(batch.attention_mask)
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+        return bias.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return batch.attention_mask
+
+
+def token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every supervised position [B, n_keep] (0 elsewhere) and the mask of supervised positions;
+    the LM head runs on the last ``n_keep + 1`` positions only."""
     logits = model(
         input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=attention_inputs(model, batch),
         position_ids=batch.position_ids,
         logits_to_keep=batch.n_keep + 1,
+        use_cache=False,
     ).logits
     predicted = logits[:, :-1].float()  # position t predicts token t+1
     target = batch.labels[:, -batch.n_keep :]
-    return F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+    losses = F.cross_entropy(
+        predicted.reshape(-1, predicted.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(target.shape)
+    return losses, target != IGNORE_INDEX
+
+
+def output_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over the batch's output tokens (0, not NaN, for a batch without any)."""
+    losses, valid = token_losses(model, batch)
+    return losses.sum() / valid.sum().clamp(min=1)
+
+
+def example_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean output-token cross-entropy of each example of the batch [B]."""
+    losses, valid = token_losses(model, batch)
+    return losses.sum(-1) / valid.sum(-1).clamp(min=1)
 
 
 def _activate(model: torch.nn.Module, role: str, params: Sequence[torch.nn.Parameter]) -> None:
@@ -111,11 +156,11 @@ def train_adapters(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, cfg.warmup_ratio))
     results = {r: RoleResult(r, len(enc), sum(e.truncated for e in enc)) for r, enc in data.items()}
     samplers = {r: batches(len(enc), cfg.batch_size, cfg.seed + i) for i, (r, enc) in enumerate(data.items())}
-    pending: dict[str, list[torch.Tensor]] = {r: [] for r in data}  # per-step loss tensors, read at log time
     model.train()
     start = time.perf_counter()
     bar = tqdm(range(total), desc=desc, dynamic_ncols=True)
     for step in bar:
+        step_losses = []
         for role, encoded in data.items():
             _activate(model, role, params)
             micro = []
@@ -127,25 +172,38 @@ def train_adapters(
                 micro.append(loss.detach().float())
                 results[role].tokens += sum(len(e.ids) for e in batch)
                 results[role].output_tokens += sum(e.n_output for e in batch)
-            pending[role].append(torch.stack(micro).mean())
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+            step_losses.append(torch.stack(micro).mean())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # non-finite if any gradient is
+        values = torch.stack([*step_losses, grad_norm.float().to(step_losses[0].device)]).cpu().tolist()  # one sync
+        losses, grad_norm = values[:-1], values[-1]
+        update = all(math.isfinite(x) for x in losses) and math.isfinite(grad_norm)
+        for res, value in zip(results.values(), losses):
+            res.losses.append(value)
+            if not update:  # one optimizer step for all adapters: none of them is updated
+                res.skipped.append(step)
+        if update:
+            opt.step()
+        with warnings.catch_warnings():  # a skipped first step: the schedule advances without an optimizer step
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+            sched.step()
+        opt.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped with it
         if (step + 1) % 10 == 0 or step + 1 == total:
-            _flush(pending, results)
-            bar.set_postfix({r: f"{res.losses[-1]:.3f}" for r, res in results.items()})
+            bar.set_postfix({r: f"{_last_finite(res.losses):.3f}" for r, res in results.items()})
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     for res in results.values():
         res.steps, res.time_s = total, elapsed
+        if res.skipped:
+            print(f"{res.role}: {len(res.skipped)} of {total} steps skipped (non-finite loss or gradient): "
+                  f"{res.skipped[:10]}{' ...' if len(res.skipped) > 10 else ''}")  # fmt: skip
+        if len(res.skipped) > cfg.max_skipped_ratio * total:
+            raise TrainingFailed(
+                f"{res.role}: {len(res.skipped)} of {total} optimizer steps had a non-finite loss or gradient "
+                f"(more than max_skipped_ratio={cfg.max_skipped_ratio}); first at step {res.skipped[0]}"
+            )
     return results
 
 
-def _flush(pending: dict[str, list[torch.Tensor]], results: dict[str, RoleResult]) -> None:
-    """Copy the accumulated per-step losses to the host (one sync per log interval)."""
-    for role, items in pending.items():
-        if items:
-            results[role].losses.extend(torch.stack(items).cpu().tolist())
-            items.clear()
+def _last_finite(values: list[float]) -> float:
+    return next((x for x in reversed(values) if math.isfinite(x)), float("nan"))

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from lragent.train.batching import Encoded
 from lragent.train.config import TrainConfig
 from lragent.train.data import ROLES
-from lragent.train.loop import RoleResult, train_adapters
+from lragent.train.loop import RoleResult, TrainingFailed, train_adapters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -64,9 +64,21 @@ def _shared_layers(model: PeftModel, modules: Sequence[str]) -> list[tuple[str, 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and n.split(".")[-1] in modules]
 
 
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _refuse_nonfinite(state: dict[str, torch.Tensor], what: str) -> None:
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise TrainingFailed(f"{what}: {len(bad)} of {len(state)} tensors are not finite (NaN/inf), e.g. {bad[:3]}")
+
+
 def load_frozen_a(model: PeftModel, role: str, source: Path, modules: Sequence[str]) -> int:
     """Copy ``lora_A`` of ``modules`` from a saved adapter folder into adapter ``role`` and freeze it."""
     weights = load_file(str(Path(source) / WEIGHTS_NAME))
+    _refuse_nonfinite(weights, f"shared A source {source}")
     layers = _shared_layers(model, modules)
     for name, layer in layers:
         key = f"{name}.lora_A.weight"
@@ -93,11 +105,13 @@ def tie_a(model: PeftModel, roles: Sequence[str], modules: Sequence[str]) -> int
 
 
 def save_adapter(model: PeftModel, role: str, out_dir: Path, dtype: str) -> Path:
-    """Write ``role`` as a standard PEFT folder; weights cast to ``dtype`` (float16 keeps the shipped files small)."""
+    """Write ``role`` as a standard PEFT folder; weights cast to ``dtype`` (float16 keeps the shipped files small).
+    Raises :class:`TrainingFailed`, writing nothing, if a weight is not finite (after the cast: float16 overflow)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name=role, save_embedding_layers=False)
     state = {k: v.detach().to("cpu", getattr(torch, dtype)).contiguous() for k, v in state.items()}
+    _refuse_nonfinite(state, f"adapter {role!r} ({dtype})")
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     config = model.peft_config[role]
     config.inference_mode = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -53,10 +54,16 @@ def build_log(
         "machine": machine_info(device),
         "total_time_s": round(total_s, 2),
         "roles": {
-            role: {**res.summary(), "losses": [round(x, 5) for x in res.losses]} for role, res in results.items()
+            role: {**res.summary(), "losses": [_json_loss(x) for x in res.losses], "skipped": list(res.skipped)}
+            for role, res in results.items()
         },
         **(notes or {}),
     }
+
+
+def _json_loss(x: float) -> float | None:
+    """A per-step loss for the JSON log: rounded, or null when not finite (a skipped step)."""
+    return round(x, 5) if math.isfinite(x) else None
 
 
 def write_log(log: dict[str, Any], out_dir: Path) -> Path:
@@ -66,11 +73,12 @@ def write_log(log: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v - (values[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
+def _smooth(values: list[float | None], window: int) -> list[float]:
+    """Moving mean over the last ``window`` steps, ignoring missing (skipped, non-finite) losses."""
+    out = []
+    for i in range(len(values)):
+        kept = [v for v in values[max(0, i + 1 - window) : i + 1] if v is not None and math.isfinite(v)]
+        out.append(sum(kept) / len(kept) if kept else float("nan"))
     return out
 
 
@@ -85,7 +93,7 @@ def plot_losses(log: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for role, entry in log["roles"].items():
-        losses = entry["losses"]
+        losses = [float("nan") if x is None else x for x in entry["losses"]]
         (line,) = ax.plot(range(1, len(losses) + 1), _smooth(losses, 10), label=f"{role} ({entry['time_s']:.0f} s)")
         ax.plot(range(1, len(losses) + 1), losses, color=line.get_color(), alpha=0.25, linewidth=0.8)
     settings = log["settings"]
@@ -115,6 +123,7 @@ def write_manifest(root: Path) -> Path:
         roles = sorted((p.parent.name for p in set_dir.glob("*/adapter_config.json")), key=_role_order)
         trained = {
             r: {k: e[k] for k in ("steps", "time_s", "loss_first", "loss_last", "examples")}
+            | ({"skipped_steps": e["skipped_steps"]} if "skipped_steps" in e else {})  # logs since the NaN guard
             for r, e in log["roles"].items()
         }
         sets[set_dir.name] = {
