@@ -97,7 +97,7 @@ class DecodeGraphs:
 
     # ---- static inputs -------------------------------------------------------------------------------------
     def _fill(self, seqs: list[Sequence], size: int) -> None:
-        """Write the step's rows into pinned host buffers, then upload them with three asynchronous copies."""
+        """Write the step's rows into pinned host buffers, then upload them asynchronously (no host sync)."""
         n, bs = len(seqs), self.block_size
         i64, i32, tables = self.host_i64.numpy(), self.host_i32.numpy(), self.host_tables.numpy()
         used = 1
