@@ -62,6 +62,9 @@ class LLMEngine:
         max_rank = config.max_lora_rank or max([a.rank for a in adapters] or [16])
         self.registry = AdapterRegistry(self.scheme, self.model_config.num_layers, max_loras, config.allow_unshared_a)
         backend = make_backend(config.attention_backend, self.device)
+        self.fused_layers = backend.name == "triton"  # the GPU form of the layers goes with the Triton kernels
+        if self.fused_layers:
+            self.model.fuse_projections()
         self.bank = self._bank_class(backend.name)(self.model_config, max_loras, max_rank, self.dtype, self.device)
         for adapter in adapters:
             self.bank.load(self.registry.add(adapter), adapter)
@@ -75,7 +78,7 @@ class LLMEngine:
             self.dtype,
         )
         self.cache = KVCache(self.model_config, layout, self.dtype, self.device)
-        self.model.bind(Runtime(self.cache, self.bank, backend))
+        self.model.bind(Runtime(self.cache, self.bank, backend, self.fused_layers))
         self.block_manager = BlockManager(self.scheme, layout)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache, self.scheme, self.device)
@@ -137,7 +140,7 @@ class LLMEngine:
         cfg = self.config
         layout = CacheLayout(cfg.block_size, 1, 1 if self.scheme.has_lr_pool else 0, max_rank)
         scratch = KVCache(self.model_config, layout, self.dtype, self.device)
-        self.model.bind(Runtime(scratch, self.bank, self.backend))
+        self.model.bind(Runtime(scratch, self.bank, self.backend, self.fused_layers))
         runner = ModelRunner(self.model, scratch, self.scheme, self.device)
         longest = max(1, (cfg.max_model_len or self.model_config.max_position_embeddings) - 1)
         total, seqs = cfg.max_num_batched_tokens, []

@@ -15,6 +15,8 @@ Two entry points, both reading keys / base values / LR rows through the block ta
 Any rank 1..64 (padded to a power of two >= 16 inside, masked loads), head_dim 64/128/256 (any power of two),
 any power-of-two block size, fp16 / bf16 / fp32 (fp32 dots run in IEEE precision so tests can ask for ~1e-5).
 Slot 0 (no adapter) and `value_up=None` skip the LR term entirely (the LR pool is not even read).
+Integer arguments that change from step to step (block-table widths, split counts) are not specialised: Triton
+would otherwise compile a new variant the first time a width happens to be a multiple of 16, inside a timed run.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _prefill_tile(
     return acc, acc_r, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "stride_lbt"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, bt_ptr, lbt_ptr, qstart_ptr, ctx_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
     sm_scale_log2,
@@ -166,7 +168,7 @@ def _prefill_kernel(
 # ------------------------------------------------------------------------------------------------------------
 # decode: split-KV, all q heads of one kv head per program
 # ------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "stride_lbt", "NUM_SPLITS"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, bt_ptr, lbt_ptr, ctx_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
     pacc_ptr, pr_ptr, pml_ptr,
@@ -261,7 +263,7 @@ def _decode_kernel(
         tl.store(pml_ptr + base * 2 + 1, l_i, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _decode_merge_kernel(
     pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
     stride_ot, stride_oh, stride_vs, stride_vr,

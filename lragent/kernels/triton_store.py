@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_base", "n_lr"])
 def _store_kernel(
     key_ptr, val_ptr, kpool_ptr, vpool_ptr, slots_ptr, n_base,
     lr_ptr, lrpool_ptr, lr_slots_ptr, n_lr,

@@ -82,6 +82,13 @@ class LoRABank:
                 out[idx] += val
         return out
 
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, segments: Segments) -> torch.Tensor:
+        """y += s * (x A) B per token, in place (y may be a column view of a fused projection); returns y."""
+        delta = self.delta(x, layer, module, segments)
+        if delta is not None:
+            y += delta
+        return y
+
     def value_shrink(self, x: torch.Tensor, layer: int, segments: Segments) -> torch.Tensor:
         """The LR cache entries R = x A_v (unscaled, [T, max_rank]); zeros for tokens whose adapter has no v_proj."""
         out = torch.zeros(x.shape[0], self.max_rank, dtype=x.dtype, device=x.device)

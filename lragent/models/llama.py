@@ -3,6 +3,10 @@
 Parameter names follow Hugging Face so checkpoints load by name. The attention layer owns the LRAgent split:
 keys and base values go to the shared pools, `X A_v` to the LR pool, and the adapter's value path is applied
 inside the attention backend (never expanded), except under FULL_SHARED where values are stored expanded.
+
+Two forms of each layer, chosen by `Runtime.fused`: the plain PyTorch one (the CPU path and the exact reference),
+and the GPU one, where q/k/v and gate/up run as one matmul each (`CausalLM.fuse_projections`) and the residual
+add + RMSNorm, RoPE and SiLU-and-multiply are single Triton kernels (`lragent.kernels.triton_fused`).
 """
 
 from __future__ import annotations
@@ -25,18 +29,28 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the pending residual add rides along so the GPU does both at once."""
+        if fused:
+            from lragent.kernels.triton_fused import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype), x
 
 
 class Runtime:
-    """The engine-owned objects the layers read: cache pools, adapter stacks, attention backend."""
+    """The engine-owned objects the layers read: cache pools, adapter stacks, attention backend, and whether the
+    layers take their fused GPU form (needs `CausalLM.fuse_projections` first)."""
 
-    def __init__(self, cache: KVCache, bank: LoRABank, backend: AttentionBackend):
-        self.cache, self.bank, self.backend = cache, bank, backend
+    def __init__(self, cache: KVCache, bank: LoRABank, backend: AttentionBackend, fused: bool = False):
+        self.cache, self.bank, self.backend, self.fused = cache, bank, backend, fused
 
 
 def _with_lora(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
@@ -54,12 +68,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
         self.rope = rope
+        self.qkv_weight: torch.Tensor | None = None  # set by `fuse`: q/k/v_proj weights are views into it
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        self.qkv_weight, self.qkv_bias = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime) -> torch.Tensor:
         bank, layer = rt.bank, self.layer
-        q = _with_lora(self.q_proj(x), bank.delta(x, layer, "q_proj", ctx.lora.segments))
-        q = self.rope(q.view(x.shape[0], self.num_heads, self.head_dim), ctx.positions)
-        key, value = self._base_entries(x, ctx, rt)
+        if rt.fused and self.qkv_weight is not None and ctx.attn.base_write_idx is None:
+            q, key, value = self._fused_qkv(x, ctx, rt)
+        else:
+            q = _with_lora(self.q_proj(x), bank.delta(x, layer, "q_proj", ctx.lora.segments))
+            q = self.rope(q.view(x.shape[0], self.num_heads, self.head_dim), ctx.positions, rt.fused)
+            key, value = self._base_entries(x, ctx, rt)
         lr = bank.value_shrink(x, layer, ctx.lora.segments) if rt.cache.lr is not None else None
         rt.backend.store(rt.cache, layer, key, value, lr, ctx.attn)
         value_up = None if ctx.expand_values else bank.value_up(layer)
@@ -78,8 +100,22 @@ class Attention(nn.Module):
         value = self.v_proj(xb)
         if ctx.expand_values:
             value = _with_lora(value, bank.delta(xb, layer, "v_proj", segs))
-        key = self.rope(key.view(-1, self.num_kv_heads, self.head_dim), ctx.base_positions)
+        key = self.rope(key.view(-1, self.num_kv_heads, self.head_dim), ctx.base_positions, rt.fused)
         return key, value.view(-1, self.num_kv_heads, self.head_dim)
+
+    def _fused_qkv(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime):
+        """One matmul for q, k and v (every token writes its keys); LoRA deltas are added into the column views."""
+        bank, layer, t = rt.bank, self.layer, x.shape[0]
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        kv = self.num_kv_heads * self.head_dim
+        q, key, value = qkv.split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        bank.add_delta(q, x, layer, "q_proj", ctx.lora.segments)
+        bank.add_delta(key, x, layer, "k_proj", ctx.lora.base_segments)
+        if ctx.expand_values:
+            bank.add_delta(value, x, layer, "v_proj", ctx.lora.base_segments)
+        q = self.rope(q.view(t, self.num_heads, self.head_dim), ctx.positions, True)
+        key = self.rope(key.view(t, self.num_kv_heads, self.head_dim), ctx.base_positions, True)
+        return q, key, value.view(t, self.num_kv_heads, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -89,13 +125,42 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # set by `fuse`
+
+    def fuse(self) -> None:
+        self.gate_up_weight, _ = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime) -> torch.Tensor:
         segs, bank, layer = ctx.lora.segments, rt.bank, self.layer
-        gate = _with_lora(self.gate_proj(x), bank.delta(x, layer, "gate_proj", segs))
-        up = _with_lora(self.up_proj(x), bank.delta(x, layer, "up_proj", segs))
-        h = F.silu(gate) * up
+        if rt.fused and self.gate_up_weight is not None:
+            from lragent.kernels.triton_fused import silu_mul
+
+            gate_up = F.linear(x, self.gate_up_weight)
+            gate, up = gate_up.chunk(2, dim=-1)
+            bank.add_delta(gate, x, layer, "gate_proj", segs)
+            bank.add_delta(up, x, layer, "up_proj", segs)
+            h = silu_mul(gate_up)
+        else:
+            gate = _with_lora(self.gate_proj(x), bank.delta(x, layer, "gate_proj", segs))
+            up = _with_lora(self.up_proj(x), bank.delta(x, layer, "up_proj", segs))
+            h = F.silu(gate) * up
         return _with_lora(self.down_proj(h), bank.delta(h, layer, "down_proj", segs))
+
+
+def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of linears that read the same input; each module's parameters become
+    views into the result, so names, loading and memory stay as they were."""
+    weight = torch.cat([m.weight.data for m in linears])
+    has_bias = all(m.bias is not None for m in linears)
+    bias = torch.cat([m.bias.data for m in linears]) if has_bias else None
+    row = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = weight[row : row + n]
+        if has_bias:
+            m.bias.data = bias[row : row + n]
+        row += n
+    return weight, bias
 
 
 class DecoderLayer(nn.Module):
@@ -106,9 +171,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, ctx: ForwardContext, rt: Runtime) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), ctx, rt)
-        return h + self.mlp(self.post_attention_layernorm(h), ctx, rt)
+    def forward(
+        self, h: torch.Tensor, pending: torch.Tensor | None, ctx: ForwardContext, rt: Runtime
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the residual stream and this layer's MLP output, which the next norm adds (one fused kernel)."""
+        x, h = self.input_layernorm(h, pending, rt.fused)
+        x, h = self.post_attention_layernorm(self.self_attn(x, ctx, rt), h, rt.fused)
+        return h, self.mlp(x, ctx, rt)
 
 
 class DecoderStack(nn.Module):
@@ -131,12 +200,19 @@ class CausalLM(nn.Module):
     def bind(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up as one matmul each (the GPU form of the layers; parameters become views)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden]."""
-        h = self.model.embed_tokens(input_ids)
+        rt = self.runtime
+        h, pending = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            h = layer(h, ctx, self.runtime)
-        return self.model.norm(h)
+            h, pending = layer(h, pending, ctx, rt)
+        return self.model.norm(h, pending, rt.fused)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

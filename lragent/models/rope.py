@@ -43,8 +43,12 @@ class RotaryEmbedding:
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, head_dim]; positions: [T]."""
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """x: [T, heads, head_dim]; positions: [T]. `fused`: one Triton kernel (the GPU form), same arithmetic."""
+        if fused:
+            from lragent.kernels.triton_fused import rotary
+
+            return rotary(x, positions, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         half = x.shape[-1] // 2
