@@ -100,37 +100,48 @@ class ModelCost:
     def weight_bytes(self) -> int:
         return (self.linear_params + self.head_params) * self.itemsize
 
-    def forward_s(self, rates: Rates, new: int, cached: int, sampled: int = 1, lr: bool = False) -> float:
-        """Floor of one forward pass over `new` tokens after `cached` ones, sampling `sampled` tokens."""
+    def forward_s(
+        self, rates: Rates, new: int, cached: int, sampled: int = 1, lr: bool = False, batch: int = 1
+    ) -> float:
+        """Floor of one forward pass over `new` tokens after `cached` ones, sampling `sampled` tokens, for `batch`
+        such sequences at once (they share the weight reads, nothing else)."""
         flops = 2 * new * self.linear_params + 2 * sampled * self.head_params
         flops += self.attn_flops_per_pair * (new * cached + new * (new + 1) // 2)
         per_token = self.kv_bytes_per_token + (self.lr_bytes_per_token if lr else 0)
-        bytes_ = self.weight_bytes + per_token * (cached + new)
-        return max(flops / rates.matmul_flops, bytes_ / rates.copy_bytes)
+        bytes_ = self.weight_bytes + batch * per_token * (cached + new)
+        return max(batch * flops / rates.matmul_flops, bytes_ / rates.copy_bytes)
 
 
-def step_floor_s(cost: ModelCost, rates: Rates, new: int, cached: int, generate: int, lr: bool = False) -> float:
-    """A step: one prefill of `new` tokens after `cached` (it samples the first token), then generate - 1 decodes."""
-    total = cost.forward_s(rates, new, cached, lr=lr)
+def step_floor_s(
+    cost: ModelCost, rates: Rates, new: int, cached: int, generate: int, lr: bool = False, batch: int = 1,
+    decode: bool = True,
+) -> float:
+    """A step: one prefill of `new` tokens after `cached` (it samples the first token), then generate - 1 decodes
+    (left out with `decode=False`)."""
+    total = cost.forward_s(rates, new, cached, lr=lr, batch=batch)
     ctx = cached + new
-    for _ in range(generate - 1):  # each decode feeds the previous sample
-        total += cost.forward_s(rates, 1, ctx, lr=lr)
+    for _ in range(generate - 1 if decode else 0):  # each decode feeds the previous sample
+        total += cost.forward_s(rates, 1, ctx, lr=lr, batch=batch)
         ctx += 1
     return total
 
 
-def ideal_floor_s(cost: ModelCost, rates: Rates, steps: list[tuple[int, int]]) -> float:
-    """Scheme-independent floor of a trace given as (tokens appended, tokens generated) per step."""
+def ideal_floor_s(cost: ModelCost, rates: Rates, steps: list[tuple[int, int]], batch: int = 1) -> float:
+    """Scheme-independent floor of a trace given as (tokens appended, tokens generated) per step; `batch`
+    trajectories in lockstep (`--concurrent`)."""
     total, length, pending = 0.0, 0, 0
     for appended, generate in steps:
         new = pending + appended  # the previous step's last sample has not been through the model yet
-        total += step_floor_s(cost, rates, new, length - pending, generate)
+        total += step_floor_s(cost, rates, new, length - pending, generate, batch=batch)
         length += appended + generate
         pending = 1
     return total
 
 
-def system_floor_s(cost: ModelCost, rates: Rates, steps: list[tuple[int, int, int]], lr: bool = False) -> float:
-    """Floor for the work a system did: per step (prompt tokens, tokens it computed in the prefill, generated)."""
-    return sum(step_floor_s(cost, rates, max(1, computed), prompt - max(1, computed), gen, lr)
+def system_floor_s(
+    cost: ModelCost, rates: Rates, steps: list[tuple[int, int, int]], lr: bool = False, decode: bool = True
+) -> float:
+    """Floor for the work a system did: per step (prompt tokens, tokens it computed in the prefill, generated);
+    `decode=False`: its prefills only (the floor of its TTFT)."""
+    return sum(step_floor_s(cost, rates, max(1, computed), prompt - max(1, computed), gen, lr, decode=decode)
                for prompt, computed, gen in steps)

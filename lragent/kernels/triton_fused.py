@@ -87,7 +87,8 @@ def _rotary_kernel(
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """Half-split RoPE of x [T, heads, d] (rows may be strided views of a fused projection) into a new tensor."""
+    """Half-split RoPE of x [T, heads, d] (rows may be strided views of a fused projection) into `out`: a new
+    tensor by default, or x itself (each program reads its token's rows before writing them)."""
     t, h, d = x.shape
     if x.stride(-1) != 1 or cos.stride(-1) != 1:
         raise ValueError("rotary needs a unit stride along head_dim")

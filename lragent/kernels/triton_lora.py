@@ -130,8 +130,13 @@ def lora_shrink(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     split_k: int | None = None,
+    rows_covered: bool = False,
 ) -> torch.Tensor:
-    """x [T, d_in]; a_stack [S, d_in, r] -> [T, r] (zeros for rows in no segment). `out` must be zero there."""
+    """x [T, d_in]; a_stack [S, d_in, r] -> [T, r] (zeros for rows in no segment). `out` must be zero there.
+
+    `rows_covered`: every row lies in some segment, so every row is written and the result needs no zero fill
+    (one launch fewer). Decode-sized batches (T <= 64) run without split-K: a single pass over A costs about
+    what the split's zero fill and atomics would, and the result is written once in its own dtype."""
     t, k = x.shape
     r = a_stack.shape[-1]
     if x.stride(-1) != 1:
@@ -146,7 +151,7 @@ def lora_shrink(
     m_tiles = triton.cdiv(max(max_seg_len, 1), block_m)
     if split_k is None:
         split_k = 1
-        if on_gpu:
+        if on_gpu and t > 64:
             want = 2 * _num_sms(x.device)
             split_k = max(1, min(want // max(1, m_tiles * g), triton.cdiv(k, 4 * block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
@@ -155,7 +160,7 @@ def lora_shrink(
     if atomic:
         work = torch.zeros(t, r, dtype=torch.float32, device=x.device)
     elif out is None:
-        work = torch.zeros(t, r, dtype=out_dtype, device=x.device)
+        work = (torch.empty if rows_covered else torch.zeros)(t, r, dtype=out_dtype, device=x.device)
     else:
         work = out
     if t and g and max_seg_len:
@@ -235,7 +240,7 @@ def _upload(values: list[int], device: torch.device) -> torch.Tensor:
 class SegmentPlan:
     """Device-side grouping of a step's tokens by adapter slot, as the shrink/expand kernels read it."""
 
-    __slots__ = ("tokens", "seg_start", "seg_slot", "max_len", "slots", "covers_all", "shared")
+    __slots__ = ("tokens", "seg_start", "seg_slot", "max_len", "slots", "covers_all", "writes_all", "shared")
 
     def __init__(self, segments: Segments, num_tokens: int, device: torch.device):
         starts, lens, idx = [0], [], []
@@ -247,6 +252,7 @@ class SegmentPlan:
             if rows is not None:
                 idx.append(rows)
         self.covers_all = starts[-1] == num_tokens
+        self.writes_all = self.covers_all  # every row is in a segment (so every shrink output row is written)
         self.max_len = max(lens, default=0)
         if idx and len(idx) == len(segments):
             self.tokens = torch.cat(idx).to(torch.int32)
@@ -270,6 +276,7 @@ class SegmentPlan:
         plan = cls.__new__(cls)
         plan.tokens, plan.seg_start, plan.seg_slot, plan.max_len = None, seg_start, seg_slot, 1
         plan.slots, plan.covers_all, plan.shared = [], False, None
+        plan.writes_all = True
         return plan
 
 
@@ -326,7 +333,7 @@ class TritonLoRABank(LoRABank):
         if plan is None:
             return None
         y = lora_shrink(x, self.down[key], plan.seg_start, plan.seg_slot, plan.max_len, tokens=plan.tokens,
-                        out_dtype=torch.float32)
+                        out_dtype=torch.float32, rows_covered=plan.writes_all)
         return lora_expand(y, self.up[key], plan.seg_start, plan.seg_slot, plan.max_len, self.scaling,
                            out=out, add=add, tokens=plan.tokens)
 
@@ -358,6 +365,6 @@ class TritonLoRABank(LoRABank):
         if plan.covers_all and self._v_shared(layer):  # BaseLRShared: one A for every token, one segment
             if plan.shared is None:
                 plan.shared = (_upload([0, t], x.device), _upload([plan.slots[0]], x.device))
-            return lora_shrink(x, down, plan.shared[0], plan.shared[1], t, out_dtype=x.dtype)
+            return lora_shrink(x, down, plan.shared[0], plan.shared[1], t, out_dtype=x.dtype, rows_covered=True)
         return lora_shrink(x, down, plan.seg_start, plan.seg_slot, plan.max_len, tokens=plan.tokens,
-                           out_dtype=x.dtype)
+                           out_dtype=x.dtype, rows_covered=plan.writes_all)

@@ -107,15 +107,16 @@ class Attention(nn.Module):
         """One matmul for q, k and v (every token writes its keys); LoRA deltas are added into the column views."""
         bank, layer, t = rt.bank, self.layer, x.shape[0]
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
-        kv = self.num_kv_heads * self.head_dim
-        q, key, value = qkv.split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, key, value = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         bank.add_delta(q, x, layer, "q_proj", ctx.lora.segments)
         bank.add_delta(key, x, layer, "k_proj", ctx.lora.base_segments)
         if ctx.expand_values:
             bank.add_delta(value, x, layer, "v_proj", ctx.lora.base_segments)
-        q = self.rope(q.view(t, self.num_heads, self.head_dim), ctx.positions, True)
-        key = self.rope(key.view(t, self.num_kv_heads, self.head_dim), ctx.base_positions, True)
-        return q, key, value.view(t, self.num_kv_heads, self.head_dim)
+        # q and k share positions here (every token writes its key): rotate both heads in place, one launch
+        qk = qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d)
+        self.rope(qk, ctx.positions, True, out=qk)
+        return qk[:, :hq], qk[:, hq:], value.view(t, hkv, d)
 
 
 class MLP(nn.Module):

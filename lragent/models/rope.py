@@ -43,12 +43,15 @@ class RotaryEmbedding:
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        """x: [T, heads, head_dim]; positions: [T]. `fused`: one Triton kernel (the GPU form), same arithmetic."""
+    def __call__(
+        self, x: torch.Tensor, positions: torch.Tensor, fused: bool = False, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [T, heads, head_dim]; positions: [T]. `fused`: one Triton kernel (the GPU form), same arithmetic,
+        optionally into `out` (which may be x itself)."""
         if fused:
             from lragent.kernels.triton_fused import rotary
 
-            return rotary(x, positions, self.cos, self.sin)
+            return rotary(x, positions, self.cos, self.sin, out=out)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         half = x.shape[-1] // 2
