@@ -6,7 +6,9 @@ O = softmax(Q K^T / sqrt(d)) (V_base + s R B) = P V_base + s (P R) B_g, with one
 Two entry points, both reading keys / base values / LR rows through the block tables:
 
 - `paged_prefill`: several sequences in one launch, each with a cached prefix and `query_len` new tokens
-  (causal over the new ones), each with its own adapter slot. One program per (query tile, q head, sequence).
+  (causal over the new ones), each with its own adapter slot. One program per (query tile, q head, sequence);
+  when that is too few programs to fill the GPU (a short chunk, e.g. a tool's output, after a long context) the
+  keys are split as in decode and the decode merge kernel combines the partials, one row per query token.
 - `paged_decode`: one query token per sequence, split-KV (flash-decoding): program (sequence, kv head, split)
   handles all G = q_heads / kv_heads query heads of its kv head together (G padded to 16 rows of one `tl.dot`),
   writes partial (acc_v, acc_r, max, sum); a second small kernel merges the splits and applies `s acc_r B_g`.
@@ -86,15 +88,19 @@ def _prefill_tile(
     return acc, acc_r, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["stride_bt", "stride_lbt"])
+@triton.jit(do_not_specialize=["stride_bt", "stride_lbt", "NUM_SPLITS"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, bt_ptr, lbt_ptr, qstart_ptr, ctx_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
+    pacc_ptr, pr_ptr, pml_ptr,
     sm_scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_lbt, stride_vs, stride_vr,
+    NUM_SPLITS,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LR: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LR: tl.constexpr, SINGLE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    mt = tl.program_id(0)
+    mt = tl.program_id(0) // NUM_SPLITS
+    sp = tl.program_id(0) % NUM_SPLITS
     h = tl.program_id(1)
     b = tl.program_id(2)
     q0 = tl.load(qstart_ptr + b)
@@ -129,40 +135,53 @@ def _prefill_kernel(
     lbt_row = lbt_ptr + b.to(tl.int64) * stride_lbt
     kv_col = g * D
 
+    # this split's keys (all of them when SINGLE); split bounds fall on key tiles
+    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    k_lo = sp * split_len
+    k_hi = tl.minimum(k_lo + split_len, ctx)
     # keys strictly before the tile's first query: no mask at all
     first_q = prefix + mt * BLOCK_M
     full_end = (first_q // BLOCK_N) * BLOCK_N
-    for n0 in range(0, full_end, BLOCK_N):
+    for n0 in range(k_lo, tl.minimum(full_end, k_hi), BLOCK_N):
         acc, acc_r, m_i, l_i = _prefill_tile(
             acc, acc_r, m_i, l_i, q, qpos, n0, ctx, k_ptr, v_ptr, lr_ptr, bt_row, lbt_row, kv_col, lr_end,
             offs_d, offs_r, offs_n, sm_scale_log2, HKV * D, R, BS, False, HAS_LR, DOT_PREC,
         )
     # the diagonal: causal mask and the end of the context
-    end = tl.minimum(ctx, prefix + (mt + 1) * BLOCK_M)
-    for n0 in range(full_end, end, BLOCK_N):
+    end = tl.minimum(k_hi, prefix + (mt + 1) * BLOCK_M)
+    for n0 in range(tl.maximum(full_end, k_lo), end, BLOCK_N):
         acc, acc_r, m_i, l_i = _prefill_tile(
             acc, acc_r, m_i, l_i, q, qpos, n0, ctx, k_ptr, v_ptr, lr_ptr, bt_row, lbt_row, kv_col, lr_end,
             offs_d, offs_r, offs_n, sm_scale_log2, HKV * D, R, BS, True, HAS_LR, DOT_PREC,
         )
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc
-    if HAS_LR:
-        if use_lr:
-            scale = tl.load(scaling_ptr + slot)
-            up = tl.load(
-                vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + kv_col + offs_d[None, :],
-                mask=offs_r[:, None] < R,
-                other=0.0,
-            )
-            # bf16/fp16: one low-precision MMA (an IEEE fp32 dot here spills registers); fp32: exact
-            out = out + scale * tl.dot(acc_r.to(up.dtype), up, input_precision=DOT_PREC)
-    out = out / l_safe[:, None]
-    tl.store(
-        out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=rmask[:, None],
-    )
+    if SINGLE:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc
+        if HAS_LR:
+            if use_lr:
+                scale = tl.load(scaling_ptr + slot)
+                up = tl.load(
+                    vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + kv_col + offs_d[None, :],
+                    mask=offs_r[:, None] < R,
+                    other=0.0,
+                )
+                # bf16/fp16: one low-precision MMA (an IEEE fp32 dot here spills registers); fp32: exact
+                out = out + scale * tl.dot(acc_r.to(up.dtype), up, input_precision=DOT_PREC)
+        out = out / l_safe[:, None]
+        tl.store(
+            out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=rmask[:, None],
+        )
+    else:
+        # partials laid out as decode's [T, NUM_SPLITS, HQ, ...], one row per query token
+        base = (q_rows * NUM_SPLITS + sp) * (HKV * G) + h
+        tl.store(pacc_ptr + base[:, None] * D + offs_d[None, :], acc, mask=rmask[:, None])
+        if HAS_LR:
+            tl.store(pr_ptr + base[:, None] * R_PAD + offs_r[None, :], acc_r, mask=rmask[:, None])
+        tl.store(pml_ptr + base * 2, m_i, mask=rmask)
+        tl.store(pml_ptr + base * 2 + 1, l_i, mask=rmask)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -364,8 +383,13 @@ def paged_prefill(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    max_context: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
-    """query [T, Hq, d]; pools [num_blocks, block_size, Hkv, d] / [num_lr_blocks, block_size, r]. Returns [T, Hq, d]."""
+    """query [T, Hq, d]; pools [num_blocks, block_size, Hkv, d] / [num_lr_blocks, block_size, r]. Returns [T, Hq, d].
+
+    `num_splits` > 1 splits every sequence's keys (split-KV, merged by the decode merge kernel); None picks it from
+    `max_context` (host value) when the grid would leave most of the GPU idle, else 1."""
     t, hq, d = query.shape
     p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1])
     if hq % p.hkv:
@@ -390,18 +414,57 @@ def paged_prefill(
     if num_stages is None:
         num_stages = 2
     lbt = lr_block_tables if (p.has_lr and lr_block_tables is not None) else base_block_tables
-    grid = (triton.cdiv(max_query_len, block_m), hq, b)
-    _prefill_kernel[grid](
+    m_tiles = triton.cdiv(max_query_len, block_m)
+    if num_splits is None:
+        num_splits = 1
+        if on_gpu and max_context is not None:
+            num_splits = prefill_num_splits(m_tiles * hq * b, max_context, query.device, block_n)
+    single = num_splits == 1
+    if single:
+        pacc = pr = pml = out  # unused
+    else:
+        pacc = torch.empty(t, num_splits, hq, d, dtype=torch.float32, device=query.device)
+        pr = torch.empty(t, num_splits, hq, p.r_pad, dtype=torch.float32, device=query.device) if p.has_lr else pacc
+        pml = torch.empty(t, num_splits, hq, 2, dtype=torch.float32, device=query.device)
+    _prefill_kernel[(m_tiles * num_splits, hq, b)](
         query, key_pool, value_pool, p.lr, base_block_tables, lbt, query_start, context_lens, seq_lora_slots,
         p.vup, lora_scaling, out,
+        pacc, pr, pml,
         sm_scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         base_block_tables.stride(0), lbt.stride(0), p.stride_vs, p.stride_vr,
+        num_splits,
         HKV=p.hkv, G=hq // p.hkv, D=d, R=p.r, R_PAD=p.r_pad, BS=p.bs,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_LR=p.has_lr, DOT_PREC=_dot_precision(query.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_LR=p.has_lr, SINGLE=single, DOT_PREC=_dot_precision(query.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
+    if not single:
+        # the merge applies each row's adapter: expand the sequences' slots to their query tokens
+        token_slots = torch.repeat_interleave(seq_lora_slots, query_start.diff(), output_size=t)
+        _merge_splits(pacc, pr, pml, token_slots, p, lora_scaling, out, num_splits, hq, p.r_pad)
     return out
+
+
+def prefill_num_splits(programs: int, max_context: int, device: torch.device, block_n: int = 64) -> int:
+    """Split-KV count for a prefill grid of `programs` (query tile, head, sequence) programs: enough splits for
+    about one wave when the grid alone is under half a wave, >= 4 key tiles a split; 1 otherwise."""
+    wave = 4 * _num_sms(device)
+    if 2 * programs >= wave:
+        return 1
+    return max(1, min(wave // max(1, programs), -(-max_context // (4 * block_n)), 64))
+
+
+def _merge_splits(pacc, pr, pml, row_slots, p: _Pools, lora_scaling, out, num_splits: int, hq: int, r_pad: int):
+    """Combine split-KV partials [rows, splits, Hq, ...] into out [rows, Hq, d] and add s acc_r B per row."""
+    d = out.shape[-1]
+    _decode_merge_kernel[(out.shape[0], hq)](
+        pacc, pr, pml, row_slots, p.vup, lora_scaling, out,
+        out.stride(0), out.stride(1), p.stride_vs, p.stride_vr,
+        num_splits,
+        HQ=hq, G=hq // p.hkv, D=d, R=p.r, R_PAD=r_pad, NS_PAD=_pow2_at_least(num_splits, 16),
+        CHUNK=min(_pow2_at_least(num_splits, 16), 64 if d <= 128 else 32), HAS_LR=p.has_lr,
+        num_warps=4,
+    )
 
 
 def default_num_splits(
@@ -480,14 +543,7 @@ def paged_decode(
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
-        _decode_merge_kernel[(b, hq)](
-            pacc, pr, pml, seq_lora_slots, p.vup, lora_scaling, out,
-            out.stride(0), out.stride(1), p.stride_vs, p.stride_vr,
-            num_splits,
-            HQ=hq, G=g, D=d, R=p.r, R_PAD=r_pad, NS_PAD=_pow2_at_least(num_splits, 16),
-            CHUNK=min(_pow2_at_least(num_splits, 16), 64 if d <= 128 else 32), HAS_LR=p.has_lr,
-            num_warps=4,
-        )
+        _merge_splits(pacc, pr, pml, seq_lora_slots, p, lora_scaling, out, num_splits, hq, r_pad)
     return out
 
 

@@ -64,5 +64,6 @@ class TritonBackend(AttentionBackend):
             query_start=meta.query_start,
             context_lens=meta.context_lens_t,
             max_query_len=max(meta.query_lens, default=0),
+            max_context=max(meta.context_lens, default=1),
             **args,
         )
