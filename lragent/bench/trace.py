@@ -277,6 +277,7 @@ def build_engine(args, system: str, adapters: dict[str, str]):
         block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
         attention_backend=args.attention_backend, max_num_seqs=max(256, max(args.concurrent)),
+        max_model_len=args.max_model_len,
     )
     engine = LLMEngine(config)
     engine._bench_timers = _Timers(engine)
@@ -340,8 +341,8 @@ def run_engine_trace(engine, spec: TraceSpec, k: int, seed: int, deadline: float
             if active and time.perf_counter() > deadline:
                 status = "timeout"
                 break
-    except ValueError as e:  # a prompt longer than the cache can ever hold
-        status = f"KV budget exhausted: {e}"
+    except ValueError as e:  # a prompt longer than the context, or than the cache can ever hold
+        status = f"{'context length exceeded' if 'context length' in str(e) else 'KV budget exhausted'}: {e}"
     except MemoryError as e:
         status = f"KV budget exhausted: {e}"
     except RuntimeError as e:
@@ -632,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV budget (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's); dummy models may go past their trained length")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per (system, length, K) run")
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole benchmark; later runs are skipped")

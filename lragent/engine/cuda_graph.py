@@ -80,8 +80,11 @@ class DecodeGraphs:
         )
 
     def clear(self) -> None:
-        """Forget every graph (adapter stacks were added or removed, so the captured launches are stale)."""
+        """Forget every graph (adapter stacks were added or removed, so the captured launches are stale) and their
+        memory pool: once its last graph is gone the allocator retires the pool, and capturing into the stale
+        handle trips an allocator assertion (seen on torch 2.11)."""
         self._graphs.clear()
+        self._pool = None
 
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         """Final hidden states [len(seqs), hidden] of one decode step."""

@@ -91,7 +91,7 @@ def _prefill_tile(
 @triton.jit(do_not_specialize=["stride_bt", "stride_lbt", "NUM_SPLITS"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, lr_ptr, bt_ptr, lbt_ptr, qstart_ptr, ctx_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
-    pacc_ptr, pr_ptr, pml_ptr,
+    pacc_ptr, pr_ptr, pml_ptr, row_slot_ptr,
     sm_scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_lbt, stride_vs, stride_vr,
     NUM_SPLITS,
@@ -175,7 +175,11 @@ def _prefill_kernel(
             mask=rmask[:, None],
         )
     else:
-        # partials laid out as decode's [T, NUM_SPLITS, HQ, ...], one row per query token
+        # partials laid out as decode's [T, NUM_SPLITS, HQ, ...], one row per query token; the merge reads each
+        # row's adapter slot from row_slot (written here once per row: no host-side expansion)
+        if HAS_LR:
+            if (sp == 0) & (h == 0):
+                tl.store(row_slot_ptr + q_rows, tl.zeros([BLOCK_M], dtype=tl.int64) + slot, mask=rmask)
         base = (q_rows * NUM_SPLITS + sp) * (HKV * G) + h
         tl.store(pacc_ptr + base[:, None] * D + offs_d[None, :], acc, mask=rmask[:, None])
         if HAS_LR:
@@ -421,15 +425,13 @@ def paged_prefill(
             num_splits = prefill_num_splits(m_tiles * hq * b, max_context, query.device, block_n)
     single = num_splits == 1
     if single:
-        pacc = pr = pml = out  # unused
+        pacc = pr = pml = row_slots = out  # unused
     else:
-        pacc = torch.empty(t, num_splits, hq, d, dtype=torch.float32, device=query.device)
-        pr = torch.empty(t, num_splits, hq, p.r_pad, dtype=torch.float32, device=query.device) if p.has_lr else pacc
-        pml = torch.empty(t, num_splits, hq, 2, dtype=torch.float32, device=query.device)
+        pacc, pr, pml, row_slots = _split_partials(t, num_splits, hq, d, p.r_pad if p.has_lr else 0, query.device)
     _prefill_kernel[(m_tiles * num_splits, hq, b)](
         query, key_pool, value_pool, p.lr, base_block_tables, lbt, query_start, context_lens, seq_lora_slots,
         p.vup, lora_scaling, out,
-        pacc, pr, pml,
+        pacc, pr, pml, row_slots,
         sm_scale * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         base_block_tables.stride(0), lbt.stride(0), p.stride_vs, p.stride_vr,
@@ -439,17 +441,35 @@ def paged_prefill(
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
-        # the merge applies each row's adapter: expand the sequences' slots to their query tokens
-        token_slots = torch.repeat_interleave(seq_lora_slots, query_start.diff(), output_size=t)
-        _merge_splits(pacc, pr, pml, token_slots, p, lora_scaling, out, num_splits, hq, p.r_pad)
+        _merge_splits(pacc, pr, pml, row_slots, p, lora_scaling, out, num_splits, hq, p.r_pad)
     return out
+
+
+def _split_partials(rows: int, splits: int, hq: int, d: int, r_pad: int, device: torch.device):
+    """Split-KV partials of `rows` query rows in one allocation (host time per launch is what short chunks pay):
+    acc [rows, splits, hq, d], acc_r [.., r_pad], (max, sum) [.., 2] as float32, and a slot per row (int64)."""
+    per_row = splits * hq * (d + r_pad + 2) + 2  # + 2 float32 words: one int64 slot
+    buf = torch.empty(rows * per_row, dtype=torch.float32, device=device)
+    n_acc, n_r, n_ml = rows * splits * hq * d, rows * splits * hq * r_pad, rows * splits * hq * 2
+    pacc = buf[:n_acc].view(rows, splits, hq, d)
+    pr = buf[n_acc : n_acc + n_r].view(rows, splits, hq, r_pad) if r_pad else pacc
+    pml = buf[n_acc + n_r : n_acc + n_r + n_ml].view(rows, splits, hq, 2)
+    row_slots = buf[n_acc + n_r + n_ml :].view(torch.int64)
+    return pacc, pr, pml, row_slots
+
+
+# short chunks after contexts shorter than this run unsplit: there the attention is a few milliseconds at most,
+# and on an H200 a first version of the split (with more host-side work per layer) made 24-token chunks ~6 ms
+# slower below ~17k keys while saving 10-20 ms from ~25k (trace step latencies, BENCHMARKS.md)
+PREFILL_SPLIT_MIN_CONTEXT = 8192
 
 
 def prefill_num_splits(programs: int, max_context: int, device: torch.device, block_n: int = 64) -> int:
     """Split-KV count for a prefill grid of `programs` (query tile, head, sequence) programs: enough splits for
-    about one wave when the grid alone is under half a wave, >= 4 key tiles a split; 1 otherwise."""
+    about one wave when the grid alone is under half a wave and the context is long, >= 4 key tiles a split;
+    1 otherwise."""
     wave = 4 * _num_sms(device)
-    if 2 * programs >= wave:
+    if 2 * programs >= wave or max_context < PREFILL_SPLIT_MIN_CONTEXT:
         return 1
     return max(1, min(wave // max(1, programs), -(-max_context // (4 * block_n)), 64))
 
