@@ -342,7 +342,8 @@ def run_engine_trace(engine, spec: TraceSpec, k: int, seed: int, deadline: float
                 status = "timeout"
                 break
     except ValueError as e:  # a prompt longer than the context, or than the cache can ever hold
-        status = f"{'context length exceeded' if 'context length' in str(e) else 'KV budget exhausted'}: {e}"
+        by_cache = engine.max_model_len >= engine.block_manager.capacity_tokens  # the cache, not the model, limits
+        status = f"{'KV budget exhausted' if by_cache else 'context length exceeded'}: {e}"
     except MemoryError as e:
         status = f"KV budget exhausted: {e}"
     except RuntimeError as e:
