@@ -78,6 +78,29 @@ def test_roofline_floor_counts_each_token_once():
     ideal = ideal_floor_s(cost, compute_bound, steps)
     assert system_floor_s(cost, compute_bound, [(3, 3, 2), (7, 7, 1)]) > ideal
     assert system_floor_s(cost, compute_bound, [(3, 3, 2), (7, 3, 1)]) == pytest.approx(ideal)
+    # K trajectories in lockstep: K x the FLOPs when compute-bound, one weight read when bandwidth-bound
+    assert ideal_floor_s(cost, compute_bound, steps, batch=4) == pytest.approx(4 * ideal)
+    bandwidth_bound = Rates(matmul_flops=1e30, copy_bytes=1.0, device="x", dtype="float32")
+    one, four = ideal_floor_s(cost, bandwidth_bound, steps), ideal_floor_s(cost, bandwidth_bound, steps, batch=4)
+    assert one < four < 4 * one
+    # the prefill-only floor leaves the decode passes out
+    assert system_floor_s(cost, compute_bound, [(3, 3, 2)], decode=False) < system_floor_s(cost, compute_bound, [(3, 3, 2)])
+
+
+def test_report_backfills_floors_of_older_files():
+    """Result files written before a floor existed get it from their own measured rates when merged."""
+    total = tb.paper_trace(256).total_tokens
+    rows = [{"system": "base_lr_shared", "concurrent": k, "ctx": 256, "trace": "paper", "total_tokens": total,
+             "status": "ok", "e2e_s": 10.0, "steps": []} for k in (1, 16)]
+    rows.append({**rows[0], "ctx": 16, "total_tokens": 123})  # a --gen-cap variant: not the paper's trace, left alone
+    data = {"meta": {"model": "dummy:smollm2-135m", "dtype": "float32",
+                     "rates": {"matmul_TFLOPs": 1.0, "copy_GBps": 100.0, "device": "x", "dtype": "float32"}},
+            "rows": rows}
+    tb._backfill_floors(data)
+    single, k16, other = data["rows"]
+    assert 0 < single["floor_s"] < k16["floor_s"] < 16 * single["floor_s"]
+    assert k16["time_over_floor"] == pytest.approx(10.0 / k16["floor_s"])
+    assert "floor_s" not in other
 
 
 @pytest.fixture(autouse=True)

@@ -860,7 +860,9 @@ def _backfill_floors(data: dict) -> None:
     rates = Rates(m["matmul_TFLOPs"] * 1e12, m["copy_GBps"] * 1e9, m["device"], m["dtype"])
     cost = ModelCost.of(model_config_for(meta["model"]), getattr(torch, meta["dtype"]))
     for r in todo:
-        _add_floors(r, paper_trace(r["ctx"]), cost, rates)
+        spec = paper_trace(r["ctx"])
+        if spec.total_tokens == r["total_tokens"]:  # the paper's trace as run (not a --gen-cap / --first-prefill variant)
+            _add_floors(r, spec, cost, rates)
 
 
 def report_main(files: list[str], out_dir: str, plots: bool) -> int:

@@ -189,6 +189,8 @@ class Recorder:
         def hook(module, args, output) -> None:
             if self.window_start is None:
                 return
+            if isinstance(output, tuple):  # a decoder layer: (residual stream, its MLP output the next norm adds)
+                output = output[0] + output[1]
             positions = self.ctx.positions
             for slot, rows in self._rows():
                 pos = positions[rows]
