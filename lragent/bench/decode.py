@@ -23,7 +23,12 @@ import torch
 from lragent.bench.adapters import model_config_for, write_random_adapters
 
 
-def ours(model: str, adapter_dir: str, batch: int, prompt_len: int, new_tokens: int, device: str, **engine) -> float:
+def ours(
+    model: str, adapter_dir: str, batch: int, prompt_len: int, new_tokens: int, device: str,
+    profile: dict | None = None, **engine,
+) -> float:
+    """Decode tok/s of our engine; with `profile` (a dict, CUDA) also fills in a torch.profiler breakdown of 16
+    decode steps of the same batch."""
     from lragent import LLM, SamplingParams
 
     engine.setdefault("sharing", "non_shared")
@@ -42,11 +47,31 @@ def ours(model: str, adapter_dir: str, batch: int, prompt_len: int, new_tokens: 
     outs = llm.generate([p[::-1] for p in prompts], adapter="plan", sampling_params=params)
     first = max(o.metrics.first_token_time for o in outs)  # prefill-first: decode starts once all have one token
     last = max(o.metrics.finish_time for o in outs)
+    if profile is not None and torch.cuda.is_available():
+        profile.update(_profile_decode(llm, prompts))
     del llm, outs
     gc.collect()  # free this engine's pools before the next one is sized from the free memory
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return batch * (new_tokens - 1) / (last - first)
+
+
+def _profile_decode(llm, prompts: list[list[int]], steps: int = 16) -> dict:
+    """16 decode steps of the whole batch (after every prompt is prefilled), under torch.profiler."""
+    from lragent import SamplingParams
+    from lragent.bench.profiling import profile_steps
+
+    engine = llm.engine
+    engine.reset_prefix_cache()
+    ids = [engine.add_request(p[1:] + p[:1], SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True), "plan")
+           for p in prompts]
+    while any(len(engine._seqs[i].output_ids) == 0 for i in ids if i in engine._seqs):
+        engine.step()
+    engine.step()  # one plain decode step first
+    result = profile_steps(engine.step, steps)
+    for i in ids:
+        engine.abort(i)
+    return result
 
 
 def _log(msg: str) -> None:
@@ -73,12 +98,15 @@ def floor_report(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         adapter = write_random_adapters(args.model, Path(tmp), ["plan"], rank=8)["plan"]
         for batch in args.batch:
-            tok_s = ours(args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device,
+            prof: dict | None = {} if args.profile else None
+            tok_s = ours(args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device, profile=prof,
                          sharing=args.sharing, dtype=args.dtype, enforce_eager=args.enforce_eager)
             step = batch / tok_s
             floor = decode_floor_s(args.model, batch, args.prompt_len + args.new_tokens // 2, dtype, rates)
             rows.append({"batch": batch, "context": args.prompt_len, "tok_s": tok_s, "step_ms": step * 1e3,
-                         "floor_ms": floor * 1e3, "x_floor": step / floor})
+                         "floor_ms": floor * 1e3, "x_floor": step / floor, "profile": prof})
+            if prof:
+                _log(f"batch {batch} profile: " + json.dumps(prof))
             _log(f"batch {batch}: {step * 1e3:.2f} ms/step, floor {floor * 1e3:.2f} ms")
     print(f"decode vs bandwidth floor, {args.model}, {args.sharing}, q/v LoRA r8, context {args.prompt_len}, "
           f"{args.new_tokens} new tokens, {rates.device}, copy {rates.copy_bytes / 1e9:.0f} GB/s"
@@ -123,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sharing", default="base_lr_shared", help="scheme for --floor")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="--floor on CUDA: also break 16 decode steps down by kernel (torch.profiler)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.floor:

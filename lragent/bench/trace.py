@@ -439,21 +439,10 @@ def profile_decode(engine, context: int, steps: int, seed: int) -> dict:
            "runner_run_ms": 1e3 * timers.run_s["decode"] / max(1, timers.count["decode"]),
            "host_prepare_ms": 1e3 * timers.prepare_s["decode"] / max(1, timers.count["decode"])}
     if engine.device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
+        from lragent.bench.profiling import profile_steps
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                engine.step()
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.device_time for e in kernels) / steps  # microseconds
-        by_name: dict[str, float] = {}
-        for e in kernels:
-            by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / steps
-        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
-        out.update({"gpu_kernel_ms": busy / 1e3, "kernel_launches": len(kernels) / steps,
-                    "gpu_busy_fraction": (busy / 1e3) / (wall * 1e3),
-                    "top_kernels_ms": {name[:80]: us / 1e3 for name, us in top}})
+        out.update(profile_steps(engine.step, steps, top=8))
+        out["gpu_busy_fraction"] = out["gpu_kernel_ms"] / out["decode_step_wall_ms"]  # against the unprofiled wall
     engine.abort("profile")
     reset_prefix_cache(engine)
     return out
