@@ -21,11 +21,30 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+_PINNED: dict[torch.device, torch.Tensor] = {}
+
+
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    """The step's one device-to-host copy, through a reused pinned buffer on CUDA (a copy into pageable memory
+    costs ~0.4 ms per step on an H200 at batch 32)."""
+    if values.device.type != "cuda":
+        return values.cpu()
+    buf = _PINNED.get(values.device)
+    if buf is None or buf.numel() < values.numel():
+        buf = _PINNED[values.device] = torch.empty(max(values.numel(), 1024), dtype=values.dtype, pin_memory=True)
+    host = buf[: values.numel()].view(values.shape)
+    host.copy_(values, non_blocking=True)
+    torch.cuda.current_stream(values.device).synchronize()
+    return host.clone()
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> tuple[list[int], list[float]]:
-    """logits [n, vocab] float32 -> chosen token ids and their log-probabilities (under the unfiltered softmax)."""
-    logprobs = torch.log_softmax(logits, dim=-1)
+    """logits [n, vocab] float32 -> chosen token ids and their log-probabilities (under the unfiltered softmax).
+
+    The log-probability is logit - logsumexp(row): a reduction, where a full log_softmax over a 128k vocabulary
+    wrote the whole matrix back and took ~1 ms per step at batch 32 (H200 profile, BENCHMARKS.md)."""
     if all(p.greedy for p in params):
         chosen = logits.argmax(dim=-1)
     else:
@@ -37,6 +56,6 @@ def sample(
             probs = torch.softmax(filter_logits(row / p.temperature, p.top_k, p.top_p), dim=-1)
             picks.append(torch.multinomial(probs.cpu() if gen is not None else probs, 1, generator=gen)[0])
         chosen = torch.stack([t.to(logits.device) for t in picks])
-    chosen_lp = logprobs.gather(-1, chosen[:, None])[:, 0]
-    both = torch.stack([chosen.double(), chosen_lp.double()]).cpu()  # the step's one device-to-host copy
+    chosen_lp = logits.gather(-1, chosen[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    both = _to_host(torch.stack([chosen.double(), chosen_lp.double()]))
     return [int(t) for t in both[0].tolist()], both[1].tolist()
