@@ -41,6 +41,43 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# shared epilogues: finish a program's rows, or leave split-KV partials for the merge kernel
+# ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _finish_rows(
+    acc, acc_r, l_i, use_lr, slot, vup_ptr, scaling_ptr, stride_vs, stride_vr, kv_col, offs_r, offs_d,
+    R: tl.constexpr, HAS_LR: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """(acc_v + s acc_r B_g) / l: the LR term applied once, after the key loop (rows with no keys give 0)."""
+    out = acc
+    if HAS_LR:
+        if use_lr:
+            scale = tl.load(scaling_ptr + slot)
+            up = tl.load(
+                vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + kv_col + offs_d[None, :],
+                mask=offs_r[:, None] < R,
+                other=0.0,
+            )
+            # bf16/fp16: one low-precision MMA (an IEEE fp32 dot here spills registers); fp32: exact
+            out = out + scale * tl.dot(acc_r.to(up.dtype), up, input_precision=DOT_PREC)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    return out / l_safe[:, None]
+
+
+@triton.jit
+def _store_partials(
+    pacc_ptr, pr_ptr, pml_ptr, base, mask, acc, acc_r, m_i, l_i, offs_d, offs_r,
+    D: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+):
+    """One split's (acc_v, acc_r, max, sum) at partial rows `base` of the [rows, splits, Hq, ...] layout."""
+    tl.store(pacc_ptr + base[:, None] * D + offs_d[None, :], acc, mask=mask[:, None])
+    if HAS_LR:
+        tl.store(pr_ptr + base[:, None] * R_PAD + offs_r[None, :], acc_r, mask=mask[:, None])
+    tl.store(pml_ptr + base * 2, m_i, mask=mask)
+    tl.store(pml_ptr + base * 2 + 1, l_i, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # prefill: varlen, paged, cached prefix, causal over the new tokens, one adapter per sequence
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
@@ -122,6 +159,7 @@ def _prefill_kernel(
 
     use_lr = False
     lr_end = 0
+    slot = 0
     if HAS_LR:
         slot = tl.load(slot_ptr + b)
         use_lr = slot != 0
@@ -156,19 +194,8 @@ def _prefill_kernel(
         )
 
     if SINGLE:
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc
-        if HAS_LR:
-            if use_lr:
-                scale = tl.load(scaling_ptr + slot)
-                up = tl.load(
-                    vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + kv_col + offs_d[None, :],
-                    mask=offs_r[:, None] < R,
-                    other=0.0,
-                )
-                # bf16/fp16: one low-precision MMA (an IEEE fp32 dot here spills registers); fp32: exact
-                out = out + scale * tl.dot(acc_r.to(up.dtype), up, input_precision=DOT_PREC)
-        out = out / l_safe[:, None]
+        out = _finish_rows(acc, acc_r, l_i, use_lr, slot, vup_ptr, scaling_ptr, stride_vs, stride_vr, kv_col, offs_r,
+                           offs_d, R, HAS_LR, DOT_PREC)
         tl.store(
             out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -181,11 +208,7 @@ def _prefill_kernel(
             if (sp == 0) & (h == 0):
                 tl.store(row_slot_ptr + q_rows, tl.zeros([BLOCK_M], dtype=tl.int64) + slot, mask=rmask)
         base = (q_rows * NUM_SPLITS + sp) * (HKV * G) + h
-        tl.store(pacc_ptr + base[:, None] * D + offs_d[None, :], acc, mask=rmask[:, None])
-        if HAS_LR:
-            tl.store(pr_ptr + base[:, None] * R_PAD + offs_r[None, :], acc_r, mask=rmask[:, None])
-        tl.store(pml_ptr + base * 2, m_i, mask=rmask)
-        tl.store(pml_ptr + base * 2 + 1, l_i, mask=rmask)
+        _store_partials(pacc_ptr, pr_ptr, pml_ptr, base, rmask, acc, acc_r, m_i, l_i, offs_d, offs_r, D, R_PAD, HAS_LR)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -221,6 +244,7 @@ def _decode_kernel(
 
     use_lr = False
     lr_end = 0
+    slot = 0
     if HAS_LR:
         slot = tl.load(slot_ptr + b)
         use_lr = slot != 0
@@ -259,18 +283,8 @@ def _decode_kernel(
         m_i = m_new
 
     if SINGLE:
-        out = acc
-        if HAS_LR:
-            if use_lr:
-                scale = tl.load(scaling_ptr + slot)
-                up = tl.load(
-                    vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + kv_col + offs_d[None, :],
-                    mask=offs_r[:, None] < R,
-                    other=0.0,
-                )
-                out = out + scale * tl.dot(acc_r.to(up.dtype), up, input_precision=DOT_PREC)
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = out / l_safe[:, None]
+        out = _finish_rows(acc, acc_r, l_i, use_lr, slot, vup_ptr, scaling_ptr, stride_vs, stride_vr, kv_col, offs_r,
+                           offs_d, R, HAS_LR, DOT_PREC)
         tl.store(
             out_ptr + b64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -279,11 +293,7 @@ def _decode_kernel(
     else:
         # partials laid out [B, NUM_SPLITS, HQ, ...]
         base = (b64 * NUM_SPLITS + sp) * (HKV * G) + heads
-        tl.store(pacc_ptr + base[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
-        if HAS_LR:
-            tl.store(pr_ptr + base[:, None] * R_PAD + offs_r[None, :], acc_r, mask=gmask[:, None])
-        tl.store(pml_ptr + base * 2, m_i, mask=gmask)
-        tl.store(pml_ptr + base * 2 + 1, l_i, mask=gmask)
+        _store_partials(pacc_ptr, pr_ptr, pml_ptr, base, gmask, acc, acc_r, m_i, l_i, offs_d, offs_r, D, R_PAD, HAS_LR)
 
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
