@@ -51,11 +51,14 @@ class LLM:
         prompts: Prompt | Seq[Prompt],
         adapter: str | None | Seq[str | None] = None,
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
         """Run all prompts to completion in one continuous batch; outputs come back in prompt order.
 
-        `adapter` is one name for all prompts or one per prompt (None = the base model). Every request is
-        validated before any runs, so a bad one leaves the engine untouched.
+        `adapter` is one name for all prompts or one per prompt (None = the base model). The batch is atomic: a bad
+        request raises before any runs and leaves the engine untouched. A request the engine fails while running
+        comes back with `finish_reason == "error"` and `error` set; the others are unaffected. Prompts with a
+        different `cache_salt` share no cached block with these.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -66,13 +69,24 @@ class LLM:
             raise ValueError(f"{n} prompts but {len(adapters)} adapters and {len(params)} sampling params")
         for name in set(adapters):
             self.engine.registry.slot_of(name)  # unknown adapter: fail before queuing anything
-        ids = [self.engine.add_request(p, sp, a) for p, sp, a in zip(prompts, params, adapters)]
-        done: dict[str, RequestOutput] = {}
-        while len(done) < n:
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+        ids: list[str] = []
+        try:
+            for p, sp, a in zip(prompts, params, adapters):
+                ids.append(self.engine.add_request(p, sp, a, cache_salt=cache_salt))
+            done = self._run_to_completion(set(ids))
+        except BaseException:
+            for request_id in ids:  # nothing of this call stays queued (a bad prompt, Ctrl-C, ...)
+                self.engine.abort(request_id)
+            raise
         return [done[i] for i in ids]
+
+    def _run_to_completion(self, ids: set[str]) -> dict[str, RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished and out.request_id in ids:
+                    done[out.request_id] = out
+        return done
 
     def chat(
         self,

@@ -49,9 +49,9 @@ def test_release_twice_is_caught():
         pool.release(ids)
 
 
-def make_seq(rid, tokens, adapter="plan", slot=1):
+def make_seq(rid, tokens, adapter="plan", slot=1, mode=None):
     seq = Sequence(rid, tokens, SamplingParams(max_tokens=4), adapter, slot)
-    seq.cache_key = adapter
+    seq.base_ns, seq.lr_ns = get_scheme(mode).namespaces(adapter, "A") if mode else (adapter, adapter)
     return seq
 
 
@@ -59,12 +59,12 @@ def make_seq(rid, tokens, adapter="plan", slot=1):
 def test_block_manager_keys_pools_per_scheme(mode):
     scheme = get_scheme(mode)
     bm = BlockManager(scheme, CacheLayout(4, 32, 32 if scheme.has_lr_pool else 0, 8))
-    first = make_seq("a", list(range(17)), "plan")
-    assert bm.admit(first, "plan")
+    first = make_seq("a", list(range(17)), "plan", mode=mode)
+    assert bm.admit(first)
     first.num_computed = first.num_base_cached = 17
     bm.publish(first)
-    second = make_seq("b", list(range(17)) + [5, 6, 7, 8], "action", slot=2)
-    assert bm.admit(second, "action")
+    second = make_seq("b", list(range(17)) + [5, 6, 7, 8], "action", slot=2, mode=mode)
+    assert bm.admit(second)
     base_hit = second.num_base_cached
     computed = second.num_computed
     expect_base = 0 if scheme.base_keyed_by_adapter else 16

@@ -68,3 +68,32 @@ class KVCache:
             return 0 if t is None else t.numel() * t.element_size()
 
         return {"key": size(self.key), "base_value": size(self.value), "lr": size(self.lr)}
+
+    def nonfinite_blocks(self, base_ids: list[int], lr_ids: list[int]) -> tuple[set[int], set[int]]:
+        """Blocks (base, LR) holding a NaN or inf in any layer: never to be published into the shared cache.
+
+        One host sync for both pools; the blocks are read in chunks so a long prefill's check never gathers more
+        than ~64 MiB at once.
+        """
+        if not base_ids and not lr_ids:
+            return set(), set()
+        parts = []
+        if base_ids:
+            parts.append(self._finite(self.key, base_ids) & self._finite(self.value, base_ids))
+        if lr_ids and self.lr is not None:
+            parts.append(self._finite(self.lr, lr_ids))
+        ok = torch.cat(parts).tolist()
+        bad_base = {b for b, fine in zip(base_ids, ok) if not fine}
+        bad_lr = {b for b, fine in zip(lr_ids, ok[len(base_ids) :]) if not fine}
+        return bad_base, bad_lr
+
+    @staticmethod
+    def _finite(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        per_block = pool[:, 0].numel() * pool.element_size()
+        chunk = max(1, (64 << 20) // max(1, per_block))
+        index = torch.tensor(ids, dtype=torch.long, device=pool.device)
+        parts = [
+            pool.index_select(1, index[i : i + chunk]).isfinite().transpose(0, 1).flatten(1).all(-1)
+            for i in range(0, len(ids), chunk)
+        ]
+        return torch.cat(parts)

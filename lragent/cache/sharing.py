@@ -25,11 +25,17 @@ class SharingScheme:
     allows_key_adapter: bool  # a k_proj adapter makes keys agent-specific: only where keys are not shared
     requires_shared_a: bool  # every agent reads every agent's R = X A_v
 
-    def base_namespace(self, adapter: str) -> str:
-        return adapter if self.base_keyed_by_adapter else ""
+    def namespaces(self, content_key: str, value_a_key: str, salt: str = "") -> tuple[str, str]:
+        """Prefix-cache namespaces (keys + base values, LR) of a request.
 
-    def lr_namespace(self, adapter: str) -> str:
-        return adapter if self.lr_keyed_by_adapter else ""
+        `content_key` digests everything the adapter changes (so a reload of the same weights finds its cache, and
+        different weights under a reused name never do); `value_a_key` digests the v_proj `A` alone, which is all an
+        LR entry R = X A depends on once it is shared by tokens. A non-empty `salt` (a tenant) separates everything.
+        """
+        base = content_key if self.base_keyed_by_adapter else ""
+        lr = content_key if self.lr_keyed_by_adapter else value_a_key
+        prefix = f"salt:{salt}|" if salt else ""
+        return prefix + base, prefix + lr
 
     def lr_blocks_per_base_block(self, num_agents: int) -> int:
         """LR pool sizing: under BASE_SHARED every agent keeps its own LR copy over the same shared base blocks."""

@@ -29,24 +29,17 @@ class BlockManager:
             cap = min(cap, self.lr.num_blocks)
         return cap * self.block_size
 
-    def _namespaces(self, seq: Sequence, cache_key: str) -> tuple[str, str]:
-        lr_ns = self.scheme.lr_namespace(cache_key)
-        if seq.lora_slot == 0:  # the base model's R is zero: never let agents read it as their own
-            lr_ns = cache_key
-        return self.scheme.base_namespace(cache_key), lr_ns
-
-    def admit(self, seq: Sequence, cache_key: str) -> bool:
+    def admit(self, seq: Sequence) -> bool:
         """Match the cached prefix and allocate the rest of the prompt; False (nothing held) if it does not fit."""
         full = (len(seq) - 1) // self.block_size  # keep >= 1 token to compute: the last one gives the logits
-        base_ns, lr_ns = self._namespaces(seq, cache_key)
-        base_hashes = block_hashes(seq.token_ids, self.block_size, base_ns, full)
+        base_hashes = block_hashes(seq.token_ids, self.block_size, seq.base_ns, full)
         need = self.blocks_for(len(seq))
         if self.base.peek(base_hashes) == 0 and need > self.base.num_available():
             return False
         base_ids = self.base.match(base_hashes)
         lr_ids: list[int] = []
         if self.lr is not None:
-            lr_hashes = block_hashes(seq.token_ids, self.block_size, lr_ns, len(base_ids))
+            lr_hashes = block_hashes(seq.token_ids, self.block_size, seq.lr_ns, len(base_ids))
             lr_ids = self.lr.match(lr_hashes)
             seq.lr_hashes = lr_hashes[: len(lr_ids)]
         lr_short = need - len(lr_ids) if self.lr is not None else 0
@@ -67,7 +60,6 @@ class BlockManager:
             seq.num_computed = len(lr_ids) * self.block_size
         else:
             seq.num_computed = seq.num_base_cached
-        seq.cache_key = cache_key
         return True
 
     def can_append(self, seq: Sequence) -> bool:
@@ -82,15 +74,23 @@ class BlockManager:
             if self.lr is not None:
                 seq.lr_blocks += self.lr.allocate(1)
 
+    def unpublished(self, seq: Sequence) -> tuple[list[int], list[int]]:
+        """Blocks (base, LR) that became full and computed since the last `publish`: what it would index."""
+        base_full = min(seq.num_base_cached, len(seq)) // self.block_size
+        base = seq.base_blocks[seq.base_registered : base_full]
+        if self.lr is None:
+            return base, []
+        lr_full = min(seq.num_computed, len(seq)) // self.block_size
+        return base, seq.lr_blocks[seq.lr_registered : lr_full]
+
     def publish(self, seq: Sequence) -> None:
         """Index every block that became full and computed, so later requests can reuse it."""
-        base_ns, lr_ns = self._namespaces(seq, seq.cache_key)
         seq.base_registered = self._publish(
-            self.base, seq, seq.base_blocks, seq.base_hashes, seq.base_registered, seq.num_base_cached, base_ns
+            self.base, seq, seq.base_blocks, seq.base_hashes, seq.base_registered, seq.num_base_cached, seq.base_ns
         )
         if self.lr is not None:
             seq.lr_registered = self._publish(
-                self.lr, seq, seq.lr_blocks, seq.lr_hashes, seq.lr_registered, seq.num_computed, lr_ns
+                self.lr, seq, seq.lr_blocks, seq.lr_hashes, seq.lr_registered, seq.num_computed, seq.lr_ns
             )
 
     def _publish(

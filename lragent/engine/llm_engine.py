@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from lragent.engine.model_runner import ModelRunner
 from lragent.engine.scheduler import ScheduledBatch, Scheduler
 from lragent.engine.sequence import RequestMetrics, Sequence
 from lragent.kernels import make_backend
-from lragent.lora.adapter import AdapterError, load_peft_adapter
+from lragent.lora.adapter import AdapterError, LoRAAdapter, load_peft_adapter
 from lragent.lora.bank import LoRABank
 from lragent.lora.registry import AdapterRegistry
 from lragent.models.llama import Runtime
@@ -43,6 +44,7 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestMetrics
     logprobs: list[float] = field(default_factory=list)
+    error: str | None = None  # set with finish_reason "error": why the engine failed this request (and no other)
 
 
 class LLMEngine:
@@ -67,7 +69,7 @@ class LLMEngine:
             self.model.fuse_projections()
         self.bank = self._bank_class(backend.name)(self.model_config, max_loras, max_rank, self.dtype, self.device)
         for adapter in adapters:
-            self.bank.load(self.registry.add(adapter), adapter)
+            self._install(adapter)
         self.backend = backend
         layout = CacheLayout.for_budget(
             self.model_config,
@@ -166,9 +168,19 @@ class LLMEngine:
 
     # ---- adapters ------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
-        adapter = load_peft_adapter(name, path, self.model_config)
-        self.bank.load(self.registry.add(adapter), adapter)
+        self._install(load_peft_adapter(name, path, self.model_config))
         self._adapters_changed()
+
+    def _install(self, adapter: LoRAAdapter) -> None:
+        """Registry slot + device weights, or neither: a failed load leaves no name, slot or weights behind."""
+        self.bank.check(adapter)
+        slot = self.registry.add(adapter)
+        try:
+            self.bank.load(slot, adapter)
+        except BaseException:
+            self.bank.unload(slot)
+            self.registry.remove(adapter.name)
+            raise
 
     def unload_adapter(self, name: str) -> None:
         busy = [s.request_id for s in self._seqs.values() if s.adapter == name]
@@ -202,8 +214,14 @@ class LLMEngine:
         params: SamplingParams | None = None,
         adapter: str | None = None,
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> str:
+        """Queue one request. Requests with different `cache_salt` share no cached block (tenant isolation)."""
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise TypeError("cache_salt must be a string or None")
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -217,7 +235,7 @@ class LLMEngine:
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, ids, params, adapter or "", slot)
-        seq.cache_key = self.registry.cache_key(adapter)
+        seq.base_ns, seq.lr_ns = self.scheme.namespaces(*self.registry.cache_keys(adapter), cache_salt or "")
         seq.generator = torch.Generator().manual_seed(
             params.seed if params.seed is not None else self._rng.randrange(1 << 62)
         )
@@ -237,23 +255,81 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, post-process. Returns an output for every sequence that got a token."""
+        """Schedule, run the model once, post-process. Returns an output for every sequence that got a token or
+        failed. A failure is contained to the requests it concerns: the rest of the batch goes on."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        tokens, logprobs = self.runner.run(batch)
-        outputs, k = [], 0
-        for seq, n in zip(batch.seqs, batch.num_tokens):
+        sampled, failed = self._run(batch)
+        outputs = [self._fail(seq, why) for seq, why in failed.items()]
+        done = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if s not in failed]
+        for seq, n in done:
             seq.num_computed += n
             seq.num_base_cached = max(seq.num_base_cached, seq.num_computed)
             if batch.is_prefill:
                 seq.metrics.computed_tokens += n
-            self.block_manager.publish(seq)
-            if seq.num_computed == len(seq):
-                self._append_token(seq, tokens[k], logprobs[k])
-                outputs.append(self._output(seq, [tokens[k]]))
-                k += 1
+        outputs += self._publish([s for s, _ in done])
+        for seq, _ in done:
+            if seq in sampled and not seq.is_finished:
+                outputs.append(self._emit(seq, *sampled[seq]))
         return outputs
+
+    def _run(self, batch: ScheduledBatch) -> tuple[dict[Sequence, tuple[int, float]], dict[Sequence, str]]:
+        """Run the batch; if it raises, run its sequences one by one so only the ones that fail alone fail.
+
+        Re-running is safe: a sequence's step writes the same cache slots with the same values."""
+        try:
+            return self._sampled(batch, self.runner.run(batch)), {}
+        except Exception:
+            logger.exception("engine step over %d sequences failed; retrying them one by one", len(batch.seqs))
+        sampled, failed = {}, {}
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            single = ScheduledBatch([seq], [n], batch.is_prefill)
+            try:
+                sampled.update(self._sampled(single, self.runner.run(single)))
+            except Exception as exc:
+                logger.exception("request %s failed in the engine", seq.request_id)
+                failed[seq] = f"the engine failed on this request ({type(exc).__name__})"
+        return sampled, failed
+
+    @staticmethod
+    def _sampled(batch: ScheduledBatch, result: tuple[list[int], list[float]]) -> dict[Sequence, tuple[int, float]]:
+        """Map the runner's tokens to the sequences that sampled: those whose pending tokens all ran."""
+        rows = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed + n == len(s)]
+        return {seq: (tok, lp) for seq, tok, lp in zip(rows, *result)}
+
+    def _publish(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Index the blocks these sequences filled, after one check that none holds a NaN or inf: a poisoned block
+        would break every agent and the base model on that prefix, so its request fails instead."""
+        plans = {seq: self.block_manager.unpublished(seq) for seq in seqs}
+        bad_base, bad_lr = self.cache.nonfinite_blocks(
+            [b for base, _ in plans.values() for b in base], [b for _, lr in plans.values() for b in lr]
+        )
+        failed = []
+        for seq, (base, lr) in plans.items():
+            if bad_base.intersection(base) or bad_lr.intersection(lr):
+                failed.append(self._fail(seq, "the model produced non-finite values (NaN/inf) for this request"))
+            else:
+                self.block_manager.publish(seq)
+        return failed
+
+    def _emit(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
+        if not math.isfinite(logprob):
+            return self._fail(seq, "the model produced non-finite logits (NaN/inf) for this request")
+        try:
+            self._append_token(seq, token, logprob)
+        except Exception as exc:  # stop handling of this request alone
+            logger.exception("post-processing of request %s failed", seq.request_id)
+            return self._fail(seq, f"the engine failed on this request ({type(exc).__name__})")
+        return self._output(seq, [token])
+
+    def _fail(self, seq: Sequence, why: str) -> RequestOutput:
+        """Finish one request with an error; its blocks are released (unpublished ones are simply reused)."""
+        seq.error = why
+        self.scheduler.finish(seq, "error")
+        seq.metrics.finish_time = time.perf_counter()
+        self._seqs.pop(seq.request_id, None)
+        return self._output(seq, [])
 
     def _append_token(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.token_ids.append(token)
@@ -305,6 +381,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             metrics=seq.metrics,
             logprobs=list(seq.logprobs),
+            error=seq.error,
         )
 
     def reset_prefix_cache(self) -> None:

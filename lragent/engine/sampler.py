@@ -44,12 +44,17 @@ def sample(
     """logits [n, vocab] float32 -> chosen token ids and their log-probabilities (under the unfiltered softmax).
 
     The log-probability is logit - logsumexp(row): a reduction, where a full log_softmax over a 128k vocabulary
-    wrote the whole matrix back and took ~1 ms per step at batch 32 (H200 profile, BENCHMARKS.md)."""
+    wrote the whole matrix back and took ~1 ms per step at batch 32 (H200 profile, BENCHMARKS.md).
+    A row with NaN or +inf logits (or nothing but -inf) is sampled from a neutral stand-in so that it cannot raise
+    for the whole batch; its log-probability comes out non-finite, which is how the engine tells that request alone
+    that it failed (`-inf` entries elsewhere are masks, e.g. a grammar's, and fine)."""
+    broken = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    safe = torch.where(broken[:, None], torch.zeros_like(logits), logits)
     if all(p.greedy for p in params):
-        chosen = logits.argmax(dim=-1)
+        chosen = safe.argmax(dim=-1)
     else:
         picks = []
-        for row, p, gen in zip(logits, params, generators):
+        for row, p, gen in zip(safe, params, generators):
             if p.greedy:
                 picks.append(row.argmax())
                 continue
@@ -57,5 +62,6 @@ def sample(
             picks.append(torch.multinomial(probs.cpu() if gen is not None else probs, 1, generator=gen)[0])
         chosen = torch.stack([t.to(logits.device) for t in picks])
     chosen_lp = logits.gather(-1, chosen[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    chosen_lp = torch.where(broken, torch.full_like(chosen_lp, float("nan")), chosen_lp)
     both = _to_host(torch.stack([chosen.double(), chosen_lp.double()]))
     return [int(t) for t in both[0].tolist()], both[1].tolist()

@@ -53,7 +53,7 @@ class Scheduler:
                 budget -= take
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.admit(seq, seq.cache_key):
+            if not self.blocks.admit(seq):
                 break  # FIFO: later requests wait too, so a long prompt cannot starve
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -66,7 +66,9 @@ class Sequence:
         self.lr_registered = 0
         self.base_hashes: list[int] = []  # hash chain of the published base blocks (extended, never recomputed)
         self.lr_hashes: list[int] = []
-        self.cache_key = ""  # the adapter's per-load key that namespaces its cache entries
+        self.base_ns = ""  # prefix-cache namespaces of the key/value and LR pools (SharingScheme.namespaces)
+        self.lr_ns = ""
+        self.error: str | None = None  # why the engine failed this request alone (finish_reason "error")
         self.finish_reason: str | None = None
         self.text = ""
         self.stop_text_len: int | None = None

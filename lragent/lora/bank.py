@@ -27,11 +27,15 @@ class LoRABank:
         self.scaling_host = [0.0] * self.num_slots
         self.active: set[tuple[int, str]] = set()  # (slot, module) pairs with non-zero weights
 
-    def load(self, slot: int, adapter: LoRAAdapter) -> None:
+    def check(self, adapter: LoRAAdapter) -> None:
+        """Refuse an adapter these stacks cannot hold (before it takes a registry slot)."""
         if adapter.rank > self.max_rank:
             raise AdapterError(
                 f"adapter {adapter.name!r} has rank {adapter.rank} > max_lora_rank {self.max_rank} of this engine"
             )
+
+    def load(self, slot: int, adapter: LoRAAdapter) -> None:
+        self.check(adapter)
         self.unload(slot)
         for (layer, module), (a, b) in adapter.weights.items():
             down, up = self._stack(layer, module)
