@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from lragent.engine.block_manager import BlockManager
 from lragent.engine.model_runner import ModelRunner
 from lragent.engine.scheduler import ScheduledBatch, Scheduler
 from lragent.engine.sequence import RequestMetrics, Sequence
+from lragent.engine.stats import StepStats
 from lragent.kernels import make_backend
 from lragent.lora.adapter import AdapterError, LoRAAdapter, load_peft_adapter
 from lragent.lora.bank import LoRABank
@@ -92,6 +94,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
+        self._listeners: list[Callable[[StepStats], None]] = []
 
     # ---- setup ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -254,12 +257,31 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # ---- the step ------------------------------------------------------------------------------------------
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """Call `listener(StepStats)` after every step that ran the model (benchmarks, profilers, analyses)."""
+        self._listeners.append(listener)
+
+    def remove_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._listeners.remove(listener)
+
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, post-process. Returns an output for every sequence that got a token or
         failed. A failure is contained to the requests it concerns: the rest of the batch goes on."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        outputs = self._step(batch)
+        if self._listeners:
+            stats = StepStats(
+                batch.is_prefill, len(batch.seqs), batch.total_tokens, len(outputs), self.runner.prepare_s,
+                self.runner.forward_s, time.perf_counter() - start,
+            )
+            for listener in self._listeners:
+                listener(stats)
+        return outputs
+
+    def _step(self, batch: ScheduledBatch) -> list[RequestOutput]:
         sampled, failed = self._run(batch)
         outputs = [self._fail(seq, why) for seq, why in failed.items()]
         done = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if s not in failed]

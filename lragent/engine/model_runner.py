@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +41,8 @@ class ModelRunner:
         self.device = device
         self.block_size = cache.block_size
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA unless enforce_eager
+        self.prepare_s = 0.0  # host time of the last run's input preparation (read through StepStats)
+        self.forward_s = 0.0  # the last run, end to end
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         from lragent.engine.cuda_graph import DecodeGraphs  # imports Triton
@@ -96,13 +99,23 @@ class ModelRunner:
         )
         return _upload(ids, torch.int64, dev), ctx, sample_rows
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
         """One forward pass; returns a token (and its log-prob) for each sequence whose pending tokens all ran."""
+        start = time.perf_counter()
+        self.prepare_s = 0.0
+        try:
+            return self._run(batch)
+        finally:
+            self.forward_s = time.perf_counter() - start
+
+    @torch.inference_mode()
+    def _run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
         if self.graphs is not None and self.graphs.supports(batch.seqs, batch.is_prefill):
             hidden = self.graphs.run(batch.seqs)  # every decode row samples
         else:
+            start = time.perf_counter()
             input_ids, ctx, rows = self.prepare(batch)
+            self.prepare_s = time.perf_counter() - start
             if not rows:
                 self.model(input_ids, ctx)
                 return [], []
