@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
-
 from lragent.cache.sharing import SharingScheme
-from lragent.lora.adapter import AdapterError, LoRAAdapter, unshared_value_layers
+from lragent.lora.adapter import AdapterError, LoRAAdapter, unshared_value_layers, validate_adapter_name
+from lragent.lora.digest import BASE_MODEL_KEY, content_key, value_a_key
 
 
 class AdapterRegistry:
@@ -16,15 +15,14 @@ class AdapterRegistry:
         self.allow_unshared_a = allow_unshared_a
         self.adapters: dict[str, LoRAAdapter] = {}
         self.slots: dict[str, int] = {}
-        self.cache_keys: dict[str, str] = {}  # unique per load, so a reloaded name never matches stale cache entries
-        self._loads = itertools.count()
+        # (content key, v_proj-A key) per adapter: what its cache entries are keyed by (lora/digest.py)
+        self.keys: dict[str, tuple[str, str]] = {}
 
     def check(self, adapter: LoRAAdapter) -> None:
         """Refuse an adapter that breaks the scheme, with the reason spelled out."""
+        validate_adapter_name(adapter.name)  # first: later messages echo the name, which must be short and printable
         if adapter.name in self.adapters:
             raise AdapterError(f"adapter {adapter.name!r} is already loaded")
-        if not adapter.name or adapter.name.startswith("<"):
-            raise AdapterError(f"invalid adapter name {adapter.name!r}")
         if len(self.adapters) >= self.max_loras:
             raise AdapterError(f"cannot load {adapter.name!r}: all {self.max_loras} adapter slots are in use (max_loras)")
         if "k_proj" in adapter.targets and not self.scheme.allows_key_adapter:
@@ -48,13 +46,14 @@ class AdapterRegistry:
         slot = next(s for s in range(1, self.max_loras + 1) if s not in used)
         self.adapters[adapter.name] = adapter
         self.slots[adapter.name] = slot
-        self.cache_keys[adapter.name] = f"{adapter.name}#{next(self._loads)}"
+        shared_a = "" if self.allow_unshared_a else value_a_key(adapter, self.num_layers)
+        self.keys[adapter.name] = (content_key(adapter), shared_a)
         return slot
 
     def remove(self, name: str) -> int:
         if name not in self.adapters:
             raise AdapterError(f"unknown adapter {name!r}")
-        del self.adapters[name], self.cache_keys[name]
+        del self.adapters[name], self.keys[name]
         return self.slots.pop(name)
 
     def slot_of(self, name: str | None) -> int:
@@ -65,5 +64,10 @@ class AdapterRegistry:
             raise AdapterError(f"unknown adapter {name!r} (loaded: {known})")
         return self.slots[name]
 
-    def cache_key(self, name: str | None) -> str:
-        return "<base>" if not name else self.cache_keys[name]
+    def cache_keys(self, name: str | None) -> tuple[str, str]:
+        """(content key, v_proj-A key) of an adapter, for `SharingScheme.namespaces`. With `allow_unshared_a` the
+        LR entries are shared whatever the A (the accepted approximation); the base model's R is zero, so it never
+        shares LR entries with an agent."""
+        if not name:
+            return BASE_MODEL_KEY, BASE_MODEL_KEY
+        return self.keys[name]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -36,15 +38,35 @@ def embedded_gguf_path() -> Path:
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
-    """Dequantise a GGUF once into `out_dir` (config.json, model.safetensors, tokenizer files)."""
+    """Dequantise a GGUF once into `out_dir` (config.json, model.safetensors, tokenizer files).
+
+    The files are written to a `<name>.tmp<pid>` sibling and renamed into place, so a reader never sees a partial
+    folder. An exception or KeyboardInterrupt (or SystemExit from a caller's SIGTERM handler) removes that folder; a
+    process killed outright cannot, so every call first removes the folders of converters that are no longer alive.
+    """
+    gguf_file = Path(gguf_file)
+    remove_stale_tmp_dirs(out_dir)
+    if _is_converted(out_dir):
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        _write_converted(gguf_file, tmp)
+        _publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
+    return out_dir
+
+
+def _is_converted(out_dir: Path) -> bool:
+    return (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()
+
+
+def _write_converted(gguf_file: Path, tmp: Path) -> None:
+    """The slow part (~20 s): load the GGUF through transformers and save float32 safetensors + tokenizer."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_file = Path(gguf_file)
-    if (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file():
-        return out_dir
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype="float32")
     config = model.config.to_dict()
@@ -60,13 +82,52 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(tmp)
-    if out_dir.exists():  # another process converted it meanwhile
-        import shutil
 
-        shutil.rmtree(tmp)
-    else:
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename `tmp` into place unless another process got there first (then its copy wins and `tmp` is dropped)."""
+    if out_dir.exists():
+        return
+    try:
         tmp.rename(out_dir)
-    return out_dir
+    except OSError:
+        if not _is_converted(out_dir):  # lost a race to a finished converter: fine; anything else is an error
+            raise
+
+
+def remove_stale_tmp_dirs(out_dir: Path) -> list[Path]:
+    """Delete `<name>.tmp<pid>` siblings of `out_dir` left by converters that died (SIGKILL, SIGTERM, power loss).
+
+    A folder whose pid is still alive is kept: that process may be converting right now. Returns what was removed.
+    """
+    pattern = re.compile(re.escape(out_dir.name) + r"\.tmp(\d{1,10})")
+    removed = []
+    try:
+        siblings = list(out_dir.parent.iterdir())
+    except OSError:  # no cache dir yet, or unreadable: nothing to clean
+        return removed
+    for path in siblings:
+        match = pattern.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir() or _pid_alive(int(match[1])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists here (signal 0 checks without sending anything)."""
+    if pid <= 0:  # kill(0, ...) and negative pids address process groups: never a converter's pid
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except (OverflowError, OSError):  # beyond pid_t or otherwise impossible: nobody can be using it
+        return False
+    return True
 
 
 def resolve_model(model: str) -> Path:
