@@ -26,9 +26,10 @@ from typing import Any
 
 from lragent.agents.pipeline import PipelineConfig, run_pipeline
 from lragent.agents.tools import ToolConfig
+from lragent.cache.sharing import SharingMode
 from lragent.eval.runner import DEFAULT_ADAPTER_ROOT, AdapterSet, find_adapter_sets, load_questions, summarize
 
-SCHEMES = ("non_shared", "full_shared", "base_shared", "base_lr_shared")
+SCHEMES = tuple(m.value for m in SharingMode)
 DEFAULT_SET = "hotpotqa-shared-a"
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Sequence as Seq
+from types import TracebackType
 from typing import Any
 
 from lragent.config import EngineConfig
 from lragent.engine.llm_engine import LLMEngine, RequestOutput
+from lragent.engine.memory import held_only_by
 from lragent.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -115,3 +119,35 @@ class LLM:
 
     def unload_adapter(self, name: str) -> None:
         self.engine.unload_adapter(name)
+
+    # ---- release -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the model, KV cache and adapters now, and on CUDA hand the memory back to the driver.
+
+        Without it the caching allocator keeps the memory reserved after the engine is gone, and the next engine
+        in this process would size its cache from what is left. Idempotent; the LLM is unusable afterwards (its
+        calls raise RuntimeError("the engine is closed")).
+        """
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        """Close when the last reference goes, where that is safe.
+
+        Only when nothing else holds the engine (code that kept `llm.engine` goes on using it; it is freed when that
+        reference goes, without the hand-back). Not at interpreter shutdown: modules and the CUDA context may already
+        be torn down, and the process hands everything back anyway. Never raising: an exception in `__del__` can only
+        be printed as a warning.
+        """
+        if sys.is_finalizing() or "engine" not in self.__dict__:  # no engine: building it raised
+            return
+        with contextlib.suppress(Exception):
+            if held_only_by(self.__dict__, "engine"):
+                self.engine.close()

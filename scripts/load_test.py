@@ -62,7 +62,7 @@ def write_random_adapters(folder: Path, model: str, rank: int = 8, seed: int = 0
     import torch
     from safetensors.torch import save_file
 
-    from lragent.models.config import ModelConfig
+    from lragent.model_config import ModelConfig
     from lragent.models.hub import resolve_model
     from lragent.models.presets import preset
 

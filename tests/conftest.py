@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lragent.bench.adapters import write_peft_adapter, write_random_llama  # noqa: E402
-from lragent.models.config import ModelConfig  # noqa: E402
+from lragent.model_config import ModelConfig  # noqa: E402
 from lragent.models.hub import resolve_model  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"

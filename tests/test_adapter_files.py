@@ -30,8 +30,8 @@ from lragent.lora.adapter import (
     validate_adapter_name,
 )
 from lragent.lora.registry import AdapterRegistry
+from lragent.model_config import ModelConfig
 from lragent.models import hub
-from lragent.models.config import ModelConfig
 
 TINY = ModelConfig.from_dict(
     {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,

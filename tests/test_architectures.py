@@ -8,7 +8,7 @@ import torch
 
 from lragent import LLM, SamplingParams
 from lragent.bench.adapters import write_peft_adapter
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 
 COMMON = dict(
     vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,

@@ -8,7 +8,7 @@ import torch
 from lragent.cache.kv_cache import CacheLayout, KVCache
 from lragent.kernels.metadata import AttentionMetadata
 from lragent.kernels.reference import TorchReferenceBackend, lora_attention, naive_lora_attention
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (9, 3), (8, 1)])
@@ -36,7 +36,7 @@ def test_paged_backend_matches_contiguous():
     torch.manual_seed(0)
     cfg = ModelConfig("llama", 100, 64, 64, 1, 8, 2, 16, 1e-6, 1e4, 512, False, False)
     bs, rank, slots = 4, 8, 3
-    layout = CacheLayout(bs, 64, 64, rank)
+    layout = CacheLayout(bs, {"kv": 64, "lr": 64}, rank)
     cache = KVCache(cfg, layout, torch.float64, torch.device("cpu"))
     backend = TorchReferenceBackend()
     ctx_lens, q_lens, seq_slots = [13, 5, 20], [3, 5, 1], [1, 0, 2]
@@ -87,7 +87,7 @@ def test_batched_decode_matches_per_sequence_loop():
     torch.manual_seed(1)
     cfg = ModelConfig("llama", 100, 64, 64, 1, 8, 2, 16, 1e-6, 1e4, 512, False, False)
     bs, rank = 4, 8
-    cache = KVCache(cfg, CacheLayout(bs, 40, 40, rank), torch.float64, torch.device("cpu"))
+    cache = KVCache(cfg, CacheLayout(bs, {"kv": 40, "lr": 40}, rank), torch.float64, torch.device("cpu"))
     cache.key.normal_(), cache.value.normal_(), cache.lr.normal_()
     cache.value[0, 0].fill_(float("nan")), cache.lr[0, 0].fill_(float("nan"))  # unused block: must not leak
     ctx_lens, slots = [9, 1, 17, 4], [1, 0, 2, 1]

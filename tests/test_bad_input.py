@@ -6,7 +6,7 @@ import pytest
 
 from lragent import LLM, AdapterError, SamplingParams
 from lragent.bench.adapters import write_peft_adapter
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 
 OK = SamplingParams(max_tokens=3, temperature=0.0)
 

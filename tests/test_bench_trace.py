@@ -10,7 +10,7 @@ import torch
 
 from lragent.bench import trace as tb
 from lragent.bench.roofline import ModelCost, Rates, ideal_floor_s, system_floor_s
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 
 
 def test_paper_trace_matches_the_appendix():

@@ -51,17 +51,17 @@ def test_release_twice_is_caught():
 
 def make_seq(rid, tokens, adapter="plan", slot=1, mode=None):
     seq = Sequence(rid, tokens, SamplingParams(max_tokens=4), adapter, slot)
-    seq.base_ns, seq.lr_ns = get_scheme(mode).namespaces(adapter, "A") if mode else (adapter, adapter)
+    seq.namespaces = get_scheme(mode).namespaces(adapter, "A") if mode else {"kv": adapter, "lr": adapter}
     return seq
 
 
 @pytest.mark.parametrize("mode", list(SharingMode))
 def test_block_manager_keys_pools_per_scheme(mode):
     scheme = get_scheme(mode)
-    bm = BlockManager(scheme, CacheLayout(4, 32, 32 if scheme.has_lr_pool else 0, 8))
+    bm = BlockManager(scheme, CacheLayout(4, {p.name: 32 for p in scheme.pools}, 8))
     first = make_seq("a", list(range(17)), "plan", mode=mode)
     assert bm.admit(first)
-    first.num_computed = first.num_base_cached = 17
+    bm.on_computed(first, 17)
     bm.publish(first)
     second = make_seq("b", list(range(17)) + [5, 6, 7, 8], "action", slot=2, mode=mode)
     assert bm.admit(second)
@@ -75,14 +75,14 @@ def test_block_manager_keys_pools_per_scheme(mode):
 
 def test_scheduler_preempts_when_cache_is_full():
     scheme = get_scheme("non_shared")
-    bm = BlockManager(scheme, CacheLayout(4, 4, 4, 8))
+    bm = BlockManager(scheme, CacheLayout(4, {"kv": 4, "lr": 4}, 8))
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
     a, b = make_seq("a", list(range(8))), make_seq("b", list(range(100, 108)))
     sched.add(a), sched.add(b)
     batch = sched.schedule()
     assert batch.is_prefill and batch.seqs == [a, b]
     for s in (a, b):
-        s.num_computed = s.num_base_cached = len(s)
+        bm.on_computed(s, len(s))
         s.token_ids.append(1)  # sampled; position 8 needs a third block each
     batch = sched.schedule()
     assert not batch.is_prefill

@@ -13,7 +13,7 @@ import torch
 from lragent.bench.adapters import write_peft_adapter, write_random_llama
 from lragent.engine.cuda_graph import capture_sizes
 from lragent.llm import LLM
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 from lragent.sampling import SamplingParams
 
 CUDA = torch.cuda.is_available()
@@ -124,32 +124,45 @@ def test_static_inputs_follow_growing_and_replaced_block_tables():
     from types import SimpleNamespace
 
     from lragent.cache.kv_cache import CacheLayout, KVCache
+    from lragent.cache.sharing import get_scheme
     from lragent.engine.cuda_graph import DecodeGraphs
-    from lragent.models.config import ModelConfig
+    from lragent.engine.model_runner import ModelRunner
+    from lragent.engine.scheduler import ScheduledBatch
+    from lragent.engine.sequence import Sequence
+    from lragent.kernels.triton_backend import TritonBackend
+    from lragent.model_config import ModelConfig
     from lragent.models.presets import preset
+    from lragent.sampling import SamplingParams
 
     config = ModelConfig.from_dict(preset("smollm2-135m"))
-    cache = KVCache(config, CacheLayout(4, 64, 64, 8), torch.float32, torch.device("cpu"))
+    cache = KVCache(config, CacheLayout(4, {"kv": 64, "lr": 64}, 8), torch.float32, torch.device("cpu"))
     model = SimpleNamespace(config=config)
-    graphs = DecodeGraphs(model, cache, expand_values=False, max_batch=8, max_model_len=128, device=torch.device("cpu"))
+    runner = ModelRunner(model, cache, get_scheme("base_shared"), TritonBackend(), None, torch.device("cpu"))
+    graphs = DecodeGraphs(runner, max_batch=8, max_model_len=128)
+
+    class Seq(Sequence):
+        def __init__(self, blocks, lr, pos, slot):
+            super().__init__("r", list(range(100, 100 + pos + 1)), SamplingParams(), "a", slot)
+            self.base_blocks, self.lr_blocks, self.num_computed = blocks, lr, pos
 
     def seq(blocks, lr, pos, slot):
-        return SimpleNamespace(num_computed=pos, token_ids=list(range(100, 100 + pos + 1)), base_blocks=blocks,
-                               lr_blocks=lr, lora_slot=slot)
+        return Seq(blocks, lr, pos, slot)
 
     def check(seqs, size):
-        graphs._fill(seqs, size)
+        graphs.fill(runner.inputs(ScheduledBatch(seqs, [1] * len(seqs), False)), size)
+        attn = graphs.attn
         for i, s in enumerate(seqs):
             nb = s.num_computed // 4 + 1
-            assert graphs.tables[0, i, :nb].tolist() == s.base_blocks[:nb]
-            assert graphs.tables[1, i, :nb].tolist() == s.lr_blocks[:nb]
+            assert attn.tables[0, i, :nb].tolist() == s.base_blocks[:nb]
+            assert attn.tables[1, i, :nb].tolist() == s.lr_blocks[:nb]
             pos = s.num_computed
-            assert graphs.i64[:, i].tolist() == [s.token_ids[pos], pos, s.base_blocks[pos // 4] * 4 + pos % 4,
-                                                 s.lr_blocks[pos // 4] * 4 + pos % 4, s.lora_slot]
-            assert graphs.i32[:, i].tolist() == [pos + 1, s.lora_slot]
+            assert graphs.tokens[:, i].tolist() == [s.token_ids[pos], pos]
+            assert attn.i64[:, i].tolist() == [s.base_blocks[pos // 4] * 4 + pos % 4, s.lr_blocks[pos // 4] * 4 + pos % 4,
+                                               s.lora_slot]
+            assert attn.i32[:, i].tolist() == [pos + 1, s.lora_slot]
         for i in range(len(seqs), size):  # padding: no store, one readable key, no adapter
-            assert graphs.i64[2:4, i].tolist() == [-1, -1] and graphs.i32[:, i].tolist() == [1, 0]
-            assert graphs.tables[0, i, 0] == 0
+            assert attn.i64[0:2, i].tolist() == [-1, -1] and attn.i32[:, i].tolist() == [1, 0]
+            assert attn.tables[0, i, 0] == 0
 
     a = seq([5, 9, 2], [7, 1, 3], 10, 1)
     b = seq([11], [12], 2, 2)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lragent.bench.adapters import write_peft_adapter, write_random_llama
 from lragent.kernels.triton_fused import add_rms_norm, rotary, silu_mul
 from lragent.llm import LLM
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 from lragent.models.llama import RMSNorm
 from lragent.models.presets import preset
 from lragent.models.rope import RotaryEmbedding

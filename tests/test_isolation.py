@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from lragent import LLM, AdapterError, SamplingParams
 from lragent.bench.adapters import write_peft_adapter
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 PREFIX = [(7 * i + 3) % 997 + 1 for i in range(70)]
@@ -41,7 +41,7 @@ def shared_a(tiny_llama, tmp_path_factory) -> dict[str, str]:
 def poison(llm: LLM, name: str) -> None:
     """What load-time validation now refuses, done behind its back (as an fp16 overflow could): NaN weights."""
     slot = llm.engine.registry.slot_of(name)
-    for (layer, module), down in llm.engine.bank.down.items():
+    for (_layer, module), down in llm.engine.bank.down.items():
         if (slot, module) in llm.engine.bank.active:
             down[slot].fill_(float("nan"))
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lragent.eval.scoring import (
+from lragent.agents.scoring import (
     exact_match,
     f1_score,
     normalize_answer,

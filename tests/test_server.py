@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -52,7 +53,7 @@ class Server:
         return httpx.post(f"{self.url}{path}", headers=headers, timeout=kw.pop("timeout", 120), **kw)
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        text = httpx.get(f"{self.url}/metrics", timeout=60).text
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).text
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text)
@@ -63,13 +64,20 @@ class Server:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def adapter_roots(*adapter_sets: dict[str, str]) -> tuple[str, ...]:
+    """The folders holding the fixture adapters: the allow-list for runtime loads."""
+    return tuple(sorted({str(Path(p).parent) for adapters in adapter_sets for p in adapters.values()}))
+
+
 @pytest.fixture(scope="module")
-def server(shared_a_adapters):
+def server(shared_a_adapters, qv_adapters):
     config = EngineConfig(
         adapters=shared_a_adapters, sharing="base_lr_shared", kv_cache_bytes=48 << 20, max_model_len=MAX_LEN
     )
     engine = LLMEngine(config)
-    app = create_app(engine, ServerSettings(api_key=KEY, max_body_bytes=BODY_LIMIT))
+    roots = adapter_roots(shared_a_adapters, qv_adapters)
+    settings = ServerSettings(api_key=KEY, max_body_bytes=BODY_LIMIT, allow_runtime_lora=True, lora_roots=roots)
+    app = create_app(engine, settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other processes
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
@@ -309,8 +317,10 @@ def test_load_and_unload_adapters(server, shared_a_adapters, qv_adapters):
         server.post("/v1/load_lora_adapter", json={"lora_name": "rogue", "lora_path": qv_adapters["plan"]}), 400
     )
     assert "shared-A" in err["message"] and "rogue" in err["message"]
-    err = _error(server.post("/v1/load_lora_adapter", json={"lora_name": "ghost", "lora_path": "/nonexistent/x"}), 400)
+    missing = str(Path(shared_a_adapters["plan"]).parent / "nonexistent")  # inside an allowed root
+    err = _error(server.post("/v1/load_lora_adapter", json={"lora_name": "ghost", "lora_path": missing}), 400)
     assert "adapter_config.json" in err["message"]
+    _error(server.post("/v1/load_lora_adapter", json={"lora_name": "ghost", "lora_path": "/nonexistent/x"}), 403)
     _error(
         server.post("/v1/load_lora_adapter", json={"lora_name": "critic", "lora_path": shared_a_adapters["plan"]}), 400
     )
@@ -440,7 +450,7 @@ def test_engine_loop_reports_errors_and_keeps_running():
             await loop.submit([EngineRequest([1], params, None, "a", 0), EngineRequest([], params, None, "b", 1)])
         assert await loop.call(lambda engine: dict(engine.seqs)) == {}
         first = await drain(await loop.submit([EngineRequest([1], params, None, "c", 0)]))
-        assert first[-1].error == "engine error: RuntimeError: boom"  # the failing step ends the requests in flight
+        assert first[-1].error == "engine error (RuntimeError)"  # the failing step ends the requests in flight
         second = await drain(await loop.submit([EngineRequest([1], params, None, "d", 0)]))
         assert [len(i.output.token_ids) for i in second] == [1, 2, 3] and second[-1].output.finished
         endless = await loop.submit([EngineRequest([1], SamplingParams(max_tokens=10**9), None, "e", 0)])

@@ -20,8 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lragent.train.data import ROLES
+
 ADAPTERS_DIR = Path(__file__).resolve().parent
-ROLES = ("plan", "action", "reflect")
 
 
 def manifest() -> dict[str, dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import Any
 from lragent.agents import parsing
 from lragent.agents import tools as T
 from lragent.agents.formats import TrajectoryFormat
-from lragent.eval.scoring import Score
+from lragent.agents.scoring import Score
 
 
 class Phase(enum.Enum):

@@ -21,10 +21,8 @@ from typing import Any
 
 from lragent.agents.episode import Episode, EpisodeConfig, EpisodeResult, Trajectory
 from lragent.agents.formats import TrajectoryFormat, load_format
+from lragent.agents.scoring import Score, score_hotpotqa, score_scienceqa
 from lragent.agents.tools import ToolBox, ToolConfig
-from lragent.eval.scoring import Score, score_hotpotqa, score_scienceqa
-
-ROLES = ("plan", "action", "reflect")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 from lragent.models.hub import resolve_model
 from lragent.models.presets import preset
 

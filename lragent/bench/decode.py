@@ -65,8 +65,9 @@ def _profile_decode(llm, prompts: list[list[int]], steps: int = 16) -> dict:
     engine.reset_prefix_cache()
     ids = [engine.add_request(p[1:] + p[:1], SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True), "plan")
            for p in prompts]
-    while any(len(engine._seqs[i].output_ids) == 0 for i in ids if i in engine._seqs):
-        engine.step()
+    prefilling = set(ids)  # requests without their first token yet (a finished one counts as done)
+    while prefilling and engine.has_unfinished():
+        prefilling -= {out.request_id for out in engine.step() if out.token_ids or out.finished}
     engine.step()  # one plain decode step first
     result = profile_steps(engine.step, steps)
     for i in ids:

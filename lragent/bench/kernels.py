@@ -189,78 +189,90 @@ def _naive_values(v_base, lr, b_sel, scale):
 
 
 def bench_decode(pools: PagedPools, batches, contexts, timer, dtype, device, calib, kw, baselines=True) -> list[dict]:
-    from lragent.kernels.triton_attention import default_num_splits, paged_decode
-
     rows = []
     for ctx in contexts:
         for batch in batches:
-            bt, lbt = pools.tables(batch, ctx)
-            slots = (torch.arange(batch, device=device) % 3 + 1).long()  # mixed adapters 1, 2, 3
-            ctx_t = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-            q = torch.randn(batch, HQ, D, dtype=dtype, device=device)
-            out = torch.empty_like(q)
-            splits = kw.get("num_splits") or default_num_splits(batch, HKV, ctx, device, kw.get("block_n") or 64)
-
-            def ours():
-                return paged_decode(
-                    q, pools.key, pools.value, pools.lr, bt, lbt, ctx_t, slots, pools.value_up, pools.scaling,
-                    max_context=ctx, out=out, **kw,
-                )
-
-            t_ours = timer(ours)
-            nbytes = batch * ctx * (2 * HKV * D + pools.rank) * torch.finfo(dtype).bits // 8
-            t_nolr = float("nan")
-            if baselines:  # the same kernel without the LR term (value_up None): what the rank-r path costs
-                t_nolr = timer(lambda: paged_decode(
-                    q, pools.key, pools.value, None, bt, None, ctx_t, slots, None, pools.scaling,
-                    max_context=ctx, out=out, **kw,
-                ))
-            bw = nbytes / (t_ours * 1e-3) / 1e9
-            if not baselines:
-                rows.append({"batch": batch, "context": ctx, "num_splits": splits, "ours_ms": t_ours,
-                             "ours_GBps": bw, "ours_pct_copy_bw": 100 * bw / calib["copy_bandwidth_GBps"]})
-                continue
-            # contiguous copies for the baselines (same shapes; values random)
-            kc = torch.randn(batch, HKV, ctx, D, dtype=dtype, device=device)
-            vc = torch.randn(batch, HKV, ctx, D, dtype=dtype, device=device)
-            qc = q.view(batch, HQ, 1, D)
-            plain, backend = sdpa_fn(qc, kc, vc, 0)
-            t_plain = timer(plain)
-            lr_c = torch.randn(batch, ctx, pools.rank, dtype=dtype, device=device)
-            b_sel = pools.value_up[slots].view(batch, pools.rank, HKV, D)
-
-            def naive():
-                v_full = _naive_values(vc, lr_c, b_sel, 2.0)
-                return F.scaled_dot_product_attention(qc, kc, v_full, enable_gqa=True)
-
-            try:
-                t_naive = timer(naive)
-            except torch.OutOfMemoryError:
-                t_naive = float("nan")
-            kc = vc = lr_c = None  # free before the next case
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            plain_bytes = batch * ctx * 2 * HKV * D * torch.finfo(dtype).bits // 8
-            rows.append(
-                {
-                    "batch": batch,
-                    "context": ctx,
-                    "num_splits": splits,
-                    "ours_ms": t_ours,
-                    "ours_no_lr_ms": t_nolr,
-                    "naive_ms": t_naive,
-                    "sdpa_ms": t_plain,
-                    "sdpa_backend": backend,
-                    "bytes": nbytes,
-                    "ours_GBps": bw,
-                    "ours_pct_copy_bw": 100 * bw / calib["copy_bandwidth_GBps"],
-                    "sdpa_pct_copy_bw": 100 * plain_bytes / (t_plain * 1e-3) / 1e9 / calib["copy_bandwidth_GBps"],
-                    "ours_over_sdpa": t_ours / t_plain,
-                    "naive_over_ours": t_naive / t_ours,
-                }
-            )
-            print(_decode_line(rows[-1]), flush=True)
+            row = _decode_case(pools, batch, ctx, timer, dtype, device, calib, kw, baselines)
+            rows.append(row)
+            if baselines:
+                print(_decode_line(row), flush=True)
     return rows
+
+
+def _decode_case(pools: PagedPools, batch: int, ctx: int, timer, dtype, device, calib, kw, baselines: bool) -> dict:
+    """One (batch, context) decode case: our kernel, itself without the LR term, and (with `baselines`) the
+    contiguous SDPA and naive-materialisation baselines."""
+    from lragent.kernels.triton_attention import default_num_splits, paged_decode
+
+    bt, lbt = pools.tables(batch, ctx)
+    slots = (torch.arange(batch, device=device) % 3 + 1).long()  # mixed adapters 1, 2, 3
+    ctx_t = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(batch, HQ, D, dtype=dtype, device=device)
+    out = torch.empty_like(q)
+    splits = kw.get("num_splits") or default_num_splits(batch, HKV, ctx, device, kw.get("block_n") or 64)
+
+    def ours():
+        return paged_decode(
+            q, pools.key, pools.value, pools.lr, bt, lbt, ctx_t, slots, pools.value_up, pools.scaling,
+            max_context=ctx, out=out, **kw,
+        )
+
+    t_ours = timer(ours)
+    nbytes = batch * ctx * (2 * HKV * D + pools.rank) * torch.finfo(dtype).bits // 8
+    t_nolr = float("nan")
+    if baselines:  # the same kernel without the LR term (value_up None): what the rank-r path costs
+        t_nolr = timer(lambda: paged_decode(
+            q, pools.key, pools.value, None, bt, None, ctx_t, slots, None, pools.scaling,
+            max_context=ctx, out=out, **kw,
+        ))
+    bw = nbytes / (t_ours * 1e-3) / 1e9
+    if not baselines:
+        return {"batch": batch, "context": ctx, "num_splits": splits, "ours_ms": t_ours,
+                "ours_GBps": bw, "ours_pct_copy_bw": 100 * bw / calib["copy_bandwidth_GBps"]}
+    t_plain, backend, t_naive = _decode_baselines(pools, q, slots, batch, ctx, timer, dtype, device)
+    plain_bytes = batch * ctx * 2 * HKV * D * torch.finfo(dtype).bits // 8
+    return {
+        "batch": batch,
+        "context": ctx,
+        "num_splits": splits,
+        "ours_ms": t_ours,
+        "ours_no_lr_ms": t_nolr,
+        "naive_ms": t_naive,
+        "sdpa_ms": t_plain,
+        "sdpa_backend": backend,
+        "bytes": nbytes,
+        "ours_GBps": bw,
+        "ours_pct_copy_bw": 100 * bw / calib["copy_bandwidth_GBps"],
+        "sdpa_pct_copy_bw": 100 * plain_bytes / (t_plain * 1e-3) / 1e9 / calib["copy_bandwidth_GBps"],
+        "ours_over_sdpa": t_ours / t_plain,
+        "naive_over_ours": t_naive / t_ours,
+    }
+
+
+def _decode_baselines(pools: PagedPools, q: torch.Tensor, slots: torch.Tensor, batch: int, ctx: int, timer, dtype,
+                      device) -> tuple[float, str, float]:
+    """ms of plain SDPA over contiguous K/V (no LoRA), its backend, and ms of materialising V = V_base + s R B
+    then SDPA (NaN when that does not fit in memory). The contiguous copies are random, of the same shapes."""
+    kc = torch.randn(batch, HKV, ctx, D, dtype=dtype, device=device)
+    vc = torch.randn(batch, HKV, ctx, D, dtype=dtype, device=device)
+    qc = q.view(batch, HQ, 1, D)
+    plain, backend = sdpa_fn(qc, kc, vc, 0)
+    t_plain = timer(plain)
+    lr_c = torch.randn(batch, ctx, pools.rank, dtype=dtype, device=device)
+    b_sel = pools.value_up[slots].view(batch, pools.rank, HKV, D)
+
+    def naive():
+        v_full = _naive_values(vc, lr_c, b_sel, 2.0)
+        return F.scaled_dot_product_attention(qc, kc, v_full, enable_gqa=True)
+
+    try:
+        t_naive = timer(naive)
+    except torch.OutOfMemoryError:
+        t_naive = float("nan")
+    kc = vc = lr_c = None  # free before the next case
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return t_plain, backend, t_naive
 
 
 def _decode_line(r: dict) -> str:
@@ -278,72 +290,83 @@ def prefill_flops(new: int, prefix: int) -> float:
 
 
 def bench_prefill(pools: PagedPools, news, prefixes, timer, dtype, device, calib, kw, baselines=True) -> list[dict]:
-    from lragent.kernels.triton_attention import paged_prefill
-
     rows = []
     for prefix in prefixes:
         for new in news:
-            ctx = prefix + new
-            bt, lbt = pools.tables(1, ctx)
-            q = torch.randn(new, HQ, D, dtype=dtype, device=device)
-            out = torch.empty_like(q)
-            qstart = torch.tensor([0, new], dtype=torch.int32, device=device)
-            ctx_t = torch.tensor([ctx], dtype=torch.int32, device=device)
-            slots = torch.tensor([1], dtype=torch.long, device=device)
-
-            def ours():
-                return paged_prefill(
-                    q, pools.key, pools.value, pools.lr, bt, lbt, qstart, ctx_t, slots, pools.value_up, pools.scaling,
-                    max_query_len=new, out=out, **kw,
-                )
-
-            t_ours = timer(ours)
-            flops = prefill_flops(new, prefix)
-            t_nolr = float("nan")
+            row = _prefill_case(pools, new, prefix, timer, dtype, device, calib, kw, baselines)
+            rows.append(row)
             if baselines:
-                t_nolr = timer(lambda: paged_prefill(
-                    q, pools.key, pools.value, None, bt, None, qstart, ctx_t, slots, None, pools.scaling,
-                    max_query_len=new, out=out, **kw,
-                ))
-            if not baselines:
-                rows.append({"new_tokens": new, "prefix": prefix, "ours_ms": t_ours,
-                             "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12})
-                continue
-            kc = torch.randn(1, HKV, ctx, D, dtype=dtype, device=device)
-            vc = torch.randn(1, HKV, ctx, D, dtype=dtype, device=device)
-            qc = q.transpose(0, 1).unsqueeze(0).contiguous()
-            plain, backend = sdpa_fn(qc, kc, vc, prefix)
-            t_plain = timer(plain)
-            lr_c = torch.randn(1, ctx, pools.rank, dtype=dtype, device=device)
-            b_sel = pools.value_up[slots].view(1, pools.rank, HKV, D)
-            v_full = _naive_values(vc, lr_c, b_sel, 2.0)
-            naive_attn, _ = sdpa_fn(qc, kc, v_full, prefix)
-
-            def naive():
-                _naive_values(vc, lr_c, b_sel, 2.0)
-                return naive_attn()
-
-            t_naive = timer(naive)
-            rows.append(
-                {
-                    "new_tokens": new,
-                    "prefix": prefix,
-                    "ours_ms": t_ours,
-                    "ours_no_lr_ms": t_nolr,
-                    "naive_ms": t_naive,
-                    "sdpa_ms": t_plain,
-                    "sdpa_backend": backend,
-                    "flops": flops,
-                    "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12,
-                    "sdpa_TFLOPs": flops / (t_plain * 1e-3) / 1e12,
-                    "ours_pct_matmul": 100 * flops / (t_ours * 1e-3) / 1e12 / calib["matmul_bf16_TFLOPs"],
-                    "ours_over_sdpa": t_ours / t_plain,
-                    "naive_over_ours": t_naive / t_ours,
-                }
-            )
-            print(_prefill_line(rows[-1]), flush=True)
-            kc = vc = lr_c = v_full = None
+                print(_prefill_line(row), flush=True)
     return rows
+
+
+def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device, calib, kw, baselines: bool) -> dict:
+    """One sequence prefilling `new` tokens over a cached `prefix`: our kernel, itself without the LR term, and (with
+    `baselines`) the contiguous SDPA and naive-materialisation baselines."""
+    from lragent.kernels.triton_attention import paged_prefill
+
+    ctx = prefix + new
+    bt, lbt = pools.tables(1, ctx)
+    q = torch.randn(new, HQ, D, dtype=dtype, device=device)
+    out = torch.empty_like(q)
+    qstart = torch.tensor([0, new], dtype=torch.int32, device=device)
+    ctx_t = torch.tensor([ctx], dtype=torch.int32, device=device)
+    slots = torch.tensor([1], dtype=torch.long, device=device)
+
+    def ours():
+        return paged_prefill(
+            q, pools.key, pools.value, pools.lr, bt, lbt, qstart, ctx_t, slots, pools.value_up, pools.scaling,
+            max_query_len=new, out=out, **kw,
+        )
+
+    t_ours = timer(ours)
+    flops = prefill_flops(new, prefix)
+    t_nolr = float("nan")
+    if baselines:
+        t_nolr = timer(lambda: paged_prefill(
+            q, pools.key, pools.value, None, bt, None, qstart, ctx_t, slots, None, pools.scaling,
+            max_query_len=new, out=out, **kw,
+        ))
+    if not baselines:
+        return {"new_tokens": new, "prefix": prefix, "ours_ms": t_ours,
+                "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12}
+    t_plain, backend, t_naive = _prefill_baselines(pools, q, slots, ctx, prefix, timer, dtype, device)
+    return {
+        "new_tokens": new,
+        "prefix": prefix,
+        "ours_ms": t_ours,
+        "ours_no_lr_ms": t_nolr,
+        "naive_ms": t_naive,
+        "sdpa_ms": t_plain,
+        "sdpa_backend": backend,
+        "flops": flops,
+        "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12,
+        "sdpa_TFLOPs": flops / (t_plain * 1e-3) / 1e12,
+        "ours_pct_matmul": 100 * flops / (t_ours * 1e-3) / 1e12 / calib["matmul_bf16_TFLOPs"],
+        "ours_over_sdpa": t_ours / t_plain,
+        "naive_over_ours": t_naive / t_ours,
+    }
+
+
+def _prefill_baselines(pools: PagedPools, q: torch.Tensor, slots: torch.Tensor, ctx: int, prefix: int, timer, dtype,
+                       device) -> tuple[float, str, float]:
+    """ms of plain causal SDPA over contiguous K/V (no LoRA), its backend, and ms of materialising
+    V = V_base + s R B then SDPA. The contiguous copies are random, of the same shapes."""
+    kc = torch.randn(1, HKV, ctx, D, dtype=dtype, device=device)
+    vc = torch.randn(1, HKV, ctx, D, dtype=dtype, device=device)
+    qc = q.transpose(0, 1).unsqueeze(0).contiguous()
+    plain, backend = sdpa_fn(qc, kc, vc, prefix)
+    t_plain = timer(plain)
+    lr_c = torch.randn(1, ctx, pools.rank, dtype=dtype, device=device)
+    b_sel = pools.value_up[slots].view(1, pools.rank, HKV, D)
+    v_full = _naive_values(vc, lr_c, b_sel, 2.0)
+    naive_attn, _ = sdpa_fn(qc, kc, v_full, prefix)
+
+    def naive():
+        _naive_values(vc, lr_c, b_sel, 2.0)
+        return naive_attn()
+
+    return t_plain, backend, timer(naive)
 
 
 def _prefill_line(r: dict) -> str:
@@ -445,7 +468,7 @@ def targets(decode: list[dict], prefill: list[dict]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lragent bench kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--decode-contexts", default="1k,2k,4k,8k,16k,32k,64k")
     ap.add_argument("--decode-batches", default="1,8,32")
@@ -461,20 +484,62 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-ms", type=int, default=25)
     ap.add_argument("--rep-ms", type=int, default=100)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device: checks the code path only")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _use_smoke_shapes(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """`--smoke`: tiny heads and lengths (the module-level shape constants are rebound), float32 on the CPU."""
+    global HQ, HKV, D
+    HQ, HKV, D = 4, 2, 32
+    args.decode_contexts, args.decode_batches = "40", "1,2"
+    args.prefill_new, args.prefill_prefixes = "16", "0,40"
+    return torch.float32 if device.type == "cpu" else dtype
+
+
+def _pool_tokens(args: argparse.Namespace, only: set[str], decode_ctx: list[int], decode_b: list[int],
+                 news: list[int], prefixes: list[int]) -> int:
+    """Tokens the shared paged pools must hold for the largest case any selected benchmark runs."""
+    return max(
+        max(decode_ctx) * max(decode_b) if "decode" in only else 0,
+        max(news) + max(prefixes) if "prefill" in only else 0,
+        16384 + 2048 if args.sweep else 0,
+        32 * 16384 if args.sweep and not args.smoke else 0,
+    )
+
+
+def _recalibrate(calib: dict, again: dict, decode: list[dict]) -> None:
+    """Keep the faster of two copy-bandwidth measurements (the first may have run on cold clocks) and rescale the
+    decode rows' percentages to it."""
+    runs = [calib["copy_bandwidth_GBps"], again["copy_bandwidth_GBps"]]
+    if again["copy_bandwidth_GBps"] > calib["copy_bandwidth_GBps"] * 1.02:  # the first one ran on cold clocks
+        print(f"copy bandwidth re-measured: {again['copy_bandwidth_GBps']:.0f} GB/s "
+              f"(first {calib['copy_bandwidth_GBps']:.0f})")
+        ratio = calib["copy_bandwidth_GBps"] / again["copy_bandwidth_GBps"]
+        for r in decode:
+            for key in ("ours_pct_copy_bw", "sdpa_pct_copy_bw"):
+                if key in r:
+                    r[key] *= ratio
+        calib.update(copy_bandwidth_GBps=again["copy_bandwidth_GBps"])
+    calib["copy_bandwidth_GBps_runs"] = runs
+
+
+def _write_json(result: dict, json_path: str) -> None:
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1,
+                               default=lambda o: None if isinstance(o, float) and math.isnan(o) else o))
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         print("lragent bench kernels needs a CUDA GPU (use --smoke for a CPU code-path check)", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
     if args.smoke:
-        global HQ, HKV, D
-        HQ, HKV, D = 4, 2, 32
-        args.decode_contexts, args.decode_batches = "40", "1,2"
-        args.prefill_new, args.prefill_prefixes = "16", "0,40"
-        if device.type == "cpu":
-            dtype = torch.float32
+        dtype = _use_smoke_shapes(args, device, dtype)
     decode_ctx, decode_b = _parse_list(args.decode_contexts), _parse_list(args.decode_batches)
     news, prefixes = _parse_list(args.prefill_new), _parse_list(args.prefill_prefixes)
     only = set(args.only.split(","))
@@ -485,12 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibrate(device, timer, args.smoke)
     print(f"card: {card}; copy bandwidth {calib['copy_bandwidth_GBps']:.0f} GB/s; bf16 matmul "
           f"{calib['matmul_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
-    max_tokens = max(
-        max(decode_ctx) * max(decode_b) if "decode" in only else 0,
-        max(news) + max(prefixes) if "prefill" in only else 0,
-        16384 + 2048 if args.sweep else 0,
-        32 * 16384 if args.sweep and not args.smoke else 0,
-    )
+    max_tokens = _pool_tokens(args, only, decode_ctx, decode_b, news, prefixes)
     pools = PagedPools(max(max_tokens, 64), args.block_size, args.rank, dtype, device)
     result = {
         "card": card,
@@ -507,27 +567,14 @@ def main(argv: list[str] | None = None) -> int:
     decode = bench_decode(pools, decode_b, decode_ctx, timer, dtype, device, calib, {}) if "decode" in only else []
     prefill = bench_prefill(pools, news, prefixes, timer, dtype, device, calib, {}) if "prefill" in only else []
     lora = bench_lora(timer, dtype, device, args.smoke) if "lora" in only else []
-    again = calibrate(device, timer, args.smoke)
-    runs = [calib["copy_bandwidth_GBps"], again["copy_bandwidth_GBps"]]
-    if again["copy_bandwidth_GBps"] > calib["copy_bandwidth_GBps"] * 1.02:  # the first one ran on cold clocks
-        print(f"copy bandwidth re-measured: {again['copy_bandwidth_GBps']:.0f} GB/s (first {calib['copy_bandwidth_GBps']:.0f})")
-        ratio = calib["copy_bandwidth_GBps"] / again["copy_bandwidth_GBps"]
-        for r in decode:
-            for key in ("ours_pct_copy_bw", "sdpa_pct_copy_bw"):
-                if key in r:
-                    r[key] *= ratio
-        calib.update(copy_bandwidth_GBps=again["copy_bandwidth_GBps"])
-    calib["copy_bandwidth_GBps_runs"] = runs
+    _recalibrate(calib, calibrate(device, timer, args.smoke), decode)
     result.update(decode=decode, prefill=prefill, lora=lora, targets=targets(decode, prefill))
     result["timing"] = "eager" if args.no_graphs else f"CUDA graph replays ({timer.eager_fallbacks} eager fallbacks)"
 
     print()
     print(render_markdown(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o))
-        print(f"wrote {path}")
+        _write_json(result, args.json)
     return 0
 
 

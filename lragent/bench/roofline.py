@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -36,20 +36,27 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lragent.bench.adapters import model_config_for, write_random_adapters
+from lragent.bench.hf_baseline import HF_SYSTEMS
 from lragent.bench.roofline import ModelCost, Rates, calibrate, ideal_floor_s, system_floor_s
+from lragent.cache.sharing import SharingMode
+from lragent.engine.stats import StepStats
 
-ENGINE_SYSTEMS = ("non_shared", "full_shared", "base_shared", "base_lr_shared")
-HF_SYSTEMS = ("hf_non_shared", "hf_full_shared")
+if TYPE_CHECKING:
+    from lragent.engine.llm_engine import LLMEngine, RequestOutput
+
+ENGINE_SYSTEMS = tuple(m.value for m in SharingMode)
 ALL_SYSTEMS = ENGINE_SYSTEMS + HF_SYSTEMS
 PAPER_CTX = (256, 512, 1024, 2048, 4096, 8192, 16384)
 CPU_CTX = (256, 512, 1024)
-AGENTS = ("plan", "action", "reflect")
 
 
 # ---- the trace ---------------------------------------------------------------------------------------------------
@@ -148,7 +155,9 @@ def parse_trace(data) -> tuple[str, tuple[Step, ...]]:
         elif prefill == "ctx":
             pass
         elif not isinstance(prefill, int) or isinstance(prefill, bool) or prefill < 0:
-            raise ValueError(f"{where}: 'prefill' must be a count >= 0, a list of token ids or \"ctx\", got {prefill!r}")
+            raise ValueError(
+                f"{where}: 'prefill' must be a count >= 0, a list of token ids or \"ctx\", got {prefill!r}"
+            )
         steps.append(Step(agent, prefill, generate))
     if steps[0].prefill in (0, ()):
         raise ValueError("step 1 must append at least one token (the trajectory starts empty)")
@@ -213,38 +222,20 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def reset_prefix_cache(engine) -> None:
+def reset_prefix_cache(engine: LLMEngine) -> None:
     """Forget every cached block so the next run starts cold and its KV peak is its own."""
     engine.reset_prefix_cache()
 
 
-class _Timers:
-    """Wall time of the engine's pieces, by wrapping instance methods (the engine is not modified)."""
+class StepTimers:
+    """Per-kind sums of the engine's `StepStats`: the trace's timing columns.
 
-    def __init__(self, engine):
-        self.engine = engine
+    Subscribed through `LLMEngine.add_step_listener` (see `step_timers`), so the benchmark times the engine without
+    touching its internals. `forward_s` of a step is the model runner's run (prepare + forward + sampling),
+    `prepare_s` its host-side input preparation, `step_s` the whole `engine.step()`."""
+
+    def __init__(self) -> None:
         self.reset()
-        runner = engine.runner
-        orig_run, orig_prepare = runner.run, runner.prepare
-
-        def run(batch):
-            t0 = time.perf_counter()
-            try:
-                return orig_run(batch)
-            finally:
-                kind = "prefill" if batch.is_prefill else "decode"
-                self.run_s[kind] += time.perf_counter() - t0
-                self.count[kind] += 1
-                self.tokens[kind] += batch.total_tokens
-
-        def prepare(batch):
-            t0 = time.perf_counter()
-            try:
-                return orig_prepare(batch)
-            finally:
-                self.prepare_s["prefill" if batch.is_prefill else "decode"] += time.perf_counter() - t0
-
-        runner.run, runner.prepare = run, prepare
 
     def reset(self) -> None:
         self.run_s = {"prefill": 0.0, "decode": 0.0}
@@ -253,22 +244,44 @@ class _Timers:
         self.tokens = {"prefill": 0, "decode": 0}
         self.step_s = 0.0
 
+    def __call__(self, stats: StepStats) -> None:
+        kind = stats.kind
+        self.run_s[kind] += stats.forward_s
+        self.prepare_s[kind] += stats.prepare_s
+        self.count[kind] += 1
+        self.tokens[kind] += stats.num_tokens
+        self.step_s += stats.step_s
+
+    def decode_ms(self, seconds: dict[str, float]) -> float | None:
+        """Mean milliseconds per decode pass of one of the per-kind sums; None before any decode ran."""
+        return 1e3 * seconds["decode"] / self.count["decode"] if self.count["decode"] else None
+
     def summary(self) -> dict:
-        dec = max(1, self.count["decode"])
         return {
             "forward_passes": dict(self.count),
             "prefill_forward_s": self.run_s["prefill"],
             "decode_forward_s": self.run_s["decode"],
-            "decode_step_ms": 1e3 * self.run_s["decode"] / dec if self.count["decode"] else None,
-            "host_prepare_ms_per_decode": 1e3 * self.prepare_s["decode"] / dec if self.count["decode"] else None,
+            "decode_step_ms": self.decode_ms(self.run_s),
+            "host_prepare_ms_per_decode": self.decode_ms(self.prepare_s),
             "host_prepare_prefill_s": self.prepare_s["prefill"],
             "engine_step_s": self.step_s,  # engine.step() total: scheduling, forward, bookkeeping
             "outside_forward_s": self.step_s - self.run_s["prefill"] - self.run_s["decode"],
         }
 
 
+@contextmanager
+def step_timers(engine: LLMEngine) -> Iterator[StepTimers]:
+    """Time every engine step taken inside the block (the listener is removed again on the way out)."""
+    timers = StepTimers()
+    engine.add_step_listener(timers)
+    try:
+        yield timers
+    finally:
+        engine.remove_step_listener(timers)
+
+
 # ---- our engine ----------------------------------------------------------------------------------------------------
-def build_engine(args, system: str, adapters: dict[str, str]):
+def build_engine(args: argparse.Namespace, system: str, adapters: dict[str, str]) -> LLMEngine:
     from lragent.config import EngineConfig
     from lragent.engine.llm_engine import LLMEngine
 
@@ -279,101 +292,115 @@ def build_engine(args, system: str, adapters: dict[str, str]):
         attention_backend=args.attention_backend, max_num_seqs=max(256, max(args.concurrent)),
         max_model_len=args.max_model_len,
     )
-    engine = LLMEngine(config)
-    engine._bench_timers = _Timers(engine)
-    return engine
+    return LLMEngine(config)
 
 
-def run_engine_trace(engine, spec: TraceSpec, k: int, seed: int, deadline: float) -> dict:
+class _Trajectories:
+    """K independent trajectories of one trace driven through one engine: what each has appended so far, which step
+    it is at, the request it is waiting on, and one record per finished step."""
+
+    def __init__(self, engine: LLMEngine, spec: TraceSpec, k: int, seed: int):
+        vocab = engine.model_config.vocab_size
+        self.engine, self.spec = engine, spec
+        self.appended = [appended_tokens(spec, vocab, seed, t) for t in range(k)]
+        self.tokens: list[list[int]] = [[] for _ in range(k)]
+        self.pos = [0] * k
+        self.records: list[list[dict]] = [[] for _ in range(k)]
+        self.active: dict[str, int] = {}  # request id -> trajectory
+        self.kv_peak = 0  # bytes of cache blocks held (in use + cached), the largest seen after a step
+
+    def submit(self, t: int) -> None:
+        """Append trajectory `t`'s next step's tokens and hand the whole trajectory to the step's agent."""
+        from lragent.sampling import SamplingParams
+
+        pos = self.pos[t]
+        step = self.spec.steps[pos]
+        self.tokens[t].extend(self.appended[t][pos])
+        params = SamplingParams(max_tokens=step.generate, temperature=0.0, ignore_eos=True)
+        rid = self.engine.add_request(list(self.tokens[t]), params, step.agent,
+                                      request_id=f"t{t}-s{pos}-{time.monotonic_ns()}")
+        self.active[rid] = t
+
+    def finish(self, out: RequestOutput) -> None:
+        """Record a finished step, append what the agent generated and submit the trajectory's next step."""
+        t = self.active.pop(out.request_id)
+        m = out.metrics
+        step = self.spec.steps[self.pos[t]]
+        self.records[t].append({
+            "agent": step.agent, "appended": len(self.appended[t][self.pos[t]]), "prompt_tokens": m.prompt_tokens,
+            "reused_tokens": m.reused_tokens, "base_reused_tokens": m.base_reused_tokens,
+            "computed_tokens": m.computed_tokens, "generated": m.generated_tokens,
+            "preemptions": m.preemptions, "ttft_s": m.ttft_s, "latency_s": m.latency_s,
+        })
+        self.tokens[t].extend(out.token_ids)
+        self.pos[t] += 1
+        if self.pos[t] < len(self.spec.steps):
+            self.submit(t)
+
+    def drive(self, deadline: float) -> str:
+        """Step the engine until every trajectory is done (or cannot go on); returns the run's status.
+
+        The peak KV bytes are kept on `self` as they rise, so a run cut short by an exception still reports its peak.
+        """
+        for t in range(len(self.tokens)):
+            self.submit(t)
+        while self.active:
+            outs = self.engine.step()
+            stats = self.engine.cache_stats()
+            self.kv_peak = max(self.kv_peak, stats["bytes_used"])  # in use + cached (still findable)
+            if not outs and not stats["running"] and stats["waiting"]:
+                return "KV budget exhausted (a prompt does not fit the cache)"
+            for out in outs:
+                if out.finished:
+                    self.finish(out)
+            if self.active and time.perf_counter() > deadline:
+                return "timeout"
+        return "ok"
+
+    def abort_all(self) -> None:
+        for rid in list(self.active):
+            self.engine.abort(rid)
+
+
+def _capacity_tokens(engine: LLMEngine) -> int:
+    """Tokens one sequence can hold in the cache: the smallest pool's blocks (from the public cache stats)."""
+    stats = engine.cache_stats()
+    return min(p["blocks_total"] for p in stats["pools"].values() if p["blocks_total"]) * stats["block_size"]
+
+
+def run_engine_trace(engine: LLMEngine, spec: TraceSpec, k: int, seed: int, deadline: float) -> dict:
     """K independent trajectories of `spec` through one engine at once, driven with add_request / step."""
-    from lragent.sampling import SamplingParams
-
-    vocab = engine.model_config.vocab_size
     device = engine.device
-    appended = [appended_tokens(spec, vocab, seed, t) for t in range(k)]
-    tokens: list[list[int]] = [[] for _ in range(k)]
-    pos = [0] * k
-    records: list[list[dict]] = [[] for _ in range(k)]
-    active: dict[str, int] = {}
-    kv_peak = 0
-    timers = engine._bench_timers
-    timers.reset()
+    runs = _Trajectories(engine, spec, k, seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    status = "ok"
-
-    def submit(t: int) -> None:
-        step = spec.steps[pos[t]]
-        tokens[t].extend(appended[t][pos[t]])
-        params = SamplingParams(max_tokens=step.generate, temperature=0.0, ignore_eos=True)
-        rid = engine.add_request(list(tokens[t]), params, step.agent, request_id=f"t{t}-s{pos[t]}-{time.monotonic_ns()}")
-        active[rid] = t
-
-    t_start = time.perf_counter()
-    try:
-        for t in range(k):
-            submit(t)
-        while active:
-            s0 = time.perf_counter()
-            outs = engine.step()
-            timers.step_s += time.perf_counter() - s0
-            kv_peak = max(kv_peak, _kv_used(engine))
-            if not outs and not engine.scheduler.running and engine.scheduler.waiting:
-                status = "KV budget exhausted (a prompt does not fit the cache)"
-                break
-            for out in outs:
-                if not out.finished:
-                    continue
-                t = active.pop(out.request_id)
-                m = out.metrics
-                step = spec.steps[pos[t]]
-                records[t].append({
-                    "agent": step.agent, "appended": len(appended[t][pos[t]]), "prompt_tokens": m.prompt_tokens,
-                    "reused_tokens": m.reused_tokens, "base_reused_tokens": m.base_reused_tokens,
-                    "computed_tokens": m.computed_tokens, "generated": m.generated_tokens,
-                    "preemptions": m.preemptions, "ttft_s": m.ttft_s, "latency_s": m.latency_s,
-                })
-                tokens[t].extend(out.token_ids)
-                pos[t] += 1
-                if pos[t] < len(spec.steps):
-                    submit(t)
-            if active and time.perf_counter() > deadline:
-                status = "timeout"
-                break
-    except ValueError as e:  # a prompt longer than the context, or than the cache can ever hold
-        by_cache = engine.max_model_len >= engine.block_manager.capacity_tokens  # the cache, not the model, limits
-        status = f"{'KV budget exhausted' if by_cache else 'context length exceeded'}: {e}"
-    except MemoryError as e:
-        status = f"KV budget exhausted: {e}"
-    except RuntimeError as e:
-        if not _is_oom(e):
-            raise
-        status = "OOM"
-    e2e = time.perf_counter() - t_start
-    for rid in list(active):
-        engine.abort(rid)
+    with step_timers(engine) as timers:
+        t_start = time.perf_counter()
+        try:
+            status = runs.drive(deadline)
+        except ValueError as e:  # a prompt longer than the context, or than the cache can ever hold
+            by_cache = engine.max_model_len >= _capacity_tokens(engine)  # the cache, not the model, limits
+            status = f"{'KV budget exhausted' if by_cache else 'context length exceeded'}: {e}"
+        except MemoryError as e:
+            status = f"KV budget exhausted: {e}"
+        except RuntimeError as e:
+            if not _is_oom(e):
+                raise
+            status = "OOM"
+        e2e = time.perf_counter() - t_start
+    runs.abort_all()
+    kv_peak = runs.kv_peak
     row = {"e2e_s": e2e, "status": status, "kv_peak_bytes": kv_peak, **timers.summary()}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
-        pool = sum(engine.cache.pool_bytes().values())
+        pool = engine.cache_stats()["bytes_allocated"]
         row["device_peak_bytes"] = peak
         row["device_peak_effective_bytes"] = peak - pool + kv_peak  # the preallocated pool counted as used only
-    row.update(_summarise(records, spec, k))
+    row.update(_summarise(runs.records, spec, k))
     reset_prefix_cache(engine)
     return row
-
-
-def _kv_used(engine) -> int:
-    bm, cache = engine.block_manager, engine.cache
-    used = 0
-    for pool, tensors in ((bm.base, (cache.key, cache.value)), (bm.lr, (cache.lr,))):
-        if pool is None:
-            continue
-        per_block = sum(t.numel() * t.element_size() for t in tensors if t is not None) // pool.num_blocks
-        used += (pool.num_blocks - len(pool.free)) * per_block  # in use + cached (still findable)
-    return used
 
 
 def _summarise(records: list[list[dict]], spec: TraceSpec, k: int) -> dict:
@@ -425,16 +452,16 @@ def profile_decode(engine, context: int, steps: int, seed: int) -> dict:
     prompt = [rng.randrange(lo, hi) for _ in range(context)]
     engine.add_request(prompt, SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True), adapter,
                        request_id="profile")
-    timers = engine._bench_timers
-    while engine.has_unfinished():  # prefill
-        engine.step()
-        if timers.count["decode"] >= 2:
-            break
-    timers.reset()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    wall = (time.perf_counter() - t0) / steps
+    with step_timers(engine) as timers:
+        while engine.has_unfinished():  # prefill
+            engine.step()
+            if timers.count["decode"] >= 2:
+                break
+        timers.reset()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = (time.perf_counter() - t0) / steps
     out = {"context": context, "decode_step_wall_ms": wall * 1e3,
            "runner_run_ms": 1e3 * timers.run_s["decode"] / max(1, timers.count["decode"]),
            "host_prepare_ms": 1e3 * timers.prepare_s["decode"] / max(1, timers.count["decode"])}
@@ -464,7 +491,8 @@ def run_hf_trace(runner, spec: TraceSpec, vocab: int, seed: int, deadline: float
             tokens.extend(appended[i])
             r = runner.run_step(step.agent, tokens, step.generate, deadline)
             gen = r.pop("generated")
-            records.append({"agent": step.agent, "appended": len(appended[i]), **r, "base_reused_tokens": r["reused_tokens"],
+            records.append({"agent": step.agent, "appended": len(appended[i]), **r,
+                            "base_reused_tokens": r["reused_tokens"],
                             "generated": len(gen), "preemptions": 0})
             tokens.extend(gen)
             if time.perf_counter() > deadline and i + 1 < len(spec.steps):
@@ -504,7 +532,7 @@ def _add_floors(row: dict, spec: TraceSpec, cost: ModelCost, rates: Rates) -> No
     row["time_over_floor"] = row["e2e_s"] / row["floor_s"]
     steps = [(s["prompt_tokens"], s["computed_tokens"], s["generated"]) for s in row.get("steps", [])]
     if k == 1 and steps:
-        lr = row["system"] in ("non_shared", "base_shared", "base_lr_shared")
+        lr = row["system"] != SharingMode.FULL_SHARED  # every scheme but full_shared reads an LR row per token
         row["system_floor_s"] = system_floor_s(cost, rates, steps, lr=lr)
         row["system_prefill_floor_s"] = system_floor_s(cost, rates, steps, lr=lr, decode=False)
 
@@ -512,16 +540,18 @@ def _add_floors(row: dict, spec: TraceSpec, cost: ModelCost, rates: Rates) -> No
 def _row_line(r: dict) -> str:
     ok = r["status"] == "ok"
 
-    def f(key, fmt):
+    def f(key: str, fmt: str) -> str:
         v = r.get(key)
         return format(v, fmt) if (ok and v is not None) else "-"
 
     dec = r.get("decode_step_ms")
+    over = r.get("time_over_floor")
+    over_text = format(100 * over, "7.0f") + "%" if ok and over else "       -"
     return (f"{r['system']:<15} {r['concurrent']:>3} {fmt_tokens(r['total_tokens']):>6} "
             f"{(r['status'] if not ok else 'ok')[:22]:<22} {f('throughput_tok_s', '10.1f')} {f('ttft_s', '8.3f')} "
             f"{f('e2e_s', '8.2f')} {r.get('computed_tokens', 0):>9} {r.get('reused_tokens', 0):>9} "
             f"{_gib(r.get('kv_peak_bytes')):>8} {_gib(r.get('device_peak_effective_bytes')):>8} "
-            f"{f('floor_s', '8.3f')} {(format(100 * r['time_over_floor'], '7.0f') + '%') if ok and r.get('time_over_floor') else '       -'} "
+            f"{f('floor_s', '8.3f')} {over_text} "
             f"{(format(dec, '7.2f')) if dec else '      -'}")
 
 
@@ -529,66 +559,90 @@ HEADER = (f"{'system':<15} {'K':>3} {'tokens':>6} {'status':<22} {'tok/s':>10} {
           f"{'computed':>9} {'reused':>9} {'KV GiB':>8} {'mem GiB':>8} {'floor s':>8} {'t/floor':>8} {'dec ms':>7}")
 
 
-def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, evaluated on the rows of this run (paper trace only)."""
-    ok = {(r["system"], r["ctx"], r["concurrent"]): r for r in rows if r["status"] == "ok" and r["trace"] == "paper"}
-    allrows = {(r["system"], r["ctx"], r["concurrent"]): r for r in rows if r["trace"] == "paper"}
-    out = []
+_RowKey = tuple[str, int | None, int]  # (system, ctx, concurrent)
 
-    def add(name, value, threshold, passed, bound=None):
-        """`bound`: the best value the roofline floors allow (both sides of a ratio at their floors)."""
-        out.append({"target": name, "value": value, "threshold": threshold, "floor_bound": bound,
-                    "result": "n/a" if passed is None else ("PASS" if passed else "FAIL")})
 
-    def ratio(a, b, key, invert=False):
-        if a is None or b is None or not a.get(key) or not b.get(key):
-            return None
-        return b[key] / a[key] if invert else a[key] / b[key]
+def _target(name: str, value: Any, threshold: str, passed: bool | None, bound: float | None = None) -> dict:
+    """One target's verdict; `bound`: the best value the roofline floors allow (both sides of a ratio at their
+    floors)."""
+    return {"target": name, "value": value, "threshold": threshold, "floor_bound": bound,
+            "result": "n/a" if passed is None else ("PASS" if passed else "FAIL")}
 
+
+def _ratio(a: dict | None, b: dict | None, key: str, invert: bool = False) -> float | None:
+    if a is None or b is None or not a.get(key) or not b.get(key):
+        return None
+    return b[key] / a[key] if invert else a[key] / b[key]
+
+
+def _headline_targets(ok: dict[_RowKey, dict]) -> list[dict]:
+    """The paper's 33.7k-token trace (L_ctx 8192): base_lr_shared against full_shared and non_shared."""
     at = 8192
     blr, fs, ns = ok.get(("base_lr_shared", at, 1)), ok.get(("full_shared", at, 1)), ok.get(("non_shared", at, 1))
-    v = ratio(blr, fs, "throughput_tok_s")
-    add("33.7k: base_lr_shared / full_shared throughput", v, ">= 0.95", None if v is None else v >= 0.95)
-    v = ratio(blr, ns, "throughput_tok_s")
-    add("33.7k: base_lr_shared / non_shared throughput", v, ">= 2.5", None if v is None else v >= 2.5,
-        ratio(ns, blr, "system_floor_s"))
-    v = ratio(blr, ns, "ttft_s", invert=True)
-    add("33.7k: non_shared / base_lr_shared TTFT", v, ">= 4.2", None if v is None else v >= 4.2,
-        ratio(ns, blr, "system_prefill_floor_s"))
+    out = []
+    v = _ratio(blr, fs, "throughput_tok_s")
+    out.append(_target("33.7k: base_lr_shared / full_shared throughput", v, ">= 0.95",
+                       None if v is None else v >= 0.95))
+    v = _ratio(blr, ns, "throughput_tok_s")
+    out.append(_target("33.7k: base_lr_shared / non_shared throughput", v, ">= 2.5", None if v is None else v >= 2.5,
+                       _ratio(ns, blr, "system_floor_s")))
+    v = _ratio(blr, ns, "ttft_s", invert=True)
+    out.append(_target("33.7k: non_shared / base_lr_shared TTFT", v, ">= 4.2", None if v is None else v >= 4.2,
+                       _ratio(ns, blr, "system_prefill_floor_s")))
     v = blr["throughput_tok_s"] if blr else None
-    add("33.7k: base_lr_shared tok/s", v, ">= 8000", None if v is None else v >= 8000)
-    ctxs = sorted({c for (_, c, _) in ok if c is not None})
+    out.append(_target("33.7k: base_lr_shared tok/s", v, ">= 8000", None if v is None else v >= 8000))
+    return out
+
+
+def _memory_targets(ok: dict[_RowKey, dict], allrows: dict[_RowKey, dict], ctxs: list[int]) -> list[dict]:
+    """Peak KV bytes of the shared-base schemes against non_shared, and no OOM at 66.4k tokens."""
+    out = []
     for system in ("base_shared", "base_lr_shared"):
-        vals = [ratio(ok.get((system, c, 1)), ok.get(("non_shared", c, 1)), "kv_peak_bytes") for c in ctxs]
+        vals = [_ratio(ok.get((system, c, 1)), ok.get(("non_shared", c, 1)), "kv_peak_bytes") for c in ctxs]
         vals = [x for x in vals if x is not None]
-        add(f"{system} / non_shared peak KV bytes (max over lengths)", max(vals) if vals else None, "<= 0.36",
-            None if not vals else max(vals) <= 0.36)
+        out.append(_target(f"{system} / non_shared peak KV bytes (max over lengths)", max(vals) if vals else None,
+                           "<= 0.36", None if not vals else max(vals) <= 0.36))
     big = allrows.get(("base_lr_shared", 16384, 1)), allrows.get(("base_shared", 16384, 1))
     if any(big):
         states = {r["system"]: r["status"] for r in big if r}
         bad = [f"{k}: {v}" for k, v in states.items() if v == "OOM" or v.startswith("KV budget")]
         unknown = [k for k, v in states.items() if v != "ok" and f"{k}: {v}" not in bad]
         value = "; ".join(f"{k}: {v}" for k, v in states.items())
-        add("66.4k: no OOM (base_shared, base_lr_shared)", value, "ok",
-            False if bad else (None if unknown and len(unknown) == len(states) else True))
+        out.append(_target("66.4k: no OOM (base_shared, base_lr_shared)", value, "ok",
+                           False if bad else (None if unknown and len(unknown) == len(states) else True)))
+    return out
+
+
+def _per_length_targets(ok: dict[_RowKey, dict], ctxs: list[int]) -> list[dict]:
+    """Per length: our engine against HF + PEFT, base_lr_shared against its roofline floor, and --concurrent 16."""
+    out = []
     for c in ctxs:
-        v = ratio(ok.get(("non_shared", c, 1)), ok.get(("hf_non_shared", c, 1)), "throughput_tok_s")
+        v = _ratio(ok.get(("non_shared", c, 1)), ok.get(("hf_non_shared", c, 1)), "throughput_tok_s")
         if v is not None:
             need = 5.0 if c == 256 else 3.0
-            add(f"{fmt_tokens(paper_trace(c).total_tokens)}: non_shared / hf_non_shared throughput", v, f">= {need}", v >= need)
+            out.append(_target(f"{fmt_tokens(paper_trace(c).total_tokens)}: non_shared / hf_non_shared throughput",
+                               v, f">= {need}", v >= need))
     for c in ctxs:
         r = ok.get(("base_lr_shared", c, 1))
         if r and c >= 2048 and r.get("time_over_floor"):
-            add(f"{fmt_tokens(r['total_tokens'])}: base_lr_shared time / floor", r["time_over_floor"], "<= 1.5",
-                r["time_over_floor"] <= 1.5)
+            out.append(_target(f"{fmt_tokens(r['total_tokens'])}: base_lr_shared time / floor", r["time_over_floor"],
+                               "<= 1.5", r["time_over_floor"] <= 1.5))
     for (system, c, k), r in ok.items():
         one = ok.get((system, c, 1))
         if k == 16 and one:
             v = r["throughput_tok_s"] / one["throughput_tok_s"]
             bound = k * one["floor_s"] / r["floor_s"] if r.get("floor_s") and one.get("floor_s") else None
-            add(f"{fmt_tokens(r['total_tokens'])}: {system} --concurrent 16 / single throughput", v, ">= 8", v >= 8,
-                bound)
+            out.append(_target(f"{fmt_tokens(r['total_tokens'])}: {system} --concurrent 16 / single throughput", v,
+                               ">= 8", v >= 8, bound))
     return out
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, evaluated on the rows of this run (paper trace only)."""
+    ok = {(r["system"], r["ctx"], r["concurrent"]): r for r in rows if r["status"] == "ok" and r["trace"] == "paper"}
+    allrows = {(r["system"], r["ctx"], r["concurrent"]): r for r in rows if r["trace"] == "paper"}
+    ctxs = sorted({c for (_, c, _) in ok if c is not None})
+    return [*_headline_targets(ok), *_memory_targets(ok, allrows, ctxs), *_per_length_targets(ok, ctxs)]
 
 
 def _print_targets(targets: list[dict]) -> None:
@@ -603,19 +657,21 @@ def _print_targets(targets: list[dict]) -> None:
         print(f"  {t['result']:<5} {t['target']}: {v} (want {t['threshold']}{note})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lragent bench trace", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="smollm2-135m-instruct (CPU), dummy:llama-3.1-8b, dummy:ministral-8b (random weights)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--ctx", default=None, help="L_ctx values, e.g. 256,512,1k (default: 256..16k on CUDA, 256..1k on CPU)")
+    p.add_argument("--ctx", default=None,
+                   help="L_ctx values, e.g. 256,512,1k (default: 256..16k on CUDA, 256..1k on CPU)")
     p.add_argument("--trace", default=None, help="a JSON trace (see the module doc); default: the paper's 17 steps")
     p.add_argument("--first-prefill", type=int, default=512, help="tokens of step 1 (the paper: 512)")
     p.add_argument("--gen-cap", type=int, default=None, help="cap every step's generation (tests; not the paper)")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma list of {', '.join(ALL_SYSTEMS)}")
-    p.add_argument("--concurrent", default="1", help="comma list of K: K independent trajectories at once (engine only)")
+    p.add_argument("--concurrent", default="1",
+                   help="comma list of K: K independent trajectories at once (engine only)")
     p.add_argument("--hf-max-tokens", type=int, default=None, help="skip HF + PEFT on traces longer than this")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="a real PEFT adapter for an agent (default: random rank-8 q/v with shared v_proj A)")
@@ -627,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="context length (default: the model's); dummy models may go past their trained length")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per (system, length, K) run")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole benchmark; later runs are skipped")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole benchmark; later runs are skipped")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--profile-decode", type=int, default=None, metavar="CTX",
                    help="also break a decode step at CTX tokens down (host vs GPU kernels) for every engine system")
@@ -636,13 +693,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--report", nargs="+", metavar="TRACE_JSON",
                    help="run nothing: merge these trace.json files, print the table and targets, write --out")
-    args = p.parse_args(argv)
-    if args.report:
-        return report_main(args.report, args.out, not args.no_plots)
+    return p
 
-    t_begin = time.perf_counter()
-    budget_end = t_begin + args.time_budget if args.time_budget else math.inf
-    device = torch.device(args.device)
+
+def _parse_systems(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The systems to run; also turns `--concurrent` into a list of K (argparse errors exit like any bad flag)."""
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in ALL_SYSTEMS]
     if unknown:
@@ -650,31 +705,31 @@ def main(argv: list[str] | None = None) -> int:
     args.concurrent = [int(k) for k in args.concurrent.split(",")]
     if any(k < 1 for k in args.concurrent):
         p.error("--concurrent values must be >= 1")
-    ctxs = parse_sizes(args.ctx) if args.ctx else list(PAPER_CTX if device.type == "cuda" else CPU_CTX)
-    if args.trace:
-        name, steps = load_trace(args.trace)
-        if args.gen_cap:
-            steps = tuple(Step(s.agent, s.prefill, max(1, min(s.generate, args.gen_cap))) for s in steps)
-        has_ctx = any(s.prefill == "ctx" for s in steps)
-        specs = [TraceSpec(name, c, steps) for c in ctxs] if has_ctx else [TraceSpec(name, None, steps)]
+    return systems
+
+
+def _trace_specs(args: argparse.Namespace, ctxs: list[int]) -> list[TraceSpec]:
+    """One spec per `--ctx` value (the paper's trace, or a JSON trace with "ctx" steps); a trace without "ctx"
+    steps runs once."""
+    if not args.trace:
+        return [paper_trace(c, args.gen_cap, args.first_prefill) for c in ctxs]
+    name, steps = load_trace(args.trace)
+    if args.gen_cap:
+        steps = tuple(Step(s.agent, s.prefill, max(1, min(s.generate, args.gen_cap))) for s in steps)
+    has_ctx = any(s.prefill == "ctx" for s in steps)
+    return [TraceSpec(name, c, steps) for c in ctxs] if has_ctx else [TraceSpec(name, None, steps)]
+
+
+def _run_meta(args: argparse.Namespace, argv: list[str] | None, device: torch.device, dtype: torch.dtype,
+              rates: Rates, agents: list[str], given: dict[str, str]) -> dict:
+    """What the results were measured on and with (written to trace.json's `meta`)."""
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
     else:
-        specs = [paper_trace(c, args.gen_cap, args.first_prefill) for c in ctxs]
-    agents = specs[0].agents
-    mconfig = model_config_for(args.model)
-    from lragent.config import EngineConfig
-
-    dtype = EngineConfig(model=args.model, device=args.device, dtype=args.dtype).torch_dtype
-    random_weights = args.model.startswith("dummy:")
-    given = dict(a.split("=", 1) for a in args.adapter)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    rates = calibrate(device, dtype)
-    cost = ModelCost.of(mconfig, dtype)
+        device_name = platform.processor() or platform.machine()
     meta = {
-        "model": args.model, "random_weights": random_weights, "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
-        "dtype": str(dtype).split(".")[-1], "threads": torch.get_num_threads(),
+        "model": args.model, "random_weights": args.model.startswith("dummy:"), "device": args.device,
+        "device_name": device_name, "dtype": str(dtype).split(".")[-1], "threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "lragent bench trace " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__, "rates": rates.as_dict(), "agents": agents,
@@ -689,115 +744,192 @@ def main(argv: list[str] | None = None) -> int:
         meta["peft"] = peft.__version__
     except ImportError:
         pass
-    result = {"meta": meta, "rows": [], "profiles": {}, "targets": []}
-    json_path = out_dir / "trace.json"
+    return meta
 
-    def save() -> None:
-        json_path.write_text(json.dumps(result, indent=1, default=str))
 
-    print(f"trace benchmark: {args.model} ({'RANDOM weights: speed only, outputs meaningless' if random_weights else 'real weights'}), "
-          f"{meta['dtype']} on {meta['device_name']}; {meta['adapters']}")
+@dataclass
+class _Run:
+    """One benchmark invocation: its settings, traces, cost model and deadline, and the results written so far
+    (trace.json is rewritten after every row, so an interrupted run keeps what it measured)."""
+
+    args: argparse.Namespace
+    specs: list[TraceSpec]
+    ctxs: list[int]
+    device: torch.device
+    dtype: torch.dtype
+    cost: ModelCost
+    rates: Rates
+    budget_end: float
+    result: dict
+    json_path: Path
+
+    def over_budget(self) -> bool:
+        return time.perf_counter() > self.budget_end
+
+    def save(self) -> None:
+        self.json_path.write_text(json.dumps(self.result, indent=1, default=str))
+
+    def record(self, row: dict) -> None:
+        self.result["rows"].append(row)
+        print(_row_line(row), flush=True)
+        self.save()
+
+    def finish(self, row: dict, system: str, spec: TraceSpec, k: int) -> dict:
+        """Record a measured row (with throughput and floors) and return it."""
+        row = _finish_row(row, system, spec, k, self.cost, self.rates)
+        self.record(row)
+        return row
+
+    def skipped(self, system: str, spec: TraceSpec, k: int, why: str) -> None:
+        self.record(_finish_row({"status": why, "e2e_s": None}, system, spec, k, self.cost, self.rates))
+
+    def skip_all(self, system: str, why: str, ks: list[int]) -> None:
+        for spec in self.specs:
+            for k in ks:
+                self.skipped(system, spec, k, why)
+
+    def deadline(self) -> float:
+        """When the next run must stop: its own timeout or the end of the whole budget, whichever is first."""
+        return min(time.perf_counter() + self.args.run_timeout, self.budget_end)
+
+
+def _agent_adapters(args: argparse.Namespace, agents: list[str], given: dict[str, str], tmp: Path) -> dict[str, str]:
+    """Agent -> adapter folder: the ones given with `--adapter`, random rank-8 q/v (shared v_proj A) for the rest."""
+    missing = [a for a in agents if a not in given]
+    adapters = dict(given)
+    if missing:
+        adapters.update(write_random_adapters(args.model, tmp, missing, rank=8, shared_a=True))
+    return {a: adapters[a] for a in agents}
+
+
+def _start_engine(run: _Run, system: str, adapters: dict[str, str]) -> LLMEngine:
+    """Build the engine of one system and (unless `--no-warmup`) compile its kernels on throw-away traces."""
+    args = run.args
+    engine = build_engine(args, system, adapters)
+    if not args.no_warmup:
+        gpu = run.device.type == "cuda"
+        warm_ctx = sorted({2048, min(run.ctxs)}) if gpu else [16]
+        warm_up(engine, warm_ctx, args.seed, max(args.concurrent), 512 if gpu else 32)
+    return engine
+
+
+def _run_engine_system(run: _Run, system: str, adapters: dict[str, str]) -> None:
+    """Every (length, K) of one sharing scheme on one engine; a length that OOMs or times out skips the longer ones."""
+    args = run.args
+    if run.over_budget():
+        run.skip_all(system, "skipped (time budget)", args.concurrent)
+        return
+    try:
+        engine = _start_engine(run, system, adapters)
+    except Exception as e:  # noqa: BLE001 - reported, not raised: the other systems still run
+        run.skip_all(system, "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}", args.concurrent)
+        _free_cuda()
+        return
+    failed = None
+    for spec in run.specs:
+        for k in args.concurrent:
+            if failed:
+                run.skipped(system, spec, k, f"skipped ({failed} at a shorter length)")
+            elif run.over_budget():
+                run.skipped(system, spec, k, "skipped (time budget)")
+            else:
+                row = run.finish(run_engine_trace(engine, spec, k, args.seed, run.deadline()), system, spec, k)
+                if row["status"] in ("OOM", "timeout"):
+                    failed = row["status"]
+    if args.profile_decode and not run.over_budget():
+        try:
+            run.result["profiles"][system] = profile_decode(engine, args.profile_decode, 16, args.seed)
+            run.save()
+        except Exception as e:  # noqa: BLE001
+            run.result["profiles"][system] = {"error": f"{type(e).__name__}: {e}"}
+    del engine
+    _free_cuda()
+
+
+def _run_hf_system(run: _Run, system: str, model: Any, vocab: int) -> None:
+    """Every length of one HF + PEFT system (K = 1 only), with the same skipping rules as the engine's."""
+    from lragent.bench.hf_baseline import HFRunner
+
+    args = run.args
+    runner = HFRunner(model, system, args.device) if model is not None else None
+    if runner is not None and not args.no_warmup:
+        warm = paper_trace(16, gen_cap=2, first_prefill=32)
+        run_hf_trace(runner, TraceSpec("warmup", 16, warm.steps), vocab, args.seed + 7919,
+                     time.perf_counter() + 120, run.device)
+    failed = None
+    for spec in run.specs:
+        if runner is None or run.over_budget():
+            run.skipped(system, spec, 1, "skipped (time budget)")
+        elif failed:
+            run.skipped(system, spec, 1, f"skipped ({failed} at a shorter length)")
+        elif args.hf_max_tokens and spec.total_tokens > args.hf_max_tokens:
+            run.skipped(system, spec, 1, "skipped (--hf-max-tokens)")
+        else:
+            row = run.finish(run_hf_trace(runner, spec, vocab, args.seed, run.deadline(), run.device), system, spec, 1)
+            if row["status"] in ("OOM", "timeout"):
+                failed = row["status"]
+
+
+def _run_hf_systems(run: _Run, systems: list[str], adapters: dict[str, str], vocab: int) -> None:
+    """The HF + PEFT baselines: one PeftModel with every agent's adapter, shared by both systems."""
+    if not systems:
+        return
+    from lragent.bench.hf_baseline import load_hf_peft
+
+    model = None
+    try:
+        if not run.over_budget():
+            model = load_hf_peft(run.args.model, adapters, run.args.device, run.dtype)
+    except Exception as e:  # noqa: BLE001
+        for system in systems:
+            run.skip_all(system, "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}", [1])
+        systems = []
+    for system in systems:
+        _run_hf_system(run, system, model, vocab)
+    del model
+    _free_cuda()
+
+
+def _print_intro(run: _Run) -> None:
+    meta, rates = run.result["meta"], run.rates
+    weights = "RANDOM weights: speed only, outputs meaningless" if meta["random_weights"] else "real weights"
+    print(f"trace benchmark: {meta['model']} ({weights}), {meta['dtype']} on {meta['device_name']}; {meta['adapters']}")
     print(f"calibration: matmul {rates.matmul_flops / 1e12:.1f} TFLOP/s, copy {rates.copy_bytes / 1e9:.0f} GB/s "
           f"(floor = every forward pass at max(FLOPs / matmul rate, bytes / copy bandwidth))")
     print(HEADER, flush=True)
 
-    def record(row: dict) -> None:
-        result["rows"].append(row)
-        print(_row_line(row), flush=True)
-        save()
 
-    def skipped(system, spec, k, why):
-        record(_finish_row({"status": why, "e2e_s": None}, system, spec, k, cost, rates))
+def main(argv: list[str] | None = None) -> int:
+    p = _build_parser()
+    args = p.parse_args(argv)
+    if args.report:
+        return report_main(args.report, args.out, not args.no_plots)
+
+    t_begin = time.perf_counter()
+    device = torch.device(args.device)
+    systems = _parse_systems(p, args)
+    ctxs = parse_sizes(args.ctx) if args.ctx else list(PAPER_CTX if device.type == "cuda" else CPU_CTX)
+    specs = _trace_specs(args, ctxs)
+    agents = specs[0].agents
+    mconfig = model_config_for(args.model)
+    from lragent.config import EngineConfig
+
+    dtype = EngineConfig(model=args.model, device=args.device, dtype=args.dtype).torch_dtype
+    given = dict(a.split("=", 1) for a in args.adapter)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rates = calibrate(device, dtype)
+    result = {"meta": _run_meta(args, argv, device, dtype, rates, agents, given), "rows": [], "profiles": {},
+              "targets": []}
+    run = _Run(args, specs, ctxs, device, dtype, ModelCost.of(mconfig, dtype), rates,
+               t_begin + args.time_budget if args.time_budget else math.inf, result, out_dir / "trace.json")
+    _print_intro(run)
 
     with tempfile.TemporaryDirectory() as tmp:
-        missing = [a for a in agents if a not in given]
-        adapters = dict(given)
-        if missing:
-            adapters.update(write_random_adapters(args.model, Path(tmp), missing, rank=8, shared_a=True))
-        adapters = {a: adapters[a] for a in agents}
-
+        adapters = _agent_adapters(args, agents, given, Path(tmp))
         for system in [s for s in systems if s in ENGINE_SYSTEMS]:
-            if time.perf_counter() > budget_end:
-                for spec in specs:
-                    for k in args.concurrent:
-                        skipped(system, spec, k, "skipped (time budget)")
-                continue
-            engine = None
-            try:
-                engine = build_engine(args, system, adapters)
-                if not args.no_warmup:
-                    gpu = device.type == "cuda"
-                    warm_ctx = sorted({2048, min(ctxs)}) if gpu else [16]
-                    warm_up(engine, warm_ctx, args.seed, max(args.concurrent), 512 if gpu else 32)
-            except Exception as e:  # noqa: BLE001 - reported, not raised: the other systems still run
-                status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}"
-                for spec in specs:
-                    for k in args.concurrent:
-                        skipped(system, spec, k, status)
-                engine = None
-                _free_cuda()
-                continue
-            failed = None
-            for spec in specs:
-                for k in args.concurrent:
-                    if failed:
-                        skipped(system, spec, k, f"skipped ({failed} at a shorter length)")
-                        continue
-                    now = time.perf_counter()
-                    if now > budget_end:
-                        skipped(system, spec, k, "skipped (time budget)")
-                        continue
-                    row = run_engine_trace(engine, spec, k, args.seed, min(now + args.run_timeout, budget_end))
-                    row = _finish_row(row, system, spec, k, cost, rates)
-                    record(row)
-                    if row["status"] == "OOM" or row["status"] == "timeout":
-                        failed = row["status"]
-            if args.profile_decode and time.perf_counter() < budget_end:
-                try:
-                    result["profiles"][system] = profile_decode(engine, args.profile_decode, 16, args.seed)
-                    save()
-                except Exception as e:  # noqa: BLE001
-                    result["profiles"][system] = {"error": f"{type(e).__name__}: {e}"}
-            del engine
-            _free_cuda()
-
-        hf = [s for s in systems if s in HF_SYSTEMS]
-        if hf:
-            from lragent.bench.hf_baseline import HFRunner, load_hf_peft
-
-            model = None
-            try:
-                if time.perf_counter() < budget_end:
-                    model = load_hf_peft(args.model, adapters, args.device, dtype)
-            except Exception as e:  # noqa: BLE001
-                for system in hf:
-                    for spec in specs:
-                        skipped(system, spec, 1, "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {e}")
-                hf = []
-            for system in hf:
-                runner = HFRunner(model, system, args.device) if model is not None else None
-                if runner is not None and not args.no_warmup:
-                    warm = paper_trace(16, gen_cap=2, first_prefill=32)
-                    run_hf_trace(runner, TraceSpec("warmup", 16, warm.steps), mconfig.vocab_size, args.seed + 7919,
-                                 time.perf_counter() + 120, device)
-                failed = None
-                for spec in specs:
-                    if runner is None or time.perf_counter() > budget_end:
-                        skipped(system, spec, 1, "skipped (time budget)")
-                    elif failed:
-                        skipped(system, spec, 1, f"skipped ({failed} at a shorter length)")
-                    elif args.hf_max_tokens and spec.total_tokens > args.hf_max_tokens:
-                        skipped(system, spec, 1, "skipped (--hf-max-tokens)")
-                    else:
-                        now = time.perf_counter()
-                        row = run_hf_trace(runner, spec, mconfig.vocab_size, args.seed,
-                                           min(now + args.run_timeout, budget_end), device)
-                        row = _finish_row(row, system, spec, 1, cost, rates)
-                        record(row)
-                        if row["status"] in ("OOM", "timeout"):
-                            failed = row["status"]
-            del model
-            _free_cuda()
+            _run_engine_system(run, system, adapters)
+        _run_hf_systems(run, [s for s in systems if s in HF_SYSTEMS], adapters, mconfig.vocab_size)
 
     result["meta"]["wall_s"] = time.perf_counter() - t_begin
     return report(result, out_dir, plots=not args.no_plots, targets=not args.trace)
@@ -850,7 +982,8 @@ def _backfill_floors(data: dict) -> None:
     cost = ModelCost.of(model_config_for(meta["model"]), getattr(torch, meta["dtype"]))
     for r in todo:
         spec = paper_trace(r["ctx"])
-        if spec.total_tokens == r["total_tokens"]:  # the paper's trace as run (not a --gen-cap / --first-prefill variant)
+        # the paper's trace as run (not a --gen-cap / --first-prefill variant)
+        if spec.total_tokens == r["total_tokens"]:
             _add_floors(r, spec, cost, rates)
 
 

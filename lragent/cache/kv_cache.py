@@ -1,4 +1,5 @@
-"""The cache tensors: key and base value pools (shared block ids) and the rank-r LR pool (its own block ids)."""
+"""The cache tensors of the pools a sharing scheme declares: keys and base values (one block id space), and the
+rank-r LR pool (its own block ids)."""
 
 from __future__ import annotations
 
@@ -6,54 +7,58 @@ from dataclasses import dataclass
 
 import torch
 
-from lragent.models.config import ModelConfig
+from lragent.cache.sharing import PoolKind, SharingScheme
+from lragent.model_config import ModelConfig
 
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """How many blocks of each pool fit a byte budget."""
+    """How many blocks each declared pool has (pool name -> blocks; see `SharingScheme.pools`)."""
 
     block_size: int
-    num_base_blocks: int
-    num_lr_blocks: int  # 0 when the scheme has no LR pool
+    num_blocks: dict[str, int]
     lr_rank: int
 
-    @staticmethod
-    def bytes_per_base_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        """Keys plus base values of one block over all layers."""
-        return 2 * config.num_layers * block_size * config.kv_size * dtype.itemsize
+    @property
+    def num_base_blocks(self) -> int:
+        return self.num_blocks.get(PoolKind.KV.value, 0)
 
-    @staticmethod
-    def bytes_per_lr_block(config: ModelConfig, block_size: int, rank: int, dtype: torch.dtype) -> int:
-        return config.num_layers * block_size * rank * dtype.itemsize
+    @property
+    def num_lr_blocks(self) -> int:
+        return self.num_blocks.get(PoolKind.LR.value, 0)
 
     @classmethod
     def for_budget(
         cls,
         config: ModelConfig,
+        scheme: SharingScheme,
         budget_bytes: int,
         block_size: int,
         lr_rank: int,
-        lr_blocks_per_base_block: int,
+        num_agents: int,
         dtype: torch.dtype,
     ) -> CacheLayout:
-        """Split the budget so that each base block can pair with `lr_blocks_per_base_block` LR blocks."""
-        base = cls.bytes_per_base_block(config, block_size, dtype)
-        lr = cls.bytes_per_lr_block(config, block_size, lr_rank, dtype) if lr_blocks_per_base_block else 0
-        num_base = int(budget_bytes // (base + lr * lr_blocks_per_base_block))
-        if num_base < 2:
+        """Split the budget so that every KV block pairs with its share of each other declared pool."""
+        copies = {p.name: scheme.copies_per_kv_block(p, num_agents) for p in scheme.pools}
+        unit = sum(p.bytes_per_block(config, block_size, lr_rank, dtype) * copies[p.name] for p in scheme.pools)
+        num_kv = int(budget_bytes // unit)
+        if num_kv < 2:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes holds fewer than 2 blocks of {block_size} tokens")
-        return cls(block_size, num_base, num_base * lr_blocks_per_base_block, lr_rank)
+        return cls(block_size, {name: num_kv * n for name, n in copies.items()}, lr_rank)
 
 
 class KVCache:
+    """The pool tensors of a layout: `key` / `value` [L, blocks, block_size, kv_heads, d] for the KV pool, `lr`
+    [L, blocks, block_size, rank] for the LR pool (None when the scheme declares none)."""
+
     def __init__(self, config: ModelConfig, layout: CacheLayout, dtype: torch.dtype, device: torch.device):
-        shape = (config.num_layers, layout.num_base_blocks, layout.block_size, config.num_kv_heads, config.head_dim)
+        kv, lr = layout.num_base_blocks, layout.num_lr_blocks
+        shape = (config.num_layers, kv, layout.block_size, config.num_kv_heads, config.head_dim)
         self.key = torch.zeros(shape, dtype=dtype, device=device)
         self.value = torch.zeros(shape, dtype=dtype, device=device)  # X W_v0 (full values under FULL_SHARED)
         self.lr = (
-            torch.zeros(config.num_layers, layout.num_lr_blocks, layout.block_size, layout.lr_rank, dtype=dtype, device=device)
-            if layout.num_lr_blocks
+            torch.zeros(config.num_layers, lr, layout.block_size, layout.lr_rank, dtype=dtype, device=device)
+            if lr
             else None
         )
         self.layout = layout
@@ -62,6 +67,12 @@ class KVCache:
         self.head_dim = config.head_dim
         self.lr_rank = layout.lr_rank
 
+    def tensors(self, pool: str) -> tuple[torch.Tensor, ...]:
+        """The tensors holding one declared pool's entries (block ids index their dimension 1)."""
+        if pool == PoolKind.KV.value:
+            return self.key, self.value
+        return () if self.lr is None else (self.lr,)
+
     def pool_bytes(self) -> dict[str, int]:
         """Allocated bytes of each pool."""
         def size(t: torch.Tensor | None) -> int:
@@ -69,23 +80,29 @@ class KVCache:
 
         return {"key": size(self.key), "base_value": size(self.value), "lr": size(self.lr)}
 
-    def nonfinite_blocks(self, base_ids: list[int], lr_ids: list[int]) -> tuple[set[int], set[int]]:
-        """Blocks (base, LR) holding a NaN or inf in any layer: never to be published into the shared cache.
+    def nonfinite_blocks(self, blocks: dict[str, list[int]]) -> dict[str, set[int]]:
+        """Blocks of each pool holding a NaN or inf in any layer: never to be published into the shared cache.
 
-        One host sync for both pools; the blocks are read in chunks so a long prefill's check never gathers more
-        than ~64 MiB at once.
+        One host sync for all pools; blocks are read in chunks so a long prefill's check never gathers more than
+        ~64 MiB at once.
         """
-        if not base_ids and not lr_ids:
-            return set(), set()
-        parts = []
-        if base_ids:
-            parts.append(self._finite(self.key, base_ids) & self._finite(self.value, base_ids))
-        if lr_ids and self.lr is not None:
-            parts.append(self._finite(self.lr, lr_ids))
-        ok = torch.cat(parts).tolist()
-        bad_base = {b for b, fine in zip(base_ids, ok) if not fine}
-        bad_lr = {b for b, fine in zip(lr_ids, ok[len(base_ids) :]) if not fine}
-        return bad_base, bad_lr
+        checks = []
+        for pool, ids in blocks.items():
+            tensors = self.tensors(pool)
+            if ids and tensors:
+                ok = self._finite(tensors[0], ids)
+                for t in tensors[1:]:
+                    ok &= self._finite(t, ids)
+                checks.append((pool, ids, ok))
+        if not checks:
+            return {}
+        flags = torch.cat([ok for _, _, ok in checks]).tolist()
+        bad: dict[str, set[int]] = {}
+        at = 0
+        for pool, ids, _ in checks:
+            bad[pool] = {b for b, fine in zip(ids, flags[at : at + len(ids)]) if not fine}
+            at += len(ids)
+        return bad
 
     @staticmethod
     def _finite(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lragent.cache.kv_cache import CacheLayout, KVCache
-from lragent.cache.sharing import get_scheme
+from lragent.cache.sharing import PoolKind, get_scheme
 from lragent.config import EngineConfig
 from lragent.engine.block_manager import BlockManager
 from lragent.engine.model_runner import ModelRunner
@@ -22,7 +22,6 @@ from lragent.engine.sequence import RequestMetrics, Sequence
 from lragent.engine.stats import StepStats
 from lragent.kernels import make_backend
 from lragent.lora.adapter import AdapterError, LoRAAdapter, load_peft_adapter
-from lragent.lora.bank import LoRABank
 from lragent.lora.registry import AdapterRegistry
 from lragent.models.llama import Runtime
 from lragent.models.loader import load_model
@@ -65,31 +64,26 @@ class LLMEngine:
         max_loras = config.max_loras or len(adapters) + 4
         max_rank = config.max_lora_rank or max([a.rank for a in adapters] or [16])
         self.registry = AdapterRegistry(self.scheme, self.model_config.num_layers, max_loras, config.allow_unshared_a)
-        backend = make_backend(config.attention_backend, self.device)
-        self.fused_layers = backend.name == "triton"  # the GPU form of the layers goes with the Triton kernels
+        self.backend = backend = make_backend(config.attention_backend, self.device)
+        self.fused_layers = backend.layer_ops is not None  # the backend provides the fused form of the layers
         if self.fused_layers:
             self.model.fuse_projections()
-        self.bank = self._bank_class(backend.name)(self.model_config, max_loras, max_rank, self.dtype, self.device)
+        self.bank = backend.lora_bank_class(self.model_config, max_loras, max_rank, self.dtype, self.device)
         for adapter in adapters:
             self._install(adapter)
-        self.backend = backend
+        budget = self._cache_budget(max_rank, bool(adapters))
         layout = CacheLayout.for_budget(
-            self.model_config,
-            self._cache_budget(max_rank, bool(adapters)),
-            config.block_size,
-            max_rank,
-            self.scheme.lr_blocks_per_base_block(max_loras),
-            self.dtype,
+            self.model_config, self.scheme, budget, config.block_size, max_rank, max_loras, self.dtype
         )
         self.cache = KVCache(self.model_config, layout, self.dtype, self.device)
-        self.model.bind(Runtime(self.cache, self.bank, backend, self.fused_layers))
+        self.model.bind(Runtime(self.cache, self.bank, backend))
         self.block_manager = BlockManager(self.scheme, layout)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.cache, self.scheme, self.device)
+        self.runner = ModelRunner(self.model, self.cache, self.scheme, backend, self.bank, self.device)
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings, self.block_manager.capacity_tokens
         )
-        if self.device.type == "cuda" and backend.name == "triton" and not config.enforce_eager:
+        if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             self.runner.enable_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs), self.max_model_len)
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -105,15 +99,6 @@ class LLMEngine:
 
         return AutoTokenizer.from_pretrained(str(folder))
 
-    @staticmethod
-    def _bank_class(backend_name: str) -> type[LoRABank]:
-        """With the Triton attention backend, the multi-LoRA projections run as Triton kernels too."""
-        if backend_name == "triton":
-            from lragent.kernels.triton_lora import TritonLoRABank
-
-            return TritonLoRABank
-        return LoRABank
-
     def _cache_budget(self, max_rank: int, with_adapter: bool) -> int:
         """Explicit bytes; 1 GiB on CPU; on CUDA what `gpu_memory_utilization` leaves after a measured warm-up.
 
@@ -128,9 +113,10 @@ class LLMEngine:
         if self.device.type == "cpu":
             return CPU_DEFAULT_CACHE_BYTES
         self.activation_peak_bytes = self._profile_peak(max_rank, with_adapter)
-        free, total = torch.cuda.mem_get_info(self.device)
-        allocator_slack = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        in_use = total - free - allocator_slack  # weights, adapters, CUDA context, other processes
+        from lragent.engine.memory import device_memory_in_use
+
+        # weights, adapters, CUDA context, other processes; an earlier engine's cached memory is handed back first
+        in_use, total = device_memory_in_use(self.device)
         graph_reserve = 0 if self.config.enforce_eager else GRAPH_RESERVE_BYTES
         budget = int(self.config.gpu_memory_utilization * total - in_use - self.activation_peak_bytes - graph_reserve)
         logger.info(
@@ -143,17 +129,17 @@ class LLMEngine:
     @torch.inference_mode()
     def _profile_peak(self, max_rank: int, with_adapter: bool) -> int:
         cfg = self.config
-        layout = CacheLayout(cfg.block_size, 1, 1 if self.scheme.has_lr_pool else 0, max_rank)
+        layout = CacheLayout(cfg.block_size, {p.name: 1 for p in self.scheme.pools}, max_rank)
         scratch = KVCache(self.model_config, layout, self.dtype, self.device)
-        self.model.bind(Runtime(scratch, self.bank, self.backend, self.fused_layers))
-        runner = ModelRunner(self.model, scratch, self.scheme, self.device)
+        self.model.bind(Runtime(scratch, self.bank, self.backend))
+        runner = ModelRunner(self.model, scratch, self.scheme, self.backend, self.bank, self.device)
         longest = max(1, (cfg.max_model_len or self.model_config.max_position_embeddings) - 1)
         total, seqs = cfg.max_num_batched_tokens, []
         while total > 0 and len(seqs) < cfg.max_num_seqs:
             n = min(total, longest)
             seq = Sequence(f"profile-{len(seqs)}", [0] * n, SamplingParams(), "", 1 if with_adapter else 0)
-            seq.base_blocks = [0] * (-(-n // cfg.block_size))  # every row lands in the one scratch block
-            seq.lr_blocks = list(seq.base_blocks) if self.scheme.has_lr_pool else []
+            for pool in self.scheme.pools:  # every row lands in the one scratch block of each pool
+                seq.table(pool.name).blocks = [0] * (-(-n // cfg.block_size))
             seqs.append(seq)
             total -= n
         torch.cuda.synchronize(self.device)
@@ -168,6 +154,38 @@ class LLMEngine:
         del scratch, runner, ids, ctx, hidden
         torch.cuda.empty_cache()
         return peak
+
+    # ---- release -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Hand the engine's memory back, so another engine in this process can have it; idempotent.
+
+        Dropping the last reference is not enough on CUDA: the caching allocator keeps freed pools reserved (40-50
+        GiB on an H200), and a second engine sized by `gpu_memory_utilization` saw too little free memory. So abort
+        the requests in flight, drop the model, cache pools, LoRA bank, decode graphs (they hold private memory
+        pools), runner, scheduler and block manager, and return the cached memory to the driver. Afterwards
+        `step()`, `add_request()` and any other use of a dropped component raise RuntimeError("the engine is
+        closed").
+        """
+        from lragent.engine.memory import release_attributes, release_cached_memory
+
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        try:
+            for request_id in list(self._seqs):
+                self.abort(request_id)
+        finally:
+            graphs = getattr(self.runner, "graphs", None)
+            if graphs is not None:
+                graphs.clear()
+            self.model.runtime = None  # a model the caller still holds no longer pins the cache pools and bank
+            self._seqs.clear()
+            self._listeners.clear()  # listeners are often bound methods of objects that hold this engine
+            release_attributes(
+                self,
+                ("model", "cache", "bank", "backend", "runner", "scheduler", "block_manager", "registry", "tokenizer"),
+            )
+            release_cached_memory(self.device)
 
     # ---- adapters ------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
@@ -238,7 +256,7 @@ class LLMEngine:
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, ids, params, adapter or "", slot)
-        seq.base_ns, seq.lr_ns = self.scheme.namespaces(*self.registry.cache_keys(adapter), cache_salt or "")
+        seq.namespaces = self.scheme.namespaces(*self.registry.cache_keys(adapter), cache_salt or "")
         seq.generator = torch.Generator().manual_seed(
             params.seed if params.seed is not None else self._rng.randrange(1 << 62)
         )
@@ -286,8 +304,7 @@ class LLMEngine:
         outputs = [self._fail(seq, why) for seq, why in failed.items()]
         done = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if s not in failed]
         for seq, n in done:
-            seq.num_computed += n
-            seq.num_base_cached = max(seq.num_base_cached, seq.num_computed)
+            self.block_manager.on_computed(seq, n)
             if batch.is_prefill:
                 seq.metrics.computed_tokens += n
         outputs += self._publish([s for s, _ in done])
@@ -316,20 +333,18 @@ class LLMEngine:
 
     @staticmethod
     def _sampled(batch: ScheduledBatch, result: tuple[list[int], list[float]]) -> dict[Sequence, tuple[int, float]]:
-        """Map the runner's tokens to the sequences that sampled: those whose pending tokens all ran."""
-        rows = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed + n == len(s)]
-        return {seq: (tok, lp) for seq, tok, lp in zip(rows, *result)}
+        """Map the runner's tokens to the sequences the batch marks as sampling."""
+        return {seq: (tok, lp) for seq, tok, lp in zip(batch.sampling_seqs, *result)}
 
     def _publish(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """Index the blocks these sequences filled, after one check that none holds a NaN or inf: a poisoned block
         would break every agent and the base model on that prefix, so its request fails instead."""
         plans = {seq: self.block_manager.unpublished(seq) for seq in seqs}
-        bad_base, bad_lr = self.cache.nonfinite_blocks(
-            [b for base, _ in plans.values() for b in base], [b for _, lr in plans.values() for b in lr]
-        )
+        pools = [p.name for p in self.scheme.pools]
+        bad = self.cache.nonfinite_blocks({p: [b for plan in plans.values() for b in plan[p]] for p in pools})
         failed = []
-        for seq, (base, lr) in plans.items():
-            if bad_base.intersection(base) or bad_lr.intersection(lr):
+        for seq, plan in plans.items():
+            if any(bad.get(p, set()).intersection(plan[p]) for p in pools):
                 failed.append(self._fail(seq, "the model produced non-finite values (NaN/inf) for this request"))
             else:
                 self.block_manager.publish(seq)
@@ -410,28 +425,23 @@ class LLMEngine:
         """Start cold: forget every cached block no request holds (for benchmarks and experiments)."""
         if self.has_unfinished():
             raise RuntimeError("cannot reset the prefix cache while requests are in flight")
-        self.block_manager.base.drop_cached()
-        if self.block_manager.lr is not None:
-            self.block_manager.lr.drop_cached()
+        self.block_manager.drop_cached()
 
     # ---- introspection -------------------------------------------------------------------------------------
     def cache_stats(self) -> dict:
         """Bytes and blocks per pool (key, base_value, lr) and prefix-cache hit counts."""
         layout, cfg = self.cache.layout, self.model_config
-        per_block = CacheLayout.bytes_per_base_block(cfg, layout.block_size, self.dtype) // 2
-        lr_block = CacheLayout.bytes_per_lr_block(cfg, layout.block_size, layout.lr_rank, self.dtype)
-        pools = {}
-        for name, pool, block_bytes in (
-            ("key", self.block_manager.base, per_block),
-            ("base_value", self.block_manager.base, per_block),
-            ("lr", self.block_manager.lr, lr_block),
-        ):
-            if pool is None:
-                pools[name] = {"bytes_allocated": 0, "bytes_used": 0, "blocks_total": 0, "blocks_in_use": 0}
-                continue
-            usage = pool.usage()
+        empty = {"bytes_allocated": 0, "bytes_used": 0, "blocks_total": 0, "blocks_in_use": 0}
+        pools: dict[str, dict] = {"key": dict(empty), "base_value": dict(empty), "lr": dict(empty)}
+        for spec in self.scheme.pools:
+            usage = self.block_manager.pools[spec.name].usage()
+            block_bytes = spec.bytes_per_block(cfg, layout.block_size, layout.lr_rank, self.dtype)
+            names = ("key", "base_value") if spec.kind is PoolKind.KV else (spec.name,)
+            block_bytes //= len(names)  # the KV pool's key and base-value tensors share its block ids
             held = usage["blocks_in_use"] + usage["blocks_cached"]
-            pools[name] = {"bytes_allocated": usage["blocks_total"] * block_bytes, "bytes_used": held * block_bytes, **usage}
+            for name in names:
+                pools[name] = {"bytes_allocated": usage["blocks_total"] * block_bytes, "bytes_used": held * block_bytes,
+                               **usage}
         base = self.block_manager.base.stats
         return {
             "sharing": self.scheme.mode.value,

@@ -1,8 +1,16 @@
-"""Turns a scheduled batch into tensors and metadata, runs the model once, samples."""
+"""Turns a scheduled batch into the step's inputs, runs the model once, samples.
+
+The runner describes the batch once, in host lists (`StepInputs`, `BatchRows`); the attention backend turns that
+description into its metadata (eager steps) or writes it into its CUDA-graph buffers (graph replays), and the LoRA
+bank groups the tokens by adapter. Which entries a step writes follows the sequence's block tables: a pool gets
+entries for the positions it does not hold yet (LR prefill writes only the LR pool for tokens whose keys and base
+values are cached).
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,7 +19,10 @@ from lragent.cache.kv_cache import KVCache
 from lragent.cache.sharing import SharingScheme
 from lragent.engine.sampler import sample
 from lragent.engine.scheduler import ScheduledBatch
-from lragent.kernels.metadata import AttentionMetadata
+from lragent.engine.sequence import KV, Sequence
+from lragent.kernels.backend import AttentionBackend, upload
+from lragent.kernels.metadata import BatchRows
+from lragent.lora.bank import LoRABank
 from lragent.lora.metadata import LoRAMetadata, group_by_slot
 from lragent.models.context import ForwardContext
 from lragent.models.llama import CausalLM
@@ -20,24 +31,30 @@ if TYPE_CHECKING:
     from lragent.engine.cuda_graph import DecodeGraphs
 
 
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host list -> device tensor; pinned staging keeps the copy asynchronous on CUDA (no host sync)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+@dataclass
+class StepInputs:
+    """One step in host lists: the flattened tokens and the per-sequence rows the backend needs."""
 
+    token_ids: list[int]
+    positions: list[int]
+    token_slots: list[int]  # adapter slot of every token
+    rows: BatchRows
+    sample_rows: list[int]  # token index of each sampling sequence's last token
 
-def _table(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    width = max(1, max(len(t) for t in tables))
-    return _upload([t + [-1] * (width - len(t)) for t in tables], torch.int32, device)
+    @property
+    def kv_positions(self) -> list[int]:
+        idx = self.rows.kv_write_idx
+        return self.positions if idx is None else [self.positions[i] for i in idx]
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: KVCache, scheme: SharingScheme, device: torch.device):
-        self.model = model
-        self.cache = cache
-        self.scheme = scheme
+    def __init__(
+        self, model: CausalLM, cache: KVCache, scheme: SharingScheme, backend: AttentionBackend, bank: LoRABank,
+        device: torch.device,
+    ):
+        self.model, self.cache, self.backend, self.bank = model, cache, backend, bank
+        self.pools = [p.name for p in scheme.pools]
+        self.expand_values = scheme.expand_values
         self.device = device
         self.block_size = cache.block_size
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA unless enforce_eager
@@ -45,62 +62,57 @@ class ModelRunner:
         self.forward_s = 0.0  # the last run, end to end
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
-        from lragent.engine.cuda_graph import DecodeGraphs  # imports Triton
+        from lragent.engine.cuda_graph import DecodeGraphs
 
-        self.graphs = DecodeGraphs(
-            self.model, self.cache, not self.scheme.has_lr_pool, max_batch, max_model_len, self.device
-        )
+        self.graphs = DecodeGraphs(self, max_batch, max_model_len)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, list[int]]:
-        """Flatten the batch; returns input ids, the step's context, and the row of each sampling sequence."""
+    def inputs(self, batch: ScheduledBatch) -> StepInputs:
+        """Flatten the batch: tokens, positions, adapter slots, and per pool the slots of the entries written."""
         bs = self.block_size
-        ids, positions, token_slots = [], [], []
-        base_idx, base_slots, base_pos, lr_slots = [], [], [], []
-        query_start, context_lens, sample_rows = [0], [], []
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            start, end = seq.num_computed, seq.num_computed + n
-            for pos in range(start, end):
-                if pos >= seq.num_base_cached:  # LR prefill skips tokens whose keys/base values exist
-                    base_idx.append(len(ids))
-                    base_pos.append(pos)
-                    base_slots.append(seq.base_blocks[pos // bs] * bs + pos % bs)
-                if self.cache.lr is not None:
-                    lr_slots.append(seq.lr_blocks[pos // bs] * bs + pos % bs)
+        ids, positions, token_slots, sample_rows = [], [], [], []
+        writes: dict[str, list[int]] = {p: [] for p in self.pools}
+        kv_idx: list[int] = []
+        for seq, n, samples in zip(batch.seqs, batch.num_tokens, batch.samples):
+            tables = [(p, seq.table(p)) for p in self.pools]
+            for pos in range(seq.num_computed, seq.num_computed + n):
+                for pool, table in tables:
+                    if pos >= table.cached:
+                        writes[pool].append(table.blocks[pos // bs] * bs + pos % bs)
+                        if pool == KV:
+                            kv_idx.append(len(ids))
                 ids.append(seq.token_ids[pos])
                 positions.append(pos)
                 token_slots.append(seq.lora_slot)
-            query_start.append(len(ids))
-            context_lens.append(end)
-            if end == len(seq):
+            if samples:
                 sample_rows.append(len(ids) - 1)
-        dev = self.device
-        all_written = len(base_idx) == len(ids)
-        base_token_slots = [token_slots[i] for i in base_idx]
-        attn = AttentionMetadata(
+        rows = BatchRows(
             query_lens=list(batch.num_tokens),
-            context_lens=context_lens,
-            query_start=_upload(query_start, torch.int32, dev),
-            context_lens_t=_upload(context_lens, torch.int32, dev),
-            base_block_tables=_table([s.base_blocks for s in batch.seqs], dev),
-            lr_block_tables=_table([s.lr_blocks for s in batch.seqs], dev) if self.cache.lr is not None else None,
-            seq_lora_slots=_upload([s.lora_slot for s in batch.seqs], torch.int64, dev),
-            base_write_idx=None if all_written else _upload(base_idx, torch.int64, dev),
-            base_slots=_upload(base_slots, torch.int64, dev),
-            lr_slots=_upload(lr_slots, torch.int64, dev) if self.cache.lr is not None else None,
+            context_lens=[s.num_computed + n for s, n in zip(batch.seqs, batch.num_tokens)],
+            seq_lora_slots=[s.lora_slot for s in batch.seqs],
+            tables={p: [s.table(p).blocks for s in batch.seqs] for p in self.pools},
+            write_slots=writes,
+            kv_write_idx=None if len(kv_idx) == len(ids) else kv_idx,
             is_decode=not batch.is_prefill,
         )
-        pos_t = _upload(positions, torch.int64, dev)
+        return StepInputs(ids, positions, token_slots, rows, sample_rows)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, list[int]]:
+        """Input ids, the step's context, and the row of each sampling sequence (an eager step)."""
+        step = self.inputs(batch)
+        dev, idx = self.device, step.rows.kv_write_idx
+        pos_t = upload(step.positions, torch.int64, dev)
+        kv_slots = step.token_slots if idx is None else [step.token_slots[i] for i in idx]
         ctx = ForwardContext(
-            attn=attn,
-            lora=LoRAMetadata(group_by_slot(token_slots, dev), group_by_slot(base_token_slots, dev)),
-            expand_values=not self.scheme.has_lr_pool,
+            attn=self.backend.metadata(step.rows, dev),
+            lora=LoRAMetadata(group_by_slot(step.token_slots, dev), group_by_slot(kv_slots, dev)),
+            expand_values=self.expand_values,
             positions=pos_t,
-            base_positions=pos_t if all_written else _upload(base_pos, torch.int64, dev),
+            base_positions=pos_t if idx is None else upload(step.kv_positions, torch.int64, dev),
         )
-        return _upload(ids, torch.int64, dev), ctx, sample_rows
+        return upload(step.token_ids, torch.int64, dev), ctx, step.sample_rows
 
     def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
-        """One forward pass; returns a token (and its log-prob) for each sequence whose pending tokens all ran."""
+        """One forward pass; returns a token (and its log-prob) for each sequence the batch marks as sampling."""
         start = time.perf_counter()
         self.prepare_s = 0.0
         try:
@@ -110,8 +122,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
-        if self.graphs is not None and self.graphs.supports(batch.seqs, batch.is_prefill):
-            hidden = self.graphs.run(batch.seqs)  # every decode row samples
+        if self.graphs is not None and self.graphs.supports(batch):
+            start = time.perf_counter()
+            step = self.inputs(batch)
+            self.prepare_s = time.perf_counter() - start
+            hidden = self.graphs.run(step)  # every decode row samples
         else:
             start = time.perf_counter()
             input_ids, ctx, rows = self.prepare(batch)
@@ -121,5 +136,5 @@ class ModelRunner:
                 return [], []
             hidden = self.model(input_ids, ctx)[rows]
         logits = self.model.logits(hidden)
-        samplers = [s for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed + n == len(s)]
+        samplers: list[Sequence] = batch.sampling_seqs
         return sample(logits, [s.params for s in samplers], [s.generator for s in samplers])

@@ -8,7 +8,7 @@ preempted: its blocks are released (they stay findable in the prefix index) and 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lragent.engine.block_manager import BlockManager
 from lragent.engine.sequence import Sequence, SequenceStatus
@@ -16,13 +16,24 @@ from lragent.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
+    """One step's work. The one place that decides which sequences sample: those whose pending tokens all run."""
+
     seqs: list[Sequence]
     num_tokens: list[int]  # tokens each sequence computes in this step
     is_prefill: bool
+    samples: list[bool] = field(default_factory=list)  # per sequence: gets its next token this step
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            self.samples = [s.num_computed + n == len(s) for s, n in zip(self.seqs, self.num_tokens)]
 
     @property
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        return [s for s, sampled in zip(self.seqs, self.samples) if sampled]
 
 
 class Scheduler:

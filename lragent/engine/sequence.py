@@ -48,6 +48,20 @@ class RequestMetrics:
         }
 
 
+@dataclass
+class BlockTable:
+    """One sequence's blocks in one declared pool, and how far they are filled and published."""
+
+    namespace: str = ""  # what this pool's blocks are keyed by for this request (SharingScheme.namespaces)
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)  # hash chain of the published blocks (extended, never redone)
+    registered: int = 0  # leading blocks already published to the prefix index
+    cached: int = 0  # positions < this have entries in this pool
+
+
+KV, LR = "kv", "lr"  # the pool names (lragent.cache.sharing.PoolKind values) the engine's kernels read
+
+
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: str, slot: int):
         self.request_id = request_id
@@ -58,18 +72,11 @@ class Sequence:
         self.adapter = adapter  # name ("" for the base model)
         self.lora_slot = slot
         self.status = SequenceStatus.WAITING
-        self.base_blocks: list[int] = []  # key/value pool block table
-        self.lr_blocks: list[int] = []  # LR pool block table
+        self.namespaces: dict[str, str] = {}  # pool name -> prefix-cache namespace of this request
+        self.tables: dict[str, BlockTable] = {}  # one per declared pool (created by the block manager)
         self.num_computed = 0  # positions < this have every cache entry this agent needs
-        self.num_base_cached = 0  # positions < this have keys and base values in the pool
-        self.base_registered = 0  # leading base blocks already published to the prefix index
-        self.lr_registered = 0
-        self.base_hashes: list[int] = []  # hash chain of the published base blocks (extended, never recomputed)
-        self.lr_hashes: list[int] = []
-        self.base_ns = ""  # prefix-cache namespaces of the key/value and LR pools (SharingScheme.namespaces)
-        self.lr_ns = ""
-        self.error: str | None = None  # why the engine failed this request alone (finish_reason "error")
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why the engine failed this request alone (finish_reason "error")
         self.text = ""
         self.stop_text_len: int | None = None
         self.logprobs: list[float] = []
@@ -78,6 +85,37 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def table(self, pool: str) -> BlockTable:
+        if pool not in self.tables:
+            self.tables[pool] = BlockTable(self.namespaces.get(pool, ""))
+        return self.tables[pool]
+
+    # the KV and LR pools by name: what the model runner and the graph inputs read
+    @property
+    def base_blocks(self) -> list[int]:
+        return self.table(KV).blocks
+
+    @base_blocks.setter
+    def base_blocks(self, blocks: list[int]) -> None:
+        self.table(KV).blocks = blocks
+
+    @property
+    def lr_blocks(self) -> list[int]:
+        return self.tables[LR].blocks if LR in self.tables else []
+
+    @lr_blocks.setter
+    def lr_blocks(self, blocks: list[int]) -> None:
+        self.table(LR).blocks = blocks
+
+    @property
+    def num_base_cached(self) -> int:
+        """Positions < this have keys and base values in the pool (LR prefill computes only the rest)."""
+        return self.tables[KV].cached if KV in self.tables else self.num_computed
+
+    @num_base_cached.setter
+    def num_base_cached(self, value: int) -> None:
+        self.table(KV).cached = value
 
     @property
     def output_ids(self) -> list[int]:

@@ -46,10 +46,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lragent.cache.sharing import SharingMode
 from lragent.eval.runner import DEFAULT_ADAPTER_ROOT, AdapterSet, find_adapter_sets
+from lragent.train.data import ROLES
 
-ROLES = ("plan", "action", "reflect")
-SCHEMES = ("full_shared", "base_shared", "base_lr_shared")
+SCHEMES = tuple(m.value for m in SharingMode if m is not SharingMode.NON_SHARED)  # each compared with non_shared
 # the handoffs of the AutoAct loop: plan's thought/tool -> action's argument; action + observation -> plan's next
 # thought; plan's Finish -> reflect
 HANDOFF_PAIRS = (("plan", "action"), ("action", "plan"), ("plan", "reflect"))
@@ -221,25 +222,6 @@ class Recorder:
         return torch.stack(out)
 
 
-def reset_prefix_cache(engine: Any) -> None:
-    """Forget every cached (unreferenced) block, so the next request computes its whole prompt itself.
-
-    Uses the engine's own reset when it has one; else reaches into the block pools (no public call yet)."""
-    if hasattr(engine, "reset_prefix_cache"):
-        engine.reset_prefix_cache()
-        return
-    if engine.has_unfinished():
-        raise RuntimeError("prefix cache reset with requests in flight")
-    for pool in (engine.block_manager.base, engine.block_manager.lr):
-        if pool is None:
-            continue
-        for block_id in list(pool.cached):
-            pool.blocks[block_id].hash = None
-            pool.free.append(block_id)
-        pool.cached.clear()
-        pool.by_hash = {h: b for h, b in pool.by_hash.items() if pool.blocks[b].ref_count > 0}
-
-
 # ---- measurements ---------------------------------------------------------------------------------------------
 
 
@@ -380,103 +362,139 @@ def shared_a(aset: AdapterSet, model: str) -> bool:
     return not unshared_value_layers(adapters, config.num_layers)
 
 
-def analyze_set(spec: AnalyzeSpec, aset: AdapterSet, log: Callable[[str], None] = print) -> dict:
-    """Similarity (non_shared passes) and handoff fidelity of every scheme for one adapter set."""
-    is_shared = shared_a(aset, spec.model)
+@dataclass
+class _References:
+    """What the non_shared reference passes hand to the handoff measurements: the token trajectories, each reader's
+    own hidden states over each trajectory's window, and the model whose head turns them into logits."""
+
+    trajs: list[list[int]]
+    refs: list[dict[str, torch.Tensor]]  # per trajectory: reader -> [num_layers + 1, window, hidden]
+    model: Any
+    num_layers: int
+    block_size: int
+
+
+def _reference_pass(llm: Any, rec: Recorder, spec: AnalyzeSpec, ids: list[int], split: int, roles: list[str],
+                    readers: list[str], slots: dict[str, int]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Every role's own full forward pass over one trajectory (nothing reused): its keys, base values and LR
+    entries (for the similarity) and, for the readers, its hidden states over the window after `split`."""
+    kv, ref = {}, {}
+    for role in roles:
+        if not spec.similarity and role not in readers:
+            continue
+        llm.engine.reset_prefix_cache()
+        rec.clear()
+        rec.capture_kv = spec.similarity
+        rec.window_start = split if role in readers else None
+        out = llm.generate([ids], adapter=role, sampling_params=_greedy())[0]
+        assert out.metrics.computed_tokens == len(ids), "reference pass reused cached tokens"
+        if spec.similarity:
+            kv[role] = rec.kv_tensors(slots[role])
+        if role in readers:
+            ref[role] = rec.hidden_tensors(slots[role], split, len(ids))
+    rec.capture_kv, rec.window_start = False, None
+    rec.clear()
+    return kv, ref
+
+
+def _reference_analysis(spec: AnalyzeSpec, aset: AdapterSet, is_shared: bool, log: Callable[[str], None],
+                        t0: float) -> tuple[dict, _References]:
+    """The non_shared reference passes of every trajectory: the cross-agent similarity, the role gap, and the
+    references the handoff measurements compare against."""
     roles = [r for r in ROLES if r in aset.paths]
     readers = sorted({b for _, b in spec.pairs}, key=ROLES.index)
-    t0 = time.perf_counter()
     llm = _make_llm(spec, aset, "non_shared")
     engine = llm.engine
-    bs = engine.cache.block_size
+    bs = llm.cache_stats()["block_size"]
     texts = load_trajectory_texts(spec.trajectories)
     trajs = token_trajectories(texts, llm.tokenizer, spec.limit, spec.max_tokens, spec.window + 2 * bs)
     if not trajs:
         raise ValueError(f"no trajectory of at least {spec.window + 2 * bs} tokens in {spec.trajectories}")
     slots = {r: engine.registry.slot_of(r) for r in roles}
     rec = Recorder(engine)
-    num_layers = rec.num_layers
-    sim = SimilarityAccumulator(num_layers)
+    sim = SimilarityAccumulator(rec.num_layers)
     refs: list[dict[str, torch.Tensor]] = []
     log(f"[{aset.name}] {len(trajs)} trajectories, {sum(map(len, trajs))} tokens, shared A: {is_shared}")
     for t, ids in enumerate(trajs):
         split = split_point(len(ids), spec.window, bs)
-        kv, ref = {}, {}
-        for role in roles:
-            if not spec.similarity and role not in readers:
-                continue
-            reset_prefix_cache(engine)
-            rec.clear()
-            rec.capture_kv = spec.similarity
-            rec.window_start = split if role in readers else None
-            out = llm.generate([ids], adapter=role, sampling_params=_greedy())[0]
-            assert out.metrics.computed_tokens == len(ids), "reference pass reused cached tokens"
-            if spec.similarity:
-                kv[role] = rec.kv_tensors(slots[role])
-            if role in readers:
-                ref[role] = rec.hidden_tensors(slots[role], split, len(ids))
-        rec.capture_kv, rec.window_start = False, None
-        rec.clear()
+        kv, ref = _reference_pass(llm, rec, spec, ids, split, roles, readers, slots)
         if spec.similarity:
             similarity_of(kv, engine.bank, slots, sim)
         refs.append(ref)
         log(f"  [{aset.name}] reference passes {t + 1}/{len(trajs)} ({time.perf_counter() - t0:.0f}s)")
-    model = engine.model
     result: dict[str, Any] = {
         "adapters": aset.name,
         "paths": dict(aset.paths),
         "shared_a": is_shared,
         "trajectories": len(trajs),
         "tokens": sum(map(len, trajs)),
-        "num_layers": num_layers,
+        "num_layers": rec.num_layers,
     }
     if spec.similarity:
         result["similarity"] = sim.result()
-    result["role_gap"] = role_gap(spec, trajs, refs, model, bs)
+    result["role_gap"] = role_gap(spec, trajs, refs, engine.model, bs)
+    references = _References(trajs, refs, engine.model, rec.num_layers, bs)
     _free(llm, rec)
+    return result, references
 
-    schemes = (["non_shared"] if spec.control else []) + list(spec.schemes)
+
+def _handoff(llm: Any, rec: Recorder, spec: AnalyzeSpec, ids: list[int], producer: str, ref: dict[str, torch.Tensor],
+             references: _References, per_pair: dict[str, FidelityAccumulator]) -> None:
+    """One trajectory's handoff from `producer`: it prefills [0, P) under the scheme, then each of its readers
+    reads the whole trajectory reusing what the scheme allows; their window is compared with their own
+    references."""
+    split = split_point(len(ids), spec.window, references.block_size)
+    targets = torch.tensor(ids[split + 1:])
+    group = [b for a, b in spec.pairs if a == producer]
+    llm.engine.reset_prefix_cache()
+    rec.clear()
+    llm.generate([ids[:split]], adapter=producer, sampling_params=_greedy())
+    rec.window_start = split
+    # all readers in ONE batch: each finds only the producer's blocks, never another reader's
+    outs = llm.generate([ids] * len(group), adapter=group, sampling_params=[_greedy()] * len(group))
+    rec.window_start = None
+    for reader, out in zip(group, outs):
+        h = rec.hidden_tensors(llm.engine.registry.slot_of(reader), split, len(ids))
+        h_ref = ref[reader]
+        with torch.inference_mode():
+            logits_ref, logits = references.model.logits(h_ref[-1]), references.model.logits(h[-1])
+        acc = per_pair[f"{producer}->{reader}"]
+        acc.add(logits_ref, logits, targets, h_ref, h)
+        acc.reused.append(out.metrics.reused_tokens)
+        acc.base_reused.append(out.metrics.base_reused_tokens)
+
+
+def _scheme_fidelity(spec: AnalyzeSpec, aset: AdapterSet, scheme: str, forced: bool,
+                     references: _References) -> dict:
+    """Handoff fidelity of one scheme over every trajectory and pair, on an engine of its own."""
+    llm = _make_llm(spec, aset, scheme, force=forced)
+    rec = Recorder(llm.engine)
+    per_pair = {f"{a}->{b}": FidelityAccumulator(references.num_layers) for a, b in spec.pairs}
+    producers = list(dict.fromkeys(a for a, _ in spec.pairs))
+    for t, ids in enumerate(references.trajs):
+        for producer in producers:
+            _handoff(llm, rec, spec, ids, producer, references.refs[t], references, per_pair)
+    total = FidelityAccumulator(references.num_layers)
+    for acc in per_pair.values():
+        total.merge(acc)
+    _free(llm, rec)
+    return {"scheme": scheme, "forced": forced, "split_reused_expected": _expected_reuse(scheme),
+            **total.result(), "per_pair": {p: a.result() for p, a in per_pair.items()}}
+
+
+def analyze_set(spec: AnalyzeSpec, aset: AdapterSet, log: Callable[[str], None] = print) -> dict:
+    """Similarity (non_shared passes) and handoff fidelity of every scheme for one adapter set."""
+    is_shared = shared_a(aset, spec.model)
+    t0 = time.perf_counter()
+    result, references = _reference_analysis(spec, aset, is_shared, log, t0)
     fidelity = []
-    for scheme in schemes:
-        forced = False
-        if scheme == "base_lr_shared" and not is_shared:
-            if not spec.force:
-                log(f"[{aset.name}] base_lr_shared skipped: the adapters do not share v_proj A (pass --force)")
-                continue
-            forced = True
-        llm = _make_llm(spec, aset, scheme, force=forced)
-        engine = llm.engine
-        rec = Recorder(engine)
-        per_pair = {f"{a}->{b}": FidelityAccumulator(num_layers) for a, b in spec.pairs}
-        producers = list(dict.fromkeys(a for a, _ in spec.pairs))
-        for t, ids in enumerate(trajs):
-            split = split_point(len(ids), spec.window, bs)
-            targets = torch.tensor(ids[split + 1:])
-            for producer in producers:
-                group = [b for a, b in spec.pairs if a == producer]
-                reset_prefix_cache(engine)
-                rec.clear()
-                llm.generate([ids[:split]], adapter=producer, sampling_params=_greedy())
-                rec.window_start = split
-                # all readers in ONE batch: each finds only the producer's blocks, never another reader's
-                outs = llm.generate([ids] * len(group), adapter=group, sampling_params=[_greedy()] * len(group))
-                rec.window_start = None
-                for reader, out in zip(group, outs):
-                    h = rec.hidden_tensors(engine.registry.slot_of(reader), split, len(ids))
-                    h_ref = refs[t][reader]
-                    with torch.inference_mode():
-                        logits_ref, logits = model.logits(h_ref[-1]), model.logits(h[-1])
-                    acc = per_pair[f"{producer}->{reader}"]
-                    acc.add(logits_ref, logits, targets, h_ref, h)
-                    acc.reused.append(out.metrics.reused_tokens)
-                    acc.base_reused.append(out.metrics.base_reused_tokens)
-        total = FidelityAccumulator(num_layers)
-        for acc in per_pair.values():
-            total.merge(acc)
-        entry = {"scheme": scheme, "forced": forced, "split_reused_expected": _expected_reuse(scheme),
-                 **total.result(), "per_pair": {p: a.result() for p, a in per_pair.items()}}
+    for scheme in (["non_shared"] if spec.control else []) + list(spec.schemes):
+        forced = scheme == SharingMode.BASE_LR_SHARED and not is_shared
+        if forced and not spec.force:
+            log(f"[{aset.name}] base_lr_shared skipped: the adapters do not share v_proj A (pass --force)")
+            continue
+        entry = _scheme_fidelity(spec, aset, scheme, forced, references)
         fidelity.append(entry)
-        _free(llm, rec)
         log(f"[{aset.name}] {scheme}{' (forced)' if forced else ''}: agreement {100 * entry['agreement']:.1f}% "
             f"KL {entry['kl_mean']:.4f} dNLL {entry['nll_delta']:+.4f} ({time.perf_counter() - t0:.0f}s)")
     result["fidelity"] = fidelity

@@ -20,11 +20,12 @@ from dataclasses import asdict
 
 from lragent.agents.pipeline import PipelineConfig
 from lragent.agents.tools import ToolConfig
+from lragent.cache.sharing import SharingMode
 from lragent.engine_args import parse_size
 from lragent.eval.report import merge_reports, print_table, write_report
 from lragent.eval.runner import DEFAULT_ADAPTER_ROOT, EvalSpec, find_adapter_sets, run_eval
 
-SCHEMES = ("non_shared", "full_shared", "base_shared", "base_lr_shared")
+SCHEMES = tuple(m.value for m in SharingMode)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,9 +25,8 @@ from typing import Any
 from lragent.agents.episode import EpisodeResult
 from lragent.agents.pipeline import PipelineConfig, detect_task, run_pipeline
 from lragent.agents.tools import ToolConfig
+from lragent.train.data import ROLES, TASKS
 
-ROLES = ("plan", "action", "reflect")
-TASKS = ("hotpotqa", "scienceqa")
 DEFAULT_ADAPTER_ROOT = Path(__file__).resolve().parents[1] / "adapters"
 
 
@@ -231,7 +230,10 @@ def _progress_logger(tag: str, total: int, log: Callable[[str], None], every: in
     return progress
 
 
-def _pools(datasets: list[tuple[str, str, list[dict]]], together: bool) -> list[list[tuple[str, str, list[dict]]]]:
+_Dataset = tuple[str, str, list[dict]]  # (file stem, task, question rows)
+
+
+def _pools(datasets: list[_Dataset], together: bool) -> list[list[_Dataset]]:
     """Files run one by one, or (together) grouped by task in order of first appearance."""
     if not together:
         return [[d] for d in datasets]
@@ -241,78 +243,108 @@ def _pools(datasets: list[tuple[str, str, list[dict]]], together: bool) -> list[
     return list(by_task.values())
 
 
+def _split_by_file(pool: list[_Dataset], results: list[EpisodeResult], tag: str
+                   ) -> tuple[list[str], list[tuple[str, str, list[EpisodeResult]]]]:
+    """The file each result came from, and the results per file (plus the combined pool when it holds several).
+
+    Questions start in input order, so the started ones (the results) are the first len(results) rows."""
+    origin = [name for name, _, file_rows in pool for _ in file_rows]
+    started = origin[: len(results)]
+    parts = [(name, task, [r for r, o in zip(results, started) if o == name]) for name, task, _ in pool]
+    if len(pool) > 1:
+        parts.append((tag, pool[0][1], results))
+    return origin, parts
+
+
+class _EvalRun:
+    """One `run_eval`: what has been measured and skipped so far, the time budget, and the report built from them
+    (handed to `checkpoint` after every pipeline run, so a killed process leaves what it finished)."""
+
+    def __init__(self, spec: EvalSpec, log: Callable[[str], None], checkpoint: Callable[[EvalReport], None] | None):
+        self.spec, self.log, self.checkpoint = spec, log, checkpoint
+        self.t_start = time.perf_counter()
+        self.summaries: list[RunSummary] = []
+        self.questions: list[dict] = []
+        self.skipped: list[str] = []
+        self.spec_dict = asdict(spec)
+
+    def report(self) -> EvalReport:
+        return EvalReport(spec={**self.spec_dict, "skipped_runs": list(self.skipped)}, summaries=list(self.summaries),
+                          questions=list(self.questions))
+
+    def remaining(self) -> float | None:
+        budget = self.spec.time_budget
+        return None if budget is None else budget - (time.perf_counter() - self.t_start)
+
+    def skip(self, pool: list[_Dataset], aset: AdapterSet, scheme: str) -> None:
+        self.skipped += [f"{name} | {aset.name} | {scheme}" for name, _, _ in pool]
+
+    def run_scheme(self, llm_factory: LLMFactory, aset: AdapterSet, scheme: str, todo: list[_Dataset]) -> None:
+        """Every question file `aset` serves under one scheme, on a fresh LLM that is freed afterwards."""
+        left = self.remaining()
+        if left is not None and left <= 0:
+            self.skip(todo, aset, scheme)
+            self.log(f"{aset.name} | {scheme}: skipped: time budget of {self.spec.time_budget:.0f}s spent")
+            return
+        try:
+            llm = llm_factory(self.spec, scheme, aset)
+        except ValueError as e:  # AdapterError: e.g. base_lr_shared with unshared A and no --force
+            self.log(f"{aset.name} | {scheme}: skipped: {e}")
+            return
+        try:
+            for pool in _pools(todo, self.spec.together):
+                left = self.remaining()
+                if left is not None and left <= 0:
+                    self.skip(pool, aset, scheme)
+                    self.log(f"{aset.name} | {scheme}: skipped {[p[0] for p in pool]}: time budget spent")
+                    continue
+                self.run_pool(llm, aset, scheme, pool, left)
+        finally:
+            del llm  # one engine (and its KV pool) at a time
+            _free_memory()
+
+    def run_pool(self, llm: Any, aset: AdapterSet, scheme: str, pool: list[_Dataset], left: float | None) -> None:
+        """One pipeline run over a pool of files (all in flight at once), summarised per file and combined."""
+        spec = self.spec
+        limits = [x for x in (spec.time_limit, left) if x is not None]
+        pipeline = replace(spec.pipeline, time_limit_s=min(limits) if limits else None)
+        rows = [r for _, _, file_rows in pool for r in file_rows]
+        tag = "+".join(name for name, _, _ in pool)
+        t0 = time.perf_counter()
+        progress = _progress_logger(f"{tag} | {aset.name} | {scheme}", len(rows), self.log)
+        stats: dict[str, Any] = {}
+        results = run_pipeline(llm, rows, pipeline, spec.tools, progress=progress, stats=stats)
+        wall = time.perf_counter() - t0
+        origin, parts = _split_by_file(pool, results, tag)
+        for name, task, res in parts:
+            not_run = sum(o == name for o in origin) - len(res) if name != tag else stats.get("not_run", 0)
+            s = summarize(res, name, task, aset.name, scheme, wall, {**stats, "not_run": not_run})
+            self.summaries.append(s)
+            self.log(_summary_line(s, aset.name, scheme, bool(stats.get("timed_out"))))
+        self.questions.extend({"dataset": o, "adapters": aset.name, "scheme": scheme, **asdict(r)}
+                              for r, o in zip(results, origin))
+        if self.checkpoint is not None:
+            self.checkpoint(self.report())
+
+
+def _summary_line(s: RunSummary, adapters: str, scheme: str, timed_out: bool) -> str:
+    cut = f" time-limited {s.time_limited:.1f}% not run {s.not_run}" if timed_out else ""
+    return (f"{s.dataset} | {adapters} | {scheme}: acc {s.accuracy:.1f}% f1 {s.f1:.1f}% "
+            f"oof {s.out_of_function:.1f}% iters {s.mean_iterations:.1f} reuse {100 * s.reuse_ratio:.1f}% "
+            f"rounds {s.rounds} decode steps {s.decode_steps} wall {s.wall_s:.1f}s{cut}")
+
+
 def run_eval(spec: EvalSpec, llm_factory: LLMFactory = default_llm_factory,
              log: Callable[[str], None] = print, checkpoint: Callable[[EvalReport], None] | None = None) -> EvalReport:
-    t_start = time.perf_counter()
+    run = _EvalRun(spec, log, checkpoint)
     datasets = [(Path(p).stem, *load_questions(p, spec.limit)) for p in spec.data]
     if not spec.adapter_sets:
         raise ValueError("no adapter sets: pass --adapters DIR (folders with plan/, action/, reflect/)")
-    summaries: list[RunSummary] = []
-    questions: list[dict] = []
-    skipped: list[str] = []
-    spec_dict = asdict(spec)
-
-    def report() -> EvalReport:
-        return EvalReport(spec={**spec_dict, "skipped_runs": list(skipped)}, summaries=list(summaries),
-                          questions=list(questions))
-
-    def remaining() -> float | None:
-        return None if spec.time_budget is None else spec.time_budget - (time.perf_counter() - t_start)
-
     for aset in spec.adapter_sets:
         todo = [d for d in datasets if aset.serves(d[1])]
         if not todo:
             log(f"adapter set {aset.name} ({aset.task}) serves none of the question files; skipped")
             continue
         for scheme in spec.schemes:
-            left = remaining()
-            if left is not None and left <= 0:
-                skipped += [f"{name} | {aset.name} | {scheme}" for name, _, _ in todo]
-                log(f"{aset.name} | {scheme}: skipped: time budget of {spec.time_budget:.0f}s spent")
-                continue
-            try:
-                llm = llm_factory(spec, scheme, aset)
-            except ValueError as e:  # AdapterError: e.g. base_lr_shared with unshared A and no --force
-                log(f"{aset.name} | {scheme}: skipped: {e}")
-                continue
-            try:
-                for pool in _pools(todo, spec.together):
-                    left = remaining()
-                    if left is not None and left <= 0:
-                        skipped += [f"{name} | {aset.name} | {scheme}" for name, _, _ in pool]
-                        log(f"{aset.name} | {scheme}: skipped {[p[0] for p in pool]}: time budget spent")
-                        continue
-                    limits = [x for x in (spec.time_limit, left) if x is not None]
-                    pipeline = replace(spec.pipeline, time_limit_s=min(limits) if limits else None)
-                    names = [name for name, _, _ in pool]
-                    rows = [r for _, _, file_rows in pool for r in file_rows]
-                    tag = "+".join(names)
-                    t0 = time.perf_counter()
-                    progress = _progress_logger(f"{tag} | {aset.name} | {scheme}", len(rows), log)
-                    stats: dict[str, Any] = {}
-                    results = run_pipeline(llm, rows, pipeline, spec.tools, progress=progress, stats=stats)
-                    wall = time.perf_counter() - t0
-                    # which file each result came from: questions start in input order, so the started ones (the
-                    # results) are the first len(results) rows
-                    origin = [name for name, _, file_rows in pool for _ in file_rows]
-                    started = origin[: len(results)]
-                    parts = [(name, task, [r for r, o in zip(results, started) if o == name]) for name, task, _ in pool]
-                    if len(pool) > 1:
-                        parts.append((tag, pool[0][1], results))
-                    for name, task, res in parts:
-                        not_run = sum(o == name for o in origin) - len(res) if name != tag else stats.get("not_run", 0)
-                        s = summarize(res, name, task, aset.name, scheme, wall, {**stats, "not_run": not_run})
-                        summaries.append(s)
-                        cut = f" time-limited {s.time_limited:.1f}% not run {s.not_run}" if stats.get("timed_out") else ""
-                        log(f"{name} | {aset.name} | {scheme}: acc {s.accuracy:.1f}% f1 {s.f1:.1f}% "
-                            f"oof {s.out_of_function:.1f}% iters {s.mean_iterations:.1f} reuse {100 * s.reuse_ratio:.1f}% "
-                            f"rounds {s.rounds} decode steps {s.decode_steps} wall {s.wall_s:.1f}s{cut}")
-                    questions.extend({"dataset": o, "adapters": aset.name, "scheme": scheme, **asdict(r)}
-                                     for r, o in zip(results, started))
-                    if checkpoint is not None:
-                        checkpoint(report())
-            finally:
-                del llm  # one engine (and its KV pool) at a time
-                _free_memory()
-    return report()
-
+            run.run_scheme(llm_factory, aset, scheme, todo)
+    return run.report()

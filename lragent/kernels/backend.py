@@ -1,17 +1,80 @@
-"""The attention interface a kernel implements: store new cache entries, then Flash-LoRA-Attention over them."""
+"""The attention interface a kernel family implements.
+
+A backend owns everything about its kernels: it stores new cache entries and runs Flash-LoRA-Attention over them,
+builds its per-step metadata from the runner's host-side `BatchRows`, prepares the static buffers CUDA graphs
+capture and replay, says which LoRA bank runs the adapter projections beside it, and which fused forms of the
+decoder layer's elementwise parts it provides. The engine and the graph runner talk to this interface only.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from lragent.cache.kv_cache import KVCache
-from lragent.kernels.metadata import AttentionMetadata
+from lragent.kernels.metadata import AttentionMetadata, BatchRows
+from lragent.lora.bank import LoRABank
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """Fused forms of a decoder layer's elementwise parts (same arithmetic as the PyTorch reference layers)."""
+
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (x, residual, weight, eps) -> (normed, sum)
+    rotary: Callable[..., torch.Tensor]  # (x, positions, cos, sin, out=None) -> rotated x
+    silu_mul: Callable[..., torch.Tensor]  # (gate_up [T, 2I]) -> silu(gate) * up [T, I]
+
+
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list -> device tensor; pinned staging keeps the copy asynchronous on CUDA (no host sync)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _table(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(1, max((len(t) for t in tables), default=0))
+    return upload([t + [-1] * (width - len(t)) for t in tables], torch.int32, device)
 
 
 class AttentionBackend(ABC):
     name: str = "abstract"
+    supports_cuda_graphs: bool = False
+
+    @property
+    def layer_ops(self) -> LayerOps | None:
+        """Fused layer forms this backend provides; None: the model keeps its plain PyTorch layers."""
+        return None
+
+    @property
+    def lora_bank_class(self) -> type[LoRABank]:
+        """The multi-LoRA implementation that runs beside these kernels."""
+        return LoRABank
+
+    def metadata(self, rows: BatchRows, device: torch.device) -> AttentionMetadata:
+        """The step's attention metadata on the device, from the runner's host-side description."""
+        lr = rows.write_slots.get("lr")
+        return AttentionMetadata(
+            query_lens=list(rows.query_lens),
+            context_lens=list(rows.context_lens),
+            query_start=upload([0, *_cumsum(rows.query_lens)], torch.int32, device),
+            context_lens_t=upload(rows.context_lens, torch.int32, device),
+            base_block_tables=_table(rows.tables["kv"], device),
+            lr_block_tables=_table(rows.tables["lr"], device) if lr is not None else None,
+            seq_lora_slots=upload(rows.seq_lora_slots, torch.int64, device),
+            base_write_idx=None if rows.kv_write_idx is None else upload(rows.kv_write_idx, torch.int64, device),
+            base_slots=upload(rows.write_slots["kv"], torch.int64, device),
+            lr_slots=upload(lr, torch.int64, device) if lr is not None else None,
+            is_decode=rows.is_decode,
+        )
+
+    def graph_inputs(self, cache: KVCache, pools: list[str], max_batch: int, max_model_len: int, device: torch.device):
+        """Static input buffers for CUDA-graph decode (`lragent.kernels.graph_inputs.GraphInputs`)."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
 
     @abstractmethod
     def store(
@@ -40,3 +103,11 @@ class AttentionBackend(ABC):
 
         value_up: v_proj B of every adapter slot [S, r, kv_heads * d] (None: no LR term); lora_scaling: [S].
         """
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out

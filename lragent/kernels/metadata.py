@@ -31,3 +31,22 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+
+@dataclass
+class BatchRows:
+    """A step's batch as plain host lists, built once by the model runner from the scheduled sequences. Each
+    attention backend turns it into its metadata (`AttentionBackend.metadata`) or writes it into its CUDA-graph
+    input buffers (`GraphInputs.fill`): one description, one owner per form."""
+
+    query_lens: list[int]  # [B] tokens each sequence runs this step
+    context_lens: list[int]  # [B] positions each sequence attends to (cached prefix + new tokens)
+    seq_lora_slots: list[int]  # [B] adapter slot of each sequence
+    tables: dict[str, list[list[int]]]  # pool -> each sequence's block list (the lists themselves, not copies)
+    write_slots: dict[str, list[int]]  # pool -> flat slots of the entries written this step, in token order
+    kv_write_idx: list[int] | None  # tokens whose keys/base values are written; None = every token
+    is_decode: bool
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)

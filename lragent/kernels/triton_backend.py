@@ -5,10 +5,28 @@ from __future__ import annotations
 import torch
 
 from lragent.cache.kv_cache import KVCache
-from lragent.kernels.backend import AttentionBackend
+from lragent.kernels.backend import AttentionBackend, LayerOps
+from lragent.kernels.graph_inputs import GraphInputs
 from lragent.kernels.metadata import AttentionMetadata
-from lragent.kernels.triton_attention import paged_decode, paged_prefill
+from lragent.kernels.triton_attention import default_num_splits, paged_decode, paged_prefill
+from lragent.kernels.triton_fused import add_rms_norm, rotary, silu_mul
+from lragent.kernels.triton_lora import TritonLoRABank
 from lragent.kernels.triton_store import store_kv_lr
+from lragent.lora.bank import LoRABank
+
+_OPS = LayerOps(add_rms_norm=add_rms_norm, rotary=rotary, silu_mul=silu_mul)
+
+
+class TritonGraphInputs(GraphInputs):
+    """Graph inputs whose captured metadata fixes the split-KV count: a graph's grid cannot follow the lengths."""
+
+    def __init__(self, num_kv_heads: int, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_kv_heads = num_kv_heads
+
+    def metadata(self, size: int, decode_splits: int | None = None) -> AttentionMetadata:
+        splits = decode_splits or default_num_splits(size, self.num_kv_heads, self.max_model_len, self.device)
+        return super().metadata(size, splits)
 
 
 class TritonBackend(AttentionBackend):
@@ -19,9 +37,23 @@ class TritonBackend(AttentionBackend):
     """
 
     name = "triton"
+    supports_cuda_graphs = True
 
     def __init__(self, decode_splits: int | None = None):
         self.decode_splits = decode_splits
+
+    @property
+    def layer_ops(self) -> LayerOps:
+        return _OPS
+
+    @property
+    def lora_bank_class(self) -> type[LoRABank]:
+        return TritonLoRABank
+
+    def graph_inputs(
+        self, cache: KVCache, pools: list[str], max_batch: int, max_model_len: int, device: torch.device
+    ) -> TritonGraphInputs:
+        return TritonGraphInputs(cache.num_kv_heads, pools, max_batch, max_model_len, cache.block_size, device)
 
     def store(self, cache: KVCache, layer: int, key, value, lr, meta: AttentionMetadata) -> None:
         lr_pool = cache.lr[layer] if cache.lr is not None else None

@@ -296,6 +296,9 @@ class TritonLoRABank(LoRABank):
         self._plans: dict[tuple, tuple[Segments, SegmentPlan | None]] = {}
         self._shared_v: dict[int, bool] = {}
 
+    def per_row_segments(self, row_start: torch.Tensor, row_slots: torch.Tensor) -> SegmentPlan:
+        return SegmentPlan.per_token(row_start, row_slots)
+
     def load(self, slot, adapter) -> None:
         super().load(slot, adapter)
         self._shared_v.clear()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # at most 6 layer digits: int() of a 5000-digit string raises, and no model has a million layers

@@ -9,7 +9,7 @@ import torch
 
 from lragent.lora.adapter import AdapterError, LoRAAdapter
 from lragent.lora.metadata import Segments
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 
 
 class LoRABank:
@@ -107,6 +107,11 @@ class LoRABank:
             else:
                 out[idx] = x[idx] @ down[slot]
         return out
+
+    def per_row_segments(self, row_start: torch.Tensor, row_slots: torch.Tensor) -> Segments:
+        """Segments of one token per row over static buffers (CUDA-graph decode, where the grouping cannot follow
+        the step's adapters); needs a bank whose kernels read per-row slots."""
+        raise NotImplementedError("per-row LoRA segments need the Triton LoRA kernels (CUDA graphs)")
 
     def value_up(self, layer: int) -> torch.Tensor | None:
         """B of v_proj for every slot, [S, max_rank, kv_size]; read by the attention for `s (P R) B`."""

@@ -7,6 +7,7 @@ weights must not find the old entries, and the same weights loaded again may reu
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 
@@ -15,7 +16,7 @@ from lragent.lora.adapter import LoRAAdapter
 BASE_MODEL_KEY = "<base>"  # no adapter: A = B = 0 (its R is zero, so it never shares LR entries with an agent)
 
 
-def _feed(h: "hashlib._Hash", tensor: torch.Tensor) -> None:
+def _feed(h: Any, tensor: torch.Tensor) -> None:
     t = tensor.detach().to("cpu", torch.float32).contiguous()
     h.update(str(tuple(t.shape)).encode())
     h.update(t.numpy().tobytes())

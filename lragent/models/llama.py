@@ -4,9 +4,9 @@ Parameter names follow Hugging Face so checkpoints load by name. The attention l
 keys and base values go to the shared pools, `X A_v` to the LR pool, and the adapter's value path is applied
 inside the attention backend (never expanded), except under FULL_SHARED where values are stored expanded.
 
-Two forms of each layer, chosen by `Runtime.fused`: the plain PyTorch one (the CPU path and the exact reference),
-and the GPU one, where q/k/v and gate/up run as one matmul each (`CausalLM.fuse_projections`) and the residual
-add + RMSNorm, RoPE and SiLU-and-multiply are single Triton kernels (`lragent.kernels.triton_fused`).
+Two forms of each layer: the plain PyTorch one (the CPU path and the exact reference), and the fused one, used when
+the attention backend provides `LayerOps` (`Runtime.ops`): q/k/v and gate/up run as one matmul each
+(`CausalLM.fuse_projections`) and the residual add + RMSNorm, RoPE and SiLU-and-multiply are the backend's kernels.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lragent.cache.kv_cache import KVCache
-from lragent.kernels.backend import AttentionBackend
+from lragent.kernels.backend import AttentionBackend, LayerOps
 from lragent.lora.bank import LoRABank
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 from lragent.models.context import ForwardContext
 from lragent.models.rope import RotaryEmbedding
 
@@ -30,13 +30,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, ops: LayerOps | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the pending residual add rides along so the GPU does both at once."""
-        if fused:
-            from lragent.kernels.triton_fused import add_rms_norm
-
-            return add_rms_norm(x, residual, self.weight, self.eps)
+        if ops is not None:
+            return ops.add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         dtype = x.dtype
@@ -46,11 +44,12 @@ class RMSNorm(nn.Module):
 
 
 class Runtime:
-    """The engine-owned objects the layers read: cache pools, adapter stacks, attention backend, and whether the
-    layers take their fused GPU form (needs `CausalLM.fuse_projections` first)."""
+    """The engine-owned objects the layers read: cache pools, adapter stacks, attention backend, and the fused layer
+    ops the backend provides (None: the plain PyTorch layers; fused ones need `CausalLM.fuse_projections` first)."""
 
-    def __init__(self, cache: KVCache, bank: LoRABank, backend: AttentionBackend, fused: bool = False):
-        self.cache, self.bank, self.backend, self.fused = cache, bank, backend, fused
+    def __init__(self, cache: KVCache, bank: LoRABank, backend: AttentionBackend):
+        self.cache, self.bank, self.backend = cache, bank, backend
+        self.ops: LayerOps | None = backend.layer_ops
 
 
 def _with_lora(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
@@ -76,11 +75,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime) -> torch.Tensor:
         bank, layer = rt.bank, self.layer
-        if rt.fused and self.qkv_weight is not None and ctx.attn.base_write_idx is None:
+        if rt.ops is not None and self.qkv_weight is not None and ctx.attn.base_write_idx is None:
             q, key, value = self._fused_qkv(x, ctx, rt)
         else:
             q = _with_lora(self.q_proj(x), bank.delta(x, layer, "q_proj", ctx.lora.segments))
-            q = self.rope(q.view(x.shape[0], self.num_heads, self.head_dim), ctx.positions, rt.fused)
+            q = self.rope(q.view(x.shape[0], self.num_heads, self.head_dim), ctx.positions, rt.ops)
             key, value = self._base_entries(x, ctx, rt)
         lr = bank.value_shrink(x, layer, ctx.lora.segments) if rt.cache.lr is not None else None
         rt.backend.store(rt.cache, layer, key, value, lr, ctx.attn)
@@ -100,7 +99,7 @@ class Attention(nn.Module):
         value = self.v_proj(xb)
         if ctx.expand_values:
             value = _with_lora(value, bank.delta(xb, layer, "v_proj", segs))
-        key = self.rope(key.view(-1, self.num_kv_heads, self.head_dim), ctx.base_positions, rt.fused)
+        key = self.rope(key.view(-1, self.num_kv_heads, self.head_dim), ctx.base_positions, rt.ops)
         return key, value.view(-1, self.num_kv_heads, self.head_dim)
 
     def _fused_qkv(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime):
@@ -115,7 +114,7 @@ class Attention(nn.Module):
             bank.add_delta(value, x, layer, "v_proj", ctx.lora.base_segments)
         # q and k share positions here (every token writes its key): rotate both heads in place, one launch
         qk = qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d)
-        self.rope(qk, ctx.positions, True, out=qk)
+        self.rope(qk, ctx.positions, rt.ops, out=qk)
         return qk[:, :hq], qk[:, hq:], value.view(t, hkv, d)
 
 
@@ -133,14 +132,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime) -> torch.Tensor:
         segs, bank, layer = ctx.lora.segments, rt.bank, self.layer
-        if rt.fused and self.gate_up_weight is not None:
-            from lragent.kernels.triton_fused import silu_mul
-
+        if rt.ops is not None and self.gate_up_weight is not None:
             gate_up = F.linear(x, self.gate_up_weight)
             gate, up = gate_up.chunk(2, dim=-1)
             bank.add_delta(gate, x, layer, "gate_proj", segs)
             bank.add_delta(up, x, layer, "up_proj", segs)
-            h = silu_mul(gate_up)
+            h = rt.ops.silu_mul(gate_up)
         else:
             gate = _with_lora(self.gate_proj(x), bank.delta(x, layer, "gate_proj", segs))
             up = _with_lora(self.up_proj(x), bank.delta(x, layer, "up_proj", segs))
@@ -176,8 +173,8 @@ class DecoderLayer(nn.Module):
         self, h: torch.Tensor, pending: torch.Tensor | None, ctx: ForwardContext, rt: Runtime
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the residual stream and this layer's MLP output, which the next norm adds (one fused kernel)."""
-        x, h = self.input_layernorm(h, pending, rt.fused)
-        x, h = self.post_attention_layernorm(self.self_attn(x, ctx, rt), h, rt.fused)
+        x, h = self.input_layernorm(h, pending, rt.ops)
+        x, h = self.post_attention_layernorm(self.self_attn(x, ctx, rt), h, rt.ops)
         return h, self.mlp(x, ctx, rt)
 
 
@@ -213,7 +210,7 @@ class CausalLM(nn.Module):
         h, pending = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
             h, pending = layer(h, pending, ctx, rt)
-        return self.model.norm(h, pending, rt.fused)[0]
+        return self.model.norm(h, pending, rt.ops)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
 from lragent.models.hub import resolve_model
 from lragent.models.llama import CausalLM
 from lragent.models.presets import preset

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from lragent.models.config import ModelConfig
+from lragent.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from lragent.kernels.backend import LayerOps
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -44,14 +48,12 @@ class RotaryEmbedding:
         self.cos, self.sin = emb.cos(), emb.sin()
 
     def __call__(
-        self, x: torch.Tensor, positions: torch.Tensor, fused: bool = False, out: torch.Tensor | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, ops: LayerOps | None = None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x: [T, heads, head_dim]; positions: [T]. `fused`: one Triton kernel (the GPU form), same arithmetic,
+        """x: [T, heads, head_dim]; positions: [T]. With a backend's `ops`: its one-kernel rotary, same arithmetic,
         optionally into `out` (which may be x itself)."""
-        if fused:
-            from lragent.kernels.triton_fused import rotary
-
-            return rotary(x, positions, self.cos, self.sin, out=out)
+        if ops is not None:
+            return ops.rotary(x, positions, self.cos, self.sin, out=out)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         half = x.shape[-1] // 2

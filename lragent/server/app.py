@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import hmac
-import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -17,6 +19,7 @@ from lragent.engine.llm_engine import LLMEngine
 from lragent.lora.adapter import AdapterError
 from lragent.server.engine_loop import AsyncEngine
 from lragent.server.errors import APIError, bad_request, install_handlers
+from lragent.server.guard import check_adapter_name, decode_json, resolve_inside, scrub_paths, shown
 from lragent.server.metrics import CONTENT_TYPE, ServerMetrics
 from lragent.server.protocol import (
     ChatCompletionRequest,
@@ -26,17 +29,39 @@ from lragent.server.protocol import (
     parse_body,
 )
 from lragent.server.serving import OpenAIServing
+from lragent.server.shutdown import Admission, AdmissionMiddleware
 
+log = logging.getLogger("lragent.server")
 DRAIN_FACTOR = 4  # an oversize body is read (and dropped) up to this many times the limit, so the client sees the 413
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     served_model_name: str | None = None  # default: the engine's model argument
-    api_key: str | None = None  # bearer token required on /v1/* when set
+    api_key: str | None = None  # one bearer token (the single-tenant spelling); merged into `keys`
+    api_keys: tuple[str, ...] = ()  # several tenants' tokens: any one is accepted on /v1/*, /metrics, /openapi.json
     max_body_bytes: int = 16 << 20
     max_choices: int = 64  # prompts x n per request
-    allow_runtime_lora: bool = True  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter (off, as in vLLM)
+    lora_roots: tuple[str, ...] = ()  # runtime loads must resolve (symlinks followed) inside one of these folders
+    tenant_isolation: bool = False  # derive each request's cache salt from its API key: tenants share no cache
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        object.__setattr__(self, "lora_roots", tuple(str(r) for r in self.lora_roots))
+        if self.tenant_isolation and not self.keys:
+            raise ValueError("tenant isolation needs at least one API key: tenants are told apart by their keys")
+        if self.allow_runtime_lora and not self.lora_roots:
+            raise ValueError(
+                "runtime adapter loading needs at least one adapter root (--lora-root DIR): "
+                "without one, a client could load any file the server can read"
+            )
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every accepted API key (empty: no authentication)."""
+        first = (self.api_key,) if self.api_key else ()
+        return tuple(dict.fromkeys(first + self.api_keys))
 
 
 async def read_json(request: Request, limit: int):
@@ -60,10 +85,7 @@ async def read_json(request: Request, limit: int):
         )
     if not body:
         raise bad_request("the request body is empty: expected a JSON object")
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"malformed JSON in the request body: {exc}") from None
+    return decode_json(bytes(body))
 
 
 def _tokenizer_copy(tokenizer):
@@ -71,13 +93,36 @@ def _tokenizer_copy(tokenizer):
     return None if tokenizer is None else copy.deepcopy(tokenizer)
 
 
+def _key_bytes(key: str) -> bytes:
+    return key.encode("utf-8", "surrogateescape")  # a key from argv may hold undecodable bytes
+
+
+def tenant_salt(key: str) -> str:
+    """A tenant's cache namespace: a digest of its key (the key itself never reaches the engine or a log)."""
+    return hashlib.sha256(b"lragent-tenant\0" + _key_bytes(key)).hexdigest()[:32]
+
+
+def _model_root(engine: LLMEngine, name: str) -> str:
+    """`root` of the base model in /v1/models: the model argument, unless it is a local path (not for clients)."""
+    model = engine.config.model
+    return name if Path(model).expanduser().exists() else model
+
+
 def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     name = settings.served_model_name or engine.config.model
     metrics = ServerMetrics(name, engine.scheme.mode.value, engine.config.block_size)
     loop = AsyncEngine(engine, metrics)
-    serving = OpenAIServing(loop, _tokenizer_copy(engine.tokenizer), name, {engine.config.model}, settings.max_choices)
+    serving = OpenAIServing(
+        loop,
+        _tokenizer_copy(engine.tokenizer),
+        name,
+        {engine.config.model},
+        settings.max_choices,
+        engine.model_config.vocab_size,
+    )
     created = int(time.time())
+    keys = [(key, _key_bytes(key)) for key in settings.keys]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,19 +132,36 @@ def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> Fas
         finally:
             loop.stop()
 
-    app = FastAPI(title="lragent", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json is served below, behind the key; /docs and /redoc are off
+    app = FastAPI(title="lragent", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    admission = Admission()
+    app.add_middleware(AdmissionMiddleware, admission=admission)
     app.state.engine_loop, app.state.metrics, app.state.settings = loop, metrics, settings
+    app.state.admission = admission
     install_handlers(app, on_error=lambda status: metrics.http_errors.labels(str(status)).inc())
 
     async def check_key(request: Request) -> None:
-        if settings.api_key is None:
+        """Any configured key is accepted; the matching one is kept on the request (for tenant isolation)."""
+        if not keys:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode("latin-1")  # the header's raw bytes
+        match = None
+        for key, raw in keys:  # every key is compared: the time taken does not depend on which one matched
+            if hmac.compare_digest(given, raw):
+                match = key
+        if scheme.lower() != "bearer" or match is None:
             raise APIError(
                 401, "invalid or missing API key (send 'Authorization: Bearer <key>')", None, "invalid_api_key"
             )
+        request.state.api_key = match
+
+    def cache_salt(request: Request, client_salt: str | None) -> str | None:
+        """The engine's cache salt: the client's `cache_salt`, within its tenant's namespace under isolation."""
+        if not settings.tenant_isolation:
+            return client_salt
+        tenant = tenant_salt(request.state.api_key)
+        return tenant if client_salt is None else f"{tenant}:{client_salt}"
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
@@ -108,41 +170,59 @@ def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> Fas
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await serving.chat(await body_of(request, ChatCompletionRequest), request)
+        body = await body_of(request, ChatCompletionRequest)
+        return await serving.chat(body, request, cache_salt(request, body.cache_salt))
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        return await serving.completion(await body_of(request, CompletionRequest), request)
+        body = await body_of(request, CompletionRequest)
+        return await serving.completion(body, request, cache_salt(request, body.cache_salt))
 
     @v1.get("/models")
     async def models() -> JSONResponse:
         card = {"object": "model", "created": created, "owned_by": "lragent", "max_model_len": loop.max_model_len}
-        data = [{"id": name, "root": engine.config.model, "parent": None, **card}]
-        data += [{"id": a, "root": path, "parent": name, **card} for a, path in sorted(loop.adapter_paths.items())]
+        data = [{"id": name, "root": _model_root(engine, name), "parent": None, **card}]
+        data += [{"id": a, "root": a, "parent": name, **card} for a in sorted(loop.adapter_paths)]  # no paths
         return JSONResponse({"object": "list", "data": data})
 
     def runtime_lora() -> None:
         if not settings.allow_runtime_lora:
-            raise APIError(403, "loading and unloading adapters at runtime is disabled on this server")
+            raise APIError(
+                403, "loading and unloading adapters at runtime is disabled on this server (--enable-runtime-lora)"
+            )
 
     @v1.post("/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> PlainTextResponse:
         runtime_lora()
         body = await body_of(request, LoadLoRARequest)
+        check_adapter_name(body.lora_name)
         if body.lora_name in serving.aliases:
-            raise bad_request(f"{body.lora_name!r} is the base model's name", "lora_name")
-        try:
-            await loop.load_adapter(body.lora_name, body.lora_path)
-        except (AdapterError, ValueError, KeyError, OSError) as exc:
-            raise bad_request(f"cannot load adapter {body.lora_name!r}: {exc}", "lora_path") from None
+            raise bad_request(f"{shown(body.lora_name)} is the base model's name", "lora_name")
+        real = resolve_inside(body.lora_path, settings.lora_roots)
+        await _load(body.lora_name, body.lora_path, real)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def _load(lora_name: str, given: str, real: Path) -> None:
+        """Load; a failure names the adapter and the reason, with no server path in it."""
+        try:
+            await loop.load_adapter(lora_name, str(real))
+        except (AdapterError, ValueError, KeyError, OSError) as exc:
+            reason = scrub_paths(str(exc), real, given)
+            raise bad_request(f"cannot load adapter {shown(lora_name)}: {reason}", "lora_path") from None
+        except Exception:  # a parser deep down choked on the files: the client learns that, the log learns why
+            log.exception("loading adapter %r failed", lora_name)
+            raise bad_request(
+                f"cannot load adapter {shown(lora_name)}: its files could not be read as a PEFT LoRA adapter",
+                "lora_path",
+            ) from None
 
     @v1.post("/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> PlainTextResponse:
         runtime_lora()
         body = await body_of(request, UnloadLoRARequest)
         if body.lora_name not in loop.adapter_paths:
-            raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.", "lora_name", "model_not_found")
+            message = f"The lora adapter {shown(body.lora_name)} cannot be found."
+            raise APIError(404, message, "lora_name", "model_not_found")
         try:
             await loop.unload_adapter(body.lora_name)
         except AdapterError as exc:
@@ -157,10 +237,14 @@ def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> Fas
             raise APIError(503, "the engine loop is not running")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(check_key)])
     async def prometheus() -> Response:
         if loop.alive:
             metrics.update_engine(await loop.stats(), len(loop.adapter_paths))
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/openapi.json", dependencies=[Depends(check_key)], include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     return app

@@ -3,12 +3,15 @@
     lragent serve --model smollm2-135m-instruct --adapter plan=PATH --adapter action=PATH \\
         --sharing base_lr_shared --host 127.0.0.1 --port 8000 [--api-key KEY]
     lragent serve --adapter-set hotpotqa-shared-a          # the shipped plan/action/reflect adapters
+    lragent serve --api-key KEY_A --api-key KEY_B --tenant-isolation \
+        --enable-runtime-lora --lora-root /srv/adapters        # two tenants, adapters loadable from one folder
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from lragent.engine_args import add_engine_args, engine_config, parse_size
@@ -22,22 +25,64 @@ def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/*, /metrics and /openapi.json (repeatable: one per tenant)",
+    )
+    p.add_argument(
+        "--tenant-isolation",
+        action="store_true",
+        help="derive the cache salt from the caller's API key: tenants share no cached prefix (needs --api-key)",
+    )
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
     p.add_argument("--max-body-bytes", type=parse_size, default=16 << 20)
-    p.add_argument("--disable-runtime-lora", action="store_true", help="refuse /v1/load_lora_adapter and unload")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument(
+        "--enable-runtime-lora",
+        dest="runtime_lora",
+        action="store_true",
+        help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --lora-root)",
+    )
+    lora.add_argument(
+        "--disable-runtime-lora", dest="runtime_lora", action="store_false", help="the default; kept for old scripts"
+    )
+    p.add_argument(
+        "--lora-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="runtime adapter loads must resolve inside DIR (repeatable)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight may run on before they are ended with an error",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
 
 def server_settings(args: argparse.Namespace):
+    """ServerSettings from the flags; ValueError for a combination that cannot be served safely."""
     from lragent.server.app import ServerSettings
 
+    missing = [d for d in args.lora_root if not os.path.isdir(d)]
+    if missing:
+        raise ValueError(f"--lora-root {missing[0]!r} is not a directory")
+    if args.shutdown_timeout < 0:
+        raise ValueError("--shutdown-timeout must be >= 0")
     return ServerSettings(
         served_model_name=args.served_model_name,
-        api_key=args.api_key,
+        api_keys=tuple(args.api_key),
         max_body_bytes=args.max_body_bytes,
-        allow_runtime_lora=not args.disable_runtime_lora,
+        allow_runtime_lora=args.runtime_lora,
+        lora_roots=tuple(args.lora_root),
+        tenant_isolation=args.tenant_isolation,
     )
 
 
@@ -64,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = engine_config(args)
+        settings = server_settings(args)  # before the model loads: a bad flag fails fast
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -72,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from lragent.engine.llm_engine import LLMEngine
     from lragent.server.app import create_app
+    from lragent.server.shutdown import SHUTTING_DOWN, GracefulServer
 
     try:
         engine = LLMEngine(config)
     except (ValueError, FileNotFoundError) as exc:  # AdapterError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    app = create_app(engine, server_settings(args))
+    app = create_app(engine, settings)
     logging.getLogger("lragent.server").info(
         "serving %s (+ %d adapters: %s) with %s sharing on http://%s:%d/v1",
         args.served_model_name or args.model,
@@ -88,7 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         args.host,
         args.port,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uv_config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
+    )
+    server = GracefulServer(
+        uv_config,
+        app.state.admission,
+        lambda: app.state.engine_loop.fail_all_nowait(SHUTTING_DOWN, 503),
+        args.shutdown_timeout,
+    )
+    server.run()
     return 0
 
 

@@ -34,6 +34,7 @@ class StreamItem:
     output: RequestOutput | None
     time: float  # perf_counter when the step produced it
     error: str | None = None
+    status: int = 500  # the HTTP status of `error`: 500 for an engine failure, 503 when the server shuts down
 
 
 @dataclass
@@ -43,6 +44,11 @@ class EngineRequest:
     adapter: str | None
     request_id: str
     index: int  # choice index in the HTTP response
+    cache_salt: str | None = None  # requests with different salts share no cached block (tenant isolation)
+
+
+class EngineUnavailable(RuntimeError):
+    """The loop is not running or the server is shutting down: the client should see a 503."""
 
 
 @dataclass
@@ -71,6 +77,7 @@ class AsyncEngine:
         self._sinks: dict[str, _Sink] = {}  # owned by the loop thread
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.closing = False  # set by fail_all_nowait at shutdown: nothing new is admitted
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,7 +102,7 @@ class AsyncEngine:
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run `fn(engine)` on the loop thread between two steps; its exception is raised here."""
         if not self.alive:
-            raise RuntimeError("the engine loop is not running")
+            raise EngineUnavailable("the engine loop is not running")
         future: Future = Future()
         self._commands.put((fn, future))
         return await asyncio.wrap_future(future)
@@ -106,10 +113,13 @@ class AsyncEngine:
         out: asyncio.Queue[StreamItem] = asyncio.Queue()
 
         def add(engine: LLMEngine) -> None:
+            if self.closing:
+                raise EngineUnavailable("the server is shutting down")
             added: list[str] = []
             try:
                 for r in requests:
-                    engine.add_request(r.prompt_ids, r.params, r.adapter, r.request_id)
+                    salt = {} if r.cache_salt is None else {"cache_salt": r.cache_salt}
+                    engine.add_request(r.prompt_ids, r.params, r.adapter, r.request_id, **salt)
                     added.append(r.request_id)
                     self._sinks[r.request_id] = _Sink(loop, out, r.index, r.adapter or "")
             except BaseException:
@@ -126,6 +136,11 @@ class AsyncEngine:
         if request_ids:
             self._commands.put((lambda engine: self._abort(engine, request_ids), None))
 
+    def fail_all_nowait(self, message: str, status: int = 503) -> None:
+        """End every request in flight with `message` (shutdown past its grace period) and admit no new one."""
+        self.closing = True
+        self._commands.put((lambda engine: self._fail_all(message, status), None))
+
     async def load_adapter(self, name: str, path: str) -> None:
         def load(engine: LLMEngine) -> None:
             engine.load_adapter(name, path)
@@ -137,6 +152,8 @@ class AsyncEngine:
         def unload(engine: LLMEngine) -> None:
             engine.unload_adapter(name)
             self.adapter_paths = {k: v for k, v in self.adapter_paths.items() if k != name}
+            if self.metrics is not None:
+                self.metrics.remove_adapter(name)
 
         await self.call(unload)
 
@@ -154,7 +171,7 @@ class AsyncEngine:
             self._drain()
             if self.engine.has_unfinished() and not self._stop.is_set():
                 self._step()
-        self._fail_all("the server is shutting down")
+        self._fail_all("the server is shutting down", 503)
 
     def _drain(self) -> None:
         while True:
@@ -182,9 +199,9 @@ class AsyncEngine:
         start = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception as exc:
+        except Exception as exc:  # the engine contains per-request failures; this is a bug: the text stays in the log
             log.exception("engine step failed; failing the requests in flight")
-            self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
+            self._fail_all(f"engine error ({type(exc).__name__})")
             return
         now = time.perf_counter()
         for out in outputs:
@@ -206,7 +223,10 @@ class AsyncEngine:
         sink.last_time = now
         if out.finished:
             del self._sinks[out.request_id]
-        sink.put(StreamItem(sink.index, out, now))
+        error = None
+        if out.finished and out.finish_reason == "error":  # this request alone failed in the engine
+            error = getattr(out, "error", None) or "the engine failed on this request"
+        sink.put(StreamItem(sink.index, out, now, error=error))
 
     def _abort(self, engine: LLMEngine, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -215,7 +235,7 @@ class AsyncEngine:
             if sink is not None and self.metrics is not None:
                 self.metrics.finished(sink.adapter, sink.metrics, "abort")
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, status: int = 500) -> None:
         now = time.perf_counter()
         for rid, sink in list(self._sinks.items()):
             try:
@@ -224,5 +244,5 @@ class AsyncEngine:
                 log.exception("abort of %s failed", rid)
             if self.metrics is not None:
                 self.metrics.finished(sink.adapter, sink.metrics, "error")
-            sink.put(StreamItem(sink.index, None, now, error=message))
+            sink.put(StreamItem(sink.index, None, now, error=message, status=status))
         self._sinks.clear()

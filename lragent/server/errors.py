@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,7 +43,22 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return ErrorResponse(self.body(), status_code=self.status)
+
+
+class ErrorResponse(JSONResponse):
+    """ASCII-only JSON: an error message that quotes odd client text (a lone surrogate) still encodes."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+def internal_error(where: str, exc: BaseException | None = None) -> APIError:
+    """A 500 that tells the client nothing about the failure (it may hold paths, shapes, values) but a reference
+    to find it in the server log, where the traceback goes."""
+    ref = uuid.uuid4().hex[:16]
+    log.error("internal error %s while serving %s", ref, where, exc_info=exc or True)
+    return APIError(500, f"internal server error (reference {ref})", None, "internal_error")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -90,6 +107,5 @@ def install_handlers(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error while serving %s", request.url.path)
         note(500)
-        return APIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
+        return internal_error(request.url.path, exc).response()

@@ -23,6 +23,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class ServerMetrics:
@@ -98,6 +99,18 @@ class ServerMetrics:
 
     def label(self, adapter: str | None) -> str:
         return adapter or self.base_label
+
+    def remove_adapter(self, adapter: str) -> None:
+        """Drop an unloaded adapter's series: load/unload cycles under fresh names must not grow /metrics forever."""
+        per_adapter = (self.prompt_tokens, self.computed_tokens, self.reused_tokens, self.base_reused_tokens,
+                       self.generation_tokens, self.ttft, self.itl, self.e2e)  # fmt: skip
+        series = [(m, (adapter,)) for m in per_adapter]
+        series += [(self.requests, (adapter, reason)) for reason in FINISH_REASONS]
+        for metric, labels in series:
+            try:
+                metric.remove(*labels)
+            except KeyError:  # prometheus-client < 0.22 raises for a series that never existed
+                pass
 
     # ---- called from the engine thread (prometheus-client is thread-safe) ----------------------------------
     def token(self, adapter: str, metrics: RequestMetrics, gap_s: float | None) -> None:

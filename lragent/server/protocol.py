@@ -2,17 +2,28 @@
 
 Unknown fields are ignored, as agent frameworks send many vendor extras; fields that would change the result but
 that lragent does not implement (tools, penalties, logit bias, JSON mode, ...) are refused by `unsupported()`.
+Sizes are capped (`limits()`): every stop string is searched for after every token of every choice, so a request
+with many long stop strings would slow the whole batch, i.e. every other client.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from lragent.server.errors import APIError, bad_request
 
 INT64 = 1 << 63
+MAX_STOPS = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit); logit_bias is refused anyway, but must not be huge to say so
+MAX_SALT_CHARS = 256
+MAX_PATH_CHARS = 4096
+
+Number = Annotated[float, Field(allow_inf_nan=False)]
+Int = Annotated[StrictInt, Field(ge=-INT64, lt=INT64)]  # larger integers are refused before any arithmetic
 
 
 class _Body(BaseModel):
@@ -27,24 +38,39 @@ class _Generation(_Body):
     """Fields shared by chat and text completions (OpenAI names, plus a few of vLLM's extensions)."""
 
     model: str
-    max_tokens: StrictInt | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: StrictInt = 1
+    max_tokens: Int | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    n: Int = 1
     stop: str | list[str] | None = None
-    seed: StrictInt | None = Field(default=None, ge=-INT64, lt=INT64)
+    seed: Int | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
     user: str | None = None
     # vLLM-style extensions
-    top_k: StrictInt | None = None
+    top_k: Int | None = None
     ignore_eos: StrictBool = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[Int] | None = None
     include_stop_str_in_output: StrictBool = False
-    min_tokens: StrictInt = 0
+    min_tokens: Int = 0
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
+
+    def limits(self) -> list[tuple[str, str]]:
+        """(param, reason) for every field over the server's caps."""
+        out = []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOPS:
+            out.append(("stop", f"at most {MAX_STOPS} stop strings per request, got {len(stops)}"))
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            out.append(("stop", f"stop strings must be at most {MAX_STOP_CHARS} characters"))
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            out.append(("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids per request"))
+        if self.logit_bias is not None and len(self.logit_bias) > MAX_LOGIT_BIAS:
+            out.append(("logit_bias", f"logit_bias has more than {MAX_LOGIT_BIAS} entries"))
+        return out
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, reason) for every field set to something lragent cannot honour."""
@@ -88,9 +114,9 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = None
+    max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -113,11 +139,11 @@ class ChatCompletionRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    prompt: str | list[str] | list[Int] | list[list[Int]]
     logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
     echo: StrictBool = False
     suffix: str | None = None
-    best_of: StrictInt | None = None
+    best_of: Int | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
@@ -137,13 +163,13 @@ class CompletionRequest(_Generation):
 
 
 class LoadLoRARequest(_Body):
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1)  # checked by guard.check_adapter_name
+    lora_path: str = Field(min_length=1, max_length=MAX_PATH_CHARS)
 
 
 class UnloadLoRARequest(_Body):
     lora_name: str = Field(min_length=1)
-    lora_int_id: int | None = None
+    lora_int_id: Int | None = None
 
 
 def parse_body(model: type[_Body], data: Any):
@@ -153,12 +179,13 @@ def parse_body(model: type[_Body], data: Any):
     try:
         body = model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or None
-        where = ".".join(str(p) for p in first["loc"])
+        first = exc.errors(include_url=False, include_input=False)[0]
+        loc = first["loc"]
+        param = loc[0] if loc and isinstance(loc[0], str) else None  # the top-level field (union tags follow it)
+        where = ".".join(str(p) for p in loc)[:200]  # dict keys are the client's: keep the echo short
         raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param) from None
     if isinstance(body, _Generation):
-        for param, reason in body.unsupported():
+        for param, reason in body.limits() + body.unsupported():
             raise bad_request(reason, param)
     return body
 

@@ -128,8 +128,9 @@ class Responder:
                 yield self._chunk(job, [self._choice_delta(job, r.index, job.echo[r.index // n], None, None)])
         while len(job.finished) < len(job.requests):
             item = await queue.get()
-            if item.error is not None:
-                yield sse(APIError(500, item.error).body())
+            if item.error is not None:  # an error event, then [DONE]: the client sees why the stream ended
+                code = "engine_error" if item.status == 500 else "service_unavailable"
+                yield sse(APIError(item.status, item.error, None, code).body())
                 break
             out = item.output
             stream = streams[item.index]

@@ -10,27 +10,58 @@ import asyncio
 import uuid
 from typing import Any
 
+from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lragent.sampling import SamplingParams
-from lragent.server.engine_loop import AsyncEngine, EngineRequest
+from lragent.server.engine_loop import AsyncEngine, EngineRequest, EngineUnavailable
 from lragent.server.errors import APIError, bad_request, from_engine_error
+from lragent.server.guard import shown
 from lragent.server.protocol import INT64, ChatCompletionRequest, CompletionRequest
 from lragent.server.responses import Job, Responder
 from lragent.server.streaming import ClientDisconnected, EventStream, until_disconnect
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "stop")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "seed")
+
+
+def prompt_too_long(limit: int, prompt_len: int, param: str) -> APIError:
+    return bad_request(
+        f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens "
+        "(at least one token must be generated). Please shorten the prompt.",
+        param,
+        "context_length_exceeded",
+    )
+
+
+def longest_token(tokenizer: Any) -> int:
+    """Characters in the tokenizer's longest vocabulary entry (byte-level BPE: one character per byte)."""
+    try:
+        return max(map(len, tokenizer.get_vocab()), default=1)
+    except (AttributeError, TypeError):
+        return 64
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, tokenizer: Any, model_name: str, aliases: set[str], max_choices: int):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        tokenizer: Any,
+        model_name: str,
+        aliases: set[str],
+        max_choices: int,
+        vocab_size: int | None = None,
+    ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.aliases = aliases | {model_name}
         self.max_choices = max_choices
+        self.vocab_size = vocab_size
         self.responder = Responder(tokenizer)
+        # text this long cannot fit the context whatever it is (normalisation slack x2): refused before tokenising,
+        # which runs on the event loop (about 1 s per MB) and would stall every other client's stream
+        self.max_prompt_chars = 2 * engine.max_model_len * (longest_token(tokenizer) if tokenizer else 1) + 1024
 
     # ---- request -> engine requests ------------------------------------------------------------------------
     def resolve_model(self, name: str) -> str | None:
@@ -40,51 +71,84 @@ class OpenAIServing:
         if name in self.engine.adapter_paths:
             return name
         known = ", ".join([self.model_name, *sorted(self.engine.adapter_paths)])
-        raise APIError(404, f"The model `{name}` does not exist (served: {known}).", "model", "model_not_found")
+        raise APIError(404, f"The model {shown(name)} does not exist (served: {known}).", "model", "model_not_found")
 
-    def encode(self, text: str) -> list[int]:
+    def _check_length(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise bad_request(
+                f"the prompt has {chars} characters: more than can fit this model's context of "
+                f"{self.engine.max_model_len} tokens",
+                param,
+                "context_length_exceeded",
+            )
+
+    def encode(self, text: str, param: str = "prompt") -> list[int]:
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer: send prompts as lists of token ids", "prompt")
+        self._check_length(len(text), param)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
-        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Text of prompt token ids (for echo); ids were checked against the vocabulary first."""
+        if self.tokenizer is None:
+            return ""
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        except Exception:  # an id the model has but the tokenizer lacks (padded vocabularies)
+            raise bad_request("the prompt has token ids this model's tokenizer cannot decode", "prompt") from None
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template: use /v1/completions", "messages")
+        if len(body.messages) > self.engine.max_model_len:  # every message costs at least one token
+            raise bad_request(
+                f"{len(body.messages)} messages cannot fit this model's context of {self.engine.max_model_len} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        self._check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # the template itself refuses (e.g. role order)
-            raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from None
-        return self.encode(text)
+        except TemplateError as exc:  # the template itself refuses (e.g. role order): its message is for the user
+            raise bad_request(f"the chat template rejected the messages: {shown(str(exc))}", "messages") from None
+        except Exception:
+            raise bad_request("the chat template could not render these messages", "messages") from None
+        return self.encode(text, "messages")
+
+    def _check_ids(self, prompts: list[list[int]]) -> None:
+        """Token ids must index the vocabulary, and fit the context, before anything decodes them (echo)."""
+        vocab, limit = self.vocab_size, self.engine.max_model_len
+        for ids in prompts:
+            if len(ids) >= limit:
+                raise prompt_too_long(limit, len(ids), "prompt")
+            bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+            if bad:
+                upper = f"[0, {vocab})" if vocab is not None else "non-negative"
+                raise bad_request(f"prompt token ids must be in {upper}; got {str(bad[:3])[:120]}", "prompt")
 
     def completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         prompt = body.prompt
         if isinstance(prompt, str):
-            texts = [prompt]
-        elif prompt and all(isinstance(p, int) for p in prompt):
-            return [list(prompt)], [self.decode(list(prompt))] if body.echo else []
-        elif prompt and all(isinstance(p, str) for p in prompt):
-            texts = list(prompt)
-        elif prompt:
-            return [list(p) for p in prompt], [self.decode(list(p)) for p in prompt] if body.echo else []
-        else:
+            prompt = [prompt]
+        if not prompt:
             raise bad_request("prompt is empty", "prompt")
-        return [self.encode(t) for t in texts], texts
+        if all(isinstance(p, int) for p in prompt):
+            prompt = [prompt]
+        if body.n * len(prompt) > self.max_choices:  # before tokenising a long list of prompts
+            raise bad_request(f"at most {self.max_choices} choices per request (prompts x n)", "n")
+        if all(isinstance(p, str) for p in prompt):
+            return [self.encode(t) for t in prompt], list(prompt)
+        ids = [list(p) for p in prompt]
+        self._check_ids(ids)
+        return ids, [self.decode(p) for p in ids] if body.echo else []
 
     def _params(self, body, prompt_len: int, choice: int, param: str) -> SamplingParams:
         limit = self.engine.max_model_len
         if prompt_len == 0:
             raise bad_request("the prompt is empty", param)
         if prompt_len >= limit:
-            raise bad_request(
-                f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens "
-                "(at least one token must be generated). Please shorten the prompt.",
-                param,
-                "context_length_exceeded",
-            )
+            raise prompt_too_long(limit, prompt_len, param)
         max_tokens = body.token_limit
         if max_tokens is None:
             max_tokens = limit - prompt_len
@@ -118,7 +182,9 @@ class OpenAIServing:
             word = str(exc).split(" ", 1)[0]
             raise bad_request(str(exc), word if word in SAMPLING_FIELDS else None) from None
 
-    def make_job(self, kind: str, body, adapter: str | None, prompts: list[list[int]], param: str) -> Job:
+    def make_job(
+        self, kind: str, body, adapter: str | None, prompts: list[list[int]], param: str, salt: str | None
+    ) -> Job:
         if body.n < 1:
             raise bad_request(f"n must be at least 1, got {body.n}", "n")
         if body.n * len(prompts) > self.max_choices:
@@ -130,7 +196,7 @@ class OpenAIServing:
             for j in range(body.n):
                 index = i * body.n + j
                 params = self._params(body, len(ids), j, param)
-                requests.append(EngineRequest(ids, params, adapter, f"{job_id}-{index}", index))
+                requests.append(EngineRequest(ids, params, adapter, f"{job_id}-{index}", index, salt))
         return Job(
             kind,
             job_id,
@@ -143,21 +209,24 @@ class OpenAIServing:
         )
 
     # ---- endpoints -----------------------------------------------------------------------------------------
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat(self, body: ChatCompletionRequest, request: Request, salt: str | None = None) -> Response:
+        """`salt`: the cache salt the server derived (tenant and/or the client's `cache_salt`)."""
         adapter = self.resolve_model(body.model)
-        job = self.make_job("chat", body, adapter, [self.chat_prompt(body)], "messages")
+        job = self.make_job("chat", body, adapter, [self.chat_prompt(body)], "messages", salt)
         return await self._run(job, request)
 
-    async def completion(self, body: CompletionRequest, request: Request) -> Response:
+    async def completion(self, body: CompletionRequest, request: Request, salt: str | None = None) -> Response:
         adapter = self.resolve_model(body.model)
         prompts, texts = self.completion_prompts(body)
-        job = self.make_job("completion", body, adapter, prompts, "prompt")
+        job = self.make_job("completion", body, adapter, prompts, "prompt", salt)
         job.echo = texts if body.echo else None
         return await self._run(job, request)
 
     async def _run(self, job: Job, request: Request) -> Response:
         try:
             queue = await self.engine.submit(job.requests)
+        except EngineUnavailable as exc:
+            raise APIError(503, str(exc), None, "service_unavailable") from None
         except (ValueError, TypeError) as exc:  # AdapterError is a ValueError
             raise from_engine_error(exc, "messages" if job.kind == "chat" else "prompt") from None
 
@@ -177,7 +246,8 @@ class OpenAIServing:
     async def _collect(self, job: Job, queue: asyncio.Queue) -> None:
         while len(job.finished) < len(job.requests):
             item = await queue.get()
-            if item.error is not None:
-                raise APIError(500, item.error)
+            if item.error is not None:  # this request failed (or the server is shutting down): others go on
+                code = "engine_error" if item.status == 500 else "service_unavailable"
+                raise APIError(item.status, item.error, None, code)
             if item.output.finished:
                 job.finished[item.index] = item.output

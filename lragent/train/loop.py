@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -163,30 +163,8 @@ def train_adapters(
         step_losses = []
         for role, encoded in data.items():
             _activate(model, role, params)
-            micro = []
-            for _ in range(cfg.grad_accum):
-                batch = [encoded[i] for i in next(samplers[role])]
-                with _autocast(device, cfg.precision):
-                    loss = output_loss(model, collate(batch, pad_id).to(device))
-                (loss / cfg.grad_accum).backward()
-                micro.append(loss.detach().float())
-                results[role].tokens += sum(len(e.ids) for e in batch)
-                results[role].output_tokens += sum(e.n_output for e in batch)
-            step_losses.append(torch.stack(micro).mean())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # non-finite if any gradient is
-        values = torch.stack([*step_losses, grad_norm.float().to(step_losses[0].device)]).cpu().tolist()  # one sync
-        losses, grad_norm = values[:-1], values[-1]
-        update = all(math.isfinite(x) for x in losses) and math.isfinite(grad_norm)
-        for res, value in zip(results.values(), losses):
-            res.losses.append(value)
-            if not update:  # one optimizer step for all adapters: none of them is updated
-                res.skipped.append(step)
-        if update:
-            opt.step()
-        with warnings.catch_warnings():  # a skipped first step: the schedule advances without an optimizer step
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
-            sched.step()
-        opt.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped with it
+            step_losses.append(_role_loss(model, encoded, samplers[role], cfg, pad_id, device, results[role]))
+        _optimizer_step(opt, sched, params, cfg, step_losses, results, step)
         if (step + 1) % 10 == 0 or step + 1 == total:
             bar.set_postfix({r: f"{_last_finite(res.losses):.3f}" for r, res in results.items()})
     if device.type == "cuda":
@@ -194,15 +172,57 @@ def train_adapters(
     elapsed = time.perf_counter() - start
     for res in results.values():
         res.steps, res.time_s = total, elapsed
-        if res.skipped:
-            print(f"{res.role}: {len(res.skipped)} of {total} steps skipped (non-finite loss or gradient): "
-                  f"{res.skipped[:10]}{' ...' if len(res.skipped) > 10 else ''}")  # fmt: skip
-        if len(res.skipped) > cfg.max_skipped_ratio * total:
-            raise TrainingFailed(
-                f"{res.role}: {len(res.skipped)} of {total} optimizer steps had a non-finite loss or gradient "
-                f"(more than max_skipped_ratio={cfg.max_skipped_ratio}); first at step {res.skipped[0]}"
-            )
+        _check_skipped(res, total, cfg)
     return results
+
+
+def _role_loss(model: torch.nn.Module, encoded: list[Encoded], sampler: Iterator[list[int]], cfg: TrainConfig,
+               pad_id: int, device: torch.device, result: RoleResult) -> torch.Tensor:
+    """Forward and backward over ``grad_accum`` micro-batches of the active adapter; its mean loss stays on the
+    device (read once per step with the others, one host sync)."""
+    micro = []
+    for _ in range(cfg.grad_accum):
+        batch = [encoded[i] for i in next(sampler)]
+        with _autocast(device, cfg.precision):
+            loss = output_loss(model, collate(batch, pad_id).to(device))
+        (loss / cfg.grad_accum).backward()
+        micro.append(loss.detach().float())
+        result.tokens += sum(len(e.ids) for e in batch)
+        result.output_tokens += sum(e.n_output for e in batch)
+    return torch.stack(micro).mean()
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+                    params: Sequence[torch.nn.Parameter], cfg: TrainConfig, step_losses: list[torch.Tensor],
+                    results: dict[str, RoleResult], step: int) -> None:
+    """Clip, then update every adapter at once, or none when a loss or the gradient norm is not finite (the step is
+    recorded as skipped for every adapter and its gradients are dropped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # non-finite if any gradient is
+    values = torch.stack([*step_losses, grad_norm.float().to(step_losses[0].device)]).cpu().tolist()  # one sync
+    losses, norm = values[:-1], values[-1]
+    update = all(math.isfinite(x) for x in losses) and math.isfinite(norm)
+    for res, value in zip(results.values(), losses):
+        res.losses.append(value)
+        if not update:  # one optimizer step for all adapters: none of them is updated
+            res.skipped.append(step)
+    if update:
+        opt.step()
+    with warnings.catch_warnings():  # a skipped first step: the schedule advances without an optimizer step
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+        sched.step()
+    opt.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped with it
+
+
+def _check_skipped(res: RoleResult, total: int, cfg: TrainConfig) -> None:
+    """Report an adapter's skipped steps; fail when more than ``max_skipped_ratio`` of them were skipped."""
+    if res.skipped:
+        print(f"{res.role}: {len(res.skipped)} of {total} steps skipped (non-finite loss or gradient): "
+              f"{res.skipped[:10]}{' ...' if len(res.skipped) > 10 else ''}")  # fmt: skip
+    if len(res.skipped) > cfg.max_skipped_ratio * total:
+        raise TrainingFailed(
+            f"{res.role}: {len(res.skipped)} of {total} optimizer steps had a non-finite loss or gradient "
+            f"(more than max_skipped_ratio={cfg.max_skipped_ratio}); first at step {res.skipped[0]}"
+        )
 
 
 def _last_finite(values: list[float]) -> float:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lragent.train.config import TrainConfig
+from lragent.train.data import ROLES
 from lragent.train.loop import RoleResult
 
 LOG_NAME = "train_log.json"
@@ -147,5 +148,4 @@ def write_manifest(root: Path) -> Path:
 
 
 def _role_order(role: str) -> tuple[int, str]:
-    order = ("plan", "action", "reflect")
-    return (order.index(role) if role in order else len(order), role)
+    return (ROLES.index(role) if role in ROLES else len(ROLES), role)

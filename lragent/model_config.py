@@ -1,4 +1,7 @@
-"""The base model's architecture, parsed once from a Hugging Face `config.json` and frozen."""
+"""The base model's architecture, parsed once from a Hugging Face `config.json` and frozen.
+
+A leaf value type: it imports nothing from lragent, so cache, lora, kernels and models can all depend on it
+without importing each other (see tests/test_import_rules.py)."""
 
 from __future__ import annotations
 

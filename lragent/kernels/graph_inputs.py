@@ -1,0 +1,121 @@
+"""Static attention inputs of CUDA-graph decode: device buffers a captured graph reads, refilled in place per step.
+
+A backend that supports CUDA graphs hands these out (`AttentionBackend.graph_inputs`) and builds the metadata the
+graph captures from views of them (`metadata`). Each replay writes the step's rows into pinned host mirrors and
+uploads them asynchronously (no host sync). Block tables are refilled incrementally: a row whose block lists are the
+same list objects as last step gets only its new entries (lists only grow in place or are replaced on
+preemption). Padding rows (batches are padded to a captured size) write nowhere (slot -1), read one key of block 0
+and use no adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lragent.kernels.metadata import AttentionMetadata, BatchRows
+
+# rows of the int64 buffer: the KV and LR write slots, the adapter slot of each row
+_KV_SLOT, _LR_SLOT, _LORA = range(3)
+
+
+def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    return t.pin_memory() if pin else t
+
+
+class GraphInputs:
+    def __init__(self, pools: list[str], max_batch: int, max_model_len: int, block_size: int, device: torch.device):
+        self.pools = pools  # declared pools in order; "kv" first
+        self.has_lr = "lr" in pools
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.device = device
+        b, w = max_batch, -(-max_model_len // block_size)
+        self.i64 = torch.zeros(3, b, dtype=torch.int64, device=device)
+        self.i32 = torch.zeros(2, b, dtype=torch.int32, device=device)  # context lengths, adapter slot (int32)
+        self.tables = torch.zeros(len(pools), b, w, dtype=torch.int32, device=device)
+        self.seg_start = torch.arange(b + 1, dtype=torch.int32, device=device)
+        pin = device.type == "cuda"  # (the buffers also work unpinned on the CPU, where the filling is tested)
+        self.host_i64 = _host(torch.zeros(3, b, dtype=torch.int64), pin)
+        self.host_i32 = _host(torch.zeros(2, b, dtype=torch.int32), pin)
+        self.host_tables = _host(torch.zeros(self.tables.shape, dtype=torch.int32), pin)
+        self.host_staging = _host(torch.zeros(self.tables.numel(), dtype=torch.int32), pin)
+        self.staging = torch.zeros(self.tables.numel(), dtype=torch.int32, device=device)
+        # per row: the block lists it held last step (one per pool) and the entries already in host_tables
+        self._rows: list[tuple[tuple[list[int], ...], int] | None] = [None] * b
+
+    def metadata(self, size: int, decode_splits: int | None = None) -> AttentionMetadata:
+        """Metadata over views of the static buffers, for a graph of `size` rows (what the capture records)."""
+        return AttentionMetadata(
+            query_lens=[1] * size,
+            context_lens=[self.max_model_len] * size,
+            query_start=self.seg_start[: size + 1],
+            context_lens_t=self.i32[0, :size],
+            base_block_tables=self.tables[0, :size],
+            lr_block_tables=self.tables[1, :size] if self.has_lr else None,
+            seq_lora_slots=self.i64[_LORA, :size],
+            base_write_idx=None,
+            base_slots=self.i64[_KV_SLOT, :size],
+            lr_slots=self.i64[_LR_SLOT, :size] if self.has_lr else None,
+            is_decode=True,
+            decode_splits=decode_splits,
+        )
+
+    def lora_rows(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row starts 0..size, int32 adapter slot per row): one LoRA segment per decode row."""
+        return self.seg_start[: size + 1], self.i32[1, :size]
+
+    def pad(self, size: int) -> None:
+        """Safe contents for a capture's warm-up run (it really executes: no pool writes, finite reads)."""
+        self._pad_rows(0, size)
+        self.i64[:, :size].copy_(self.host_i64[:, :size])
+        self.i32[:, :size].copy_(self.host_i32[:, :size])
+        self.tables[:, :size, 0] = 0
+
+    def fill(self, rows: BatchRows, size: int) -> None:
+        """Write the step's decode rows (one token each) into the host mirrors, then upload them asynchronously."""
+        n = rows.num_seqs
+        i64, i32 = self.host_i64.numpy(), self.host_i32.numpy()
+        i64[_KV_SLOT, :n] = rows.write_slots["kv"]
+        i64[_LR_SLOT, :n] = rows.write_slots["lr"] if self.has_lr else -1
+        i64[_LORA, :n] = rows.seq_lora_slots
+        i32[0, :n] = rows.context_lens
+        i32[1, :n] = rows.seq_lora_slots
+        used = self._fill_tables(rows)
+        self._pad_rows(n, size)
+        self.i64[:, :size].copy_(self.host_i64[:, :size], non_blocking=True)
+        self.i32[:, :size].copy_(self.host_i32[:, :size], non_blocking=True)
+        # only the used corner of the tables travels: staged contiguously, then scattered on the device
+        # (the previous step's copies are done: its sampling synchronised with the host)
+        corner = self.host_tables[:, :size, :used]
+        count = corner.numel()
+        self.host_staging[:count].view(corner.shape).copy_(corner)
+        self.staging[:count].copy_(self.host_staging[:count], non_blocking=True)
+        self.tables[:, :size, :used].copy_(self.staging[:count].view(corner.shape))
+
+    def _fill_tables(self, rows: BatchRows) -> int:
+        """New block-table entries of every row; returns the widest row's block count."""
+        tables, bs, used = self.host_tables.numpy(), self.block_size, 1
+        lists = [rows.tables[p] for p in self.pools]
+        for i, ctx in enumerate(rows.context_lens):
+            mine = tuple(per_pool[i] for per_pool in lists)
+            nb = -(-ctx // bs)
+            last = self._rows[i]
+            done = last[1] if last is not None and all(a is b for a, b in zip(last[0], mine)) else 0
+            if nb > done:
+                for p, blocks in enumerate(mine):
+                    tables[p, i, done:nb] = blocks[done:nb]
+            self._rows[i] = (mine, nb)
+            used = max(used, nb)
+        return used
+
+    def _pad_rows(self, n: int, size: int) -> None:
+        """Padding rows: slot -1 (no store), context 1 (one key of block 0), no adapter."""
+        i64, i32, tables = self.host_i64.numpy(), self.host_i32.numpy(), self.host_tables.numpy()
+        self._rows[n:size] = [None] * (size - n)
+        i64[:, n:size] = 0
+        i64[_KV_SLOT, n:size] = -1
+        i64[_LR_SLOT, n:size] = -1
+        i32[0, n:size] = 1
+        i32[1, n:size] = 0
+        tables[:, n:size, 0] = 0
+
