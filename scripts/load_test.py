@@ -177,9 +177,10 @@ def gpu_name() -> str | None:
         return None
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Selected /metrics samples, summed over labels."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as r:
+def scrape(url: str, api_key: str | None = None) -> dict[str, float]:
+    """Selected /metrics samples, summed over labels (with the key: a keyed server guards /metrics too)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers), timeout=60) as r:
         text = r.read().decode()
     wanted = {
         "process_resident_memory_bytes": "rss",
@@ -210,7 +211,7 @@ async def warm_up(url: str, args: argparse.Namespace) -> dict:
     """Fill the whole KV cache once, in near-maximal prefill steps, before measuring: the allocator's high-water
     mark (activations of the largest step, Python and torch pools) is reached here, so RSS changes across the
     rounds that follow are real growth."""
-    before = scrape(url)
+    before = scrape(url, args.api_key)
     capacity = int(before["key_blocks"] * before["block_size"])
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=args.api_key or "none", max_retries=0, timeout=600)
     cards = (await client.models.list()).data
@@ -231,7 +232,7 @@ async def warm_up(url: str, args: argparse.Namespace) -> dict:
         )
     )
     await client.close()
-    after = scrape(url)
+    after = scrape(url, args.api_key)
     return {
         "warmup_s": time.perf_counter() - start,
         "warmup_prompt_tokens": count * chunk,
@@ -341,7 +342,7 @@ async def run_round(url: str, args, round_no: int, deadline: float) -> dict:
     client = openai.AsyncOpenAI(
         base_url=f"{url}/v1", api_key=args.api_key or "none", max_retries=0, timeout=args.request_timeout
     )
-    before = scrape(url)
+    before = scrape(url, args.api_key)
     gpu_before = gpu_used_mib(args.device)
     samples: list[Sample] = []
     errors: list[str] = []
@@ -361,7 +362,7 @@ async def run_round(url: str, args, round_no: int, deadline: float) -> dict:
     wall = time.perf_counter() - start
     await client.close()
     await asyncio.sleep(0.2)
-    after = scrape(url)
+    after = scrape(url, args.api_key)
     ttfts = [s.ttft for s in samples]
     tokens = sum(s.prompt + s.generated for s in samples)
     prompt = sum(s.prompt for s in samples)

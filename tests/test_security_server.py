@@ -389,6 +389,14 @@ def test_engine_error_ends_only_that_request(guarded, monkeypatch):
     assert not any("error" in e for e in events[:-1])
 
 
+@pytest.mark.parametrize("params", [{"temperature": 1e-38}, {"top_p": 1e-50}, {"top_p": 1e-300, "temperature": 0.5}])
+def test_extreme_but_valid_sampling_values_are_served(guarded, params):
+    """Values that pass validation must not fail in the engine: a tiny temperature is greedy (finding 1); a top_p
+    below float32's range (it rounds to 0 against the probabilities) must still keep the most likely token."""
+    out = guarded.post(COMPLETIONS, json={**BASE, **params})
+    assert out.status_code == 200, out.text
+
+
 def auth(key: str = KEY_A) -> dict:
     return {"Authorization": f"Bearer {key}"}
 

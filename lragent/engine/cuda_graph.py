@@ -43,6 +43,7 @@ class DecodeGraphs:
         pin = self.device.type == "cuda"
         host = torch.zeros(2, self.max_batch, dtype=torch.int64)
         self.host_tokens = host.pin_memory() if pin else host
+        self._np_tokens = self.host_tokens.numpy()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
@@ -77,9 +78,10 @@ class DecodeGraphs:
     def fill(self, step: StepInputs, size: int) -> None:
         """Refill the static inputs in place (asynchronous uploads; no host sync)."""
         n = step.rows.num_seqs
-        host = self.host_tokens.numpy()
+        host = self._np_tokens
         host[0, :n], host[1, :n] = step.token_ids, step.positions
-        host[:, n:size] = 0
+        if n < size:
+            host[:, n:size] = 0
         self.tokens[:, :size].copy_(self.host_tokens[:, :size], non_blocking=True)
         self.attn.fill(step.rows, size)
 

@@ -307,7 +307,11 @@ class LLMEngine:
             self.block_manager.on_computed(seq, n)
             if batch.is_prefill:
                 seq.metrics.computed_tokens += n
-        outputs += self._publish([s for s, _ in done])
+        if any(batch.samples) or self.device.type != "cuda":
+            # the finiteness check syncs with the device: on CUDA only after a step whose sampling already did, so a
+            # long prompt's chunks keep the host preparing the next chunk while the GPU runs (their blocks are
+            # checked and published with the step that samples)
+            outputs += self._publish([s for s, _ in done])
         for seq, _ in done:
             if seq in sampled and not seq.is_finished:
                 outputs.append(self._emit(seq, *sampled[seq]))

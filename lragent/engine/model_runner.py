@@ -68,6 +68,8 @@ class ModelRunner:
 
     def inputs(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: tokens, positions, adapter slots, and per pool the slots of the entries written."""
+        if not batch.is_prefill:
+            return self._decode_inputs(batch)
         bs = self.block_size
         ids, positions, token_slots, sample_rows = [], [], [], []
         writes: dict[str, list[int]] = {p: [] for p in self.pools}
@@ -85,16 +87,33 @@ class ModelRunner:
                 token_slots.append(seq.lora_slot)
             if samples:
                 sample_rows.append(len(ids) - 1)
-        rows = BatchRows(
+        kv_write_idx = None if len(kv_idx) == len(ids) else kv_idx
+        return StepInputs(ids, positions, token_slots, self._rows(batch, writes, kv_write_idx), sample_rows)
+
+    def _decode_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        """One token per sequence, written to every pool (the per-step hot path of decoding: kept lean)."""
+        bs, seqs = self.block_size, batch.seqs
+        positions = [s.num_computed for s in seqs]
+        writes = {}
+        for p in self.pools:
+            blocks = [s.tables[p].blocks for s in seqs]
+            writes[p] = [b[pos // bs] * bs + pos % bs for b, pos in zip(blocks, positions)]
+        ids = [s.token_ids[pos] for s, pos in zip(seqs, positions)]
+        step = StepInputs(ids, positions, [s.lora_slot for s in seqs], self._rows(batch, writes, None), [])
+        step.sample_rows = list(range(len(seqs)))
+        return step
+
+    def _rows(self, batch: ScheduledBatch, writes: dict[str, list[int]], kv_write_idx: list[int] | None) -> BatchRows:
+        seqs = batch.seqs
+        return BatchRows(
             query_lens=list(batch.num_tokens),
-            context_lens=[s.num_computed + n for s, n in zip(batch.seqs, batch.num_tokens)],
-            seq_lora_slots=[s.lora_slot for s in batch.seqs],
-            tables={p: [s.table(p).blocks for s in batch.seqs] for p in self.pools},
+            context_lens=[s.num_computed + n for s, n in zip(seqs, batch.num_tokens)],
+            seq_lora_slots=[s.lora_slot for s in seqs],
+            tables={p: [s.tables[p].blocks for s in seqs] for p in self.pools},
             write_slots=writes,
-            kv_write_idx=None if len(kv_idx) == len(ids) else kv_idx,
+            kv_write_idx=kv_write_idx,
             is_decode=not batch.is_prefill,
         )
-        return StepInputs(ids, positions, token_slots, rows, sample_rows)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, list[int]]:
         """Input ids, the step's context, and the row of each sampling sequence (an eager step)."""

@@ -16,6 +16,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        drop[..., 0] = False  # and always the most likely one (a top_p below float32's range rounds to 0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
@@ -45,14 +46,16 @@ def sample(
 
     The log-probability is logit - logsumexp(row): a reduction, where a full log_softmax over a 128k vocabulary
     wrote the whole matrix back and took ~1 ms per step at batch 32 (H200 profile, BENCHMARKS.md).
-    A row with NaN or +inf logits (or nothing but -inf) is sampled from a neutral stand-in so that it cannot raise
-    for the whole batch; its log-probability comes out non-finite, which is how the engine tells that request alone
-    that it failed (`-inf` entries elsewhere are masks, e.g. a grammar's, and fine)."""
-    broken = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
-    safe = torch.where(broken[:, None], torch.zeros_like(logits), logits)
+    A row with NaN or +inf logits (or nothing but -inf) has a non-finite logsumexp, hence a non-finite chosen
+    log-probability: that is how the engine tells that request alone that it failed, at no extra cost. Sampled
+    rows draw from a neutral stand-in for such a row so the batch's draw cannot raise (`-inf` entries elsewhere are
+    masks, e.g. a grammar's, and fine)."""
+    lse = torch.logsumexp(logits, dim=-1)
     if all(p.greedy for p in params):
-        chosen = safe.argmax(dim=-1)
+        chosen = logits.argmax(dim=-1)
     else:
+        broken = ~torch.isfinite(lse)  # NaN or +inf somewhere, or nothing but -inf: multinomial would raise
+        safe = torch.where(broken[:, None], torch.zeros_like(logits), logits)
         picks = []
         for row, p, gen in zip(safe, params, generators):
             if p.greedy:
@@ -61,7 +64,6 @@ def sample(
             probs = torch.softmax(filter_logits(row / p.temperature, p.top_k, p.top_p), dim=-1)
             picks.append(torch.multinomial(probs.cpu() if gen is not None else probs, 1, generator=gen)[0])
         chosen = torch.stack([t.to(logits.device) for t in picks])
-    chosen_lp = logits.gather(-1, chosen[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-    chosen_lp = torch.where(broken, torch.full_like(chosen_lp, float("nan")), chosen_lp)
+    chosen_lp = logits.gather(-1, chosen[:, None])[:, 0] - lse  # non-finite exactly when the row is broken
     both = _to_host(torch.stack([chosen.double(), chosen_lp.double()]))
     return [int(t) for t in both[0].tolist()], both[1].tolist()

@@ -40,6 +40,9 @@ class GraphInputs:
         self.host_tables = _host(torch.zeros(self.tables.shape, dtype=torch.int32), pin)
         self.host_staging = _host(torch.zeros(self.tables.numel(), dtype=torch.int32), pin)
         self.staging = torch.zeros(self.tables.numel(), dtype=torch.int32, device=device)
+        # numpy views of the host mirrors, taken once (a `.numpy()` call per step costs more than the writes)
+        self._np_i64, self._np_i32 = self.host_i64.numpy(), self.host_i32.numpy()
+        self._np_tables = self.host_tables.numpy()
         # per row: the block lists it held last step (one per pool) and the entries already in host_tables
         self._rows: list[tuple[tuple[list[int], ...], int] | None] = [None] * b
 
@@ -74,7 +77,7 @@ class GraphInputs:
     def fill(self, rows: BatchRows, size: int) -> None:
         """Write the step's decode rows (one token each) into the host mirrors, then upload them asynchronously."""
         n = rows.num_seqs
-        i64, i32 = self.host_i64.numpy(), self.host_i32.numpy()
+        i64, i32 = self._np_i64, self._np_i32
         i64[_KV_SLOT, :n] = rows.write_slots["kv"]
         i64[_LR_SLOT, :n] = rows.write_slots["lr"] if self.has_lr else -1
         i64[_LORA, :n] = rows.seq_lora_slots
@@ -94,7 +97,7 @@ class GraphInputs:
 
     def _fill_tables(self, rows: BatchRows) -> int:
         """New block-table entries of every row; returns the widest row's block count."""
-        tables, bs, used = self.host_tables.numpy(), self.block_size, 1
+        tables, bs, used = self._np_tables, self.block_size, 1
         lists = [rows.tables[p] for p in self.pools]
         for i, ctx in enumerate(rows.context_lens):
             mine = tuple(per_pool[i] for per_pool in lists)
@@ -110,7 +113,9 @@ class GraphInputs:
 
     def _pad_rows(self, n: int, size: int) -> None:
         """Padding rows: slot -1 (no store), context 1 (one key of block 0), no adapter."""
-        i64, i32, tables = self.host_i64.numpy(), self.host_i32.numpy(), self.host_tables.numpy()
+        if n == size:
+            return
+        i64, i32, tables = self._np_i64, self._np_i32, self._np_tables
         self._rows[n:size] = [None] * (size - n)
         i64[:, n:size] = 0
         i64[_KV_SLOT, n:size] = -1

@@ -74,11 +74,17 @@ class GracefulServer(uvicorn.Server):
         self._ended = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """A signal handler: only flags here (no logging, no locks); `on_tick` does the work."""
+        """A signal handler: flags and a queue put only (no logging, no locks); `on_tick` does the rest.
+
+        The first signal starts the drain; the next one ends the requests in flight now (they still get their
+        error event) and lets uvicorn shut down."""
         if self.drain_started is None and not self.should_exit and sig in (signal.SIGTERM, signal.SIGINT):
             self.drain_started = time.monotonic()
             self.admission.draining = True
             return
+        if not self._ended:
+            self._ended = True
+            self.end_all()  # AsyncEngine.fail_all_nowait: a SimpleQueue.put, safe in a signal handler
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
