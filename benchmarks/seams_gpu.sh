@@ -19,7 +19,8 @@ echo "tests rc=$? in $(( $(date +%s) - start )) s"; tail -15 "$OUT/tests.log"
 trace() {  # $1 = tree (before|after), $2 = round
   local dir=$ROOT; [[ $1 == before ]] && dir=$ROOT/.w/before
   (cd "$dir" && timeout ${TRACE_TIMEOUT:-120} $PY -m lragent.bench.trace --model dummy:llama-3.1-8b --device cuda \
-     --no-plots --ctx 8192 --systems base_lr_shared --run-timeout 60 --out "$OUT/trace_$1_$2" >"$OUT/trace_$1_$2.log" 2>&1)
-  echo "trace $1 round $2 rc=$?"; grep -E "base_lr_shared" "$OUT/trace_$1_$2.log" | tail -3
+     --no-plots --ctx 8192 --systems base_lr_shared --run-timeout 60 --out "$OUT/t" >"$OUT/t.log" 2>&1)
+  echo "trace $1 round $2 rc=$?"; grep -A1 "^system" "$OUT/t.log" | sed -n 2p
+  mv "$OUT/t/trace.json" "$OUT/trace_$1_$2.json"; rm -rf "$OUT/t" "$OUT/t.log"
 }
-for round in 1 2; do trace before $round; trace after $round; done
+for round in $(seq ${ROUNDS:-2}); do trace before $round; trace after $round; done

@@ -210,3 +210,22 @@ def test_sampler_contains_a_broken_row():
     params = [SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=0.7, seed=2), SamplingParams()]
     tokens, lps = sample(logits, params, [torch.Generator().manual_seed(i) for i in range(3)])
     assert math.isnan(lps[1]) and math.isfinite(lps[0]) and math.isfinite(lps[2]) and len(tokens) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_blocks_finds_exactly_the_poisoned_blocks(dtype):
+    from lragent.cache.kv_cache import CacheLayout, KVCache
+
+    config = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 64, "intermediate_size": 8,
+                                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2})
+    cache = KVCache(config, CacheLayout(4, {"kv": 40, "lr": 40}, 8), dtype, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    for t in (cache.key, cache.value, cache.lr):
+        t.copy_(100 * torch.randn(t.shape, generator=gen))
+    cache.key[2, 7, 3, 1, 5] = float("nan")
+    cache.value[0, 11, 0, 0, 0] = float("inf")
+    cache.key[1, 12, 1, 0, 0], cache.key[1, 12, 2, 0, 0] = float("inf"), float("-inf")  # would cancel in a plain sum
+    cache.lr[1, 30, 2, 4] = float("-inf")
+    bad = cache.nonfinite_blocks({"kv": list(range(40)), "lr": [29, 30, 31]})
+    assert bad == {"kv": {7, 11, 12}, "lr": {30}}
+    assert cache.nonfinite_blocks({"kv": [1, 2, 3], "lr": []}) == {"kv": set()}

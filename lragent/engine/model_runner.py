@@ -68,7 +68,7 @@ class ModelRunner:
 
     def inputs(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: tokens, positions, adapter slots, and per pool the slots of the entries written."""
-        if not batch.is_prefill:
+        if not batch.is_prefill and all(t.cached <= s.num_computed for s in batch.seqs for t in s.tables.values()):
             return self._decode_inputs(batch)
         bs = self.block_size
         ids, positions, token_slots, sample_rows = [], [], [], []
