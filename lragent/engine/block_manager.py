@@ -58,26 +58,33 @@ class BlockManager:
         return True
 
     def can_append(self, seq: Sequence) -> bool:
-        if self.blocks_for(len(seq)) <= len(seq.table(KV).blocks):
+        if self.blocks_for(len(seq)) <= len(seq.tables[KV].blocks):
             return True
         return all(pool.num_available() >= 1 for pool in self.pools.values())
 
     def append_slot(self, seq: Sequence) -> None:
         """Grow the block tables to cover the position about to be computed."""
-        if self.blocks_for(len(seq)) > len(seq.table(KV).blocks):
+        if self.blocks_for(len(seq)) > len(seq.tables[KV].blocks):
             for name, pool in self.pools.items():
-                seq.table(name).blocks += pool.allocate(1)
+                seq.tables[name].blocks += pool.allocate(1)
 
     def on_computed(self, seq: Sequence, num_tokens: int) -> None:
         """A step ran `num_tokens` more of the sequence: every pool now holds entries up to there."""
         seq.num_computed += num_tokens
-        for name in self.pools:
-            table = seq.table(name)
-            table.cached = max(table.cached, seq.num_computed)
+        for table in seq.tables.values():
+            if table.cached < seq.num_computed:
+                table.cached = seq.num_computed
 
     def unpublished(self, seq: Sequence) -> dict[str, list[int]]:
-        """Per pool, the blocks that became full and computed since the last `publish`: what it would index."""
-        return {name: self._full(seq, seq.table(name))[1] for name in self.pools}
+        """Per pool, the blocks that became full and computed since the last `publish` (pools with none left out):
+        what it would index. Called for every sequence of every step, so it stays a few comparisons."""
+        out = {}
+        for name in self.pools:
+            table = seq.tables[name]
+            full = min(table.cached, len(seq)) // self.block_size
+            if full > table.registered:
+                out[name] = table.blocks[table.registered : full]
+        return out
 
     def publish(self, seq: Sequence) -> None:
         """Index every block that became full and computed, so later requests can reuse it."""

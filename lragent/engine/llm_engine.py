@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_CACHE_BYTES = 1 << 30
 GRAPH_RESERVE_BYTES = 256 << 20  # the decode graphs' memory pool (one step's activations at the largest size)
+DECODE_PUBLISH_BLOCKS = 8  # CUDA: a decoding sequence's full blocks are checked and published this many at a time
 
 
 @dataclass
@@ -307,11 +308,14 @@ class LLMEngine:
             self.block_manager.on_computed(seq, n)
             if batch.is_prefill:
                 seq.metrics.computed_tokens += n
-        if any(batch.samples) or self.device.type != "cuda":
-            # the finiteness check syncs with the device: on CUDA only after a step whose sampling already did, so a
-            # long prompt's chunks keep the host preparing the next chunk while the GPU runs (their blocks are
-            # checked and published with the step that samples)
-            outputs += self._publish([s for s, _ in done])
+        on_gpu = self.device.type == "cuda"
+        if any(batch.samples) or not on_gpu:
+            # The finiteness check syncs with the device. On CUDA it runs only after a step whose sampling already
+            # synced, so a long prompt's chunks keep the host preparing the next chunk while the GPU runs (they are
+            # checked and published with the step that samples), and decoding sequences publish in batches of
+            # blocks, the rest when they finish.
+            batched = on_gpu and not batch.is_prefill
+            outputs += self._publish([s for s, _ in done], DECODE_PUBLISH_BLOCKS if batched else 1)
         for seq, _ in done:
             if seq in sampled and not seq.is_finished:
                 outputs.append(self._emit(seq, *sampled[seq]))
@@ -340,15 +344,25 @@ class LLMEngine:
         """Map the runner's tokens to the sequences the batch marks as sampling."""
         return {seq: (tok, lp) for seq, tok, lp in zip(batch.sampling_seqs, *result)}
 
-    def _publish(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """Index the blocks these sequences filled, after one check that none holds a NaN or inf: a poisoned block
-        would break every agent and the base model on that prefix, so its request fails instead."""
-        plans = {seq: self.block_manager.unpublished(seq) for seq in seqs}
-        pools = [p.name for p in self.scheme.pools]
-        bad = self.cache.nonfinite_blocks({p: [b for plan in plans.values() for b in plan[p]] for p in pools})
+    def _publish(self, seqs: list[Sequence], min_blocks: int = 1) -> list[RequestOutput]:
+        """Index the blocks these sequences filled (those with at least `min_blocks` waiting), after one check that
+        none holds a NaN or inf: a poisoned block would break every agent and the base model on that prefix, so its
+        request fails instead."""
+        plans = {}
+        for seq in seqs:
+            plan = self.block_manager.unpublished(seq)
+            if plan and max(map(len, plan.values())) >= min_blocks:
+                plans[seq] = plan
+        if not plans:
+            return []
+        wanted: dict[str, list[int]] = {}
+        for plan in plans.values():
+            for pool, ids in plan.items():
+                wanted.setdefault(pool, []).extend(ids)
+        bad = self.cache.nonfinite_blocks(wanted)
         failed = []
         for seq, plan in plans.items():
-            if any(bad.get(p, set()).intersection(plan[p]) for p in pools):
+            if any(bad.get(pool, set()).intersection(ids) for pool, ids in plan.items()):
                 failed.append(self._fail(seq, "the model produced non-finite values (NaN/inf) for this request"))
             else:
                 self.block_manager.publish(seq)
@@ -380,7 +394,7 @@ class LLMEngine:
         if m.first_token_time is None:
             m.first_token_time = time.perf_counter()
         reason = self._finish_reason(seq, token)
-        if reason is not None:
+        if reason is not None and not self._publish([seq]):  # (a failed check has finished it with an error)
             self.scheduler.finish(seq, reason)
             m.finish_time = time.perf_counter()
             self._seqs.pop(seq.request_id, None)
