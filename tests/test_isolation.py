@@ -212,20 +212,34 @@ def test_sampler_contains_a_broken_row():
     assert math.isnan(lps[1]) and math.isfinite(lps[0]) and math.isfinite(lps[2]) and len(tokens) == 3
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nonfinite_blocks_finds_exactly_the_poisoned_blocks(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stores_flag_exactly_the_blocks_that_received_nonfinite_rows(backend, dtype):
+    """The stores mark a block when a row they write holds NaN / inf as stored (fp16: 1e5 overflows to inf); the
+    check reads the marks; a block returned unpublished to the free list is cleared for its next owner."""
+    from types import SimpleNamespace
+
     from lragent.cache.kv_cache import CacheLayout, KVCache
+    from lragent.kernels import make_backend
 
     config = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 64, "intermediate_size": 8,
                                     "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2})
     cache = KVCache(config, CacheLayout(4, {"kv": 40, "lr": 40}, 8), dtype, torch.device("cpu"))
+    store = make_backend(backend, torch.device("cpu")).store
     gen = torch.Generator().manual_seed(0)
-    for t in (cache.key, cache.value, cache.lr):
-        t.copy_(100 * torch.randn(t.shape, generator=gen))
-    cache.key[2, 7, 3, 1, 5] = float("nan")
-    cache.value[0, 11, 0, 0, 0] = float("inf")
-    cache.key[1, 12, 1, 0, 0], cache.key[1, 12, 2, 0, 0] = float("inf"), float("-inf")  # would cancel in a plain sum
-    cache.lr[1, 30, 2, 4] = float("-inf")
-    bad = cache.nonfinite_blocks({"kv": list(range(40)), "lr": [29, 30, 31]})
-    assert bad == {"kv": {7, 11, 12}, "lr": {30}}
-    assert cache.nonfinite_blocks({"kv": [1, 2, 3], "lr": []}) == {"kv": set()}
+    slots = torch.tensor([28, 29, 44, 45, 48, 60, 61, 120, 121, 122])  # blocks 7, 7, 11, 11, 12, 15, 15, 30, 30, 30
+    key, value = torch.randn(10, 2, 16, generator=gen), torch.randn(10, 2, 16, generator=gen)
+    lr = torch.randn(10, 8, generator=gen)
+    key[1, 0, 3] = float("nan")  # block 7
+    value[4, 1, 0] = float("-inf")  # block 12
+    lr[8, 2] = float("inf")  # LR block 30
+    if dtype is torch.float16:
+        key[5, 1, 1] = 1e5  # block 15: finite in float32, inf once stored in float16
+    meta = SimpleNamespace(base_slots=slots, lr_slots=slots)
+    for layer in range(3):
+        store(cache, layer, key if layer == 1 else key.nan_to_num(0.0).clamp(-9, 9), value, lr, meta)
+    everything = {"kv": list(range(40)), "lr": list(range(40))}
+    want_kv = {7, 12} | ({15} if dtype is torch.float16 else set())
+    assert cache.nonfinite_blocks(everything) == {"kv": want_kv, "lr": {30}}
+    cache.clear_flags({"kv": [7, 12, 15], "lr": [30]})
+    assert cache.nonfinite_blocks(everything) == {"kv": set(), "lr": set()}

@@ -61,6 +61,8 @@ class KVCache:
             if lr
             else None
         )
+        # per block of each pool: 1 once a non-finite entry was stored there (set by the backends' stores)
+        self.flags = {name: torch.zeros(n, dtype=torch.int8, device=device) for name, n in layout.num_blocks.items() if n}
         self.layout = layout
         self.block_size = layout.block_size
         self.num_kv_heads = config.num_kv_heads
@@ -80,41 +82,37 @@ class KVCache:
 
         return {"key": size(self.key), "base_value": size(self.value), "lr": size(self.lr)}
 
-    def nonfinite_blocks(self, blocks: dict[str, list[int]]) -> dict[str, set[int]]:
-        """Blocks of each pool holding a NaN or inf in any layer: never to be published into the shared cache.
+    def mark_nonfinite(self, pool: str, slots: torch.Tensor, bad: torch.Tensor) -> None:
+        """Flag the blocks of `slots` whose row is `bad` (the reference store; the Triton store kernel does the same
+        in place). No host sync: a max-scatter of 0/1 per row."""
+        blocks = torch.div(slots, self.block_size, rounding_mode="floor")
+        self.flags[pool].scatter_reduce_(0, blocks, bad.to(torch.int8), reduce="amax")
 
-        One host sync for all pools; blocks are read in chunks so a long prefill's check never gathers more than
-        ~256 MiB at once.
-        """
-        checks = []
-        for pool, ids in blocks.items():
-            tensors = self.tensors(pool)
-            if ids and tensors:
-                ok = self._finite(tensors[0], ids)
-                for t in tensors[1:]:
-                    ok &= self._finite(t, ids)
-                checks.append((pool, ids, ok))
+    def nonfinite_blocks(self, blocks: dict[str, list[int]]) -> dict[str, set[int]]:
+        """Blocks of each pool that received a NaN or inf since they were last cleared: never to be published into
+        the shared cache. The stores flag them as they write, so this is one small gather and one host sync."""
+        checks = [(pool, ids) for pool, ids in blocks.items() if ids and pool in self.flags]
         if not checks:
             return {}
-        flags = torch.cat([ok for _, _, ok in checks]).tolist()
+        device = self.key.device
+        index = torch.tensor([b for _, ids in checks for b in ids], dtype=torch.long)
+        index = (index.pin_memory() if device.type == "cuda" else index).to(device, non_blocking=True)
+        flags, at = [], 0
+        for pool, ids in checks:
+            flags.append(self.flags[pool].index_select(0, index[at : at + len(ids)]))
+            at += len(ids)
+        marked = torch.cat(flags).tolist()
         bad: dict[str, set[int]] = {}
         at = 0
-        for pool, ids, _ in checks:
-            bad[pool] = {b for b, fine in zip(ids, flags[at : at + len(ids)]) if not fine}
+        for pool, ids in checks:
+            bad[pool] = {b for b, m in zip(ids, marked[at : at + len(ids)]) if m}
             at += len(ids)
         return bad
 
-    @staticmethod
-    def _finite(pool: torch.Tensor, ids: list[int]) -> torch.Tensor:
-        """Per block: every entry finite. A float32 sum over the block propagates any NaN or inf (inf - inf is NaN),
-        so one reduction pass over the gathered rows decides it; a finite block could only fail if its entries
-        summed past 3e38 (a broken cache anyway, and the cost of a false alarm is one failed request)."""
-        flat = pool.flatten(2)  # [L, N, entries per block]
-        chunk = max(1, (256 << 20) // max(1, flat[:, 0].numel() * flat.element_size()))
-        index = torch.tensor(ids, dtype=torch.long)
-        index = (index.pin_memory() if pool.is_cuda else index).to(pool.device, non_blocking=True)
-        sums = [
-            torch.sum(flat.index_select(1, index[i : i + chunk]), dim=(0, 2), dtype=torch.float32)
-            for i in range(0, len(ids), chunk)
-        ]
-        return torch.cat(sums).isfinite()
+    def clear_flags(self, blocks: dict[str, list[int]]) -> None:
+        """Forget the marks of blocks going back to the free list (their next owner writes them afresh)."""
+        for pool, ids in blocks.items():
+            if ids and pool in self.flags:
+                index = torch.tensor(ids, dtype=torch.long)
+                index = (index.pin_memory() if self.key.is_cuda else index).to(self.key.device, non_blocking=True)
+                self.flags[pool].index_fill_(0, index, 0)

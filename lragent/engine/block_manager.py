@@ -4,6 +4,8 @@ pool; prefix matching pool by pool, allocation, progress (`on_computed`), publis
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from lragent.cache.block_pool import BlockPool
 from lragent.cache.kv_cache import CacheLayout
 from lragent.cache.prefix_hash import block_hashes
@@ -16,6 +18,8 @@ class BlockManager:
         self.scheme = scheme
         self.block_size = layout.block_size
         self.pools = {p.name: BlockPool(p.name, layout.num_blocks[p.name]) for p in scheme.pools}
+        # called with the blocks a release returns unpublished (pool -> ids): the cache clears their marks
+        self.on_free: Callable[[dict[str, list[int]]], None] | None = None
 
     @property
     def base(self) -> BlockPool:
@@ -102,11 +106,15 @@ class BlockManager:
         return full, table.blocks[table.registered : full]
 
     def release(self, seq: Sequence) -> None:
+        unpublished = {}
         for name, pool in self.pools.items():
             table = seq.table(name)
             pool.release(table.blocks)
+            unpublished[name] = table.blocks[table.registered :]
             seq.tables[name] = BlockTable(table.namespace)
         seq.num_computed = 0
+        if self.on_free is not None and any(unpublished.values()):
+            self.on_free(unpublished)
 
     def drop_cached(self) -> None:
         """Forget every cached block no sequence holds."""

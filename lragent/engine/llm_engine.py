@@ -79,6 +79,7 @@ class LLMEngine:
         self.cache = KVCache(self.model_config, layout, self.dtype, self.device)
         self.model.bind(Runtime(self.cache, self.bank, backend))
         self.block_manager = BlockManager(self.scheme, layout)
+        self.block_manager.on_free = self.cache.clear_flags
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache, self.scheme, backend, self.bank, self.device)
         self.max_model_len = min(

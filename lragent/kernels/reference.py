@@ -110,18 +110,31 @@ def batched_decode_attention(
     return out.reshape(b, hq, d).to(query.dtype)
 
 
+def _mark(cache: KVCache, pool: str, slots: torch.Tensor, bad: torch.Tensor) -> None:
+    """Flag the blocks that received a non-finite row (caches without flag arrays, e.g. kernel tests, skip it)."""
+    if getattr(cache, "flags", None) is not None:
+        cache.mark_nonfinite(pool, slots, bad)
+
+
 class TorchReferenceBackend(AttentionBackend):
     """Exact in float32/float64; decode steps run batched, prefill loops over sequences. Kernels must match it."""
 
     name = "torch"
 
     def store(self, cache, layer, key, value, lr, meta) -> None:
+        """Write the entries; mark the blocks that received a non-finite one (as stored, after the cast)."""
         if key is not None and key.shape[0]:
             slots = meta.base_slots.long()
+            key, value = key.to(cache.key[layer].dtype), value.to(cache.value[layer].dtype)
             cache.key[layer].view(-1, *key.shape[1:]).index_copy_(0, slots, key)
             cache.value[layer].view(-1, *value.shape[1:]).index_copy_(0, slots, value)
+            bad = ~(key.flatten(1).isfinite().all(1) & value.flatten(1).isfinite().all(1))
+            _mark(cache, "kv", slots, bad)
         if lr is not None and cache.lr is not None:
-            cache.lr[layer].view(-1, lr.shape[-1]).index_copy_(0, meta.lr_slots.long(), lr)
+            slots = meta.lr_slots.long()
+            lr = lr.to(cache.lr[layer].dtype)
+            cache.lr[layer].view(-1, lr.shape[-1]).index_copy_(0, slots, lr)
+            _mark(cache, "lr", slots, ~lr.isfinite().all(1))
 
     def attend(
         self,
