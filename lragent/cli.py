@@ -38,17 +38,33 @@ def generate_main(argv: list[str], chat: bool) -> int:
     adapter = args.use or next(iter(config.adapters), None)
     llm = LLM.from_config(config)
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=args.stop,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
     )
     if chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], adapter=adapter, sampling_params=params)
+        outs = llm.chat(
+            [[{"role": "user", "content": p}] for p in args.prompt], adapter=adapter, sampling_params=params
+        )
     else:
         outs = llm.generate(args.prompt, adapter=adapter, sampling_params=params)
     for prompt, out in zip(args.prompt, outs):
         if args.json:
-            print(json.dumps({"prompt": prompt, "adapter": adapter, "text": out.text, "token_ids": out.token_ids,
-                              "finish_reason": out.finish_reason, "metrics": out.metrics.as_dict()}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "adapter": adapter,
+                        "text": out.text,
+                        "token_ids": out.token_ids,
+                        "finish_reason": out.finish_reason,
+                        "metrics": out.metrics.as_dict(),
+                    }
+                )
+            )
         else:
             print(out.text)
     return 0

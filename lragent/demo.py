@@ -44,8 +44,10 @@ def default_adapter_set() -> AdapterSet:
     for aset in find_adapter_sets([DEFAULT_ADAPTER_ROOT]):
         if aset.name == DEFAULT_SET:
             return aset
-    raise FileNotFoundError(f"the shipped adapter set {DEFAULT_SET} is missing under {DEFAULT_ADAPTER_ROOT} "
-                            "(reproduce it with scripts/train_adapters.sh, or pass --adapters DIR)")
+    raise FileNotFoundError(
+        f"the shipped adapter set {DEFAULT_SET} is missing under {DEFAULT_ADAPTER_ROOT} "
+        "(reproduce it with scripts/train_adapters.sh, or pass --adapters DIR)"
+    )
 
 
 @dataclass
@@ -70,13 +72,13 @@ class SchemeRun:
     answers: list[dict]
 
 
-def run_demo(spec: DemoSpec, log: Callable[[str], None] = print, llm_factory: Callable[..., Any] | None = None
-             ) -> list[SchemeRun]:
+def run_demo(
+    spec: DemoSpec, log: Callable[[str], None] = print, llm_factory: Callable[..., Any] | None = None
+) -> list[SchemeRun]:
     from lragent import LLM  # noqa: PLC0415
 
     task, rows = load_questions(spec.data, spec.questions)
-    cfg = PipelineConfig(max_iterations=spec.max_iterations, max_tokens=spec.max_tokens, greedy=True,
-                         workers=len(rows))
+    cfg = PipelineConfig(max_iterations=spec.max_iterations, max_tokens=spec.max_tokens, greedy=True, workers=len(rows))
     factory = llm_factory or LLM
     runs = []
     for scheme in spec.schemes:
@@ -98,12 +100,23 @@ def run_demo(spec: DemoSpec, log: Callable[[str], None] = print, llm_factory: Ca
         cache = llm.cache_stats()
         summary_dict = asdict(summary)
         summary_dict["base_reused_tokens"] = sum(r.base_reused_tokens for r in results)
-        answers = [{"id": r.id, "gold": r.gold, "prediction": r.prediction, "correct": r.correct,
-                    "iterations": r.iterations, "halt": r.halt_reason} for r in results]
+        answers = [
+            {
+                "id": r.id,
+                "gold": r.gold,
+                "prediction": r.prediction,
+                "correct": r.correct,
+                "iterations": r.iterations,
+                "halt": r.halt_reason,
+            }
+            for r in results
+        ]
         runs.append(SchemeRun(scheme, forced, summary_dict, cache, answers))
-        log(f"{scheme}{' (forced)' if forced else ''}: {sum(a['correct'] for a in answers)}/{len(answers)} correct, "
+        log(
+            f"{scheme}{' (forced)' if forced else ''}: {sum(a['correct'] for a in answers)}/{len(answers)} correct, "
             f"{summary.computed_tokens} prompt tokens computed, {summary.reused_tokens} reused, "
-            f"cache {cache['bytes_used'] / 2**20:.1f} MiB, {wall:.1f}s")
+            f"cache {cache['bytes_used'] / 2**20:.1f} MiB, {wall:.1f}s"
+        )
         del llm
         gc.collect()
     return runs
@@ -134,7 +147,10 @@ def metric_rows(runs: list[SchemeRun]) -> tuple[list[str], list[list[str]]]:
         return [title, *(fn(r) for r in runs)]
 
     table = [
-        row("accuracy (EM)", lambda r: f"{r.summary['accuracy']:.0f}% ({sum(a['correct'] for a in r.answers)}/{r.summary['n']})"),
+        row(
+            "accuracy (EM)",
+            lambda r: f"{r.summary['accuracy']:.0f}% ({sum(a['correct'] for a in r.answers)}/{r.summary['n']})",
+        ),
         row("F1", lambda r: f"{r.summary['f1']:.1f}%"),
         row("agent calls", lambda r: str(r.summary["agent_calls"])),
         row("prompt tokens", lambda r: str(r.summary["prompt_tokens"])),
@@ -143,7 +159,12 @@ def metric_rows(runs: list[SchemeRun]) -> tuple[list[str], list[list[str]]]:
         row("  keys/base values reused", lambda r: str(r.summary["base_reused_tokens"])),
         row("generated tokens", lambda r: str(r.summary["generated_tokens"])),
         row("KV cache used (MiB)", lambda r: f"{r.cache['bytes_used'] / mib:.1f}"),
-        row("  keys + base values", lambda r: f"{(r.cache['pools']['key']['bytes_used'] + r.cache['pools']['base_value']['bytes_used']) / mib:.1f}"),
+        row(
+            "  keys + base values",
+            lambda r: (
+                f"{(r.cache['pools']['key']['bytes_used'] + r.cache['pools']['base_value']['bytes_used']) / mib:.1f}"
+            ),
+        ),
         row("  LR cache", lambda r: f"{r.cache['pools']['lr']['bytes_used'] / mib:.2f}"),
         row("TTFT, sum over calls (s)", lambda r: f"{r.summary['ttft_s']:.2f}"),
         row("wall (s)", lambda r: f"{r.summary['wall_s']:.1f}"),
@@ -170,12 +191,20 @@ def _print(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lragent demo", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="lragent demo",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--data", default=None, help="HotpotQA JSONL (default: the shared hotpotqa_easy.jsonl)")
     p.add_argument("--questions", type=int, default=3, help="first N questions")
-    p.add_argument("--adapters", default=None, metavar="DIR",
-                   help=f"one adapter set with plan/, action/, reflect/ (default: shipped {DEFAULT_SET})")
+    p.add_argument(
+        "--adapters",
+        default=None,
+        metavar="DIR",
+        help=f"one adapter set with plan/, action/, reflect/ (default: shipped {DEFAULT_SET})",
+    )
     p.add_argument("--sharing", default="all", help=f"comma-separated schemes or 'all' ({', '.join(SCHEMES)})")
     p.add_argument("--max-iterations", type=int, default=6, help="agent iterations per question (paper: 45)")
     p.add_argument("--max-tokens", type=int, default=40, help="new tokens per agent call (paper: 128)")
@@ -191,8 +220,9 @@ def spec_from_args(args: argparse.Namespace) -> DemoSpec:
     if args.adapters:
         sets = find_adapter_sets([args.adapters])
         if len(sets) != 1:
-            raise ValueError(f"--adapters {args.adapters}: expected one folder with plan/, action/, reflect/, "
-                             f"found {len(sets)}")
+            raise ValueError(
+                f"--adapters {args.adapters}: expected one folder with plan/, action/, reflect/, found {len(sets)}"
+            )
         aset = sets[0]
     else:
         aset = default_adapter_set()
@@ -208,9 +238,17 @@ def spec_from_args(args: argparse.Namespace) -> DemoSpec:
         raise FileNotFoundError(f"no question file {data}; pass --data FILE (HotpotQA JSONL)")
     if args.questions < 1 or args.max_iterations < 1 or args.max_tokens < 1:
         raise ValueError("--questions, --max-iterations and --max-tokens must be positive")
-    return DemoSpec(data=str(data), adapters=aset, questions=args.questions, schemes=schemes,
-                    max_iterations=args.max_iterations, max_tokens=args.max_tokens, force=args.force,
-                    model=args.model, kv_cache_bytes=args.kv_cache_bytes)
+    return DemoSpec(
+        data=str(data),
+        adapters=aset,
+        questions=args.questions,
+        schemes=schemes,
+        max_iterations=args.max_iterations,
+        max_tokens=args.max_tokens,
+        force=args.force,
+        model=args.model,
+        kv_cache_bytes=args.kv_cache_bytes,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,8 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch  # noqa: PLC0415
 
         torch.set_num_threads(args.threads)
-    print(f"lragent demo: {spec.questions} question(s) of {spec.data}, adapters {spec.adapters.name}, model "
-          f"{spec.model}; greedy, <= {spec.max_iterations} agent iterations, <= {spec.max_tokens} tokens per call")
+    print(
+        f"lragent demo: {spec.questions} question(s) of {spec.data}, adapters {spec.adapters.name}, model "
+        f"{spec.model}; greedy, <= {spec.max_iterations} agent iterations, <= {spec.max_tokens} tokens per call"
+    )
     t0 = time.perf_counter()
     runs = run_demo(spec)
     if not runs:
@@ -235,11 +275,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print("answers per sharing scheme (✓ exact match)", *answer_rows(runs, rows))
     _print("cost per sharing scheme (all questions together)", *metric_rows(runs))
     if any(r.forced for r in runs):
-        print("* forced: base_lr_shared with adapters whose v_proj A differ (allow_unshared_a), the paper's failure mode")
-    print("computed = prompt tokens run through the model (base_shared's LR prefill included); reused = served entirely "
-          "from an earlier call's cache; keys/base values reused = tokens whose K and X W_v0 came from the cache "
-          "(base_shared still runs its own LR prefill over them); KV cache used = blocks held or cached at the end "
-          "(fp32 on CPU); TTFT is summed over all agent calls, which run concurrently across questions.")
+        print(
+            "* forced: base_lr_shared with adapters whose v_proj A differ (allow_unshared_a), the paper's failure mode"
+        )
+    print(
+        "computed = prompt tokens run through the model (base_shared's LR prefill included); reused = served entirely "
+        "from an earlier call's cache; keys/base values reused = tokens whose K and X W_v0 came from the cache "
+        "(base_shared still runs its own LR prefill over them); KV cache used = blocks held or cached at the end "
+        "(fp32 on CPU); TTFT is summed over all agent calls, which run concurrently across questions."
+    )
     print(f"total {time.perf_counter() - t0:.0f}s")
     if args.out:
         out = Path(args.out)

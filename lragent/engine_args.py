@@ -29,12 +29,20 @@ def parse_adapter(text: str) -> tuple[str, str]:
 
 def add_engine_args(p: argparse.ArgumentParser, default_sharing: str = SharingMode.BASE_LR_SHARED.value) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF folder, .gguf or dummy:<preset>")
-    p.add_argument("--adapter", action="append", type=parse_adapter, default=[], metavar="NAME=PATH",
-                   help="a PEFT LoRA folder served under NAME (repeatable)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        type=parse_adapter,
+        default=[],
+        metavar="NAME=PATH",
+        help="a PEFT LoRA folder served under NAME (repeatable)",
+    )
     p.add_argument("--sharing", default=default_sharing, choices=[m.value for m in SharingMode])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--kv-cache-bytes", type=parse_size, default=None, help="KV cache budget, e.g. 512M (default: 1G on CPU)")
+    p.add_argument(
+        "--kv-cache-bytes", type=parse_size, default=None, help="KV cache budget, e.g. 512M (default: 1G on CPU)"
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=None)

@@ -33,7 +33,9 @@ class LLM:
         dtype: str = "auto",
         **engine_kwargs: Any,
     ):
-        config = EngineConfig(model=model, adapters=dict(adapters or {}), sharing=sharing, device=device, dtype=dtype, **engine_kwargs)
+        config = EngineConfig(
+            model=model, adapters=dict(adapters or {}), sharing=sharing, device=device, dtype=dtype, **engine_kwargs
+        )
         self.engine = LLMEngine(config)
 
     @classmethod

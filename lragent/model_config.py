@@ -58,7 +58,9 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], name: str = "") -> ModelConfig:
         model_type = raw.get("model_type", "llama")
         if model_type not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         # transformers >= 5 nests RoPE settings under `rope_parameters`; older files use rope_theta + rope_scaling.
         rope = dict(raw.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))

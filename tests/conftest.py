@@ -51,7 +51,9 @@ def shared_a_adapters(tmp_path_factory, model_config) -> dict[str, str]:
     root = tmp_path_factory.mktemp("shared_a")
     shared: dict[int, torch.Tensor] = {}
     return {
-        role: str(write_peft_adapter(root / role, model_config, ("q_proj", "v_proj"), seed=10 + i, shared_value_a=shared))
+        role: str(
+            write_peft_adapter(root / role, model_config, ("q_proj", "v_proj"), seed=10 + i, shared_value_a=shared)
+        )
         for i, role in enumerate(("plan", "action", "reflect"))
     }
 
@@ -72,8 +74,16 @@ def tiny_llama(tmp_path_factory) -> tuple[str, dict[str, str]]:
     whose point is cache bookkeeping over long contexts, not the embedded model's outputs."""
     root = tmp_path_factory.mktemp("tiny_llama")
     config = write_random_llama(
-        root / "model", vocab_size=1000, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=3, num_key_value_heads=3, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+        root / "model",
+        vocab_size=1000,
+        hidden_size=192,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
     )
     adapters = {
         role: str(write_peft_adapter(root / role, config, ("q_proj", "v_proj"), seed=30 + i))

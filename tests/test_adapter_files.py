@@ -34,8 +34,15 @@ from lragent.model_config import ModelConfig
 from lragent.models import hub
 
 TINY = ModelConfig.from_dict(
-    {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
-     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    {
+        "model_type": "llama",
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
 )
 CFG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -95,7 +102,8 @@ def test_config_missing(folder, model_config):
 
 
 @pytest.mark.parametrize(
-    "raw", [b"{not json", b"", b"\xff\xfe\x00garbage", b'{"r": 1' + b"0" * 5000 + b"}", b'{"r": 8,}'],
+    "raw",
+    [b"{not json", b"", b"\xff\xfe\x00garbage", b'{"r": 1' + b"0" * 5000 + b"}", b'{"r": 8,}'],
     ids=["syntax", "empty", "not-utf8", "5000-digit-int", "trailing-comma"],
 )
 def test_config_not_json(folder, model_config, raw):
@@ -170,8 +178,14 @@ def test_bad_peft_type(folder, model_config, peft_type):
 
 
 @pytest.mark.parametrize(
-    "variant", [{"use_dora": True}, {"alpha_pattern": {"q_proj": 64}}, {"rank_pattern": {"v_proj": 4}},
-                {"modules_to_save": ["lm_head"]}], ids=lambda v: next(iter(v)),
+    "variant",
+    [
+        {"use_dora": True},
+        {"alpha_pattern": {"q_proj": 64}},
+        {"rank_pattern": {"v_proj": 4}},
+        {"modules_to_save": ["lm_head"]},
+    ],
+    ids=lambda v: next(iter(v)),
 )
 def test_unsupported_peft_variants(folder, model_config, variant):
     edit_config(folder, **variant)
@@ -203,8 +217,14 @@ def test_weights_truncated(folder, model_config, cut):
 
 
 @pytest.mark.parametrize(
-    "raw", [os.urandom(4096), struct.pack("<Q", 5) + b"{abcd", struct.pack("<Q", 2) + b"[]",
-            struct.pack("<Q", 10**12) + b"{}", b"PK\x03\x04" + b"\0" * 60],
+    "raw",
+    [
+        os.urandom(4096),
+        struct.pack("<Q", 5) + b"{abcd",
+        struct.pack("<Q", 2) + b"[]",
+        struct.pack("<Q", 10**12) + b"{}",
+        b"PK\x03\x04" + b"\0" * 60,
+    ],
     ids=["random", "bad-json-header", "array-header", "header-too-large", "zip"],
 )
 def test_weights_garbage_or_wrong_header(folder, model_config, raw):
@@ -246,8 +266,9 @@ def test_weights_beyond_fp16_range(folder, model_config):
 
 
 def test_weights_float16_and_bfloat16_accepted(folder, model_config):
-    edit_tensors(folder, lambda t: t.update({k: v.to(torch.bfloat16 if "q_proj" in k else torch.float16)
-                                             for k, v in t.items()}))
+    edit_tensors(
+        folder, lambda t: t.update({k: v.to(torch.bfloat16 if "q_proj" in k else torch.float16) for k, v in t.items()})
+    )
     assert load_peft_adapter("agent", folder, model_config).weights[(0, "q_proj")][0].dtype == torch.float32
 
 
@@ -324,7 +345,12 @@ json_values = st.recursive(
     max_leaves=6,
 )
 MISSING = object()
-VALID_VALUES = {"r": [4, 4, 8], "lora_alpha": [8, 8.0, -0.5], "use_rslora": [False, True], "peft_type": ["LORA", "lora"]}
+VALID_VALUES = {
+    "r": [4, 4, 8],
+    "lora_alpha": [8, 8.0, -0.5],
+    "use_rslora": [False, True],
+    "peft_type": ["LORA", "lora"],
+}
 
 
 @st.composite

@@ -24,10 +24,16 @@ def one_thread():
 
 def _trajectory_file(tmp_path: Path) -> Path:
     steps = [
-        D.Step("I need to find the director of the film Jaws.", "Retrieve[Jaws (film)]",
-               "Jaws is a 1975 American thriller film directed by Steven Spielberg and based on the novel by Peter Benchley."),
-        D.Step("Now I need the birth year of Steven Spielberg.", "Lookup[born]",
-               "Steven Allan Spielberg (born December 18, 1946) is an American filmmaker."),
+        D.Step(
+            "I need to find the director of the film Jaws.",
+            "Retrieve[Jaws (film)]",
+            "Jaws is a 1975 American thriller film directed by Steven Spielberg and based on the novel by Peter Benchley.",
+        ),
+        D.Step(
+            "Now I need the birth year of Steven Spielberg.",
+            "Lookup[born]",
+            "Steven Allan Spielberg (born December 18, 1946) is an American filmmaker.",
+        ),
         D.Step("Steven Spielberg was born in 1946.", "Finish[1946]", "Please reflect your answer."),
     ]
     text = D.render_history("hotpotqa", "In which year was the director of Jaws born?", steps)
@@ -48,9 +54,16 @@ def test_parse_pairs_and_split_point():
 
 def test_analyze_shared_a_tiny(tmp_path, shared_a_adapters):
     aset = AdapterSet("random-shared-a", dict(shared_a_adapters))
-    spec = A.AnalyzeSpec(trajectories=str(_trajectory_file(tmp_path)), adapter_sets=[aset], limit=1, max_tokens=96,
-                         window=32, pairs=[("plan", "plan"), ("plan", "action")], control=True,
-                         kv_cache_bytes=32 << 20)
+    spec = A.AnalyzeSpec(
+        trajectories=str(_trajectory_file(tmp_path)),
+        adapter_sets=[aset],
+        limit=1,
+        max_tokens=96,
+        window=32,
+        pairs=[("plan", "plan"), ("plan", "action")],
+        control=True,
+        kv_cache_bytes=32 << 20,
+    )
     logs: list[str] = []
     report = A.run_analysis(spec, log=logs.append)
     (s,) = report["sets"]
@@ -85,9 +98,25 @@ def test_analyze_shared_a_tiny(tmp_path, shared_a_adapters):
 
 def test_cli_unshared_a_forced_and_refused(tmp_path, qv_adapters):
     root = str(Path(next(iter(qv_adapters.values()))).parent)
-    common = ["--trajectories", str(_trajectory_file(tmp_path)), "--adapters", root, "--limit", "1",
-              "--max-tokens", "80", "--window", "32", "--pairs", "plan:action", "--sharing", "base_lr_shared",
-              "--no-similarity", "--kv-cache-bytes", str(32 << 20)]
+    common = [
+        "--trajectories",
+        str(_trajectory_file(tmp_path)),
+        "--adapters",
+        root,
+        "--limit",
+        "1",
+        "--max-tokens",
+        "80",
+        "--window",
+        "32",
+        "--pairs",
+        "plan:action",
+        "--sharing",
+        "base_lr_shared",
+        "--no-similarity",
+        "--kv-cache-bytes",
+        str(32 << 20),
+    ]
     assert A.main([*common, "--out", str(tmp_path / "forced")]) == 0
     (s,) = json.loads((tmp_path / "forced" / "analyze.json").read_text())["sets"]
     assert not s["shared_a"] and "similarity" not in s
@@ -100,11 +129,22 @@ def test_cli_unshared_a_forced_and_refused(tmp_path, qv_adapters):
 
 def test_answer_agreement(tmp_path, capsys):
     def q(scheme, qid, pred, traj, correct=False):
-        return {"dataset": "d", "adapters": "a", "scheme": scheme, "id": qid, "prediction": pred, "trajectory": traj,
-                "correct": correct}
+        return {
+            "dataset": "d",
+            "adapters": "a",
+            "scheme": scheme,
+            "id": qid,
+            "prediction": pred,
+            "trajectory": traj,
+            "correct": correct,
+        }
 
-    questions = [q("non_shared", "1", "x", "t1", True), q("non_shared", "2", "y", "t2"),
-                 q("base_shared", "1", "x", "t1", True), q("base_shared", "2", "z", "t2b")]
+    questions = [
+        q("non_shared", "1", "x", "t1", True),
+        q("non_shared", "2", "y", "t2"),
+        q("base_shared", "1", "x", "t1", True),
+        q("base_shared", "2", "z", "t2b"),
+    ]
     path = tmp_path / "eval.json"
     path.write_text(json.dumps({"questions": questions}))
     rows = {r["scheme"]: r for r in A.answer_agreement(path)}

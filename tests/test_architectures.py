@@ -11,8 +11,15 @@ from lragent.bench.adapters import write_peft_adapter
 from lragent.model_config import ModelConfig
 
 COMMON = dict(
-    vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
-    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.2,
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    initializer_range=0.2,
 )
 
 
@@ -21,8 +28,14 @@ def tiny_checkpoint(kind: str, folder):
 
     if kind == "llama3":
         config = transformers.LlamaConfig(
-            **COMMON, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+            **COMMON,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
         )
         model = transformers.LlamaForCausalLM(config)
     elif kind == "mistral":
@@ -47,8 +60,15 @@ def test_engine_matches_hf_peft_logprobs(kind, tmp_path):
     if kind == "llama3":
         assert config.rope_scaling["rope_type"] == "llama3"
     assert config.attention_bias == (kind == "qwen2")
-    adapter = write_peft_adapter(tmp_path / "ad", config, ("q_proj", "v_proj", "o_proj", "up_proj"), rank=4,
-                                 alpha=8, b_scale=0.3, use_rslora=kind == "mistral")
+    adapter = write_peft_adapter(
+        tmp_path / "ad",
+        config,
+        ("q_proj", "v_proj", "o_proj", "up_proj"),
+        rank=4,
+        alpha=8,
+        b_scale=0.3,
+        use_rslora=kind == "mistral",
+    )
     llm = LLM(model=str(tmp_path / "model"), adapters={"a": str(adapter)}, sharing="non_shared", block_size=4)
     prompt = [int(t) for t in torch.randint(0, 300, (37,))]  # crosses RoPE's low/high frequency bands
     params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True, logprobs=True)

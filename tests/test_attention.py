@@ -101,10 +101,17 @@ def test_batched_decode_matches_per_sequence_loop():
 
     def meta(is_decode):
         return AttentionMetadata(
-            query_lens=[1] * 4, context_lens=ctx_lens, query_start=torch.arange(5, dtype=torch.int32),
-            context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32), base_block_tables=pad(tables),
-            lr_block_tables=pad(lr_tables), seq_lora_slots=torch.tensor(slots), base_write_idx=None,
-            base_slots=torch.zeros(0, dtype=torch.int64), lr_slots=None, is_decode=is_decode,
+            query_lens=[1] * 4,
+            context_lens=ctx_lens,
+            query_start=torch.arange(5, dtype=torch.int32),
+            context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32),
+            base_block_tables=pad(tables),
+            lr_block_tables=pad(lr_tables),
+            seq_lora_slots=torch.tensor(slots),
+            base_write_idx=None,
+            base_slots=torch.zeros(0, dtype=torch.int64),
+            lr_slots=None,
+            is_decode=is_decode,
         )
 
     q = torch.randn(4, 8, 16, dtype=torch.float64)

@@ -29,8 +29,15 @@ def test_unknown_adapter(llm):
 
 def test_adapter_for_another_base_model(tmp_path, model_config):
     other = ModelConfig.from_dict(
-        {"model_type": "llama", "vocab_size": 100, "hidden_size": 256, "intermediate_size": 512,
-         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+        {
+            "model_type": "llama",
+            "vocab_size": 100,
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
     )
     path = write_peft_adapter(tmp_path / "foreign", other, ("q_proj", "v_proj"))
     with pytest.raises(AdapterError, match="another base model"):
@@ -95,6 +102,8 @@ def test_cache_full_queues_instead_of_crashing(qv_adapters):
     """16 requests against a cache that holds about two: all finish, in order, with full outputs."""
     llm = LLM(adapters=qv_adapters, sharing="non_shared", block_size=4, kv_cache_bytes=2 * 4 * 30 * 192 * 4 * 24)
     prompts = [[20 + i] * (30 + i) for i in range(16)]
-    outs = llm.generate(prompts, adapter="plan", sampling_params=SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    outs = llm.generate(
+        prompts, adapter="plan", sampling_params=SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    )
     assert [len(o.token_ids) for o in outs] == [12] * 16
     assert llm.cache_stats()["pools"]["key"]["blocks_in_use"] == 0

@@ -34,11 +34,18 @@ def test_paper_trace_matches_the_appendix():
 
 def test_json_trace_formats_and_errors(tmp_path):
     path = tmp_path / "t.json"
-    path.write_text(json.dumps({"name": "mine", "steps": [
-        {"agent": "plan", "prefill": 5, "generate": 2},
-        ["coder", [11, 12, 13], 1],
-        {"agent": "plan", "prefill": "ctx", "generate": 3},
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "mine",
+                "steps": [
+                    {"agent": "plan", "prefill": 5, "generate": 2},
+                    ["coder", [11, 12, 13], 1],
+                    {"agent": "plan", "prefill": "ctx", "generate": 3},
+                ],
+            }
+        )
+    )
     name, steps = tb.load_trace(path)
     assert name == "mine" and [s.agent for s in steps] == ["plan", "coder", "plan"]
     spec = tb.TraceSpec(name, 7, steps)
@@ -49,10 +56,17 @@ def test_json_trace_formats_and_errors(tmp_path):
     assert ids != tb.appended_tokens(spec, 1000, seed=0, trajectory=1)  # independent trajectories differ
     _, bare = tb.parse_trace([["a", 4, 1]])
     assert bare[0].prefill == 4
-    for bad in ([], {"steps": []}, [["a", 4]], [{"agent": "a", "prefill": 4, "generate": 0}],
-                [{"agent": "", "prefill": 4, "generate": 1}], [{"agent": "a", "prefill": -1, "generate": 1}],
-                [{"agent": "a", "prefill": 0, "generate": 1}], [{"agent": "a", "prefill": 4, "generate": 1, "x": 1}],
-                [{"agent": "a", "prefill": [1, "b"], "generate": 1}]):
+    for bad in (
+        [],
+        {"steps": []},
+        [["a", 4]],
+        [{"agent": "a", "prefill": 4, "generate": 0}],
+        [{"agent": "", "prefill": 4, "generate": 1}],
+        [{"agent": "a", "prefill": -1, "generate": 1}],
+        [{"agent": "a", "prefill": 0, "generate": 1}],
+        [{"agent": "a", "prefill": 4, "generate": 1, "x": 1}],
+        [{"agent": "a", "prefill": [1, "b"], "generate": 1}],
+    ):
         with pytest.raises(ValueError):
             tb.parse_trace(bad)
     (tmp_path / "bad.json").write_text("{not json")
@@ -65,9 +79,17 @@ def test_json_trace_formats_and_errors(tmp_path):
 
 
 def test_roofline_floor_counts_each_token_once():
-    config = ModelConfig.from_dict({"vocab_size": 100, "hidden_size": 8, "intermediate_size": 16,
-                                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                    "head_dim": 4})
+    config = ModelConfig.from_dict(
+        {
+            "vocab_size": 100,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 4,
+        }
+    )
     cost = ModelCost.of(config, torch.float32)
     compute_bound = Rates(matmul_flops=1.0, copy_bytes=1e30, device="x", dtype="float32")
     # one step: 3 tokens, 1 generated: one forward over 3 tokens, causal pairs 1 + 2 + 3
@@ -84,18 +106,36 @@ def test_roofline_floor_counts_each_token_once():
     one, four = ideal_floor_s(cost, bandwidth_bound, steps), ideal_floor_s(cost, bandwidth_bound, steps, batch=4)
     assert one < four < 4 * one
     # the prefill-only floor leaves the decode passes out
-    assert system_floor_s(cost, compute_bound, [(3, 3, 2)], decode=False) < system_floor_s(cost, compute_bound, [(3, 3, 2)])
+    assert system_floor_s(cost, compute_bound, [(3, 3, 2)], decode=False) < system_floor_s(
+        cost, compute_bound, [(3, 3, 2)]
+    )
 
 
 def test_report_backfills_floors_of_older_files():
     """Result files written before a floor existed get it from their own measured rates when merged."""
     total = tb.paper_trace(256).total_tokens
-    rows = [{"system": "base_lr_shared", "concurrent": k, "ctx": 256, "trace": "paper", "total_tokens": total,
-             "status": "ok", "e2e_s": 10.0, "steps": []} for k in (1, 16)]
+    rows = [
+        {
+            "system": "base_lr_shared",
+            "concurrent": k,
+            "ctx": 256,
+            "trace": "paper",
+            "total_tokens": total,
+            "status": "ok",
+            "e2e_s": 10.0,
+            "steps": [],
+        }
+        for k in (1, 16)
+    ]
     rows.append({**rows[0], "ctx": 16, "total_tokens": 123})  # a --gen-cap variant: not the paper's trace, left alone
-    data = {"meta": {"model": "dummy:smollm2-135m", "dtype": "float32",
-                     "rates": {"matmul_TFLOPs": 1.0, "copy_GBps": 100.0, "device": "x", "dtype": "float32"}},
-            "rows": rows}
+    data = {
+        "meta": {
+            "model": "dummy:smollm2-135m",
+            "dtype": "float32",
+            "rates": {"matmul_TFLOPs": 1.0, "copy_GBps": 100.0, "device": "x", "dtype": "float32"},
+        },
+        "rows": rows,
+    }
     tb._backfill_floors(data)
     single, k16, other = data["rows"]
     assert 0 < single["floor_s"] < k16["floor_s"] < 16 * single["floor_s"]
@@ -120,9 +160,19 @@ def tiny_model(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny_llama")
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return str(folder)
@@ -130,8 +180,25 @@ def tiny_model(tmp_path_factory):
 
 def test_trace_bench_every_system_on_cpu(tmp_path, tiny_model, capsys):
     out = tmp_path / "res"
-    rc = tb.main(["--model", tiny_model, "--ctx", "16,40", "--gen-cap", "2", "--first-prefill", "16",
-                  "--concurrent", "1,2", "--out", str(out), "--run-timeout", "60", *SMALL_KV])
+    rc = tb.main(
+        [
+            "--model",
+            tiny_model,
+            "--ctx",
+            "16,40",
+            "--gen-cap",
+            "2",
+            "--first-prefill",
+            "16",
+            "--concurrent",
+            "1,2",
+            "--out",
+            str(out),
+            "--run-timeout",
+            "60",
+            *SMALL_KV,
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "tok/s" in printed and "targets" in printed
@@ -173,14 +240,53 @@ def test_trace_bench_json_trace_and_budget(tmp_path, tiny_model):
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"name": "mine", "steps": [["a", 20, 2], ["b", [7, 8, 9], 1], ["a", "ctx", 2]]}))
     out = tmp_path / "res"
-    assert tb.main(["--model", tiny_model, "--trace", str(trace), "--ctx", "8", "--systems", "base_lr_shared,hf_non_shared",
-                    "--out", str(out), "--no-plots", "--no-warmup", *SMALL_KV]) == 0
+    assert (
+        tb.main(
+            [
+                "--model",
+                tiny_model,
+                "--trace",
+                str(trace),
+                "--ctx",
+                "8",
+                "--systems",
+                "base_lr_shared,hf_non_shared",
+                "--out",
+                str(out),
+                "--no-plots",
+                "--no-warmup",
+                *SMALL_KV,
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "trace.json").read_text())["rows"]
     assert [(r["system"], r["status"], r["total_tokens"]) for r in rows] == [
-        ("base_lr_shared", "ok", 36), ("hf_non_shared", "ok", 36)]
+        ("base_lr_shared", "ok", 36),
+        ("hf_non_shared", "ok", 36),
+    ]
     # a KV budget of a few blocks cannot hold the prompt: reported, not raised
-    assert tb.main(["--model", tiny_model, "--trace", str(trace), "--ctx", "200", "--systems", "non_shared",
-                    "--kv-cache-bytes", str(6 * 16 * 2 * 2 * 32 * 4), "--out", str(out), "--no-plots", "--no-warmup"]) == 0
+    assert (
+        tb.main(
+            [
+                "--model",
+                tiny_model,
+                "--trace",
+                str(trace),
+                "--ctx",
+                "200",
+                "--systems",
+                "non_shared",
+                "--kv-cache-bytes",
+                str(6 * 16 * 2 * 2 * 32 * 4),
+                "--out",
+                str(out),
+                "--no-plots",
+                "--no-warmup",
+            ]
+        )
+        == 0
+    )
     row = json.loads((out / "trace.json").read_text())["rows"][0]
     assert row["status"].startswith("KV budget exhausted")
 
@@ -190,8 +296,15 @@ def test_step_timers_sum_the_engine_step_stats():
     from lragent.engine.stats import StepStats
 
     def stats(prefill: bool, prepare: float, forward: float, step: float) -> StepStats:
-        return StepStats(is_prefill=prefill, num_seqs=1, num_tokens=100 if prefill else 1, num_sampled=1,
-                         prepare_s=prepare, forward_s=forward, step_s=step)
+        return StepStats(
+            is_prefill=prefill,
+            num_seqs=1,
+            num_tokens=100 if prefill else 1,
+            num_sampled=1,
+            prepare_s=prepare,
+            forward_s=forward,
+            step_s=step,
+        )
 
     class Engine:  # the listener API only
         def __init__(self):

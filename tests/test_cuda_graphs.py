@@ -33,8 +33,16 @@ def tiny_gqa(tmp_path_factory) -> tuple[str, dict[str, str]]:
     """4 layers, 8 q heads over 2 kv heads, d 64; shared-A q/v adapters plus one that also targets o_proj/MLP."""
     root = tmp_path_factory.mktemp("tiny_gqa")
     config = write_random_llama(
-        root / "model", vocab_size=512, hidden_size=512, intermediate_size=768, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False,
+        root / "model",
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
     )
     shared: dict[int, torch.Tensor] = {}
     adapters = {
@@ -42,8 +50,9 @@ def tiny_gqa(tmp_path_factory) -> tuple[str, dict[str, str]]:
         for i, role in enumerate(("plan", "action", "reflect"))
     }
     adapters["wide"] = str(
-        write_peft_adapter(root / "wide", config, ("q_proj", "v_proj", "o_proj", "up_proj"), rank=8, seed=50,
-                           shared_value_a=shared)
+        write_peft_adapter(
+            root / "wide", config, ("q_proj", "v_proj", "o_proj", "up_proj"), rank=8, seed=50, shared_value_a=shared
+        )
     )
     return str(root / "model"), adapters
 
@@ -59,8 +68,16 @@ def _workload() -> tuple[list[list[int]], list[str | None], list[SamplingParams]
 
 
 def _run(model: str, adapters: dict[str, str], scheme: str, eager: bool):
-    llm = LLM(model=model, adapters=adapters, sharing=scheme, device="cuda", dtype="float32",
-              kv_cache_bytes=64 << 20, enforce_eager=eager, max_model_len=1024)
+    llm = LLM(
+        model=model,
+        adapters=adapters,
+        sharing=scheme,
+        device="cuda",
+        dtype="float32",
+        kv_cache_bytes=64 << 20,
+        enforce_eager=eager,
+        max_model_len=1024,
+    )
     prompts, names, params = _workload()
     outs = llm.generate(prompts, adapter=names, sampling_params=params)
     return llm, outs
@@ -88,8 +105,16 @@ def test_adapter_load_recaptures(tiny_gqa, tmp_path):
     extra = str(write_peft_adapter(tmp_path / "mlp", config, ("q_proj", "v_proj", "down_proj"), seed=60))
     results = {}
     for eager in (True, False):
-        llm = LLM(model=model, adapters={"plan": adapters["plan"]}, sharing="base_shared", device="cuda",
-                  dtype="float32", kv_cache_bytes=64 << 20, enforce_eager=eager, max_model_len=1024)
+        llm = LLM(
+            model=model,
+            adapters={"plan": adapters["plan"]},
+            sharing="base_shared",
+            device="cuda",
+            dtype="float32",
+            kv_cache_bytes=64 << 20,
+            enforce_eager=eager,
+            max_model_len=1024,
+        )
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         before = llm.generate([[5, 6, 7, 8]] * 3, adapter="plan", sampling_params=params)
         llm.engine.load_adapter("mlp", extra)
@@ -107,8 +132,14 @@ def test_measured_cache_budget():
 
     gc.collect()
     torch.cuda.empty_cache()
-    llm = LLM(model="dummy:smollm2-135m", sharing="base_lr_shared", device="cuda", gpu_memory_utilization=0.3,
-              max_model_len=4096, max_num_batched_tokens=4096)
+    llm = LLM(
+        model="dummy:smollm2-135m",
+        sharing="base_lr_shared",
+        device="cuda",
+        gpu_memory_utilization=0.3,
+        max_model_len=4096,
+        max_num_batched_tokens=4096,
+    )
     engine = llm.engine
     assert engine.activation_peak_bytes > 0
     _, total = torch.cuda.mem_get_info()
@@ -157,8 +188,11 @@ def test_static_inputs_follow_growing_and_replaced_block_tables():
             assert attn.tables[1, i, :nb].tolist() == s.lr_blocks[:nb]
             pos = s.num_computed
             assert graphs.tokens[:, i].tolist() == [s.token_ids[pos], pos]
-            assert attn.i64[:, i].tolist() == [s.base_blocks[pos // 4] * 4 + pos % 4, s.lr_blocks[pos // 4] * 4 + pos % 4,
-                                               s.lora_slot]
+            assert attn.i64[:, i].tolist() == [
+                s.base_blocks[pos // 4] * 4 + pos % 4,
+                s.lr_blocks[pos // 4] * 4 + pos % 4,
+                s.lora_slot,
+            ]
             assert attn.i32[:, i].tolist() == [pos + 1, s.lora_slot]
         for i in range(len(seqs), size):  # padding: no store, one readable key, no adapter
             assert attn.i64[0:2, i].tolist() == [-1, -1] and attn.i32[:, i].tolist() == [1, 0]

@@ -38,8 +38,22 @@ def test_demo_one_question_all_schemes(tmp_path, capsys):
         pytest.skip("shipped adapters not present")
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps(ROW) + "\n")
-    rc = demo.main(["--data", str(data), "--questions", "1", "--max-iterations", "1", "--max-tokens", "8",
-                    "--kv-cache-bytes", str(64 << 20), "--out", str(tmp_path)])
+    rc = demo.main(
+        [
+            "--data",
+            str(data),
+            "--questions",
+            "1",
+            "--max-iterations",
+            "1",
+            "--max-tokens",
+            "8",
+            "--kv-cache-bytes",
+            str(64 << 20),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     for scheme in demo.SCHEMES:

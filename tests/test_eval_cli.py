@@ -93,8 +93,9 @@ def test_time_limit_halts_in_flight_and_drops_unstarted(clock):
 
 def test_time_limit_keeps_an_answer_already_given(clock):
     # Finish first, reflect rejects, then the plan searches forever: cut by the limit, scored on its answer
-    script = Script([("t", "Aciton: Finish[", "Badr Hari"), ("s", "Aciton: BingSearch[", "x")],
-                    verdicts=("Reflect[wrong]",))
+    script = Script(
+        [("t", "Aciton: Finish[", "Badr Hari"), ("s", "Aciton: BingSearch[", "x")], verdicts=("Reflect[wrong]",)
+    )
     res = run_pipeline(TickingLLM(script, clock), records(1), PipelineConfig(time_limit_s=20))
     assert res[0].halt_reason == "time_limit" and res[0].correct and not res[0].out_of_function
 
@@ -124,8 +125,13 @@ def test_together_pools_files_in_one_batch_and_reports_each_and_combined(tmp_pat
         return llm
 
     aset = AdapterSet("hotpotqa-shared-a", {"plan": "p", "action": "a", "reflect": "r"}, "hotpotqa")
-    spec = EvalSpec(data=[str(a), str(b)], schemes=["non_shared"], adapter_sets=[aset], together=True,
-                    pipeline=PipelineConfig(workers=64))
+    spec = EvalSpec(
+        data=[str(a), str(b)],
+        schemes=["non_shared"],
+        adapter_sets=[aset],
+        together=True,
+        pipeline=PipelineConfig(workers=64),
+    )
     checkpoints = []
     report = run_eval(spec, llm_factory=factory, log=lambda s: None, checkpoint=checkpoints.append)
     assert [(s.dataset, s.n) for s in report.summaries] == [("easy", 3), ("medium", 2), ("easy+medium", 5)]
@@ -148,13 +154,21 @@ def test_time_budget_skips_later_runs(tmp_path, clock, monkeypatch):
     a, _ = _files(tmp_path)
     aset = AdapterSet("s", {"plan": "p", "action": "a", "reflect": "r"}, "hotpotqa")
     factory = lambda spec, scheme, aset: TickingLLM(Script([("s", "Aciton: BingSearch[", "x")]), clock)  # noqa: E731
-    spec = EvalSpec(data=[str(a)], schemes=["non_shared", "base_shared", "base_lr_shared"], adapter_sets=[aset],
-                    pipeline=PipelineConfig(workers=8), time_limit=4, time_budget=6)
+    spec = EvalSpec(
+        data=[str(a)],
+        schemes=["non_shared", "base_shared", "base_lr_shared"],
+        adapter_sets=[aset],
+        pipeline=PipelineConfig(workers=8),
+        time_limit=4,
+        time_budget=6,
+    )
     logs: list[str] = []
     report = run_eval(spec, llm_factory=factory, log=logs.append)
     # run 1: cut at its 4 s limit; run 2: cut at the 2 s the budget has left; run 3: skipped
     assert [(s.scheme, s.rounds, s.time_limited) for s in report.summaries] == [
-        ("non_shared", 4, 100.0), ("base_shared", 2, 100.0)]
+        ("non_shared", 4, 100.0),
+        ("base_shared", 2, 100.0),
+    ]
     assert report.spec["skipped_runs"] == ["easy | s | base_lr_shared"]
     assert any("time budget" in line for line in logs)
     assert "cut %" in format_table(report.summaries)
@@ -183,10 +197,28 @@ def test_cli_engine_options_reach_the_llm(tmp_path, monkeypatch):
     for role in ("plan", "action", "reflect"):
         (tmp_path / "ad" / "hotpotqa-shared-a" / role).mkdir(parents=True)
     a, _ = _files(tmp_path)
-    args = eval_cli.build_parser().parse_args([
-        str(a), "--adapters", str(tmp_path / "ad"), "--device", "cpu", "--dtype", "float32",
-        "--kv-cache-bytes", "2G", "--engine-arg", "max_num_seqs=64", "--engine-arg", "enforce_eager=true",
-        "--together", "--time-limit", "30", "--time-budget", "100"])
+    args = eval_cli.build_parser().parse_args(
+        [
+            str(a),
+            "--adapters",
+            str(tmp_path / "ad"),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--kv-cache-bytes",
+            "2G",
+            "--engine-arg",
+            "max_num_seqs=64",
+            "--engine-arg",
+            "enforce_eager=true",
+            "--together",
+            "--time-limit",
+            "30",
+            "--time-budget",
+            "100",
+        ]
+    )
     spec = eval_cli.spec_from_args(args)
     assert spec.dtype == "float32" and spec.together and spec.time_limit == 30 and spec.time_budget == 100
     assert spec.engine_kwargs == {"max_num_seqs": 64, "enforce_eager": True, "kv_cache_bytes": 2 << 30}

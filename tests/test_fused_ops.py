@@ -83,8 +83,16 @@ def tiny_gqa_all(tmp_path_factory) -> tuple[str, dict[str, str], dict[str, str]]
     and shared-A q/v adapters for the LR-pool schemes."""
     root = tmp_path_factory.mktemp("fused")
     config = write_random_llama(
-        root / "model", vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=False,
+        root / "model",
+        vocab_size=300,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     wide = {
@@ -93,16 +101,28 @@ def tiny_gqa_all(tmp_path_factory) -> tuple[str, dict[str, str], dict[str, str]]
     }
     shared: dict[int, torch.Tensor] = {}
     qv = {
-        role: str(write_peft_adapter(root / role, config, ("q_proj", "v_proj"), seed=70 + i, shared_value_a=shared,
-                                     b_scale=0.05))
+        role: str(
+            write_peft_adapter(
+                root / role, config, ("q_proj", "v_proj"), seed=70 + i, shared_value_a=shared, b_scale=0.05
+            )
+        )
         for i, role in enumerate(("plan", "action"))
     }
     return str(root / "model"), wide, qv
 
 
 def _generate(model: str, adapters: dict[str, str], scheme: str, backend: str):
-    llm = LLM(model=model, adapters=adapters, sharing=scheme, device=DEVICE, dtype="float32",
-              kv_cache_bytes=8 << 20, attention_backend=backend, max_model_len=256, enforce_eager=True)
+    llm = LLM(
+        model=model,
+        adapters=adapters,
+        sharing=scheme,
+        device=DEVICE,
+        dtype="float32",
+        kv_cache_bytes=8 << 20,
+        attention_backend=backend,
+        max_model_len=256,
+        enforce_eager=True,
+    )
     context = [(7 * i) % 290 + 3 for i in range(37)]
     prompts = [context + [5], context + [9, 4], context + [11] * 3]
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=True)

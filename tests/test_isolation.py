@@ -32,8 +32,10 @@ def shared_a(tiny_llama, tmp_path_factory) -> dict[str, str]:
     model, _ = tiny_llama
     config = ModelConfig.from_file(f"{model}/config.json")
     root, shared = tmp_path_factory.mktemp("iso"), {}
-    out = {r: str(write_peft_adapter(root / r, config, seed=40 + i, shared_value_a=shared))
-           for i, r in enumerate(("plan", "action"))}
+    out = {
+        r: str(write_peft_adapter(root / r, config, seed=40 + i, shared_value_a=shared))
+        for i, r in enumerate(("plan", "action"))
+    }
     out["other"] = str(write_peft_adapter(root / "other", config, seed=99))
     return out
 
@@ -92,9 +94,20 @@ def test_tiny_temperature_is_greedy_and_cannot_fail_the_batch(tiny_llama):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"stop_token_ids": "x"}, {"stop_token_ids": [1.5]}, {"stop": [3]}, {"stop": ""}, {"temperature": float("nan")},
-     {"temperature": float("inf")}, {"top_p": float("nan")}, {"temperature": True}, {"max_tokens": 2.0},
-     {"seed": 1 << 70}, {"top_k": "5"}, {"logprobs": "yes"}],
+    [
+        {"stop_token_ids": "x"},
+        {"stop_token_ids": [1.5]},
+        {"stop": [3]},
+        {"stop": ""},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"top_p": float("nan")},
+        {"temperature": True},
+        {"max_tokens": 2.0},
+        {"seed": 1 << 70},
+        {"top_k": "5"},
+        {"logprobs": "yes"},
+    ],
 )
 def test_bad_sampling_params_are_refused_naming_the_field(kwargs):
     field = next(iter(kwargs))
@@ -222,8 +235,17 @@ def test_stores_flag_exactly_the_blocks_that_received_nonfinite_rows(backend, dt
     from lragent.cache.kv_cache import CacheLayout, KVCache
     from lragent.kernels import make_backend
 
-    config = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 64, "intermediate_size": 8,
-                                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2})
+    config = ModelConfig.from_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 10,
+            "hidden_size": 64,
+            "intermediate_size": 8,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
     cache = KVCache(config, CacheLayout(4, {"kv": 40, "lr": 40}, 8), dtype, torch.device("cpu"))
     store = make_backend(backend, torch.device("cpu")).store
     gen = torch.Generator().manual_seed(0)

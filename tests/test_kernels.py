@@ -153,16 +153,27 @@ def run_kernel(case, decode: bool, **kw):
     c, m = case.cache, case.meta
     out = torch.full_like(case.query, float("nan"))
     args = dict(
-        key_pool=c.key[0], value_pool=c.value[0], lr_pool=c.lr[0] if c.lr is not None else None,
-        base_block_tables=m.base_block_tables, lr_block_tables=m.lr_block_tables,
-        seq_lora_slots=m.seq_lora_slots, value_up=case.value_up, lora_scaling=case.scaling, out=out,
+        key_pool=c.key[0],
+        value_pool=c.value[0],
+        lr_pool=c.lr[0] if c.lr is not None else None,
+        base_block_tables=m.base_block_tables,
+        lr_block_tables=m.lr_block_tables,
+        seq_lora_slots=m.seq_lora_slots,
+        value_up=case.value_up,
+        lora_scaling=case.scaling,
+        out=out,
     )
     if decode:
         return paged_decode(case.query, context_lens=m.context_lens_t, max_context=max(m.context_lens), **args, **kw)
     # max_context lets a GPU pick split-KV on its own for the small grids of these cases
     return paged_prefill(
-        case.query, query_start=m.query_start, context_lens=m.context_lens_t, max_query_len=max(m.query_lens),
-        max_context=max(m.context_lens), **args, **kw,
+        case.query,
+        query_start=m.query_start,
+        context_lens=m.context_lens_t,
+        max_query_len=max(m.query_lens),
+        max_context=max(m.context_lens),
+        **args,
+        **kw,
     )
 
 
@@ -321,8 +332,15 @@ def test_shared_shrink_small():
 
 class _Cfg:
     def __init__(self, h, q, kv, inter):
-        self.shapes = {"q_proj": (h, q), "v_proj": (h, kv), "o_proj": (q, h), "k_proj": (h, kv),
-                       "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+        self.shapes = {
+            "q_proj": (h, q),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "k_proj": (h, kv),
+            "gate_proj": (h, inter),
+            "up_proj": (h, inter),
+            "down_proj": (inter, h),
+        }
 
     def module_shapes(self):
         return self.shapes
@@ -415,7 +433,11 @@ def test_backend_store_then_attend():
 # ------------------------------------------------------------------------------------------------------------
 def _ragged(rng: random.Random, n: int, max_prefix: int, max_q: int, slots: int, decode: bool):
     return [
-        (rng.choice([0, rng.randrange(max_prefix + 1)]), 1 if decode else rng.randrange(1, max_q + 1), rng.randrange(slots))
+        (
+            rng.choice([0, rng.randrange(max_prefix + 1)]),
+            1 if decode else rng.randrange(1, max_q + 1),
+            rng.randrange(slots),
+        )
         for _ in range(n)
     ]
 

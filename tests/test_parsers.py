@@ -266,7 +266,10 @@ def test_scienceqa_episode_uses_image2text_and_option_letters():
     assert res.correct and res.prediction == "B" and res.task == "scienceqa"
     first = llm.log[0].prompt
     assert first == D.plan_thought_prompt(
-        D.head("scienceqa", "What is the capital of Delaware?\nOptions:(A) Harrisburg (B) Dover (C) Wilmington (D) Georgetown")
+        D.head(
+            "scienceqa",
+            "What is the capital of Delaware?\nOptions:(A) Harrisburg (B) Dover (C) Wilmington (D) Georgetown",
+        )
     )
     assert "Obversation: Image caption: A map of Delaware. OCR result: Dover\n" in res.trajectory
 
@@ -278,8 +281,10 @@ def test_empty_finish_on_scienceqa_is_wrong_even_for_key_a():
 
 
 def test_context_limit_halts():
-    res, _ = one(Script([("Search.", "Aciton: BingSearch[", "kick boxer")]),
-                 cfg=PipelineConfig(max_context_tokens=2600, max_tokens=128))
+    res, _ = one(
+        Script([("Search.", "Aciton: BingSearch[", "kick boxer")]),
+        cfg=PipelineConfig(max_context_tokens=2600, max_tokens=128),
+    )
     assert res.halt_reason == "context" and res.out_of_function and res.iterations < 45
 
 
@@ -290,7 +295,9 @@ def test_concurrent_questions_batch_roles_and_match_sequential_results():
         HOTPOT["question"]: [("a", "Aciton: BingSearch[", "kick"), ("b", "Aciton: Finish[", "Badr Hari")],
         q2["question"]: [("c", "Aciton: Finish[", "nobody")],
         "What is the capital of Delaware?": [
-            ("d", "Aciton: Image2Text[", "image"), ("e", "Aciton: Retrieve[", "Dover"), ("f", "Aciton: Finish[", "B"),
+            ("d", "Aciton: Image2Text[", "image"),
+            ("e", "Aciton: Retrieve[", "Dover"),
+            ("f", "Aciton: Finish[", "B"),
         ],
     }
 
@@ -358,7 +365,9 @@ def test_runner_end_to_end_with_a_fake_llm(tmp_path):
             (tmp_path / "adapters" / name / role).mkdir(parents=True)
     sets = find_adapter_sets([tmp_path / "adapters"])
     assert sorted((s.name, s.task) for s in sets) == [
-        ("hotpotqa-shared-a", "hotpotqa"), ("mixed/any", None), ("scienceqa-independent", "scienceqa")
+        ("hotpotqa-shared-a", "hotpotqa"),
+        ("mixed/any", None),
+        ("scienceqa-independent", "scienceqa"),
     ]
     (tmp_path / "adapters" / "manifest.json").write_text(json.dumps({"hotpotqa-shared-a": {"task": "scienceqa"}}))
     assert find_adapter_sets([tmp_path / "adapters"])[0].task == "scienceqa"  # the manifest wins
@@ -371,8 +380,21 @@ def test_runner_end_to_end_with_a_fake_llm(tmp_path):
     sq = tmp_path / "sq.jsonl"
     sq.write_text(json.dumps(SCIENCE) + "\n")
 
-    args = build_parser().parse_args([str(hp), str(sq), "--sharing", "non_shared,base_lr_shared", "--adapters",
-                                      str(tmp_path / "adapters"), "--limit", "3", "--workers", "2", "--force"])
+    args = build_parser().parse_args(
+        [
+            str(hp),
+            str(sq),
+            "--sharing",
+            "non_shared,base_lr_shared",
+            "--adapters",
+            str(tmp_path / "adapters"),
+            "--limit",
+            "3",
+            "--workers",
+            "2",
+            "--force",
+        ]
+    )
     spec = spec_from_args(args)
     assert spec.schemes == ["non_shared", "base_lr_shared"] and spec.force and spec.limit == 3
     made = []

@@ -12,9 +12,13 @@ def test_logprobs_are_those_of_the_unfiltered_softmax():
     gen = torch.Generator().manual_seed(0)
     logits = 4 * torch.randn(5, 300, generator=gen)
     logits[1, :100] = float("-inf")  # a masked row part (e.g. a grammar) must not break the reduction
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0),
-              SamplingParams(temperature=0.8, top_k=5, seed=1), SamplingParams(temperature=1.0, top_p=0.5, seed=2),
-              SamplingParams(temperature=0.0)]
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.8, top_k=5, seed=1),
+        SamplingParams(temperature=1.0, top_p=0.5, seed=2),
+        SamplingParams(temperature=0.0),
+    ]
     gens = [None, None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), None]
     tokens, logprobs = sample(logits, params, gens)
     want = torch.log_softmax(logits.double(), dim=-1)

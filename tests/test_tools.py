@@ -12,37 +12,49 @@ from lragent.agents.tools import ToolBox, ToolConfig, normalize_title, ocr_text
 # First row of /work/shared/data/hotpotqa/hotpotqa_easy.jsonl, four of its ten paragraphs (CC BY-SA 4.0).
 HOTPOT_ROW = {
     "id": "5a832c3455429954d2e2ec41",
-    "question": 'Who was once considered the best kick boxer in the world, however he has been involved in a number of '
+    "question": "Who was once considered the best kick boxer in the world, however he has been involved in a number of "
     'controversies relating to his "unsportsmanlike conducts" in the sport and crimes of violence outside of the ring.',
     "answer": "Badr Hari",
     "context": [
-        ["Verano de Escándalo (1998)", [
-            'The 1998 Verano de Escándalo (Spanish for "Summer of Scandal") was the second annual "Verano de Escandalo" '
-            "professional wrestling show promoted by AAA.",
-            " The show took place on September 18, 1998, in Madero, Tamaulipas, Mexico.",
-        ]],
-        ["E. Gordon Gee", [
-            "Elwood Gordon Gee (born February 2, 1944) is an American academic and is currently serving his second "
-            "term as President of West Virginia University.",
-            " He has served as the chief executive at several universities in the United States, previously serving "
-            "at Ohio State University.",
-        ]],
-        ["Badr Hari", [
-            "Badr Hari (Arabic: بدر هاري‎ ‎ ; born 8 December 1984) is a Moroccan-Dutch super heavyweight kickboxer "
-            "from Amsterdam, fighting out of Mike's Gym in Oostzaan.",
-            ' He is a former K-1 Heavyweight champion (2007—2008), It\'s Showtime Heavyweight world champion '
-            '(2009-2010) and "K-1 World Grand Prix 2009" finalist.',
-            " Hari has been a prominent figure in the world of kickboxing and was once considered the best kickboxer "
-            'in the world, however he has been involved in a number of controversies relating to his "unsportsmanlike '
-            'conducts" in the sport and crimes of violence outside of the ring.',
-        ]],
-        ["Global Fighting Championship", [
-            "Global Fighting Championship (also known as GFC) was a UAE-based kickboxing and mixed martial arts (MMA) "
-            "promotion.",
-            " It was established in 2014 in Dubai, United Arab Emirates.",
-            " The promotion's first event, GFC 1, took place on May 29, 2014 and featured Badr Hari vs. Anderson "
-            "Silva.",
-        ]],
+        [
+            "Verano de Escándalo (1998)",
+            [
+                'The 1998 Verano de Escándalo (Spanish for "Summer of Scandal") was the second annual "Verano de Escandalo" '
+                "professional wrestling show promoted by AAA.",
+                " The show took place on September 18, 1998, in Madero, Tamaulipas, Mexico.",
+            ],
+        ],
+        [
+            "E. Gordon Gee",
+            [
+                "Elwood Gordon Gee (born February 2, 1944) is an American academic and is currently serving his second "
+                "term as President of West Virginia University.",
+                " He has served as the chief executive at several universities in the United States, previously serving "
+                "at Ohio State University.",
+            ],
+        ],
+        [
+            "Badr Hari",
+            [
+                "Badr Hari (Arabic: بدر هاري‎ ‎ ; born 8 December 1984) is a Moroccan-Dutch super heavyweight kickboxer "
+                "from Amsterdam, fighting out of Mike's Gym in Oostzaan.",
+                " He is a former K-1 Heavyweight champion (2007—2008), It's Showtime Heavyweight world champion "
+                '(2009-2010) and "K-1 World Grand Prix 2009" finalist.',
+                " Hari has been a prominent figure in the world of kickboxing and was once considered the best kickboxer "
+                'in the world, however he has been involved in a number of controversies relating to his "unsportsmanlike '
+                'conducts" in the sport and crimes of violence outside of the ring.',
+            ],
+        ],
+        [
+            "Global Fighting Championship",
+            [
+                "Global Fighting Championship (also known as GFC) was a UAE-based kickboxing and mixed martial arts (MMA) "
+                "promotion.",
+                " It was established in 2014 in Dubai, United Arab Emirates.",
+                " The promotion's first event, GFC 1, took place on May 29, 2014 and featured Badr Hari vs. Anderson "
+                "Silva.",
+            ],
+        ],
     ],
 }
 # ScienceQA rows (scienceqa_grade1-4.jsonl / grade5-8.jsonl, CC BY-NC-SA 4.0): one with an image + OCR, one without.
@@ -75,7 +87,8 @@ def test_normalize_title_is_case_accent_punctuation_insensitive():
 
 
 @pytest.mark.parametrize(
-    "entity", ["Badr Hari", "badr hari", "BADR HARI!", "Badr Hari kickboxer", "Bader Hari"],
+    "entity",
+    ["Badr Hari", "badr hari", "BADR HARI!", "Badr Hari kickboxer", "Bader Hari"],
 )
 def test_retrieve_matches_title_variants(box, entity):
     obs = box.run("Retrieve", entity)
@@ -171,9 +184,20 @@ def test_observation_messages_appear_verbatim_in_the_trajectories():
     if not all(p.exists() for p in paths):
         pytest.skip("shared trajectories not available")
     text = "".join(p.read_text(encoding="utf-8") for p in paths)
-    for msg in (T.MSG_SEARCH_ERROR, T.MSG_RETRIEVE_ERROR, T.MSG_LOOKUP_NO_RETRIEVED, T.MSG_LOOKUP_NO_SEARCHED,
-                T.MSG_LOOKUP_INVALID, T.MSG_NO_IMAGE, T.MSG_FINISH, T.MSG_REFLECT_INVALID, T.MSG_REFLECT_WRONG,
-                T.MSG_INVALID["hotpotqa"], T.MSG_INVALID["scienceqa"], "Obversation: (Result 1/"):
+    for msg in (
+        T.MSG_SEARCH_ERROR,
+        T.MSG_RETRIEVE_ERROR,
+        T.MSG_LOOKUP_NO_RETRIEVED,
+        T.MSG_LOOKUP_NO_SEARCHED,
+        T.MSG_LOOKUP_INVALID,
+        T.MSG_NO_IMAGE,
+        T.MSG_FINISH,
+        T.MSG_REFLECT_INVALID,
+        T.MSG_REFLECT_WRONG,
+        T.MSG_INVALID["hotpotqa"],
+        T.MSG_INVALID["scienceqa"],
+        "Obversation: (Result 1/",
+    ):
         assert json.dumps(msg)[1:-1] in text, msg
 
 

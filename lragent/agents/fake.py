@@ -74,8 +74,12 @@ class ScriptedLLM:
             reused = max((_common_prefix(ids, seen) for seen in self._seen[-8:]), default=0)
             self._seen.append(ids)
             out_ids = self.tokenizer.encode(text)
-            metrics = {"prompt_tokens": len(ids), "reused_tokens": reused, "computed_tokens": len(ids) - reused,
-                       "ttft_s": 0.001}
+            metrics = {
+                "prompt_tokens": len(ids),
+                "reused_tokens": reused,
+                "computed_tokens": len(ids) - reused,
+                "ttft_s": 0.001,
+            }
             outs.append(FakeOutput(text, out_ids, metrics))
         return outs
 

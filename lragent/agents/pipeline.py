@@ -155,8 +155,12 @@ class Driver:
         return self.llm.generate(prompts, adapter=roles, sampling_params=params)
 
     def stats(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "decode_steps": self.decode_steps, "generate_s": self.generate_s,
-                "timed_out": self.timed_out}
+        return {
+            "rounds": self.rounds,
+            "decode_steps": self.decode_steps,
+            "generate_s": self.generate_s,
+            "timed_out": self.timed_out,
+        }
 
     def run(self, episodes: Sequence[Episode], progress: Callable[[EpisodeResult], None] | None = None) -> None:
         t0 = time.perf_counter()

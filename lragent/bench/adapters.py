@@ -92,7 +92,9 @@ def write_random_adapters(
     shared: dict[int, torch.Tensor] | None = {} if shared_a else None
     return {
         name: str(
-            write_peft_adapter(Path(root) / name, config, targets, rank, alpha, seed + i, shared, 0.02, base_model=model)
+            write_peft_adapter(
+                Path(root) / name, config, targets, rank, alpha, seed + i, shared, 0.02, base_model=model
+            )
         )
         for i, name in enumerate(names)
     }

@@ -24,8 +24,14 @@ from lragent.bench.adapters import model_config_for, write_random_adapters
 
 
 def ours(
-    model: str, adapter_dir: str, batch: int, prompt_len: int, new_tokens: int, device: str,
-    profile: dict | None = None, **engine,
+    model: str,
+    adapter_dir: str,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    device: str,
+    profile: dict | None = None,
+    **engine,
 ) -> float:
     """Decode tok/s of our engine; with `profile` (a dict, CUDA) also fills in a torch.profiler breakdown of 16
     decode steps of the same batch."""
@@ -63,8 +69,10 @@ def _profile_decode(llm, prompts: list[list[int]], steps: int = 16) -> dict:
 
     engine = llm.engine
     engine.reset_prefix_cache()
-    ids = [engine.add_request(p[1:] + p[:1], SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True), "plan")
-           for p in prompts]
+    ids = [
+        engine.add_request(p[1:] + p[:1], SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True), "plan")
+        for p in prompts
+    ]
     prefilling = set(ids)  # requests without their first token yet (a finished one counts as done)
     while prefilling and engine.has_unfinished():
         prefilling -= {out.request_id for out in engine.step() if out.token_ids or out.finished}
@@ -100,18 +108,39 @@ def floor_report(args) -> list[dict]:
         adapter = write_random_adapters(args.model, Path(tmp), ["plan"], rank=8)["plan"]
         for batch in args.batch:
             prof: dict | None = {} if args.profile else None
-            tok_s = ours(args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device, profile=prof,
-                         sharing=args.sharing, dtype=args.dtype, enforce_eager=args.enforce_eager)
+            tok_s = ours(
+                args.model,
+                adapter,
+                batch,
+                args.prompt_len,
+                args.new_tokens,
+                args.device,
+                profile=prof,
+                sharing=args.sharing,
+                dtype=args.dtype,
+                enforce_eager=args.enforce_eager,
+            )
             step = batch / tok_s
             floor = decode_floor_s(args.model, batch, args.prompt_len + args.new_tokens // 2, dtype, rates)
-            rows.append({"batch": batch, "context": args.prompt_len, "tok_s": tok_s, "step_ms": step * 1e3,
-                         "floor_ms": floor * 1e3, "x_floor": step / floor, "profile": prof})
+            rows.append(
+                {
+                    "batch": batch,
+                    "context": args.prompt_len,
+                    "tok_s": tok_s,
+                    "step_ms": step * 1e3,
+                    "floor_ms": floor * 1e3,
+                    "x_floor": step / floor,
+                    "profile": prof,
+                }
+            )
             if prof:
                 _log(f"batch {batch} profile: " + json.dumps(prof))
             _log(f"batch {batch}: {step * 1e3:.2f} ms/step, floor {floor * 1e3:.2f} ms")
-    print(f"decode vs bandwidth floor, {args.model}, {args.sharing}, q/v LoRA r8, context {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, {rates.device}, copy {rates.copy_bytes / 1e9:.0f} GB/s"
-          f"{', eager' if args.enforce_eager else ', CUDA graphs'}")
+    print(
+        f"decode vs bandwidth floor, {args.model}, {args.sharing}, q/v LoRA r8, context {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, {rates.device}, copy {rates.copy_bytes / 1e9:.0f} GB/s"
+        f"{', eager' if args.enforce_eager else ', CUDA graphs'}"
+    )
     print(f"{'batch':>5} {'tok/s':>9} {'step ms':>8} {'floor ms':>9} {'x floor':>8}")
     for r in rows:
         print(f"{r['batch']:>5} {r['tok_s']:>9.0f} {r['step_ms']:>8.2f} {r['floor_ms']:>9.2f} {r['x_floor']:>7.2f}x")
@@ -127,7 +156,9 @@ def hf_peft(model: str, adapter_dir: str, batch: int, prompt_len: int, new_token
     base = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch.float32).to(device)
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
     vocab = base.config.vocab_size
-    ids = torch.tensor([[(97 * i + 13 * j) % (vocab - 100) + 50 for j in range(prompt_len)] for i in range(batch)], device=device)
+    ids = torch.tensor(
+        [[(97 * i + 13 * j) % (vocab - 100) + 50 for j in range(prompt_len)] for i in range(batch)], device=device
+    )
 
     def timed(n: int) -> float:
         start = time.perf_counter()
@@ -152,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sharing", default="base_lr_shared", help="scheme for --floor")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--profile", action="store_true",
-                        help="--floor on CUDA: also break 16 decode steps down by kernel (torch.profiler)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="--floor on CUDA: also break 16 decode steps down by kernel (torch.profiler)",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.floor:
@@ -169,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             a = ours(args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device)
             b = hf_peft(args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device)
             rows.append({"batch": batch, "lragent_tok_s": a, "hf_peft_tok_s": b, "speedup": a / b})
-    print(f"decode, {args.model}, q/v LoRA r8, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.device} "
-          f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    print(
+        f"decode, {args.model}, q/v LoRA r8, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.device} "
+        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     print(f"{'batch':>5} {'lragent tok/s':>14} {'HF+PEFT tok/s':>14} {'speedup':>8}")
     for r in rows:
         print(f"{r['batch']:>5} {r['lragent_tok_s']:>14.1f} {r['hf_peft_tok_s']:>14.1f} {r['speedup']:>7.2f}x")

@@ -213,22 +213,52 @@ def _decode_case(pools: PagedPools, batch: int, ctx: int, timer, dtype, device, 
 
     def ours():
         return paged_decode(
-            q, pools.key, pools.value, pools.lr, bt, lbt, ctx_t, slots, pools.value_up, pools.scaling,
-            max_context=ctx, out=out, **kw,
+            q,
+            pools.key,
+            pools.value,
+            pools.lr,
+            bt,
+            lbt,
+            ctx_t,
+            slots,
+            pools.value_up,
+            pools.scaling,
+            max_context=ctx,
+            out=out,
+            **kw,
         )
 
     t_ours = timer(ours)
     nbytes = batch * ctx * (2 * HKV * D + pools.rank) * torch.finfo(dtype).bits // 8
     t_nolr = float("nan")
     if baselines:  # the same kernel without the LR term (value_up None): what the rank-r path costs
-        t_nolr = timer(lambda: paged_decode(
-            q, pools.key, pools.value, None, bt, None, ctx_t, slots, None, pools.scaling,
-            max_context=ctx, out=out, **kw,
-        ))
+        t_nolr = timer(
+            lambda: paged_decode(
+                q,
+                pools.key,
+                pools.value,
+                None,
+                bt,
+                None,
+                ctx_t,
+                slots,
+                None,
+                pools.scaling,
+                max_context=ctx,
+                out=out,
+                **kw,
+            )
+        )
     bw = nbytes / (t_ours * 1e-3) / 1e9
     if not baselines:
-        return {"batch": batch, "context": ctx, "num_splits": splits, "ours_ms": t_ours,
-                "ours_GBps": bw, "ours_pct_copy_bw": 100 * bw / calib["copy_bandwidth_GBps"]}
+        return {
+            "batch": batch,
+            "context": ctx,
+            "num_splits": splits,
+            "ours_ms": t_ours,
+            "ours_GBps": bw,
+            "ours_pct_copy_bw": 100 * bw / calib["copy_bandwidth_GBps"],
+        }
     t_plain, backend, t_naive = _decode_baselines(pools, q, slots, batch, ctx, timer, dtype, device)
     plain_bytes = batch * ctx * 2 * HKV * D * torch.finfo(dtype).bits // 8
     return {
@@ -249,8 +279,9 @@ def _decode_case(pools: PagedPools, batch: int, ctx: int, timer, dtype, device, 
     }
 
 
-def _decode_baselines(pools: PagedPools, q: torch.Tensor, slots: torch.Tensor, batch: int, ctx: int, timer, dtype,
-                      device) -> tuple[float, str, float]:
+def _decode_baselines(
+    pools: PagedPools, q: torch.Tensor, slots: torch.Tensor, batch: int, ctx: int, timer, dtype, device
+) -> tuple[float, str, float]:
     """ms of plain SDPA over contiguous K/V (no LoRA), its backend, and ms of materialising V = V_base + s R B
     then SDPA (NaN when that does not fit in memory). The contiguous copies are random, of the same shapes."""
     kc = torch.randn(batch, HKV, ctx, D, dtype=dtype, device=device)
@@ -315,21 +346,46 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
 
     def ours():
         return paged_prefill(
-            q, pools.key, pools.value, pools.lr, bt, lbt, qstart, ctx_t, slots, pools.value_up, pools.scaling,
-            max_query_len=new, out=out, **kw,
+            q,
+            pools.key,
+            pools.value,
+            pools.lr,
+            bt,
+            lbt,
+            qstart,
+            ctx_t,
+            slots,
+            pools.value_up,
+            pools.scaling,
+            max_query_len=new,
+            out=out,
+            **kw,
         )
 
     t_ours = timer(ours)
     flops = prefill_flops(new, prefix)
     t_nolr = float("nan")
     if baselines:
-        t_nolr = timer(lambda: paged_prefill(
-            q, pools.key, pools.value, None, bt, None, qstart, ctx_t, slots, None, pools.scaling,
-            max_query_len=new, out=out, **kw,
-        ))
+        t_nolr = timer(
+            lambda: paged_prefill(
+                q,
+                pools.key,
+                pools.value,
+                None,
+                bt,
+                None,
+                qstart,
+                ctx_t,
+                slots,
+                None,
+                pools.scaling,
+                max_query_len=new,
+                out=out,
+                **kw,
+            )
+        )
     if not baselines:
-        return {"new_tokens": new, "prefix": prefix, "ours_ms": t_ours,
-                "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12}
+        return {"new_tokens": new, "prefix": prefix, "ours_ms": t_ours, "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12}
     t_plain, backend, t_naive = _prefill_baselines(pools, q, slots, ctx, prefix, timer, dtype, device)
     return {
         "new_tokens": new,
@@ -348,8 +404,9 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
     }
 
 
-def _prefill_baselines(pools: PagedPools, q: torch.Tensor, slots: torch.Tensor, ctx: int, prefix: int, timer, dtype,
-                       device) -> tuple[float, str, float]:
+def _prefill_baselines(
+    pools: PagedPools, q: torch.Tensor, slots: torch.Tensor, ctx: int, prefix: int, timer, dtype, device
+) -> tuple[float, str, float]:
     """ms of plain causal SDPA over contiguous K/V (no LoRA), its backend, and ms of materialising
     V = V_base + s R B then SDPA. The contiguous copies are random, of the same shapes."""
     kc = torch.randn(1, HKV, ctx, D, dtype=dtype, device=device)
@@ -416,7 +473,10 @@ def bench_lora(timer, dtype, device, smoke: bool) -> list[dict]:
 
         t_ours, t_loop = timer(ours), timer(loop)
         rows.append({"tokens": t, "d_in": d_in, "d_out": d_out, "ours_ms": t_ours, "torch_loop_ms": t_loop})
-        print(f"lora    T={t:>5} {d_in}->{d_out} r{rank} | ours {t_ours:8.4f} ms | torch loop {t_loop:8.4f} ms", flush=True)
+        print(
+            f"lora    T={t:>5} {d_in}->{d_out} r{rank} | ours {t_ours:8.4f} ms | torch loop {t_loop:8.4f} ms",
+            flush=True,
+        )
     return rows
 
 
@@ -432,17 +492,35 @@ def sweep(pools, timer, dtype, device, calib) -> dict:
                 kw = dict(block_n=bn, num_warps=nw, num_stages=ns, num_splits=splits)
                 try:
                     r = bench_decode(pools, [batch], [ctx], timer, dtype, device, calib, kw, baselines=False)[0]
-                    res["decode"].append({**kw, "batch": batch, "context": ctx, "ours_ms": r["ours_ms"], "pct": r["ours_pct_copy_bw"]})
-                    print(f"sweep decode {kw} B={batch} ctx={ctx}: {r['ours_ms']:.3f} ms {r['ours_pct_copy_bw']:.0f}%", flush=True)
+                    res["decode"].append(
+                        {**kw, "batch": batch, "context": ctx, "ours_ms": r["ours_ms"], "pct": r["ours_pct_copy_bw"]}
+                    )
+                    print(
+                        f"sweep decode {kw} B={batch} ctx={ctx}: {r['ours_ms']:.3f} ms {r['ours_pct_copy_bw']:.0f}%",
+                        flush=True,
+                    )
                 except Exception as e:  # noqa: BLE001 - a config that does not compile / fit is just skipped
                     res["decode"].append({**kw, "batch": batch, "context": ctx, "error": repr(e)[:200]})
-    for bm, bn, nw, ns in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3)]:
+    for bm, bn, nw, ns in [
+        (128, 64, 8, 3),
+        (128, 64, 8, 2),
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
+        (64, 64, 4, 3),
+        (64, 64, 4, 2),
+        (128, 32, 8, 3),
+    ]:
         kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
         for new, prefix in ((4096, 0), (2048, 16384)):
             try:
                 r = bench_prefill(pools, [new], [prefix], timer, dtype, device, calib, kw, baselines=False)[0]
-                res["prefill"].append({**kw, "new": new, "prefix": prefix, "ours_ms": r["ours_ms"], "TFLOPs": r["ours_TFLOPs"]})
-                print(f"sweep prefill {kw} new={new} prefix={prefix}: {r['ours_ms']:.3f} ms {r['ours_TFLOPs']:.0f} TFLOP/s", flush=True)
+                res["prefill"].append(
+                    {**kw, "new": new, "prefix": prefix, "ours_ms": r["ours_ms"], "TFLOPs": r["ours_TFLOPs"]}
+                )
+                print(
+                    f"sweep prefill {kw} new={new} prefix={prefix}: {r['ours_ms']:.3f} ms {r['ours_TFLOPs']:.0f} TFLOP/s",
+                    flush=True,
+                )
             except Exception as e:  # noqa: BLE001
                 res["prefill"].append({**kw, "new": new, "prefix": prefix, "error": repr(e)[:200]})
     return res
@@ -458,12 +536,14 @@ def targets(decode: list[dict], prefill: list[dict]) -> dict:
         "prefill_max_ours_over_sdpa": max((r["ours_over_sdpa"] for r in prefill), default=None),
     }
     out["met"] = {
-        "decode_80pct_copy_bw": out["decode_ge8k_min_pct_copy_bw"] is not None and out["decode_ge8k_min_pct_copy_bw"] >= 80,
+        "decode_80pct_copy_bw": out["decode_ge8k_min_pct_copy_bw"] is not None
+        and out["decode_ge8k_min_pct_copy_bw"] >= 80,
         "decode_within_1.15x_sdpa": out["decode_ge8k_max_ours_over_sdpa"] is not None
         and out["decode_ge8k_max_ours_over_sdpa"] <= 1.15,
         "decode_2x_faster_than_naive_at_32k": out["decode_32k_min_naive_over_ours"] is not None
         and out["decode_32k_min_naive_over_ours"] >= 2,
-        "prefill_within_1.25x_sdpa": out["prefill_max_ours_over_sdpa"] is not None and out["prefill_max_ours_over_sdpa"] <= 1.25,
+        "prefill_within_1.25x_sdpa": out["prefill_max_ours_over_sdpa"] is not None
+        and out["prefill_max_ours_over_sdpa"] <= 1.25,
     }
     return out
 
@@ -496,8 +576,14 @@ def _use_smoke_shapes(args: argparse.Namespace, device: torch.device, dtype: tor
     return torch.float32 if device.type == "cpu" else dtype
 
 
-def _pool_tokens(args: argparse.Namespace, only: set[str], decode_ctx: list[int], decode_b: list[int],
-                 news: list[int], prefixes: list[int]) -> int:
+def _pool_tokens(
+    args: argparse.Namespace,
+    only: set[str],
+    decode_ctx: list[int],
+    decode_b: list[int],
+    news: list[int],
+    prefixes: list[int],
+) -> int:
     """Tokens the shared paged pools must hold for the largest case any selected benchmark runs."""
     return max(
         max(decode_ctx) * max(decode_b) if "decode" in only else 0,
@@ -512,8 +598,10 @@ def _recalibrate(calib: dict, again: dict, decode: list[dict]) -> None:
     decode rows' percentages to it."""
     runs = [calib["copy_bandwidth_GBps"], again["copy_bandwidth_GBps"]]
     if again["copy_bandwidth_GBps"] > calib["copy_bandwidth_GBps"] * 1.02:  # the first one ran on cold clocks
-        print(f"copy bandwidth re-measured: {again['copy_bandwidth_GBps']:.0f} GB/s "
-              f"(first {calib['copy_bandwidth_GBps']:.0f})")
+        print(
+            f"copy bandwidth re-measured: {again['copy_bandwidth_GBps']:.0f} GB/s "
+            f"(first {calib['copy_bandwidth_GBps']:.0f})"
+        )
         ratio = calib["copy_bandwidth_GBps"] / again["copy_bandwidth_GBps"]
         for r in decode:
             for key in ("ours_pct_copy_bw", "sdpa_pct_copy_bw"):
@@ -526,8 +614,9 @@ def _recalibrate(calib: dict, again: dict, decode: list[dict]) -> None:
 def _write_json(result: dict, json_path: str) -> None:
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1,
-                               default=lambda o: None if isinstance(o, float) and math.isnan(o) else o))
+    path.write_text(
+        json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o)
+    )
     print(f"wrote {path}")
 
 
@@ -548,8 +637,11 @@ def main(argv: list[str] | None = None) -> int:
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     calib = calibrate(device, timer, args.smoke)
-    print(f"card: {card}; copy bandwidth {calib['copy_bandwidth_GBps']:.0f} GB/s; bf16 matmul "
-          f"{calib['matmul_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
+    print(
+        f"card: {card}; copy bandwidth {calib['copy_bandwidth_GBps']:.0f} GB/s; bf16 matmul "
+        f"{calib['matmul_bf16_TFLOPs']:.0f} TFLOP/s",
+        flush=True,
+    )
     max_tokens = _pool_tokens(args, only, decode_ctx, decode_b, news, prefixes)
     pools = PagedPools(max(max_tokens, 64), args.block_size, args.rank, dtype, device)
     result = {
@@ -558,8 +650,14 @@ def main(argv: list[str] | None = None) -> int:
         "command": "lragent bench kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
-        "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "rank": args.rank, "block_size": args.block_size,
-                  "dtype": str(dtype).removeprefix("torch.")},
+        "shape": {
+            "q_heads": HQ,
+            "kv_heads": HKV,
+            "head_dim": D,
+            "rank": args.rank,
+            "block_size": args.block_size,
+            "dtype": str(dtype).removeprefix("torch."),
+        },
         "calibration": calib,
     }
     if args.sweep:
@@ -612,7 +710,9 @@ def render_markdown(res: dict) -> str:
     if res.get("lora"):
         lines += ["| LoRA delta tokens | shape | ours ms | torch loop ms |", "|---|---|---|---|"]
         for r in res["lora"]:
-            lines.append(f"| {r['tokens']} | {r['d_in']}->{r['d_out']} | {r['ours_ms']:.4f} | {r['torch_loop_ms']:.4f} |")
+            lines.append(
+                f"| {r['tokens']} | {r['d_in']}->{r['d_out']} | {r['ours_ms']:.4f} | {r['torch_loop_ms']:.4f} |"
+            )
         lines.append("")
     t = res.get("targets")
     if t:

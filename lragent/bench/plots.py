@@ -10,8 +10,14 @@ import json
 import sys
 from pathlib import Path
 
-COLORS = {"non_shared": "C3", "full_shared": "C1", "base_shared": "C2", "base_lr_shared": "C0",
-          "hf_non_shared": "C5", "hf_full_shared": "C4"}
+COLORS = {
+    "non_shared": "C3",
+    "full_shared": "C1",
+    "base_shared": "C2",
+    "base_lr_shared": "C0",
+    "hf_non_shared": "C5",
+    "hf_full_shared": "C4",
+}
 
 
 def _fmt_tokens(n: float) -> str:
@@ -38,12 +44,21 @@ def plot_results(result: dict, out_dir: str | Path) -> list[str]:
             fig, ax = plt.subplots(figsize=(7, 4.5))
             systems = list(dict.fromkeys(r["system"] for r in rows if r["concurrent"] == k))
             for i, system in enumerate(systems):
-                pts = sorted((r["total_tokens"], r[metric]) for r in rows
-                             if r["system"] == system and r["concurrent"] == k and r.get(metric))
+                pts = sorted(
+                    (r["total_tokens"], r[metric])
+                    for r in rows
+                    if r["system"] == system and r["concurrent"] == k and r.get(metric)
+                )
                 if pts:
                     style = "--" if system.startswith("hf_") else "-"
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=system,
-                            color=COLORS.get(system, f"C{i}"))
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        style,
+                        marker="o",
+                        label=system,
+                        color=COLORS.get(system, f"C{i}"),
+                    )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ticks = sorted({r["total_tokens"] for r in rows if r["concurrent"] == k})
@@ -53,8 +68,11 @@ def plot_results(result: dict, out_dir: str | Path) -> list[str]:
             ax.set_xlabel("trajectory length (tokens)")
             ax.set_ylabel(label + (f", {k} concurrent" if k > 1 else ""))
             meta = result.get("meta", {})
-            ax.set_title(f"{meta.get('model', '')} on {meta.get('device_name', '')}"
-                         + (" (random weights)" if meta.get("random_weights") else ""), fontsize=9)
+            ax.set_title(
+                f"{meta.get('model', '')} on {meta.get('device_name', '')}"
+                + (" (random weights)" if meta.get("random_weights") else ""),
+                fontsize=9,
+            )
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
             fig.tight_layout()

@@ -26,5 +26,10 @@ def profile_steps(step: Callable[[], object], steps: int, top: int = 10) -> dict
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / steps / 1e3
     heaviest = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
-    return {"profiled_step_wall_ms": wall_ms, "gpu_kernel_ms": busy_ms, "gpu_busy_fraction": busy_ms / wall_ms,
-            "kernel_launches": len(kernels) / steps, "top_kernels_ms": {n[:80]: ms for n, ms in heaviest}}
+    return {
+        "profiled_step_wall_ms": wall_ms,
+        "gpu_kernel_ms": busy_ms,
+        "gpu_busy_fraction": busy_ms / wall_ms,
+        "kernel_launches": len(kernels) / steps,
+        "top_kernels_ms": {n[:80]: ms for n, ms in heaviest},
+    }

@@ -31,8 +31,12 @@ class Rates:
     dtype: str
 
     def as_dict(self) -> dict:
-        return {"matmul_TFLOPs": self.matmul_flops / 1e12, "copy_GBps": self.copy_bytes / 1e9,
-                "device": self.device, "dtype": self.dtype}
+        return {
+            "matmul_TFLOPs": self.matmul_flops / 1e12,
+            "copy_GBps": self.copy_bytes / 1e9,
+            "device": self.device,
+            "dtype": self.dtype,
+        }
 
 
 def _time(fn, device: torch.device, reps: int) -> float:
@@ -68,7 +72,9 @@ def calibrate(device: str | torch.device, dtype: torch.dtype) -> Rates:
     a = torch.randn(m, m, dtype=dtype, device=device)
     b = torch.randn(m, m, dtype=dtype, device=device)
     t_mm = _time(lambda: a @ b, device, 10 if gpu else 3)
-    rates = Rates(2 * m**3 / t_mm, copy_bw, torch.cuda.get_device_name(device) if gpu else "cpu", str(dtype).split(".")[-1])
+    rates = Rates(
+        2 * m**3 / t_mm, copy_bw, torch.cuda.get_device_name(device) if gpu else "cpu", str(dtype).split(".")[-1]
+    )
     a = b = None
     if gpu:
         torch.cuda.empty_cache()
@@ -113,7 +119,13 @@ class ModelCost:
 
 
 def step_floor_s(
-    cost: ModelCost, rates: Rates, new: int, cached: int, generate: int, lr: bool = False, batch: int = 1,
+    cost: ModelCost,
+    rates: Rates,
+    new: int,
+    cached: int,
+    generate: int,
+    lr: bool = False,
+    batch: int = 1,
     decode: bool = True,
 ) -> float:
     """A step: one prefill of `new` tokens after `cached` (it samples the first token), then generate - 1 decodes
@@ -143,5 +155,7 @@ def system_floor_s(
 ) -> float:
     """Floor for the work a system did: per step (prompt tokens, tokens it computed in the prefill, generated);
     `decode=False`: its prefills only (the floor of its TTFT)."""
-    return sum(step_floor_s(cost, rates, max(1, computed), prompt - max(1, computed), gen, lr, decode=decode)
-               for prompt, computed, gen in steps)
+    return sum(
+        step_floor_s(cost, rates, max(1, computed), prompt - max(1, computed), gen, lr, decode=decode)
+        for prompt, computed, gen in steps
+    )

@@ -286,10 +286,17 @@ def build_engine(args: argparse.Namespace, system: str, adapters: dict[str, str]
     from lragent.engine.llm_engine import LLMEngine
 
     config = EngineConfig(
-        model=args.model, adapters=adapters, sharing=system, device=args.device, dtype=args.dtype,
-        block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
-        attention_backend=args.attention_backend, max_num_seqs=max(256, max(args.concurrent)),
+        model=args.model,
+        adapters=adapters,
+        sharing=system,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_cache_bytes=args.kv_cache_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        attention_backend=args.attention_backend,
+        max_num_seqs=max(256, max(args.concurrent)),
         max_model_len=args.max_model_len,
     )
     return LLMEngine(config)
@@ -317,8 +324,9 @@ class _Trajectories:
         step = self.spec.steps[pos]
         self.tokens[t].extend(self.appended[t][pos])
         params = SamplingParams(max_tokens=step.generate, temperature=0.0, ignore_eos=True)
-        rid = self.engine.add_request(list(self.tokens[t]), params, step.agent,
-                                      request_id=f"t{t}-s{pos}-{time.monotonic_ns()}")
+        rid = self.engine.add_request(
+            list(self.tokens[t]), params, step.agent, request_id=f"t{t}-s{pos}-{time.monotonic_ns()}"
+        )
         self.active[rid] = t
 
     def finish(self, out: RequestOutput) -> None:
@@ -326,12 +334,20 @@ class _Trajectories:
         t = self.active.pop(out.request_id)
         m = out.metrics
         step = self.spec.steps[self.pos[t]]
-        self.records[t].append({
-            "agent": step.agent, "appended": len(self.appended[t][self.pos[t]]), "prompt_tokens": m.prompt_tokens,
-            "reused_tokens": m.reused_tokens, "base_reused_tokens": m.base_reused_tokens,
-            "computed_tokens": m.computed_tokens, "generated": m.generated_tokens,
-            "preemptions": m.preemptions, "ttft_s": m.ttft_s, "latency_s": m.latency_s,
-        })
+        self.records[t].append(
+            {
+                "agent": step.agent,
+                "appended": len(self.appended[t][self.pos[t]]),
+                "prompt_tokens": m.prompt_tokens,
+                "reused_tokens": m.reused_tokens,
+                "base_reused_tokens": m.base_reused_tokens,
+                "computed_tokens": m.computed_tokens,
+                "generated": m.generated_tokens,
+                "preemptions": m.preemptions,
+                "ttft_s": m.ttft_s,
+                "latency_s": m.latency_s,
+            }
+        )
         self.tokens[t].extend(out.token_ids)
         self.pos[t] += 1
         if self.pos[t] < len(self.spec.steps):
@@ -433,8 +449,9 @@ def warm_up(engine, ctxs: list[int], seed: int, k: int = 1, first_prefill: int =
     machine's first run still showed one ~1 s compile stall in 17 steps: see BENCHMARKS.md)."""
     for ctx in ctxs:
         spec = paper_trace(ctx, gen_cap=3, first_prefill=first_prefill)
-        run_engine_trace(engine, TraceSpec("warmup", spec.ctx, spec.steps), min(k, 4), seed + 7919,
-                         time.perf_counter() + 600)
+        run_engine_trace(
+            engine, TraceSpec("warmup", spec.ctx, spec.steps), min(k, 4), seed + 7919, time.perf_counter() + 600
+        )
     if k > 4:
         spec = paper_trace(64, 3, first_prefill)
         run_engine_trace(engine, TraceSpec("warmup", 64, spec.steps), k, seed + 7919, time.perf_counter() + 600)
@@ -450,8 +467,12 @@ def profile_decode(engine, context: int, steps: int, seed: int) -> dict:
     rng = random.Random(seed + 31)
     adapter = sorted(engine.registry.adapters)[0] if engine.registry.adapters else None
     prompt = [rng.randrange(lo, hi) for _ in range(context)]
-    engine.add_request(prompt, SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True), adapter,
-                       request_id="profile")
+    engine.add_request(
+        prompt,
+        SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True),
+        adapter,
+        request_id="profile",
+    )
     with step_timers(engine) as timers:
         while engine.has_unfinished():  # prefill
             engine.step()
@@ -462,9 +483,12 @@ def profile_decode(engine, context: int, steps: int, seed: int) -> dict:
         for _ in range(steps):
             engine.step()
         wall = (time.perf_counter() - t0) / steps
-    out = {"context": context, "decode_step_wall_ms": wall * 1e3,
-           "runner_run_ms": 1e3 * timers.run_s["decode"] / max(1, timers.count["decode"]),
-           "host_prepare_ms": 1e3 * timers.prepare_s["decode"] / max(1, timers.count["decode"])}
+    out = {
+        "context": context,
+        "decode_step_wall_ms": wall * 1e3,
+        "runner_run_ms": 1e3 * timers.run_s["decode"] / max(1, timers.count["decode"]),
+        "host_prepare_ms": 1e3 * timers.prepare_s["decode"] / max(1, timers.count["decode"]),
+    }
     if engine.device.type == "cuda":
         from lragent.bench.profiling import profile_steps
 
@@ -491,9 +515,16 @@ def run_hf_trace(runner, spec: TraceSpec, vocab: int, seed: int, deadline: float
             tokens.extend(appended[i])
             r = runner.run_step(step.agent, tokens, step.generate, deadline)
             gen = r.pop("generated")
-            records.append({"agent": step.agent, "appended": len(appended[i]), **r,
-                            "base_reused_tokens": r["reused_tokens"],
-                            "generated": len(gen), "preemptions": 0})
+            records.append(
+                {
+                    "agent": step.agent,
+                    "appended": len(appended[i]),
+                    **r,
+                    "base_reused_tokens": r["reused_tokens"],
+                    "generated": len(gen),
+                    "preemptions": 0,
+                }
+            )
             tokens.extend(gen)
             if time.perf_counter() > deadline and i + 1 < len(spec.steps):
                 raise TimeoutError
@@ -516,8 +547,14 @@ def run_hf_trace(runner, spec: TraceSpec, vocab: int, seed: int, deadline: float
 
 # ---- the run -----------------------------------------------------------------------------------------------------
 def _finish_row(row: dict, system: str, spec: TraceSpec, k: int, cost: ModelCost, rates: Rates) -> dict:
-    row = {"system": system, "concurrent": k, "ctx": spec.ctx, "trace": spec.name,
-           "total_tokens": spec.total_tokens, **row}
+    row = {
+        "system": system,
+        "concurrent": k,
+        "ctx": spec.ctx,
+        "trace": spec.name,
+        "total_tokens": spec.total_tokens,
+        **row,
+    }
     if row["status"] == "ok":
         row["throughput_tok_s"] = k * spec.total_tokens / row["e2e_s"]
         _add_floors(row, spec, cost, rates)
@@ -547,16 +584,20 @@ def _row_line(r: dict) -> str:
     dec = r.get("decode_step_ms")
     over = r.get("time_over_floor")
     over_text = format(100 * over, "7.0f") + "%" if ok and over else "       -"
-    return (f"{r['system']:<15} {r['concurrent']:>3} {fmt_tokens(r['total_tokens']):>6} "
-            f"{(r['status'] if not ok else 'ok')[:22]:<22} {f('throughput_tok_s', '10.1f')} {f('ttft_s', '8.3f')} "
-            f"{f('e2e_s', '8.2f')} {r.get('computed_tokens', 0):>9} {r.get('reused_tokens', 0):>9} "
-            f"{_gib(r.get('kv_peak_bytes')):>8} {_gib(r.get('device_peak_effective_bytes')):>8} "
-            f"{f('floor_s', '8.3f')} {over_text} "
-            f"{(format(dec, '7.2f')) if dec else '      -'}")
+    return (
+        f"{r['system']:<15} {r['concurrent']:>3} {fmt_tokens(r['total_tokens']):>6} "
+        f"{(r['status'] if not ok else 'ok')[:22]:<22} {f('throughput_tok_s', '10.1f')} {f('ttft_s', '8.3f')} "
+        f"{f('e2e_s', '8.2f')} {r.get('computed_tokens', 0):>9} {r.get('reused_tokens', 0):>9} "
+        f"{_gib(r.get('kv_peak_bytes')):>8} {_gib(r.get('device_peak_effective_bytes')):>8} "
+        f"{f('floor_s', '8.3f')} {over_text} "
+        f"{(format(dec, '7.2f')) if dec else '      -'}"
+    )
 
 
-HEADER = (f"{'system':<15} {'K':>3} {'tokens':>6} {'status':<22} {'tok/s':>10} {'TTFT s':>8} {'e2e s':>8} "
-          f"{'computed':>9} {'reused':>9} {'KV GiB':>8} {'mem GiB':>8} {'floor s':>8} {'t/floor':>8} {'dec ms':>7}")
+HEADER = (
+    f"{'system':<15} {'K':>3} {'tokens':>6} {'status':<22} {'tok/s':>10} {'TTFT s':>8} {'e2e s':>8} "
+    f"{'computed':>9} {'reused':>9} {'KV GiB':>8} {'mem GiB':>8} {'floor s':>8} {'t/floor':>8} {'dec ms':>7}"
+)
 
 
 _RowKey = tuple[str, int | None, int]  # (system, ctx, concurrent)
@@ -565,8 +606,13 @@ _RowKey = tuple[str, int | None, int]  # (system, ctx, concurrent)
 def _target(name: str, value: Any, threshold: str, passed: bool | None, bound: float | None = None) -> dict:
     """One target's verdict; `bound`: the best value the roofline floors allow (both sides of a ratio at their
     floors)."""
-    return {"target": name, "value": value, "threshold": threshold, "floor_bound": bound,
-            "result": "n/a" if passed is None else ("PASS" if passed else "FAIL")}
+    return {
+        "target": name,
+        "value": value,
+        "threshold": threshold,
+        "floor_bound": bound,
+        "result": "n/a" if passed is None else ("PASS" if passed else "FAIL"),
+    }
 
 
 def _ratio(a: dict | None, b: dict | None, key: str, invert: bool = False) -> float | None:
@@ -581,14 +627,29 @@ def _headline_targets(ok: dict[_RowKey, dict]) -> list[dict]:
     blr, fs, ns = ok.get(("base_lr_shared", at, 1)), ok.get(("full_shared", at, 1)), ok.get(("non_shared", at, 1))
     out = []
     v = _ratio(blr, fs, "throughput_tok_s")
-    out.append(_target("33.7k: base_lr_shared / full_shared throughput", v, ">= 0.95",
-                       None if v is None else v >= 0.95))
+    out.append(
+        _target("33.7k: base_lr_shared / full_shared throughput", v, ">= 0.95", None if v is None else v >= 0.95)
+    )
     v = _ratio(blr, ns, "throughput_tok_s")
-    out.append(_target("33.7k: base_lr_shared / non_shared throughput", v, ">= 2.5", None if v is None else v >= 2.5,
-                       _ratio(ns, blr, "system_floor_s")))
+    out.append(
+        _target(
+            "33.7k: base_lr_shared / non_shared throughput",
+            v,
+            ">= 2.5",
+            None if v is None else v >= 2.5,
+            _ratio(ns, blr, "system_floor_s"),
+        )
+    )
     v = _ratio(blr, ns, "ttft_s", invert=True)
-    out.append(_target("33.7k: non_shared / base_lr_shared TTFT", v, ">= 4.2", None if v is None else v >= 4.2,
-                       _ratio(ns, blr, "system_prefill_floor_s")))
+    out.append(
+        _target(
+            "33.7k: non_shared / base_lr_shared TTFT",
+            v,
+            ">= 4.2",
+            None if v is None else v >= 4.2,
+            _ratio(ns, blr, "system_prefill_floor_s"),
+        )
+    )
     v = blr["throughput_tok_s"] if blr else None
     out.append(_target("33.7k: base_lr_shared tok/s", v, ">= 8000", None if v is None else v >= 8000))
     return out
@@ -600,16 +661,28 @@ def _memory_targets(ok: dict[_RowKey, dict], allrows: dict[_RowKey, dict], ctxs:
     for system in ("base_shared", "base_lr_shared"):
         vals = [_ratio(ok.get((system, c, 1)), ok.get(("non_shared", c, 1)), "kv_peak_bytes") for c in ctxs]
         vals = [x for x in vals if x is not None]
-        out.append(_target(f"{system} / non_shared peak KV bytes (max over lengths)", max(vals) if vals else None,
-                           "<= 0.36", None if not vals else max(vals) <= 0.36))
+        out.append(
+            _target(
+                f"{system} / non_shared peak KV bytes (max over lengths)",
+                max(vals) if vals else None,
+                "<= 0.36",
+                None if not vals else max(vals) <= 0.36,
+            )
+        )
     big = allrows.get(("base_lr_shared", 16384, 1)), allrows.get(("base_shared", 16384, 1))
     if any(big):
         states = {r["system"]: r["status"] for r in big if r}
         bad = [f"{k}: {v}" for k, v in states.items() if v == "OOM" or v.startswith("KV budget")]
         unknown = [k for k, v in states.items() if v != "ok" and f"{k}: {v}" not in bad]
         value = "; ".join(f"{k}: {v}" for k, v in states.items())
-        out.append(_target("66.4k: no OOM (base_shared, base_lr_shared)", value, "ok",
-                           False if bad else (None if unknown and len(unknown) == len(states) else True)))
+        out.append(
+            _target(
+                "66.4k: no OOM (base_shared, base_lr_shared)",
+                value,
+                "ok",
+                False if bad else (None if unknown and len(unknown) == len(states) else True),
+            )
+        )
     return out
 
 
@@ -620,20 +693,39 @@ def _per_length_targets(ok: dict[_RowKey, dict], ctxs: list[int]) -> list[dict]:
         v = _ratio(ok.get(("non_shared", c, 1)), ok.get(("hf_non_shared", c, 1)), "throughput_tok_s")
         if v is not None:
             need = 5.0 if c == 256 else 3.0
-            out.append(_target(f"{fmt_tokens(paper_trace(c).total_tokens)}: non_shared / hf_non_shared throughput",
-                               v, f">= {need}", v >= need))
+            out.append(
+                _target(
+                    f"{fmt_tokens(paper_trace(c).total_tokens)}: non_shared / hf_non_shared throughput",
+                    v,
+                    f">= {need}",
+                    v >= need,
+                )
+            )
     for c in ctxs:
         r = ok.get(("base_lr_shared", c, 1))
         if r and c >= 2048 and r.get("time_over_floor"):
-            out.append(_target(f"{fmt_tokens(r['total_tokens'])}: base_lr_shared time / floor", r["time_over_floor"],
-                               "<= 1.5", r["time_over_floor"] <= 1.5))
+            out.append(
+                _target(
+                    f"{fmt_tokens(r['total_tokens'])}: base_lr_shared time / floor",
+                    r["time_over_floor"],
+                    "<= 1.5",
+                    r["time_over_floor"] <= 1.5,
+                )
+            )
     for (system, c, k), r in ok.items():
         one = ok.get((system, c, 1))
         if k == 16 and one:
             v = r["throughput_tok_s"] / one["throughput_tok_s"]
             bound = k * one["floor_s"] / r["floor_s"] if r.get("floor_s") and one.get("floor_s") else None
-            out.append(_target(f"{fmt_tokens(r['total_tokens'])}: {system} --concurrent 16 / single throughput", v,
-                               ">= 8", v >= 8, bound))
+            out.append(
+                _target(
+                    f"{fmt_tokens(r['total_tokens'])}: {system} --concurrent 16 / single throughput",
+                    v,
+                    ">= 8",
+                    v >= 8,
+                    bound,
+                )
+            )
     return out
 
 
@@ -658,41 +750,68 @@ def _print_targets(targets: list[dict]) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lragent bench trace", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="smollm2-135m-instruct (CPU), dummy:llama-3.1-8b, dummy:ministral-8b (random weights)")
+    p = argparse.ArgumentParser(
+        prog="lragent bench trace",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="smollm2-135m-instruct (CPU), dummy:llama-3.1-8b, dummy:ministral-8b (random weights)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--ctx", default=None,
-                   help="L_ctx values, e.g. 256,512,1k (default: 256..16k on CUDA, 256..1k on CPU)")
+    p.add_argument(
+        "--ctx", default=None, help="L_ctx values, e.g. 256,512,1k (default: 256..16k on CUDA, 256..1k on CPU)"
+    )
     p.add_argument("--trace", default=None, help="a JSON trace (see the module doc); default: the paper's 17 steps")
     p.add_argument("--first-prefill", type=int, default=512, help="tokens of step 1 (the paper: 512)")
     p.add_argument("--gen-cap", type=int, default=None, help="cap every step's generation (tests; not the paper)")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma list of {', '.join(ALL_SYSTEMS)}")
-    p.add_argument("--concurrent", default="1",
-                   help="comma list of K: K independent trajectories at once (engine only)")
+    p.add_argument(
+        "--concurrent", default="1", help="comma list of K: K independent trajectories at once (engine only)"
+    )
     p.add_argument("--hf-max-tokens", type=int, default=None, help="skip HF + PEFT on traces longer than this")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="a real PEFT adapter for an agent (default: random rank-8 q/v with shared v_proj A)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a real PEFT adapter for an agent (default: random rank-8 q/v with shared v_proj A)",
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV budget (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context length (default: the model's); dummy models may go past their trained length")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length (default: the model's); dummy models may go past their trained length",
+    )
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per (system, length, K) run")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds for the whole benchmark; later runs are skipped")
+    p.add_argument(
+        "--time-budget", type=float, default=None, help="seconds for the whole benchmark; later runs are skipped"
+    )
     p.add_argument("--no-warmup", action="store_true")
-    p.add_argument("--profile-decode", type=int, default=None, metavar="CTX",
-                   help="also break a decode step at CTX tokens down (host vs GPU kernels) for every engine system")
+    p.add_argument(
+        "--profile-decode",
+        type=int,
+        default=None,
+        metavar="CTX",
+        help="also break a decode step at CTX tokens down (host vs GPU kernels) for every engine system",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/trace", help="results folder (trace.json, PNG plots)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--report", nargs="+", metavar="TRACE_JSON",
-                   help="run nothing: merge these trace.json files, print the table and targets, write --out")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        metavar="TRACE_JSON",
+        help="run nothing: merge these trace.json files, print the table and targets, write --out",
+    )
     return p
 
 
@@ -720,19 +839,32 @@ def _trace_specs(args: argparse.Namespace, ctxs: list[int]) -> list[TraceSpec]:
     return [TraceSpec(name, c, steps) for c in ctxs] if has_ctx else [TraceSpec(name, None, steps)]
 
 
-def _run_meta(args: argparse.Namespace, argv: list[str] | None, device: torch.device, dtype: torch.dtype,
-              rates: Rates, agents: list[str], given: dict[str, str]) -> dict:
+def _run_meta(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    rates: Rates,
+    agents: list[str],
+    given: dict[str, str],
+) -> dict:
     """What the results were measured on and with (written to trace.json's `meta`)."""
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = platform.processor() or platform.machine()
     meta = {
-        "model": args.model, "random_weights": args.model.startswith("dummy:"), "device": args.device,
-        "device_name": device_name, "dtype": str(dtype).split(".")[-1], "threads": torch.get_num_threads(),
+        "model": args.model,
+        "random_weights": args.model.startswith("dummy:"),
+        "device": args.device,
+        "device_name": device_name,
+        "dtype": str(dtype).split(".")[-1],
+        "threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "lragent bench trace " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "torch": torch.__version__, "rates": rates.as_dict(), "agents": agents,
+        "torch": torch.__version__,
+        "rates": rates.as_dict(),
+        "agents": agents,
         "adapters": "given: " + ", ".join(given) if given else "random rank-8 q/v LoRA (alpha 16), shared v_proj A",
     }
     try:
@@ -854,8 +986,9 @@ def _run_hf_system(run: _Run, system: str, model: Any, vocab: int) -> None:
     runner = HFRunner(model, system, args.device) if model is not None else None
     if runner is not None and not args.no_warmup:
         warm = paper_trace(16, gen_cap=2, first_prefill=32)
-        run_hf_trace(runner, TraceSpec("warmup", 16, warm.steps), vocab, args.seed + 7919,
-                     time.perf_counter() + 120, run.device)
+        run_hf_trace(
+            runner, TraceSpec("warmup", 16, warm.steps), vocab, args.seed + 7919, time.perf_counter() + 120, run.device
+        )
     failed = None
     for spec in run.specs:
         if runner is None or run.over_budget():
@@ -894,8 +1027,10 @@ def _print_intro(run: _Run) -> None:
     meta, rates = run.result["meta"], run.rates
     weights = "RANDOM weights: speed only, outputs meaningless" if meta["random_weights"] else "real weights"
     print(f"trace benchmark: {meta['model']} ({weights}), {meta['dtype']} on {meta['device_name']}; {meta['adapters']}")
-    print(f"calibration: matmul {rates.matmul_flops / 1e12:.1f} TFLOP/s, copy {rates.copy_bytes / 1e9:.0f} GB/s "
-          f"(floor = every forward pass at max(FLOPs / matmul rate, bytes / copy bandwidth))")
+    print(
+        f"calibration: matmul {rates.matmul_flops / 1e12:.1f} TFLOP/s, copy {rates.copy_bytes / 1e9:.0f} GB/s "
+        f"(floor = every forward pass at max(FLOPs / matmul rate, bytes / copy bandwidth))"
+    )
     print(HEADER, flush=True)
 
 
@@ -919,10 +1054,24 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rates = calibrate(device, dtype)
-    result = {"meta": _run_meta(args, argv, device, dtype, rates, agents, given), "rows": [], "profiles": {},
-              "targets": []}
-    run = _Run(args, specs, ctxs, device, dtype, ModelCost.of(mconfig, dtype), rates,
-               t_begin + args.time_budget if args.time_budget else math.inf, result, out_dir / "trace.json")
+    result = {
+        "meta": _run_meta(args, argv, device, dtype, rates, agents, given),
+        "rows": [],
+        "profiles": {},
+        "targets": [],
+    }
+    run = _Run(
+        args,
+        specs,
+        ctxs,
+        device,
+        dtype,
+        ModelCost.of(mconfig, dtype),
+        rates,
+        t_begin + args.time_budget if args.time_budget else math.inf,
+        result,
+        out_dir / "trace.json",
+    )
     _print_intro(run)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -941,13 +1090,17 @@ def report(result: dict, out_dir: Path, plots: bool = True, targets: bool = True
     print("\n" + HEADER)
     keys = sorted({(r["trace"], r["total_tokens"]) for r in rows}, key=lambda kv: kv[1])
     for key in keys:
-        for r in sorted((r for r in rows if (r["trace"], r["total_tokens"]) == key),
-                        key=lambda r: (r["concurrent"], ALL_SYSTEMS.index(r["system"]))):
+        for r in sorted(
+            (r for r in rows if (r["trace"], r["total_tokens"]) == key),
+            key=lambda r: (r["concurrent"], ALL_SYSTEMS.index(r["system"])),
+        ):
             print(_row_line(r))
-    print("tok/s = trajectory tokens (appended + generated) x K / end-to-end time; TTFT = sum of prefill latencies "
-          "(per trajectory); KV GiB = peak cache bytes held (in use + reusable); mem GiB = peak device memory with "
-          "the engine's preallocated pool counted only as far as used; t/floor = time / roofline floor; "
-          "dec ms = mean decode forward pass")
+    print(
+        "tok/s = trajectory tokens (appended + generated) x K / end-to-end time; TTFT = sum of prefill latencies "
+        "(per trajectory); KV GiB = peak cache bytes held (in use + reusable); mem GiB = peak device memory with "
+        "the engine's preallocated pool counted only as far as used; t/floor = time / roofline floor; "
+        "dec ms = mean decode forward pass"
+    )
     if result["meta"].get("random_weights"):
         print("NOTE: random (dummy) weights: speed only; generated tokens are meaningless.")
     for system, prof in result.get("profiles", {}).items():
@@ -973,8 +1126,14 @@ def report(result: dict, out_dir: Path, plots: bool = True, targets: bool = True
 def _backfill_floors(data: dict) -> None:
     """Floors that files written by older versions lack, from the rates measured in their own run."""
     meta, rows = data["meta"], data["rows"]
-    todo = [r for r in rows if r["status"] == "ok" and r["trace"] == "paper" and r.get("ctx") is not None
-            and ("system_prefill_floor_s" not in r if r["concurrent"] == 1 else "floor_s" not in r)]
+    todo = [
+        r
+        for r in rows
+        if r["status"] == "ok"
+        and r["trace"] == "paper"
+        and r.get("ctx") is not None
+        and ("system_prefill_floor_s" not in r if r["concurrent"] == 1 else "floor_s" not in r)
+    ]
     if not todo or "rates" not in meta:
         return
     m = meta["rates"]
@@ -1004,6 +1163,7 @@ def report_main(files: list[str], out_dir: str, plots: bool) -> int:
             best[key] = r
     merged["rows"] = list(best.values())
     return report(merged, Path(out_dir), plots, targets=all(r["trace"] == "paper" for r in merged["rows"]))
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

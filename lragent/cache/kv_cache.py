@@ -43,7 +43,9 @@ class CacheLayout:
         unit = sum(p.bytes_per_block(config, block_size, lr_rank, dtype) * copies[p.name] for p in scheme.pools)
         num_kv = int(budget_bytes // unit)
         if num_kv < 2:
-            raise ValueError(f"KV cache budget of {budget_bytes} bytes holds fewer than 2 blocks of {block_size} tokens")
+            raise ValueError(
+                f"KV cache budget of {budget_bytes} bytes holds fewer than 2 blocks of {block_size} tokens"
+            )
         return cls(block_size, {name: num_kv * n for name, n in copies.items()}, lr_rank)
 
 
@@ -62,7 +64,9 @@ class KVCache:
             else None
         )
         # per block of each pool: 1 once a non-finite entry was stored there (set by the backends' stores)
-        self.flags = {name: torch.zeros(n, dtype=torch.int8, device=device) for name, n in layout.num_blocks.items() if n}
+        self.flags = {
+            name: torch.zeros(n, dtype=torch.int8, device=device) for name, n in layout.num_blocks.items() if n
+        }
         self.layout = layout
         self.block_size = layout.block_size
         self.num_kv_heads = config.num_kv_heads
@@ -77,6 +81,7 @@ class KVCache:
 
     def pool_bytes(self) -> dict[str, int]:
         """Allocated bytes of each pool."""
+
         def size(t: torch.Tensor | None) -> int:
             return 0 if t is None else t.numel() * t.element_size()
 

@@ -96,7 +96,9 @@ class BlockManager:
             table = seq.table(name)
             full, new = self._full(seq, table)
             if new:
-                table.hashes[:] = block_hashes(seq.token_ids, self.block_size, table.namespace, full, known=table.hashes)
+                table.hashes[:] = block_hashes(
+                    seq.token_ids, self.block_size, table.namespace, full, known=table.hashes
+                )
                 for i, block in enumerate(new, start=table.registered):
                     pool.register(block, table.hashes[i])
                 table.registered = full

@@ -123,7 +123,10 @@ class LLMEngine:
         budget = int(self.config.gpu_memory_utilization * total - in_use - self.activation_peak_bytes - graph_reserve)
         logger.info(
             "KV cache budget %.2f GiB: %.0f%% of %.1f GiB, minus %.2f GiB in use and a measured %.2f GiB step peak",
-            budget / 2**30, 100 * self.config.gpu_memory_utilization, total / 2**30, in_use / 2**30,
+            budget / 2**30,
+            100 * self.config.gpu_memory_utilization,
+            total / 2**30,
+            in_use / 2**30,
             self.activation_peak_bytes / 2**30,
         )
         return budget
@@ -294,8 +297,13 @@ class LLMEngine:
         outputs = self._step(batch)
         if self._listeners:
             stats = StepStats(
-                batch.is_prefill, len(batch.seqs), batch.total_tokens, len(outputs), self.runner.prepare_s,
-                self.runner.forward_s, time.perf_counter() - start,
+                batch.is_prefill,
+                len(batch.seqs),
+                batch.total_tokens,
+                len(outputs),
+                self.runner.prepare_s,
+                self.runner.forward_s,
+                time.perf_counter() - start,
             )
             for listener in self._listeners:
                 listener(stats)
@@ -459,8 +467,11 @@ class LLMEngine:
             block_bytes //= len(names)  # the KV pool's key and base-value tensors share its block ids
             held = usage["blocks_in_use"] + usage["blocks_cached"]
             for name in names:
-                pools[name] = {"bytes_allocated": usage["blocks_total"] * block_bytes, "bytes_used": held * block_bytes,
-                               **usage}
+                pools[name] = {
+                    "bytes_allocated": usage["blocks_total"] * block_bytes,
+                    "bytes_used": held * block_bytes,
+                    **usage,
+                }
         base = self.block_manager.base.stats
         return {
             "sharing": self.scheme.mode.value,

@@ -49,7 +49,12 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(
-        self, model: CausalLM, cache: KVCache, scheme: SharingScheme, backend: AttentionBackend, bank: LoRABank,
+        self,
+        model: CausalLM,
+        cache: KVCache,
+        scheme: SharingScheme,
+        backend: AttentionBackend,
+        bank: LoRABank,
         device: torch.device,
     ):
         self.model, self.cache, self.backend, self.bank = model, cache, backend, bank

@@ -109,8 +109,9 @@ def load_trajectory_texts(path: str | Path) -> list[str]:
     raise ValueError(f"{path}: neither a full-trajectories list nor an eval JSON with saved trajectories")
 
 
-def token_trajectories(texts: Sequence[str], tokenizer: Any, limit: int, max_tokens: int, min_tokens: int
-                       ) -> list[list[int]]:
+def token_trajectories(
+    texts: Sequence[str], tokenizer: Any, limit: int, max_tokens: int, min_tokens: int
+) -> list[list[int]]:
     """The first `limit` texts with at least `min_tokens` tokens, each cut to `max_tokens` tokens."""
     out = []
     for text in texts:
@@ -245,11 +246,12 @@ class SimilarityAccumulator:
 
     def result(self) -> dict:
         pairs = sorted(self.sums)
-        per_pair = {
-            p: {q: [s / self.tokens[p] for s in self.sums[p][q]] for q in QUANTITIES} for p in pairs
-        }
+        per_pair = {p: {q: [s / self.tokens[p] for s in self.sums[p][q]] for q in QUANTITIES} for p in pairs}
         per_layer = {
-            q: [sum(self.sums[p][q][i] for p in pairs) / sum(self.tokens[p] for p in pairs) for i in range(self.num_layers)]
+            q: [
+                sum(self.sums[p][q][i] for p in pairs) / sum(self.tokens[p] for p in pairs)
+                for i in range(self.num_layers)
+            ]
             for q in QUANTITIES
         }
         mean = {q: sum(v) / len(v) for q, v in per_layer.items()}
@@ -257,8 +259,9 @@ class SimilarityAccumulator:
         return {"mean": mean, "per_layer": per_layer, "per_pair": pair_mean, "tokens_per_pair": self.tokens}
 
 
-def similarity_of(kv: dict[str, dict[str, list[torch.Tensor]]], bank: Any, slots: dict[str, int],
-                  acc: SimilarityAccumulator) -> None:
+def similarity_of(
+    kv: dict[str, dict[str, list[torch.Tensor]]], bank: Any, slots: dict[str, int], acc: SimilarityAccumulator
+) -> None:
     """Add one trajectory's cross-agent cosine similarities (each agent's own non_shared pass) to `acc`."""
     roles = list(kv)
     length = kv[roles[0]]["key"][0].shape[0]
@@ -271,11 +274,19 @@ def similarity_of(kv: dict[str, dict[str, list[torch.Tensor]]], bank: Any, slots
                 slot = slots[role]
                 up = bank.up.get((layer, "v_proj"))
                 r = kv[role]["lr"][layer]
-                delta = (r @ up[slot].float()) * bank.scaling_host[slot] if up is not None else torch.zeros_like(
-                    kv[role]["value"][layer])
+                delta = (
+                    (r @ up[slot].float()) * bank.scaling_host[slot]
+                    if up is not None
+                    else torch.zeros_like(kv[role]["value"][layer])
+                )
                 base = kv[role]["value"][layer]
-                parts[role] = {"full_value": base + delta, "base_value": base, "adapter_output": delta,
-                               "key": kv[role]["key"][layer], "lr": r}
+                parts[role] = {
+                    "full_value": base + delta,
+                    "base_value": base,
+                    "adapter_output": delta,
+                    "key": kv[role]["key"][layer],
+                    "lr": r,
+                }
             for q in QUANTITIES:
                 acc.add(pair, q, layer, F.cosine_similarity(parts[a][q], parts[b][q], dim=-1, eps=1e-12))
 
@@ -293,8 +304,14 @@ class FidelityAccumulator:
     reused: list[int] = field(default_factory=list)
     base_reused: list[int] = field(default_factory=list)
 
-    def add(self, logits_ref: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, h_ref: torch.Tensor,
-            h: torch.Tensor) -> None:
+    def add(
+        self,
+        logits_ref: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        h_ref: torch.Tensor,
+        h: torch.Tensor,
+    ) -> None:
         lp_ref, lp = F.log_softmax(logits_ref.double(), -1), F.log_softmax(logits.double(), -1)
         kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp_min(0.0)
         self.kl += kl.tolist()
@@ -341,8 +358,15 @@ class FidelityAccumulator:
 def _make_llm(spec: AnalyzeSpec, aset: AdapterSet, scheme: str, force: bool = False) -> Any:
     from lragent import LLM  # noqa: PLC0415
 
-    return LLM(model=spec.model, adapters=dict(aset.paths), sharing=scheme, device="cpu",
-               kv_cache_bytes=spec.kv_cache_bytes, block_size=spec.block_size, allow_unshared_a=force)
+    return LLM(
+        model=spec.model,
+        adapters=dict(aset.paths),
+        sharing=scheme,
+        device="cpu",
+        kv_cache_bytes=spec.kv_cache_bytes,
+        block_size=spec.block_size,
+        allow_unshared_a=force,
+    )
 
 
 def _free(llm: Any, rec: Recorder | None) -> None:
@@ -374,8 +398,16 @@ class _References:
     block_size: int
 
 
-def _reference_pass(llm: Any, rec: Recorder, spec: AnalyzeSpec, ids: list[int], split: int, roles: list[str],
-                    readers: list[str], slots: dict[str, int]) -> tuple[dict, dict[str, torch.Tensor]]:
+def _reference_pass(
+    llm: Any,
+    rec: Recorder,
+    spec: AnalyzeSpec,
+    ids: list[int],
+    split: int,
+    roles: list[str],
+    readers: list[str],
+    slots: dict[str, int],
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Every role's own full forward pass over one trajectory (nothing reused): its keys, base values and LR
     entries (for the similarity) and, for the readers, its hidden states over the window after `split`."""
     kv, ref = {}, {}
@@ -397,8 +429,9 @@ def _reference_pass(llm: Any, rec: Recorder, spec: AnalyzeSpec, ids: list[int], 
     return kv, ref
 
 
-def _reference_analysis(spec: AnalyzeSpec, aset: AdapterSet, is_shared: bool, log: Callable[[str], None],
-                        t0: float) -> tuple[dict, _References]:
+def _reference_analysis(
+    spec: AnalyzeSpec, aset: AdapterSet, is_shared: bool, log: Callable[[str], None], t0: float
+) -> tuple[dict, _References]:
     """The non_shared reference passes of every trajectory: the cross-agent similarity, the role gap, and the
     references the handoff measurements compare against."""
     roles = [r for r in ROLES if r in aset.paths]
@@ -438,13 +471,21 @@ def _reference_analysis(spec: AnalyzeSpec, aset: AdapterSet, is_shared: bool, lo
     return result, references
 
 
-def _handoff(llm: Any, rec: Recorder, spec: AnalyzeSpec, ids: list[int], producer: str, ref: dict[str, torch.Tensor],
-             references: _References, per_pair: dict[str, FidelityAccumulator]) -> None:
+def _handoff(
+    llm: Any,
+    rec: Recorder,
+    spec: AnalyzeSpec,
+    ids: list[int],
+    producer: str,
+    ref: dict[str, torch.Tensor],
+    references: _References,
+    per_pair: dict[str, FidelityAccumulator],
+) -> None:
     """One trajectory's handoff from `producer`: it prefills [0, P) under the scheme, then each of its readers
     reads the whole trajectory reusing what the scheme allows; their window is compared with their own
     references."""
     split = split_point(len(ids), spec.window, references.block_size)
-    targets = torch.tensor(ids[split + 1:])
+    targets = torch.tensor(ids[split + 1 :])
     group = [b for a, b in spec.pairs if a == producer]
     llm.engine.reset_prefix_cache()
     rec.clear()
@@ -464,8 +505,7 @@ def _handoff(llm: Any, rec: Recorder, spec: AnalyzeSpec, ids: list[int], produce
         acc.base_reused.append(out.metrics.base_reused_tokens)
 
 
-def _scheme_fidelity(spec: AnalyzeSpec, aset: AdapterSet, scheme: str, forced: bool,
-                     references: _References) -> dict:
+def _scheme_fidelity(spec: AnalyzeSpec, aset: AdapterSet, scheme: str, forced: bool, references: _References) -> dict:
     """Handoff fidelity of one scheme over every trajectory and pair, on an engine of its own."""
     llm = _make_llm(spec, aset, scheme, force=forced)
     rec = Recorder(llm.engine)
@@ -478,8 +518,13 @@ def _scheme_fidelity(spec: AnalyzeSpec, aset: AdapterSet, scheme: str, forced: b
     for acc in per_pair.values():
         total.merge(acc)
     _free(llm, rec)
-    return {"scheme": scheme, "forced": forced, "split_reused_expected": _expected_reuse(scheme),
-            **total.result(), "per_pair": {p: a.result() for p, a in per_pair.items()}}
+    return {
+        "scheme": scheme,
+        "forced": forced,
+        "split_reused_expected": _expected_reuse(scheme),
+        **total.result(),
+        "per_pair": {p: a.result() for p, a in per_pair.items()},
+    }
 
 
 def analyze_set(spec: AnalyzeSpec, aset: AdapterSet, log: Callable[[str], None] = print) -> dict:
@@ -495,15 +540,18 @@ def analyze_set(spec: AnalyzeSpec, aset: AdapterSet, log: Callable[[str], None] 
             continue
         entry = _scheme_fidelity(spec, aset, scheme, forced, references)
         fidelity.append(entry)
-        log(f"[{aset.name}] {scheme}{' (forced)' if forced else ''}: agreement {100 * entry['agreement']:.1f}% "
-            f"KL {entry['kl_mean']:.4f} dNLL {entry['nll_delta']:+.4f} ({time.perf_counter() - t0:.0f}s)")
+        log(
+            f"[{aset.name}] {scheme}{' (forced)' if forced else ''}: agreement {100 * entry['agreement']:.1f}% "
+            f"KL {entry['kl_mean']:.4f} dNLL {entry['nll_delta']:+.4f} ({time.perf_counter() - t0:.0f}s)"
+        )
     result["fidelity"] = fidelity
     result["wall_s"] = time.perf_counter() - t0
     return result
 
 
-def role_gap(spec: AnalyzeSpec, trajs: list[list[int]], refs: list[dict[str, torch.Tensor]], model: Any,
-             block_size: int) -> dict:
+def role_gap(
+    spec: AnalyzeSpec, trajs: list[list[int]], refs: list[dict[str, torch.Tensor]], model: Any, block_size: int
+) -> dict:
     """The scale of what the adapters change: the reader's own distribution vs the producer's own distribution at
     the same window positions (both non_shared), per cross-agent pair whose producer is also a reader."""
     per_pair = {}
@@ -515,20 +563,31 @@ def role_gap(spec: AnalyzeSpec, trajs: list[list[int]], refs: list[dict[str, tor
             split = split_point(len(ids), spec.window, block_size)
             h_reader, h_producer = refs[t][reader], refs[t][producer]
             with torch.inference_mode():
-                acc.add(model.logits(h_reader[-1]), model.logits(h_producer[-1]), torch.tensor(ids[split + 1:]),
-                        h_reader, h_producer)
+                acc.add(
+                    model.logits(h_reader[-1]),
+                    model.logits(h_producer[-1]),
+                    torch.tensor(ids[split + 1 :]),
+                    h_reader,
+                    h_producer,
+                )
         per_pair[f"{producer}->{reader}"] = acc
     total = FidelityAccumulator(0)
     for acc in per_pair.values():
         total.merge(acc)
     keys = ("positions", "agreement", "kl_mean", "kl_median", "kl_p95", "kl_max")
-    return {**{k: total.result()[k] for k in (*keys, "hidden_rel_err_per_layer")},
-            "per_pair": {p: {k: a.result()[k] for k in keys} for p, a in per_pair.items()}}
+    return {
+        **{k: total.result()[k] for k in (*keys, "hidden_rel_err_per_layer")},
+        "per_pair": {p: {k: a.result()[k] for k in keys} for p, a in per_pair.items()},
+    }
 
 
 def _expected_reuse(scheme: str) -> str:
-    return {"non_shared": "none", "full_shared": "all of [0, P)", "base_shared": "keys/base values of [0, P)",
-            "base_lr_shared": "all of [0, P)"}[scheme]
+    return {
+        "non_shared": "none",
+        "full_shared": "all of [0, P)",
+        "base_shared": "keys/base values of [0, P)",
+        "base_lr_shared": "all of [0, P)",
+    }[scheme]
 
 
 def machine_info() -> dict:
@@ -570,21 +629,50 @@ def similarity_table(report: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def fidelity_table(report: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["adapters", "scheme", "positions", "greedy agree %", "KL mean", "KL median", "KL p95", "KL max",
-              "reused tok/reader"]
+    header = [
+        "adapters",
+        "scheme",
+        "positions",
+        "greedy agree %",
+        "KL mean",
+        "KL median",
+        "KL p95",
+        "KL max",
+        "reused tok/reader",
+    ]
     rows = []
     for s in report["sets"]:
         gap = s.get("role_gap")
         if gap and gap["positions"]:
-            rows.append([s["adapters"], "role gap (no sharing)", str(gap["positions"]),
-                         f"{100 * gap['agreement']:.2f}", f"{gap['kl_mean']:.4f}", f"{gap['kl_median']:.4f}",
-                         f"{gap['kl_p95']:.4f}", f"{gap['kl_max']:.2f}", "-"])
+            rows.append(
+                [
+                    s["adapters"],
+                    "role gap (no sharing)",
+                    str(gap["positions"]),
+                    f"{100 * gap['agreement']:.2f}",
+                    f"{gap['kl_mean']:.4f}",
+                    f"{gap['kl_median']:.4f}",
+                    f"{gap['kl_p95']:.4f}",
+                    f"{gap['kl_max']:.2f}",
+                    "-",
+                ]
+            )
         for f in s["fidelity"]:
             name = f["scheme"] + (" (forced, unshared A)" if f["forced"] else "")
             reused = f["reused_tokens_mean"] if f["scheme"] != "base_shared" else f["base_reused_tokens_mean"]
-            rows.append([s["adapters"], name, str(f["positions"]), f"{100 * f['agreement']:.2f}",
-                         f"{f['kl_mean']:.4f}", f"{f['kl_median']:.4f}", f"{f['kl_p95']:.4f}", f"{f['kl_max']:.2f}",
-                         f"{reused:.0f}" + (" (K/V_base)" if f["scheme"] == "base_shared" else "")])
+            rows.append(
+                [
+                    s["adapters"],
+                    name,
+                    str(f["positions"]),
+                    f"{100 * f['agreement']:.2f}",
+                    f"{f['kl_mean']:.4f}",
+                    f"{f['kl_median']:.4f}",
+                    f"{f['kl_p95']:.4f}",
+                    f"{f['kl_max']:.2f}",
+                    f"{reused:.0f}" + (" (K/V_base)" if f["scheme"] == "base_shared" else ""),
+                ]
+            )
     return header, rows
 
 
@@ -641,7 +729,12 @@ def write_plot(report: dict, path: Path) -> None:
         if "similarity" in s:
             for q in QUANTITIES:
                 values = s["similarity"]["per_layer"][q]
-                ax.plot(range(len(values)), values, marker=".", label=f"{QUANTITY_TITLES[q]} ({sum(values) / len(values):.3f})")
+                ax.plot(
+                    range(len(values)),
+                    values,
+                    marker=".",
+                    label=f"{QUANTITY_TITLES[q]} ({sum(values) / len(values):.3f})",
+                )
         ax.set_xlabel("layer")
         ax.set_ylabel("cosine similarity across agents")
         ax.set_title(f"{s['adapters']}: each agent's own pass")
@@ -652,8 +745,13 @@ def write_plot(report: dict, path: Path) -> None:
         gap = s.get("role_gap") or {}
         if gap.get("hidden_rel_err_per_layer"):
             values = gap["hidden_rel_err_per_layer"]
-            ax.plot(range(len(values)), [max(v, floor) for v in values], color="grey", linestyle="--",
-                    label=f"role gap (reader vs producer, no sharing): KL {gap['kl_mean']:.3f}, agree {100 * gap['agreement']:.1f}%")
+            ax.plot(
+                range(len(values)),
+                [max(v, floor) for v in values],
+                color="grey",
+                linestyle="--",
+                label=f"role gap (reader vs producer, no sharing): KL {gap['kl_mean']:.3f}, agree {100 * gap['agreement']:.1f}%",
+            )
         for f in s["fidelity"]:
             values = f["hidden_rel_err_per_layer"]
             label = f"{f['scheme']}{' (forced)' if f['forced'] else ''}: KL {f['kl_mean']:.4f}, agree {100 * f['agreement']:.1f}%"
@@ -696,20 +794,35 @@ def answer_agreement(eval_json: str | Path, reference: str = "non_shared") -> li
     rows = []
     for (dataset, adapters, scheme), items in groups.items():
         same_traj = [q.get("trajectory") == r.get("trajectory") for q, r in items if r.get("trajectory")]
-        rows.append({
-            "dataset": dataset, "adapters": adapters, "scheme": scheme, "n": len(items),
-            "same_answer": sum(q["prediction"] == r["prediction"] for q, r in items) / len(items),
-            "same_trajectory": sum(same_traj) / len(same_traj) if same_traj else None,
-            "correct": sum(q["correct"] for q, _ in items), "reference_correct": sum(r["correct"] for _, r in items),
-        })
+        rows.append(
+            {
+                "dataset": dataset,
+                "adapters": adapters,
+                "scheme": scheme,
+                "n": len(items),
+                "same_answer": sum(q["prediction"] == r["prediction"] for q, r in items) / len(items),
+                "same_trajectory": sum(same_traj) / len(same_traj) if same_traj else None,
+                "correct": sum(q["correct"] for q, _ in items),
+                "reference_correct": sum(r["correct"] for _, r in items),
+            }
+        )
     return rows
 
 
 def print_answer_agreement(rows: list[dict], reference: str = "non_shared") -> None:
     header = ["dataset", "adapters", "scheme", "n", f"same answer as {reference} %", "same trajectory %", "correct"]
-    table = [[r["dataset"], r["adapters"], r["scheme"], str(r["n"]), f"{100 * r['same_answer']:.0f}",
-              "-" if r["same_trajectory"] is None else f"{100 * r['same_trajectory']:.0f}", str(r["correct"])]
-             for r in rows]
+    table = [
+        [
+            r["dataset"],
+            r["adapters"],
+            r["scheme"],
+            str(r["n"]),
+            f"{100 * r['same_answer']:.0f}",
+            "-" if r["same_trajectory"] is None else f"{100 * r['same_trajectory']:.0f}",
+            str(r["correct"]),
+        ]
+        for r in rows
+    ]
     print(_md_table(header, table))
 
 
@@ -746,30 +859,54 @@ def default_adapter_sets() -> list[AdapterSet]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lragent analyze", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--trajectories", default=None,
-                   help="full-trajectories JSON or an eval JSON with saved trajectories (default: AutoAct HotpotQA)")
-    p.add_argument("--adapters", action="append", default=None, metavar="DIR",
-                   help="adapter set folder(s) with plan/, action/, reflect/ (default: the shipped HotpotQA sets)")
+    p = argparse.ArgumentParser(
+        prog="lragent analyze",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    p.add_argument(
+        "--trajectories",
+        default=None,
+        help="full-trajectories JSON or an eval JSON with saved trajectories (default: AutoAct HotpotQA)",
+    )
+    p.add_argument(
+        "--adapters",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="adapter set folder(s) with plan/, action/, reflect/ (default: the shipped HotpotQA sets)",
+    )
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--limit", type=int, default=8, help="trajectories")
     p.add_argument("--max-tokens", type=int, default=1024, help="cut each trajectory to this many tokens")
     p.add_argument("--window", type=int, default=64, help="reader tokens after the handoff point")
-    p.add_argument("--pairs", default="handoff",
-                   help="producer:reader pairs, comma-separated, or 'handoff' (plan:action,action:plan,plan:reflect) or "
-                        "'all' (the 6 ordered pairs); plan:plan is a control (an agent reading its own cache is exact)")
+    p.add_argument(
+        "--pairs",
+        default="handoff",
+        help="producer:reader pairs, comma-separated, or 'handoff' (plan:action,action:plan,plan:reflect) or "
+        "'all' (the 6 ordered pairs); plan:plan is a control (an agent reading its own cache is exact)",
+    )
     p.add_argument("--sharing", default=",".join(SCHEMES), help="schemes compared with non_shared")
-    p.add_argument("--no-force", action="store_true",
-                   help="skip base_lr_shared on sets without shared A (default: run it forced, labelled)")
+    p.add_argument(
+        "--no-force",
+        action="store_true",
+        help="skip base_lr_shared on sets without shared A (default: run it forced, labelled)",
+    )
     p.add_argument("--control", action="store_true", help="also run non_shared through the handoff (expects KL 0)")
     p.add_argument("--no-similarity", action="store_true", help="skip the Table 1 cosine similarities")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
     p.add_argument("--out", default="results/analyze")
-    p.add_argument("--replot", metavar="JSON", default=None, help="only rebuild the tables and plot from an analyze.json")
-    p.add_argument("--answers", metavar="EVAL_JSON", default=None,
-                   help="only compare an `lragent eval` run's answers/trajectories per scheme with non_shared's")
+    p.add_argument(
+        "--replot", metavar="JSON", default=None, help="only rebuild the tables and plot from an analyze.json"
+    )
+    p.add_argument(
+        "--answers",
+        metavar="EVAL_JSON",
+        default=None,
+        help="only compare an `lragent eval` run's answers/trajectories per scheme with non_shared's",
+    )
     return p
 
 

@@ -30,32 +30,69 @@ SCHEMES = tuple(m.value for m in SharingMode)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lragent eval", description=__doc__.split("\n")[0])
-    p.add_argument("data", nargs="+", help="JSONL question files (HotpotQA or ScienceQA rows; format detected); "
-                                          "with --merge, eval.json files")
-    p.add_argument("--sharing", default="base_lr_shared",
-                   help=f"comma-separated schemes, or 'all' ({', '.join(SCHEMES)})")
-    p.add_argument("--adapters", action="append", default=None, metavar="DIR",
-                   help="folder(s) holding plan/, action/, reflect/ (searched 3 levels down; repeatable, "
-                        f"comma-separated ok); default {DEFAULT_ADAPTER_ROOT}")
+    p.add_argument(
+        "data",
+        nargs="+",
+        help="JSONL question files (HotpotQA or ScienceQA rows; format detected); with --merge, eval.json files",
+    )
+    p.add_argument(
+        "--sharing", default="base_lr_shared", help=f"comma-separated schemes, or 'all' ({', '.join(SCHEMES)})"
+    )
+    p.add_argument(
+        "--adapters",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="folder(s) holding plan/, action/, reflect/ (searched 3 levels down; repeatable, "
+        f"comma-separated ok); default {DEFAULT_ADAPTER_ROOT}",
+    )
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="engine dtype (auto: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--kv-cache-bytes", type=parse_size, default=None,
-                   help="KV cache budget per engine, e.g. 10G (default: 1G on CPU, 90%% of free memory on CUDA; "
-                        "set it when several evaluations share one GPU)")
-    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other LLM/EngineConfig keyword, e.g. max_num_seqs=256 (repeatable)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="engine dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+    )
+    p.add_argument(
+        "--kv-cache-bytes",
+        type=parse_size,
+        default=None,
+        help="KV cache budget per engine, e.g. 10G (default: 1G on CPU, 90%% of free memory on CUDA; "
+        "set it when several evaluations share one GPU)",
+    )
+    p.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other LLM/EngineConfig keyword, e.g. max_num_seqs=256 (repeatable)",
+    )
     p.add_argument("--limit", type=int, default=None, help="first N questions of each file")
-    p.add_argument("--workers", type=int, default=8, help="questions in flight at once (one batched generate per round)")
-    p.add_argument("--together", action="store_true",
-                   help="run the files of one task as one pool of questions through each engine (reported per file "
-                        "and combined); with --workers >= the pool, all questions advance in the same batches")
-    p.add_argument("--time-limit", type=float, default=None, metavar="S",
-                   help="seconds per pipeline run: then the questions in flight are halted (reported as "
-                        "time-limited, scored on any answer given) and unstarted ones dropped (not_run)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S",
-                   help="seconds for the whole evaluation: later runs are skipped, the last one is cut to fit")
+    p.add_argument(
+        "--workers", type=int, default=8, help="questions in flight at once (one batched generate per round)"
+    )
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="run the files of one task as one pool of questions through each engine (reported per file "
+        "and combined); with --workers >= the pool, all questions advance in the same batches",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds per pipeline run: then the questions in flight are halted (reported as "
+        "time-limited, scored on any answer given) and unstarted ones dropped (not_run)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds for the whole evaluation: later runs are skipped, the last one is cut to fit",
+    )
     p.add_argument("--merge", action="store_true", help="merge the eval.json files given as DATA into one report")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of T 0.9 / top-p 0.75 / top-k 40")
@@ -63,8 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per agent call")
     p.add_argument("--max-context", type=int, default=None, help="halt a question whose prompt would exceed this")
     p.add_argument("--retrieve-sentences", type=int, default=5, help="sentences Retrieve returns (0: all)")
-    p.add_argument("--force", action="store_true",
-                   help="allow base_lr_shared with adapters whose v_proj A differ (engine allow_unshared_a)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow base_lr_shared with adapters whose v_proj A differ (engine allow_unshared_a)",
+    )
     p.add_argument("--save-trajectories", action="store_true", help="keep every trajectory text in the JSON")
     p.add_argument("--out", default="results/eval", help="output folder for eval.json and eval.png")
     return p
@@ -127,10 +167,22 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     for name, value in (("time limit", args.time_limit), ("time budget", args.time_budget)):
         if value is not None and value <= 0:
             raise ValueError(f"the {name} must be positive, got {value}")
-    return EvalSpec(data=list(args.data), schemes=parse_schemes(args.sharing), adapter_sets=sets, limit=args.limit,
-                    pipeline=pipeline, tools=tools, model=args.model, device=args.device, dtype=args.dtype,
-                    force=args.force, engine_kwargs=engine_kwargs, together=args.together,
-                    time_limit=args.time_limit, time_budget=args.time_budget)
+    return EvalSpec(
+        data=list(args.data),
+        schemes=parse_schemes(args.sharing),
+        adapter_sets=sets,
+        limit=args.limit,
+        pipeline=pipeline,
+        tools=tools,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        force=args.force,
+        engine_kwargs=engine_kwargs,
+        together=args.together,
+        time_limit=args.time_limit,
+        time_budget=args.time_budget,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

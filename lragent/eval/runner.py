@@ -128,8 +128,15 @@ class RunSummary:
     decode_steps: int = 0  # sum over rounds of the longest output (decode passes of the engine)
 
 
-def summarize(results: Sequence[EpisodeResult], dataset: str, task: str, adapters: str, scheme: str,
-              wall_s: float, stats: dict[str, Any] | None = None) -> RunSummary:
+def summarize(
+    results: Sequence[EpisodeResult],
+    dataset: str,
+    task: str,
+    adapters: str,
+    scheme: str,
+    wall_s: float,
+    stats: dict[str, Any] | None = None,
+) -> RunSummary:
     stats = stats or {}
     n = max(len(results), 1)
     prompt = sum(r.prompt_tokens for r in results)
@@ -203,8 +210,14 @@ def default_llm_factory(spec: EvalSpec, scheme: str, adapters: AdapterSet) -> An
     kwargs = dict(spec.engine_kwargs)
     if spec.force:
         kwargs["allow_unshared_a"] = True
-    return LLM(model=spec.model, adapters=dict(adapters.paths), sharing=scheme, device=resolve_device(spec.device),
-               dtype=spec.dtype, **kwargs)
+    return LLM(
+        model=spec.model,
+        adapters=dict(adapters.paths),
+        sharing=scheme,
+        device=resolve_device(spec.device),
+        dtype=spec.dtype,
+        **kwargs,
+    )
 
 
 def _free_memory() -> None:
@@ -218,8 +231,9 @@ def _free_memory() -> None:
         pass
 
 
-def _progress_logger(tag: str, total: int, log: Callable[[str], None], every: int = 10
-                     ) -> Callable[[EpisodeResult], None]:
+def _progress_logger(
+    tag: str, total: int, log: Callable[[str], None], every: int = 10
+) -> Callable[[EpisodeResult], None]:
     t0, done = time.perf_counter(), []
 
     def progress(r: EpisodeResult) -> None:
@@ -243,8 +257,9 @@ def _pools(datasets: list[_Dataset], together: bool) -> list[list[_Dataset]]:
     return list(by_task.values())
 
 
-def _split_by_file(pool: list[_Dataset], results: list[EpisodeResult], tag: str
-                   ) -> tuple[list[str], list[tuple[str, str, list[EpisodeResult]]]]:
+def _split_by_file(
+    pool: list[_Dataset], results: list[EpisodeResult], tag: str
+) -> tuple[list[str], list[tuple[str, str, list[EpisodeResult]]]]:
     """The file each result came from, and the results per file (plus the combined pool when it holds several).
 
     Questions start in input order, so the started ones (the results) are the first len(results) rows."""
@@ -269,8 +284,11 @@ class _EvalRun:
         self.spec_dict = asdict(spec)
 
     def report(self) -> EvalReport:
-        return EvalReport(spec={**self.spec_dict, "skipped_runs": list(self.skipped)}, summaries=list(self.summaries),
-                          questions=list(self.questions))
+        return EvalReport(
+            spec={**self.spec_dict, "skipped_runs": list(self.skipped)},
+            summaries=list(self.summaries),
+            questions=list(self.questions),
+        )
 
     def remaining(self) -> float | None:
         budget = self.spec.time_budget
@@ -321,21 +339,28 @@ class _EvalRun:
             s = summarize(res, name, task, aset.name, scheme, wall, {**stats, "not_run": not_run})
             self.summaries.append(s)
             self.log(_summary_line(s, aset.name, scheme, bool(stats.get("timed_out"))))
-        self.questions.extend({"dataset": o, "adapters": aset.name, "scheme": scheme, **asdict(r)}
-                              for r, o in zip(results, origin))
+        self.questions.extend(
+            {"dataset": o, "adapters": aset.name, "scheme": scheme, **asdict(r)} for r, o in zip(results, origin)
+        )
         if self.checkpoint is not None:
             self.checkpoint(self.report())
 
 
 def _summary_line(s: RunSummary, adapters: str, scheme: str, timed_out: bool) -> str:
     cut = f" time-limited {s.time_limited:.1f}% not run {s.not_run}" if timed_out else ""
-    return (f"{s.dataset} | {adapters} | {scheme}: acc {s.accuracy:.1f}% f1 {s.f1:.1f}% "
-            f"oof {s.out_of_function:.1f}% iters {s.mean_iterations:.1f} reuse {100 * s.reuse_ratio:.1f}% "
-            f"rounds {s.rounds} decode steps {s.decode_steps} wall {s.wall_s:.1f}s{cut}")
+    return (
+        f"{s.dataset} | {adapters} | {scheme}: acc {s.accuracy:.1f}% f1 {s.f1:.1f}% "
+        f"oof {s.out_of_function:.1f}% iters {s.mean_iterations:.1f} reuse {100 * s.reuse_ratio:.1f}% "
+        f"rounds {s.rounds} decode steps {s.decode_steps} wall {s.wall_s:.1f}s{cut}"
+    )
 
 
-def run_eval(spec: EvalSpec, llm_factory: LLMFactory = default_llm_factory,
-             log: Callable[[str], None] = print, checkpoint: Callable[[EvalReport], None] | None = None) -> EvalReport:
+def run_eval(
+    spec: EvalSpec,
+    llm_factory: LLMFactory = default_llm_factory,
+    log: Callable[[str], None] = print,
+    checkpoint: Callable[[EvalReport], None] | None = None,
+) -> EvalReport:
     run = _EvalRun(spec, log, checkpoint)
     datasets = [(Path(p).stem, *load_questions(p, spec.limit)) for p in spec.data]
     if not spec.adapter_sets:

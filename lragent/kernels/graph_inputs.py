@@ -123,4 +123,3 @@ class GraphInputs:
         i32[0, n:size] = 1
         i32[1, n:size] = 0
         tables[:, n:size, 0] = 0
-

@@ -163,7 +163,5 @@ class TorchReferenceBackend(AttentionBackend):
                 lr = lrs[gather_positions(meta.lr_block_tables[i], ctx_len, bs)]
                 b_up = value_up[slots[i]].view(-1, hkv, d)
                 scale = float(lora_scaling[slots[i]])
-            out[starts[i] : starts[i + 1]] = lora_attention(
-                q, keys[idx], values[idx], lr, b_up, scale, d**-0.5
-            )
+            out[starts[i] : starts[i + 1]] = lora_attention(q, keys[idx], values[idx], lr, b_up, scale, d**-0.5)
         return out

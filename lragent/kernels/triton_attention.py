@@ -45,8 +45,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _finish_rows(
-    acc, acc_r, l_i, use_lr, slot, vup_ptr, scaling_ptr, stride_vs, stride_vr, kv_col, offs_r, offs_d,
-    R: tl.constexpr, HAS_LR: tl.constexpr, DOT_PREC: tl.constexpr,
+    acc,
+    acc_r,
+    l_i,
+    use_lr,
+    slot,
+    vup_ptr,
+    scaling_ptr,
+    stride_vs,
+    stride_vr,
+    kv_col,
+    offs_r,
+    offs_d,
+    R: tl.constexpr,
+    HAS_LR: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """(acc_v + s acc_r B_g) / l: the LR term applied once, after the key loop (rows with no keys give 0)."""
     out = acc
@@ -66,8 +79,20 @@ def _finish_rows(
 
 @triton.jit
 def _store_partials(
-    pacc_ptr, pr_ptr, pml_ptr, base, mask, acc, acc_r, m_i, l_i, offs_d, offs_r,
-    D: tl.constexpr, R_PAD: tl.constexpr, HAS_LR: tl.constexpr,
+    pacc_ptr,
+    pr_ptr,
+    pml_ptr,
+    base,
+    mask,
+    acc,
+    acc_r,
+    m_i,
+    l_i,
+    offs_d,
+    offs_r,
+    D: tl.constexpr,
+    R_PAD: tl.constexpr,
+    HAS_LR: tl.constexpr,
 ):
     """One split's (acc_v, acc_r, max, sum) at partial rows `base` of the [rows, splits, Hq, ...] layout."""
     tl.store(pacc_ptr + base[:, None] * D + offs_d[None, :], acc, mask=mask[:, None])
@@ -82,12 +107,31 @@ def _store_partials(
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _prefill_tile(
-    acc, acc_r, m_i, l_i, q, qpos, n0, ctx,
-    k_ptr, v_ptr, lr_ptr, bt_row, lbt_row, kv_col, lr_end,
-    offs_d, offs_r, offs_n,
+    acc,
+    acc_r,
+    m_i,
+    l_i,
+    q,
+    qpos,
+    n0,
+    ctx,
+    k_ptr,
+    v_ptr,
+    lr_ptr,
+    bt_row,
+    lbt_row,
+    kv_col,
+    lr_end,
+    offs_d,
+    offs_r,
+    offs_n,
     sm_scale_log2,
-    HKV_D: tl.constexpr, R: tl.constexpr, BS: tl.constexpr,
-    MASKED: tl.constexpr, HAS_LR: tl.constexpr, DOT_PREC: tl.constexpr,
+    HKV_D: tl.constexpr,
+    R: tl.constexpr,
+    BS: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LR: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     kpos = n0 + offs_n
     if MASKED:
@@ -120,20 +164,51 @@ def _prefill_tile(
         lmask = kpos < lr_end  # lr_end = 0 for slot 0: nothing read
         lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
         lrow = lblk * BS + (kpos % BS)
-        lr = tl.load(lr_ptr + lrow[:, None] * R + offs_r[None, :], mask=lmask[:, None] & (offs_r[None, :] < R), other=0.0)
+        lr = tl.load(
+            lr_ptr + lrow[:, None] * R + offs_r[None, :], mask=lmask[:, None] & (offs_r[None, :] < R), other=0.0
+        )
         acc_r = acc_r * alpha[:, None] + tl.dot(p.to(lr.dtype), lr, input_precision=DOT_PREC)
     return acc, acc_r, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["stride_bt", "stride_lbt", "NUM_SPLITS"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, bt_ptr, lbt_ptr, qstart_ptr, ctx_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
-    pacc_ptr, pr_ptr, pml_ptr, row_slot_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lr_ptr,
+    bt_ptr,
+    lbt_ptr,
+    qstart_ptr,
+    ctx_ptr,
+    slot_ptr,
+    vup_ptr,
+    scaling_ptr,
+    out_ptr,
+    pacc_ptr,
+    pr_ptr,
+    pml_ptr,
+    row_slot_ptr,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_lbt, stride_vs, stride_vr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_lbt,
+    stride_vs,
+    stride_vr,
     NUM_SPLITS,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LR: tl.constexpr, SINGLE: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LR: tl.constexpr,
+    SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     mt = tl.program_id(0) // NUM_SPLITS
@@ -182,20 +257,81 @@ def _prefill_kernel(
     full_end = (first_q // BLOCK_N) * BLOCK_N
     for n0 in range(k_lo, tl.minimum(full_end, k_hi), BLOCK_N):
         acc, acc_r, m_i, l_i = _prefill_tile(
-            acc, acc_r, m_i, l_i, q, qpos, n0, ctx, k_ptr, v_ptr, lr_ptr, bt_row, lbt_row, kv_col, lr_end,
-            offs_d, offs_r, offs_n, sm_scale_log2, HKV * D, R, BS, False, HAS_LR, DOT_PREC,
+            acc,
+            acc_r,
+            m_i,
+            l_i,
+            q,
+            qpos,
+            n0,
+            ctx,
+            k_ptr,
+            v_ptr,
+            lr_ptr,
+            bt_row,
+            lbt_row,
+            kv_col,
+            lr_end,
+            offs_d,
+            offs_r,
+            offs_n,
+            sm_scale_log2,
+            HKV * D,
+            R,
+            BS,
+            False,
+            HAS_LR,
+            DOT_PREC,
         )
     # the diagonal: causal mask and the end of the context
     end = tl.minimum(k_hi, prefix + (mt + 1) * BLOCK_M)
     for n0 in range(tl.maximum(full_end, k_lo), end, BLOCK_N):
         acc, acc_r, m_i, l_i = _prefill_tile(
-            acc, acc_r, m_i, l_i, q, qpos, n0, ctx, k_ptr, v_ptr, lr_ptr, bt_row, lbt_row, kv_col, lr_end,
-            offs_d, offs_r, offs_n, sm_scale_log2, HKV * D, R, BS, True, HAS_LR, DOT_PREC,
+            acc,
+            acc_r,
+            m_i,
+            l_i,
+            q,
+            qpos,
+            n0,
+            ctx,
+            k_ptr,
+            v_ptr,
+            lr_ptr,
+            bt_row,
+            lbt_row,
+            kv_col,
+            lr_end,
+            offs_d,
+            offs_r,
+            offs_n,
+            sm_scale_log2,
+            HKV * D,
+            R,
+            BS,
+            True,
+            HAS_LR,
+            DOT_PREC,
         )
 
     if SINGLE:
-        out = _finish_rows(acc, acc_r, l_i, use_lr, slot, vup_ptr, scaling_ptr, stride_vs, stride_vr, kv_col, offs_r,
-                           offs_d, R, HAS_LR, DOT_PREC)
+        out = _finish_rows(
+            acc,
+            acc_r,
+            l_i,
+            use_lr,
+            slot,
+            vup_ptr,
+            scaling_ptr,
+            stride_vs,
+            stride_vr,
+            kv_col,
+            offs_r,
+            offs_d,
+            R,
+            HAS_LR,
+            DOT_PREC,
+        )
         tl.store(
             out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -216,14 +352,41 @@ def _prefill_kernel(
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["stride_bt", "stride_lbt", "NUM_SPLITS"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, lr_ptr, bt_ptr, lbt_ptr, ctx_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
-    pacc_ptr, pr_ptr, pml_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lr_ptr,
+    bt_ptr,
+    lbt_ptr,
+    ctx_ptr,
+    slot_ptr,
+    vup_ptr,
+    scaling_ptr,
+    out_ptr,
+    pacc_ptr,
+    pr_ptr,
+    pml_ptr,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_lbt, stride_vs, stride_vr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_lbt,
+    stride_vs,
+    stride_vr,
     NUM_SPLITS,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-    R_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LR: tl.constexpr,
-    SINGLE: tl.constexpr, DOT_PREC: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LR: tl.constexpr,
+    SINGLE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     g = tl.program_id(0)  # kv heads of one token range run side by side: neighbouring rows of the pools
     sp = tl.program_id(1)
@@ -283,8 +446,23 @@ def _decode_kernel(
         m_i = m_new
 
     if SINGLE:
-        out = _finish_rows(acc, acc_r, l_i, use_lr, slot, vup_ptr, scaling_ptr, stride_vs, stride_vr, kv_col, offs_r,
-                           offs_d, R, HAS_LR, DOT_PREC)
+        out = _finish_rows(
+            acc,
+            acc_r,
+            l_i,
+            use_lr,
+            slot,
+            vup_ptr,
+            scaling_ptr,
+            stride_vs,
+            stride_vr,
+            kv_col,
+            offs_r,
+            offs_d,
+            R,
+            HAS_LR,
+            DOT_PREC,
+        )
         tl.store(
             out_ptr + b64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -298,11 +476,26 @@ def _decode_kernel(
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _decode_merge_kernel(
-    pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, out_ptr,
-    stride_ot, stride_oh, stride_vs, stride_vr,
+    pacc_ptr,
+    pr_ptr,
+    pml_ptr,
+    slot_ptr,
+    vup_ptr,
+    scaling_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    stride_vs,
+    stride_vr,
     NUM_SPLITS,
-    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
-    NS_PAD: tl.constexpr, CHUNK: tl.constexpr, HAS_LR: tl.constexpr,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    NS_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HAS_LR: tl.constexpr,
 ):
     """Program (sequence, q head): merge the splits' partials with their max / sum, then add s acc_r B_g."""
     b = tl.program_id(0)
@@ -439,16 +632,45 @@ def paged_prefill(
     else:
         pacc, pr, pml, row_slots = _split_partials(t, num_splits, hq, d, p.r_pad if p.has_lr else 0, query.device)
     _prefill_kernel[(m_tiles * num_splits, hq, b)](
-        query, key_pool, value_pool, p.lr, base_block_tables, lbt, query_start, context_lens, seq_lora_slots,
-        p.vup, lora_scaling, out,
-        pacc, pr, pml, row_slots,
+        query,
+        key_pool,
+        value_pool,
+        p.lr,
+        base_block_tables,
+        lbt,
+        query_start,
+        context_lens,
+        seq_lora_slots,
+        p.vup,
+        lora_scaling,
+        out,
+        pacc,
+        pr,
+        pml,
+        row_slots,
         sm_scale * LOG2E,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        base_block_tables.stride(0), lbt.stride(0), p.stride_vs, p.stride_vr,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        base_block_tables.stride(0),
+        lbt.stride(0),
+        p.stride_vs,
+        p.stride_vr,
         num_splits,
-        HKV=p.hkv, G=hq // p.hkv, D=d, R=p.r, R_PAD=p.r_pad, BS=p.bs,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_LR=p.has_lr, SINGLE=single, DOT_PREC=_dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        HKV=p.hkv,
+        G=hq // p.hkv,
+        D=d,
+        R=p.r,
+        R_PAD=p.r_pad,
+        BS=p.bs,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HAS_LR=p.has_lr,
+        SINGLE=single,
+        DOT_PREC=_dot_precision(query.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not single:
         _merge_splits(pacc, pr, pml, row_slots, p, lora_scaling, out, num_splits, hq, p.r_pad)
@@ -488,11 +710,26 @@ def _merge_splits(pacc, pr, pml, row_slots, p: _Pools, lora_scaling, out, num_sp
     """Combine split-KV partials [rows, splits, Hq, ...] into out [rows, Hq, d] and add s acc_r B per row."""
     d = out.shape[-1]
     _decode_merge_kernel[(out.shape[0], hq)](
-        pacc, pr, pml, row_slots, p.vup, lora_scaling, out,
-        out.stride(0), out.stride(1), p.stride_vs, p.stride_vr,
+        pacc,
+        pr,
+        pml,
+        row_slots,
+        p.vup,
+        lora_scaling,
+        out,
+        out.stride(0),
+        out.stride(1),
+        p.stride_vs,
+        p.stride_vr,
         num_splits,
-        HQ=hq, G=hq // p.hkv, D=d, R=p.r, R_PAD=r_pad, NS_PAD=_pow2_at_least(num_splits, 16),
-        CHUNK=min(_pow2_at_least(num_splits, 16), 64 if d <= 128 else 32), HAS_LR=p.has_lr,
+        HQ=hq,
+        G=hq // p.hkv,
+        D=d,
+        R=p.r,
+        R_PAD=r_pad,
+        NS_PAD=_pow2_at_least(num_splits, 16),
+        CHUNK=min(_pow2_at_least(num_splits, 16), 64 if d <= 128 else 32),
+        HAS_LR=p.has_lr,
         num_warps=4,
     )
 
@@ -562,15 +799,43 @@ def paged_decode(
         pml = torch.empty(b, num_splits, hq, 2, dtype=torch.float32, device=query.device)
     lbt = lr_block_tables if (p.has_lr and lr_block_tables is not None) else base_block_tables
     _decode_kernel[(p.hkv, num_splits, b)](
-        query, key_pool, value_pool, p.lr, base_block_tables, lbt, context_lens, seq_lora_slots, p.vup, lora_scaling,
-        out, pacc, pr, pml,
+        query,
+        key_pool,
+        value_pool,
+        p.lr,
+        base_block_tables,
+        lbt,
+        context_lens,
+        seq_lora_slots,
+        p.vup,
+        lora_scaling,
+        out,
+        pacc,
+        pr,
+        pml,
         sm_scale * LOG2E,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        base_block_tables.stride(0), lbt.stride(0), p.stride_vs, p.stride_vr,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        base_block_tables.stride(0),
+        lbt.stride(0),
+        p.stride_vs,
+        p.stride_vr,
         num_splits,
-        HKV=p.hkv, G=g, G_PAD=_pow2_at_least(g, 16), D=d, R=p.r, R_PAD=r_pad, BS=p.bs, BLOCK_N=block_n,
-        HAS_LR=p.has_lr, SINGLE=single, DOT_PREC=_dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        HKV=p.hkv,
+        G=g,
+        G_PAD=_pow2_at_least(g, 16),
+        D=d,
+        R=p.r,
+        R_PAD=r_pad,
+        BS=p.bs,
+        BLOCK_N=block_n,
+        HAS_LR=p.has_lr,
+        SINGLE=single,
+        DOT_PREC=_dot_precision(query.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not single:
         _merge_splits(pacc, pr, pml, seq_lora_slots, p, lora_scaling, out, num_splits, hq, r_pad)

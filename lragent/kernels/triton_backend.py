@@ -59,10 +59,16 @@ class TritonBackend(AttentionBackend):
         lr_pool = cache.lr[layer] if cache.lr is not None else None
         flags = getattr(cache, "flags", None)  # caches without flag arrays (kernel tests) skip the marking
         store_kv_lr(
-            cache.key[layer], cache.value[layer], lr_pool,
-            key, value, meta.base_slots,
-            lr if lr_pool is not None else None, meta.lr_slots,
-            kv_flags=flags["kv"] if flags else None, lr_flags=flags.get("lr", flags["kv"]) if flags else None,
+            cache.key[layer],
+            cache.value[layer],
+            lr_pool,
+            key,
+            value,
+            meta.base_slots,
+            lr if lr_pool is not None else None,
+            meta.lr_slots,
+            kv_flags=flags["kv"] if flags else None,
+            lr_flags=flags.get("lr", flags["kv"]) if flags else None,
             block_size=cache.block_size,
         )
 

@@ -19,10 +19,19 @@ import triton.language as tl
 
 @triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
-    n_cols, eps,
-    stride_x, stride_res, stride_out, stride_sum,
-    BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    sum_ptr,
+    n_cols,
+    eps,
+    stride_x,
+    stride_res,
+    stride_out,
+    stride_sum,
+    BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -30,7 +39,7 @@ def _add_rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         # the residual stream is kept in the activation dtype: round the sum exactly where `h + delta` would
-        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(tl.float32) + tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
         x = x.to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * stride_sum + cols, x, mask=mask)
     xf = x.to(tl.float32)
@@ -52,10 +61,19 @@ def add_rms_norm(
     if t:
         res = residual if residual is not None else x
         _add_rms_norm_kernel[(t,)](
-            x, res, weight, out, total,
-            n, eps,
-            x.stride(0), res.stride(0), out.stride(0), total.stride(0),
-            BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None,
+            x,
+            res,
+            weight,
+            out,
+            total,
+            n,
+            eps,
+            x.stride(0),
+            res.stride(0),
+            out.stride(0),
+            total.stride(0),
+            BLOCK=triton.next_power_of_2(n),
+            HAS_RES=residual is not None,
             num_warps=4 if n <= 2048 else 8,
         )
     return out, total
@@ -63,10 +81,19 @@ def add_rms_norm(
 
 @triton.jit
 def _rotary_kernel(
-    x_ptr, out_ptr, pos_ptr, cos_ptr, sin_ptr,
+    x_ptr,
+    out_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
     n_heads,
-    stride_xt, stride_xh, stride_ot, stride_oh, stride_table,
-    HALF: tl.constexpr, H_PAD: tl.constexpr,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    stride_table,
+    HALF: tl.constexpr,
+    H_PAD: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, H_PAD)
@@ -85,8 +112,9 @@ def _rotary_kernel(
     tl.store(dst + HALF, (x2 * cos + x1 * sin).to(ty), mask=mask)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+def rotary(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Half-split RoPE of x [T, heads, d] (rows may be strided views of a fused projection) into `out`: a new
     tensor by default, or x itself (each program reads its token's rows before writing them)."""
     t, h, d = x.shape
@@ -95,10 +123,19 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: tor
     out = torch.empty((t, h, d), dtype=x.dtype, device=x.device) if out is None else out
     if t:
         _rotary_kernel[(t,)](
-            x, out, positions, cos, sin,
+            x,
+            out,
+            positions,
+            cos,
+            sin,
             h,
-            x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0),
-            HALF=d // 2, H_PAD=triton.next_power_of_2(h),
+            x.stride(0),
+            x.stride(1),
+            out.stride(0),
+            out.stride(1),
+            cos.stride(0),
+            HALF=d // 2,
+            H_PAD=triton.next_power_of_2(h),
             num_warps=4 if h * d <= 4096 else 8,
         )
     return out
@@ -126,6 +163,12 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     block = min(1024, triton.next_power_of_2(n))
     if t:
         _silu_mul_kernel[(t, triton.cdiv(n, block))](
-            gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+            gate_up,
+            out,
+            n,
+            gate_up.stride(0),
+            out.stride(0),
+            BLOCK=block,
+            num_warps=4,
         )
     return out

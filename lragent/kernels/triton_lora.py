@@ -30,11 +30,25 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, out_ptr, tok_ptr, seg_start_ptr, seg_slot_ptr,
-    K, k_per_split,
-    stride_xt, stride_as, stride_ak, stride_ot,
-    R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_TOK: tl.constexpr, ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    out_ptr,
+    tok_ptr,
+    seg_start_ptr,
+    seg_slot_ptr,
+    K,
+    k_per_split,
+    stride_xt,
+    stride_as,
+    stride_ak,
+    stride_ot,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_TOK: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     mt = tl.program_id(0)
     seg = tl.program_id(1)
@@ -73,11 +87,25 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    y_ptr, b_ptr, out_ptr, tok_ptr, seg_start_ptr, seg_slot_ptr, scaling_ptr,
+    y_ptr,
+    b_ptr,
+    out_ptr,
+    tok_ptr,
+    seg_start_ptr,
+    seg_slot_ptr,
+    scaling_ptr,
     N,
-    stride_yt, stride_bs, stride_br, stride_ot,
-    R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_TOK: tl.constexpr, ADD: tl.constexpr, DOT_PREC: tl.constexpr,
+    stride_yt,
+    stride_bs,
+    stride_br,
+    stride_ot,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_TOK: tl.constexpr,
+    ADD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     mt = tl.program_id(0)
     seg = tl.program_id(1)
@@ -165,12 +193,27 @@ def lora_shrink(
         work = out
     if t and g and max_seg_len:
         _shrink_kernel[(m_tiles, g, split_k)](
-            x, a_stack, work, tokens if tokens is not None else seg_start, seg_start, seg_slot,
-            k, k_per_split,
-            x.stride(0), a_stack.stride(0), a_stack.stride(1), work.stride(0),
-            R=r, R_PAD=_rpad(r), BLOCK_M=block_m, BLOCK_K=block_k,
-            HAS_TOK=tokens is not None, ATOMIC=atomic, DOT_PREC=_dot_precision(x.dtype),
-            num_warps=4, num_stages=3 if on_gpu else 1,
+            x,
+            a_stack,
+            work,
+            tokens if tokens is not None else seg_start,
+            seg_start,
+            seg_slot,
+            k,
+            k_per_split,
+            x.stride(0),
+            a_stack.stride(0),
+            a_stack.stride(1),
+            work.stride(0),
+            R=r,
+            R_PAD=_rpad(r),
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+            HAS_TOK=tokens is not None,
+            ATOMIC=atomic,
+            DOT_PREC=_dot_precision(x.dtype),
+            num_warps=4,
+            num_stages=3 if on_gpu else 1,
         )
     if atomic:
         if out is not None:
@@ -217,12 +260,27 @@ def lora_expand(
     block_n = (128 if max_seg_len <= 64 else 64) if on_gpu else 32
     if t and g and max_seg_len:
         _expand_kernel[(triton.cdiv(max_seg_len, block_m), g, triton.cdiv(n, block_n))](
-            y, b_stack, out, tokens if tokens is not None else seg_start, seg_start, seg_slot, scaling,
+            y,
+            b_stack,
+            out,
+            tokens if tokens is not None else seg_start,
+            seg_start,
+            seg_slot,
+            scaling,
             n,
-            y.stride(0), b_stack.stride(0), b_stack.stride(1), out.stride(0),
-            R=r, R_PAD=_rpad(r), BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_TOK=tokens is not None, ADD=add, DOT_PREC=_dot_precision(b_stack.dtype),
-            num_warps=4, num_stages=2 if on_gpu else 1,
+            y.stride(0),
+            b_stack.stride(0),
+            b_stack.stride(1),
+            out.stride(0),
+            R=r,
+            R_PAD=_rpad(r),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            HAS_TOK=tokens is not None,
+            ADD=add,
+            DOT_PREC=_dot_precision(b_stack.dtype),
+            num_warps=4,
+            num_stages=2 if on_gpu else 1,
         )
     return out
 
@@ -309,7 +367,9 @@ class TritonLoRABank(LoRABank):
         self._shared_v.clear()
         self._plans.clear()
 
-    def _plan_for(self, segments: Segments | SegmentPlan, module: str | None, num_tokens: int, device) -> SegmentPlan | None:
+    def _plan_for(
+        self, segments: Segments | SegmentPlan, module: str | None, num_tokens: int, device
+    ) -> SegmentPlan | None:
         """The step's plan for `segments`, restricted to the adapters that target `module`; built once per step.
 
         FULL_SHARED alternates two segment lists per layer (all tokens for q, base-written tokens for k/v) and mixed
@@ -335,10 +395,27 @@ class TritonLoRABank(LoRABank):
         plan = self._plan_for(segments, module, x.shape[0], x.device)
         if plan is None:
             return None
-        y = lora_shrink(x, self.down[key], plan.seg_start, plan.seg_slot, plan.max_len, tokens=plan.tokens,
-                        out_dtype=torch.float32, rows_covered=plan.writes_all)
-        return lora_expand(y, self.up[key], plan.seg_start, plan.seg_slot, plan.max_len, self.scaling,
-                           out=out, add=add, tokens=plan.tokens)
+        y = lora_shrink(
+            x,
+            self.down[key],
+            plan.seg_start,
+            plan.seg_slot,
+            plan.max_len,
+            tokens=plan.tokens,
+            out_dtype=torch.float32,
+            rows_covered=plan.writes_all,
+        )
+        return lora_expand(
+            y,
+            self.up[key],
+            plan.seg_start,
+            plan.seg_slot,
+            plan.max_len,
+            self.scaling,
+            out=out,
+            add=add,
+            tokens=plan.tokens,
+        )
 
     def delta(self, x, layer, module, segments):
         return self._delta_into(None, x, layer, module, segments, add=False)
@@ -352,8 +429,8 @@ class TritonLoRABank(LoRABank):
         if layer not in self._shared_v:
             down = self.down.get((layer, "v_proj"))
             slots = sorted(s for s, m in self.active if m == "v_proj")
-            self._shared_v[layer] = down is not None and len(slots) > 0 and all(
-                torch.equal(down[slots[0]], down[s]) for s in slots[1:]
+            self._shared_v[layer] = (
+                down is not None and len(slots) > 0 and all(torch.equal(down[slots[0]], down[s]) for s in slots[1:])
             )
         return self._shared_v[layer]
 
@@ -369,5 +446,13 @@ class TritonLoRABank(LoRABank):
             if plan.shared is None:
                 plan.shared = (_upload([0, t], x.device), _upload([plan.slots[0]], x.device))
             return lora_shrink(x, down, plan.shared[0], plan.shared[1], t, out_dtype=x.dtype, rows_covered=True)
-        return lora_shrink(x, down, plan.seg_start, plan.seg_slot, plan.max_len, tokens=plan.tokens,
-                           out_dtype=x.dtype, rows_covered=plan.writes_all)
+        return lora_shrink(
+            x,
+            down,
+            plan.seg_start,
+            plan.seg_slot,
+            plan.max_len,
+            tokens=plan.tokens,
+            out_dtype=x.dtype,
+            rows_covered=plan.writes_all,
+        )

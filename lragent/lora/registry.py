@@ -24,7 +24,9 @@ class AdapterRegistry:
         if adapter.name in self.adapters:
             raise AdapterError(f"adapter {adapter.name!r} is already loaded")
         if len(self.adapters) >= self.max_loras:
-            raise AdapterError(f"cannot load {adapter.name!r}: all {self.max_loras} adapter slots are in use (max_loras)")
+            raise AdapterError(
+                f"cannot load {adapter.name!r}: all {self.max_loras} adapter slots are in use (max_loras)"
+            )
         if "k_proj" in adapter.targets and not self.scheme.allows_key_adapter:
             raise AdapterError(
                 f"adapter {adapter.name!r} adapts k_proj, which makes keys agent-specific; {self.scheme.mode.value} "

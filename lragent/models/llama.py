@@ -192,7 +192,9 @@ class CausalLM(nn.Module):
         self.config = config
         self.rotary = RotaryEmbedding(config, max_positions)
         self.model = DecoderStack(config, self.rotary)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.runtime: Runtime | None = None
 
     def bind(self, runtime: Runtime) -> None:

@@ -66,7 +66,9 @@ def _load_safetensors(model: CausalLM, folder: Path) -> None:
                     raise ValueError(f"{file.name}: unexpected tensor {key!r} for this architecture")
                 tensor = f.get_tensor(key)
                 if tensor.shape != params[key].shape:
-                    raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[key].shape)}")
+                    raise ValueError(
+                        f"{key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[key].shape)}"
+                    )
                 params[key].data.copy_(tensor)
                 missing.discard(key)
     if missing:

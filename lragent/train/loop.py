@@ -176,8 +176,15 @@ def train_adapters(
     return results
 
 
-def _role_loss(model: torch.nn.Module, encoded: list[Encoded], sampler: Iterator[list[int]], cfg: TrainConfig,
-               pad_id: int, device: torch.device, result: RoleResult) -> torch.Tensor:
+def _role_loss(
+    model: torch.nn.Module,
+    encoded: list[Encoded],
+    sampler: Iterator[list[int]],
+    cfg: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+    result: RoleResult,
+) -> torch.Tensor:
     """Forward and backward over ``grad_accum`` micro-batches of the active adapter; its mean loss stays on the
     device (read once per step with the others, one host sync)."""
     micro = []
@@ -192,9 +199,15 @@ def _role_loss(model: torch.nn.Module, encoded: list[Encoded], sampler: Iterator
     return torch.stack(micro).mean()
 
 
-def _optimizer_step(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
-                    params: Sequence[torch.nn.Parameter], cfg: TrainConfig, step_losses: list[torch.Tensor],
-                    results: dict[str, RoleResult], step: int) -> None:
+def _optimizer_step(
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    params: Sequence[torch.nn.Parameter],
+    cfg: TrainConfig,
+    step_losses: list[torch.Tensor],
+    results: dict[str, RoleResult],
+    step: int,
+) -> None:
     """Clip, then update every adapter at once, or none when a loss or the gradient norm is not finite (the step is
     recorded as skipped for every adapter and its gradients are dropped)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # non-finite if any gradient is
