@@ -62,7 +62,8 @@ def ask(client: OpenAI, role: str, trajectory: list[dict], max_tokens: int) -> s
     cached = u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0
     took = time.perf_counter() - start
     print(
-        f"  {role:>7}: {u.prompt_tokens:4d} prompt tokens, {cached:4d} cached ({cached / u.prompt_tokens:4.0%}), {took:5.2f} s"
+        f"  {role:>7}: {u.prompt_tokens:4d} prompt tokens, "
+        f"{cached:4d} cached ({cached / u.prompt_tokens:4.0%}), {took:5.2f} s"
     )
     return out.choices[0].message.content or ""
 

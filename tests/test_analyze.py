@@ -27,7 +27,8 @@ def _trajectory_file(tmp_path: Path) -> Path:
         D.Step(
             "I need to find the director of the film Jaws.",
             "Retrieve[Jaws (film)]",
-            "Jaws is a 1975 American thriller film directed by Steven Spielberg and based on the novel by Peter Benchley.",
+            "Jaws is a 1975 American thriller film directed by Steven Spielberg and based on the novel by "
+            "Peter Benchley.",
         ),
         D.Step(
             "Now I need the birth year of Steven Spielberg.",

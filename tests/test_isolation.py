@@ -216,12 +216,13 @@ def fuzz_llm(tiny_llama):
 
 
 def test_sampler_contains_a_broken_row():
-    from lragent.engine.sampler import sample
+    from lragent.engine.sampler import SamplingBatch, sample
 
     logits = torch.randn(3, 50)
     logits[1, 4] = float("nan")
     params = [SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=0.7, seed=2), SamplingParams()]
-    tokens, lps = sample(logits, params, [torch.Generator().manual_seed(i) for i in range(3)])
+    batch = SamplingBatch.build(params, [1, 2, 3], [0, 0, 0], None, None, 50, torch.device("cpu"))
+    tokens, lps, _ = sample(logits, batch)
     assert math.isnan(lps[1]) and math.isfinite(lps[0]) and math.isfinite(lps[2]) and len(tokens) == 3
 
 

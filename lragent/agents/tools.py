@@ -26,8 +26,14 @@ MSG_SEARCH_ERROR = "bingSearch error, please try again."
 MSG_RETRIEVE_ERROR = "Could not find that page, please try again."
 MSG_NO_RESULTS = "No Results"
 MSG_NO_MORE_RESULTS = "No More Results"
-MSG_LOOKUP_NO_RETRIEVED = "The last page Retrieved was not found, so you cannot Lookup a keyword in it. Please try one of the similar pages given."
-MSG_LOOKUP_NO_SEARCHED = "The last page Searched was not found, so you cannot Lookup a keyword in it. Please try one of the similar pages given."
+MSG_LOOKUP_NO_RETRIEVED = (
+    "The last page Retrieved was not found, so you cannot Lookup a keyword in it. Please try one of the similar pages "
+    "given."
+)
+MSG_LOOKUP_NO_SEARCHED = (
+    "The last page Searched was not found, so you cannot Lookup a keyword in it. Please try one of the similar pages "
+    "given."
+)
 MSG_LOOKUP_INVALID = "Invalid action. Lookup only follows the Retrieve or BingSearch action."
 MSG_NO_IMAGE = "This question doesn't have an image."
 MSG_FINISH = "Please reflect your answer."

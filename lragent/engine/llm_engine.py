@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -17,6 +18,7 @@ from lragent.cache.sharing import PoolKind, get_scheme
 from lragent.config import EngineConfig
 from lragent.engine.block_manager import BlockManager
 from lragent.engine.model_runner import ModelRunner
+from lragent.engine.sampler import SampleResult
 from lragent.engine.scheduler import ScheduledBatch, Scheduler
 from lragent.engine.sequence import RequestMetrics, Sequence
 from lragent.engine.stats import StepStats
@@ -46,7 +48,16 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestMetrics
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token (params.top_logprobs)
     error: str | None = None  # set with finish_reason "error": why the engine failed this request (and no other)
+
+
+class Sampled(NamedTuple):
+    """One sequence's draw of a step."""
+
+    token: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]
 
 
 class LLMEngine:
@@ -262,9 +273,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, ids, params, adapter or "", slot)
         seq.namespaces = self.scheme.namespaces(*self.registry.cache_keys(adapter), cache_salt or "")
-        seq.generator = torch.Generator().manual_seed(
-            params.seed if params.seed is not None else self._rng.randrange(1 << 62)
-        )
+        seq.seed = params.seed if params.seed is not None else self._rng.randrange(-(1 << 63), 1 << 63)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -327,10 +336,10 @@ class LLMEngine:
             outputs += self._publish([s for s, _ in done], DECODE_PUBLISH_BLOCKS if batched else 1)
         for seq, _ in done:
             if seq in sampled and not seq.is_finished:
-                outputs.append(self._emit(seq, *sampled[seq]))
+                outputs.append(self._emit(seq, sampled[seq]))
         return outputs
 
-    def _run(self, batch: ScheduledBatch) -> tuple[dict[Sequence, tuple[int, float]], dict[Sequence, str]]:
+    def _run(self, batch: ScheduledBatch) -> tuple[dict[Sequence, Sampled], dict[Sequence, str]]:
         """Run the batch; if it raises, run its sequences one by one so only the ones that fail alone fail.
 
         Re-running is safe: a sequence's step writes the same cache slots with the same values."""
@@ -349,9 +358,9 @@ class LLMEngine:
         return sampled, failed
 
     @staticmethod
-    def _sampled(batch: ScheduledBatch, result: tuple[list[int], list[float]]) -> dict[Sequence, tuple[int, float]]:
+    def _sampled(batch: ScheduledBatch, result: SampleResult) -> dict[Sequence, Sampled]:
         """Map the runner's tokens to the sequences the batch marks as sampling."""
-        return {seq: (tok, lp) for seq, tok, lp in zip(batch.sampling_seqs, *result)}
+        return {seq: Sampled(*row) for seq, *row in zip(batch.sampling_seqs, *result)}
 
     def _publish(self, seqs: list[Sequence], min_blocks: int = 1) -> list[RequestOutput]:
         """Index the blocks these sequences filled (those with at least `min_blocks` waiting), after one check that
@@ -377,15 +386,15 @@ class LLMEngine:
                 self.block_manager.publish(seq)
         return failed
 
-    def _emit(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
-        if not math.isfinite(logprob):
+    def _emit(self, seq: Sequence, drawn: Sampled) -> RequestOutput:
+        if not math.isfinite(drawn.logprob):
             return self._fail(seq, "the model produced non-finite logits (NaN/inf) for this request")
         try:
-            self._append_token(seq, token, logprob)
+            self._append_token(seq, drawn)
         except Exception as exc:  # stop handling of this request alone
             logger.exception("post-processing of request %s failed", seq.request_id)
             return self._fail(seq, f"the engine failed on this request ({type(exc).__name__})")
-        return self._output(seq, [token])
+        return self._output(seq, [drawn.token])
 
     def _fail(self, seq: Sequence, why: str) -> RequestOutput:
         """Finish one request with an error; its blocks are released (unpublished ones are simply reused)."""
@@ -395,9 +404,12 @@ class LLMEngine:
         self._seqs.pop(seq.request_id, None)
         return self._output(seq, [])
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float) -> None:
+    def _append_token(self, seq: Sequence, drawn: Sampled) -> None:
+        token = drawn.token
         seq.token_ids.append(token)
-        seq.logprobs.append(logprob)
+        seq.logprobs.append(drawn.logprob)
+        if seq.params.top_logprobs:
+            seq.top_logprobs.append(drawn.top_logprobs)
         m = seq.metrics
         m.generated_tokens += 1
         if m.first_token_time is None:
@@ -445,6 +457,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             metrics=seq.metrics,
             logprobs=list(seq.logprobs),
+            top_logprobs=list(seq.top_logprobs),
             error=seq.error,
         )
 

@@ -17,7 +17,7 @@ import torch
 
 from lragent.cache.kv_cache import KVCache
 from lragent.cache.sharing import SharingScheme
-from lragent.engine.sampler import sample
+from lragent.engine.sampler import SampleResult, SamplingBatch, sample
 from lragent.engine.scheduler import ScheduledBatch
 from lragent.engine.sequence import KV, Sequence
 from lragent.kernels.backend import AttentionBackend, upload
@@ -135,7 +135,7 @@ class ModelRunner:
         )
         return upload(step.token_ids, torch.int64, dev), ctx, step.sample_rows
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
+    def run(self, batch: ScheduledBatch) -> SampleResult:
         """One forward pass; returns a token (and its log-prob) for each sequence the batch marks as sampling."""
         start = time.perf_counter()
         self.prepare_s = 0.0
@@ -145,7 +145,7 @@ class ModelRunner:
             self.forward_s = time.perf_counter() - start
 
     @torch.inference_mode()
-    def _run(self, batch: ScheduledBatch) -> tuple[list[int], list[float]]:
+    def _run(self, batch: ScheduledBatch) -> SampleResult:
         if self.graphs is not None and self.graphs.supports(batch):
             start = time.perf_counter()
             step = self.inputs(batch)
@@ -157,8 +157,17 @@ class ModelRunner:
             self.prepare_s = time.perf_counter() - start
             if not rows:
                 self.model(input_ids, ctx)
-                return [], []
+                return SampleResult([], [], [])
             hidden = self.model(input_ids, ctx)[rows]
         logits = self.model.logits(hidden)
-        samplers: list[Sequence] = batch.sampling_seqs
-        return sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        return sample(logits, self.sampling_batch(batch.sampling_seqs, logits.shape[-1]))
+
+    def sampling_batch(self, seqs: list[Sequence], vocab_size: int) -> SamplingBatch:
+        """Each row's draw is keyed by its request's seed and the position of the token it draws."""
+        params = [s.params for s in seqs]
+        penalized = any(p.penalized for p in params)
+        return SamplingBatch.build(
+            params, [s.seed for s in seqs], [len(s) for s in seqs],
+            [s.token_ids for s in seqs] if penalized else None, [s.prompt_len for s in seqs] if penalized else None,
+            vocab_size, self.device,
+        )  # fmt: skip

@@ -1,25 +1,223 @@
-"""Next-token choice: greedy, or temperature with top-k / top-p, with per-request seeded generators."""
+"""Next-token choice for a whole batch at once, on the logits' device: no per-row Python, one host copy.
+
+Per row: logit bias, repetition / presence / frequency penalties, then greedy, or temperature with top-k, top-p and
+min-p, drawn by an exponential race (Gumbel-max) whose noise is a hash of (request seed, position, token id). A
+seeded request therefore draws the same tokens whatever else is in its batch and whichever device runs it, and the
+draw needs no generator state. `sample_reference` computes the same thing one row at a time in plain Python loops
+over the candidates: the exact oracle the batched path is tested against.
+
+Log-probabilities are those of the logits as given (after any structured-output mask, before bias, penalties,
+temperature and truncation), as OpenAI's API reports them.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from lragent.sampling import SamplingParams
 
+_MASK64 = (1 << 64) - 1
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask everything outside the top-k tokens and outside the smallest set with probability mass >= top_p."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
-        drop[..., 0] = False  # and always the most likely one (a top_p below float32's range rounds to 0)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (multiplication wraps, as in uint64)."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def race_noise(row_keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """-log(-log u) (Gumbel) noise for each (row, token): u is 24 hashed bits of (row key, token id), float32."""
+    z = _splitmix(row_keys[:, None] + tokens * _GOLDEN)
+    u = (_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))
+
+
+def row_key(seed: int, position: int) -> int:
+    """The noise key of one draw (int64): SplitMix64 of the request's seed and the position being drawn, in Python
+    integers (bit for bit what `_splitmix` computes on tensors)."""
+    z = (seed * _GOLDEN + position + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * (_MIX1 & _MASK64)) & _MASK64
+    z = ((z ^ (z >> 27)) * (_MIX2 & _MASK64)) & _MASK64
+    z ^= z >> 31
+    return _signed(z)
+
+
+class SampleResult(NamedTuple):
+    tokens: list[int]
+    logprobs: list[float]  # non-finite where the row's logits were broken (NaN, +inf, or nothing but -inf)
+    top_logprobs: list[list[tuple[int, float]]]  # per row: its top_logprobs most likely (token, log-prob)
+
+
+@dataclass
+class SamplingBatch:
+    """The sampling rows of one step as device tensors, built once per step (`build`)."""
+
+    params: list[SamplingParams]
+    greedy: torch.Tensor  # [B] bool
+    temperature: torch.Tensor  # [B] (1 for greedy rows)
+    top_k: torch.Tensor  # [B] int64, vocab size when off
+    top_p: torch.Tensor  # [B]
+    min_p: torch.Tensor  # [B]
+    keys: torch.Tensor  # [B] int64 noise keys (seed, position)
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, tokens, values) of every logit_bias
+    penalties: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    all_greedy: bool
+    truncates: bool  # some sampled row uses top-k, top-p or min-p
+    max_top_k: int  # candidates kept before top-p / min-p (vocab size if a row has no top-k)
+    top_logprobs: int  # the most alternatives a row asks for
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        seeds: list[int],
+        positions: list[int],
+        histories: list[list[int]] | None,
+        prompt_lens: list[int] | None,
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingBatch:
+        """`histories` (token ids so far) and `prompt_lens` are read only for rows with penalties."""
+
+        def t(values: list, dtype: torch.dtype) -> torch.Tensor:
+            host = torch.tensor(values, dtype=dtype)
+            return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
+
+        greedy = [p.greedy for p in params]
+        top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        sampled = [p for p, g in zip(params, greedy) if not g]
+        truncates = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sampled)
+        keys = [row_key(s, pos) for s, pos in zip(seeds, positions)]
+        return cls(
+            params=params,
+            greedy=t(greedy, torch.bool),
+            temperature=t([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+            top_k=t(top_k, torch.int64),
+            top_p=t([p.top_p for p in params], torch.float32),
+            min_p=t([p.min_p for p in params], torch.float32),
+            keys=t(keys, torch.int64),
+            bias=_bias(params, vocab_size, t),
+            penalties=_penalties(params, histories, prompt_lens, vocab_size, device, t),
+            all_greedy=all(greedy),
+            truncates=truncates,
+            max_top_k=max([k for k, g in zip(top_k, greedy) if not g], default=vocab_size),
+            top_logprobs=max([p.top_logprobs for p in params if p.logprobs], default=0),
+        )
+
+
+def _bias(params: list[SamplingParams], vocab: int, t) -> tuple[torch.Tensor, ...] | None:
+    entries = [(i, tok, b) for i, p in enumerate(params) for tok, b in p.logit_bias.items() if tok < vocab]
+    if not entries:
+        return None
+    rows, toks, vals = zip(*entries)
+    return t(list(rows), torch.int64), t(list(toks), torch.int64), t(list(vals), torch.float32)
+
+
+def _penalties(params, histories, prompt_lens, vocab: int, device: torch.device, t):
+    """(seen [B, V] bool over prompt + output, output counts [B, V], repetition, presence, frequency) or None."""
+    if not any(p.penalized for p in params) or histories is None or prompt_lens is None:
+        return None
+    b = len(params)
+    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
+    counts = torch.zeros(b, vocab, dtype=torch.float32, device=device)
+    for i, (p, hist, plen) in enumerate(zip(params, histories, prompt_lens)):
+        if not p.penalized:
+            continue
+        ids = t([x for x in hist if x < vocab], torch.int64)
+        seen[i].index_fill_(0, ids, True)
+        out = t([x for x in hist[plen:] if x < vocab], torch.int64)
+        counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
+    rep = t([p.repetition_penalty for p in params], torch.float32)
+    pres = t([p.presence_penalty for p in params], torch.float32)
+    freq = t([p.frequency_penalty for p in params], torch.float32)
+    return seen, counts, rep, pres, freq
+
+
+def process(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Bias and penalties applied to a copy of the logits (float32 [B, V])."""
+    out = logits.clone()
+    if batch.bias is not None:
+        rows, toks, vals = batch.bias
+        out.index_put_((rows, toks), vals, accumulate=True)
+    if batch.penalties is not None:
+        seen, counts, rep, pres, freq = batch.penalties
+        rep = rep[:, None]
+        out = torch.where(seen, torch.where(out > 0, out / rep, out * rep), out)
+        out = out - freq[:, None] * counts - pres[:, None] * (counts > 0)
+    return out
+
+
+def _draw(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The sampled rows' tokens: temperature, then top-k / top-p / min-p over the sorted candidates, then the
+    race. scores [B, V] (processed logits)."""
+    scaled = scores / batch.temperature[:, None]
+    vocab = scaled.shape[-1]
+    if batch.truncates:
+        k = min(batch.max_top_k, vocab)
+        cand, ids = torch.topk(scaled, k, dim=-1)  # sorted, descending
+        rank = torch.arange(k, device=scaled.device)
+        drop = rank[None, :] >= batch.top_k[:, None]
+        probs = torch.softmax(cand.masked_fill(drop, float("-inf")), dim=-1)
+        before = probs.cumsum(-1) - probs
+        drop |= (before >= batch.top_p[:, None]) & (batch.top_p[:, None] < 1) & (rank[None, :] > 0)  # keep the crossing
+        drop |= (probs < batch.min_p[:, None] * probs[:, :1]) & (rank[None, :] > 0)
+        cand = cand.masked_fill(drop, float("-inf"))
+    else:
+        cand = scaled
+        ids = torch.arange(vocab, device=scaled.device).expand_as(scaled)
+    winner = (cand + race_noise(batch.keys, ids)).argmax(dim=-1, keepdim=True)
+    return ids.gather(-1, winner)[:, 0]
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+    """logits [B, V] float32 -> a token per row, its log-probability, and the requested alternatives.
+
+    A row whose logits are broken (NaN, +inf, or nothing but -inf) has a non-finite logsumexp and hence a
+    non-finite chosen log-probability: the engine fails that request alone. Its draw runs on zeros so the batch
+    cannot raise."""
+    lse = torch.logsumexp(logits, dim=-1)
+    broken = ~torch.isfinite(lse)
+    scores = process(torch.where(broken[:, None], torch.zeros_like(logits), logits), batch)
+    chosen = scores.argmax(dim=-1)
+    if not batch.all_greedy:
+        chosen = torch.where(batch.greedy, chosen, _draw(scores, batch))
+    chosen_lp = logits.gather(-1, chosen[:, None])[:, 0] - lse
+    parts = [chosen.double(), chosen_lp.double()]
+    k = batch.top_logprobs
+    if k:
+        top_v, top_i = torch.topk(logits, k, dim=-1)
+        parts += [top_i.double().T.reshape(-1), (top_v - lse[:, None]).double().T.reshape(-1)]
+    host = _to_host(torch.cat(parts)).tolist()
+    n = len(batch.params)
+    tokens, lps = [int(x) for x in host[:n]], host[n : 2 * n]
+    return SampleResult(tokens, lps, _alternatives(host[2 * n :], batch.params, n, k))
+
+
+def _alternatives(flat: list[float], params: list[SamplingParams], n: int, k: int) -> list[list[tuple[int, float]]]:
+    if not k:
+        return [[] for _ in params]
+    ids, vals = flat[: n * k], flat[n * k :]
+    return [
+        [(int(ids[j * n + i]), vals[j * n + i]) for j in range(p.top_logprobs)] if p.logprobs else []
+        for i, p in enumerate(params)
+    ]
 
 
 _PINNED: dict[torch.device, torch.Tensor] = {}
@@ -39,31 +237,53 @@ def _to_host(values: torch.Tensor) -> torch.Tensor:
     return host.clone()
 
 
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> tuple[list[int], list[float]]:
-    """logits [n, vocab] float32 -> chosen token ids and their log-probabilities (under the unfiltered softmax).
+# ---- the exact reference: one row at a time, Python loops over the candidates ------------------------------------
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Mask everything outside the top-k tokens, outside the smallest set with probability mass >= top_p (the token
+    that crosses it kept, and always the most likely one), and below min_p x the top probability."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0 or min_p > 0.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs < min_p * probs[..., :1]
+        if top_p < 1.0:
+            drop |= probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False  # always the most likely one (a top_p below float32's range rounds to 0)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
 
-    The log-probability is logit - logsumexp(row): a reduction, where a full log_softmax over a 128k vocabulary
-    wrote the whole matrix back and took ~1 ms per step at batch 32 (H200 profile, BENCHMARKS.md).
-    A row with NaN or +inf logits (or nothing but -inf) has a non-finite logsumexp, hence a non-finite chosen
-    log-probability: that is how the engine tells that request alone that it failed, at no extra cost. Sampled
-    rows draw from a neutral stand-in for such a row so the batch's draw cannot raise (`-inf` entries elsewhere are
-    masks, e.g. a grammar's, and fine)."""
-    lse = torch.logsumexp(logits, dim=-1)
-    if all(p.greedy for p in params):
-        chosen = logits.argmax(dim=-1)
-    else:
-        broken = ~torch.isfinite(lse)  # NaN or +inf somewhere, or nothing but -inf: multinomial would raise
-        safe = torch.where(broken[:, None], torch.zeros_like(logits), logits)
-        picks = []
-        for row, p, gen in zip(safe, params, generators):
-            if p.greedy:
-                picks.append(row.argmax())
-                continue
-            probs = torch.softmax(filter_logits(row / p.temperature, p.top_k, p.top_p), dim=-1)
-            picks.append(torch.multinomial(probs.cpu() if gen is not None else probs, 1, generator=gen)[0])
-        chosen = torch.stack([t.to(logits.device) for t in picks])
-    chosen_lp = logits.gather(-1, chosen[:, None])[:, 0] - lse  # non-finite exactly when the row is broken
-    both = _to_host(torch.stack([chosen.double(), chosen_lp.double()]))
-    return [int(t) for t in both[0].tolist()], both[1].tolist()
+
+def sample_reference(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seeds: list[int],
+    positions: list[int],
+    histories: list[list[int]] | None = None,
+    prompt_lens: list[int] | None = None,
+) -> list[int]:
+    """The tokens `sample` must choose, one row at a time on the CPU in float32 (the batched path's arithmetic),
+    the race run as a Python loop over the kept candidates."""
+    out = []
+    for i, p in enumerate(params):
+        one = SamplingBatch.build([p], [seeds[i]], [positions[i]], _one(histories, i), _one(prompt_lens, i),
+                                  logits.shape[-1], torch.device("cpu"))  # fmt: skip
+        row = process(logits[i : i + 1].float().cpu(), one)[0]
+        if p.greedy:
+            out.append(int(row.argmax()))
+            continue
+        kept = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
+        key = torch.tensor([row_key(seeds[i], positions[i])])
+        best, best_score = -1, None
+        for tok in torch.nonzero(torch.isfinite(kept)).flatten().tolist():
+            score = kept[tok] + race_noise(key, torch.tensor([tok]))[0, 0]
+            if best_score is None or score > best_score:
+                best, best_score = tok, score
+        out.append(best)
+    return out
+
+
+def _one(values: list | None, i: int) -> list | None:
+    return None if values is None else [values[i]]

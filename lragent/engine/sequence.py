@@ -80,8 +80,9 @@ class Sequence:
         self.text = ""
         self.stop_text_len: int | None = None
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # per generated token, when asked for
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids))
-        self.generator = None  # torch.Generator when a seed is given
+        self.seed = 0  # keys this request's random draws (with the position drawn): batch-independent
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -209,7 +209,7 @@ class Recorder:
         return {kind: [torch.cat(store[kind][i]) for i in range(self.num_layers)] for kind in ("key", "value", "lr")}
 
     def hidden_tensors(self, slot: int, start: int, end: int) -> torch.Tensor:
-        """[num_layers + 1, end - start, hidden]: every layer's output (last: final normed) at positions [start, end)."""
+        """[num_layers + 1, end - start, hidden]: each layer's output (last: final normed) at positions [start, end)."""
         out = []
         for layer in range(self.num_layers + 1):
             entries = self.hidden[slot][layer]
@@ -750,11 +750,15 @@ def write_plot(report: dict, path: Path) -> None:
                 [max(v, floor) for v in values],
                 color="grey",
                 linestyle="--",
-                label=f"role gap (reader vs producer, no sharing): KL {gap['kl_mean']:.3f}, agree {100 * gap['agreement']:.1f}%",
+                label=(
+                    "role gap (reader vs producer, no sharing): "
+                    f"KL {gap['kl_mean']:.3f}, agree {100 * gap['agreement']:.1f}%"
+                ),
             )
         for f in s["fidelity"]:
             values = f["hidden_rel_err_per_layer"]
-            label = f"{f['scheme']}{' (forced)' if f['forced'] else ''}: KL {f['kl_mean']:.4f}, agree {100 * f['agreement']:.1f}%"
+            forced = " (forced)" if f["forced"] else ""
+            label = f"{f['scheme']}{forced}: KL {f['kl_mean']:.4f}, agree {100 * f['agreement']:.1f}%"
             ax.plot(range(len(values)), [max(v, floor) for v in values], marker=".", label=label)
         ax.set_yscale("log")
         ax.set_ylim(floor * 0.8, None)

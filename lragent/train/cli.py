@@ -110,7 +110,8 @@ def load_base(model: str, device: torch.device):
     eos = eos[0] if isinstance(eos, list) else eos
     if eos is not None and tokenizer.eos_token_id != eos:
         print(
-            f"warning: tokenizer EOS {tokenizer.eos_token!r} ({tokenizer.eos_token_id}) != config EOS {eos}; using {eos}"
+            f"warning: tokenizer EOS {tokenizer.eos_token!r} ({tokenizer.eos_token_id}) != config EOS {eos}; "
+            f"using {eos}"
         )
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     return folder, tokenizer, base.to(device)

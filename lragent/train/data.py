@@ -52,21 +52,40 @@ ROLES: tuple[str, ...] = ("plan", "action", "reflect")
 TASKS: tuple[str, ...] = ("hotpotqa", "scienceqa")
 
 HOTPOTQA_SYSTEM_PROMPT = (
-    "I want you to be a good multi-hop question answerer ,solving a question answering task with interleaving Thought, Action, Observation steps. Thought can reason about the current situation, and Action can be five types :\n"
-    '(1) BingSearch[query], which search the exact detailed query on the Internet and returns the relevant information to the query. Be specific and precise with your query to increase the chances of getting relevant results. For example, instead of searching for "dogs," you can search for "popular dog breeds in the United States."For example, BingSearch[Which type of computer networking technology, developed in the 1970s, allows devices to communicate over a shared network]\n'
-    "(2) Retrieve[entity], which retrieve the exact entity on Wikipedia and returns the first paragraph if it exists. If not, it will return some similar entities to retrieve. For example, Retrieve[Milhouse]\n"
-    "(3) Lookup[keyword], which returns the next sentence containing keyword in the last passage successfully found by Retrieve or BingSearch. For example, Lookup[river]\n"
-    "(4) Finish[answer], which returns a definite answer. For example, Finish[Richard Nixon] (If it is a judgement question, please Finish[yes] or Finish[no])\n"
-    "(5) Reflect[right/wrong], which reflects the answer right or wrong based on the context history. For example, Reflect[right]\n"
+    "I want you to be a good multi-hop question answerer ,solving a question answering task with interleaving Thought, "
+    "Action, Observation steps. Thought can reason about the current situation, and Action can be five types :\n"
+    "(1) BingSearch[query], which search the exact detailed query on the Internet and returns the relevant information "
+    "to the query. Be specific and precise with your query to increase the chances of getting relevant results. For "
+    'example, instead of searching for "dogs," you can search for "popular dog breeds in the United States."For '
+    "example, BingSearch[Which type of computer networking technology, developed in the 1970s, allows devices to "
+    "communicate over a shared network]\n"
+    "(2) Retrieve[entity], which retrieve the exact entity on Wikipedia and returns the first paragraph if it exists. "
+    "If not, it will return some similar entities to retrieve. For example, Retrieve[Milhouse]\n"
+    "(3) Lookup[keyword], which returns the next sentence containing keyword in the last passage successfully found by "
+    "Retrieve or BingSearch. For example, Lookup[river]\n"
+    "(4) Finish[answer], which returns a definite answer. For example, Finish[Richard Nixon] (If it is a judgement "
+    "question, please Finish[yes] or Finish[no])\n"
+    "(5) Reflect[right/wrong], which reflects the answer right or wrong based on the context history. For example, "
+    "Reflect[right]\n"
     "Note that Reflect must be the next Action after Finish. You may take as many steps as necessary."
 )
 SCIENCEQA_SYSTEM_PROMPT = (
-    "I want you to be a good multimodal multiple-choice science questions answerer. Select a correct option to a multi-choice multi-modal question with interleaving Thought, Action, Observation steps. Thought can reason about the current situation, and Action can be five types:\n"
-    "(1) Image2Text[image], which generates captions for the image and detects words in the image.You are recommand to use it first to get more information about the imgage to the question. If the questions contains image, it will return catption and ocr text, else, it will return None. For example, Image2Text[image]\n"
-    '(2) BingSearch[question], which searches the exact detailed question on the Internet and returns the relevant information to the query. Be specific and precise with your query to increase the chances of getting relevant results. For example, instead of searching for "dogs," you can search for "popular dog breeds in the United States." For example, BingSearch[Which type of computer networking technology, developed in the 1970s, allows devices to communicate over a shared network]\n'
-    "(3) Retrieve[entity], which retrieves the exact entity on Wikipedia and returns the first paragraph if it exists. If not, it will return some similar entities to retrieve. For example, Retrieve[Milhouse]\n"
+    "I want you to be a good multimodal multiple-choice science questions answerer. Select a correct option to a "
+    "multi-choice multi-modal question with interleaving Thought, Action, Observation steps. Thought can reason about "
+    "the current situation, and Action can be five types:\n"
+    "(1) Image2Text[image], which generates captions for the image and detects words in the image.You are recommand to "
+    "use it first to get more information about the imgage to the question. If the questions contains image, it will "
+    "return catption and ocr text, else, it will return None. For example, Image2Text[image]\n"
+    "(2) BingSearch[question], which searches the exact detailed question on the Internet and returns the relevant "
+    "information to the query. Be specific and precise with your query to increase the chances of getting relevant "
+    'results. For example, instead of searching for "dogs," you can search for "popular dog breeds in the United '
+    'States." For example, BingSearch[Which type of computer networking technology, developed in the 1970s, allows '
+    "devices to communicate over a shared network]\n"
+    "(3) Retrieve[entity], which retrieves the exact entity on Wikipedia and returns the first paragraph if it exists. "
+    "If not, it will return some similar entities to retrieve. For example, Retrieve[Milhouse]\n"
     "(4) Finish[option], which returns the answer option and finishes the task. For example, Finish[A]\n"
-    "(5) Reflect[right/wrong], which reflects the answer right or wrong based on the context history. For example, Reflect[right]\n"
+    "(5) Reflect[right/wrong], which reflects the answer right or wrong based on the context history. For example, "
+    "Reflect[right]\n"
     "Note that to determine the answer, it's needed to consider both the Question and the available Options.\n"
     "Note that Reflect must be the next Action after Finish.\n"
     "BingSearch and Retrieve can be used multi-times."

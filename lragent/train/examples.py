@@ -71,7 +71,8 @@ def _full_trajectory_steps(prompt: str) -> list[fmt.Step]:
 
 
 def read_full_trajectories(path: Path, task: str = "hotpotqa") -> list[Trajectory]:
-    """The correct trajectories of a ``*_full_trajectories.json`` file (fields ``question``, ``correct``, ``prompt``)."""
+    """The correct trajectories of a ``*_full_trajectories.json`` file (fields ``question``, ``correct``,
+    ``prompt``)."""
     with open(path, encoding="utf-8") as f:
         items = json.load(f)
     return [
