@@ -280,7 +280,9 @@ def test_bad_input_gets_error_objects_while_others_are_served(server):
         "seed": 1 << 70,
         "stop": [""],
         "max_tokens": "many",
-        "presence_penalty": 1.5,
+        "presence_penalty": 2.5,
+        "logit_bias": {"12": 500},
+        "top_logprobs": 3,
         "tools": [{"type": "function", "function": {"name": "f"}}],
     }
     for param, value in cases.items():
@@ -463,3 +465,25 @@ def test_engine_loop_reports_errors_and_keeps_running():
     finally:
         loop.stop()
     assert not loop.alive
+
+
+def test_sampling_extras_are_honoured(server):
+    """logit_bias, penalties, min_p, repetition_penalty and top_logprobs reach the sampler (no field ignored)."""
+    client = server.client()
+    msgs = [{"role": "user", "content": "Say something."}]
+    forced = client.chat.completions.create(
+        model="plan", messages=msgs, max_tokens=3, temperature=0.0, logit_bias={"28": 100}
+    )
+    token = server.engine.tokenizer.decode([28])
+    assert forced.choices[0].message.content == token * 3
+    out = client.chat.completions.create(
+        model="plan", messages=msgs, max_tokens=3, temperature=0.8, seed=1, logprobs=True, top_logprobs=3,
+        presence_penalty=0.5, frequency_penalty=0.5, extra_body={"min_p": 0.05, "repetition_penalty": 1.2},
+    )  # fmt: skip
+    content = out.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob for c in content)
+    legacy = client.completions.create(model="plan", prompt="Hello", max_tokens=2, temperature=0.0, logprobs=2)
+    tops = legacy.choices[0].logprobs.top_logprobs
+    assert len(tops) == 2 and all(len(t) <= 2 and t for t in tops)
+    assert legacy.choices[0].logprobs.token_logprobs[0] == pytest.approx(max(tops[0].values()), abs=1e-4)

@@ -19,8 +19,8 @@ HOTPOT_ROW = {
         [
             "Verano de Escándalo (1998)",
             [
-                'The 1998 Verano de Escándalo (Spanish for "Summer of Scandal") was the second annual "Verano de Escandalo" '
-                "professional wrestling show promoted by AAA.",
+                'The 1998 Verano de Escándalo (Spanish for "Summer of Scandal") was the second annual "Verano de '
+                'Escandalo" professional wrestling show promoted by AAA.',
                 " The show took place on September 18, 1998, in Madero, Tamaulipas, Mexico.",
             ],
         ],
@@ -29,27 +29,27 @@ HOTPOT_ROW = {
             [
                 "Elwood Gordon Gee (born February 2, 1944) is an American academic and is currently serving his second "
                 "term as President of West Virginia University.",
-                " He has served as the chief executive at several universities in the United States, previously serving "
-                "at Ohio State University.",
+                " He has served as the chief executive at several universities in the United States, previously "
+                "serving at Ohio State University.",
             ],
         ],
         [
             "Badr Hari",
             [
-                "Badr Hari (Arabic: بدر هاري‎ ‎ ; born 8 December 1984) is a Moroccan-Dutch super heavyweight kickboxer "
-                "from Amsterdam, fighting out of Mike's Gym in Oostzaan.",
+                "Badr Hari (Arabic: بدر هاري‎ ‎ ; born 8 December 1984) is a Moroccan-Dutch super heavyweight "
+                "kickboxer from Amsterdam, fighting out of Mike's Gym in Oostzaan.",
                 " He is a former K-1 Heavyweight champion (2007—2008), It's Showtime Heavyweight world champion "
                 '(2009-2010) and "K-1 World Grand Prix 2009" finalist.',
-                " Hari has been a prominent figure in the world of kickboxing and was once considered the best kickboxer "
-                'in the world, however he has been involved in a number of controversies relating to his "unsportsmanlike '
-                'conducts" in the sport and crimes of violence outside of the ring.',
+                " Hari has been a prominent figure in the world of kickboxing and was once considered the best "
+                "kickboxer in the world, however he has been involved in a number of controversies relating to his "
+                '"unsportsmanlike conducts" in the sport and crimes of violence outside of the ring.',
             ],
         ],
         [
             "Global Fighting Championship",
             [
-                "Global Fighting Championship (also known as GFC) was a UAE-based kickboxing and mixed martial arts (MMA) "
-                "promotion.",
+                "Global Fighting Championship (also known as GFC) was a UAE-based kickboxing and mixed martial arts "
+                "(MMA) promotion.",
                 " It was established in 2014 in Dubai, United Arab Emirates.",
                 " The promotion's first event, GFC 1, took place on May 29, 2014 and featured Badr Hari vs. Anderson "
                 "Silva.",

@@ -95,6 +95,7 @@ class BlockPool:
             return self.free.popleft()
         block_id, _ = self.cached.popitem(last=False)
         block = self.blocks[block_id]
+        assert block.hash is not None, "a cached block is always indexed"
         del self.by_hash[block.hash]
         block.hash = None
         self.stats.evicted_blocks += 1
@@ -110,8 +111,10 @@ class BlockPool:
     def drop_cached(self) -> None:
         """Forget every unreferenced cached block (blocks in use keep their hashes) and zero the hit counters."""
         for block_id in self.cached:
-            del self.by_hash[self.blocks[block_id].hash]
-            self.blocks[block_id].hash = None
+            block = self.blocks[block_id]
+            assert block.hash is not None, "a cached block is always indexed"
+            del self.by_hash[block.hash]
+            block.hash = None
             self.free.append(block_id)
         self.cached.clear()
         self.stats = PoolStats()

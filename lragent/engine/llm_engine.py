@@ -267,6 +267,10 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens but the context length is {self.max_model_len} "
                 "(at least one token must be generated)"
             )
+        vocab = self.model_config.vocab_size
+        unknown = [t for t in [*params.logit_bias, *params.stop_token_ids] if t >= vocab]
+        if unknown:
+            raise ValueError(f"logit_bias / stop_token_ids: token ids out of range [0, {vocab}): {unknown[:5]}")
         slot = self.registry.slot_of(adapter)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._seqs:

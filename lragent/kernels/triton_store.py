@@ -103,6 +103,7 @@ def store_kv_lr(
     row = key_pool.shape[-2] * key_pool.shape[-1]
     r = lr_pool.shape[-1] if lr_pool is not None else 1
     if has_kv:
+        assert key is not None and value is not None
         k2, v2 = _rows(key), _rows(value)
         if k2.shape[1] != row or v2.shape[1] != row:
             raise ValueError(f"key/value rows of {k2.shape[1]} elements do not match the pool's {row}")
@@ -112,6 +113,7 @@ def store_kv_lr(
         n_base = 0
         base_slots = key_pool
     if has_lr:
+        assert lr is not None
         l2 = _rows(lr)
         if l2.shape[1] != r:
             raise ValueError(f"LR rows of width {l2.shape[1]} do not match the pool's rank {r}")

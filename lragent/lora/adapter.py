@@ -147,8 +147,8 @@ def _rank_and_scaling(cfg: dict[str, Any], name: str) -> tuple[int, float]:
             raise AdapterError(f"adapter {name!r}: {variant} is not supported")
     rank = cfg.get("r")
     if type(rank) is not int or not 1 <= rank <= MAX_RANK:  # bool is an int subclass: `type` rules it out
-        shown = rank if type(rank) is int else _json_type(rank)
-        raise AdapterError(f"adapter {name!r}: r must be an integer from 1 to {MAX_RANK}, got {shown}")
+        got = rank if type(rank) is int else _json_type(rank)
+        raise AdapterError(f"adapter {name!r}: r must be an integer from 1 to {MAX_RANK}, got {got}")
     alpha = cfg.get("lora_alpha", rank)
     if type(alpha) not in (int, float) or not math.isfinite(alpha):  # 1e400 parses as inf
         raise AdapterError(f"adapter {name!r}: lora_alpha must be a finite number, got {_json_type(alpha)}")
@@ -260,9 +260,11 @@ def unshared_value_layers(adapters: list[LoRAAdapter], num_layers: int) -> list[
         first = adapters[0].value_down(layer)
         for other in adapters[1:]:
             mat = other.value_down(layer)
-            if (first is None) != (mat is None) or (
-                first is not None and (first.shape != mat.shape or not torch.equal(first, mat))
-            ):
+            if first is None or mat is None:
+                same = first is None and mat is None
+            else:
+                same = first.shape == mat.shape and torch.equal(first, mat)
+            if not same:
                 differing.append(layer)
                 break
     return differing

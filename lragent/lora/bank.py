@@ -58,9 +58,8 @@ class LoRABank:
         key = (layer, module)
         if key not in self.down:
             d_in, d_out = self.shapes[module]
-            kw = dict(dtype=self.dtype, device=self.device)
-            self.down[key] = torch.zeros(self.num_slots, d_in, self.max_rank, **kw)
-            self.up[key] = torch.zeros(self.num_slots, self.max_rank, d_out, **kw)
+            self.down[key] = torch.zeros(self.num_slots, d_in, self.max_rank, dtype=self.dtype, device=self.device)
+            self.up[key] = torch.zeros(self.num_slots, self.max_rank, d_out, dtype=self.dtype, device=self.device)
         return self.down[key], self.up[key]
 
     def has(self, module: str) -> bool:

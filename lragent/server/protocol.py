@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI (and vLLM adapter-management) API, validated with pydantic.
 
 Unknown fields are ignored, as agent frameworks send many vendor extras; fields that would change the result but
-that lragent does not implement (tools, penalties, logit bias, JSON mode, ...) are refused by `unsupported()`.
+that lragent does not implement (tools, JSON mode, min_tokens, ...) are refused by `unsupported()`.
 Sizes are capped (`limits()`): every stop string is searched for after every token of every choice, so a request
 with many long stop strings would slow the whole batch, i.e. every other client.
 """
@@ -18,7 +18,7 @@ INT64 = 1 << 63
 MAX_STOPS = 16  # stop strings per request
 MAX_STOP_CHARS = 256  # characters per stop string
 MAX_STOP_TOKEN_IDS = 64
-MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit); logit_bias is refused anyway, but must not be huge to say so
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
 MAX_SALT_CHARS = 256
 MAX_PATH_CHARS = 4096
 
@@ -52,6 +52,8 @@ class _Generation(_Body):
     user: str | None = None
     # vLLM-style extensions
     top_k: Int | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
     ignore_eos: StrictBool = False
     stop_token_ids: list[Int] | None = None
     include_stop_str_in_output: StrictBool = False
@@ -75,11 +77,6 @@ class _Generation(_Body):
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, reason) for every field set to something lragent cannot honour."""
         out = []
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                out.append((name, f"{name} is not supported (only 0)"))
-        if self.logit_bias:
-            out.append(("logit_bias", "logit_bias is not supported"))
         if self.min_tokens:
             out.append(("min_tokens", "min_tokens is not supported"))
         return out
@@ -125,10 +122,8 @@ class ChatCompletionRequest(_Generation):
         out = super().unsupported()
         if self.tools:
             out.append(("tools", "tool calling is not supported: describe tools in the prompt instead"))
-        if self.top_logprobs:
-            out.append(
-                ("top_logprobs", "top_logprobs is not supported: logprobs=true returns the sampled tokens' only")
-            )
+        if self.top_logprobs and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs needs logprobs=true"))
         if self.response_format and self.response_format.get("type", "text") != "text":
             out.append(("response_format", "only response_format {'type': 'text'} is supported"))
         return out
@@ -136,6 +131,11 @@ class ChatCompletionRequest(_Generation):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def alternatives(self) -> int:
+        """Most likely alternatives per token (top_logprobs)."""
+        return self.top_logprobs or 0
 
 
 class CompletionRequest(_Generation):
@@ -147,8 +147,6 @@ class CompletionRequest(_Generation):
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.logprobs:
-            out.append(("logprobs", "only logprobs=0 (the sampled tokens' log-probabilities) is supported"))
         if self.echo and self.logprobs is not None:
             out.append(("echo", "echo with logprobs is not supported (prompt log-probabilities are not computed)"))
         if self.suffix:
@@ -160,6 +158,11 @@ class CompletionRequest(_Generation):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def alternatives(self) -> int:
+        """Most likely alternatives per token (the legacy API's logprobs=N)."""
+        return self.logprobs or 0
 
 
 class LoadLoRARequest(_Body):

@@ -57,28 +57,37 @@ class Responder:
     def _token_strings(self, ids: list[int]) -> list[str]:
         return [self.decode([t]) if self.tokenizer is not None else str(t) for t in ids]
 
-    def _logprobs(self, job: Job, ids: list[int], logprobs: list[float], offset: int = 0) -> dict | None:
+    def _logprobs(
+        self, job: Job, ids: list[int], logprobs: list[float], tops: list[list[tuple[int, float]]], offset: int = 0
+    ) -> dict | None:
+        """OpenAI's logprobs object: chat `content` entries with their `top_logprobs`, or the legacy completions
+        lists (`top_logprobs` one {token: logprob} dict per token when alternatives were asked for)."""
         if not job.logprobs:
             return None
         tokens = self._token_strings(ids)
+        tops = tops if len(tops) == len(ids) else [[] for _ in ids]
+        alts = [[(s, lp) for s, (_, lp) in zip(self._token_strings([t for t, _ in top]), top)] for top in tops]
         if job.kind == "chat":
             content = [
-                {"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-                for s, lp in zip(tokens, logprobs)
-            ]
+                {"token": s, "logprob": lp, "bytes": list(s.encode()),
+                 "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode())} for a, alp in alt]}
+                for s, lp, alt in zip(tokens, logprobs, alts)
+            ]  # fmt: skip
             return {"content": content}
         offsets, at = [], offset
         for s in tokens:
             offsets.append(at)
             at += len(s)
-        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+        top = [dict(alt) for alt in alts] if any(alts) else None
+        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top, "text_offset": offsets}
 
     def response(self, job: Job) -> dict:
         choices = []
         n = len(job.requests) // len(job.prompts)
         for index in sorted(job.finished):
             out = job.finished[index]
-            lp = self._logprobs(job, out.token_ids, out.logprobs[: len(out.token_ids)])
+            n_out = len(out.token_ids)
+            lp = self._logprobs(job, out.token_ids, out.logprobs[:n_out], out.top_logprobs[:n_out])
             if job.kind == "chat":
                 message = {"role": "assistant", "content": out.text}
                 choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": out.finish_reason})
@@ -136,7 +145,8 @@ class Responder:
             stream = streams[item.index]
             text = stream.final(out.text) if out.finished else stream.delta(out.token_ids)
             new = out.new_token_ids
-            lp = self._logprobs(job, new, out.logprobs[len(out.token_ids) - len(new) : len(out.token_ids)])
+            span = slice(len(out.token_ids) - len(new), len(out.token_ids))
+            lp = self._logprobs(job, new, out.logprobs[span], out.top_logprobs[span])
             if text or lp or out.finished:
                 reason = out.finish_reason if out.finished else None
                 yield self._chunk(job, [self._choice_delta(job, item.index, text, reason, lp)])

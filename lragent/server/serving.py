@@ -22,7 +22,10 @@ from lragent.server.protocol import INT64, ChatCompletionRequest, CompletionRequ
 from lragent.server.responses import Job, Responder
 from lragent.server.streaming import ClientDisconnected, EventStream, until_disconnect
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "seed")
+SAMPLING_FIELDS = (
+    "max_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "seed", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "logit_bias", "top_logprobs",
+)  # fmt: skip
 
 
 def prompt_too_long(limit: int, prompt_len: int, param: str) -> APIError:
@@ -177,6 +180,12 @@ class OpenAIServing:
                 ignore_eos=body.ignore_eos,
                 include_stop_str_in_output=body.include_stop_str_in_output,
                 logprobs=bool(body.logprobs is not None and body.logprobs is not False),
+                top_logprobs=body.alternatives,
+                min_p=0.0 if body.min_p is None else body.min_p,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                logit_bias=dict(body.logit_bias or {}),
             )
         except (ValueError, TypeError) as exc:
             word = str(exc).split(" ", 1)[0]
