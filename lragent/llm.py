@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
+from lragent.cache.sharing import get_scheme
 from lragent.config import EngineConfig
 from lragent.engine.llm_engine import LLMEngine, RequestOutput
 from lragent.engine.memory import held_only_by
@@ -34,7 +36,12 @@ class LLM:
         **engine_kwargs: Any,
     ):
         config = EngineConfig(
-            model=model, adapters=dict(adapters or {}), sharing=sharing, device=device, dtype=dtype, **engine_kwargs
+            model=model,
+            adapters=dict(adapters or {}),
+            sharing=get_scheme(sharing).mode,
+            device=device,
+            dtype=dtype,
+            **engine_kwargs,
         )
         self.engine = LLMEngine(config)
 
@@ -61,16 +68,25 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run all prompts to completion in one continuous batch; outputs come back in prompt order.
 
-        `adapter` is one name for all prompts or one per prompt (None = the base model). The batch is atomic: a bad
+        `adapter` is one name for all prompts or one per prompt (None = the base model). With `n` > 1 in a prompt's
+        sampling params, its n outputs come back one after the other in its place. The batch is atomic: a bad
         request raises before any runs and leaves the engine untouched. A request the engine fails while running
         comes back with `finish_reason == "error"` and `error` set; the others are unaffected. Prompts with a
         different `cache_salt` share no cached block with these.
         """
+        # One prompt (text or token ids) or several; the isinstance tests below are what tell them apart.
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+            prompts = [cast(Prompt, prompts)]
+        prompts = cast(Seq[Prompt], prompts)
         n = len(prompts)
-        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
-        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * n
+        adapters: list[str | None] = (
+            list(adapter) if isinstance(adapter, (list, tuple)) else [cast(str | None, adapter)] * n
+        )
+        params: list[SamplingParams | None] = (
+            list(sampling_params)
+            if isinstance(sampling_params, (list, tuple))
+            else [cast(SamplingParams | None, sampling_params)] * n
+        )
         if len(adapters) != n or len(params) != n:
             raise ValueError(f"{n} prompts but {len(adapters)} adapters and {len(params)} sampling params")
         for name in set(adapters):
@@ -78,13 +94,23 @@ class LLM:
         ids: list[str] = []
         try:
             for p, sp, a in zip(prompts, params, adapters):
-                ids.append(self.engine.add_request(p, sp, a, cache_salt=cache_salt))
+                ids += self._add_samples(p, sp, a, cache_salt)
             done = self._run_to_completion(set(ids))
         except BaseException:
             for request_id in ids:  # nothing of this call stays queued (a bad prompt, Ctrl-C, ...)
                 self.engine.abort(request_id)
             raise
         return [done[i] for i in ids]
+
+    def _add_samples(self, prompt: Prompt, params: SamplingParams | None, adapter: str | None, salt: str | None):
+        """The `params.n` samples of one prompt: the first computes the prompt, the others follow it and reuse its
+        cached blocks; sample j draws with seed + j (when a seed is given)."""
+        first = self.engine.add_request(prompt, params, adapter, cache_salt=salt)
+        ids = [first]
+        for j in range(1, params.n if params is not None else 1):
+            seed = None if params.seed is None else (params.seed + j + (1 << 63)) % (1 << 64) - (1 << 63)
+            ids.append(self.engine.add_request(prompt, replace(params, seed=seed), adapter, None, salt, follows=first))
+        return ids
 
     def _run_to_completion(self, ids: set[str]) -> dict[str, RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -101,7 +127,10 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template (with the generation prompt) and generate."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if messages and isinstance(messages[0], dict):  # one conversation
+            conversations = [messages]
+        else:
+            conversations = cast(list[list[Message]], messages)
         return self.generate([self.apply_chat_template(c) for c in conversations], adapter, sampling_params)
 
     def apply_chat_template(self, messages: list[Message]) -> list[int]:

@@ -17,6 +17,7 @@ GREEDY_TEMPERATURE = 1e-5
 INT64 = 1 << 63
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit on alternatives per token
 MAX_LOGIT_BIAS = 1024  # entries per request
+MAX_N = 256  # samples of one prompt
 CONSTRAINTS = ("json_schema", "json_object", "regex", "grammar", "choice")
 
 
@@ -57,6 +58,7 @@ def _logit_bias(value: Any) -> dict[int, float]:
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
+    n: int = 1  # samples of the prompt (LLM.generate returns them in order; they share the prompt's cache blocks)
     temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: no top-k cut
@@ -90,6 +92,8 @@ class SamplingParams:
         self._check_constraint()
 
     def _check_numbers(self) -> None:
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r:.80}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r:.80}")
         ranges = {

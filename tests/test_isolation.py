@@ -266,3 +266,21 @@ def test_stores_flag_exactly_the_blocks_that_received_nonfinite_rows(backend, dt
     assert cache.nonfinite_blocks(everything) == {"kv": want_kv, "lr": {30}}
     cache.clear_flags({"kv": [7, 12, 15], "lr": [30]})
     assert cache.nonfinite_blocks(everything) == {"kv": set(), "lr": set()}
+
+
+def test_n_samples_share_the_prompt_and_draw_like_separate_seeded_requests(tiny_llama):
+    """n > 1: the first sample computes the prompt, the others reuse its cached blocks (they compute at most the
+    last partial block); sample j draws exactly what a lone request with seed + j draws."""
+    llm = engine(tiny_llama, "non_shared")  # exact whatever the cache history
+    params = SamplingParams(max_tokens=5, temperature=1.0, top_p=0.95, seed=11, n=4, ignore_eos=True)
+    outs = llm.generate([PREFIX], "plan", params)
+    assert len(outs) == 4
+    assert outs[0].metrics.computed_tokens == len(PREFIX)
+    assert all(o.metrics.computed_tokens <= 8 and o.metrics.reused_tokens >= 64 for o in outs[1:])
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+    for j, out in enumerate(outs):
+        alone = engine(tiny_llama, "non_shared")
+        lone = SamplingParams(max_tokens=5, temperature=1.0, top_p=0.95, seed=11 + j, ignore_eos=True)
+        assert alone.generate([PREFIX], "plan", lone)[0].token_ids == out.token_ids
+    with pytest.raises(ValueError, match="^n must"):
+        SamplingParams(n=0)

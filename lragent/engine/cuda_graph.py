@@ -45,7 +45,7 @@ class DecodeGraphs:
         self.host_tokens = host.pin_memory() if pin else host
         self._np_tokens = self.host_tokens.numpy()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._pool: torch.cuda._POOL_HANDLE | None = None  # the graphs' shared memory pool, made on first capture
 
     def supports(self, batch: ScheduledBatch) -> bool:
         """Decode rows only, within the captured sizes, each writing its own keys/base values."""

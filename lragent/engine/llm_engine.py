@@ -252,8 +252,12 @@ class LLMEngine:
         adapter: str | None = None,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        follows: str | None = None,
     ) -> str:
-        """Queue one request. Requests with different `cache_salt` share no cached block (tenant isolation)."""
+        """Queue one request. Requests with different `cache_salt` share no cached block (tenant isolation).
+
+        `follows`: the id of a queued request with the same prompt (another of its n samples): this one is admitted
+        once that one has computed the prompt, and reuses its blocks instead of computing them too."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
@@ -276,6 +280,7 @@ class LLMEngine:
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, ids, params, adapter or "", slot)
+        seq.leader = self._seqs.get(follows) if follows is not None else None
         seq.namespaces = self.scheme.namespaces(*self.registry.cache_keys(adapter), cache_salt or "")
         seq.seed = params.seed if params.seed is not None else self._rng.randrange(-(1 << 63), 1 << 63)
         self._seqs[request_id] = seq

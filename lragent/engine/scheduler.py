@@ -55,16 +55,18 @@ class Scheduler:
         return batch if batch is not None else self._schedule_decode()
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
-        seqs, counts = [], []
+        seqs: list[Sequence] = []
+        counts: list[int] = []
         budget = self.max_num_batched_tokens
         for seq in self.running:  # prompts that did not fit one step's budget continue first
             if seq.num_pending > 1 and budget > 0:
                 take = min(seq.num_pending, budget)
-                seqs.append(seq), counts.append(take)
+                seqs.append(seq)
+                counts.append(take)
                 budget -= take
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.admit(seq):
+            if not seq.ready or not self.blocks.admit(seq):
                 break  # FIFO: later requests wait too, so a long prompt cannot starve
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -73,7 +75,8 @@ class Scheduler:
                 seq.metrics.reused_tokens = seq.num_computed
                 seq.metrics.base_reused_tokens = seq.num_base_cached
             take = min(seq.num_pending, budget)
-            seqs.append(seq), counts.append(take)
+            seqs.append(seq)
+            counts.append(take)
             budget -= take
         return ScheduledBatch(seqs, counts, is_prefill=True) if seqs else None
 

@@ -83,6 +83,7 @@ class Sequence:
         self.top_logprobs: list[list[tuple[int, float]]] = []  # per generated token, when asked for
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids))
         self.seed = 0  # keys this request's random draws (with the position drawn): batch-independent
+        self.leader: Sequence | None = None  # a sample of the same prompt this one waits for (n > 1: shared blocks)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -130,3 +131,10 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def ready(self) -> bool:
+        """Admissible: no leader, or the leader has computed (and published) its prompt, so this sample finds the
+        prompt's blocks in the prefix cache instead of computing them again."""
+        lead = self.leader
+        return lead is None or lead.is_finished or len(lead.token_ids) > lead.prompt_len

@@ -45,6 +45,7 @@ class EngineRequest:
     request_id: str
     index: int  # choice index in the HTTP response
     cache_salt: str | None = None  # requests with different salts share no cached block (tenant isolation)
+    follows: str | None = None  # the first choice of the same prompt: this one reuses its computed prompt
 
 
 class EngineUnavailable(RuntimeError):
@@ -118,8 +119,7 @@ class AsyncEngine:
             added: list[str] = []
             try:
                 for r in requests:
-                    salt = {} if r.cache_salt is None else {"cache_salt": r.cache_salt}
-                    engine.add_request(r.prompt_ids, r.params, r.adapter, r.request_id, **salt)
+                    engine.add_request(r.prompt_ids, r.params, r.adapter, r.request_id, r.cache_salt, r.follows)
                     added.append(r.request_id)
                     self._sinks[r.request_id] = _Sink(loop, out, r.index, r.adapter or "")
             except BaseException:

@@ -205,7 +205,8 @@ class OpenAIServing:
             for j in range(body.n):
                 index = i * body.n + j
                 params = self._params(body, len(ids), j, param)
-                requests.append(EngineRequest(ids, params, adapter, f"{job_id}-{index}", index, salt))
+                first = f"{job_id}-{i * body.n}" if j else None  # later choices reuse the first's prompt
+                requests.append(EngineRequest(ids, params, adapter, f"{job_id}-{index}", index, salt, first))
         return Job(
             kind,
             job_id,
