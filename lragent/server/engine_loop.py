@@ -119,7 +119,8 @@ class AsyncEngine:
             added: list[str] = []
             try:
                 for r in requests:
-                    engine.add_request(r.prompt_ids, r.params, r.adapter, r.request_id, r.cache_salt, r.follows)
+                    extra = {k: v for k, v in (("cache_salt", r.cache_salt), ("follows", r.follows)) if v is not None}
+                    engine.add_request(r.prompt_ids, r.params, r.adapter, r.request_id, **extra)
                     added.append(r.request_id)
                     self._sinks[r.request_id] = _Sink(loop, out, r.index, r.adapter or "")
             except BaseException:
