@@ -19,11 +19,18 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lragent demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest tests
 
+# Lint: ruff (rules and 120-column formatting) over the code, mypy over the core packages.
+LINT_PATHS := lragent tests scripts examples benchmarks
+MYPY_PATHS := lragent/model_config.py lragent/sampling.py lragent/config.py lragent/cache lragent/lora \
+	lragent/kernels lragent/models lragent/engine lragent/llm.py
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lragent tests
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy $(MYPY_PATHS)
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache .ruff_cache .mypy_cache

@@ -17,7 +17,12 @@ DELEGATED = {
     "analyze": "lragent.eval.analyze",
     "demo": "lragent.demo",
 }
-BENCHES = {"trace": "lragent.bench.trace", "kernels": "lragent.bench.kernels", "decode": "lragent.bench.decode"}
+BENCHES = {
+    "trace": "lragent.bench.trace",
+    "kernels": "lragent.bench.kernels",
+    "decode": "lragent.bench.decode",
+    "sampler": "lragent.bench.sampler",
+}
 
 
 def generate_main(argv: list[str], chat: bool) -> int:

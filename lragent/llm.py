@@ -102,12 +102,16 @@ class LLM:
             raise
         return [done[i] for i in ids]
 
-    def _add_samples(self, prompt: Prompt, params: SamplingParams | None, adapter: str | None, salt: str | None):
+    def _add_samples(
+        self, prompt: Prompt, params: SamplingParams | None, adapter: str | None, salt: str | None
+    ) -> list[str]:
         """The `params.n` samples of one prompt: the first computes the prompt, the others follow it and reuse its
         cached blocks; sample j draws with seed + j (when a seed is given)."""
         first = self.engine.add_request(prompt, params, adapter, cache_salt=salt)
         ids = [first]
-        for j in range(1, params.n if params is not None else 1):
+        if params is None:  # default params: one sample
+            return ids
+        for j in range(1, params.n):
             seed = None if params.seed is None else (params.seed + j + (1 << 63)) % (1 << 64) - (1 << 63)
             ids.append(self.engine.add_request(prompt, replace(params, seed=seed), adapter, None, salt, follows=first))
         return ids

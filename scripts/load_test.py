@@ -19,6 +19,10 @@ so the allocator's high-water mark is reached before the first round). Prints a 
     python scripts/load_test.py --model dummy:llama-3.1-8b --device cuda --dtype bfloat16 --kv-cache-bytes 16G \
         --max-model-len 8192                                      # GPU, token-id prompts (scripts/gpu_load_test.sh)
 
+Greedy by default; `--temperature --top-p --top-k` make every request sample (temperature and top_p through the
+OpenAI client, top_k in extra_body, and a fixed seed per trajectory and turn); the decoding is printed, written to
+the JSON and put on the `LOADTEST` line.
+
 On CUDA the GPU's used memory (nvidia-smi) is read before and after every round as well. `--kv-cache-bytes auto`
 lets the engine size the cache (1 GiB on CPU, --gpu-memory-utilization of the card on CUDA). The JSON is rewritten
 after every round, so a run stopped by an outer time limit keeps the rounds it finished.
@@ -254,6 +258,8 @@ class Trajectory:
 
     rng: random.Random
     api: str
+    seed: int = 0  # the requests' seeds (when sampling) are seed * 64 + turn
+    turn: int = 0
     messages: list[dict] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
 
@@ -267,6 +273,7 @@ class Trajectory:
         self.ids += [self.rng.randrange(1000, 30000) for _ in range(n_words)]
 
     def answer(self, text: str, n_tokens: int) -> None:
+        self.turn += 1
         self.messages.append({"role": "assistant", "content": text})
         self.ids += [self.rng.randrange(1000, 30000) for _ in range(n_tokens)]  # stands in for the generated ids
 
@@ -288,10 +295,18 @@ class Sample:
 
 async def one_request(client: openai.AsyncOpenAI, traj: Trajectory, role: str, args) -> tuple[Sample, str]:
     start = time.perf_counter()
-    extra = {"ignore_eos": True}
+    extra: dict = {"ignore_eos": True}
     common = dict(
-        model=role, max_tokens=args.gen_tokens, temperature=0, stream=True, stream_options={"include_usage": True}
+        model=role,
+        max_tokens=args.gen_tokens,
+        temperature=args.temperature,
+        stream=True,
+        stream_options={"include_usage": True},
     )
+    if sampled(args):
+        common.update(top_p=args.top_p, seed=traj.seed * 64 + traj.turn)
+        if args.top_k > 0:
+            extra["top_k"] = args.top_k
     if traj.api == "chat":
         stream = await client.chat.completions.create(messages=traj.messages, extra_body=extra, **common)
     else:
@@ -331,6 +346,22 @@ async def run_episode(
         traj.answer(text, sample.generated)
 
 
+def sampled(args: argparse.Namespace) -> bool:
+    return args.temperature >= 1e-5  # below this the server decodes greedily (lragent.sampling.GREEDY_TEMPERATURE)
+
+
+def decoding(args: argparse.Namespace) -> str:
+    """'greedy' or e.g. 'T0.9/p0.75/k40' (no spaces: it goes on the LOADTEST line)."""
+    if not sampled(args):
+        return "greedy"
+    parts = [f"T{args.temperature:g}"]
+    if args.top_p < 1:
+        parts.append(f"p{args.top_p:g}")
+    if args.top_k > 0:
+        parts.append(f"k{args.top_k}")
+    return "/".join(parts)
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -350,7 +381,9 @@ async def run_round(url: str, args, round_no: int, deadline: float) -> dict:
     episodes = [
         run_episode(
             client,
-            Trajectory(random.Random(args.seed * 1000 + round_no * 100 + i), args.api),
+            Trajectory(
+                random.Random(args.seed * 1000 + round_no * 100 + i), args.api, args.seed * 1000 + round_no * 100 + i
+            ),
             args,
             samples,
             errors,
@@ -409,6 +442,7 @@ def summarize(args: argparse.Namespace, rows: list[dict], warm: dict) -> dict:
     requests, wall = sum(r["requests"] for r in rows), sum(r["wall_s"] for r in rows)
     prompt = sum(r["prompt_tokens"] for r in rows)
     summary = {
+        "decoding": decoding(args),
         "agents": args.agents,
         "rounds": len(rows),
         "requests": requests,
@@ -470,6 +504,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--context-words", type=int, default=200)
     p.add_argument("--observation-words", type=int, default=60)
     p.add_argument("--gen-tokens", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: every request samples, seeded")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus cut when sampling (1: off)")
+    p.add_argument("--top-k", type=int, default=-1, help="top-k cut when sampling, sent as extra_body (-1: off)")
     p.add_argument("--max-seconds", type=float, default=900, help="no new requests after this")
     p.add_argument("--request-timeout", type=float, default=300)
     p.add_argument("--startup-timeout", type=float, default=300)
@@ -479,6 +516,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", default="results/load_test.json")
     args = p.parse_args(argv)
+    if not 0 <= args.temperature <= 100 or not 0 < args.top_p <= 1 or args.top_k < -1:
+        p.error("want --temperature in [0, 100], --top-p in (0, 1] and --top-k >= -1")
     args.api = args.api or ("tokens" if args.model.startswith("dummy:") else "chat")
     return args
 
@@ -505,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "argv": sys.argv,
+        "decoding": decoding(args),
     }
     if args.device.startswith("cuda"):
         meta["gpu"] = gpu_name()
@@ -530,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{warm['rss_after_warmup_mib']:.0f} MiB",
                 flush=True,
             )
+        print(f"decoding: {decoding(args)}", flush=True)
         print(HEADER, flush=True)
         for round_no in range(1, args.rounds + 1):
             if time.time() > deadline:

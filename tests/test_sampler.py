@@ -139,3 +139,17 @@ def test_a_broken_row_gets_a_nonfinite_logprob_and_nothing_else_does():
     _, lps, _ = draw(logits, params)
     assert math.isfinite(lps[0]) and math.isfinite(lps[3])
     assert not math.isfinite(lps[1]) and not math.isfinite(lps[2])
+
+
+def test_race_noise_is_finite_at_the_extremes_of_the_hash():
+    """Every hash value maps to finite noise (a +inf would turn a masked -inf logit into a NaN argmax winner)."""
+    from lragent.engine import sampler
+
+    extremes = torch.tensor([0, -1, (1 << 63) - 1, -(1 << 63)], dtype=torch.int64)
+    original = sampler._splitmix
+    try:
+        sampler._splitmix = lambda x: extremes.view(1, -1).expand(x.shape[0], -1)  # the hash's smallest and largest
+        noise = sampler.race_noise(torch.zeros(1, dtype=torch.int64), torch.arange(4))
+    finally:
+        sampler._splitmix = original
+    assert torch.isfinite(noise).all()

@@ -1,6 +1,9 @@
 """Decode throughput of our engine against HF transformers + PEFT on the same machine, same adapter, and (`--floor`)
 against the memory-bandwidth floor of a decode step.
 
+Greedy by default; `--temperature --top-p --top-k` sample instead (every request with a fixed seed, on both
+systems), so greedy and sampled decoding can be compared run against run.
+
 Decode tok/s = batch * (new_tokens - 1) / (time from the last first token to the last token), so prefill is
 excluded on both. The floor of one decode step is (weight bytes + the cache bytes every sequence reads: keys, base
 values and its LR rows) over the copy bandwidth measured in the same run; `--floor` reports step time / floor.
@@ -21,6 +24,14 @@ from pathlib import Path
 import torch
 
 from lragent.bench.adapters import model_config_for, write_random_adapters
+from lragent.bench.decoding import (
+    add_sampling_args,
+    describe,
+    is_greedy,
+    request_params,
+    request_seed,
+    sampling_options,
+)
 
 
 def ours(
@@ -31,11 +42,14 @@ def ours(
     new_tokens: int,
     device: str,
     profile: dict | None = None,
+    sampling: dict | None = None,
+    seed: int = 0,
     **engine,
 ) -> float:
-    """Decode tok/s of our engine; with `profile` (a dict, CUDA) also fills in a torch.profiler breakdown of 16
-    decode steps of the same batch."""
-    from lragent import LLM, SamplingParams
+    """Decode tok/s of our engine, greedy or with `sampling` ({temperature, top_p, top_k}; request i seeded from
+    `seed` and i); with `profile` (a dict, CUDA) also fills in a torch.profiler breakdown of 16 decode steps of the
+    same batch."""
+    from lragent import LLM
 
     engine.setdefault("sharing", "non_shared")
     if device != "cpu":
@@ -45,16 +59,19 @@ def ours(
     _log(f"engine ready in {time.perf_counter() - t0:.1f} s")
     vocab = llm.engine.model_config.vocab_size
     prompts = [[(97 * i + 13 * j) % (vocab - 100) + 50 for j in range(prompt_len)] for i in range(batch)]
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    # warm-up: compiles kernels and captures the decode graph of this batch size
-    llm.generate(prompts, adapter="plan", sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+    params = [
+        request_params(sampling, request_seed(seed, i), max_tokens=new_tokens, ignore_eos=True) for i in range(batch)
+    ]
+    # warm-up (same decoding): compiles kernels and captures the decode graph of this batch size
+    warm = [request_params(sampling, request_seed(seed + 1, i), max_tokens=4, ignore_eos=True) for i in range(batch)]
+    llm.generate(prompts, adapter="plan", sampling_params=warm)
     _log(f"warm-up done at {time.perf_counter() - t0:.1f} s")
     llm.engine.reset_prefix_cache()
     outs = llm.generate([p[::-1] for p in prompts], adapter="plan", sampling_params=params)
     first = max(o.metrics.first_token_time for o in outs)  # prefill-first: decode starts once all have one token
     last = max(o.metrics.finish_time for o in outs)
     if profile is not None and torch.cuda.is_available():
-        profile.update(_profile_decode(llm, prompts))
+        profile.update(_profile_decode(llm, prompts, sampling=sampling, seed=seed))
     del llm, outs
     gc.collect()  # free this engine's pools before the next one is sized from the free memory
     if torch.cuda.is_available():
@@ -62,16 +79,21 @@ def ours(
     return batch * (new_tokens - 1) / (last - first)
 
 
-def _profile_decode(llm, prompts: list[list[int]], steps: int = 16) -> dict:
+def _profile_decode(
+    llm, prompts: list[list[int]], steps: int = 16, sampling: dict | None = None, seed: int = 0
+) -> dict:
     """16 decode steps of the whole batch (after every prompt is prefilled), under torch.profiler."""
-    from lragent import SamplingParams
     from lragent.bench.profiling import profile_steps
 
     engine = llm.engine
     engine.reset_prefix_cache()
     ids = [
-        engine.add_request(p[1:] + p[:1], SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True), "plan")
-        for p in prompts
+        engine.add_request(
+            p[1:] + p[:1],
+            request_params(sampling, request_seed(seed + 2, i), max_tokens=2 * steps + 8, ignore_eos=True),
+            "plan",
+        )
+        for i, p in enumerate(prompts)
     ]
     prefilling = set(ids)  # requests without their first token yet (a finished one counts as done)
     while prefilling and engine.has_unfinished():
@@ -116,6 +138,8 @@ def floor_report(args) -> list[dict]:
                 args.new_tokens,
                 args.device,
                 profile=prof,
+                sampling=args.sampling,
+                seed=args.seed,
                 sharing=args.sharing,
                 dtype=args.dtype,
                 enforce_eager=args.enforce_eager,
@@ -139,7 +163,7 @@ def floor_report(args) -> list[dict]:
     print(
         f"decode vs bandwidth floor, {args.model}, {args.sharing}, q/v LoRA r8, context {args.prompt_len}, "
         f"{args.new_tokens} new tokens, {rates.device}, copy {rates.copy_bytes / 1e9:.0f} GB/s"
-        f"{', eager' if args.enforce_eager else ', CUDA graphs'}"
+        f"{', eager' if args.enforce_eager else ', CUDA graphs'}; decoding: {describe(args.sampling)}"
     )
     print(f"{'batch':>5} {'tok/s':>9} {'step ms':>8} {'floor ms':>9} {'x floor':>8}")
     for r in rows:
@@ -147,7 +171,18 @@ def floor_report(args) -> list[dict]:
     return [dict(r, rates=rates.as_dict()) for r in rows]
 
 
-def hf_peft(model: str, adapter_dir: str, batch: int, prompt_len: int, new_tokens: int, device: str) -> float:
+def hf_peft(
+    model: str,
+    adapter_dir: str,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    device: str,
+    sampling: dict | None = None,
+    seed: int = 0,
+) -> float:
+    """Decode tok/s of HF `generate` on a PeftModel: greedy, or sampled with the same temperature / top-p / top-k
+    (HF's own warpers; its default top-k of 50 is turned off unless asked for) from a seeded global generator."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -160,10 +195,21 @@ def hf_peft(model: str, adapter_dir: str, batch: int, prompt_len: int, new_token
         [[(97 * i + 13 * j) % (vocab - 100) + 50 for j in range(prompt_len)] for i in range(batch)], device=device
     )
 
+    decoding: dict = {"do_sample": False}
+    if not is_greedy(sampling):
+        assert sampling is not None
+        decoding = {
+            "do_sample": True,
+            "temperature": sampling["temperature"],
+            "top_p": sampling["top_p"],
+            "top_k": max(0, sampling["top_k"]),
+        }
+
     def timed(n: int) -> float:
+        torch.manual_seed(seed)
         start = time.perf_counter()
         with torch.no_grad():
-            peft_model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            peft_model.generate(ids, max_new_tokens=n, min_new_tokens=n, **decoding)
         return time.perf_counter() - start
 
     timed(4)
@@ -188,30 +234,44 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="--floor on CUDA: also break 16 decode steps down by kernel (torch.profiler)",
     )
+    parser.add_argument("--no-hf", action="store_true", help="time our engine only (no HF + PEFT run)")
+    parser.add_argument("--seed", type=int, default=0, help="base of the per-request seeds when sampling")
+    add_sampling_args(parser)
     args = parser.parse_args(argv)
+    args.sampling = sampling_options(args, parser)
     torch.manual_seed(0)
     if args.floor:
         logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s")
         rows = floor_report(args)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        result = {"args": vars(args), "decoding": describe(args.sampling), "sampling": args.sampling, "rows": rows}
+        Path(args.out).write_text(json.dumps(result, indent=2))
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter = write_random_adapters(args.model, Path(tmp), ["plan"], rank=8)["plan"]
         for batch in args.batch:
-            a = ours(args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device)
-            b = hf_peft(args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device)
-            rows.append({"batch": batch, "lragent_tok_s": a, "hf_peft_tok_s": b, "speedup": a / b})
+            common = (args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device)
+            a = ours(*common, sampling=args.sampling, seed=args.seed)
+            b = None if args.no_hf else hf_peft(*common, sampling=args.sampling, seed=args.seed)
+            rows.append({"batch": batch, "lragent_tok_s": a, "hf_peft_tok_s": b, "speedup": a / b if b else None})
+    decoding = describe(args.sampling)
     print(
         f"decode, {args.model}, q/v LoRA r8, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.device} "
-        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), decoding: {decoding}"
     )
     print(f"{'batch':>5} {'lragent tok/s':>14} {'HF+PEFT tok/s':>14} {'speedup':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['lragent_tok_s']:>14.1f} {r['hf_peft_tok_s']:>14.1f} {r['speedup']:>7.2f}x")
+        hf = "-" if r["hf_peft_tok_s"] is None else f"{r['hf_peft_tok_s']:.1f}"
+        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        print(f"{r['batch']:>5} {r['lragent_tok_s']:>14.1f} {hf:>14} {speedup:>8}")
+    print(
+        f"DECODE decoding={decoding.split(' ')[0]} temperature={args.temperature:g} top_p={args.top_p:g} "
+        f"top_k={args.top_k} " + " ".join(f"b{r['batch']}_tok_s={r['lragent_tok_s']:.4g}" for r in rows)
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    result = {"args": vars(args), "decoding": decoding, "sampling": args.sampling, "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
 

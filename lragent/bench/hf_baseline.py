@@ -1,7 +1,9 @@
 """The trace on HF transformers + PEFT: the stack the published LRAgent system is built on.
 
 One `PeftModel` holds the three role adapters; each step calls `set_adapter(agent)`, prefills the tokens the
-agent's cache has not seen (one forward pass, SDPA attention) and decodes greedily one token per forward pass.
+agent's cache has not seen (one forward pass, SDPA attention) and decodes one token per forward pass: greedily, or
+(with `sampling`) through HF's temperature / top-k / top-p warpers and `torch.multinomial` on a generator seeded per
+step.
 - `hf_non_shared`: one `DynamicCache` per agent. An agent's cache is extended with every token appended since its
   own last turn (the other agents' turns included), so each agent prefills the whole trajectory once, in pieces.
 - `hf_full_shared`: one `DynamicCache` for all agents: each token is prefilled once, by whichever agent comes
@@ -67,16 +69,35 @@ def cache_bytes(cache) -> int:
     return total
 
 
+def _warpers(sampling: dict | None) -> list | None:
+    """HF's logits warpers for {temperature, top_p, top_k} (what `generate(do_sample=True)` applies), None if greedy."""
+    from lragent.bench.decoding import is_greedy
+
+    if is_greedy(sampling):
+        return None
+    assert sampling is not None
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers: list = [TemperatureLogitsWarper(sampling["temperature"])]
+    if sampling.get("top_k", -1) > 0:
+        warpers.append(TopKLogitsWarper(sampling["top_k"]))
+    if sampling.get("top_p", 1.0) < 1.0:
+        warpers.append(TopPLogitsWarper(sampling["top_p"]))
+    return warpers
+
+
 class HFRunner:
     """Runs trajectories one at a time; `run_step` returns the same per-step metrics as the engine driver."""
 
-    def __init__(self, peft_model, system: str, device: str):
+    def __init__(self, peft_model, system: str, device: str, sampling: dict | None = None):
         if system not in HF_SYSTEMS:
             raise ValueError(f"unknown HF system {system!r}")
         self.model, self.system = peft_model, system
         self.device = torch.device(device)
         self.caches: dict[str, object] = {}
         self.kv_peak = 0
+        self.warpers = _warpers(sampling)
+        self.generator: torch.Generator | None = None
 
     def reset(self) -> None:
         self.caches = {}
@@ -96,10 +117,18 @@ class HFRunner:
     def _forward(self, ids: list[int], cache) -> int:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return int(out.logits[0, -1].argmax())
+        logits = out.logits[:, -1].float()
+        if self.warpers is None:
+            return int(logits[0].argmax())
+        for warper in self.warpers:
+            logits = warper(input_ids, logits)
+        return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator)[0, 0])
 
-    def run_step(self, agent: str, tokens: list[int], generate: int, deadline: float) -> dict:
-        """Extend the agent's cache with what it has not seen, then generate. Returns metrics and the new tokens."""
+    def run_step(self, agent: str, tokens: list[int], generate: int, deadline: float, seed: int = 0) -> dict:
+        """Extend the agent's cache with what it has not seen, then generate (sampling: from a generator seeded
+        with `seed`). Returns metrics and the new tokens."""
+        if self.warpers is not None:
+            self.generator = torch.Generator(self.device).manual_seed(seed % (1 << 63))
         self.model.set_adapter(agent)
         cache = self._cache_for(agent)
         seen = cache.get_seq_length()

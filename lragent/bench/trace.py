@@ -3,8 +3,10 @@ sharing schemes side by side with HF transformers + PEFT, with a roofline floor 
 
 The trace is one growing trajectory that three LoRA agents (plan / action / reflect, rank-8 q/v adapters) take
 turns on. Each step appends `prefill` tokens (random ids, or ids from a JSON trace) and the step's agent generates
-`generate` tokens (greedy, EOS ignored). The prompt of every step is the whole trajectory so far as token ids, so
-what an agent can reuse is decided by the engine's prefix cache under the sharing scheme alone.
+`generate` tokens (EOS ignored; greedy unless `--temperature` / `--top-p` / `--top-k` ask for sampling, each step's
+request then seeded from `--seed`, its trajectory and its step, the same on every system). The prompt of every step
+is the whole trajectory so far as token ids, so what an agent can reuse is decided by the engine's prefix cache under
+the sharing scheme alone.
 
 Metrics per system and length: throughput (trajectory tokens / end-to-end time), TTFT (sum of the steps' prefill
 latencies), per-step latencies, prompt tokens computed vs reused, peak KV cache bytes, peak device memory, and the
@@ -45,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lragent.bench.adapters import model_config_for, write_random_adapters
+from lragent.bench.decoding import add_sampling_args, describe, request_params, request_seed, sampling_options
 from lragent.bench.hf_baseline import HF_SYSTEMS
 from lragent.bench.roofline import ModelCost, Rates, calibrate, ideal_floor_s, system_floor_s
 from lragent.cache.sharing import SharingMode
@@ -306,9 +309,9 @@ class _Trajectories:
     """K independent trajectories of one trace driven through one engine: what each has appended so far, which step
     it is at, the request it is waiting on, and one record per finished step."""
 
-    def __init__(self, engine: LLMEngine, spec: TraceSpec, k: int, seed: int):
+    def __init__(self, engine: LLMEngine, spec: TraceSpec, k: int, seed: int, sampling: dict | None = None):
         vocab = engine.model_config.vocab_size
-        self.engine, self.spec = engine, spec
+        self.engine, self.spec, self.seed, self.sampling = engine, spec, seed, sampling
         self.appended = [appended_tokens(spec, vocab, seed, t) for t in range(k)]
         self.tokens: list[list[int]] = [[] for _ in range(k)]
         self.pos = [0] * k
@@ -318,12 +321,11 @@ class _Trajectories:
 
     def submit(self, t: int) -> None:
         """Append trajectory `t`'s next step's tokens and hand the whole trajectory to the step's agent."""
-        from lragent.sampling import SamplingParams
-
         pos = self.pos[t]
         step = self.spec.steps[pos]
         self.tokens[t].extend(self.appended[t][pos])
-        params = SamplingParams(max_tokens=step.generate, temperature=0.0, ignore_eos=True)
+        seed = request_seed(self.seed, t, pos)
+        params = request_params(self.sampling, seed, max_tokens=step.generate, ignore_eos=True)
         rid = self.engine.add_request(
             list(self.tokens[t]), params, step.agent, request_id=f"t{t}-s{pos}-{time.monotonic_ns()}"
         )
@@ -384,10 +386,13 @@ def _capacity_tokens(engine: LLMEngine) -> int:
     return min(p["blocks_total"] for p in stats["pools"].values() if p["blocks_total"]) * stats["block_size"]
 
 
-def run_engine_trace(engine: LLMEngine, spec: TraceSpec, k: int, seed: int, deadline: float) -> dict:
-    """K independent trajectories of `spec` through one engine at once, driven with add_request / step."""
+def run_engine_trace(
+    engine: LLMEngine, spec: TraceSpec, k: int, seed: int, deadline: float, sampling: dict | None = None
+) -> dict:
+    """K independent trajectories of `spec` through one engine at once, driven with add_request / step; greedy, or
+    sampled with `sampling` ({temperature, top_p, top_k})."""
     device = engine.device
-    runs = _Trajectories(engine, spec, k, seed)
+    runs = _Trajectories(engine, spec, k, seed, sampling)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -441,7 +446,9 @@ def _summarise(records: list[list[dict]], spec: TraceSpec, k: int) -> dict:
     return out
 
 
-def warm_up(engine, ctxs: list[int], seed: int, k: int = 1, first_prefill: int = 512) -> None:
+def warm_up(
+    engine, ctxs: list[int], seed: int, k: int = 1, first_prefill: int = 512, sampling: dict | None = None
+) -> None:
     """Compile/warm the kernels on short-generation traces (ids disjoint from the timed runs), then forget them.
 
     Triton specialises integer arguments (e.g. block-table widths divisible by 16), so a kernel can still compile
@@ -449,19 +456,17 @@ def warm_up(engine, ctxs: list[int], seed: int, k: int = 1, first_prefill: int =
     machine's first run still showed one ~1 s compile stall in 17 steps: see BENCHMARKS.md)."""
     for ctx in ctxs:
         spec = paper_trace(ctx, gen_cap=3, first_prefill=first_prefill)
-        run_engine_trace(
-            engine, TraceSpec("warmup", spec.ctx, spec.steps), min(k, 4), seed + 7919, time.perf_counter() + 600
-        )
+        warm = TraceSpec("warmup", spec.ctx, spec.steps)
+        run_engine_trace(engine, warm, min(k, 4), seed + 7919, time.perf_counter() + 600, sampling)
     if k > 4:
         spec = paper_trace(64, 3, first_prefill)
-        run_engine_trace(engine, TraceSpec("warmup", 64, spec.steps), k, seed + 7919, time.perf_counter() + 600)
+        warm = TraceSpec("warmup", 64, spec.steps)
+        run_engine_trace(engine, warm, k, seed + 7919, time.perf_counter() + 600, sampling)
 
 
-def profile_decode(engine, context: int, steps: int, seed: int) -> dict:
+def profile_decode(engine, context: int, steps: int, seed: int, sampling: dict | None = None) -> dict:
     """Where a decode step's time goes at `context` tokens: wall per step, host metadata time, and (CUDA) GPU
     kernel time and launches per step from torch.profiler."""
-    from lragent.sampling import SamplingParams
-
     vocab = engine.model_config.vocab_size
     lo, hi = token_range(vocab)
     rng = random.Random(seed + 31)
@@ -469,7 +474,7 @@ def profile_decode(engine, context: int, steps: int, seed: int) -> dict:
     prompt = [rng.randrange(lo, hi) for _ in range(context)]
     engine.add_request(
         prompt,
-        SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True),
+        request_params(sampling, request_seed(seed, 31), max_tokens=2 * steps + 4, ignore_eos=True),
         adapter,
         request_id="profile",
     )
@@ -513,7 +518,7 @@ def run_hf_trace(runner, spec: TraceSpec, vocab: int, seed: int, deadline: float
     try:
         for i, step in enumerate(spec.steps):
             tokens.extend(appended[i])
-            r = runner.run_step(step.agent, tokens, step.generate, deadline)
+            r = runner.run_step(step.agent, tokens, step.generate, deadline, seed=request_seed(seed, 0, i))
             gen = r.pop("generated")
             records.append(
                 {
@@ -591,6 +596,7 @@ def _row_line(r: dict) -> str:
         f"{_gib(r.get('kv_peak_bytes')):>8} {_gib(r.get('device_peak_effective_bytes')):>8} "
         f"{f('floor_s', '8.3f')} {over_text} "
         f"{(format(dec, '7.2f')) if dec else '      -'}"
+        f"{'' if r.get('decoding', 'greedy') == 'greedy' else '  ' + r['decoding']}"
     )
 
 
@@ -730,7 +736,10 @@ def _per_length_targets(ok: dict[_RowKey, dict], ctxs: list[int]) -> list[dict]:
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, evaluated on the rows of this run (paper trace only)."""
+    """The issue's targets, evaluated on the rows of this run (paper trace only; greedy rows where a merged report
+    also holds sampled ones)."""
+    if any(r.get("decoding", "greedy") == "greedy" for r in rows):
+        rows = [r for r in rows if r.get("decoding", "greedy") == "greedy"]
     ok = {(r["system"], r["ctx"], r["concurrent"]): r for r in rows if r["status"] == "ok" and r["trace"] == "paper"}
     allrows = {(r["system"], r["ctx"], r["concurrent"]): r for r in rows if r["trace"] == "paper"}
     ctxs = sorted({c for (_, c, _) in ok if c is not None})
@@ -803,7 +812,8 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="CTX",
         help="also break a decode step at CTX tokens down (host vs GPU kernels) for every engine system",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="trace ids, and the per-request seeds when sampling")
+    add_sampling_args(p)
     p.add_argument("--out", default="results/trace", help="results folder (trace.json, PNG plots)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument(
@@ -865,6 +875,8 @@ def _run_meta(
         "torch": torch.__version__,
         "rates": rates.as_dict(),
         "agents": agents,
+        "decoding": describe(args.sampling),
+        "sampling": args.sampling,
         "adapters": "given: " + ", ".join(given) if given else "random rank-8 q/v LoRA (alpha 16), shared v_proj A",
     }
     try:
@@ -902,6 +914,7 @@ class _Run:
         self.json_path.write_text(json.dumps(self.result, indent=1, default=str))
 
     def record(self, row: dict) -> None:
+        row.setdefault("decoding", self.result["meta"]["decoding"])
         self.result["rows"].append(row)
         print(_row_line(row), flush=True)
         self.save()
@@ -941,7 +954,7 @@ def _start_engine(run: _Run, system: str, adapters: dict[str, str]) -> LLMEngine
     if not args.no_warmup:
         gpu = run.device.type == "cuda"
         warm_ctx = sorted({2048, min(run.ctxs)}) if gpu else [16]
-        warm_up(engine, warm_ctx, args.seed, max(args.concurrent), 512 if gpu else 32)
+        warm_up(engine, warm_ctx, args.seed, max(args.concurrent), 512 if gpu else 32, args.sampling)
     return engine
 
 
@@ -965,12 +978,13 @@ def _run_engine_system(run: _Run, system: str, adapters: dict[str, str]) -> None
             elif run.over_budget():
                 run.skipped(system, spec, k, "skipped (time budget)")
             else:
-                row = run.finish(run_engine_trace(engine, spec, k, args.seed, run.deadline()), system, spec, k)
+                measured = run_engine_trace(engine, spec, k, args.seed, run.deadline(), args.sampling)
+                row = run.finish(measured, system, spec, k)
                 if row["status"] in ("OOM", "timeout"):
                     failed = row["status"]
     if args.profile_decode and not run.over_budget():
         try:
-            run.result["profiles"][system] = profile_decode(engine, args.profile_decode, 16, args.seed)
+            run.result["profiles"][system] = profile_decode(engine, args.profile_decode, 16, args.seed, args.sampling)
             run.save()
         except Exception as e:  # noqa: BLE001
             run.result["profiles"][system] = {"error": f"{type(e).__name__}: {e}"}
@@ -983,7 +997,7 @@ def _run_hf_system(run: _Run, system: str, model: Any, vocab: int) -> None:
     from lragent.bench.hf_baseline import HFRunner
 
     args = run.args
-    runner = HFRunner(model, system, args.device) if model is not None else None
+    runner = HFRunner(model, system, args.device, args.sampling) if model is not None else None
     if runner is not None and not args.no_warmup:
         warm = paper_trace(16, gen_cap=2, first_prefill=32)
         run_hf_trace(
@@ -1031,6 +1045,7 @@ def _print_intro(run: _Run) -> None:
         f"calibration: matmul {rates.matmul_flops / 1e12:.1f} TFLOP/s, copy {rates.copy_bytes / 1e9:.0f} GB/s "
         f"(floor = every forward pass at max(FLOPs / matmul rate, bytes / copy bandwidth))"
     )
+    print(f"decoding: {meta['decoding']}", flush=True)
     print(HEADER, flush=True)
 
 
@@ -1039,6 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.report:
         return report_main(args.report, args.out, not args.no_plots)
+    args.sampling = sampling_options(args, p)
 
     t_begin = time.perf_counter()
     device = torch.device(args.device)
@@ -1092,7 +1108,7 @@ def report(result: dict, out_dir: Path, plots: bool = True, targets: bool = True
     for key in keys:
         for r in sorted(
             (r for r in rows if (r["trace"], r["total_tokens"]) == key),
-            key=lambda r: (r["concurrent"], ALL_SYSTEMS.index(r["system"])),
+            key=lambda r: (r["concurrent"], ALL_SYSTEMS.index(r["system"]), r.get("decoding", "greedy")),
         ):
             print(_row_line(r))
     print(
@@ -1101,6 +1117,7 @@ def report(result: dict, out_dir: Path, plots: bool = True, targets: bool = True
         "the engine's preallocated pool counted only as far as used; t/floor = time / roofline floor; "
         "dec ms = mean decode forward pass"
     )
+    print(f"decoding: {result['meta'].get('decoding', 'greedy')}")
     if result["meta"].get("random_weights"):
         print("NOTE: random (dummy) weights: speed only; generated tokens are meaningless.")
     for system, prof in result.get("profiles", {}).items():
@@ -1158,10 +1175,12 @@ def report_main(files: list[str], out_dir: str, plots: bool) -> int:
         merged["profiles"].update(data.get("profiles", {}))
     best: dict[tuple, dict] = {}
     for r in merged["rows"]:  # a later file's row wins, except that a completed run beats one that did not finish
-        key = (r["system"], r["trace"], r["total_tokens"], r["concurrent"])
+        key = (r["system"], r["trace"], r["total_tokens"], r["concurrent"], r.get("decoding", "greedy"))
         if key not in best or r["status"] == "ok" or best[key]["status"] != "ok":
             best[key] = r
     merged["rows"] = list(best.values())
+    decodings = sorted({r.get("decoding", "greedy") for r in merged["rows"]})
+    merged["meta"]["decoding"] = decodings[0] if len(decodings) == 1 else "mixed: " + "; ".join(decodings)
     return report(merged, Path(out_dir), plots, targets=all(r["trace"] == "paper" for r in merged["rows"]))
 
 

@@ -22,6 +22,7 @@ from lragent.engine.sampler import SampleResult
 from lragent.engine.scheduler import ScheduledBatch, Scheduler
 from lragent.engine.sequence import RequestMetrics, Sequence
 from lragent.engine.stats import StepStats
+from lragent.engine.structured import GrammarBackend
 from lragent.kernels import make_backend
 from lragent.lora.adapter import AdapterError, LoRAAdapter, load_peft_adapter
 from lragent.lora.registry import AdapterRegistry
@@ -102,6 +103,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
         self._listeners: list[Callable[[StepStats], None]] = []
+        self._grammars: GrammarBackend | None = None  # built on the first structured-output request
 
     # ---- setup ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -150,7 +152,7 @@ class LLMEngine:
         self.model.bind(Runtime(scratch, self.bank, self.backend))
         runner = ModelRunner(self.model, scratch, self.scheme, self.backend, self.bank, self.device)
         longest = max(1, (cfg.max_model_len or self.model_config.max_position_embeddings) - 1)
-        total, seqs = cfg.max_num_batched_tokens, []
+        total, seqs = cfg.max_num_batched_tokens, list[Sequence]()
         while total > 0 and len(seqs) < cfg.max_num_seqs:
             n = min(total, longest)
             seq = Sequence(f"profile-{len(seqs)}", [0] * n, SamplingParams(), "", 1 if with_adapter else 0)
@@ -280,12 +282,25 @@ class LLMEngine:
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, ids, params, adapter or "", slot)
+        seq.grammar = self._grammar_state(params)
         seq.leader = self._seqs.get(follows) if follows is not None else None
         seq.namespaces = self.scheme.namespaces(*self.registry.cache_keys(adapter), cache_salt or "")
         seq.seed = params.seed if params.seed is not None else self._rng.randrange(-(1 << 63), 1 << 63)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def _grammar_state(self, params: SamplingParams):
+        """The output constraint's matcher, compiled now so a bad schema / regex / grammar fails before queuing."""
+        if not params.constrained:
+            return None
+        if self.tokenizer is None:
+            field = next(n for n in ("json_schema", "json_object", "regex", "grammar", "choice") if getattr(params, n))
+            raise ValueError(f"{field}: structured output needs a model with a tokenizer")
+        if self._grammars is None:
+            stops = sorted(self.eos_ids)
+            self._grammars = GrammarBackend(self.tokenizer, self.model_config.vocab_size, stop_token_ids=stops)
+        return self._grammars.state(params)
 
     def abort(self, request_id: str) -> bool:
         seq = self._seqs.pop(request_id, None)
@@ -369,7 +384,8 @@ class LLMEngine:
     @staticmethod
     def _sampled(batch: ScheduledBatch, result: SampleResult) -> dict[Sequence, Sampled]:
         """Map the runner's tokens to the sequences the batch marks as sampling."""
-        return {seq: Sampled(*row) for seq, *row in zip(batch.sampling_seqs, *result)}
+        rows = zip(batch.sampling_seqs, result.tokens, result.logprobs, result.top_logprobs)
+        return {seq: Sampled(token, lp, top) for seq, token, lp, top in rows}
 
     def _publish(self, seqs: list[Sequence], min_blocks: int = 1) -> list[RequestOutput]:
         """Index the blocks these sequences filled (those with at least `min_blocks` waiting), after one check that
@@ -398,6 +414,8 @@ class LLMEngine:
     def _emit(self, seq: Sequence, drawn: Sampled) -> RequestOutput:
         if not math.isfinite(drawn.logprob):
             return self._fail(seq, "the model produced non-finite logits (NaN/inf) for this request")
+        if seq.grammar is not None and not seq.grammar.accept(drawn.token):
+            return self._fail(seq, "the sampled token breaks the request's output constraint")
         try:
             self._append_token(seq, drawn)
         except Exception as exc:  # stop handling of this request alone
@@ -433,6 +451,8 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            return "stop"  # the constrained output is complete (its EOS, if sampled, is a stop token too)
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
         if p.stop and self.tokenizer is not None and self._hit_stop_string(seq):

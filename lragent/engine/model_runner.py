@@ -20,6 +20,7 @@ from lragent.cache.sharing import SharingScheme
 from lragent.engine.sampler import SampleResult, SamplingBatch, sample
 from lragent.engine.scheduler import ScheduledBatch
 from lragent.engine.sequence import KV, Sequence
+from lragent.engine.structured import allocate_bitmask, apply_bitmask
 from lragent.kernels.backend import AttentionBackend, upload
 from lragent.kernels.metadata import BatchRows
 from lragent.lora.bank import LoRABank
@@ -65,6 +66,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA unless enforce_eager
         self.prepare_s = 0.0  # host time of the last run's input preparation (read through StepStats)
         self.forward_s = 0.0  # the last run, end to end
+        self._bitmask: torch.Tensor | None = None  # host buffer of structured-output token masks
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         from lragent.engine.cuda_graph import DecodeGraphs
@@ -76,7 +78,10 @@ class ModelRunner:
         if not batch.is_prefill and all(t.cached <= s.num_computed for s in batch.seqs for t in s.tables.values()):
             return self._decode_inputs(batch)
         bs = self.block_size
-        ids, positions, token_slots, sample_rows = [], [], [], []
+        ids: list[int] = []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        sample_rows: list[int] = []
         writes: dict[str, list[int]] = {p: [] for p in self.pools}
         kv_idx: list[int] = []
         for seq, n, samples in zip(batch.seqs, batch.num_tokens, batch.samples):
@@ -146,6 +151,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _run(self, batch: ScheduledBatch) -> SampleResult:
+        hidden = self._forward(batch)
+        if hidden is None:
+            return SampleResult([], [], [])
+        seqs = batch.sampling_seqs
+        masks = self._grammar_masks(seqs)  # host work while the device runs the forward
+        logits = self.model.logits(hidden)
+        if masks is not None:
+            apply_bitmask(logits, *masks)
+        return sample(logits, self.sampling_batch(seqs, logits.shape[-1]))
+
+    def _grammar_masks(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]] | None:
+        """Allowed next tokens of the structured-output rows (others untouched), filled on the host."""
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return None
+        vocab = self.model.config.vocab_size
+        if self._bitmask is None or self._bitmask.shape[0] < len(seqs):
+            self._bitmask = allocate_bitmask(max(len(seqs), 64), vocab, self.device)
+        bitmask = self._bitmask[: len(seqs)]  # (the last step's copy of it is done: its sampling synchronised)
+        for i in rows:
+            seqs[i].grammar.fill(bitmask, i)
+        return bitmask, rows
+
+    def _forward(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """Final hidden states of the sampling rows (None when none samples this step)."""
         if self.graphs is not None and self.graphs.supports(batch):
             start = time.perf_counter()
             step = self.inputs(batch)
@@ -157,10 +187,9 @@ class ModelRunner:
             self.prepare_s = time.perf_counter() - start
             if not rows:
                 self.model(input_ids, ctx)
-                return SampleResult([], [], [])
+                return None
             hidden = self.model(input_ids, ctx)[rows]
-        logits = self.model.logits(hidden)
-        return sample(logits, self.sampling_batch(batch.sampling_seqs, logits.shape[-1]))
+        return hidden
 
     def sampling_batch(self, seqs: list[Sequence], vocab_size: int) -> SamplingBatch:
         """Each row's draw is keyed by its request's seed and the position of the token it draws."""

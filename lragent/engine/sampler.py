@@ -43,9 +43,12 @@ def _splitmix(x: torch.Tensor) -> torch.Tensor:
 
 
 def race_noise(row_keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """-log(-log u) (Gumbel) noise for each (row, token): u is 24 hashed bits of (row key, token id), float32."""
+    """-log(-log u) (Gumbel) noise for each (row, token): u is 23 hashed bits of (row key, token id), float32.
+
+    23 bits, not 24: (2^24 - 0.5) / 2^24 rounds to 1.0 in float32, whose noise is +inf (and a masked -inf logit
+    plus +inf is NaN, which argmax would pick); with 23 bits u <= 1 - 2^-24 < 1, so the noise is finite."""
     z = _splitmix(row_keys[:, None] + tokens * _GOLDEN)
-    u = (_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    u = (_shr(z, 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
     return -torch.log(-torch.log(u))
 
 
@@ -122,7 +125,7 @@ class SamplingBatch:
         )
 
 
-def _bias(params: list[SamplingParams], vocab: int, t) -> tuple[torch.Tensor, ...] | None:
+def _bias(params: list[SamplingParams], vocab: int, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     entries = [(i, tok, b) for i, p in enumerate(params) for tok, b in p.logit_bias.items() if tok < vocab]
     if not entries:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from lragent.sampling import SamplingParams
 
@@ -83,6 +84,7 @@ class Sequence:
         self.top_logprobs: list[list[tuple[int, float]]] = []  # per generated token, when asked for
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids))
         self.seed = 0  # keys this request's random draws (with the position drawn): batch-independent
+        self.grammar: Any = None  # GrammarState of a structured-output request (lragent.engine.structured)
         self.leader: Sequence | None = None  # a sample of the same prompt this one waits for (n > 1: shared blocks)
 
     def __len__(self) -> int:

@@ -102,6 +102,7 @@ def batched_decode_attention(
     pad = ~valid[:, :, None]  # padding rows may hold anything (even NaN): zero them, 0 * NaN would leak
     out = torch.einsum("bhgl,blhd->bhgd", probs, values[idx].to(acc).masked_fill(pad[..., None], 0.0))
     if lrs is not None:
+        assert value_up is not None and meta.lr_block_tables is not None, "an LR pool comes with B_v and LR tables"
         lr = lrs[slots(meta.lr_block_tables)].to(acc).masked_fill(pad, 0.0)
         pr = torch.einsum("bhgl,blr->bhgr", probs, lr)
         b_up = value_up[meta.seq_lora_slots].view(b, -1, hkv, d).to(acc)
@@ -160,6 +161,7 @@ class TorchReferenceBackend(AttentionBackend):
             lr = b_up = None
             scale = 0.0
             if lrs is not None and slots[i] != 0:
+                assert value_up is not None and meta.lr_block_tables is not None, "an LR pool comes with B_v and tables"
                 lr = lrs[gather_positions(meta.lr_block_tables[i], ctx_len, bs)]
                 b_up = value_up[slots[i]].view(-1, hkv, d)
                 scale = float(lora_scaling[slots[i]])

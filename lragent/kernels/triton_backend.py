@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lragent.cache.kv_cache import KVCache
@@ -82,7 +84,7 @@ class TritonBackend(AttentionBackend):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         lr_pool = cache.lr[layer] if cache.lr is not None and value_up is not None else None
-        args = dict(
+        args: dict[str, Any] = dict(
             key_pool=cache.key[layer],
             value_pool=cache.value[layer],
             lr_pool=lr_pool,

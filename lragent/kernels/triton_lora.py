@@ -16,6 +16,8 @@ Ranks 1..64 (any; padded to a power of two >= 16 inside with masks). Float32 inp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -299,6 +301,8 @@ class SegmentPlan:
     """Device-side grouping of a step's tokens by adapter slot, as the shrink/expand kernels read it."""
 
     __slots__ = ("tokens", "seg_start", "seg_slot", "max_len", "slots", "covers_all", "writes_all", "shared")
+    tokens: torch.Tensor | None  # the rows of each segment, concatenated; None when the segments cover rows in order
+    shared: tuple[torch.Tensor, torch.Tensor] | None
 
     def __init__(self, segments: Segments, num_tokens: int, device: torch.device):
         starts, lens, idx = [0], [], []
@@ -348,13 +352,14 @@ class TritonLoRABank(LoRABank):
 
     _PLANS_KEPT = 8  # a step builds at most a handful: all tokens / base-written tokens x module subsets
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # (id(segments), T, active slots) -> (segments, plan); holding `segments` keeps its id from being reused
         self._plans: dict[tuple, tuple[Segments, SegmentPlan | None]] = {}
         self._shared_v: dict[int, bool] = {}
 
-    def per_row_segments(self, row_start: torch.Tensor, row_slots: torch.Tensor) -> SegmentPlan:
+    # A prebuilt SegmentPlan stands in for `Segments` here: only this bank's own methods (`_plan_for`) read it.
+    def per_row_segments(self, row_start: torch.Tensor, row_slots: torch.Tensor) -> SegmentPlan:  # type: ignore[override]
         return SegmentPlan.per_token(row_start, row_slots)
 
     def load(self, slot, adapter) -> None:

@@ -101,7 +101,7 @@ def remove_stale_tmp_dirs(out_dir: Path) -> list[Path]:
     A folder whose pid is still alive is kept: that process may be converting right now. Returns what was removed.
     """
     pattern = re.compile(re.escape(out_dir.name) + r"\.tmp(\d{1,10})")
-    removed = []
+    removed: list[Path] = []
     try:
         siblings = list(out_dir.parent.iterdir())
     except OSError:  # no cache dir yet, or unreadable: nothing to clean

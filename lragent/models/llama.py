@@ -76,7 +76,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime) -> torch.Tensor:
         bank, layer = rt.bank, self.layer
         if rt.ops is not None and self.qkv_weight is not None and ctx.attn.base_write_idx is None:
-            q, key, value = self._fused_qkv(x, ctx, rt)
+            q, key, value = self._fused_qkv(x, self.qkv_weight, ctx, rt)
         else:
             q = _with_lora(self.q_proj(x), bank.delta(x, layer, "q_proj", ctx.lora.segments))
             q = self.rope(q.view(x.shape[0], self.num_heads, self.head_dim), ctx.positions, rt.ops)
@@ -102,10 +102,10 @@ class Attention(nn.Module):
         key = self.rope(key.view(-1, self.num_kv_heads, self.head_dim), ctx.base_positions, rt.ops)
         return key, value.view(-1, self.num_kv_heads, self.head_dim)
 
-    def _fused_qkv(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime):
+    def _fused_qkv(self, x: torch.Tensor, qkv_weight: torch.Tensor, ctx: ForwardContext, rt: Runtime):
         """One matmul for q, k and v (every token writes its keys); LoRA deltas are added into the column views."""
         bank, layer, t = rt.bank, self.layer, x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = F.linear(x, qkv_weight, self.qkv_bias)
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, key, value = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         bank.add_delta(q, x, layer, "q_proj", ctx.lora.segments)
@@ -155,7 +155,7 @@ def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | Non
     for m in linears:
         n = m.weight.shape[0]
         m.weight.data = weight[row : row + n]
-        if has_bias:
+        if bias is not None:
             m.bias.data = bias[row : row + n]
         row += n
     return weight, bias
@@ -203,12 +203,14 @@ class CausalLM(nn.Module):
     def fuse_projections(self) -> None:
         """q/k/v and gate/up as one matmul each (the GPU form of the layers; parameters become views)."""
         for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden]."""
         rt = self.runtime
+        assert rt is not None, "bind() a Runtime before the forward pass"
         h, pending = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
             h, pending = layer(h, pending, ctx, rt)

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from lragent.model_config import ModelConfig
 from lragent.models.hub import resolve_model
-from lragent.models.llama import CausalLM
+from lragent.models.llama import CausalLM, RMSNorm
 from lragent.models.presets import preset
 
 
@@ -38,7 +38,7 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device, max_position
         for param in model.parameters():
             param.data.normal_(0.0, 0.02, generator=gen)
         for module in model.modules():  # RMSNorm weights at 1 keep activations sane
-            if module.__class__.__name__ == "RMSNorm":
+            if isinstance(module, RMSNorm):
                 module.weight.data.fill_(1.0)
         return LoadedModel(model.eval(), config, None, dummy=True)
     folder = resolve_model(name)

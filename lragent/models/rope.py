@@ -39,7 +39,8 @@ class RotaryEmbedding:
 
     def __init__(self, config: ModelConfig, max_positions: int):
         self.config, self.max_positions = config, max_positions
-        self.cos = self.sin = None
+        self.cos: torch.Tensor | None = None  # [max_positions, head_dim] after build()
+        self.sin: torch.Tensor | None = None
 
     def build(self, device: torch.device) -> None:
         positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
@@ -54,6 +55,7 @@ class RotaryEmbedding:
         optionally into `out` (which may be x itself)."""
         if ops is not None:
             return ops.rotary(x, positions, self.cos, self.sin, out=out)
+        assert self.cos is not None and self.sin is not None, "RotaryEmbedding.build() first"
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         half = x.shape[-1] // 2
