@@ -79,14 +79,6 @@ class KVCache:
             return self.key, self.value
         return () if self.lr is None else (self.lr,)
 
-    def pool_bytes(self) -> dict[str, int]:
-        """Allocated bytes of each pool."""
-
-        def size(t: torch.Tensor | None) -> int:
-            return 0 if t is None else t.numel() * t.element_size()
-
-        return {"key": size(self.key), "base_value": size(self.value), "lr": size(self.lr)}
-
     def mark_nonfinite(self, pool: str, slots: torch.Tensor, bad: torch.Tensor) -> None:
         """Flag the blocks of `slots` whose row is `bad` (the reference store; the Triton store kernel does the same
         in place). No host sync: a max-scatter of 0/1 per row."""

@@ -23,8 +23,6 @@ would otherwise compile a new variant the first time a width happens to be a mul
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -840,7 +838,3 @@ def paged_decode(
     if not single:
         _merge_splits(pacc, pr, pml, seq_lora_slots, p, lora_scaling, out, num_splits, hq, r_pad)
     return out
-
-
-def sm_scale_for(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
