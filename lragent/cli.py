@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 
-from lragent.engine_args import add_engine_args, engine_config
+from lragent.engine_args import HelpFormatter, add_engine_args, engine_config
 
 # subcommands implemented in their own modules, each exposing `main(argv) -> int`
 DELEGATED = {
@@ -28,15 +28,15 @@ BENCHES = {
 def generate_main(argv: list[str], chat: bool) -> int:
     from lragent import LLM, SamplingParams
 
-    parser = argparse.ArgumentParser(prog=f"lragent {'chat' if chat else 'generate'}")
-    add_engine_args(parser, default_sharing="base_shared")
-    parser.add_argument("prompt", nargs="+")
+    parser = argparse.ArgumentParser(prog=f"lragent {'chat' if chat else 'generate'}", formatter_class=HelpFormatter)
+    add_engine_args(parser)  # sharing "auto", as for `lragent serve`
+    parser.add_argument("prompt", nargs="+", help="one or more prompts (a batch)")
     parser.add_argument("--use", default=None, help="adapter name to run (default: the first --adapter, else the base)")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=-1)
-    parser.add_argument("--stop", action="append", default=[])
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=-1, help="-1: no top-k")
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--json", action="store_true", help="print outputs with metrics as JSON")
     args = parser.parse_args(argv)
     config = engine_config(args)

@@ -2,22 +2,51 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from lragent.cache.sharing import SharingMode, get_scheme
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# vLLM / PyTorch spellings accepted for `dtype`, normalised to the names above ("auto" stays "auto")
+DTYPE_ALIASES = {
+    "half": "float16",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "float": "float32",
+    "fp32": "float32",
+    "double": "float64",
+    "fp64": "float64",
+}
+SHARING_AUTO = "auto"  # resolved when the engine has loaded its adapters (lragent.lora.adapter.default_sharing)
+
+
+def canonical_dtype(name: str) -> str:
+    """'half' -> 'float16', 'BF16' -> 'bfloat16', 'auto' -> 'auto'; ValueError for anything else."""
+    key = str(name).strip().lower().removeprefix("torch.")
+    key = DTYPE_ALIASES.get(key, key)
+    if key != "auto" and key not in DTYPES:
+        choices = ", ".join(["auto", *DTYPES, *DTYPE_ALIASES])
+        raise ValueError(f"dtype must be one of {choices}; got {name!r}")
+    return key
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a CUDA GPU is visible, else 'cpu'; other names are returned unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "smollm2-135m-instruct"
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder
-    sharing: SharingMode = SharingMode.BASE_LR_SHARED
-    device: str = "cpu"
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    # "auto": chosen from the adapters when the engine starts (shared v_proj A -> base_lr_shared, else base_shared)
+    sharing: SharingMode | str = SHARING_AUTO
+    device: str = "cpu"  # or "cuda", "cuda:N", "auto" (CUDA when visible), resolved here
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA; vLLM names ("half", "bf16", "float") accepted
     block_size: int = 16
     kv_cache_bytes: int | None = None  # None: 1 GiB on CPU, gpu_memory_utilization on CUDA
     gpu_memory_utilization: float = 0.9
@@ -33,11 +62,12 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sharing", get_scheme(self.sharing).mode)
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.sharing != SHARING_AUTO:
+            object.__setattr__(self, "sharing", get_scheme(self.sharing).mode)
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        object.__setattr__(self, "device", resolve_device(self.device))
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device='cuda' asked for, but no CUDA GPU is visible")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -47,6 +77,10 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "cuda_graph_max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+
+    def with_sharing(self, mode: SharingMode | str) -> EngineConfig:
+        """This config with `sharing` set (how the engine records what "auto" resolved to)."""
+        return replace(self, sharing=get_scheme(mode).mode)
 
     @property
     def torch_dtype(self) -> torch.dtype:

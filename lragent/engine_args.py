@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 
 from lragent.cache.sharing import SharingMode
-from lragent.config import EngineConfig
+from lragent.config import SHARING_AUTO, EngineConfig, canonical_dtype
 
+DEFAULT_MODEL = "smollm2-135m-instruct"
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
 
 
@@ -21,14 +23,44 @@ def parse_size(text: str) -> int:
 
 
 def parse_adapter(text: str) -> tuple[str, str]:
+    """'NAME=PATH', or vLLM's JSON form '{"name": NAME, "path": PATH, ...}' -> (NAME, PATH)."""
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+            name, path = spec["name"], spec["path"]
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f'expected {{"name": NAME, "path": PATH}}, got {text!r}') from None
+        if isinstance(name, str) and isinstance(path, str) and name and path:
+            return name, path
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--adapter expects NAME=PATH, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--adapter / --lora-modules expect NAME=PATH, got {text!r}")
     return name, path
 
 
-def add_engine_args(p: argparse.ArgumentParser, default_sharing: str = SharingMode.BASE_LR_SHARED.value) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF folder, .gguf or dummy:<preset>")
+def parse_dtype(text: str) -> str:
+    """A dtype flag: vLLM / PyTorch names ('half', 'bf16', 'float', 'auto', ...) -> the canonical name."""
+    try:
+        return canonical_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, except where there is none to show (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == [] or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_engine_args(p: argparse.ArgumentParser, default_sharing: str = SHARING_AUTO) -> None:
+    """The engine flags (vLLM's names where vLLM has the option). `p` should use `HelpFormatter` to show defaults."""
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="embedded name, Hugging Face folder, .gguf file or dummy:<preset>"
+    )
     p.add_argument(
         "--adapter",
         action="append",
@@ -37,29 +69,77 @@ def add_engine_args(p: argparse.ArgumentParser, default_sharing: str = SharingMo
         metavar="NAME=PATH",
         help="a PEFT LoRA folder served under NAME (repeatable)",
     )
-    p.add_argument("--sharing", default=default_sharing, choices=[m.value for m in SharingMode])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
     p.add_argument(
-        "--kv-cache-bytes", type=parse_size, default=None, help="KV cache budget, e.g. 512M (default: 1G on CPU)"
+        "--lora-modules",
+        dest="adapter",
+        action="extend",
+        nargs="+",
+        type=parse_adapter,
+        metavar="NAME=PATH",
+        help='vLLM\'s spelling of --adapter: one or more NAME=PATH (or {"name": ..., "path": ...}), repeatable',
     )
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="accepted for vLLM compatibility and ignored: LoRA adapters are always enabled",
+    )
+    p.add_argument(
+        "--sharing",
+        default=default_sharing,
+        choices=[SHARING_AUTO, *(m.value for m in SharingMode)],
+        help="KV sharing scheme; auto: base_lr_shared when the adapters share their v_proj A, else base_shared "
+        "(non_shared for k_proj adapters), logged at start",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when a GPU is visible)")
+    p.add_argument(
+        "--dtype",
+        type=parse_dtype,
+        default="auto",
+        help="auto (float32 on CPU, bfloat16 on CUDA), float32/float/fp32, bfloat16/bf16, float16/half/fp16",
+    )
+    p.add_argument(
+        "--kv-cache-bytes",
+        "--kv-cache-memory-bytes",
+        dest="kv_cache_bytes",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="KV cache budget, e.g. 512M or 2G (default: 1G on CPU; on CUDA what --gpu-memory-utilization leaves)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9, help="CUDA: fraction of the card the engine may use"
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step")
     p.add_argument("--max-loras", type=int, default=None, help="adapter slots (default: loaded + 4)")
-    p.add_argument("--max-lora-rank", type=int, default=None)
+    p.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank (default: the loaded max)")
     p.add_argument("--allow-unshared-a", action="store_true", help="base_lr_shared without shared-A (less accurate)")
-    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--attention-backend", default="auto", help="auto, torch (reference) or triton")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps without CUDA graphs")
     p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured as a graph")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of unseeded requests' sampling")
+
+
+def add_model_positional(p: argparse.ArgumentParser) -> None:
+    """`lragent serve MODEL` (vLLM's shape); `--model` keeps working."""
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="the base model, as --model")
+
+
+def model_from_args(args: argparse.Namespace) -> str:
+    """The base model of MODEL (positional) and --model; ValueError when they name two different models."""
+    tag = getattr(args, "model_tag", None)
+    if tag is None:
+        return args.model
+    if args.model not in (DEFAULT_MODEL, tag):
+        raise ValueError(f"two models given: MODEL {tag!r} and --model {args.model!r}")
+    return tag
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model,
+        model=model_from_args(args),
         adapters=dict(args.adapter),
         sharing=args.sharing,
         device=args.device,

@@ -9,7 +9,6 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, cast
 
-from lragent.cache.sharing import get_scheme
 from lragent.config import EngineConfig
 from lragent.engine.llm_engine import LLMEngine, RequestOutput
 from lragent.engine.memory import held_only_by
@@ -30,7 +29,7 @@ class LLM:
         self,
         model: str = "smollm2-135m-instruct",
         adapters: dict[str, str] | None = None,
-        sharing: str = "base_shared",
+        sharing: str = "auto",
         device: str = "cpu",
         dtype: str = "auto",
         **engine_kwargs: Any,
@@ -38,7 +37,7 @@ class LLM:
         config = EngineConfig(
             model=model,
             adapters=dict(adapters or {}),
-            sharing=get_scheme(sharing).mode,
+            sharing=sharing,
             device=device,
             dtype=dtype,
             **engine_kwargs,

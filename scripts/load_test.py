@@ -20,8 +20,9 @@ so the allocator's high-water mark is reached before the first round). Prints a 
         --max-model-len 8192                                      # GPU, token-id prompts (scripts/gpu_load_test.sh)
 
 Greedy by default; `--temperature --top-p --top-k` make every request sample (temperature and top_p through the
-OpenAI client, top_k in extra_body, and a fixed seed per trajectory and turn); the decoding is printed, written to
-the JSON and put on the `LOADTEST` line.
+OpenAI client, top_k in extra_body, and a fixed seed per trajectory and turn); `--json-schema FILE` constrains every
+answer (chat API: `response_format` json_schema). The decoding is printed, written to the JSON and put on the
+`LOADTEST` line.
 
 On CUDA the GPU's used memory (nvidia-smi) is read before and after every round as well. `--kv-cache-bytes auto`
 lets the engine size the cache (1 GiB on CPU, --gpu-memory-utilization of the card on CUDA). The JSON is rewritten
@@ -307,6 +308,8 @@ async def one_request(client: openai.AsyncOpenAI, traj: Trajectory, role: str, a
         common.update(top_p=args.top_p, seed=traj.seed * 64 + traj.turn)
         if args.top_k > 0:
             extra["top_k"] = args.top_k
+    if args.schema is not None:
+        common["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": args.schema}}
     if traj.api == "chat":
         stream = await client.chat.completions.create(messages=traj.messages, extra_body=extra, **common)
     else:
@@ -351,15 +354,16 @@ def sampled(args: argparse.Namespace) -> bool:
 
 
 def decoding(args: argparse.Namespace) -> str:
-    """'greedy' or e.g. 'T0.9/p0.75/k40' (no spaces: it goes on the LOADTEST line)."""
+    """'greedy' or e.g. 'T0.9/p0.75/k40', '+json_schema' when constrained (no spaces: it goes on the LOADTEST line)."""
+    suffix = "+json_schema" if args.schema is not None else ""
     if not sampled(args):
-        return "greedy"
+        return "greedy" + suffix
     parts = [f"T{args.temperature:g}"]
     if args.top_p < 1:
         parts.append(f"p{args.top_p:g}")
     if args.top_k > 0:
         parts.append(f"k{args.top_k}")
-    return "/".join(parts)
+    return "/".join(parts) + suffix
 
 
 def pct(values: list[float], q: float) -> float:
@@ -507,6 +511,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: every request samples, seeded")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus cut when sampling (1: off)")
     p.add_argument("--top-k", type=int, default=-1, help="top-k cut when sampling, sent as extra_body (-1: off)")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain every answer to this JSON schema (chat API)")
     p.add_argument("--max-seconds", type=float, default=900, help="no new requests after this")
     p.add_argument("--request-timeout", type=float, default=300)
     p.add_argument("--startup-timeout", type=float, default=300)
@@ -519,6 +524,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 0 <= args.temperature <= 100 or not 0 < args.top_p <= 1 or args.top_k < -1:
         p.error("want --temperature in [0, 100], --top-p in (0, 1] and --top-k >= -1")
     args.api = args.api or ("tokens" if args.model.startswith("dummy:") else "chat")
+    args.schema = None
+    if args.json_schema:
+        if args.api != "chat":
+            p.error("--json-schema needs --api chat (response_format)")
+        try:
+            args.schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--json-schema {args.json_schema}: {e}")
     return args
 
 

@@ -66,8 +66,8 @@ def test_decode_bench_records_sampling(tmp_path, tiny_llama, capsys):
     assert data["sampling"] == AUTOACT_OPTS and data["decoding"] == describe(AUTOACT_OPTS)
     assert "decoding: sampled (T 0.9, top-p 0.75, top-k 40, seeded)" in printed
     row = data["rows"][0]
-    assert row["batch"] == 2 and row["lragent_tok_s"] > 0 and row["hf_peft_tok_s"] > 0
-    assert "DECODE decoding=sampled temperature=0.9 top_p=0.75 top_k=40 b2_tok_s=" in printed
+    assert row["batch"] == 2 and row["lragent_tok_s"] > 0 and row["hf_peft_tok_s"] > 0 and row["new_tokens_mean"] == 4
+    assert "DECODE decoding=sampled temperature=0.9 top_p=0.75 top_k=40 json_schema=0 b2_tok_s=" in printed
     # greedy stays the default; --no-hf times the engine only
     assert db.main([*common, "--out", str(out), "--no-hf"]) == 0
     data = json.loads(out.read_text())
@@ -132,3 +132,48 @@ def test_sampled_traces_are_reproducible(tiny_llama):
         return runner.run_step("plan", list(range(10, 22)), 8, float("inf"), seed=seed)["generated"]
 
     assert hf_tokens(3) == hf_tokens(3) != hf_tokens(4)
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}}, "required": ["name"]}
+
+
+def test_json_schema_option_on_the_embedded_model(tmp_path, capsys):
+    """`--json-schema FILE` constrains every request of bench decode / trace (engine only; HF + PEFT is skipped); a
+    request stops when its schema is complete, so the benchmarks count the tokens generated."""
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    out = tmp_path / "decode.json"
+    argv = ["--batch", "2", "--prompt-len", "8", "--new-tokens", "24", "--json-schema", str(schema), *AUTOACT]
+    assert db.main([*argv, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["sampling"]["json_schema"] == SCHEMA and data["decoding"].endswith(" + JSON schema")
+    row = data["rows"][0]
+    assert row["lragent_tok_s"] > 0 and row["hf_peft_tok_s"] is None and 1 <= row["new_tokens_mean"] <= 24
+    assert "json_schema=1" in capsys.readouterr().out
+
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([["a", 12, 24], ["b", 4, 24]]))
+    res = tmp_path / "res"
+    argv = ["--trace", str(trace), "--json-schema", str(schema), "--systems", "base_lr_shared,hf_non_shared"]
+    assert tb.main([*argv, "--out", str(res), "--no-plots", "--no-warmup", "--kv-cache-bytes", str(16 << 20)]) == 0
+    rows = {r["system"]: r for r in json.loads((res / "trace.json").read_text())["rows"]}
+    ours, hf = rows["base_lr_shared"], rows["hf_non_shared"]
+    assert ours["status"] == "ok" and ours["decoding"] == "greedy + JSON schema"
+    assert 2 <= ours["generated_tokens"] <= 48
+    assert ours["throughput_tok_s"] == pytest.approx((16 + ours["generated_tokens"]) / ours["e2e_s"])
+    assert hf["status"] == "skipped (--json-schema: engine only)"
+    with pytest.raises(SystemExit):
+        db.main(["--json-schema", str(tmp_path / "missing.json")])
+
+
+def test_json_schema_needs_a_tokenizer(tmp_path, tiny_llama):
+    """A model without a tokenizer refuses constrained requests: the trace reports it per system, not as a cache
+    or context problem."""
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([["a", 12, 3]]))
+    argv = ["--model", tiny_llama[0], "--trace", str(trace), "--json-schema", str(schema), "--systems", "non_shared"]
+    assert tb.main([*argv, "--out", str(tmp_path / "res"), "--no-plots", "--no-warmup"]) == 0
+    row = json.loads((tmp_path / "res" / "trace.json").read_text())["rows"][0]
+    assert row["status"].startswith("error: json_schema") and "tokenizer" in row["status"]

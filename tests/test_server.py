@@ -283,7 +283,7 @@ def test_bad_input_gets_error_objects_while_others_are_served(server):
         "presence_penalty": 2.5,
         "logit_bias": {"12": 500},
         "top_logprobs": 3,
-        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],  # bad schema
     }
     for param, value in cases.items():
         err = _error(server.post(chat, json={"model": "plan", "messages": msgs, "max_tokens": 2, param: value}), 400)

@@ -2,11 +2,14 @@
 against the memory-bandwidth floor of a decode step.
 
 Greedy by default; `--temperature --top-p --top-k` sample instead (every request with a fixed seed, on both
-systems), so greedy and sampled decoding can be compared run against run.
+systems), so greedy and sampled decoding can be compared run against run. `--json-schema FILE` constrains every
+request's output (our engine only); a constrained request stops when its schema is complete, so the tokens counted
+are those generated (`new_tokens_mean` in the JSON).
 
-Decode tok/s = batch * (new_tokens - 1) / (time from the last first token to the last token), so prefill is
-excluded on both. The floor of one decode step is (weight bytes + the cache bytes every sequence reads: keys, base
-values and its LR rows) over the copy bandwidth measured in the same run; `--floor` reports step time / floor.
+Decode tok/s = tokens generated after each request's first / (time from the last first token to the last token),
+i.e. batch * (new_tokens - 1) / that time unless a constraint ends requests early, so prefill is excluded on both.
+The floor of one decode step is (weight bytes + the cache bytes every sequence reads: keys, base values and its LR
+rows) over the copy bandwidth measured in the same run; `--floor` reports step time / floor.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from lragent.bench.adapters import model_config_for, write_random_adapters
 from lragent.bench.decoding import (
     add_sampling_args,
     describe,
+    is_constrained,
     is_greedy,
     request_params,
     request_seed,
@@ -44,11 +48,12 @@ def ours(
     profile: dict | None = None,
     sampling: dict | None = None,
     seed: int = 0,
+    stats: dict | None = None,
     **engine,
 ) -> float:
-    """Decode tok/s of our engine, greedy or with `sampling` ({temperature, top_p, top_k}; request i seeded from
-    `seed` and i); with `profile` (a dict, CUDA) also fills in a torch.profiler breakdown of 16 decode steps of the
-    same batch."""
+    """Decode tok/s of our engine, greedy or with `sampling` ({temperature, top_p, top_k[, json_schema]}; request i
+    seeded from `seed` and i); with `profile` (a dict, CUDA) also fills in a torch.profiler breakdown of 16 decode
+    steps of the same batch; with `stats` (a dict) the mean tokens generated per request."""
     from lragent import LLM
 
     engine.setdefault("sharing", "non_shared")
@@ -70,13 +75,16 @@ def ours(
     outs = llm.generate([p[::-1] for p in prompts], adapter="plan", sampling_params=params)
     first = max(o.metrics.first_token_time for o in outs)  # prefill-first: decode starts once all have one token
     last = max(o.metrics.finish_time for o in outs)
+    decoded = sum(len(o.token_ids) - 1 for o in outs)  # batch * (new_tokens - 1) unless a constraint stopped early
+    if stats is not None:
+        stats["new_tokens_mean"] = sum(len(o.token_ids) for o in outs) / len(outs)
     if profile is not None and torch.cuda.is_available():
         profile.update(_profile_decode(llm, prompts, sampling=sampling, seed=seed))
     del llm, outs
     gc.collect()  # free this engine's pools before the next one is sized from the free memory
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return batch * (new_tokens - 1) / (last - first)
+    return decoded / (last - first)
 
 
 def _profile_decode(
@@ -248,26 +256,31 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=2))
         return 0
     rows = []
+    skip_hf = args.no_hf or is_constrained(args.sampling)  # HF + PEFT has no constrained decoding here
     with tempfile.TemporaryDirectory() as tmp:
         adapter = write_random_adapters(args.model, Path(tmp), ["plan"], rank=8)["plan"]
         for batch in args.batch:
             common = (args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device)
-            a = ours(*common, sampling=args.sampling, seed=args.seed)
-            b = None if args.no_hf else hf_peft(*common, sampling=args.sampling, seed=args.seed)
-            rows.append({"batch": batch, "lragent_tok_s": a, "hf_peft_tok_s": b, "speedup": a / b if b else None})
+            stats: dict = {}
+            a = ours(*common, sampling=args.sampling, seed=args.seed, stats=stats)
+            b = None if skip_hf else hf_peft(*common, sampling=args.sampling, seed=args.seed)
+            rows.append(
+                {"batch": batch, "lragent_tok_s": a, "hf_peft_tok_s": b, "speedup": a / b if b else None, **stats}
+            )
     decoding = describe(args.sampling)
     print(
         f"decode, {args.model}, q/v LoRA r8, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.device} "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), decoding: {decoding}"
     )
-    print(f"{'batch':>5} {'lragent tok/s':>14} {'HF+PEFT tok/s':>14} {'speedup':>8}")
+    print(f"{'batch':>5} {'lragent tok/s':>14} {'HF+PEFT tok/s':>14} {'speedup':>8} {'new tok/req':>12}")
     for r in rows:
         hf = "-" if r["hf_peft_tok_s"] is None else f"{r['hf_peft_tok_s']:.1f}"
         speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-        print(f"{r['batch']:>5} {r['lragent_tok_s']:>14.1f} {hf:>14} {speedup:>8}")
+        print(f"{r['batch']:>5} {r['lragent_tok_s']:>14.1f} {hf:>14} {speedup:>8} {r['new_tokens_mean']:>12.1f}")
     print(
         f"DECODE decoding={decoding.split(' ')[0]} temperature={args.temperature:g} top_p={args.top_p:g} "
-        f"top_k={args.top_k} " + " ".join(f"b{r['batch']}_tok_s={r['lragent_tok_s']:.4g}" for r in rows)
+        f"top_k={args.top_k} json_schema={int(is_constrained(args.sampling))} "
+        + " ".join(f"b{r['batch']}_tok_s={r['lragent_tok_s']:.4g}" for r in rows)
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result = {"args": vars(args), "decoding": decoding, "sampling": args.sampling, "rows": rows}

@@ -1,12 +1,18 @@
-"""The decoding options the benchmarks share: `--temperature --top-p --top-k` (default greedy, as before).
+"""The decoding options the benchmarks share: `--temperature --top-p --top-k` (default greedy, as before) and
+`--json-schema FILE` (every request's output constrained to that schema, lragent.engine.structured).
 
 A sampled benchmark gives every request a fixed seed (`request_seed`), so two runs of one command draw the same
 tokens; the options go into each benchmark's JSON and its printed table says which decoding was used (`describe`).
+A constrained request finishes when its schema is complete (EOS ignored or not), so it may generate fewer tokens
+than asked: the benchmarks count the tokens generated, and a schema whose instances are longer than the generation
+length (e.g. an array with `minItems`) keeps the batch full.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from lragent.sampling import SamplingParams
 
@@ -20,13 +26,25 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus cut when sampling (1: off)")
     group.add_argument("--top-k", type=int, default=-1, help="top-k cut when sampling (-1: off)")
+    group.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="FILE",
+        help="constrain every request's output to this JSON schema (engine only: no HF + PEFT run)",
+    )
 
 
 def sampling_options(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict:
-    """{temperature, top_p, top_k} from the parsed flags, checked by `SamplingParams` (a bad value is a usage
-    error through `parser` when given, else a ValueError)."""
-    opts = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    """{temperature, top_p, top_k[, json_schema]} from the parsed flags (the schema read from its file), checked by
+    `SamplingParams` (a bad value is a usage error through `parser` when given, else a ValueError)."""
+    opts: dict = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     try:
+        path = getattr(args, "json_schema", None)
+        if path:
+            try:
+                opts["json_schema"] = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"--json-schema {path}: {e}") from None
         SamplingParams(**opts)
     except ValueError as e:
         if parser is None:
@@ -39,17 +57,22 @@ def is_greedy(opts: dict | None) -> bool:
     return not opts or SamplingParams(**opts).greedy
 
 
+def is_constrained(opts: dict | None) -> bool:
+    return bool(opts and opts.get("json_schema") is not None)
+
+
 def describe(opts: dict | None) -> str:
-    """'greedy' or e.g. 'sampled (T 0.9, top-p 0.75, top-k 40, seeded)'."""
+    """'greedy' or e.g. 'sampled (T 0.9, top-p 0.75, top-k 40, seeded)', with ' + JSON schema' when constrained."""
+    suffix = " + JSON schema" if is_constrained(opts) else ""
     if is_greedy(opts):
-        return "greedy"
+        return "greedy" + suffix
     assert opts is not None
     parts = [f"T {opts['temperature']:g}"]
     if opts.get("top_p", 1.0) < 1.0:
         parts.append(f"top-p {opts['top_p']:g}")
     if opts.get("top_k", -1) > 0:
         parts.append(f"top-k {opts['top_k']}")
-    return f"sampled ({', '.join(parts)}, seeded)"
+    return f"sampled ({', '.join(parts)}, seeded)" + suffix
 
 
 def request_seed(base: int, *parts: int) -> int:
@@ -63,6 +86,7 @@ def request_seed(base: int, *parts: int) -> int:
 def request_params(opts: dict | None, seed: int, **kwargs) -> SamplingParams:
     """The `SamplingParams` of one benchmark request: greedy, or `opts` with this request's seed."""
     if is_greedy(opts):
-        return SamplingParams(temperature=0.0, **kwargs)
+        schema = opts.get("json_schema") if opts else None
+        return SamplingParams(temperature=0.0, json_schema=schema, **kwargs)
     assert opts is not None
     return SamplingParams(**opts, seed=seed, **kwargs)

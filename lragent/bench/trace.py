@@ -4,9 +4,10 @@ sharing schemes side by side with HF transformers + PEFT, with a roofline floor 
 The trace is one growing trajectory that three LoRA agents (plan / action / reflect, rank-8 q/v adapters) take
 turns on. Each step appends `prefill` tokens (random ids, or ids from a JSON trace) and the step's agent generates
 `generate` tokens (EOS ignored; greedy unless `--temperature` / `--top-p` / `--top-k` ask for sampling, each step's
-request then seeded from `--seed`, its trajectory and its step, the same on every system). The prompt of every step
-is the whole trajectory so far as token ids, so what an agent can reuse is decided by the engine's prefix cache under
-the sharing scheme alone.
+request then seeded from `--seed`, its trajectory and its step, the same on every system; `--json-schema FILE`
+constrains every step's output, engine systems only, and a step then ends when its schema is complete, so throughput
+counts the tokens generated). The prompt of every step is the whole trajectory so far as token ids, so what an agent
+can reuse is decided by the engine's prefix cache under the sharing scheme alone.
 
 Metrics per system and length: throughput (trajectory tokens / end-to-end time), TTFT (sum of the steps' prefill
 latencies), per-step latencies, prompt tokens computed vs reused, peak KV cache bytes, peak device memory, and the
@@ -47,11 +48,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lragent.bench.adapters import model_config_for, write_random_adapters
-from lragent.bench.decoding import add_sampling_args, describe, request_params, request_seed, sampling_options
+from lragent.bench.decoding import (
+    add_sampling_args,
+    describe,
+    is_constrained,
+    request_params,
+    request_seed,
+    sampling_options,
+)
 from lragent.bench.hf_baseline import HF_SYSTEMS
 from lragent.bench.roofline import ModelCost, Rates, calibrate, ideal_floor_s, system_floor_s
 from lragent.cache.sharing import SharingMode
 from lragent.engine.stats import StepStats
+from lragent.sampling import CONSTRAINTS
 
 if TYPE_CHECKING:
     from lragent.engine.llm_engine import LLMEngine, RequestOutput
@@ -403,6 +412,8 @@ def run_engine_trace(
         except ValueError as e:  # a prompt longer than the context, or than the cache can ever hold
             by_cache = engine.max_model_len >= _capacity_tokens(engine)  # the cache, not the model, limits
             status = f"{'KV budget exhausted' if by_cache else 'context length exceeded'}: {e}"
+            if str(e).split(":", 1)[0] in CONSTRAINTS:  # a refused constraint (its message names the field)
+                status = f"error: {e}"
         except MemoryError as e:
             status = f"KV budget exhausted: {e}"
         except RuntimeError as e:
@@ -561,7 +572,9 @@ def _finish_row(row: dict, system: str, spec: TraceSpec, k: int, cost: ModelCost
         **row,
     }
     if row["status"] == "ok":
-        row["throughput_tok_s"] = k * spec.total_tokens / row["e2e_s"]
+        # tokens generated, not asked for: a constrained step ends when its schema is complete
+        generated = row.get("generated_tokens", k * sum(g for _, g in spec.counts))
+        row["throughput_tok_s"] = (k * sum(a for a, _ in spec.counts) + generated) / row["e2e_s"]
         _add_floors(row, spec, cost, rates)
     return row
 
@@ -1019,6 +1032,10 @@ def _run_hf_system(run: _Run, system: str, model: Any, vocab: int) -> None:
 
 def _run_hf_systems(run: _Run, systems: list[str], adapters: dict[str, str], vocab: int) -> None:
     """The HF + PEFT baselines: one PeftModel with every agent's adapter, shared by both systems."""
+    if systems and is_constrained(run.args.sampling):
+        for system in systems:
+            run.skip_all(system, "skipped (--json-schema: engine only)", [1])
+        return
     if not systems:
         return
     from lragent.bench.hf_baseline import load_hf_peft

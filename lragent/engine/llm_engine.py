@@ -24,7 +24,7 @@ from lragent.engine.sequence import RequestMetrics, Sequence
 from lragent.engine.stats import StepStats
 from lragent.engine.structured import GrammarBackend
 from lragent.kernels import make_backend
-from lragent.lora.adapter import AdapterError, LoRAAdapter, load_peft_adapter
+from lragent.lora.adapter import AdapterError, LoRAAdapter, default_sharing, load_peft_adapter
 from lragent.lora.registry import AdapterRegistry
 from lragent.models.llama import Runtime
 from lragent.models.loader import load_model
@@ -66,7 +66,6 @@ class LLMEngine:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
-        self.scheme = get_scheme(config.sharing)
         loaded = load_model(config.model, self.dtype, self.device, config.max_model_len)
         self.model, self.model_config = loaded.model, loaded.config
         self.tokenizer = self._load_tokenizer(loaded.tokenizer_dir)
@@ -74,6 +73,11 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         adapters = [load_peft_adapter(n, p, self.model_config) for n, p in config.adapters.items()]
+        if config.sharing == "auto":  # one rule for every entry point: lragent.lora.adapter.default_sharing
+            mode, why = default_sharing(adapters, self.model_config.num_layers, config.allow_unshared_a)
+            logger.info("sharing scheme %s (auto: %s)", mode, why)
+            self.config = config = config.with_sharing(mode)
+        self.scheme = get_scheme(config.sharing)
         max_loras = config.max_loras or len(adapters) + 4
         max_rank = config.max_lora_rank or max([a.rank for a in adapters] or [16])
         self.registry = AdapterRegistry(self.scheme, self.model_config.num_layers, max_loras, config.allow_unshared_a)

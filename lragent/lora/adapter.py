@@ -268,3 +268,23 @@ def unshared_value_layers(adapters: list[LoRAAdapter], num_layers: int) -> list[
                 differing.append(layer)
                 break
     return differing
+
+
+def default_sharing(adapters: list[LoRAAdapter], num_layers: int, allow_unshared_a: bool = False) -> tuple[str, str]:
+    """The sharing scheme `sharing="auto"` resolves to for these adapters, and why (one rule for every entry point).
+
+    k_proj adapters make keys agent-specific -> non_shared (exact); every v_proj A the same matrix (shared-A, or at
+    most one adapter) or `allow_unshared_a` -> base_lr_shared (nothing recomputed across agents); otherwise
+    base_shared (each agent computes its own low-rank cache over shared prefixes).
+    """
+    keyed = [a.name for a in adapters if "k_proj" in a.targets]
+    if keyed:
+        return "non_shared", f"adapter(s) {', '.join(keyed)} adapt k_proj (keys cannot be shared)"
+    if allow_unshared_a:
+        return "base_lr_shared", "allow_unshared_a is set"
+    layers = unshared_value_layers(adapters, num_layers)
+    if layers:
+        return "base_shared", f"the adapters' v_proj A differ in {len(layers)} layer(s)"
+    if len(adapters) < 2:
+        return "base_lr_shared", f"{len(adapters)} adapter(s) loaded: nothing to differ"
+    return "base_lr_shared", f"all {len(adapters)} adapters share their v_proj A"

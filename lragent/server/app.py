@@ -28,8 +28,10 @@ from lragent.server.protocol import (
     UnloadLoRARequest,
     parse_body,
 )
+from lragent.server.responses_api import ResponsesRequest, create_response
 from lragent.server.serving import OpenAIServing
 from lragent.server.shutdown import Admission, AdmissionMiddleware
+from lragent.server.tools import PARSERS
 
 log = logging.getLogger("lragent.server")
 DRAIN_FACTOR = 4  # an oversize body is read (and dropped) up to this many times the limit, so the client sees the 413
@@ -45,12 +47,15 @@ class ServerSettings:
     allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter (off, as in vLLM)
     lora_roots: tuple[str, ...] = ()  # runtime loads must resolve (symlinks followed) inside one of these folders
     tenant_isolation: bool = False  # derive each request's cache salt from its API key: tenants share no cache
+    tool_call_parser: str = "hermes"  # how tool calls are written and parsed: hermes, llama3_json or mistral
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         object.__setattr__(self, "lora_roots", tuple(str(r) for r in self.lora_roots))
         if self.tenant_isolation and not self.keys:
             raise ValueError("tenant isolation needs at least one API key: tenants are told apart by their keys")
+        if self.tool_call_parser not in PARSERS:
+            raise ValueError(f"unknown tool-call parser {self.tool_call_parser!r} (choose from {', '.join(PARSERS)})")
         if self.allow_runtime_lora and not self.lora_roots:
             raise ValueError(
                 "runtime adapter loading needs at least one adapter root (--lora-root DIR): "
@@ -121,6 +126,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> Fas
         {engine.config.model},
         settings.max_choices,
         engine.model_config.vocab_size,
+        settings.tool_call_parser,
     )
     created = int(time.time())
     keys = [(key, _key_bytes(key)) for key in settings.keys]
@@ -178,6 +184,11 @@ def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> Fas
     async def completions(request: Request) -> Response:
         body = await body_of(request, CompletionRequest)
         return await serving.completion(body, request, cache_salt(request, body.cache_salt))
+
+    @v1.post("/responses")
+    async def responses(request: Request) -> Response:
+        body = await body_of(request, ResponsesRequest)
+        return await create_response(serving, body, request, cache_salt(request, body.cache_salt))
 
     @v1.get("/models")
     async def models() -> JSONResponse:

@@ -1,7 +1,8 @@
 """`lragent serve`: an OpenAI-compatible server over one engine.
 
-    lragent serve --model smollm2-135m-instruct --adapter plan=PATH --adapter action=PATH \\
-        --sharing base_lr_shared --host 127.0.0.1 --port 8000 [--api-key KEY]
+    lragent serve smollm2-135m-instruct --adapter plan=PATH --adapter action=PATH \\
+        --host 127.0.0.1 --port 8000 [--api-key KEY]          # sharing: auto (shared-A -> base_lr_shared)
+    lragent serve MODEL --enable-lora --lora-modules plan=PATH action=PATH --dtype half   # vLLM's flag names
     lragent serve --adapter-set hotpotqa-shared-a          # the shipped plan/action/reflect adapters
     lragent serve --api-key KEY_A --api-key KEY_B --tenant-isolation \
         --enable-runtime-lora --lora-root /srv/adapters        # two tenants, adapters loadable from one folder
@@ -10,21 +11,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
 
-from lragent.engine_args import add_engine_args, engine_config, parse_size
+from lragent.engine_args import HelpFormatter, add_engine_args, add_model_positional, engine_config, parse_size
+
+SERVER_MODULES = ("fastapi", "uvicorn", "prometheus_client")  # the [server] extra
 
 
 def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Serve LoRA agents over the OpenAI API with a shared KV cache.")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve LoRA agents over the OpenAI API with a shared KV cache.",
+        formatter_class=HelpFormatter,
+    )
+    add_model_positional(p)
     add_engine_args(p)
     p.add_argument(
         "--adapter-set", default=None, metavar="SET", help="serve every role of a shipped set, e.g. hotpotqa-shared-a"
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument(
         "--api-key",
         action="append",
@@ -38,7 +47,13 @@ def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
         help="derive the cache salt from the caller's API key: tenants share no cached prefix (needs --api-key)",
     )
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
-    p.add_argument("--max-body-bytes", type=parse_size, default=16 << 20)
+    p.add_argument(
+        "--tool-call-parser",
+        default="hermes",
+        choices=["hermes", "llama3_json", "mistral"],
+        help="tool-call format of the model: hermes (Qwen2.5, Hermes, SmolLM2), llama3_json (Llama 3.1+), mistral",
+    )
+    p.add_argument("--max-body-bytes", type=parse_size, default=16 << 20, help="largest request body, e.g. 16M")
     lora = p.add_mutually_exclusive_group()
     lora.add_argument(
         "--enable-runtime-lora",
@@ -63,7 +78,9 @@ def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, how long requests in flight may run on before they are ended with an error",
     )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="log verbosity"
+    )
     return p
 
 
@@ -83,6 +100,7 @@ def server_settings(args: argparse.Namespace):
         allow_runtime_lora=args.runtime_lora,
         lora_roots=tuple(args.lora_root),
         tenant_isolation=args.tenant_isolation,
+        tool_call_parser=args.tool_call_parser,
     )
 
 
@@ -92,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]  # a library-only install
+    if missing:
+        print(f"error: `lragent serve` needs {', '.join(missing)}: pip install 'lragent[server]'", file=sys.stderr)
+        return 1
     if args.adapter_set:
         try:
             from lragent.adapters import adapter_set
@@ -128,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, settings)
     logging.getLogger("lragent.server").info(
         "serving %s (+ %d adapters: %s) with %s sharing on http://%s:%d/v1",
-        args.served_model_name or args.model,
+        args.served_model_name or config.model,
         len(names),
         ", ".join(names) or "none",
-        args.sharing,
+        engine.scheme.mode.value,
         args.host,
         args.port,
     )

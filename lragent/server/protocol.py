@@ -1,7 +1,13 @@
 """Request bodies of the OpenAI (and vLLM adapter-management) API, validated with pydantic.
 
-Unknown fields are ignored, as agent frameworks send many vendor extras; fields that would change the result but
-that lragent does not implement (tools, JSON mode, min_tokens, ...) are refused by `unsupported()`.
+Unknown fields are refused with a 400 naming them: a field the server does not know could change the output, and a
+200 with unconstrained text is worse than an error. A few fields that common clients (the official `openai` client,
+LangChain, the OpenAI Agents SDK) send and that cannot change the generated text are accepted and ignored:
+`user`, `metadata`, `store`, `service_tier`, `prompt_cache_key`, `safety_identifier`, `prediction`,
+`stream_options.include_obfuscation`, `guided_decoding_backend`, and on messages sent back from an earlier answer
+`refusal` / `annotations` / `audio` / `function_call` / `reasoning_content` when empty (`HARMLESS_EXTRAS`).
+Fields that would change the result but that lragent does not implement (min_tokens, ...) are refused by
+`unsupported()`.
 Sizes are capped (`limits()`): every stop string is searched for after every token of every choice, so a request
 with many long stop strings would slow the whole batch, i.e. every other client.
 """
@@ -26,12 +32,20 @@ Number = Annotated[float, Field(allow_inf_nan=False)]
 Int = Annotated[StrictInt, Field(ge=-INT64, lt=INT64)]  # larger integers are refused before any arithmetic
 
 
+HARMLESS_EXTRAS = (
+    "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "prediction",
+    "stream_options.include_obfuscation", "guided_decoding_backend",
+)  # fmt: skip
+NAME = r"^[A-Za-z0-9_.:-]{1,64}$"  # function and schema names (OpenAI's rule, plus '.' and ':')
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(_Body):
     include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = None  # accepted, ignored (OpenAI pads events; lragent never does)
 
 
 class _Generation(_Body):
@@ -50,6 +64,12 @@ class _Generation(_Body):
     frequency_penalty: Number | None = None
     logit_bias: dict[str, Number] | None = None
     user: str | None = None
+    # accepted and ignored: cannot change the output (see the module docstring)
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # vLLM-style extensions
     top_k: Int | None = None
     min_p: Number | None = None
@@ -87,14 +107,78 @@ class _Generation(_Body):
 
 
 class ContentPart(_Body):
+    model_config = ConfigDict(extra="allow")  # non-text parts are refused by ChatMessage.text(), naming their type
     type: str
     text: str | None = None
+
+
+class FunctionCall(_Body):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str  # JSON text of an object
+
+
+class ToolCall(_Body):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: Int | None = None  # some clients keep the index of a streamed call
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None  # the arguments are constrained for required / named choices either way
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str = Field(min_length=1, max_length=256)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JSONSchemaFormat(_Body):
+    name: str = Field(pattern=NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None  # the output is constrained to the schema either way
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` extra: one of these."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: StrictBool | None = None
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
+    # sent back by clients that append an earlier answer's message: accepted when empty
+    refusal: None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
+    reasoning_content: None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -114,18 +198,58 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
     top_logprobs: Int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormat | None = None
+    modalities: list[Literal["text"]] | None = None
+    prediction: dict[str, Any] | None = None  # accepted, ignored: a speed hint, not a constraint
+    # vLLM's structured-output extras (at most one constraint per request, response_format included)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted, ignored: xgrammar is the only backend
+    structured_outputs: StructuredOutputs | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.tools:
-            out.append(("tools", "tool calling is not supported: describe tools in the prompt instead"))
         if self.top_logprobs and not self.logprobs:
             out.append(("top_logprobs", "top_logprobs needs logprobs=true"))
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            out.append(("response_format", "only response_format {'type': 'text'} is supported"))
+        if self.response_format and self.response_format.type == "json_schema":
+            spec = self.response_format.json_schema
+            if spec is None or spec.schema_ is None:
+                out.append(("response_format", "response_format json_schema needs json_schema.schema"))
+        if self.structured_outputs is not None:
+            given = [k for k, v in self.structured_outputs.model_dump().items() if v not in (None, False)]
+            if len(given) != 1:
+                out.append(("structured_outputs", "structured_outputs must set exactly one of json, regex, choice, "
+                            f"grammar, json_object (got {', '.join(given) or 'none'})"))  # fmt: skip
+        given = [name for name, _ in self.constraints()]
+        if len(given) > 1:
+            out.append((given[1], f"{given[1]} cannot be combined with {given[0]}: give one output constraint"))
+        return out
+
+    def constraints(self) -> list[tuple[str, dict]]:
+        """(request field, SamplingParams keywords) of every output constraint the request sets."""
+        out: list[tuple[str, dict]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            out.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema and fmt.json_schema.schema_ is not None:
+            out.append(("response_format", {"json_schema": fmt.json_schema.schema_}))
+        simple = (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                  ("guided_grammar", "grammar"))  # fmt: skip
+        for name, key in simple:
+            if getattr(self, name) is not None:
+                out.append((name, {key: getattr(self, name)}))
+        so = self.structured_outputs
+        if so is not None:
+            for name, key in (("json_", "json_schema"), ("regex", "regex"), ("choice", "choice"),
+                              ("grammar", "grammar"), ("json_object", "json_object")):  # fmt: skip
+                if getattr(so, name) not in (None, False):
+                    out.append(("structured_outputs", {key: getattr(so, name)}))
+                    break
         return out
 
     @property
@@ -186,6 +310,9 @@ def parse_body(model: type[_Body], data: Any):
         loc = first["loc"]
         param = loc[0] if loc and isinstance(loc[0], str) else None  # the top-level field (union tags follow it)
         where = ".".join(str(p) for p in loc)[:200]  # dict keys are the client's: keep the echo short
+        if first["type"] == "extra_forbidden":
+            message = f"unknown field {where!r}: lragent does not support it (refused rather than ignored)"
+            raise APIError(400, message, param, "unknown_field") from None
         raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param) from None
     if isinstance(body, _Generation):
         for param, reason in body.limits() + body.unsupported():

@@ -13,6 +13,7 @@ from lragent.server.engine_loop import EngineRequest
 from lragent.server.errors import APIError
 from lragent.server.protocol import usage as usage_object
 from lragent.server.streaming import TextStream, sse
+from lragent.server.tools import ToolPlan, ToolStream, message_of
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Job:
     include_usage: bool
     logprobs: bool
     echo: list[str] | None = None  # prompt texts to prepend (completions with echo)
+    tools: ToolPlan | None = None  # chat with tools in use: outputs are parsed for tool calls
+    constraint_param: str | None = None  # the request field that constrains the output (for errors)
     created: int = field(default_factory=lambda: int(time.time()))
     finished: dict[int, RequestOutput] = field(default_factory=dict)
 
@@ -89,8 +92,9 @@ class Responder:
             n_out = len(out.token_ids)
             lp = self._logprobs(job, out.token_ids, out.logprobs[:n_out], out.top_logprobs[:n_out])
             if job.kind == "chat":
-                message = {"role": "assistant", "content": out.text}
-                choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": out.finish_reason})
+                message, called = message_of(job.tools, out.text)
+                reason = "tool_calls" if called and out.finish_reason == "stop" else out.finish_reason
+                choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": reason})
             else:
                 text = (job.echo[index // n] if job.echo else "") + out.text
                 choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
@@ -124,6 +128,7 @@ class Responder:
             r.index: TextStream(self.tokenizer, r.params.stop, r.params.include_stop_str_in_output)
             for r in job.requests
         }
+        calls = {r.index: ToolStream(job.tools) for r in job.requests} if job.tools is not None else {}
         for r in job.requests:  # the role (chat) or the echoed prompt first: headers and a first byte go out now
             if job.kind == "chat":
                 first = {
@@ -147,7 +152,24 @@ class Responder:
             new = out.new_token_ids
             span = slice(len(out.token_ids) - len(new), len(out.token_ids))
             lp = self._logprobs(job, new, out.logprobs[span], out.top_logprobs[span])
-            if text or lp or out.finished:
+            if item.index in calls:  # tool calls: content and call deltas from the parser, logprobs alongside
+                tool_stream = calls[item.index]
+                if out.finished:
+                    deltas, called = tool_stream.finish(text)
+                else:
+                    deltas, called = tool_stream.delta(text), False
+                for k, delta in enumerate(deltas):
+                    chunk = {"index": item.index, "delta": delta, "logprobs": lp if k == 0 else None,
+                             "finish_reason": None}  # fmt: skip
+                    yield self._chunk(job, [chunk])
+                if out.finished:
+                    reason = "tool_calls" if called and out.finish_reason == "stop" else out.finish_reason
+                    last = {"index": item.index, "delta": {}, "logprobs": None if deltas else lp}
+                    last["finish_reason"] = reason
+                    yield self._chunk(job, [last])
+                elif lp and not deltas:
+                    yield self._chunk(job, [self._choice_delta(job, item.index, "", None, lp)])
+            elif text or lp or out.finished:
                 reason = out.finish_reason if out.finished else None
                 yield self._chunk(job, [self._choice_delta(job, item.index, text, reason, lp)])
             if out.finished:

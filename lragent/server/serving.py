@@ -7,6 +7,7 @@ finds shared prefixes itself, across adapters as the sharing scheme allows, so c
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -14,13 +15,15 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from lragent.sampling import SamplingParams
+from lragent.engine.structured import StructuredOutputError
+from lragent.sampling import CONSTRAINTS, SamplingParams
 from lragent.server.engine_loop import AsyncEngine, EngineRequest, EngineUnavailable
 from lragent.server.errors import APIError, bad_request, from_engine_error
 from lragent.server.guard import shown
-from lragent.server.protocol import INT64, ChatCompletionRequest, CompletionRequest
+from lragent.server.protocol import INT64, ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from lragent.server.responses import Job, Responder
 from lragent.server.streaming import ClientDisconnected, EventStream, until_disconnect
+from lragent.server.tools import ToolPlan, check_schema, get_parser, plan_tools
 
 SAMPLING_FIELDS = (
     "max_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "seed", "min_p", "repetition_penalty",
@@ -54,6 +57,7 @@ class OpenAIServing:
         aliases: set[str],
         max_choices: int,
         vocab_size: int | None = None,
+        tool_call_parser: str = "hermes",
     ):
         self.engine = engine
         self.tokenizer = tokenizer
@@ -62,6 +66,8 @@ class OpenAIServing:
         self.max_choices = max_choices
         self.vocab_size = vocab_size
         self.responder = Responder(tokenizer)
+        get_parser(tool_call_parser)  # a ValueError for an unknown name, before serving
+        self.tool_call_parser = tool_call_parser
         # text this long cannot fit the context whatever it is (normalisation slack x2): refused before tokenising,
         # which runs on the event loop (about 1 s per MB) and would stall every other client's stream
         self.max_prompt_chars = 2 * engine.max_model_len * (longest_token(tokenizer) if tokenizer else 1) + 1024
@@ -100,7 +106,75 @@ class OpenAIServing:
         except Exception:  # an id the model has but the tokenizer lacks (padded vocabularies)
             raise bad_request("the prompt has token ids this model's tokenizer cannot decode", "prompt") from None
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    def template_renders_tools(self) -> bool:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return isinstance(template, str) and "tools" in template
+
+    def chat_messages(self, body: ChatCompletionRequest, plan: ToolPlan) -> tuple[list[dict], list[dict] | None]:
+        """The messages (and tools) for the chat template; tool calls and results in the history are checked and,
+        for templates that know nothing of tools, written out in the parser's format (results as user turns)."""
+        native = self.template_renders_tools()
+        calls: dict[str, str] = {}  # call id -> function name, of the assistant messages so far
+        messages: list[dict] = []
+        for i, m in enumerate(body.messages):
+            role = "system" if m.role == "developer" else m.role
+            if role == "tool":
+                if not m.tool_call_id or m.tool_call_id not in calls:
+                    raise bad_request(
+                        f"messages[{i}]: a tool message needs the tool_call_id of a call made by an earlier "
+                        f"assistant message (got {shown(m.tool_call_id or '')})",
+                        "messages",
+                    )
+                if native:
+                    messages.append({"role": "tool", "content": m.text(), "tool_call_id": m.tool_call_id,
+                                     "name": calls[m.tool_call_id]})  # fmt: skip
+                else:
+                    result = f"<tool_response>\n{m.text()}\n</tool_response>"
+                    if messages and messages[-1].get("tool_results"):
+                        messages[-1]["content"] += "\n" + result
+                    else:
+                        messages.append({"role": "user", "content": result, "tool_results": True})
+                continue
+            if role != "assistant" and (m.tool_calls or m.tool_call_id):
+                field = "tool_calls" if m.tool_calls else "tool_call_id"
+                raise bad_request(f"messages[{i}]: only {'assistant' if m.tool_calls else 'tool'} messages "
+                                  f"have {field}", "messages")  # fmt: skip
+            message: dict = {"role": role, "content": m.text()}
+            if m.tool_calls:
+                parsed = []
+                for call in m.tool_calls:
+                    try:
+                        args = json.loads(call.function.arguments)
+                    except ValueError:
+                        args = None
+                    if not isinstance(args, dict):
+                        raise bad_request(f"messages[{i}].tool_calls: arguments of {shown(call.id)} must be the "
+                                          "JSON text of an object", "messages")  # fmt: skip
+                    calls[call.id] = call.function.name
+                    parsed.append((call.id, call.function.name, args))
+                if native:
+                    message["tool_calls"] = [
+                        {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
+                        for cid, name, args in parsed
+                    ]
+                else:
+                    rendered = plan.parser.render_calls([(name, args) for _, name, args in parsed])
+                    message["content"] = f"{message['content']}\n{rendered}" if message["content"] else rendered
+            messages.append(message)
+        for rendered_message in messages:
+            rendered_message.pop("tool_results", None)
+        if not plan.tools:
+            return messages, None
+        if native:
+            return messages, plan.tools
+        section = plan.system_section()
+        if messages and messages[0]["role"] == "system":
+            messages[0]["content"] = f"{messages[0]['content']}\n\n{section}"
+        else:
+            messages.insert(0, {"role": "system", "content": section})
+        return messages, None
+
+    def chat_prompt(self, body: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template: use /v1/completions", "messages")
         if len(body.messages) > self.engine.max_model_len:  # every message costs at least one token
@@ -109,15 +183,53 @@ class OpenAIServing:
                 "messages",
                 "context_length_exceeded",
             )
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        plan = plan if plan is not None else self.tool_plan(body)
+        messages, tools = self.chat_messages(body, plan)
         self._check_length(sum(len(m["content"]) for m in messages), "messages")
+        extra = {"tools": tools} if tools else {}
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
         except TemplateError as exc:  # the template itself refuses (e.g. role order): its message is for the user
             raise bad_request(f"the chat template rejected the messages: {shown(str(exc))}", "messages") from None
         except Exception:
             raise bad_request("the chat template could not render these messages", "messages") from None
         return self.encode(text, "messages")
+
+    def tool_plan(self, body: ChatCompletionRequest) -> ToolPlan:
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        given = body.tool_choice
+        choice = given.model_dump() if isinstance(given, NamedToolChoice) else given
+        return plan_tools(tools, choice, body.parallel_tool_calls, self.tool_call_parser)
+
+    def chat_constraint(self, body: ChatCompletionRequest, plan: ToolPlan) -> tuple[dict | None, str | None]:
+        """(SamplingParams keywords, the request field they come from) of the output constraint, if any."""
+        given = body.constraints()
+        tool_constraint = plan.constraint()
+        if tool_constraint is not None:
+            if given:
+                raise bad_request(
+                    f"{given[0][0]} cannot be combined with tool_choice {plan.mode!r}: give one output constraint",
+                    given[0][0],
+                )
+            return tool_constraint, "tools"
+        if given and plan.mode == "auto":
+            raise bad_request(
+                f"{given[0][0]} cannot be combined with tools under tool_choice 'auto' (the output could not be a "
+                "tool call): send tool_choice 'none', or no tools",
+                given[0][0],
+            )
+        if not given:
+            return None, None
+        param, kwargs = given[0]
+        schema = kwargs.get("json_schema")
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                raise bad_request(f"{param}: the schema is not valid JSON", param) from None
+        if schema is not None:
+            check_schema(schema, f"{param} schema", param)
+        return kwargs, param
 
     def _check_ids(self, prompts: list[list[int]]) -> None:
         """Token ids must index the vocabulary, and fit the context, before anything decodes them (echo)."""
@@ -146,7 +258,9 @@ class OpenAIServing:
         self._check_ids(ids)
         return ids, [self.decode(p) for p in ids] if body.echo else []
 
-    def _params(self, body, prompt_len: int, choice: int, param: str) -> SamplingParams:
+    def _params(
+        self, body, prompt_len: int, choice: int, param: str, constraint: dict | None = None, where: str | None = None
+    ) -> SamplingParams:
         limit = self.engine.max_model_len
         if prompt_len == 0:
             raise bad_request("the prompt is empty", param)
@@ -186,13 +300,24 @@ class OpenAIServing:
                 presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0,
                 logit_bias=dict(body.logit_bias or {}),
+                **(constraint or {}),
             )
         except (ValueError, TypeError) as exc:
             word = str(exc).split(" ", 1)[0]
+            if where is not None and word.rstrip(":") in CONSTRAINTS:
+                raise bad_request(f"{where}: {exc}", where) from None
             raise bad_request(str(exc), word if word in SAMPLING_FIELDS else None) from None
 
     def make_job(
-        self, kind: str, body, adapter: str | None, prompts: list[list[int]], param: str, salt: str | None
+        self,
+        kind: str,
+        body,
+        adapter: str | None,
+        prompts: list[list[int]],
+        param: str,
+        salt: str | None,
+        constraint: dict | None = None,
+        constraint_param: str | None = None,
     ) -> Job:
         if body.n < 1:
             raise bad_request(f"n must be at least 1, got {body.n}", "n")
@@ -204,7 +329,7 @@ class OpenAIServing:
         for i, ids in enumerate(prompts):
             for j in range(body.n):
                 index = i * body.n + j
-                params = self._params(body, len(ids), j, param)
+                params = self._params(body, len(ids), j, param, constraint, constraint_param)
                 first = f"{job_id}-{i * body.n}" if j else None  # later choices reuse the first's prompt
                 requests.append(EngineRequest(ids, params, adapter, f"{job_id}-{index}", index, salt, first))
         return Job(
@@ -216,29 +341,46 @@ class OpenAIServing:
             body.stream,
             body.include_usage_in_stream,
             logprobs=bool(body.logprobs is not None and body.logprobs is not False),
+            constraint_param=constraint_param,
         )
 
     # ---- endpoints -----------------------------------------------------------------------------------------
+    def chat_job(self, body: ChatCompletionRequest, salt: str | None = None) -> Job:
+        """A chat request as a Job (tools planned, prompt rendered, output constrained), ready for `run_job`."""
+        adapter = self.resolve_model(body.model)
+        plan = self.tool_plan(body)
+        constraint, where = self.chat_constraint(body, plan)
+        prompt = self.chat_prompt(body, plan)
+        job = self.make_job("chat", body, adapter, [prompt], "messages", salt, constraint, where)
+        job.tools = plan if plan.active else None
+        return job
+
     async def chat(self, body: ChatCompletionRequest, request: Request, salt: str | None = None) -> Response:
         """`salt`: the cache salt the server derived (tenant and/or the client's `cache_salt`)."""
-        adapter = self.resolve_model(body.model)
-        job = self.make_job("chat", body, adapter, [self.chat_prompt(body)], "messages", salt)
-        return await self._run(job, request)
+        return await self.run_job(self.chat_job(body, salt), request)
 
     async def completion(self, body: CompletionRequest, request: Request, salt: str | None = None) -> Response:
         adapter = self.resolve_model(body.model)
         prompts, texts = self.completion_prompts(body)
         job = self.make_job("completion", body, adapter, prompts, "prompt", salt)
         job.echo = texts if body.echo else None
-        return await self._run(job, request)
+        return await self.run_job(job, request)
 
-    async def _run(self, job: Job, request: Request) -> Response:
+    async def submit(self, job: Job) -> asyncio.Queue:
+        """Add the job's requests to the engine; its outputs arrive on the returned queue."""
         try:
-            queue = await self.engine.submit(job.requests)
+            return await self.engine.submit(job.requests)
         except EngineUnavailable as exc:
             raise APIError(503, str(exc), None, "service_unavailable") from None
+        except StructuredOutputError as exc:  # the constraint does not compile: name the request field behind it
+            raise bad_request(f"{job.constraint_param}: {exc}" if job.constraint_param else str(exc),
+                              job.constraint_param) from None  # fmt: skip
         except (ValueError, TypeError) as exc:  # AdapterError is a ValueError
             raise from_engine_error(exc, "messages" if job.kind == "chat" else "prompt") from None
+
+    async def run_job(self, job: Job, request: Request) -> Response:
+        """Run a Job: an SSE stream when it streams, else the JSON response once every choice finished."""
+        queue = await self.submit(job)
 
         def on_close() -> None:
             self.engine.abort_nowait(job.unfinished_ids())
@@ -252,6 +394,8 @@ class OpenAIServing:
         finally:
             on_close()
         return JSONResponse(self.responder.response(job))
+
+    _run = run_job  # the older name
 
     async def _collect(self, job: Job, queue: asyncio.Queue) -> None:
         while len(job.finished) < len(job.requests):

@@ -1,0 +1,325 @@
+"""Tool calling, JSON mode and the vLLM guided extras on /v1/chat/completions (issue 14, items 1 and 2).
+
+A real uvicorn server on loopback with the embedded SmolLM2-135M on CPU, driven by the official `openai` client.
+SmolLM2's chat template renders no tools, so the fallback section (tools as JSON in the system prompt) is used;
+required / named calls are constrained by the function's schema, so even this small model returns valid calls.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from lragent.config import EngineConfig
+from lragent.engine.llm_engine import LLMEngine
+from lragent.server import ServerSettings, create_app
+from lragent.server.tools import ToolStream, parse_tool_calls, plan_tools
+
+MAX_LEN = 512
+CHAT = "/v1/chat/completions"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+SEARCH = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string", "maxLength": 16}},
+            "required": ["query"],
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def server():
+    config = EngineConfig(sharing="base_shared", kv_cache_bytes=32 << 20, max_model_len=MAX_LEN)
+    app = create_app(LLMEngine(config), ServerSettings())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not uv.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uv.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def check_person(value: dict) -> None:
+    assert set(value) == {"name", "age"} and isinstance(value["name"], str) and isinstance(value["age"], int)
+
+
+def check_weather(arguments: str) -> None:
+    args = json.loads(arguments)
+    assert set(args) == {"city", "unit"} and isinstance(args["city"], str) and args["unit"] in ("c", "f")
+
+
+def assemble(chunks) -> tuple[str, list[dict], str | None]:
+    """Content, tool calls and finish reason of a streamed answer, assembled as OpenAI clients do."""
+    content, calls, reason = "", {}, None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for d in choice.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = d.id or call["id"]
+                if d.function is not None:
+                    call["name"] += d.function.name or ""
+                    call["arguments"] += d.function.arguments or ""
+            reason = choice.finish_reason or reason
+    return content, [calls[i] for i in sorted(calls)], reason
+
+
+# ---- JSON mode ------------------------------------------------------------------------------------------------
+
+
+def test_json_object_and_strict_json_schema_streamed_and_not(client):
+    m, ask = model(client), [{"role": "user", "content": "Describe a person as JSON."}]
+    out = client.chat.completions.create(
+        model=m, messages=ask, max_tokens=40, temperature=0, response_format={"type": "json_object"}
+    )
+    text = out.choices[0].message.content
+    assert text.startswith("{")  # any JSON object: it may run past max_tokens, then it is a prefix of one
+    if out.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    out = client.chat.completions.create(model=m, messages=ask, max_tokens=40, temperature=0, response_format=fmt)
+    assert out.choices[0].finish_reason == "stop"
+    check_person(json.loads(out.choices[0].message.content))
+    chunks = list(
+        client.chat.completions.create(
+            model=m, messages=ask, max_tokens=40, temperature=0, response_format=fmt, stream=True
+        )
+    )
+    text, calls, reason = assemble(chunks)
+    assert text == out.choices[0].message.content and not calls and reason == "stop"
+
+
+def test_guided_extras_are_honoured(client):
+    m = model(client)
+    ask = [{"role": "user", "content": "Is the sky blue?"}]
+    cases = [
+        ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+        ({"guided_regex": "[0-9]{3}"}, lambda t: len(t) == 3 and t.isdigit()),
+        ({"guided_json": PERSON}, lambda t: check_person(json.loads(t)) is None),
+        ({"guided_grammar": 'root ::= "maybe" | "sure"'}, lambda t: t in ("maybe", "sure")),
+        ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+        ({"structured_outputs": {"json": PERSON}, "guided_decoding_backend": "xgrammar"}, lambda t: json.loads(t)),
+    ]
+    for extra, ok in cases:
+        out = client.chat.completions.create(model=m, messages=ask, max_tokens=40, temperature=0, extra_body=extra)
+        assert ok(out.choices[0].message.content), (extra, out.choices[0].message.content)
+
+
+# ---- tool calling ---------------------------------------------------------------------------------------------
+
+
+def test_named_tool_choice_streamed_and_not(client):
+    m = model(client)
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    kw = dict(model=m, messages=ASK, tools=[WEATHER, SEARCH], tool_choice=choice, max_tokens=40, temperature=0)
+    out = client.chat.completions.create(**kw)
+    msg = out.choices[0]
+    assert msg.finish_reason == "tool_calls" and msg.message.content is None
+    (call,) = msg.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    check_weather(call.function.arguments)
+    text, calls, reason = assemble(client.chat.completions.create(**kw, stream=True))
+    assert text == "" and reason == "tool_calls" and len(calls) == 1
+    assert calls[0]["name"] == "get_weather" and calls[0]["arguments"] == call.function.arguments
+
+
+def test_required_tool_choice_streamed_and_not(client):
+    m = model(client)
+    kw = dict(
+        model=m,
+        messages=ASK,
+        tools=[WEATHER, SEARCH],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=60,
+        temperature=0,
+    )
+    out = client.chat.completions.create(**kw)
+    assert out.choices[0].finish_reason == "tool_calls"
+    (call,) = out.choices[0].message.tool_calls
+    assert call.function.name in ("get_weather", "search")
+    if call.function.name == "get_weather":
+        check_weather(call.function.arguments)
+    else:
+        assert set(json.loads(call.function.arguments)) == {"query"}
+    _, calls, reason = assemble(client.chat.completions.create(**kw, stream=True))
+    assert reason == "tool_calls" and [(c["name"], c["arguments"]) for c in calls] == [
+        (call.function.name, call.function.arguments)
+    ]
+
+
+def test_tool_choice_none_and_a_tool_history(client):
+    m = model(client)
+    out = client.chat.completions.create(
+        model=m, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0
+    )
+    assert out.choices[0].message.tool_calls is None and out.choices[0].message.content
+    history = ASK + [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21, "sky": "sunny"}'},
+    ]
+    out = client.chat.completions.create(model=m, messages=history, tools=[WEATHER], max_tokens=8, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # the answer's message, sent back as the official client returns it, is accepted in the next turn
+    again = history + [out.choices[0].message.model_dump(exclude_none=False), {"role": "user", "content": "Thanks"}]
+    if out.choices[0].message.tool_calls:
+        again.insert(-1, {"role": "tool", "tool_call_id": out.choices[0].message.tool_calls[0].id, "content": "ok"})
+    client.chat.completions.create(model=m, messages=again, tools=[WEATHER], max_tokens=2, temperature=0)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+
+def error(server: str, body: dict) -> dict:
+    resp = httpx.post(f"{server}{CHAT}", json={"model": "smollm2-135m-instruct", "max_tokens": 2, **body}, timeout=60)
+    assert resp.status_code == 400, resp.text[:300]
+    return resp.json()["error"]
+
+
+def test_bad_input_is_refused_naming_the_field(server):
+    bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}
+    named = {"type": "function", "function": {"name": "ghost"}}
+    orphan = ASK + [{"role": "tool", "tool_call_id": "call_x", "content": "1"}]
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object", "minProperties": "x"}}}
+    unsat = {
+        "type": "json_schema",
+        "json_schema": {"name": "s", "schema": {"type": "string", "minLength": 5, "maxLength": 2}},
+    }
+    cases = [
+        ({"messages": ASK, "tools": [bad_tool]}, "tools", "parameters"),
+        ({"messages": ASK, "tools": [WEATHER], "tool_choice": named}, "tool_choice", "ghost"),
+        ({"messages": ASK, "tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"messages": orphan, "tools": [WEATHER]}, "messages", "tool_call_id"),
+        ({"messages": ASK, "response_format": schema}, "response_format", "schema"),
+        ({"messages": ASK, "response_format": unsat}, "response_format", "json_schema"),
+        ({"messages": ASK, "response_format": {"type": "json_schema"}}, "response_format", "schema"),
+        ({"messages": ASK, "response_format": {"type": "xml"}}, "response_format", "response_format"),
+        ({"messages": ASK, "guided_regex": "("}, "guided_regex", "regex"),
+        ({"messages": ASK, "guided_choice": ["a"], "guided_regex": "a"}, "guided_choice", "combined"),
+        ({"messages": ASK, "structured_outputs": {"structural_tag": "x"}}, "structured_outputs", "structural_tag"),
+        ({"messages": ASK, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "unknown field"),
+        ({"messages": ASK, "functions": [{"name": "f"}]}, "functions", "unknown field"),
+        ({"messages": ASK, "frobnicate": 1}, "frobnicate", "unknown field"),
+        ({"messages": [{"role": "user", "content": "x", "mood": "happy"}]}, "messages", "mood"),
+        (
+            {
+                "messages": ASK,
+                "tools": [WEATHER],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+            "combined",
+        ),
+    ]
+    for body, param, words in cases:
+        err = error(server, body)
+        assert err["param"] == param and words in err["message"], (body, err)
+    # harmless extras that common clients send are accepted
+    ok = {"user": "u", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "parallel_tool_calls": True}
+    resp = httpx.post(
+        f"{server}{CHAT}", json={"model": "smollm2-135m-instruct", "messages": ASK, "max_tokens": 1, **ok}, timeout=60
+    )
+    assert resp.status_code == 200, resp.text[:300]
+
+
+def test_parsers():
+    assert parse_tool_calls('Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>')[1][0].name == "f"
+    assert parse_tool_calls("<tool_call>{bad json</tool_call>") == ("<tool_call>{bad json</tool_call>", [])
+    content, calls = parse_tool_calls(
+        '<|python_tag|>{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {}}', "llama3_json"
+    )
+    assert content is None and [c.name for c in calls] == ["f", "g"] and json.loads(calls[0].arguments) == {"a": 1}
+    content, calls = parse_tool_calls('[TOOL_CALLS][{"name": "f", "arguments": {"x": "y"}}]', "mistral")
+    assert content is None and calls[0].name == "f"
+    assert parse_tool_calls("just text", "mistral") == ("just text", [])
+
+
+def test_auto_mode_stream_holds_back_a_call_and_emits_it_whole():
+    plan = plan_tools([WEATHER], "auto", None, "hermes")
+    stream = ToolStream(plan)
+    pieces = [
+        "Let me check.",
+        " <tool",
+        '_call>\n{"name": "get_weather", ',
+        '"arguments": {"city": "Paris", "unit": "c"}}',
+    ]
+    deltas = [d for p in pieces for d in stream.delta(p)]
+    last, called = stream.finish("\n</tool_call>")
+    content = "".join(d.get("content", "") for d in deltas + last)
+    assert called and content == "Let me check." and not any("tool_calls" in d for d in deltas)
+    (call,) = last[-1]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"])["city"] == "Paris"
+    text_only = ToolStream(plan)
+    assert text_only.delta("Hello <b>") == [{"content": "Hello <b>"}] and text_only.finish("!") == (
+        [{"content": "!"}],
+        False,
+    )
+
+
+def test_tool_call_parser_flag():
+    from lragent.server.cli import build_parser, server_settings
+
+    args = build_parser().parse_args(["--tool-call-parser", "llama3_json"])
+    assert server_settings(args).tool_call_parser == "llama3_json"
+    assert build_parser().parse_args([]).tool_call_parser == "hermes"
+    with pytest.raises(ValueError, match="tool-call parser"):
+        ServerSettings(tool_call_parser="xml")
