@@ -6,23 +6,61 @@ import contextlib
 import sys
 from collections.abc import Sequence as Seq
 from dataclasses import replace
+from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
 from lragent.config import EngineConfig
 from lragent.engine.llm_engine import LLMEngine, RequestOutput
 from lragent.engine.memory import held_only_by
+from lragent.lora.request import LoRARequest
 from lragent.sampling import SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, str]
+ParamsArg = SamplingParams | Seq[SamplingParams | None] | None
+AdapterArg = str | Seq[str | None] | None
+
+
+def _has(value: object, kind: type) -> bool:
+    """`value` is a `kind`, or a list / tuple holding one."""
+    return isinstance(value, kind) or (isinstance(value, (list, tuple)) and any(isinstance(v, kind) for v in value))
+
+
+def _params_and_adapter(first: object, second: object) -> tuple[ParamsArg, AdapterArg]:
+    """Positions 2 and 3 of `generate` / `chat` by type: sampling params then adapter (vLLM's order), or the
+    older adapter then sampling params. A string (or a list holding one) is an adapter, a SamplingParams (or a list
+    holding one) is sampling params; with neither (None, lists of None) the order does not matter."""
+    if _has(first, str) or _has(second, SamplingParams):
+        first, second = second, first
+    if _has(first, str) or _has(second, SamplingParams):
+        raise TypeError("sampling params and adapter: give one of each (a SamplingParams and an adapter name)")
+    return cast(ParamsArg, first), cast(AdapterArg, second)
+
+
+def ensure_lora(engine: LLMEngine, request: LoRARequest) -> str:
+    """The adapter name of `request`, loading its folder under that name when no adapter of that name is loaded."""
+    if not isinstance(request, LoRARequest):
+        raise TypeError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
+    loaded = engine.registry.adapters.get(request.lora_name)
+    if loaded is None:
+        if not request.lora_path:
+            raise ValueError(f"LoRARequest {request.lora_name!r}: not loaded and no lora_path to load it from")
+        engine.load_adapter(request.lora_name, request.lora_path)
+    elif request.lora_path and _folder(request.lora_path) != _folder(loaded.path):
+        raise ValueError(f"adapter {request.lora_name!r} is already loaded from another folder")
+    return request.lora_name
+
+
+def _folder(path: str) -> Path:
+    return Path(path).expanduser().resolve()
 
 
 class LLM:
     """Several LoRA agents on one base model, with a KV cache shared across them as `sharing` allows.
 
     >>> llm = LLM(adapters={"plan": "adapters/plan", "action": "adapters/action"}, sharing="base_shared")
-    >>> llm.generate(["Question: ..."], adapter="plan")[0].text
+    >>> llm.generate(["Question: ..."], SamplingParams(max_tokens=32), adapter="plan")[0].outputs[0].text
     """
 
     def __init__(
@@ -61,23 +99,37 @@ class LLM:
     def generate(
         self,
         prompts: Prompt | Seq[Prompt],
-        adapter: str | None | Seq[str | None] = None,
-        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        sampling_params: ParamsArg | AdapterArg = None,
+        adapter: AdapterArg | ParamsArg = None,
         cache_salt: str | None = None,
+        *,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Run all prompts to completion in one continuous batch; outputs come back in prompt order.
 
-        `adapter` is one name for all prompts or one per prompt (None = the base model). With `n` > 1 in a prompt's
-        sampling params, its n outputs come back one after the other in its place. The batch is atomic: a bad
-        request raises before any runs and leaves the engine untouched. A request the engine fails while running
-        comes back with `finish_reason == "error"` and `error` set; the others are unaffected. Prompts with a
-        different `cache_salt` share no cached block with these.
+        `generate(prompts, sampling_params, adapter="plan")` as in vLLM. Positions 2 and 3 are told apart by type,
+        so the older order `generate(prompts, "plan", params)` works too: a SamplingParams (or a list holding one)
+        is sampling params, a string (or a list holding one) is an adapter name. `adapter` is one name for all
+        prompts or one per prompt (None = the base model); `lora_request` (a LoRARequest, or one per prompt) names
+        the adapter instead, loading its folder first when no adapter of that name is loaded.
+
+        With `n` > 1 in a prompt's sampling params, its n outputs come back one after the other in its place (a flat
+        list: each sample is its own RequestOutput, whose vLLM-shaped `.outputs` is a one-item list). The batch is
+        atomic: a bad request raises before any runs and leaves the engine untouched (an adapter that `lora_request`
+        loaded stays loaded). A request the engine fails while running comes back with `finish_reason == "error"`
+        and `error` set; the others are unaffected. Prompts with a different `cache_salt` share no cached block with
+        these.
         """
         # One prompt (text or token ids) or several; the isinstance tests below are what tell them apart.
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [cast(Prompt, prompts)]
         prompts = cast(Seq[Prompt], prompts)
         n = len(prompts)
+        sampling_params, adapter = _params_and_adapter(sampling_params, adapter)
+        if lora_request is not None:
+            if adapter is not None:
+                raise ValueError("give either adapter or lora_request, not both")
+            adapter = self._adapters_of(lora_request)
         adapters: list[str | None] = (
             list(adapter) if isinstance(adapter, (list, tuple)) else [cast(str | None, adapter)] * n
         )
@@ -100,6 +152,11 @@ class LLM:
                 self.engine.abort(request_id)
             raise
         return [done[i] for i in ids]
+
+    def _adapters_of(self, lora_request: LoRARequest | Seq[LoRARequest | None]) -> str | None | list[str | None]:
+        if isinstance(lora_request, (list, tuple)):
+            return [None if r is None else ensure_lora(self.engine, r) for r in lora_request]
+        return ensure_lora(self.engine, cast(LoRARequest, lora_request))
 
     def _add_samples(
         self, prompt: Prompt, params: SamplingParams | None, adapter: str | None, salt: str | None
@@ -126,15 +183,18 @@ class LLM:
     def chat(
         self,
         messages: list[Message] | list[list[Message]],
-        adapter: str | None | Seq[str | None] = None,
-        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        sampling_params: ParamsArg | AdapterArg = None,
+        adapter: AdapterArg | ParamsArg = None,
+        *,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template (with the generation prompt) and generate."""
+        """Apply the tokenizer's chat template (with the generation prompt) and generate (arguments as `generate`)."""
         if messages and isinstance(messages[0], dict):  # one conversation
             conversations = [messages]
         else:
             conversations = cast(list[list[Message]], messages)
-        return self.generate([self.apply_chat_template(c) for c in conversations], adapter, sampling_params)
+        prompts = [self.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, sampling_params, adapter, lora_request=lora_request)
 
     def apply_chat_template(self, messages: list[Message]) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):

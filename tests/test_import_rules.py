@@ -44,7 +44,9 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
 )
 # On top of the core; they may import the core and each other, without cycles. `adapters` is the data package of
 # shipped adapters; `engine_args` is the CLI-flags -> EngineConfig helper shared by the command-line applications.
-APPLICATIONS = frozenset({"server", "agents", "eval", "bench", "train", "demo", "cli", "adapters", "engine_args"})
+APPLICATIONS = frozenset(
+    {"server", "agents", "eval", "bench", "train", "demo", "cli", "adapters", "engine_args", "async_llm"}
+)
 
 RANK = {name: rank for rank, layer in enumerate(CORE_LAYERS) for name in layer}
 

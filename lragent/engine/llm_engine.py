@@ -52,6 +52,24 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token (params.top_logprobs)
     error: str | None = None  # set with finish_reason "error": why the engine failed this request (and no other)
 
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """vLLM's shape, `out.outputs[0].text`: one view of this sample (each of n samples is its own RequestOutput)."""
+        cumulative = sum(self.logprobs) if self.logprobs else None
+        return [CompletionOutput(0, self.text, self.token_ids, cumulative, self.logprobs, self.finish_reason)]
+
+
+@dataclass
+class CompletionOutput:
+    """One sample as vLLM's `CompletionOutput` names it (`logprobs`: the chosen tokens' logprobs, one per token)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[float]
+    finish_reason: str | None
+
 
 class Sampled(NamedTuple):
     """One sequence's draw of a step."""
