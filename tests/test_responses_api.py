@@ -341,3 +341,35 @@ def test_openai_agents_sdk(server):
     assert streamed.final_output == "".join(deltas) == plain.final_output
     assert plain.context_wrapper.usage.input_tokens > 10
     assert tool.final_output.startswith("Sunny in ")
+
+
+def test_openai_agents_sdk_tools_with_output_type(server):
+    """An agent with tools and an output_type: the SDK sends tools (tool_choice auto) with a JSON schema text format,
+    which the server answers with either a function call or the typed answer (one schema allows both)."""
+    import agents
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: str
+        sunny: bool
+
+    agents.set_tracing_disabled(True)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return f"Sunny in {city}."
+
+    agent = agents.Agent(
+        name="weather",
+        instructions="Answer with the weather.",
+        model=agents.OpenAIResponsesModel(model=MODEL, openai_client=client),
+        tools=[get_weather],
+        output_type=Weather,
+        tool_use_behavior="stop_on_first_tool",
+        model_settings=agents.ModelSettings(max_tokens=48, temperature=0),
+    )
+    result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?", max_turns=2))
+    out = result.final_output
+    assert isinstance(out, Weather) or (isinstance(out, str) and out.startswith("Sunny in ")), out

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from transformers import AutoTokenizer
 
 from lragent.config import EngineConfig
 from lragent.engine.llm_engine import LLMEngine
@@ -196,6 +197,44 @@ def test_required_tool_choice_streamed_and_not(client):
     ]
 
 
+def test_auto_tool_choice_with_response_format(client, model_dir):
+    """The OpenAI Agents SDK's agent with tools and an output_type: tool_choice auto plus a JSON schema. One schema
+    allows a JSON array of calls or the answer object; a logit bias on the first character picks each branch."""
+    m = model(client)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    kw = dict(model=m, messages=ASK, tools=[WEATHER, SEARCH], tool_choice="auto", max_tokens=60, temperature=0,
+              response_format=fmt)  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    (bracket,) = tok.encode("[", add_special_tokens=False)
+    (brace,) = tok.encode("{", add_special_tokens=False)
+    calls_out = client.chat.completions.create(**kw, logit_bias={str(bracket): 100})
+    choice = calls_out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    assert choice.message.tool_calls and all(c.function.name in ("get_weather", "search") for c in
+                                             choice.message.tool_calls)  # fmt: skip
+    text, calls, reason = assemble(client.chat.completions.create(**kw, logit_bias={str(bracket): 100}, stream=True))
+    assert text == "" and reason == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+    ]
+    answer = client.chat.completions.create(**kw, logit_bias={str(brace): 100})
+    assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
+    check_person(json.loads(answer.choices[0].message.content))
+    text, calls, reason = assemble(client.chat.completions.create(**kw, logit_bias={str(brace): 100}, stream=True))
+    assert text == answer.choices[0].message.content and not calls and reason == "stop"
+    # a schema with $defs (pydantic's, as the Agents SDK sends): its definitions move to the wrapper's root
+    nested = {"type": "object", "properties": {"who": {"$ref": "#/$defs/P"}}, "required": ["who"],
+              "additionalProperties": False, "$defs": {"P": PERSON}}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": nested}}
+    out = client.chat.completions.create(**{**kw, "response_format": fmt}, logit_bias={str(brace): 100})
+    assert out.choices[0].finish_reason == "stop", out
+    check_person(json.loads(out.choices[0].message.content)["who"])
+    # json_object with auto: an object or calls, either way valid
+    out = client.chat.completions.create(**{**kw, "response_format": {"type": "json_object"}})
+    if out.choices[0].finish_reason == "stop" and not out.choices[0].message.tool_calls:
+        assert isinstance(json.loads(out.choices[0].message.content), dict)
+
+
 def test_tool_choice_none_and_a_tool_history(client):
     m = model(client)
     out = client.chat.completions.create(
@@ -268,6 +307,20 @@ def test_bad_input_is_refused_naming_the_field(server):
             },
             "response_format",
             "combined",
+        ),
+        (
+            {"messages": ASK, "tools": [WEATHER], "guided_regex": "[0-9]+"},
+            "guided_regex",
+            "only a JSON output",
+        ),
+        (
+            {
+                "messages": ASK,
+                "tools": [WEATHER],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "array"}}},
+            },
+            "response_format",
+            "root",
         ),
     ]
     for body, param, words in cases:

@@ -22,11 +22,13 @@ from lragent.server.errors import APIError, bad_request, install_handlers
 from lragent.server.guard import check_adapter_name, decode_json, resolve_inside, scrub_paths, shown
 from lragent.server.metrics import CONTENT_TYPE, ServerMetrics
 from lragent.server.protocol import (
+    SESSION_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoRARequest,
     UnloadLoRARequest,
     parse_body,
+    session_of,
 )
 from lragent.server.responses_api import ResponsesRequest, create_response
 from lragent.server.serving import OpenAIServing
@@ -48,12 +50,15 @@ class ServerSettings:
     lora_roots: tuple[str, ...] = ()  # runtime loads must resolve (symlinks followed) inside one of these folders
     tenant_isolation: bool = False  # derive each request's cache salt from its API key: tenants share no cache
     tool_call_parser: str = "hermes"  # how tool calls are written and parsed: hermes, llama3_json or mistral
+    max_sessions: int = 1000  # session ids with /metrics series of their own; older ones are folded into _other
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         object.__setattr__(self, "lora_roots", tuple(str(r) for r in self.lora_roots))
         if self.tenant_isolation and not self.keys:
             raise ValueError("tenant isolation needs at least one API key: tenants are told apart by their keys")
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {self.max_sessions}")
         if self.tool_call_parser not in PARSERS:
             raise ValueError(f"unknown tool-call parser {self.tool_call_parser!r} (choose from {', '.join(PARSERS)})")
         if self.allow_runtime_lora and not self.lora_roots:
@@ -117,7 +122,7 @@ def _model_root(engine: LLMEngine, name: str) -> str:
 def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     name = settings.served_model_name or engine.config.model
-    metrics = ServerMetrics(name, engine.scheme.mode.value, engine.config.block_size)
+    metrics = ServerMetrics(name, engine.scheme.mode.value, engine.config.block_size, settings.max_sessions)
     loop = AsyncEngine(engine, metrics)
     serving = OpenAIServing(
         loop,
@@ -175,20 +180,27 @@ def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> Fas
     async def body_of(request: Request, model):
         return parse_body(model, await read_json(request, settings.max_body_bytes))
 
+    def session(request: Request, body) -> str | None:
+        """The optional trajectory id (header first, then `session_id`): per-session metrics only."""
+        return session_of(request.headers.get(SESSION_HEADER), body.session_id)
+
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await body_of(request, ChatCompletionRequest)
-        return await serving.chat(body, request, cache_salt(request, body.cache_salt))
+        sid = session(request, body)
+        return await serving.chat(body, request, cache_salt(request, body.cache_salt), sid)
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
         body = await body_of(request, CompletionRequest)
-        return await serving.completion(body, request, cache_salt(request, body.cache_salt))
+        sid = session(request, body)
+        return await serving.completion(body, request, cache_salt(request, body.cache_salt), sid)
 
     @v1.post("/responses")
     async def responses(request: Request) -> Response:
         body = await body_of(request, ResponsesRequest)
-        return await create_response(serving, body, request, cache_salt(request, body.cache_salt))
+        sid = session(request, body)
+        return await create_response(serving, body, request, cache_salt(request, body.cache_salt), sid)
 
     @v1.get("/models")
     async def models() -> JSONResponse:

@@ -53,6 +53,13 @@ def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
         choices=["hermes", "llama3_json", "mistral"],
         help="tool-call format of the model: hermes (Qwen2.5, Hermes, SmolLM2), llama3_json (Llama 3.1+), mistral",
     )
+    p.add_argument(
+        "--max-tracked-sessions",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="session ids (X-Session-ID / session_id) with /metrics series of their own; older ones go to _other",
+    )
     p.add_argument("--max-body-bytes", type=parse_size, default=16 << 20, help="largest request body, e.g. 16M")
     lora = p.add_mutually_exclusive_group()
     lora.add_argument(
@@ -101,6 +108,7 @@ def server_settings(args: argparse.Namespace):
         lora_roots=tuple(args.lora_root),
         tenant_isolation=args.tenant_isolation,
         tool_call_parser=args.tool_call_parser,
+        max_sessions=args.max_tracked_sessions,
     )
 
 

@@ -46,6 +46,7 @@ class EngineRequest:
     index: int  # choice index in the HTTP response
     cache_salt: str | None = None  # requests with different salts share no cached block (tenant isolation)
     follows: str | None = None  # the first choice of the same prompt: this one reuses its computed prompt
+    session: str | None = None  # the client's session (trajectory) id: labels per-session metrics, nothing else
 
 
 class EngineUnavailable(RuntimeError):
@@ -60,6 +61,7 @@ class _Sink:
     adapter: str
     last_time: float | None = None
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    session: str | None = None
 
     def put(self, item: StreamItem) -> None:
         try:
@@ -122,7 +124,7 @@ class AsyncEngine:
                     extra = {k: v for k, v in (("cache_salt", r.cache_salt), ("follows", r.follows)) if v is not None}
                     engine.add_request(r.prompt_ids, r.params, r.adapter, r.request_id, **extra)
                     added.append(r.request_id)
-                    self._sinks[r.request_id] = _Sink(loop, out, r.index, r.adapter or "")
+                    self._sinks[r.request_id] = _Sink(loop, out, r.index, r.adapter or "", session=r.session)
             except BaseException:
                 for rid in added:
                     engine.abort(rid)
@@ -220,7 +222,7 @@ class AsyncEngine:
             for _ in out.new_token_ids:
                 self.metrics.token(sink.adapter, out.metrics, gap)
             if out.finished:
-                self.metrics.finished(sink.adapter, out.metrics, out.finish_reason or "stop")
+                self._finished(sink, out.metrics, out.finish_reason or "stop")
         sink.last_time = now
         if out.finished:
             del self._sinks[out.request_id]
@@ -229,12 +231,19 @@ class AsyncEngine:
             error = getattr(out, "error", None) or "the engine failed on this request"
         sink.put(StreamItem(sink.index, out, now, error=error))
 
+    def _finished(self, sink: _Sink, metrics: RequestMetrics | None, reason: str) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.finished(sink.adapter, metrics, reason)
+        if sink.session is not None:
+            self.metrics.session_finished(sink.session, metrics)
+
     def _abort(self, engine: LLMEngine, request_ids: list[str]) -> None:
         for rid in request_ids:
             sink = self._sinks.pop(rid, None)
             engine.abort(rid)
-            if sink is not None and self.metrics is not None:
-                self.metrics.finished(sink.adapter, sink.metrics, "abort")
+            if sink is not None:
+                self._finished(sink, sink.metrics, "abort")
 
     def _fail_all(self, message: str, status: int = 500) -> None:
         now = time.perf_counter()
@@ -243,7 +252,6 @@ class AsyncEngine:
                 self.engine.abort(rid)
             except Exception:
                 log.exception("abort of %s failed", rid)
-            if self.metrics is not None:
-                self.metrics.finished(sink.adapter, sink.metrics, "error")
+            self._finished(sink, sink.metrics, "error")
             sink.put(StreamItem(sink.index, None, now, error=message, status=status))
         self._sinks.clear()

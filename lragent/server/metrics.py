@@ -2,9 +2,17 @@
 
 Token counters are per adapter (the base model is labelled with its served name). The share of prompt tokens
 served from the cache is `rate(lragent_prompt_tokens_reused_total) / rate(lragent_prompt_tokens_total)`.
+
+Requests that carry a session (trajectory) id (`X-Session-ID` header or `session_id` field) are also counted per
+session (`lragent_session_*`), so that one agent trajectory's cache reuse can be watched. The label set is bounded:
+the `max_sessions` most recently finished sessions keep their own series; an older one is folded into the
+`_other` series (its counts added there, its own series removed), so a client cannot grow /metrics without bound.
 """
 
 from __future__ import annotations
+
+import threading
+from collections import OrderedDict
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,11 +32,19 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 FINISH_REASONS = ("stop", "length", "abort", "error")
+OTHER_SESSIONS = "_other"  # the label of sessions folded out of the tracked set (a reserved session id)
+MAX_SESSIONS = 1000
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, sharing: str, block_size: int = 16):
+    def __init__(self, model_name: str, sharing: str, block_size: int = 16, max_sessions: int = MAX_SESSIONS):
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         self.base_label = model_name
+        self.max_sessions = max_sessions
+        # session -> [requests, prompt, reused, base_reused] of its live series, least recently finished first
+        self._sessions: OrderedDict[str, list[int]] = OrderedDict()
+        self._session_lock = threading.Lock()
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes etc. (Linux)
         by_adapter = ["adapter"]
@@ -89,6 +105,28 @@ class ServerMetrics:
         self.running = Gauge("lragent_num_requests_running", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("lragent_num_requests_waiting", "Sequences queued in the engine (queue depth)", registry=r)
         self.adapters = Gauge("lragent_adapters_loaded", "LoRA adapters loaded", registry=r)
+        by_session = ["session"]
+        self.session_requests = Counter(
+            "lragent_session_requests", "Finished engine requests per session id", by_session, registry=r
+        )
+        self.session_prompt_tokens = Counter(
+            "lragent_session_prompt_tokens", "Prompt tokens of finished requests per session id", by_session, registry=r
+        )
+        self.session_reused_tokens = Counter(
+            "lragent_session_prompt_tokens_reused",
+            "Prompt tokens served entirely from the cache per session id (usage cached_tokens)",
+            by_session,
+            registry=r,
+        )
+        self.session_base_reused_tokens = Counter(
+            "lragent_session_prompt_tokens_base_reused",
+            "Prompt tokens whose keys and base values came from the cache per session id",
+            by_session,
+            registry=r,
+        )
+        self.sessions_tracked = Gauge(
+            "lragent_sessions_tracked", "Session ids with series of their own (the rest are in _other)", registry=r
+        )
         self.info = Gauge(
             "lragent_info",
             "Served model, sharing scheme and cache block size",
@@ -135,6 +173,31 @@ class ServerMetrics:
         self.generation_tokens.labels(label).inc(metrics.generated_tokens)
         if metrics.latency_s is not None:
             self.e2e.labels(label).observe(metrics.latency_s)
+
+    def _session_series(self) -> tuple[Counter, ...]:
+        return (self.session_requests, self.session_prompt_tokens, self.session_reused_tokens,
+                self.session_base_reused_tokens)  # fmt: skip
+
+    def session_finished(self, session: str, metrics: RequestMetrics | None) -> None:
+        """A request of `session` ended: count it, and fold the least recent session into _other past the cap."""
+        counts = [1, 0, 0, 0]
+        if metrics is not None:
+            counts[1:] = [metrics.prompt_tokens, metrics.reused_tokens, metrics.base_reused_tokens]
+        with self._session_lock:
+            if session != OTHER_SESSIONS:  # refused as a client's id (reserved); counted, never tracked
+                totals = self._sessions.pop(session, None) or [0, 0, 0, 0]
+                self._sessions[session] = [a + b for a, b in zip(totals, counts)]  # now the most recent
+            for counter, n in zip(self._session_series(), counts):
+                counter.labels(session).inc(n)
+            while len(self._sessions) > self.max_sessions:
+                old, old_totals = self._sessions.popitem(last=False)
+                for counter, n in zip(self._session_series(), old_totals):
+                    counter.labels(OTHER_SESSIONS).inc(n)
+                    try:
+                        counter.remove(old)
+                    except KeyError:
+                        pass
+            self.sessions_tracked.set(len(self._sessions))
 
     # ---- called before each scrape -------------------------------------------------------------------------
     def update_engine(self, stats: dict, num_adapters: int) -> None:

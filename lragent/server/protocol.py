@@ -8,6 +8,8 @@ LangChain, the OpenAI Agents SDK) send and that cannot change the generated text
 `refusal` / `annotations` / `audio` / `function_call` / `reasoning_content` when empty (`HARMLESS_EXTRAS`).
 Fields that would change the result but that lragent does not implement (min_tokens, ...) are refused by
 `unsupported()`.
+`session_id` (an lragent extension, like the `X-Session-ID` header, which wins when both are given) names the agent
+trajectory a request belongs to; it only labels per-session cache metrics (`session_of()`): sharing never needs it.
 Sizes are capped (`limits()`): every stop string is searched for after every token of every choice, so a request
 with many long stop strings would slow the whole batch, i.e. every other client.
 """
@@ -27,6 +29,9 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
 MAX_SALT_CHARS = 256
 MAX_PATH_CHARS = 4096
+MAX_SESSION_CHARS = 128
+SESSION_HEADER = "X-Session-ID"
+RESERVED_SESSIONS = ("_other",)  # metrics.OTHER_SESSIONS: the series older sessions are folded into
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
 Int = Annotated[StrictInt, Field(ge=-INT64, lt=INT64)]  # larger integers are refused before any arithmetic
@@ -79,6 +84,7 @@ class _Generation(_Body):
     include_stop_str_in_output: StrictBool = False
     min_tokens: Int = 0
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
+    session_id: str | None = None  # lragent extension: checked by session_of()
 
     def limits(self) -> list[tuple[str, str]]:
         """(param, reason) for every field over the server's caps."""
@@ -318,6 +324,27 @@ def parse_body(model: type[_Body], data: Any):
         for param, reason in body.limits() + body.unsupported():
             raise bad_request(reason, param)
     return body
+
+
+def check_session_id(value: str, param: str) -> str:
+    """A session id as a metrics label: 1 to 128 printable ASCII characters, not a reserved label."""
+    if not 1 <= len(value) <= MAX_SESSION_CHARS or not all(" " <= c <= "~" for c in value):
+        raise bad_request(f"{param} must be 1 to {MAX_SESSION_CHARS} printable ASCII characters", param)
+    if value in RESERVED_SESSIONS:
+        raise bad_request(f"{param} {value!r} is reserved", param)
+    return value
+
+
+def session_of(header: str | None, field: str | None) -> str | None:
+    """The request's session id: the `X-Session-ID` header, else the body's `session_id`, else None.
+
+    The `user` field is not used: it names an end user (OpenAI's abuse-monitoring id), and one user runs many
+    trajectories."""
+    if header is not None:
+        return check_session_id(header, SESSION_HEADER)
+    if field is not None:
+        return check_session_id(field, "session_id")
+    return None
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: int, base_cached: int) -> dict:

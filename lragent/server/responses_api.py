@@ -93,6 +93,7 @@ class ResponsesRequest(BaseModel):
     image: Any = None
     # lragent extension, as on the chat path: requests with different salts share no cached block
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
+    session_id: str | None = None  # lragent extension, as on the chat path (protocol.session_of)
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = []
@@ -594,15 +595,18 @@ class _StreamState:
 # ---- the endpoint --------------------------------------------------------------------------------------------
 
 
-async def create_response(serving: OpenAIServing, body: ResponsesRequest, request: Request, salt: str | None):
-    """`POST /v1/responses`; `salt` is the cache salt the server derived (tenant and/or `cache_salt`)."""
+async def create_response(
+    serving: OpenAIServing, body: ResponsesRequest, request: Request, salt: str | None, session: str | None = None
+):
+    """`POST /v1/responses`; `salt` is the cache salt the server derived (tenant and/or `cache_salt`), `session` the
+    checked session id (per-session metrics only)."""
     for param, reason in body.unsupported():
         raise bad_request(reason, param)
     translator = Translator(body, text_format(body))
     chat_body = chat_request(body)
     try:
         chat = parse_body(ChatCompletionRequest, chat_body)
-        response: Response = await serving.chat(chat, request, salt)
+        response: Response = await serving.chat(chat, request, salt, session)
     except APIError as exc:
         raise _renamed(exc) from None
     if isinstance(response, StreamingResponse):  # the chat path's EventStream: same stream, translated events

@@ -212,12 +212,6 @@ class OpenAIServing:
                     given[0][0],
                 )
             return tool_constraint, "tools"
-        if given and plan.mode == "auto":
-            raise bad_request(
-                f"{given[0][0]} cannot be combined with tools under tool_choice 'auto' (the output could not be a "
-                "tool call): send tool_choice 'none', or no tools",
-                given[0][0],
-            )
         if not given:
             return None, None
         param, kwargs = given[0]
@@ -229,6 +223,17 @@ class OpenAIServing:
                 raise bad_request(f"{param}: the schema is not valid JSON", param) from None
         if schema is not None:
             check_schema(schema, f"{param} schema", param)
+        if plan.mode == "auto":  # either tool calls or the answer: one JSON schema allows both (tools.ToolPlan)
+            if kwargs.get("json_object"):
+                schema = {"type": "object"}
+            if schema is None:
+                raise bad_request(f"{param}: only a JSON output (json_schema or json_object) can be combined with "
+                                  "tools under tool_choice 'auto'", param)  # fmt: skip
+            if schema.get("type") != "object":
+                raise bad_request(f"{param}: with tools under tool_choice 'auto', the schema's root must be "
+                                  '"type": "object" (a JSON array is read as tool calls)', param)  # fmt: skip
+            plan.output_schema = schema
+            return plan.constraint(), param
         return kwargs, param
 
     def _check_ids(self, prompts: list[list[int]]) -> None:
@@ -318,6 +323,7 @@ class OpenAIServing:
         salt: str | None,
         constraint: dict | None = None,
         constraint_param: str | None = None,
+        session: str | None = None,
     ) -> Job:
         if body.n < 1:
             raise bad_request(f"n must be at least 1, got {body.n}", "n")
@@ -331,7 +337,7 @@ class OpenAIServing:
                 index = i * body.n + j
                 params = self._params(body, len(ids), j, param, constraint, constraint_param)
                 first = f"{job_id}-{i * body.n}" if j else None  # later choices reuse the first's prompt
-                requests.append(EngineRequest(ids, params, adapter, f"{job_id}-{index}", index, salt, first))
+                requests.append(EngineRequest(ids, params, adapter, f"{job_id}-{index}", index, salt, first, session))
         return Job(
             kind,
             job_id,
@@ -345,24 +351,29 @@ class OpenAIServing:
         )
 
     # ---- endpoints -----------------------------------------------------------------------------------------
-    def chat_job(self, body: ChatCompletionRequest, salt: str | None = None) -> Job:
+    def chat_job(self, body: ChatCompletionRequest, salt: str | None = None, session: str | None = None) -> Job:
         """A chat request as a Job (tools planned, prompt rendered, output constrained), ready for `run_job`."""
         adapter = self.resolve_model(body.model)
         plan = self.tool_plan(body)
         constraint, where = self.chat_constraint(body, plan)
         prompt = self.chat_prompt(body, plan)
-        job = self.make_job("chat", body, adapter, [prompt], "messages", salt, constraint, where)
+        job = self.make_job("chat", body, adapter, [prompt], "messages", salt, constraint, where, session)
         job.tools = plan if plan.active else None
         return job
 
-    async def chat(self, body: ChatCompletionRequest, request: Request, salt: str | None = None) -> Response:
-        """`salt`: the cache salt the server derived (tenant and/or the client's `cache_salt`)."""
-        return await self.run_job(self.chat_job(body, salt), request)
+    async def chat(
+        self, body: ChatCompletionRequest, request: Request, salt: str | None = None, session: str | None = None
+    ) -> Response:
+        """`salt`: the cache salt the server derived (tenant and/or the client's `cache_salt`); `session`: the
+        checked session id (per-session metrics only)."""
+        return await self.run_job(self.chat_job(body, salt, session), request)
 
-    async def completion(self, body: CompletionRequest, request: Request, salt: str | None = None) -> Response:
+    async def completion(
+        self, body: CompletionRequest, request: Request, salt: str | None = None, session: str | None = None
+    ) -> Response:
         adapter = self.resolve_model(body.model)
         prompts, texts = self.completion_prompts(body)
-        job = self.make_job("completion", body, adapter, prompts, "prompt", salt)
+        job = self.make_job("completion", body, adapter, prompts, "prompt", salt, session=session)
         job.echo = texts if body.echo else None
         return await self.run_job(job, request)
 

@@ -11,6 +11,11 @@ Three output formats, chosen by `--tool-call-parser` (one per model family):
 constrain it with a JSON schema built from the tools' parameters (any parser): a named call's output is its arguments
 object, a required call's output a JSON array of {"name", "arguments"} objects, so even a small model returns calls
 that validate. `parse_tool_calls` is a pure function, reusable by other endpoints (the Responses API).
+
+`"auto"` together with a JSON `response_format` (what the OpenAI Agents SDK sends for an agent with tools and an
+output type) is one JSON schema, `anyOf` [the required-calls array, the response schema]: the output is either a
+JSON array of {"name", "arguments"} calls or the answer object. The response schema's root must be an object, so the
+two cannot be confused: an array is read as calls, an object is the content.
 """
 
 from __future__ import annotations
@@ -236,10 +241,16 @@ class ToolPlan:
     name: str | None = None  # the named function
     parallel: bool = True
     parser: ToolParser = field(default_factory=HermesParser)
+    output_schema: dict | None = None  # "auto" with a JSON response_format: the answer's schema (root: an object)
 
     @property
     def active(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def json_auto(self) -> bool:
+        """tool_choice "auto" with a JSON output: a JSON array of calls, or the answer object."""
+        return self.mode == "auto" and self.output_schema is not None
 
     def parameters(self, name: str) -> dict:
         for tool in self.tools:
@@ -251,23 +262,32 @@ class ToolPlan:
         """SamplingParams keywords constraining the output (required / named), else None."""
         if self.mode == "named":
             return {"json_schema": self.parameters(self.name or "")}
+        if self.json_auto:
+            answer = dict(self.output_schema or {})
+            # "#/$defs/..." references resolve against the root: the answer's definitions move up to the wrapper
+            hoisted = {k: answer.pop(k) for k in ("$defs", "definitions") if k in answer}
+            return {"json_schema": {**hoisted, "anyOf": [self.calls_schema(), answer]}}
         if self.mode == "required":
-            options = [
-                {
-                    "type": "object",
-                    "properties": {"name": {"const": t["function"]["name"]}, "arguments": self.parameters(
-                        t["function"]["name"]
-                    )},
-                    "required": ["name", "arguments"],
-                }
-                for t in self.tools
-            ]  # fmt: skip
-            items = options[0] if len(options) == 1 else {"anyOf": options}
-            schema: dict = {"type": "array", "items": items, "minItems": 1}
-            if not self.parallel:
-                schema["maxItems"] = 1
-            return {"json_schema": schema}
+            return {"json_schema": self.calls_schema()}
         return None
+
+    def calls_schema(self) -> dict:
+        """A JSON array of one or more {"name", "arguments"} calls of the offered tools."""
+        options = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": t["function"]["name"]}, "arguments": self.parameters(
+                    t["function"]["name"]
+                )},
+                "required": ["name", "arguments"],
+            }
+            for t in self.tools
+        ]  # fmt: skip
+        items = options[0] if len(options) == 1 else {"anyOf": options}
+        schema: dict = {"type": "array", "items": items, "minItems": 1}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return schema
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         """Content and calls of a finished output; calls naming no offered tool make the output plain content."""
@@ -276,11 +296,12 @@ class ToolPlan:
             if found is None or not isinstance(found[0], dict) or text[found[1] :].strip():
                 return text, []
             return None, [ParsedCall(self.name or "", json.dumps(found[0], ensure_ascii=False))]
-        if self.mode == "required":
+        if self.mode == "required" or self.json_auto:
             found = _json_prefix(text, 0)
             items = found[0] if found is not None and not text[found[1] :].strip() else None
             parsed = [_call(i) for i in items] if isinstance(items, list) and items else [None]
-            required = [c for c in parsed if c is not None]
+            names = {t["function"]["name"] for t in self.tools}
+            required = [c for c in parsed if c is not None and c.name in names]
             return (None, required) if len(required) == len(parsed) else (text, [])
         content, calls = self.parser.parse(text)
         names = {t["function"]["name"] for t in self.tools}
@@ -295,7 +316,16 @@ class ToolPlan:
         lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in self.tools)
         return (
             "# Tools\n\nYou can call these functions (JSON Schema signatures, one per line):\n"
-            f"<tools>\n{lines}\n</tools>\n\n{self.parser.format_hint()}"
+            f"<tools>\n{lines}\n</tools>\n\n{self.format_hint()}"
+        )
+
+    def format_hint(self) -> str:
+        if not self.json_auto:
+            return self.parser.format_hint()
+        return (
+            "Answer with JSON only. To call functions, answer with a JSON list of calls:\n"
+            '[{"name": "FUNCTION_NAME", "arguments": {ARGUMENTS AS A JSON OBJECT}}]\n'
+            "Otherwise answer with the final JSON object."
         )
 
 
@@ -341,6 +371,12 @@ class ToolStream:
             return [{"tool_calls": [out]}]
         if self.plan.mode == "required":
             return []
+        if self.plan.json_auto:  # an array is calls (sent whole at the end), an object streams as content
+            stripped = self.text.lstrip()
+            if not stripped or stripped.startswith("["):
+                return []
+            piece, self.sent = self.text[self.sent :], len(self.text)
+            return [{"content": piece}] if piece else []
         cut = len(self.text[: self.plan.parser.content_until(self.text)].rstrip())  # whitespace may precede a call
         if cut > self.sent:
             piece, self.sent = self.text[self.sent : cut], cut
