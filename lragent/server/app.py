@@ -120,46 +120,67 @@ def _model_root(engine: LLMEngine, name: str) -> str:
 
 
 def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> FastAPI:
-    settings = settings or ServerSettings()
-    name = settings.served_model_name or engine.config.model
-    metrics = ServerMetrics(name, engine.scheme.mode.value, engine.config.block_size, settings.max_sessions)
-    loop = AsyncEngine(engine, metrics)
-    serving = OpenAIServing(
-        loop,
-        _tokenizer_copy(engine.tokenizer),
-        name,
-        {engine.config.model},
-        settings.max_choices,
-        engine.model_config.vocab_size,
-        settings.tool_call_parser,
-    )
-    created = int(time.time())
-    keys = [(key, _key_bytes(key)) for key in settings.keys]
+    """The app over one engine: the /v1 generation and adapter routes (behind the API key), health and metrics."""
+    return _App(engine, settings or ServerSettings()).build()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        loop.start()
-        try:
-            yield
-        finally:
-            loop.stop()
 
-    # /openapi.json is served below, behind the key; /docs and /redoc are off
-    app = FastAPI(title="lragent", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    admission = Admission()
-    app.add_middleware(AdmissionMiddleware, admission=admission)
-    app.state.engine_loop, app.state.metrics, app.state.settings = loop, metrics, settings
-    app.state.admission = admission
-    install_handlers(app, on_error=lambda status: metrics.http_errors.labels(str(status)).inc())
+class _App:
+    """What the routes share (settings, engine loop, serving, metrics) and one method per group of routes."""
 
-    async def check_key(request: Request) -> None:
+    def __init__(self, engine: LLMEngine, settings: ServerSettings):
+        self.engine, self.settings = engine, settings
+        self.name = settings.served_model_name or engine.config.model
+        self.metrics = ServerMetrics(
+            self.name, engine.scheme.mode.value, engine.config.block_size, settings.max_sessions
+        )
+        self.loop = AsyncEngine(engine, self.metrics)
+        self.serving = OpenAIServing(
+            self.loop,
+            _tokenizer_copy(engine.tokenizer),
+            self.name,
+            {engine.config.model},
+            settings.max_choices,
+            engine.model_config.vocab_size,
+            settings.tool_call_parser,
+        )
+        self.created = int(time.time())
+        self.keys = [(key, _key_bytes(key)) for key in settings.keys]
+
+    def build(self) -> FastAPI:
+        loop = self.loop
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            loop.start()
+            try:
+                yield
+            finally:
+                loop.stop()
+
+        # /openapi.json is served below, behind the key; /docs and /redoc are off
+        app = FastAPI(
+            title="lragent", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        )
+        admission = Admission()
+        app.add_middleware(AdmissionMiddleware, admission=admission)
+        app.state.engine_loop, app.state.metrics, app.state.settings = loop, self.metrics, self.settings
+        app.state.admission = admission
+        install_handlers(app, on_error=lambda status: self.metrics.http_errors.labels(str(status)).inc())
+        v1 = APIRouter(prefix="/v1", dependencies=[Depends(self.check_key)])
+        self._generation_routes(v1)
+        self._adapter_routes(v1)
+        app.include_router(v1)
+        self._service_routes(app)
+        return app
+
+    async def check_key(self, request: Request) -> None:
         """Any configured key is accepted; the matching one is kept on the request (for tenant isolation)."""
-        if not keys:
+        if not self.keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip().encode("latin-1")  # the header's raw bytes
         match = None
-        for key, raw in keys:  # every key is compared: the time taken does not depend on which one matched
+        for key, raw in self.keys:  # every key is compared: the time taken does not depend on which one matched
             if hmac.compare_digest(given, raw):
                 match = key
         if scheme.lower() != "bearer" or match is None:
@@ -168,68 +189,90 @@ def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> Fas
             )
         request.state.api_key = match
 
-    def cache_salt(request: Request, client_salt: str | None) -> str | None:
+    def cache_salt(self, request: Request, client_salt: str | None) -> str | None:
         """The engine's cache salt: the client's `cache_salt`, within its tenant's namespace under isolation."""
-        if not settings.tenant_isolation:
+        if not self.settings.tenant_isolation:
             return client_salt
         tenant = tenant_salt(request.state.api_key)
         return tenant if client_salt is None else f"{tenant}:{client_salt}"
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    async def body_of(self, request: Request, model):
+        return parse_body(model, await read_json(request, self.settings.max_body_bytes))
 
-    async def body_of(request: Request, model):
-        return parse_body(model, await read_json(request, settings.max_body_bytes))
-
+    @staticmethod
     def session(request: Request, body) -> str | None:
         """The optional trajectory id (header first, then `session_id`): per-session metrics only."""
         return session_of(request.headers.get(SESSION_HEADER), body.session_id)
 
-    @v1.post("/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        body = await body_of(request, ChatCompletionRequest)
-        sid = session(request, body)
-        return await serving.chat(body, request, cache_salt(request, body.cache_salt), sid)
+    def _generation_routes(self, v1: APIRouter) -> None:
+        serving = self.serving
 
-    @v1.post("/completions")
-    async def completions(request: Request) -> Response:
-        body = await body_of(request, CompletionRequest)
-        sid = session(request, body)
-        return await serving.completion(body, request, cache_salt(request, body.cache_salt), sid)
+        @v1.post("/chat/completions")
+        async def chat_completions(request: Request) -> Response:
+            body = await self.body_of(request, ChatCompletionRequest)
+            sid = self.session(request, body)
+            return await serving.chat(body, request, self.cache_salt(request, body.cache_salt), sid)
 
-    @v1.post("/responses")
-    async def responses(request: Request) -> Response:
-        body = await body_of(request, ResponsesRequest)
-        sid = session(request, body)
-        return await create_response(serving, body, request, cache_salt(request, body.cache_salt), sid)
+        @v1.post("/completions")
+        async def completions(request: Request) -> Response:
+            body = await self.body_of(request, CompletionRequest)
+            sid = self.session(request, body)
+            return await serving.completion(body, request, self.cache_salt(request, body.cache_salt), sid)
 
-    @v1.get("/models")
-    async def models() -> JSONResponse:
-        card = {"object": "model", "created": created, "owned_by": "lragent", "max_model_len": loop.max_model_len}
-        data = [{"id": name, "root": _model_root(engine, name), "parent": None, **card}]
-        data += [{"id": a, "root": a, "parent": name, **card} for a in sorted(loop.adapter_paths)]  # no paths
-        return JSONResponse({"object": "list", "data": data})
+        @v1.post("/responses")
+        async def responses(request: Request) -> Response:
+            body = await self.body_of(request, ResponsesRequest)
+            sid = self.session(request, body)
+            return await create_response(serving, body, request, self.cache_salt(request, body.cache_salt), sid)
 
-    def runtime_lora() -> None:
-        if not settings.allow_runtime_lora:
+        @v1.get("/models")
+        async def models() -> JSONResponse:
+            loop, name = self.loop, self.name
+            card = {
+                "object": "model",
+                "created": self.created,
+                "owned_by": "lragent",
+                "max_model_len": loop.max_model_len,
+            }
+            data = [{"id": name, "root": _model_root(self.engine, name), "parent": None, **card}]
+            data += [{"id": a, "root": a, "parent": name, **card} for a in sorted(loop.adapter_paths)]  # no paths
+            return JSONResponse({"object": "list", "data": data})
+
+    def _runtime_lora(self) -> None:
+        if not self.settings.allow_runtime_lora:
             raise APIError(
                 403, "loading and unloading adapters at runtime is disabled on this server (--enable-runtime-lora)"
             )
 
-    @v1.post("/load_lora_adapter")
-    async def load_lora_adapter(request: Request) -> PlainTextResponse:
-        runtime_lora()
-        body = await body_of(request, LoadLoRARequest)
-        check_adapter_name(body.lora_name)
-        if body.lora_name in serving.aliases:
-            raise bad_request(f"{shown(body.lora_name)} is the base model's name", "lora_name")
-        real = resolve_inside(body.lora_path, settings.lora_roots)
-        await _load(body.lora_name, body.lora_path, real)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+    def _adapter_routes(self, v1: APIRouter) -> None:
+        @v1.post("/load_lora_adapter")
+        async def load_lora_adapter(request: Request) -> PlainTextResponse:
+            self._runtime_lora()
+            body = await self.body_of(request, LoadLoRARequest)
+            check_adapter_name(body.lora_name)
+            if body.lora_name in self.serving.aliases:
+                raise bad_request(f"{shown(body.lora_name)} is the base model's name", "lora_name")
+            real = resolve_inside(body.lora_path, self.settings.lora_roots)
+            await self._load(body.lora_name, body.lora_path, real)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    async def _load(lora_name: str, given: str, real: Path) -> None:
+        @v1.post("/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request) -> PlainTextResponse:
+            self._runtime_lora()
+            body = await self.body_of(request, UnloadLoRARequest)
+            if body.lora_name not in self.loop.adapter_paths:
+                message = f"The lora adapter {shown(body.lora_name)} cannot be found."
+                raise APIError(404, message, "lora_name", "model_not_found")
+            try:
+                await self.loop.unload_adapter(body.lora_name)
+            except AdapterError as exc:
+                raise APIError(409, str(exc), "lora_name") from None
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    async def _load(self, lora_name: str, given: str, real: Path) -> None:
         """Load; a failure names the adapter and the reason, with no server path in it."""
         try:
-            await loop.load_adapter(lora_name, str(real))
+            await self.loop.load_adapter(lora_name, str(real))
         except (AdapterError, ValueError, KeyError, OSError) as exc:
             reason = scrub_paths(str(exc), real, given)
             raise bad_request(f"cannot load adapter {shown(lora_name)}: {reason}", "lora_path") from None
@@ -240,35 +283,21 @@ def create_app(engine: LLMEngine, settings: ServerSettings | None = None) -> Fas
                 "lora_path",
             ) from None
 
-    @v1.post("/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request) -> PlainTextResponse:
-        runtime_lora()
-        body = await body_of(request, UnloadLoRARequest)
-        if body.lora_name not in loop.adapter_paths:
-            message = f"The lora adapter {shown(body.lora_name)} cannot be found."
-            raise APIError(404, message, "lora_name", "model_not_found")
-        try:
-            await loop.unload_adapter(body.lora_name)
-        except AdapterError as exc:
-            raise APIError(409, str(exc), "lora_name") from None
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+    def _service_routes(self, app: FastAPI) -> None:
+        loop, metrics = self.loop, self.metrics
 
-    app.include_router(v1)
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            if not loop.alive:
+                raise APIError(503, "the engine loop is not running")
+            return JSONResponse({"status": "ok"})
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if not loop.alive:
-            raise APIError(503, "the engine loop is not running")
-        return JSONResponse({"status": "ok"})
+        @app.get("/metrics", dependencies=[Depends(self.check_key)])
+        async def prometheus() -> Response:
+            if loop.alive:
+                metrics.update_engine(await loop.stats(), len(loop.adapter_paths))
+            return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/metrics", dependencies=[Depends(check_key)])
-    async def prometheus() -> Response:
-        if loop.alive:
-            metrics.update_engine(await loop.stats(), len(loop.adapter_paths))
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/openapi.json", dependencies=[Depends(check_key)], include_in_schema=False)
-    async def openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
-
-    return app
+        @app.get("/openapi.json", dependencies=[Depends(self.check_key)], include_in_schema=False)
+        async def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
