@@ -58,6 +58,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_engine_args(p: argparse.ArgumentParser, default_sharing: str = SHARING_AUTO) -> None:
     """The engine flags (vLLM's names where vLLM has the option). `p` should use `HelpFormatter` to show defaults."""
+    _add_model_args(p)
+    _add_placement_args(p, default_sharing)
+    _add_memory_args(p)
+    _add_limit_args(p)
+    _add_execution_args(p)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model and the LoRA adapters to serve."""
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help="embedded name, Hugging Face folder, .gguf file or dummy:<preset>"
     )
@@ -83,6 +92,10 @@ def add_engine_args(p: argparse.ArgumentParser, default_sharing: str = SHARING_A
         action="store_true",
         help="accepted for vLLM compatibility and ignored: LoRA adapters are always enabled",
     )
+
+
+def _add_placement_args(p: argparse.ArgumentParser, default_sharing: str) -> None:
+    """The KV sharing scheme, the device and the dtype."""
     p.add_argument(
         "--sharing",
         default=default_sharing,
@@ -97,6 +110,10 @@ def add_engine_args(p: argparse.ArgumentParser, default_sharing: str = SHARING_A
         default="auto",
         help="auto (float32 on CPU, bfloat16 on CUDA), float32/float/fp32, bfloat16/bf16, float16/half/fp16",
     )
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    """The KV cache budget (in bytes, or as a fraction of the GPU) and its block size."""
     p.add_argument(
         "--kv-cache-bytes",
         "--kv-cache-memory-bytes",
@@ -110,12 +127,20 @@ def add_engine_args(p: argparse.ArgumentParser, default_sharing: str = SHARING_A
         "--gpu-memory-utilization", type=float, default=0.9, help="CUDA: fraction of the card the engine may use"
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    """Sequence, batch and adapter limits."""
     p.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step")
     p.add_argument("--max-loras", type=int, default=None, help="adapter slots (default: loaded + 4)")
     p.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank (default: the loaded max)")
     p.add_argument("--allow-unshared-a", action="store_true", help="base_lr_shared without shared-A (less accurate)")
+
+
+def _add_execution_args(p: argparse.ArgumentParser) -> None:
+    """Kernels, CUDA graphs and the sampling seed."""
     p.add_argument("--attention-backend", default="auto", help="auto, torch (reference) or triton")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps without CUDA graphs")
     p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured as a graph")

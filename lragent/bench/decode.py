@@ -225,7 +225,7 @@ def hf_peft(
     return batch * (new_tokens - 1) / (full - one)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lragent bench decode")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -245,16 +245,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hf", action="store_true", help="time our engine only (no HF + PEFT run)")
     parser.add_argument("--seed", type=int, default=0, help="base of the per-request seeds when sampling")
     add_sampling_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
     args = parser.parse_args(argv)
     args.sampling = sampling_options(args, parser)
     torch.manual_seed(0)
     if args.floor:
-        logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s")
-        rows = floor_report(args)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        result = {"args": vars(args), "decoding": describe(args.sampling), "sampling": args.sampling, "rows": rows}
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        _floor_main(args)
         return 0
+    rows = _time_batches(args)
+    decoding = describe(args.sampling)
+    _print_table(args, rows, decoding)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result = {"args": vars(args), "decoding": decoding, "sampling": args.sampling, "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _floor_main(args: argparse.Namespace) -> None:
+    """--floor: step times against the bandwidth floor, written to --out."""
+    logging.basicConfig(level=logging.INFO, format="  [%(name)s] %(message)s")
+    rows = floor_report(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result = {"args": vars(args), "decoding": describe(args.sampling), "sampling": args.sampling, "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def _time_batches(args: argparse.Namespace) -> list[dict]:
+    """Decode throughput of our engine (and HF + PEFT unless skipped) at every --batch, one row each."""
     rows = []
     skip_hf = args.no_hf or is_constrained(args.sampling)  # HF + PEFT has no constrained decoding here
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 {"batch": batch, "lragent_tok_s": a, "hf_peft_tok_s": b, "speedup": a / b if b else None, **stats}
             )
-    decoding = describe(args.sampling)
+    return rows
+
+
+def _print_table(args: argparse.Namespace, rows: list[dict], decoding: str) -> None:
+    """The table and the parseable `DECODE ...` line."""
     print(
         f"decode, {args.model}, q/v LoRA r8, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.device} "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), decoding: {decoding}"
@@ -282,10 +307,6 @@ def main(argv: list[str] | None = None) -> int:
         f"top_k={args.top_k} json_schema={int(is_constrained(args.sampling))} "
         + " ".join(f"b{r['batch']}_tok_s={r['lragent_tok_s']:.4g}" for r in rows)
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    result = {"args": vars(args), "decoding": decoding, "sampling": args.sampling, "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -202,7 +203,7 @@ def bench_decode(pools: PagedPools, batches, contexts, timer, dtype, device, cal
 def _decode_case(pools: PagedPools, batch: int, ctx: int, timer, dtype, device, calib, kw, baselines: bool) -> dict:
     """One (batch, context) decode case: our kernel, itself without the LR term, and (with `baselines`) the
     contiguous SDPA and naive-materialisation baselines."""
-    from lragent.kernels.triton_attention import default_num_splits, paged_decode
+    from lragent.kernels.triton_attention import default_num_splits
 
     bt, lbt = pools.tables(batch, ctx)
     slots = (torch.arange(batch, device=device) % 3 + 1).long()  # mixed adapters 1, 2, 3
@@ -211,44 +212,11 @@ def _decode_case(pools: PagedPools, batch: int, ctx: int, timer, dtype, device, 
     out = torch.empty_like(q)
     splits = kw.get("num_splits") or default_num_splits(batch, HKV, ctx, device, kw.get("block_n") or 64)
 
-    def ours():
-        return paged_decode(
-            q,
-            pools.key,
-            pools.value,
-            pools.lr,
-            bt,
-            lbt,
-            ctx_t,
-            slots,
-            pools.value_up,
-            pools.scaling,
-            max_context=ctx,
-            out=out,
-            **kw,
-        )
-
+    ours, no_lr = _decode_calls(pools, q, out, bt, lbt, ctx_t, slots, ctx, kw)
     t_ours = timer(ours)
     nbytes = batch * ctx * (2 * HKV * D + pools.rank) * torch.finfo(dtype).bits // 8
-    t_nolr = float("nan")
-    if baselines:  # the same kernel without the LR term (value_up None): what the rank-r path costs
-        t_nolr = timer(
-            lambda: paged_decode(
-                q,
-                pools.key,
-                pools.value,
-                None,
-                bt,
-                None,
-                ctx_t,
-                slots,
-                None,
-                pools.scaling,
-                max_context=ctx,
-                out=out,
-                **kw,
-            )
-        )
+    # the same kernel without the LR term (value_up None): what the rank-r path costs
+    t_nolr = timer(no_lr) if baselines else float("nan")
     bw = nbytes / (t_ours * 1e-3) / 1e9
     if not baselines:
         return {
@@ -277,6 +245,47 @@ def _decode_case(pools: PagedPools, batch: int, ctx: int, timer, dtype, device, 
         "ours_over_sdpa": t_ours / t_plain,
         "naive_over_ours": t_naive / t_ours,
     }
+
+
+def _decode_calls(pools: PagedPools, q, out, bt, lbt, ctx_t, slots, ctx: int, kw) -> tuple[Callable, Callable]:
+    """Our paged decode over the case's tensors, and the same kernel without the LR term (value_up None)."""
+    from lragent.kernels.triton_attention import paged_decode
+
+    def ours():
+        return paged_decode(
+            q,
+            pools.key,
+            pools.value,
+            pools.lr,
+            bt,
+            lbt,
+            ctx_t,
+            slots,
+            pools.value_up,
+            pools.scaling,
+            max_context=ctx,
+            out=out,
+            **kw,
+        )
+
+    def no_lr():
+        return paged_decode(
+            q,
+            pools.key,
+            pools.value,
+            None,
+            bt,
+            None,
+            ctx_t,
+            slots,
+            None,
+            pools.scaling,
+            max_context=ctx,
+            out=out,
+            **kw,
+        )
+
+    return ours, no_lr
 
 
 def _decode_baselines(
@@ -334,8 +343,6 @@ def bench_prefill(pools: PagedPools, news, prefixes, timer, dtype, device, calib
 def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device, calib, kw, baselines: bool) -> dict:
     """One sequence prefilling `new` tokens over a cached `prefix`: our kernel, itself without the LR term, and (with
     `baselines`) the contiguous SDPA and naive-materialisation baselines."""
-    from lragent.kernels.triton_attention import paged_prefill
-
     ctx = prefix + new
     bt, lbt = pools.tables(1, ctx)
     q = torch.randn(new, HQ, D, dtype=dtype, device=device)
@@ -343,6 +350,34 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
     qstart = torch.tensor([0, new], dtype=torch.int32, device=device)
     ctx_t = torch.tensor([ctx], dtype=torch.int32, device=device)
     slots = torch.tensor([1], dtype=torch.long, device=device)
+
+    ours, no_lr = _prefill_calls(pools, q, out, bt, lbt, qstart, ctx_t, slots, new, kw)
+    t_ours = timer(ours)
+    flops = prefill_flops(new, prefix)
+    t_nolr = timer(no_lr) if baselines else float("nan")
+    if not baselines:
+        return {"new_tokens": new, "prefix": prefix, "ours_ms": t_ours, "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12}
+    t_plain, backend, t_naive = _prefill_baselines(pools, q, slots, ctx, prefix, timer, dtype, device)
+    return {
+        "new_tokens": new,
+        "prefix": prefix,
+        "ours_ms": t_ours,
+        "ours_no_lr_ms": t_nolr,
+        "naive_ms": t_naive,
+        "sdpa_ms": t_plain,
+        "sdpa_backend": backend,
+        "flops": flops,
+        "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12,
+        "sdpa_TFLOPs": flops / (t_plain * 1e-3) / 1e12,
+        "ours_pct_matmul": 100 * flops / (t_ours * 1e-3) / 1e12 / calib["matmul_bf16_TFLOPs"],
+        "ours_over_sdpa": t_ours / t_plain,
+        "naive_over_ours": t_naive / t_ours,
+    }
+
+
+def _prefill_calls(pools: PagedPools, q, out, bt, lbt, qstart, ctx_t, slots, new: int, kw) -> tuple[Callable, Callable]:
+    """Our paged prefill over the case's tensors, and the same kernel without the LR term (value_up None)."""
+    from lragent.kernels.triton_attention import paged_prefill
 
     def ours():
         return paged_prefill(
@@ -362,46 +397,25 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
             **kw,
         )
 
-    t_ours = timer(ours)
-    flops = prefill_flops(new, prefix)
-    t_nolr = float("nan")
-    if baselines:
-        t_nolr = timer(
-            lambda: paged_prefill(
-                q,
-                pools.key,
-                pools.value,
-                None,
-                bt,
-                None,
-                qstart,
-                ctx_t,
-                slots,
-                None,
-                pools.scaling,
-                max_query_len=new,
-                out=out,
-                **kw,
-            )
+    def no_lr():
+        return paged_prefill(
+            q,
+            pools.key,
+            pools.value,
+            None,
+            bt,
+            None,
+            qstart,
+            ctx_t,
+            slots,
+            None,
+            pools.scaling,
+            max_query_len=new,
+            out=out,
+            **kw,
         )
-    if not baselines:
-        return {"new_tokens": new, "prefix": prefix, "ours_ms": t_ours, "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12}
-    t_plain, backend, t_naive = _prefill_baselines(pools, q, slots, ctx, prefix, timer, dtype, device)
-    return {
-        "new_tokens": new,
-        "prefix": prefix,
-        "ours_ms": t_ours,
-        "ours_no_lr_ms": t_nolr,
-        "naive_ms": t_naive,
-        "sdpa_ms": t_plain,
-        "sdpa_backend": backend,
-        "flops": flops,
-        "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12,
-        "sdpa_TFLOPs": flops / (t_plain * 1e-3) / 1e12,
-        "ours_pct_matmul": 100 * flops / (t_ours * 1e-3) / 1e12 / calib["matmul_bf16_TFLOPs"],
-        "ours_over_sdpa": t_ours / t_plain,
-        "naive_over_ours": t_naive / t_ours,
-    }
+
+    return ours, no_lr
 
 
 def _prefill_baselines(

@@ -127,7 +127,7 @@ def summary_line(rows: list[dict], device: torch.device, wall_s: float) -> str:
     return " ".join([*parts, f"configs={len(rows)}", f"wall_s={wall_s:.1f}"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lragent bench sampler",
         description=__doc__.split("\n\n")[0],
@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (CUDA: 5; CPU: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows and run metadata as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _build_parser()
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -156,6 +161,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--reps must be >= 1 and --warmup >= 0")
 
     t_begin = time.perf_counter()
+    rows = _time_all(args, device, vocabs, batches, settings, reps, warmup)
+    wall = time.perf_counter() - t_begin
+    line = summary_line(rows, device, wall)
+    print(line)
+    if args.json:
+        _write_json(args, argv, device, rows, line, reps, warmup, wall)
+    return 0
+
+
+def _time_all(
+    args: argparse.Namespace,
+    device: torch.device,
+    vocabs: list[int],
+    batches: list[int],
+    settings: list[str],
+    reps: int,
+    warmup: int,
+) -> list[dict]:
+    """Time every (vocab, batch, setting), printing the table as it goes; its rows."""
     print(
         f"sampler alone: float32 logits on {args.device} ({_device_name(device)}), median of {reps} calls after "
         f"{warmup} warm-up; tok/s = batch / step time; build = SamplingBatch.build (host, once per engine step)",
@@ -174,27 +198,36 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['build_ms']:>9.3f}",
                     flush=True,
                 )
-    wall = time.perf_counter() - t_begin
-    line = summary_line(rows, device, wall)
-    print(line)
-    if args.json:
-        meta = {
-            "device": args.device,
-            "device_name": _device_name(device),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "lragent bench sampler " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "reps": reps,
-            "warmup": warmup,
-            "wall_s": wall,
-            "history_tokens": HISTORY,
-        }
-        out = {"meta": meta, "settings": SETTINGS, "rows": rows, "summary": line}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
-        print("wrote", args.json)
-    return 0
+    return rows
+
+
+def _write_json(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    device: torch.device,
+    rows: list[dict],
+    line: str,
+    reps: int,
+    warmup: int,
+    wall: float,
+) -> None:
+    """Write the rows, the summary line and the run's metadata to --json."""
+    meta = {
+        "device": args.device,
+        "device_name": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "lragent bench sampler " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "reps": reps,
+        "warmup": warmup,
+        "wall_s": wall,
+        "history_tokens": HISTORY,
+    }
+    out = {"meta": meta, "settings": SETTINGS, "rows": rows, "summary": line}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print("wrote", args.json)
 
 
 if __name__ == "__main__":

@@ -777,6 +777,16 @@ def _build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_workload_args(p)
+    _add_engine_config_args(p)
+    _add_run_args(p)
+    add_sampling_args(p)
+    _add_output_args(p)
+    return p
+
+
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The model, the traces (lengths, steps, concurrency), the systems and the agents' adapters."""
     p.add_argument(
         "--model",
         default="smollm2-135m-instruct",
@@ -802,6 +812,10 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="a real PEFT adapter for an agent (default: random rank-8 q/v with shared v_proj A)",
     )
+
+
+def _add_engine_config_args(p: argparse.ArgumentParser) -> None:
+    """The engine's cache, batching and attention settings."""
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV budget (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -813,6 +827,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="context length (default: the model's); dummy models may go past their trained length",
     )
     p.add_argument("--attention-backend", default="auto")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Time limits, warm-up, decode profiling and the seed."""
     p.add_argument("--run-timeout", type=float, default=300.0, help="seconds per (system, length, K) run")
     p.add_argument(
         "--time-budget", type=float, default=None, help="seconds for the whole benchmark; later runs are skipped"
@@ -826,7 +844,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also break a decode step at CTX tokens down (host vs GPU kernels) for every engine system",
     )
     p.add_argument("--seed", type=int, default=0, help="trace ids, and the per-request seeds when sampling")
-    add_sampling_args(p)
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """Where results go, and --report (merge earlier results instead of running)."""
     p.add_argument("--out", default="results/trace", help="results folder (trace.json, PNG plots)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument(
@@ -835,7 +856,6 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="TRACE_JSON",
         help="run nothing: merge these trace.json files, print the table and targets, write --out",
     )
-    return p
 
 
 def _parse_systems(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:

@@ -30,6 +30,16 @@ SCHEMES = tuple(m.value for m in SharingMode)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lragent eval", description=__doc__.split("\n")[0])
+    _add_input_args(p)
+    _add_engine_options(p)
+    _add_run_args(p)
+    _add_agent_args(p)
+    _add_output_args(p)
+    return p
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """The question files, the sharing schemes to compare and the adapters."""
     p.add_argument(
         "data",
         nargs="+",
@@ -46,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder(s) holding plan/, action/, reflect/ (searched 3 levels down; repeatable, "
         f"comma-separated ok); default {DEFAULT_ADAPTER_ROOT}",
     )
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The model and the engine's device, dtype, KV cache budget and other keywords."""
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
@@ -68,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any other LLM/EngineConfig keyword, e.g. max_num_seqs=256 (repeatable)",
     )
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Which questions run, how many at once and for how long; --merge to combine earlier reports instead."""
     p.add_argument("--limit", type=int, default=None, help="first N questions of each file")
     p.add_argument(
         "--workers", type=int, default=8, help="questions in flight at once (one batched generate per round)"
@@ -94,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds for the whole evaluation: later runs are skipped, the last one is cut to fit",
     )
     p.add_argument("--merge", action="store_true", help="merge the eval.json files given as DATA into one report")
+
+
+def _add_agent_args(p: argparse.ArgumentParser) -> None:
+    """Decoding, the agents' limits and --force (base_lr_shared over adapters whose v_proj A differ)."""
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of T 0.9 / top-p 0.75 / top-k 40")
     p.add_argument("--max-iterations", type=int, default=45)
@@ -105,9 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow base_lr_shared with adapters whose v_proj A differ (engine allow_unshared_a)",
     )
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """What the report keeps, and where it goes."""
     p.add_argument("--save-trajectories", action="store_true", help="keep every trajectory text in the JSON")
     p.add_argument("--out", default="results/eval", help="output folder for eval.json and eval.png")
-    return p
 
 
 def parse_schemes(text: str) -> list[str]:

@@ -15,8 +15,13 @@ import importlib.util
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from lragent.engine_args import HelpFormatter, add_engine_args, add_model_positional, engine_config, parse_size
+
+if TYPE_CHECKING:
+    from lragent.config import EngineConfig
+    from lragent.server.app import ServerSettings
 
 SERVER_MODULES = ("fastapi", "uvicorn", "prometheus_client")  # the [server] extra
 
@@ -29,11 +34,25 @@ def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
     )
     add_model_positional(p)
     add_engine_args(p)
+    _add_listen_args(p)
+    _add_security_args(p)
+    _add_api_args(p)
+    _add_runtime_lora_args(p)
+    _add_process_args(p)
+    return p
+
+
+def _add_listen_args(p: argparse.ArgumentParser) -> None:
+    """--adapter-set, and where to listen."""
     p.add_argument(
         "--adapter-set", default=None, metavar="SET", help="serve every role of a shipped set, e.g. hotpotqa-shared-a"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
+
+
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    """API keys and tenant isolation."""
     p.add_argument(
         "--api-key",
         action="append",
@@ -46,6 +65,10 @@ def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
         action="store_true",
         help="derive the cache salt from the caller's API key: tenants share no cached prefix (needs --api-key)",
     )
+
+
+def _add_api_args(p: argparse.ArgumentParser) -> None:
+    """How the API names the model, parses tool calls, tracks sessions and bounds request bodies."""
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: --model)")
     p.add_argument(
         "--tool-call-parser",
@@ -61,6 +84,10 @@ def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
         help="session ids (X-Session-ID / session_id) with /metrics series of their own; older ones go to _other",
     )
     p.add_argument("--max-body-bytes", type=parse_size, default=16 << 20, help="largest request body, e.g. 16M")
+
+
+def _add_runtime_lora_args(p: argparse.ArgumentParser) -> None:
+    """Loading and unloading adapters at run time, and where from."""
     lora = p.add_mutually_exclusive_group()
     lora.add_argument(
         "--enable-runtime-lora",
@@ -78,6 +105,10 @@ def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
         metavar="DIR",
         help="runtime adapter loads must resolve inside DIR (repeatable)",
     )
+
+
+def _add_process_args(p: argparse.ArgumentParser) -> None:
+    """Shutdown and logging."""
     p.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -88,7 +119,6 @@ def build_parser(prog: str = "lragent serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="log verbosity"
     )
-    return p
 
 
 def server_settings(args: argparse.Namespace):
@@ -122,17 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: `lragent serve` needs {', '.join(missing)}: pip install 'lragent[server]'", file=sys.stderr)
         return 1
-    if args.adapter_set:
-        try:
-            from lragent.adapters import adapter_set
-
-            shipped = adapter_set(args.adapter_set)
-            if not shipped:
-                raise FileNotFoundError("no such shipped set (see lragent/adapters/manifest.json)")
-            args.adapter = [(role, str(path)) for role, path in shipped.items()] + args.adapter
-        except (ImportError, OSError) as exc:
-            print(f"error: adapter set {args.adapter_set!r}: {exc}", file=sys.stderr)
-            return 2
+    if args.adapter_set and not _add_adapter_set(args):
+        return 2
     names = [n for n, _ in args.adapter]
     if len(set(names)) != len(names):
         print("error: an adapter name is given twice", file=sys.stderr)
@@ -143,7 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return _serve(args, config, settings, names)
 
+
+def _add_adapter_set(args: argparse.Namespace) -> bool:
+    """Put the adapters of the shipped set --adapter-set before the --adapter ones; False (after printing the
+    error) when the set cannot be found or read."""
+    try:
+        from lragent.adapters import adapter_set
+
+        shipped = adapter_set(args.adapter_set)
+        if not shipped:
+            raise FileNotFoundError("no such shipped set (see lragent/adapters/manifest.json)")
+        args.adapter = [(role, str(path)) for role, path in shipped.items()] + args.adapter
+    except (ImportError, OSError) as exc:
+        print(f"error: adapter set {args.adapter_set!r}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _serve(args: argparse.Namespace, config: EngineConfig, settings: ServerSettings, names: list[str]) -> int:
+    """Load the engine and serve it until shut down; the exit status."""
     import uvicorn
 
     from lragent.engine.llm_engine import LLMEngine

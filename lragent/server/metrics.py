@@ -47,6 +47,19 @@ class ServerMetrics:
         self._session_lock = threading.Lock()
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes etc. (Linux)
+        self._add_request_metrics(r)
+        self._add_cache_metrics(r)
+        self._add_session_metrics(r)
+        self.info = Gauge(
+            "lragent_info",
+            "Served model, sharing scheme and cache block size",
+            ["model", "sharing", "block_size"],
+            registry=r,
+        )
+        self.info.labels(model_name, sharing, str(block_size)).set(1)
+
+    def _add_request_metrics(self, r: CollectorRegistry) -> None:
+        """Per-adapter counts of finished requests, tokens and latencies, and HTTP errors."""
         by_adapter = ["adapter"]
         self.requests = Counter(
             "lragent_requests", "Finished engine requests (one per choice)", ["adapter", "finish_reason"], registry=r
@@ -93,6 +106,9 @@ class ServerMetrics:
         self.e2e = Histogram(
             "lragent_e2e_request_latency_seconds", "Arrival to last token", by_adapter, buckets=E2E_BUCKETS, registry=r
         )
+
+    def _add_cache_metrics(self, r: CollectorRegistry) -> None:
+        """The KV cache, the prefix cache's hit rate, the engine's queues and the adapters loaded."""
         self.cache_bytes = Gauge(
             "lragent_cache_bytes", "KV cache bytes per pool (allocated or used)", ["pool", "state"], registry=r
         )
@@ -105,6 +121,9 @@ class ServerMetrics:
         self.running = Gauge("lragent_num_requests_running", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("lragent_num_requests_waiting", "Sequences queued in the engine (queue depth)", registry=r)
         self.adapters = Gauge("lragent_adapters_loaded", "LoRA adapters loaded", registry=r)
+
+    def _add_session_metrics(self, r: CollectorRegistry) -> None:
+        """Per-session-id counts, for the ``max_sessions`` most recently finished sessions."""
         by_session = ["session"]
         self.session_requests = Counter(
             "lragent_session_requests", "Finished engine requests per session id", by_session, registry=r
@@ -127,13 +146,6 @@ class ServerMetrics:
         self.sessions_tracked = Gauge(
             "lragent_sessions_tracked", "Session ids with series of their own (the rest are in _other)", registry=r
         )
-        self.info = Gauge(
-            "lragent_info",
-            "Served model, sharing scheme and cache block size",
-            ["model", "sharing", "block_size"],
-            registry=r,
-        )
-        self.info.labels(model_name, sharing, str(block_size)).set(1)
 
     def label(self, adapter: str | None) -> str:
         return adapter or self.base_label

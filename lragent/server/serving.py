@@ -20,7 +20,14 @@ from lragent.sampling import CONSTRAINTS, SamplingParams
 from lragent.server.engine_loop import AsyncEngine, EngineRequest, EngineUnavailable
 from lragent.server.errors import APIError, bad_request, from_engine_error
 from lragent.server.guard import shown
-from lragent.server.protocol import INT64, ChatCompletionRequest, CompletionRequest, NamedToolChoice
+from lragent.server.protocol import (
+    INT64,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    NamedToolChoice,
+    ToolCall,
+)
 from lragent.server.responses import Job, Responder
 from lragent.server.streaming import ClientDisconnected, EventStream, until_disconnect
 from lragent.server.tools import ToolPlan, check_schema, get_parser, plan_tools
@@ -119,21 +126,7 @@ class OpenAIServing:
         for i, m in enumerate(body.messages):
             role = "system" if m.role == "developer" else m.role
             if role == "tool":
-                if not m.tool_call_id or m.tool_call_id not in calls:
-                    raise bad_request(
-                        f"messages[{i}]: a tool message needs the tool_call_id of a call made by an earlier "
-                        f"assistant message (got {shown(m.tool_call_id or '')})",
-                        "messages",
-                    )
-                if native:
-                    messages.append({"role": "tool", "content": m.text(), "tool_call_id": m.tool_call_id,
-                                     "name": calls[m.tool_call_id]})  # fmt: skip
-                else:
-                    result = f"<tool_response>\n{m.text()}\n</tool_response>"
-                    if messages and messages[-1].get("tool_results"):
-                        messages[-1]["content"] += "\n" + result
-                    else:
-                        messages.append({"role": "user", "content": result, "tool_results": True})
+                _append_tool_result(messages, i, m, calls, native)
                 continue
             if role != "assistant" and (m.tool_calls or m.tool_call_id):
                 field = "tool_calls" if m.tool_calls else "tool_call_id"
@@ -141,25 +134,7 @@ class OpenAIServing:
                                   f"have {field}", "messages")  # fmt: skip
             message: dict = {"role": role, "content": m.text()}
             if m.tool_calls:
-                parsed = []
-                for call in m.tool_calls:
-                    try:
-                        args = json.loads(call.function.arguments)
-                    except ValueError:
-                        args = None
-                    if not isinstance(args, dict):
-                        raise bad_request(f"messages[{i}].tool_calls: arguments of {shown(call.id)} must be the "
-                                          "JSON text of an object", "messages")  # fmt: skip
-                    calls[call.id] = call.function.name
-                    parsed.append((call.id, call.function.name, args))
-                if native:
-                    message["tool_calls"] = [
-                        {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
-                        for cid, name, args in parsed
-                    ]
-                else:
-                    rendered = plan.parser.render_calls([(name, args) for _, name, args in parsed])
-                    message["content"] = f"{message['content']}\n{rendered}" if message["content"] else rendered
+                _add_tool_calls(message, i, m.tool_calls, calls, native, plan)
             messages.append(message)
         for rendered_message in messages:
             rendered_message.pop("tool_results", None)
@@ -167,11 +142,7 @@ class OpenAIServing:
             return messages, None
         if native:
             return messages, plan.tools
-        section = plan.system_section()
-        if messages and messages[0]["role"] == "system":
-            messages[0]["content"] = f"{messages[0]['content']}\n\n{section}"
-        else:
-            messages.insert(0, {"role": "system", "content": section})
+        _prepend_tool_section(messages, plan.system_section())
         return messages, None
 
     def chat_prompt(self, body: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[int]:
@@ -416,3 +387,57 @@ class OpenAIServing:
                 raise APIError(item.status, item.error, None, code)
             if item.output.finished:
                 job.finished[item.index] = item.output
+
+
+def _append_tool_result(messages: list[dict], i: int, m: ChatMessage, calls: dict[str, str], native: bool) -> None:
+    """Append the tool message ``m`` (``messages[i]`` of the request), checked against the ``calls`` made so far:
+    as a tool turn for templates that render tools, else as a ``<tool_response>`` user turn (merged with the
+    results just before it)."""
+    if not m.tool_call_id or m.tool_call_id not in calls:
+        raise bad_request(
+            f"messages[{i}]: a tool message needs the tool_call_id of a call made by an earlier "
+            f"assistant message (got {shown(m.tool_call_id or '')})",
+            "messages",
+        )
+    if native:
+        messages.append({"role": "tool", "content": m.text(), "tool_call_id": m.tool_call_id,
+                         "name": calls[m.tool_call_id]})  # fmt: skip
+        return
+    result = f"<tool_response>\n{m.text()}\n</tool_response>"
+    if messages and messages[-1].get("tool_results"):
+        messages[-1]["content"] += "\n" + result
+    else:
+        messages.append({"role": "user", "content": result, "tool_results": True})
+
+
+def _add_tool_calls(
+    message: dict, i: int, tool_calls: list[ToolCall], calls: dict[str, str], native: bool, plan: ToolPlan
+) -> None:
+    """Check the tool calls of an assistant message (``messages[i]`` of the request), record them in ``calls`` and
+    add them to ``message``: as ``tool_calls`` for templates that render tools, else in the parser's format."""
+    parsed = []
+    for call in tool_calls:
+        try:
+            args = json.loads(call.function.arguments)
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise bad_request(f"messages[{i}].tool_calls: arguments of {shown(call.id)} must be the "
+                              "JSON text of an object", "messages")  # fmt: skip
+        calls[call.id] = call.function.name
+        parsed.append((call.id, call.function.name, args))
+    if native:
+        message["tool_calls"] = [
+            {"id": cid, "type": "function", "function": {"name": name, "arguments": args}} for cid, name, args in parsed
+        ]
+    else:
+        rendered = plan.parser.render_calls([(name, args) for _, name, args in parsed])
+        message["content"] = f"{message['content']}\n{rendered}" if message["content"] else rendered
+
+
+def _prepend_tool_section(messages: list[dict], section: str) -> None:
+    """Put the tools' system-prompt ``section`` at the end of the system message, or in a new one first."""
+    if messages and messages[0]["role"] == "system":
+        messages[0]["content"] = f"{messages[0]['content']}\n\n{section}"
+    else:
+        messages.insert(0, {"role": "system", "content": section})
