@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from loopback import serve
 
 from lragent.config import EngineConfig
 from lragent.engine.llm_engine import LLMEngine
@@ -53,19 +50,8 @@ class Server:
 def server():
     engine = LLMEngine(EngineConfig(kv_cache_bytes=32 << 20, max_model_len=1024))
     app = create_app(engine, ServerSettings(api_key=KEY))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield Server(f"http://127.0.0.1:{sock.getsockname()[1]}")
-    uv.should_exit = True
-    thread.join(30)
-    sock.close()
+    with serve(app) as url:
+        yield Server(url)
 
 
 def _prompt_tokens(server: Server, messages: list[dict], **kw) -> int:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from loopback import serve as on_loopback
 
 from lragent.config import EngineConfig
 from lragent.engine.llm_engine import LLMEngine
@@ -60,19 +60,8 @@ class Server:
 def serve(engine: LLMEngine, server_settings: ServerSettings):
     """A real uvicorn on a held loopback port, in a thread; yields the Server, then stops it."""
     app = create_app(engine, server_settings)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield Server(f"http://127.0.0.1:{sock.getsockname()[1]}", engine)
-    uv.should_exit = True
-    thread.join(30)
-    sock.close()
+    with on_loopback(app) as url:
+        yield Server(url, engine)
 
 
 def small_engine(adapters: dict[str, str]) -> LLMEngine:

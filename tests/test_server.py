@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
+from loopback import serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from lragent.config import EngineConfig
@@ -78,19 +76,8 @@ def server(shared_a_adapters, qv_adapters):
     roots = adapter_roots(shared_a_adapters, qv_adapters)
     settings = ServerSettings(api_key=KEY, max_body_bytes=BODY_LIMIT, allow_runtime_lora=True, lora_roots=roots)
     app = create_app(engine, settings)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other processes
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield Server(f"http://127.0.0.1:{sock.getsockname()[1]}", engine)
-    uv.should_exit = True
-    thread.join(30)
-    sock.close()
+    with serve(app) as url:
+        yield Server(url, engine)
 
 
 def wait_idle(server: Server, timeout: float = 30.0) -> dict:

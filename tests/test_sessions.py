@@ -7,13 +7,9 @@ tracked sessions) is shared by the module.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import httpx
 import pytest
-import uvicorn
+from loopback import serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from lragent.config import EngineConfig
@@ -36,18 +32,8 @@ def url(shared_a_adapters):
     config = EngineConfig(adapters=shared_a_adapters, sharing="base_lr_shared", kv_cache_bytes=32 << 20,
                           max_model_len=512)  # fmt: skip
     app = create_app(LLMEngine(config), ServerSettings(max_sessions=MAX_SESSIONS))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv.should_exit = True
-    thread.join(30)
+    with serve(app) as url:
+        yield url
 
 
 def post(url: str, path: str, body: dict, session: str | bytes | None = None) -> httpx.Response:

@@ -8,14 +8,11 @@ required / named calls are constrained by the function's schema, so even this sm
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from loopback import serve
 from transformers import AutoTokenizer
 
 from lragent.config import EngineConfig
@@ -64,19 +61,8 @@ PERSON = {
 def server():
     config = EngineConfig(sharing="base_shared", kv_cache_bytes=32 << 20, max_model_len=MAX_LEN)
     app = create_app(LLMEngine(config), ServerSettings())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv.should_exit = True
-    thread.join(30)
-    sock.close()
+    with serve(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
