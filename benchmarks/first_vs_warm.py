@@ -1,6 +1,6 @@
 """First request of a fresh process vs a warm one, greedy and sampled (embedded SmolLM2, batch 8).
 
-    OMP_NUM_THREADS=1 python benchmarks/first_vs_warm.py
+OMP_NUM_THREADS=1 python benchmarks/first_vs_warm.py
 """
 
 import time
