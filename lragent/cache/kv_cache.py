@@ -73,12 +73,6 @@ class KVCache:
         self.head_dim = config.head_dim
         self.lr_rank = layout.lr_rank
 
-    def tensors(self, pool: str) -> tuple[torch.Tensor, ...]:
-        """The tensors holding one declared pool's entries (block ids index their dimension 1)."""
-        if pool == PoolKind.KV.value:
-            return self.key, self.value
-        return () if self.lr is None else (self.lr,)
-
     def mark_nonfinite(self, pool: str, slots: torch.Tensor, bad: torch.Tensor) -> None:
         """Flag the blocks of `slots` whose row is `bad` (the reference store; the Triton store kernel does the same
         in place). No host sync: a max-scatter of 0/1 per row."""
