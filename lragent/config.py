@@ -43,6 +43,7 @@ def resolve_device(device: str) -> str:
 class EngineConfig:
     model: str = "smollm2-135m-instruct"
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder
+    tokenizer: str | None = None  # an HF tokenizer folder instead of the model's own (e.g. for dummy weights)
     # "auto": chosen from the adapters when the engine starts (shared v_proj A -> base_lr_shared, else base_shared)
     sharing: SharingMode | str = SHARING_AUTO
     device: str = "cpu"  # or "cuda", "cuda:N", "auto" (CUDA when visible), resolved here
@@ -59,6 +60,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # "torch" (reference) or "triton" when available
     enforce_eager: bool = False  # CUDA: no decode graphs (every step launches its kernels from Python)
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay a captured graph
+    # compile every kernel variant and capture every decode graph at start-up (None: on CUDA, where they compile)
+    warmup: bool | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -71,6 +71,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--model", default=DEFAULT_MODEL, help="embedded name, Hugging Face folder, .gguf file or dummy:<preset>"
     )
     p.add_argument(
+        "--tokenizer", default=None, help="an HF tokenizer folder instead of the model's own (default: the model's)"
+    )
+    p.add_argument(
         "--adapter",
         action="append",
         type=parse_adapter,
@@ -144,6 +147,13 @@ def _add_execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", help="auto, torch (reference) or triton")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps without CUDA graphs")
     p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured as a graph")
+    p.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        default=None,
+        help="CUDA: skip the start-up warm-up (kernels then compile, and graphs capture, inside the first requests)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of unseeded requests' sampling")
 
 
@@ -166,6 +176,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=model_from_args(args),
         adapters=dict(args.adapter),
+        tokenizer=args.tokenizer,
         sharing=args.sharing,
         device=args.device,
         dtype=args.dtype,
@@ -181,5 +192,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
+        warmup=args.warmup,
         seed=args.seed,
     )

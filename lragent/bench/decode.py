@@ -236,6 +236,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--floor", action="store_true", help="GPU: step time against the bandwidth floor, no HF run")
     parser.add_argument("--sharing", default="base_lr_shared", help="scheme for --floor")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tokenizer", default=None, help="an HF tokenizer folder (dummy models have none)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument(
         "--profile",
@@ -283,7 +284,8 @@ def _time_batches(args: argparse.Namespace) -> list[dict]:
         for batch in args.batch:
             common = (args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device)
             stats: dict = {}
-            a = ours(*common, sampling=args.sampling, seed=args.seed, stats=stats)
+            extra = {"tokenizer": args.tokenizer} if args.tokenizer else {}
+            a = ours(*common, sampling=args.sampling, seed=args.seed, stats=stats, **extra)
             b = None if skip_hf else hf_peft(*common, sampling=args.sampling, seed=args.seed)
             rows.append(
                 {"batch": batch, "lragent_tok_s": a, "hf_peft_tok_s": b, "speedup": a / b if b else None, **stats}

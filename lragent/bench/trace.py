@@ -310,6 +310,7 @@ def build_engine(args: argparse.Namespace, system: str, adapters: dict[str, str]
         attention_backend=args.attention_backend,
         max_num_seqs=max(256, max(args.concurrent)),
         max_model_len=args.max_model_len,
+        warmup=False if args.no_warmup else None,
     )
     return LLMEngine(config)
 

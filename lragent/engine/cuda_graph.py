@@ -4,8 +4,9 @@ An eager decode step of an 8B model launches ~2,000 kernels (66 per layer) and t
 them. A captured graph replays the whole stack in one launch. Everything a graph reads lives in static buffers
 that each step refills in place: the token ids and positions (here), and the attention inputs, which the attention
 backend owns (`AttentionBackend.graph_inputs`). Batches are padded to the next captured size; padding rows write
-nowhere and their outputs are dropped. Graphs are captured lazily, the first time a size is needed, into one
-shared memory pool. This module knows no backend and no kernel: it talks to the backend and LoRA bank interfaces.
+nowhere and their outputs are dropped. Graphs are captured into one shared memory pool: all sizes at start-up
+when the engine warms up (`lragent.engine.warmup`), else lazily, the first time a size is needed. This module knows
+no backend and no kernel: it talks to the backend and LoRA bank interfaces.
 """
 
 from __future__ import annotations
@@ -62,15 +63,23 @@ class DecodeGraphs:
         self._graphs.clear()
         self._pool = None
 
+    def capture_all(self) -> None:
+        """Capture every size now (start-up), so no request waits for a capture."""
+        for size in self.sizes:
+            self._ensure(size)
+
+    def _ensure(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if size not in self._graphs:
+            start = time.perf_counter()
+            self._graphs[size] = self._capture(size)
+            logger.debug("captured the decode graph of batch size %d in %.2f s", size, time.perf_counter() - start)
+        return self._graphs[size]
+
     def run(self, step: StepInputs) -> torch.Tensor:
         """Final hidden states [rows, hidden] of one decode step."""
         n = step.rows.num_seqs
         size = next(s for s in self.sizes if s >= n)
-        if size not in self._graphs:
-            start = time.perf_counter()
-            self._graphs[size] = self._capture(size)
-            logger.info("captured the decode graph of batch size %d in %.2f s", size, time.perf_counter() - start)
-        graph, hidden = self._graphs[size]
+        graph, hidden = self._ensure(size)
         self.fill(step, size)
         graph.replay()
         return hidden[:n]

@@ -23,6 +23,7 @@ from lragent.engine.scheduler import ScheduledBatch, Scheduler
 from lragent.engine.sequence import RequestMetrics, Sequence
 from lragent.engine.stats import StepStats
 from lragent.engine.structured import GrammarBackend
+from lragent.engine.warmup import warm_up
 from lragent.kernels import make_backend
 from lragent.lora.adapter import AdapterError, LoRAAdapter, default_sharing, load_peft_adapter
 from lragent.lora.registry import AdapterRegistry
@@ -86,7 +87,7 @@ class LLMEngine:
         self.dtype = config.torch_dtype
         loaded = load_model(config.model, self.dtype, self.device, config.max_model_len)
         self.model, self.model_config = loaded.model, loaded.config
-        self.tokenizer = self._load_tokenizer(loaded.tokenizer_dir)
+        self.tokenizer = self._load_tokenizer(config.tokenizer or loaded.tokenizer_dir)
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -126,6 +127,9 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._listeners: list[Callable[[StepStats], None]] = []
         self._grammars: GrammarBackend | None = None  # built on the first structured-output request
+        self.warmup_s = 0.0
+        if config.warmup if config.warmup is not None else self.device.type == "cuda":
+            self.warmup_s = warm_up(self)
 
     # ---- setup ---------------------------------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,100 @@
+"""Start-up warm-up: compile what serving will need before the first request, not inside it.
+
+On a GPU the first long request of a fresh process paid ~4-5 s of Triton compilation (and graph captures) inside
+its latency. The warm-up runs a small synthetic workload through the engine's own step, shaped to take every
+path a real workload takes: a prompt longer than one prefill chunk (chunked prefill, then a partial chunk), a
+second agent on the same prefix (a prefix hit: LR prefill under the base-sharing schemes), greedy and sampled
+decoding with log-probabilities, a batch of short requests decoding together; then it captures the decode graph
+of every batch size the engine will replay, and forgets the blocks and counters it left. Triton keeps compiled
+kernels on disk (`TRITON_CACHE_DIR`, default `~/.triton/cache`), so a later process on the same machine skips the
+compilation and pays only the runs and captures.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from lragent.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from lragent.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "__warmup-"  # request ids of the synthetic workload (never returned to anyone)
+SAMPLED = SamplingParams(
+    max_tokens=3, temperature=0.9, top_p=0.75, top_k=40, logprobs=True, top_logprobs=2, seed=0, ignore_eos=True
+)
+GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+PLAIN = SamplingParams(max_tokens=3, temperature=1.0, min_p=0.05, seed=1, ignore_eos=True)
+
+
+def warm_up(engine: LLMEngine) -> float:
+    """Run the synthetic workload and capture every decode graph; returns the seconds it took."""
+    if engine.has_unfinished():
+        raise RuntimeError("warm up an idle engine")
+    start = time.perf_counter()
+    rng = random.Random(0)
+    agents = [None, *sorted(engine.registry.adapters)[:2]]
+    long_prompt = _tokens(rng, engine, _long_length(engine))
+    _run(engine, [(long_prompt, SAMPLED, agents[-1]), (_tokens(rng, engine, 37), GREEDY, None)])
+    extended = long_prompt + _tokens(rng, engine, 40)  # the first agent's prefix, then new tokens
+    _run(engine, [(extended, GREEDY, agents[1 % len(agents)]), (extended[:-7], PLAIN, agents[0])])
+    short = [(long_prompt + _tokens(rng, engine, n), SAMPLED, agents[-1]) for n in (5, 20)]  # short appends
+    _run(engine, short)
+    batch = min(engine.config.max_num_seqs, 8)
+    _run(engine, [(_tokens(rng, engine, 19 + i), SAMPLED, agents[i % len(agents)]) for i in range(batch)])
+    _warm_masks(engine)
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        graphs.capture_all()
+    engine.reset_prefix_cache()
+    took = time.perf_counter() - start
+    logger.info("warm-up: kernels compiled and %s in %.1f s", _graph_note(engine), took)
+    return took
+
+
+def _graph_note(engine: LLMEngine) -> str:
+    graphs = engine.runner.graphs
+    return "no decode graphs" if graphs is None else f"{len(graphs.sizes)} decode graphs captured"
+
+
+def _long_length(engine: LLMEngine) -> int:
+    """Longer than one prefill chunk (a chunk boundary, then a partial chunk), within the context length."""
+    chunk = engine.config.max_num_batched_tokens
+    return max(1, min(chunk + chunk // 2 + 3, engine.max_model_len - 64, 16_384))
+
+
+def _tokens(rng: random.Random, engine: LLMEngine, n: int) -> list[int]:
+    vocab = engine.model_config.vocab_size
+    lo = min(1000, vocab // 4)
+    return [rng.randrange(lo, vocab) for _ in range(n)]
+
+
+def _run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams, str | None]]) -> None:
+    """Queue the requests and step until they finish; a request that fails here fails the start-up."""
+    for i, (prompt, params, adapter) in enumerate(requests):
+        engine.add_request(prompt, params, adapter, request_id=f"{PREFIX}{i}-{time.monotonic_ns()}")
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished and out.finish_reason == "error":
+                raise RuntimeError(f"warm-up request {out.request_id} failed: {out.error}")
+
+
+def _warm_masks(engine: LLMEngine) -> None:
+    """Structured output's device kernel (xgrammar's Triton one on CUDA) compiles on first use: use it once."""
+    if engine.tokenizer is None or engine.device.type != "cuda":
+        return
+    try:
+        from lragent.engine.structured import allocate_bitmask, apply_bitmask
+
+        vocab = engine.model_config.vocab_size
+        logits = torch.zeros(2, vocab, dtype=torch.float32, device=engine.device)
+        apply_bitmask(logits, allocate_bitmask(2, vocab, engine.device), [0])
+    except ImportError:  # structured output not installed: nothing to compile
+        return
