@@ -13,6 +13,7 @@ OUT=${OUT:-results/decoding_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+export PYTHONPATH=$(pwd):${PYTHONPATH:-}  # scripts under benchmarks/ import the package from this tree
 if [[ -d .w/whl ]]; then
   pip install -q --no-index --no-deps --target /tmp/site .w/whl/*.whl 2>&1 | tail -1
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
