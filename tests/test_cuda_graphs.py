@@ -74,6 +74,7 @@ def _run(model: str, adapters: dict[str, str], scheme: str, eager: bool):
         sharing=scheme,
         device="cuda",
         dtype="float32",
+        warmup=False,  # these tests time lazy captures and compare paths, not the warm-up
         kv_cache_bytes=64 << 20,
         enforce_eager=eager,
         max_model_len=1024,
@@ -111,6 +112,7 @@ def test_adapter_load_recaptures(tiny_gqa, tmp_path):
             sharing="base_shared",
             device="cuda",
             dtype="float32",
+            warmup=False,  # these tests time lazy captures and compare paths, not the warm-up
             kv_cache_bytes=64 << 20,
             enforce_eager=eager,
             max_model_len=1024,
@@ -137,6 +139,7 @@ def test_measured_cache_budget():
         sharing="base_lr_shared",
         device="cuda",
         gpu_memory_utilization=0.3,
+        warmup=False,
         max_model_len=4096,
         max_num_batched_tokens=4096,
     )

@@ -29,13 +29,17 @@ def cuda_draw(logits, params, seeds, positions, hist=None, plens=None):
     return sample(logits.to(CUDA), batch)
 
 
-@pytest.mark.parametrize("vocab", [1000, 32_000, 128_256])
-def test_cuda_sampler_equals_the_reference(vocab):
+# the reference walks every kept candidate in Python: large vocabularies only with a top-k cut
+CASES = [(1000, EXACT + SAMPLED, 3), (32_000, EXACT + SAMPLED[:1], 2), (128_256, EXACT + SAMPLED[:1], 1)]
+
+
+@pytest.mark.parametrize("vocab,settings,trials", CASES)
+def test_cuda_sampler_equals_the_reference(vocab, settings, trials):
     gen = torch.Generator().manual_seed(vocab)
-    params = (EXACT + SAMPLED) * 4
+    params = settings * 4
     n = len(params)
     agree = total = 0
-    for _ in range(3):
+    for _ in range(trials):
         logits = 4 * torch.randn(n, vocab, generator=gen)
         logits[::5, : vocab // 3] = float("-inf")  # masked parts, as a grammar leaves them
         seeds = torch.randint(-(1 << 62), 1 << 62, (n,), generator=gen).tolist()

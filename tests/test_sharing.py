@@ -1,4 +1,4 @@
-"""The four schemes on a plan -> action -> reflect turn sequence over one shared trajectory."""
+"""The sharing schemes on a plan -> action -> reflect turn sequence over one shared trajectory."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from lragent import LLM, SamplingParams
 
-SCHEMES = ["non_shared", "full_shared", "base_shared", "base_lr_shared"]
+SCHEMES = ["non_shared", "full_shared", "base_shared", "base_lr_shared", "stacked_lr"]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
@@ -51,7 +51,8 @@ def test_reuse_accounting(context, qv_adapters, shared_a_adapters):
         by_scheme[scheme] = outs
         prompts_len = [o.metrics.prompt_tokens for o in outs]
     new_tokens = [prompts_len[0]] + [prompts_len[i] - prompts_len[i - 1] for i in range(1, 3)]
-    for scheme in ("full_shared", "base_lr_shared"):
+    # stacked_lr with independent adapters reuses as much as base_lr_shared with shared-A ones
+    for scheme in ("full_shared", "base_lr_shared", "stacked_lr"):
         for i, out in enumerate(by_scheme[scheme]):
             assert out.metrics.computed_tokens < new_tokens[i] + block, (scheme, i, out.metrics)
             assert out.metrics.reused_tokens + out.metrics.computed_tokens == out.metrics.prompt_tokens

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from lragent.config import EngineConfig
 from lragent.engine.llm_engine import LLMEngine
 from lragent.server import ServerSettings, create_app
+from lragent.server.call_scanner import CallScanner
 from lragent.server.tools import ToolStream, parse_tool_calls, plan_tools
 
 MAX_LEN = 512
@@ -183,6 +184,41 @@ def test_required_tool_choice_streamed_and_not(client):
     ]
 
 
+def call_deltas(chunks) -> dict[int, list]:
+    """Each call's `delta.tool_calls` entries, in the order they came."""
+    calls: dict[int, list] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or []:
+                calls.setdefault(d.index, []).append(d)
+    return calls
+
+
+def check_streamed_calls(chunks, expected) -> None:
+    """The calls streamed as OpenAI streams them: a first delta with id, type, name and empty arguments, then
+    fragments of the arguments alone (more than one: token by token), which join into the non-streamed call's."""
+    calls = call_deltas(chunks)
+    assert sorted(calls) == list(range(len(expected)))
+    for i, call in enumerate(expected):
+        first, *rest = calls[i]
+        assert first.id.startswith("call_") and first.type == "function" and first.function.name == call.function.name
+        assert first.function.arguments == "" and len(rest) > 1
+        assert all(d.id is None and d.function.name is None and d.function.arguments for d in rest)
+        assert "".join(d.function.arguments for d in rest) == call.function.arguments
+
+
+def test_constrained_calls_stream_their_arguments_token_by_token(client):
+    m = model(client)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        kw = dict(model=m, messages=ASK, tools=[WEATHER, SEARCH], tool_choice=choice, max_tokens=60, temperature=0)
+        out = client.chat.completions.create(**kw)
+        assert out.choices[0].finish_reason == "tool_calls"
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        check_streamed_calls(chunks, out.choices[0].message.tool_calls)
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 def test_auto_tool_choice_with_response_format(client, model_dir):
     """The OpenAI Agents SDK's agent with tools and an output_type: tool_choice auto plus a JSON schema. One schema
     allows a JSON array of calls or the answer object; a logit bias on the first character picks each branch."""
@@ -198,8 +234,10 @@ def test_auto_tool_choice_with_response_format(client, model_dir):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
     assert choice.message.tool_calls and all(c.function.name in ("get_weather", "search") for c in
                                              choice.message.tool_calls)  # fmt: skip
-    text, calls, reason = assemble(client.chat.completions.create(**kw, logit_bias={str(bracket): 100}, stream=True))
+    chunks = list(client.chat.completions.create(**kw, logit_bias={str(bracket): 100}, stream=True))
+    text, calls, reason = assemble(chunks)
     assert text == "" and reason == "tool_calls"
+    check_streamed_calls(chunks, choice.message.tool_calls)
     assert [(c["name"], c["arguments"]) for c in calls] == [
         (c.function.name, c.function.arguments) for c in choice.message.tool_calls
     ]
@@ -362,3 +400,96 @@ def test_tool_call_parser_flag():
     assert build_parser().parse_args([]).tool_call_parser == "hermes"
     with pytest.raises(ValueError, match="tool-call parser"):
         ServerSettings(tool_call_parser="xml")
+
+
+def stream_in_pieces(plan, text: str, size: int) -> tuple[list[dict], bool]:
+    """All deltas of `text` fed `size` characters at a time, and whether the output was tool calls."""
+    stream = ToolStream(plan)
+    deltas = [d for k in range(0, len(text) - size, size) for d in stream.delta(text[k : k + size])]
+    last, called = stream.finish(text[len(stream.text) :])
+    return deltas + last, called
+
+
+def joined_calls(deltas: list[dict]) -> list[tuple[str, str]]:
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        for c in d.get("tool_calls", []):
+            entry = calls.setdefault(c["index"], ["", ""])
+            entry[0] += c["function"].get("name", "")
+            entry[1] += c["function"]["arguments"]
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+def test_tool_stream_sends_arguments_as_they_grow():
+    """Required (two calls, brackets and escapes inside strings), named (leading whitespace) and the array branch of
+    json_auto, fed one and three characters at a time: each call's header goes out once, before its fragments, and
+    the fragments join into exactly the non-streamed arguments."""
+    named = {"type": "function", "function": {"name": "search"}}
+    two = (
+        '[{"name": "search", "arguments": {"query": "a ]} \\" [{"}}, '
+        '{"name": "get_weather", "arguments": {"city": "Nice", "unit": "c"}}]'
+    )
+    json_auto = plan_tools([WEATHER, SEARCH], "auto", None, "hermes")
+    json_auto.output_schema = PERSON
+    cases = [
+        (plan_tools([WEATHER, SEARCH], "required", None, "hermes"), two),
+        (plan_tools([WEATHER, SEARCH], named, None, "hermes"), '  {"query": "x\\"y"}'),
+        (json_auto, '[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}]'),
+    ]
+    for plan, text in cases:
+        _, expected = plan.parse(text)
+        assert expected and all(json.loads(c.arguments) for c in expected)
+        for size in (1, 3):
+            deltas, called = stream_in_pieces(plan, text, size)
+            assert called and joined_calls(deltas) == [(c.name, c.arguments) for c in expected]
+            assert not any(d.get("content") for d in deltas)
+            heads = [c for d in deltas for c in d.get("tool_calls", []) if "id" in c]
+            assert [h["index"] for h in heads] == list(range(len(expected))) and all(
+                h["function"]["arguments"] == "" and h["type"] == "function" for h in heads
+            )
+            fragments = [c for d in deltas for c in d.get("tool_calls", []) if "id" not in c]
+            assert len(fragments) > len(expected)  # the arguments came in pieces, not whole
+    # json_auto's answer object streams as content
+    deltas, called = stream_in_pieces(json_auto, '{"name": "Ann", "age": 3}', 4)
+    assert not called and "".join(d["content"] for d in deltas) == '{"name": "Ann", "age": 3}'
+
+
+def test_tool_stream_holds_what_it_cannot_send_safely():
+    # a tool whose parameters need not be an object: its calls could still turn out invalid, so they come whole
+    loose = {"type": "function", "function": {"name": "echo", "parameters": {"anyOf": [{"type": "object"}, {}]}}}
+    plan = plan_tools([loose, SEARCH], "required", None, "hermes")
+    assert not plan.streams_calls
+    stream = ToolStream(plan)
+    assert stream.delta('[{"name": "search", "arguments": {"query": "q"') == []
+    last, called = stream.finish("}}]")
+    assert called and last == [
+        {"tool_calls": [{"index": 0, "id": last[0]["tool_calls"][0]["id"], "type": "function",
+                         "function": {"name": "search", "arguments": '{"query": "q"}'}}]}
+    ]  # fmt: skip
+    named = plan_tools([loose, SEARCH], {"type": "function", "function": {"name": "echo"}}, None, "hermes")
+    stream = ToolStream(named)
+    assert not named.streams_calls and stream.delta('{"x": ') == []
+    last, called = stream.finish("1}")
+    assert called and joined_calls(last) == [("echo", '{"x": 1}')]
+    # cut short by max_tokens after a call began: no content is sent after the call's fragments
+    stream = ToolStream(plan_tools([WEATHER, SEARCH], "required", None, "hermes"))
+    sent = stream.delta('[{"name": "search", "arguments": {"query": "abc')
+    assert joined_calls(sent) == [("search", '{"query": "abc')]
+    assert stream.finish("d") == ([{"tool_calls": [{"index": 0, "function": {"arguments": "d"}}]}], False)
+    # before any call began, a cut-short output is content, as when not streamed
+    stream = ToolStream(plan_tools([WEATHER, SEARCH], "required", None, "hermes"))
+    assert stream.delta('[{"name": "sea') == [] and stream.finish("r") == ([{"content": '[{"name": "sear'}], False)
+
+
+def test_call_scanner_finds_spans_and_flags_other_text():
+    scanner = CallScanner()
+    text = '[{"arguments": {"a": "}"}, "name": "f"}, {"name": "g\\u00e9", "arguments": {}}]'
+    for c in text:
+        scanner.feed(c)
+    assert not scanner.bad and [c.name for c in scanner.calls] == ["f", "g\u00e9"]
+    first = scanner.calls[0]
+    assert text[first.args_start : first.args_end] == '{"a": "}"}'
+    for bad in ('{"name": "f"}', '["f"]', "[1]", "[{}] x", '[{"name": "\\q"}]', "[}"):
+        scanner = CallScanner()
+        scanner.feed(bad)
+        assert scanner.bad, bad

@@ -44,12 +44,14 @@ def write_peft_adapter(
     b_scale: float = 0.05,
     use_rslora: bool = False,
     base_model: str = "",
+    layers: tuple[int, ...] | None = None,
 ) -> Path:
-    """One adapter with non-zero A and B. Pass the same `shared_value_a` dict to several calls for shared-A."""
+    """One adapter with non-zero A and B. Pass the same `shared_value_a` dict to several calls for shared-A;
+    `layers` limits it to some layers (default: all)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = config.module_shapes()
     tensors = {}
-    for layer in range(config.num_layers):
+    for layer in range(config.num_layers) if layers is None else layers:
         for module in targets:
             d_in, d_out = shapes[module]
             kind = "mlp" if module in MLP_MODULES else "self_attn"

@@ -162,15 +162,19 @@ def sdpa_fn(q, k, v, prefix: int):
 # paged inputs
 # ------------------------------------------------------------------------------------------------------------
 class PagedPools:
-    """Key / base-value / LR pools big enough for the largest case, shared by every case (random block order)."""
+    """Key / base-value / LR pools big enough for the largest case, shared by every case (random block order).
+    `stacked`: LR rows of every adapter slot's R side by side (stacked_lr), each sequence reading its own slice."""
 
-    def __init__(self, max_tokens: int, block_size: int, rank: int, dtype, device, num_slots: int = 4):
+    def __init__(
+        self, max_tokens: int, block_size: int, rank: int, dtype, device, num_slots: int = 4, stacked: bool = False
+    ):
         self.bs, self.rank = block_size, rank
         self.num_blocks = -(-max_tokens // block_size) + 1
         shape = (self.num_blocks, block_size, HKV, D)
         self.key = torch.randn(shape, dtype=dtype, device=device)
         self.value = torch.randn(shape, dtype=dtype, device=device)
-        self.lr = torch.randn(self.num_blocks, block_size, rank, dtype=dtype, device=device)
+        width = rank * (num_slots - 1) if stacked else rank
+        self.lr = torch.randn(self.num_blocks, block_size, width, dtype=dtype, device=device)
         self.value_up = torch.randn(num_slots, rank, HKV * D, dtype=dtype, device=device) * 0.05
         self.value_up[0] = 0
         self.scaling = torch.full((num_slots,), 2.0, device=device)
@@ -570,6 +574,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-prefixes", default="0,8k,32k")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--stacked-lr", action="store_true", help="LR rows of 3 slots x rank, each sequence its slice")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--json", default="results/bench_kernels.json")
     ap.add_argument("--only", default="decode,prefill,lora", help="comma list of decode, prefill, lora")
@@ -657,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     max_tokens = _pool_tokens(args, only, decode_ctx, decode_b, news, prefixes)
-    pools = PagedPools(max(max_tokens, 64), args.block_size, args.rank, dtype, device)
+    pools = PagedPools(max(max_tokens, 64), args.block_size, args.rank, dtype, device, stacked=args.stacked_lr)
     result = {
         "card": card,
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -669,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             "kv_heads": HKV,
             "head_dim": D,
             "rank": args.rank,
+            "stacked_lr": args.stacked_lr,
             "block_size": args.block_size,
             "dtype": str(dtype).removeprefix("torch."),
         },

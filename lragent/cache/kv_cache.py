@@ -1,5 +1,5 @@
 """The cache tensors of the pools a sharing scheme declares: keys and base values (one block id space), and the
-rank-r LR pool (its own block ids)."""
+LR pool (its own block ids; rows of rank r, or of N x r under STACKED_LR)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class CacheLayout:
 
     block_size: int
     num_blocks: dict[str, int]
-    lr_rank: int
+    lr_rank: int  # width of an LR row: the rank, or the rank per adapter slot when stacked (`SharingScheme.lr_width`)
 
     @property
     def num_base_blocks(self) -> int:

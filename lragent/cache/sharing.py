@@ -23,6 +23,7 @@ class SharingMode(StrEnum):
     FULL_SHARED = "full_shared"
     BASE_SHARED = "base_shared"
     BASE_LR_SHARED = "base_lr_shared"
+    STACKED_LR = "stacked_lr"
 
 
 SCHEME_NAMES: tuple[str, ...] = tuple(m.value for m in SharingMode)
@@ -32,7 +33,7 @@ class PoolKind(StrEnum):
     """What one pool's entries hold per token and layer."""
 
     KV = "kv"  # a key and a base value (X W_v0; the expanded value under FULL_SHARED): 2 x kv_heads x head_dim
-    LR = "lr"  # the low-rank cache X A_v: rank entries
+    LR = "lr"  # the low-rank cache X A_v: rank entries (STACKED_LR: X [A_1 | ... | A_N], N x rank entries)
 
 
 class Keying(StrEnum):
@@ -41,6 +42,7 @@ class Keying(StrEnum):
     TOKENS = "tokens"  # nothing: every agent reads the producer's entries
     ADAPTER = "adapter"  # the adapter's content digest: only the same weights read them
     VALUE_A = "value_a"  # the digest of the v_proj A: agents with the same A read them (R = X A)
+    VALUE_A_STACK = "value_a_stack"  # the digests of every adapter slot's v_proj A, in slot order (stacked rows)
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,16 @@ class PoolSpec:
     kind: PoolKind
     keyed_by: Keying
     per_agent: bool = False  # sizing: each agent keeps its own copy over every shared KV block
+    # an LR row holds the projection through every adapter slot's A side by side, `rank` columns per slot in slot
+    # order (slot s at columns (s - 1) * rank): written once per token, each agent reads its own slice
+    stacked: bool = False
 
     @property
     def name(self) -> str:
         return self.kind.value
 
     def bytes_per_block(self, config: ModelConfig, block_size: int, lr_rank: int, dtype: torch.dtype) -> int:
+        """`lr_rank`: the LR pool's row width (`SharingScheme.lr_width`)."""
         per_token = 2 * config.kv_size if self.kind is PoolKind.KV else lr_rank
         return config.num_layers * block_size * per_token * dtype.itemsize
 
@@ -88,14 +94,31 @@ class SharingScheme:
         lr = self.spec(PoolKind.LR)
         return lr is not None and lr.keyed_by is Keying.ADAPTER
 
-    def namespaces(self, content_key: str, value_a_key: str, salt: str = "") -> dict[str, str]:
+    @property
+    def stacks_lr(self) -> bool:
+        """The LR pool holds X [A_1 | ... | A_N] (STACKED_LR): the LoRA bank projects through every slot at once."""
+        lr = self.spec(PoolKind.LR)
+        return lr is not None and lr.stacked
+
+    def lr_width(self, rank: int, num_slots: int) -> int:
+        """Row width of the LR pool: `rank`, or `rank` per adapter slot when stacked."""
+        return rank * num_slots if self.stacks_lr else rank
+
+    def namespaces(self, content_key: str, value_a_key: str, salt: str = "", stack_key: str = "") -> dict[str, str]:
         """Prefix-cache namespace of every pool for one request.
 
         `content_key` digests everything the adapter changes (a reload of the same weights finds its cache, other
         weights under a reused name never do); `value_a_key` digests the v_proj `A` alone, all that an LR entry
-        R = X A depends on once shared by tokens. A non-empty `salt` (a tenant) separates everything.
+        R = X A depends on once shared by tokens; `stack_key` digests every slot's v_proj `A` in slot order, all
+        that a stacked LR row X [A_1 | ... | A_N] depends on (the same for every request until an adapter is loaded
+        or unloaded). A non-empty `salt` (a tenant) separates everything.
         """
-        keys = {Keying.TOKENS: "", Keying.ADAPTER: content_key, Keying.VALUE_A: value_a_key}
+        keys = {
+            Keying.TOKENS: "",
+            Keying.ADAPTER: content_key,
+            Keying.VALUE_A: value_a_key,
+            Keying.VALUE_A_STACK: stack_key,
+        }
         prefix = f"salt:{salt}|" if salt else ""
         return {p.name: prefix + keys[p.keyed_by] for p in self.pools}
 
@@ -117,6 +140,15 @@ SCHEMES: dict[SharingMode, SharingScheme] = {
     ),
     SharingMode.BASE_LR_SHARED: SharingScheme(
         SharingMode.BASE_LR_SHARED, (_KV_BY_TOKENS, PoolSpec(PoolKind.LR, Keying.VALUE_A)), False, True
+    ),
+    # STACKED_LR: BASE_LR_SHARED's compute with independent adapters. Whoever computes a token stores X A_i for every
+    # loaded adapter i; agent j reads its own slice X A_j. Blocks are keyed by the whole stack, so a load or unload
+    # makes the old blocks miss (they are LR-prefilled under the new stack), never read with another slot's A.
+    SharingMode.STACKED_LR: SharingScheme(
+        SharingMode.STACKED_LR,
+        (_KV_BY_TOKENS, PoolSpec(PoolKind.LR, Keying.VALUE_A_STACK, stacked=True)),
+        False,
+        False,
     ),
 }
 

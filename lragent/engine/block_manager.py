@@ -86,7 +86,7 @@ class BlockManager:
         for name in self.pools:
             table = seq.tables[name]
             full = min(table.cached, len(seq)) // self.block_size
-            if full > table.registered:
+            if full > table.registered and not table.sealed:
                 out[name] = table.blocks[table.registered : full]
         return out
 
@@ -105,7 +105,24 @@ class BlockManager:
 
     def _full(self, seq: Sequence, table: BlockTable) -> tuple[int, list[int]]:
         full = min(table.cached, len(seq)) // self.block_size
-        return full, table.blocks[table.registered : full]
+        return full, [] if table.sealed else table.blocks[table.registered : full]
+
+    def rekey(self, seq: Sequence, namespaces: dict[str, str]) -> None:
+        """The request's pools are keyed by `namespaces` from now on (the adapter set changed under a scheme that
+        keys a pool by it). A pool whose key changed while the request holds blocks in it is sealed: what it
+        published is valid under the old key, but its later entries follow the new adapter set and must never be
+        found under either key. A preempted or waiting request starts over under the new key."""
+        for name in self.pools:
+            fresh = namespaces.get(name, "")
+            if seq.namespaces.get(name, "") == fresh:
+                continue
+            table = seq.tables.get(name)
+            if table is not None:
+                if table.blocks:
+                    table.sealed = True
+                else:
+                    table.namespace = fresh
+        seq.namespaces = dict(namespaces)
 
     def release(self, seq: Sequence) -> None:
         unpublished = {}
@@ -113,7 +130,7 @@ class BlockManager:
             table = seq.table(name)
             pool.release(table.blocks)
             unpublished[name] = table.blocks[table.registered :]
-            seq.tables[name] = BlockTable(table.namespace)
+            seq.tables[name] = BlockTable(seq.namespaces.get(name, table.namespace))
         seq.num_computed = 0
         if self.on_free is not None and any(unpublished.values()):
             self.on_free(unpublished)

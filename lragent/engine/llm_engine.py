@@ -104,12 +104,15 @@ class LLMEngine:
         self.fused_layers = backend.layer_ops is not None  # the backend provides the fused form of the layers
         if self.fused_layers:
             self.model.fuse_projections()
-        self.bank = backend.lora_bank_class(self.model_config, max_loras, max_rank, self.dtype, self.device)
+        self.bank = backend.lora_bank_class(
+            self.model_config, max_loras, max_rank, self.dtype, self.device, stack_values=self.scheme.stacks_lr
+        )
         for adapter in adapters:
             self._install(adapter)
         budget = self._cache_budget(max_rank, bool(adapters))
+        lr_width = self.scheme.lr_width(max_rank, max_loras)
         layout = CacheLayout.for_budget(
-            self.model_config, self.scheme, budget, config.block_size, max_rank, max_loras, self.dtype
+            self.model_config, self.scheme, budget, config.block_size, lr_width, max_loras, self.dtype
         )
         self.cache = KVCache(self.model_config, layout, self.dtype, self.device)
         self.model.bind(Runtime(self.cache, self.bank, backend))
@@ -173,7 +176,8 @@ class LLMEngine:
     @torch.inference_mode()
     def _profile_peak(self, max_rank: int, with_adapter: bool) -> int:
         cfg = self.config
-        layout = CacheLayout(cfg.block_size, {p.name: 1 for p in self.scheme.pools}, max_rank)
+        lr_width = self.bank.value_width
+        layout = CacheLayout(cfg.block_size, {p.name: 1 for p in self.scheme.pools}, lr_width)
         scratch = KVCache(self.model_config, layout, self.dtype, self.device)
         self.model.bind(Runtime(scratch, self.bank, self.backend))
         runner = ModelRunner(self.model, scratch, self.scheme, self.backend, self.bank, self.device)
@@ -255,9 +259,16 @@ class LLMEngine:
         self._adapters_changed()
 
     def _adapters_changed(self) -> None:
-        """Captured decode graphs hold the adapter stacks that existed at capture: recapture on next use."""
+        """Captured decode graphs hold the adapter stacks that existed at capture: recapture on next use. Pools keyed
+        by the adapter set (STACKED_LR's stack of every v_proj A) get the new key for every request in flight."""
         if self.runner.graphs is not None:
             self.runner.graphs.clear()
+        for seq in self._seqs.values():
+            self.block_manager.rekey(seq, self._namespaces(seq.adapter, seq.cache_salt))
+
+    def _namespaces(self, adapter: str | None, cache_salt: str) -> dict[str, str]:
+        keys = self.registry.cache_keys(adapter)
+        return self.scheme.namespaces(*keys, cache_salt, stack_key=self.registry.stack_key)
 
     # ---- requests ------------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -310,7 +321,8 @@ class LLMEngine:
         seq = Sequence(request_id, ids, params, adapter or "", slot)
         seq.grammar = self._grammar_state(params)
         seq.leader = self._seqs.get(follows) if follows is not None else None
-        seq.namespaces = self.scheme.namespaces(*self.registry.cache_keys(adapter), cache_salt or "")
+        seq.cache_salt = cache_salt or ""
+        seq.namespaces = self._namespaces(adapter, seq.cache_salt)
         seq.seed = params.seed if params.seed is not None else self._rng.randrange(-(1 << 63), 1 << 63)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)

@@ -58,6 +58,9 @@ class BlockTable:
     hashes: list[int] = field(default_factory=list)  # hash chain of the published blocks (extended, never redone)
     registered: int = 0  # leading blocks already published to the prefix index
     cached: int = 0  # positions < this have entries in this pool
+    # nothing more of it is published: its later entries were computed under another key than `namespace` (the
+    # adapter set changed under STACKED_LR while it ran); what it published before stays valid
+    sealed: bool = False
 
 
 KV, LR = "kv", "lr"  # the pool names (lragent.cache.sharing.PoolKind values) the engine's kernels read
@@ -74,6 +77,7 @@ class Sequence:
         self.lora_slot = slot
         self.status = SequenceStatus.WAITING
         self.namespaces: dict[str, str] = {}  # pool name -> prefix-cache namespace of this request
+        self.cache_salt = ""  # the tenant the namespaces separate (kept to rebuild them when the adapter set changes)
         self.tables: dict[str, BlockTable] = {}  # one per declared pool (created by the block manager)
         self.num_computed = 0  # positions < this have every cache entry this agent needs
         self.finish_reason: str | None = None

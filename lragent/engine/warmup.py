@@ -3,8 +3,9 @@
 On a GPU the first long request of a fresh process paid ~4-5 s of Triton compilation (and graph captures) inside
 its latency. The warm-up runs a small synthetic workload through the engine's own step, shaped to take every
 path a real workload takes: a prompt longer than one prefill chunk (chunked prefill, then a partial chunk), a
-second agent on the same prefix (a prefix hit: LR prefill under the base-sharing schemes), greedy and sampled
-decoding with log-probabilities, a batch of short requests decoding together; then it captures the decode graph
+second agent and the base model on the same prefix with appends in each of the kernels' tile sizes (prefix hits,
+LR prefill under the base-sharing schemes, split-KV over the long context), greedy and sampled decoding with
+log-probabilities, a batch of short requests decoding together; then it captures the decode graph
 of every batch size the engine will replay, and forgets the blocks and counters it left. Triton keeps compiled
 kernels on disk (`TRITON_CACHE_DIR`, default `~/.triton/cache`), so a later process on the same machine skips the
 compilation and pays only the runs and captures.
@@ -31,7 +32,6 @@ SAMPLED = SamplingParams(
     max_tokens=3, temperature=0.9, top_p=0.75, top_k=40, logprobs=True, top_logprobs=2, seed=0, ignore_eos=True
 )
 GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-PLAIN = SamplingParams(max_tokens=3, temperature=1.0, min_p=0.05, seed=1, ignore_eos=True)
 
 
 def warm_up(engine: LLMEngine) -> float:
@@ -43,10 +43,12 @@ def warm_up(engine: LLMEngine) -> float:
     agents = [None, *sorted(engine.registry.adapters)[:2]]
     long_prompt = _tokens(rng, engine, _long_length(engine))
     _run(engine, [(long_prompt, SAMPLED, agents[-1]), (_tokens(rng, engine, 37), GREEDY, None)])
-    extended = long_prompt + _tokens(rng, engine, 40)  # the first agent's prefix, then new tokens
-    _run(engine, [(extended, GREEDY, agents[1 % len(agents)]), (extended[:-7], PLAIN, agents[0])])
-    short = [(long_prompt + _tokens(rng, engine, n), SAMPLED, agents[-1]) for n in (5, 20)]  # short appends
-    _run(engine, short)
+    # appends over the long context in each of the kernels' tile buckets (<= 16, <= 32, > 32 new tokens): by the
+    # agent that computed it (every pool hit), by another agent (LR prefill of the whole prefix, then only the
+    # new tokens) and by the base model (no LR)
+    for new in (6, 24, 48):
+        suffix = _tokens(rng, engine, new)
+        _run(engine, [(long_prompt + suffix, SAMPLED, agent) for agent in agents])
     batch = min(engine.config.max_num_seqs, 8)
     _run(engine, [(_tokens(rng, engine, 19 + i), SAMPLED, agents[i % len(agents)]) for i in range(batch)])
     _warm_masks(engine)
@@ -65,9 +67,11 @@ def _graph_note(engine: LLMEngine) -> str:
 
 
 def _long_length(engine: LLMEngine) -> int:
-    """Longer than one prefill chunk (a chunk boundary, then a partial chunk), within the context length."""
-    chunk = engine.config.max_num_batched_tokens
-    return max(1, min(chunk + chunk // 2 + 3, engine.max_model_len - 64, 16_384))
+    """Longer than one prefill chunk (a chunk boundary, then a partial chunk), within the context length, whole
+    blocks (so an append's new tokens are exactly what the next step computes)."""
+    chunk, block = engine.config.max_num_batched_tokens, engine.config.block_size
+    length = min(chunk + chunk // 2, engine.max_model_len - 64, 16_384)
+    return max(block, length // block * block)
 
 
 def _tokens(rng: random.Random, engine: LLMEngine, n: int) -> list[int]:

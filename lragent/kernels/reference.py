@@ -64,6 +64,18 @@ def naive_lora_attention(
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v)
 
 
+def lr_slice_stride(lr_width: int, value_up: torch.Tensor) -> int:
+    """Columns between two adapter slots' slices of an LR row: 0 when every row is one adapter's R (each sequence
+    reads columns 0..r), r when the row stacks every slot's R (STACKED_LR: slot s reads (s - 1) r .. s r).
+    value_up: [S, r, ...] for the S slots (slot 0: no adapter)."""
+    rank, slots = value_up.shape[1], value_up.shape[0] - 1
+    if lr_width == rank:
+        return 0
+    if lr_width != rank * slots:
+        raise ValueError(f"an LR row of width {lr_width} is neither rank {rank} nor {slots} slots of it (stacked)")
+    return rank
+
+
 def gather_positions(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     """Flat pool slots of positions 0..length-1 of one sequence."""
     pos = torch.arange(length, device=block_table.device)
@@ -82,7 +94,8 @@ def batched_decode_attention(
 ) -> torch.Tensor:
     """All sequences of a decode step at once (one query token each), contexts padded to the longest and masked.
 
-    keys/values: flat pools [slots, Hkv, d]; lrs: flat LR pool [slots, r]. Same math as `lora_attention`.
+    keys/values: flat pools [slots, Hkv, d]; lrs: flat LR pool [slots, width] (width r, or r per slot when stacked:
+    each sequence reads its own slice). Same math as `lora_attention`.
     """
     b, hq, d = query.shape
     hkv = keys.shape[1]
@@ -103,7 +116,13 @@ def batched_decode_attention(
     out = torch.einsum("bhgl,blhd->bhgd", probs, values[idx].to(acc).masked_fill(pad[..., None], 0.0))
     if lrs is not None:
         assert value_up is not None and meta.lr_block_tables is not None, "an LR pool comes with B_v and LR tables"
-        lr = lrs[slots(meta.lr_block_tables)].to(acc).masked_fill(pad, 0.0)
+        rank = value_up.shape[1]
+        lr = lrs[slots(meta.lr_block_tables)]  # [B, L, width]
+        stride = lr_slice_stride(lr.shape[-1], value_up)
+        if stride:  # each sequence's own slice of the stacked rows
+            cols = (meta.seq_lora_slots - 1).clamp_min(0)[:, None] * stride + torch.arange(rank, device=lr.device)
+            lr = lr.gather(2, cols[:, None, :].expand(b, longest, rank))
+        lr = lr.to(acc).masked_fill(pad, 0.0)
         pr = torch.einsum("bhgl,blr->bhgr", probs, lr)
         b_up = value_up[meta.seq_lora_slots].view(b, -1, hkv, d).to(acc)
         scale = lora_scaling[meta.seq_lora_slots].to(acc)[:, None, None, None]
@@ -150,6 +169,7 @@ class TorchReferenceBackend(AttentionBackend):
         keys = cache.key[layer].view(-1, hkv, d)
         values = cache.value[layer].view(-1, hkv, d)
         lrs = None if cache.lr is None or value_up is None else cache.lr[layer].view(-1, cache.lr_rank)
+        stride = 0 if lrs is None or value_up is None else lr_slice_stride(lrs.shape[-1], value_up)
         if meta.is_decode:
             return batched_decode_attention(query, keys, values, lrs, value_up, lora_scaling, meta, bs)
         out = torch.empty_like(query)
@@ -162,7 +182,8 @@ class TorchReferenceBackend(AttentionBackend):
             scale = 0.0
             if lrs is not None and slots[i] != 0:
                 assert value_up is not None and meta.lr_block_tables is not None, "an LR pool comes with B_v and tables"
-                lr = lrs[gather_positions(meta.lr_block_tables[i], ctx_len, bs)]
+                col = (slots[i] - 1) * stride  # the sequence's own slice of a stacked row (STACKED_LR)
+                lr = lrs[gather_positions(meta.lr_block_tables[i], ctx_len, bs), col : col + value_up.shape[1]]
                 b_up = value_up[slots[i]].view(-1, hkv, d)
                 scale = float(lora_scaling[slots[i]])
             out[starts[i] : starts[i + 1]] = lora_attention(q, keys[idx], values[idx], lr, b_up, scale, d**-0.5)

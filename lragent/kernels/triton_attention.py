@@ -14,6 +14,8 @@ Two entry points, both reading keys / base values / LR rows through the block ta
   writes partial (acc_v, acc_r, max, sum); a second small kernel merges the splits and applies `s acc_r B_g`.
   With one split the first kernel finishes the job itself.
 
+An LR row is one adapter's R, or (STACKED_LR) every adapter slot's R side by side: a sequence of slot s then reads
+columns (s - 1) r .. s r of each row in place (the row width and the slice stride are launch constants).
 Any rank 1..64 (padded to a power of two >= 16 inside, masked loads), head_dim 64/128/256 (any power of two),
 any power-of-two block size, fp16 / bf16 / fp32 (fp32 dots run in IEEE precision so tests can ask for ~1e-5).
 Slot 0 (no adapter) and `value_up=None` skip the LR term entirely (the LR pool is not even read).
@@ -26,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from lragent.kernels.reference import lr_slice_stride
 
 LOG2E = 1.4426950408889634
 
@@ -120,12 +124,14 @@ def _prefill_tile(
     lbt_row,
     kv_col,
     lr_end,
+    lr_col,
     offs_d,
     offs_r,
     offs_n,
     sm_scale_log2,
     HKV_D: tl.constexpr,
     R: tl.constexpr,
+    LR_W: tl.constexpr,
     BS: tl.constexpr,
     MASKED: tl.constexpr,
     HAS_LR: tl.constexpr,
@@ -163,7 +169,9 @@ def _prefill_tile(
         lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
         lrow = lblk * BS + (kpos % BS)
         lr = tl.load(
-            lr_ptr + lrow[:, None] * R + offs_r[None, :], mask=lmask[:, None] & (offs_r[None, :] < R), other=0.0
+            lr_ptr + lrow[:, None] * LR_W + lr_col + offs_r[None, :],
+            mask=lmask[:, None] & (offs_r[None, :] < R),
+            other=0.0,
         )
         acc_r = acc_r * alpha[:, None] + tl.dot(p.to(lr.dtype), lr, input_precision=DOT_PREC)
     return acc, acc_r, m_new, l_i
@@ -202,6 +210,8 @@ def _prefill_kernel(
     D: tl.constexpr,
     R: tl.constexpr,
     R_PAD: tl.constexpr,
+    LR_W: tl.constexpr,
+    LR_SLICE: tl.constexpr,
     BS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -232,11 +242,13 @@ def _prefill_kernel(
 
     use_lr = False
     lr_end = 0
+    lr_col = 0
     slot = 0
     if HAS_LR:
         slot = tl.load(slot_ptr + b)
         use_lr = slot != 0
         lr_end = tl.where(use_lr, ctx, 0)
+        lr_col = tl.maximum(slot - 1, 0) * LR_SLICE  # this sequence's slice of a stacked LR row (else 0)
 
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     acc_r = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
@@ -270,12 +282,14 @@ def _prefill_kernel(
             lbt_row,
             kv_col,
             lr_end,
+            lr_col,
             offs_d,
             offs_r,
             offs_n,
             sm_scale_log2,
             HKV * D,
             R,
+            LR_W,
             BS,
             False,
             HAS_LR,
@@ -300,12 +314,14 @@ def _prefill_kernel(
             lbt_row,
             kv_col,
             lr_end,
+            lr_col,
             offs_d,
             offs_r,
             offs_n,
             sm_scale_log2,
             HKV * D,
             R,
+            LR_W,
             BS,
             True,
             HAS_LR,
@@ -380,6 +396,8 @@ def _decode_kernel(
     D: tl.constexpr,
     R: tl.constexpr,
     R_PAD: tl.constexpr,
+    LR_W: tl.constexpr,
+    LR_SLICE: tl.constexpr,
     BS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_LR: tl.constexpr,
@@ -405,11 +423,13 @@ def _decode_kernel(
 
     use_lr = False
     lr_end = 0
+    lr_col = 0
     slot = 0
     if HAS_LR:
         slot = tl.load(slot_ptr + b)
         use_lr = slot != 0
         lr_end = tl.where(use_lr, end, 0)
+        lr_col = tl.maximum(slot - 1, 0) * LR_SLICE  # this sequence's slice of a stacked LR row (else 0)
 
     acc = tl.zeros([G_PAD, D], dtype=tl.float32)
     acc_r = tl.zeros([G_PAD, R_PAD], dtype=tl.float32)
@@ -438,7 +458,9 @@ def _decode_kernel(
             lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
             lrow = lblk * BS + (kpos % BS)
             lr = tl.load(
-                lr_ptr + lrow[:, None] * R + offs_r[None, :], mask=lmask[:, None] & (offs_r[None, :] < R), other=0.0
+                lr_ptr + lrow[:, None] * LR_W + lr_col + offs_r[None, :],
+                mask=lmask[:, None] & (offs_r[None, :] < R),
+                other=0.0,
             )
             acc_r = acc_r * alpha[:, None] + tl.dot(p.to(lr.dtype), lr, input_precision=DOT_PREC)
         m_i = m_new
@@ -556,11 +578,13 @@ class _Pools:
         self.bs = block_size
         self.has_lr = lr is not None and value_up is not None
         self.lr = lr if self.has_lr else key
-        self.r = lr.shape[-1] if self.has_lr else 1
+        self.r = value_up.shape[1] if self.has_lr else 1  # the rank each sequence reads
+        self.lr_width = lr.shape[-1] if self.has_lr else 1  # an LR row: r, or r per adapter slot (stacked)
+        self.lr_slice = lr_slice_stride(self.lr_width, value_up) if self.has_lr else 0
         self.r_pad = _pow2_at_least(self.r, 16)
         if self.has_lr:
-            if value_up.shape[1] != self.r:
-                raise ValueError(f"value_up rank {value_up.shape[1]} does not match the LR pool width {self.r}")
+            if lr.stride(-1) != 1 or lr.stride(-2) != self.lr_width:
+                raise ValueError("the LR pool must hold contiguous rows")
             if value_up.stride(-1) != 1:
                 value_up = value_up.contiguous()
         self.vup = value_up if self.has_lr else key
@@ -661,6 +685,8 @@ def paged_prefill(
         D=d,
         R=p.r,
         R_PAD=p.r_pad,
+        LR_W=p.lr_width,
+        LR_SLICE=p.lr_slice,
         BS=p.bs,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -827,6 +853,8 @@ def paged_decode(
         D=d,
         R=p.r,
         R_PAD=r_pad,
+        LR_W=p.lr_width,
+        LR_SLICE=p.lr_slice,
         BS=p.bs,
         BLOCK_N=block_n,
         HAS_LR=p.has_lr,

@@ -439,7 +439,7 @@ class TritonLoRABank(LoRABank):
             )
         return self._shared_v[layer]
 
-    def value_shrink(self, x, layer, segments):
+    def _own_value_shrink(self, x, layer, segments):
         down = self.down.get((layer, "v_proj"))
         t = x.shape[0]
         if down is None or not segments:

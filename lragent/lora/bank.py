@@ -1,6 +1,8 @@
 """Device-side stacks of every loaded adapter's A and B, and the multi-LoRA projections over a mixed batch.
 
 Slot 0 is "no adapter" and stays zero. Ranks are padded to `max_rank` with zeros, which leaves results exact.
+With `stack_values` (STACKED_LR) the bank also keeps every slot's v_proj A side by side, [A_1 | ... | A_N] per layer,
+and the LR cache entries of every token are its projection through all of them at once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from lragent.model_config import ModelConfig
 
 
 class LoRABank:
-    def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_loras: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        stack_values: bool = False,
+    ):
         self.config = config
         self.num_slots = max_loras + 1
         self.max_rank = max_rank
@@ -26,6 +36,10 @@ class LoRABank:
         self.scaling = torch.zeros(self.num_slots, dtype=torch.float32, device=device)
         self.scaling_host = [0.0] * self.num_slots
         self.active: set[tuple[int, str]] = set()  # (slot, module) pairs with non-zero weights
+        # STACKED_LR: layer -> [d_in, max_loras * max_rank], slot s's v_proj A at columns (s - 1) * max_rank, kept
+        # in step with `down` on load / unload (written in place: captured CUDA graphs keep reading the same tensor)
+        self.stack_values = stack_values
+        self.value_stack: dict[int, torch.Tensor] = {}
 
     def check(self, adapter: LoRAAdapter) -> None:
         """Refuse an adapter these stacks cannot hold (before it takes a registry slot)."""
@@ -42,6 +56,8 @@ class LoRABank:
             down[slot, :, : adapter.rank] = a.to(self.device, self.dtype)
             up[slot, : adapter.rank, :] = b.to(self.device, self.dtype)
             self.active.add((slot, module))
+            if module == "v_proj" and self.stack_values:
+                self._stack_columns(layer, slot).copy_(down[slot])
         self.scaling[slot] = adapter.scaling
         self.scaling_host[slot] = adapter.scaling
 
@@ -50,6 +66,8 @@ class LoRABank:
             down[slot].zero_()
         for up in self.up.values():
             up[slot].zero_()
+        for layer in self.value_stack:
+            self._stack_columns(layer, slot).zero_()
         self.active = {(s, m) for s, m in self.active if s != slot}
         self.scaling[slot] = 0.0
         self.scaling_host[slot] = 0.0
@@ -61,6 +79,19 @@ class LoRABank:
             self.down[key] = torch.zeros(self.num_slots, d_in, self.max_rank, dtype=self.dtype, device=self.device)
             self.up[key] = torch.zeros(self.num_slots, self.max_rank, d_out, dtype=self.dtype, device=self.device)
         return self.down[key], self.up[key]
+
+    def _stack_columns(self, layer: int, slot: int) -> torch.Tensor:
+        """Slot `slot`'s columns of the layer's stacked v_proj A (allocated on first use)."""
+        if layer not in self.value_stack:
+            d_in = self.shapes["v_proj"][0]
+            width = (self.num_slots - 1) * self.max_rank
+            self.value_stack[layer] = torch.zeros(d_in, width, dtype=self.dtype, device=self.device)
+        return self.value_stack[layer][:, (slot - 1) * self.max_rank : slot * self.max_rank]
+
+    @property
+    def value_width(self) -> int:
+        """Width of an LR cache row `value_shrink` returns."""
+        return (self.num_slots - 1) * self.max_rank if self.stack_values else self.max_rank
 
     def has(self, module: str) -> bool:
         return any(m == module for _, m in self.active)
@@ -93,7 +124,18 @@ class LoRABank:
         return y
 
     def value_shrink(self, x: torch.Tensor, layer: int, segments: Segments) -> torch.Tensor:
-        """The LR cache entries R = x A_v (unscaled, [T, max_rank]); zeros for tokens whose adapter has no v_proj."""
+        """The LR cache entries of the tokens x [T, d_in] (unscaled): R = x A_v of each token's own adapter
+        [T, max_rank], zeros where it has no v_proj; with `stack_values`, x [A_1 | ... | A_N] [T, N * max_rank] for
+        every token whatever its adapter (one matmul: any agent may read the row later)."""
+        if self.stack_values:
+            stack = self.value_stack.get(layer)
+            if stack is None:
+                return torch.zeros(x.shape[0], self.value_width, dtype=x.dtype, device=x.device)
+            return x @ stack
+        return self._own_value_shrink(x, layer, segments)
+
+    def _own_value_shrink(self, x: torch.Tensor, layer: int, segments: Segments) -> torch.Tensor:
+        """R = x A_v of each token's own adapter, [T, max_rank]."""
         out = torch.zeros(x.shape[0], self.max_rank, dtype=x.dtype, device=x.device)
         down = self.down.get((layer, "v_proj"))
         if down is None:

@@ -42,3 +42,13 @@ def value_a_key(adapter: LoRAAdapter, num_layers: int) -> str:
         if a is not None:
             _feed(h, a)
     return "A:" + h.hexdigest()
+
+
+def value_a_stack_key(slot_keys: list[str | None]) -> str:
+    """Digest of a stack of v_proj `A`s: the `value_a_key` of every adapter slot in slot order (None: an empty slot,
+    whose columns are zero). A stacked LR row X [A_1 | ... | A_N] depends on exactly this: the same adapters in the
+    same slots give the same key (a reload finds its cache), any load, unload or move gives another."""
+    h = hashlib.blake2b(digest_size=16)
+    for slot, key in enumerate(slot_keys, start=1):
+        h.update(f"|{slot}={key or '-'}".encode())
+    return "stack:" + h.hexdigest()

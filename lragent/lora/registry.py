@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lragent.cache.sharing import SharingScheme
 from lragent.lora.adapter import AdapterError, LoRAAdapter, unshared_value_layers, validate_adapter_name
-from lragent.lora.digest import BASE_MODEL_KEY, content_key, value_a_key
+from lragent.lora.digest import BASE_MODEL_KEY, content_key, value_a_key, value_a_stack_key
 
 
 class AdapterRegistry:
@@ -17,6 +17,8 @@ class AdapterRegistry:
         self.slots: dict[str, int] = {}
         # (content key, v_proj-A key) per adapter: what its cache entries are keyed by (lora/digest.py)
         self.keys: dict[str, tuple[str, str]] = {}
+        self._value_a: dict[str, str] = {}  # v_proj-A digest per adapter, whatever allow_unshared_a says
+        self.stack_key = value_a_stack_key([None] * max_loras)  # of the slots as they are now (`_restack`)
 
     def check(self, adapter: LoRAAdapter) -> None:
         """Refuse an adapter that breaks the scheme, with the reason spelled out."""
@@ -48,15 +50,28 @@ class AdapterRegistry:
         slot = next(s for s in range(1, self.max_loras + 1) if s not in used)
         self.adapters[adapter.name] = adapter
         self.slots[adapter.name] = slot
-        shared_a = "" if self.allow_unshared_a else value_a_key(adapter, self.num_layers)
-        self.keys[adapter.name] = (content_key(adapter), shared_a)
+        a_key = value_a_key(adapter, self.num_layers)
+        self.keys[adapter.name] = (content_key(adapter), "" if self.allow_unshared_a else a_key)
+        self._value_a[adapter.name] = a_key
+        self._restack()
         return slot
 
     def remove(self, name: str) -> int:
         if name not in self.adapters:
             raise AdapterError(f"unknown adapter {name!r}")
-        del self.adapters[name], self.keys[name]
-        return self.slots.pop(name)
+        del self.adapters[name], self.keys[name], self._value_a[name]
+        slot = self.slots.pop(name)
+        self._restack()
+        return slot
+
+    def _restack(self) -> None:
+        """`stack_key`: the digest of every slot's v_proj A in slot order, what a stacked LR row (STACKED_LR) is
+        computed from; it changes with every load or unload, and comes back when the same adapters are back in the
+        same slots."""
+        by_slot: list[str | None] = [None] * self.max_loras
+        for name, slot in self.slots.items():
+            by_slot[slot - 1] = self._value_a[name]
+        self.stack_key = value_a_stack_key(by_slot)
 
     def slot_of(self, name: str | None) -> int:
         if not name:

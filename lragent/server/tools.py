@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from lragent.server.call_scanner import CallScanner, CallSpan
 from lragent.server.errors import bad_request
 
 PARSERS = ("hermes", "llama3_json", "mistral")
@@ -289,22 +290,34 @@ class ToolPlan:
             schema["maxItems"] = 1
         return schema
 
+    @property
+    def streams_calls(self) -> bool:
+        """Whether calls stream their arguments as they are generated: only for grammar-constrained calls (named,
+        required, the array branch of json_auto) whose every tool takes an object, so that a call whose first
+        fragment went out is sure to end as that call (a sent delta cannot be taken back). Free-text formats
+        (auto with a parser) are held to the end: the model may still write something that is no call at all."""
+        if self.mode == "named":
+            return self.parameters(self.name or "").get("type") == "object"
+        constrained = self.mode == "required" or self.json_auto
+        return constrained and all(self.parameters(t["function"]["name"]).get("type") == "object" for t in self.tools)
+
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
-        """Content and calls of a finished output; calls naming no offered tool make the output plain content."""
+        """Content and calls of a finished output; calls naming no offered tool make the output plain content.
+        Constrained calls keep their arguments as written (the text streaming sends), others are re-serialised."""
         if self.mode == "named":
             found = _json_prefix(text, 0)
             if found is None or not isinstance(found[0], dict) or text[found[1] :].strip():
                 return text, []
-            return None, [ParsedCall(self.name or "", json.dumps(found[0], ensure_ascii=False))]
+            start = len(text) - len(text.lstrip())
+            return None, [ParsedCall(self.name or "", text[start : found[1]])]
+        names = {t["function"]["name"] for t in self.tools}
         if self.mode == "required" or self.json_auto:
             found = _json_prefix(text, 0)
             items = found[0] if found is not None and not text[found[1] :].strip() else None
             parsed = [_call(i) for i in items] if isinstance(items, list) and items else [None]
-            names = {t["function"]["name"] for t in self.tools}
             required = [c for c in parsed if c is not None and c.name in names]
-            return (None, required) if len(required) == len(parsed) else (text, [])
+            return (None, _as_written(text, required)) if len(required) == len(parsed) else (text, [])
         content, calls = self.parser.parse(text)
-        names = {t["function"]["name"] for t in self.tools}
         if not calls or any(c.name not in names for c in calls):
             return text, []
         if not self.parallel:
@@ -349,56 +362,97 @@ def plan_tools(tools: list[dict] | None, tool_choice: Any, parallel: bool | None
     return ToolPlan(tools if mode != "none" else [], mode, name, parallel is not False, get_parser(parser))
 
 
+def _as_written(text: str, calls: list[ParsedCall]) -> list[ParsedCall]:
+    """`calls` (parsed from the JSON array `text`) with each arguments object's text as the model wrote it."""
+    scanner = CallScanner()
+    scanner.feed(text)
+    if scanner.bad or len(scanner.calls) != len(calls):
+        return calls
+    for call, span in zip(calls, scanner.calls):
+        if span.args_start is not None and span.args_end is not None:
+            call.arguments = text[span.args_start : span.args_end]
+    return calls
+
+
 class ToolStream:
-    """Turns one choice's streamed text deltas into OpenAI chat deltas (content and/or tool_calls)."""
+    """Turns one choice's streamed text deltas into OpenAI chat deltas (content and/or tool_calls).
+
+    Calls that stream (`ToolPlan.streams_calls`) go out as OpenAI sends them: a first delta with the call's index,
+    id, type, name and empty arguments, then fragments of the arguments text, whose concatenation is the
+    non-streamed call's `arguments`. Other calls are sent whole when the output is finished."""
 
     def __init__(self, plan: ToolPlan):
         self.plan = plan
         self.text = ""
         self.sent = 0  # characters of text sent as content
-        self.call_id: str | None = None  # the named call, streamed as it is generated
+        self.scanner = CallScanner() if plan.streams_calls and plan.mode != "named" else None  # required, json_auto
+        self.calls: list[tuple[str, str]] = []  # (id, arguments sent so far) of each call streamed so far
 
     def delta(self, new: str) -> list[dict]:
         self.text += new
         if self.plan.mode == "named":
-            if not new and self.call_id is not None:
-                return []
-            out: dict = {"index": 0, "function": {"arguments": new}}
-            if self.call_id is None:
-                self.call_id = new_call_id()
-                out = {"index": 0, "id": self.call_id, "type": "function", "function": {"name": self.plan.name,
-                       "arguments": new}}  # fmt: skip
-            return [{"tool_calls": [out]}]
-        if self.plan.mode == "required":
-            return []
-        if self.plan.json_auto:  # an array is calls (sent whole at the end), an object streams as content
+            return self._call_deltas(self._named_spans()) if self.plan.streams_calls else []
+        if self.plan.mode == "required" or self.plan.json_auto:
             stripped = self.text.lstrip()
-            if not stripped or stripped.startswith("["):
+            if self.plan.json_auto and stripped.startswith("{"):  # the answer object streams as content
+                piece, self.sent = self.text[self.sent :], len(self.text)
+                return [{"content": piece}] if piece else []
+            if self.scanner is None:
                 return []
-            piece, self.sent = self.text[self.sent :], len(self.text)
-            return [{"content": piece}] if piece else []
+            self.scanner.feed(new)
+            return [] if self.scanner.bad else self._call_deltas(self.scanner.calls)
         cut = len(self.text[: self.plan.parser.content_until(self.text)].rstrip())  # whitespace may precede a call
         if cut > self.sent:
             piece, self.sent = self.text[self.sent : cut], cut
             return [{"content": piece}]
         return []
 
+    def _named_spans(self) -> list[CallSpan]:
+        start = len(self.text) - len(self.text.lstrip())
+        return [CallSpan(self.plan.name, start if start < len(self.text) else None)]
+
+    def _call_deltas(self, spans: list[CallSpan]) -> list[dict]:
+        """Deltas for what the spans show beyond what was sent: new calls (in order, each once its name is complete
+        and its arguments have begun) and new arguments text. Trailing whitespace waits for what follows it."""
+        names = {t["function"]["name"] for t in self.plan.tools}
+        out: list[dict] = []
+        for i, span in enumerate(spans):
+            if span.name not in names or span.args_start is None:
+                break
+            end = span.args_end if span.args_end is not None else len(self.text.rstrip())
+            if i == len(self.calls):
+                self.calls.append((new_call_id(), ""))
+                function = {"name": span.name, "arguments": ""}
+                out.append({"tool_calls": [{"index": i, "id": self.calls[i][0], "type": "function",
+                                            "function": function}]})  # fmt: skip
+            call_id, sent = self.calls[i]
+            piece = self.text[span.args_start + len(sent) : end]
+            if piece:
+                self.calls[i] = (call_id, sent + piece)
+                out.append({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+        return out
+
     def finish(self, new: str) -> tuple[list[dict], bool]:
         """The last deltas and whether the output was tool calls."""
         deltas = self.delta(new)
-        if self.plan.mode == "named":
-            return deltas, self.plan.parse(self.text)[1] != []
         content, calls = self.plan.parse(self.text)
         if not calls:
+            if self.calls:  # a streamed call that did not finish (max_tokens): it cannot be taken back as content
+                return deltas, False
             rest = self.text[self.sent :]
             return deltas + ([{"content": rest}] if rest else []), False
         if content and len(content) > self.sent:
             deltas.append({"content": content[self.sent :]})
-        tool_calls = [
-            {"index": i, "id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": a}}
-            for i, (c, a) in enumerate((c, c.arguments) for c in calls)
-        ]
-        return deltas + [{"tool_calls": tool_calls}], True
+        for i, call in enumerate(calls):
+            if i < len(self.calls):  # streamed: the rest of its arguments (nothing, unless the text was cut short)
+                call_id, sent = self.calls[i]
+                rest = call.arguments[len(sent) :] if call.arguments.startswith(sent) else ""
+                if rest:
+                    deltas.append({"tool_calls": [{"index": i, "function": {"arguments": rest}}]})
+                continue
+            function = {"name": call.name, "arguments": call.arguments}
+            deltas.append({"tool_calls": [{"index": i, "id": new_call_id(), "type": "function", "function": function}]})
+        return deltas, True
 
 
 def message_of(plan: ToolPlan | None, text: str) -> tuple[dict, bool]:
