@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Issue 13 on the GPU machine, in two device calls (each under 10 minutes):
-#   PART=a: the GPU tests (kernels, fused ops, sampler vs its reference, structured masks, CUDA graphs, warm-up,
-#           engine release), the first vs second trace of a fresh process, the sampler alone.
-#   PART=b: the paper trace greedy vs sampled at 33.7k and 16 x 9.1k; JSON-schema vs unconstrained decode at batch 32.
+# Issue 13 on the GPU machine, in device calls of under 10 minutes each:
+#   PART=a: first vs second trace of a fresh process (33.7k, greedy and sampled), 16 x 9.1k greedy vs sampled and
+#           JSON-schema vs unconstrained decode at batch 32 on the same engine (benchmarks/first_vs_second_gpu.py);
+#           the GPU tests (kernels, fused ops, sampler vs its reference, structured masks, stacked_lr, CUDA graphs,
+#           warm-up, engine release).
+#   PART=sampler: a second process on the now warm Triton disk cache, and the sampler alone.
+#   PART=b: the same comparisons through `lragent bench trace` / `bench decode`: the paper trace greedy vs sampled at 33.7k and 16 x 9.1k; JSON-schema vs unconstrained decode at batch 32.
 # Here, first: the wheels structured output needs (the device image lacks them) into .w/whl, the SmolLM2 tokenizer
 # files into .w/tok (dummy weights have no tokenizer; the JSON run borrows it):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .w/whl \
@@ -25,18 +28,20 @@ timed() {  # $1 = label, rest = command; prints rc and seconds
   "$@"; echo "$label rc=$? in $(( $(date +%s) - start )) s"
 }
 if [[ ${PART:-a} == a ]]; then
-  timed "parallel tests" timeout ${TEST_TIMEOUT:-240} $PY -m pytest tests/test_kernels.py tests/test_fused_ops.py \
-    tests/test_sampler_gpu.py -q -n ${NPROC:-8} -p no:cacheprovider -rfEs >"$OUT/tests.log" 2>&1
-  tail -3 "$OUT/tests.log"
-  timed "engine tests" timeout ${TEST_TIMEOUT:-240} $PY -m pytest tests/test_cuda_graphs.py tests/test_engine_release.py \
-    tests/test_warmup.py -q -p no:cacheprovider -rfEs >"$OUT/tests_serial.log" 2>&1
-  tail -3 "$OUT/tests_serial.log"
   export TRITON_CACHE_DIR=$(mktemp -d)  # a fresh machine: nothing compiled yet
-  timed "first vs second (fresh Triton cache)" timeout 200 $PY benchmarks/first_vs_second_gpu.py --ctx 8192 \
+  timed "first vs second (fresh Triton cache)" timeout ${FVS_TIMEOUT:-200} $PY benchmarks/first_vs_second_gpu.py \
+    --ctx 8192 --tokenizer .w/tok --json-schema benchmarks/sampling_cpu/long_array_schema.json \
     --out "$OUT/first_vs_second.json"
+  unset TRITON_CACHE_DIR
+  timed "parallel tests" timeout ${TEST_TIMEOUT:-150} $PY -m pytest tests/test_kernels.py tests/test_fused_ops.py \
+    tests/test_sampler_gpu.py tests/test_stacked_lr.py -q -n ${NPROC:-8} -p no:cacheprovider -rfEs >"$OUT/tests.log" 2>&1
+  tail -3 "$OUT/tests.log"
+  timed "engine tests" timeout ${TEST_TIMEOUT:-150} $PY -m pytest tests/test_cuda_graphs.py tests/test_engine_release.py \
+    tests/test_warmup.py -v -p no:cacheprovider -rfEs >"$OUT/tests_serial.log" 2>&1
+  tail -3 "$OUT/tests_serial.log"
+elif [[ ${PART} == sampler ]]; then
   timed "first vs second (disk cache warm)" timeout 150 $PY benchmarks/first_vs_second_gpu.py --ctx 8192 \
     --out "$OUT/first_vs_second_cached.json"
-  unset TRITON_CACHE_DIR
   timed "sampler" timeout 150 $PY -m lragent.bench.sampler --device cuda --json "$OUT/sampler.json"
 else
   for decoding in greedy sampled; do
