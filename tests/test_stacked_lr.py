@@ -35,6 +35,7 @@ from lragent.lora.metadata import group_by_slot  # noqa: E402
 from lragent.lora.registry import AdapterRegistry  # noqa: E402
 from lragent.model_config import ModelConfig  # noqa: E402
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Triton runs interpreted on the CPU
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 PREFIX = [(7 * i + 3) % 997 + 1 for i in range(70)]
 ROLES = ("plan", "action", "reflect")
@@ -56,6 +57,9 @@ def last_layer(tiny_llama, tmp_path_factory) -> dict[str, str]:
 
 
 def engine(tiny_llama, adapters: dict[str, str], sharing: str = "stacked_lr", **kw) -> LLM:
+    kw.setdefault("device", str(DEV))
+    kw.setdefault("dtype", "float32")  # exact comparisons, also on a GPU
+    kw.setdefault("warmup", False)
     return LLM(model=tiny_llama[0], adapters=adapters, sharing=sharing, block_size=8, **kw)
 
 
@@ -139,11 +143,12 @@ def test_cli_and_config_accept_stacked_lr():
 # the stacked projection at store time
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bank_class", [LoRABank, TritonLoRABank])
-def test_bank_projects_through_every_slot_at_once(bank_class, model_config):
+def test_bank_projects_through_every_slot_at_once(bank_class, tiny_llama):
+    model_config = ModelConfig.from_file(f"{tiny_llama[0]}/config.json")
     gen = torch.Generator().manual_seed(3)
     d = model_config.hidden_size
-    bank = bank_class(model_config, 3, 4, torch.float32, torch.device("cpu"), stack_values=True)
-    plain = LoRABank(model_config, 3, 4, torch.float32, torch.device("cpu"))
+    bank = bank_class(model_config, 3, 4, torch.float32, DEV, stack_values=True)
+    plain = LoRABank(model_config, 3, 4, torch.float32, DEV)
     adapters = {
         slot: LoRAAdapter(
             f"a{slot}",
@@ -162,7 +167,7 @@ def test_bank_projects_through_every_slot_at_once(bank_class, model_config):
     for slot, adapter in adapters.items():
         bank.load(slot, adapter)
         plain.load(slot, adapter)
-    x = torch.randn(5, d, generator=gen)
+    x = torch.randn(5, d, generator=gen).to(DEV)
     slots = [0, 1, 3, 3, 2]
     stacked = bank.value_shrink(x, 0, group_by_slot(slots, x.device))
     assert stacked.shape == (5, 12) and bank.value_width == 12
@@ -242,10 +247,15 @@ def stacked_case(seqs, hq, hkv, d, rank, num_slots, block_size, seed):
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32)
+    return t.to(DEV, torch.float32)
+
+
+def _dev(t: torch.Tensor) -> torch.Tensor:
+    return t.to(DEV)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.cpu()
     assert not torch.isnan(out).any(), "NaN: a read outside the sequence's own slice or rows"
     return ((out.double() - ref).norm() / ref.norm()).item()
 
@@ -266,8 +276,9 @@ def test_prefill_kernel_reads_each_sequence_slice(case_id, splits):
     torch.testing.assert_close(c.ref, c.unstacked)  # the reference's slice == the slice copied out
     m = c.meta
     out = paged_prefill(
-        _f32(c.query), _f32(c.key), _f32(c.value), _f32(c.wide), m.base_block_tables, m.lr_block_tables,
-        m.query_start, m.context_lens_t, m.seq_lora_slots, _f32(c.value_up), _f32(c.scaling), max(m.query_lens),
+        _f32(c.query), _f32(c.key), _f32(c.value), _f32(c.wide), _dev(m.base_block_tables), _dev(m.lr_block_tables),
+        _dev(m.query_start), _dev(m.context_lens_t), _dev(m.seq_lora_slots), _f32(c.value_up), _f32(c.scaling),
+        max(m.query_lens),
         num_splits=splits,
     )  # fmt: skip
     assert rel_err(out, c.ref) < 2e-5
@@ -280,8 +291,8 @@ def test_decode_kernel_reads_each_sequence_slice(splits):
     torch.testing.assert_close(c.ref, c.unstacked)
     m = c.meta
     out = paged_decode(
-        _f32(c.query), _f32(c.key), _f32(c.value), _f32(c.wide), m.base_block_tables, m.lr_block_tables,
-        m.context_lens_t, m.seq_lora_slots, _f32(c.value_up), _f32(c.scaling), num_splits=splits,
+        _f32(c.query), _f32(c.key), _f32(c.value), _f32(c.wide), _dev(m.base_block_tables), _dev(m.lr_block_tables),
+        _dev(m.context_lens_t), _dev(m.seq_lora_slots), _f32(c.value_up), _f32(c.scaling), num_splits=splits,
     )  # fmt: skip
     assert rel_err(out, c.ref) < 2e-5
 

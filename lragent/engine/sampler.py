@@ -233,7 +233,9 @@ def _to_host(values: torch.Tensor) -> torch.Tensor:
         return values.cpu()
     buf = _PINNED.get(values.device)
     if buf is None or buf.numel() < values.numel():
-        buf = _PINNED[values.device] = torch.empty(max(values.numel(), 1024), dtype=values.dtype, pin_memory=True)
+        with torch.inference_mode(False):  # a normal tensor: copies into it work in and outside inference mode
+            buf = torch.empty(max(values.numel(), 1024), dtype=values.dtype, pin_memory=True)
+        _PINNED[values.device] = buf
     host = buf[: values.numel()].view(values.shape)
     host.copy_(values, non_blocking=True)
     torch.cuda.current_stream(values.device).synchronize()

@@ -3,9 +3,9 @@
 On a GPU the first long request of a fresh process paid ~4-5 s of Triton compilation (and graph captures) inside
 its latency. The warm-up runs a small synthetic workload through the engine's own step, shaped to take every
 path a real workload takes: a prompt longer than one prefill chunk (chunked prefill, then a partial chunk), a
-second agent and the base model on the same prefix with appends in each of the kernels' tile sizes (prefix hits,
-LR prefill under the base-sharing schemes, split-KV over the long context), greedy and sampled decoding with
-log-probabilities, a batch of short requests decoding together; then it captures the decode graph
+mini trace where the agents and the base model take turns appending to that prefix in each of the kernels' tile
+sizes (prefix hits, LR prefill under the base-sharing schemes, split-KV over the long context), greedy and sampled
+decoding with log-probabilities, a batch of short requests decoding together; then it captures the decode graph
 of every batch size the engine will replay, and forgets the blocks and counters it left. Triton keeps compiled
 kernels on disk (`TRITON_CACHE_DIR`, default `~/.triton/cache`), so a later process on the same machine skips the
 compilation and pays only the runs and captures.
@@ -43,12 +43,16 @@ def warm_up(engine: LLMEngine) -> float:
     agents = [None, *sorted(engine.registry.adapters)[:2]]
     long_prompt = _tokens(rng, engine, _long_length(engine))
     _run(engine, [(long_prompt, SAMPLED, agents[-1]), (_tokens(rng, engine, 37), GREEDY, None)])
-    # appends over the long context in each of the kernels' tile buckets (<= 16, <= 32, > 32 new tokens): by the
-    # agent that computed it (every pool hit), by another agent (LR prefill of the whole prefix, then only the
-    # new tokens) and by the base model (no LR)
+    # then a mini trace over the long context: the agents take turns, one request at a time, each appending new
+    # tokens in each of the kernels' tile buckets (<= 16, <= 32, > 32): a turn hits the keys and base values of
+    # everything before it and LR-prefills what the other agents appended since its own last turn
+    trajectory = long_prompt
     for new in (6, 24, 48):
-        suffix = _tokens(rng, engine, new)
-        _run(engine, [(long_prompt + suffix, SAMPLED, agent) for agent in agents])
+        for agent in agents:
+            if len(trajectory) + new + SAMPLED.max_tokens >= engine.max_model_len:
+                break  # a short context: the turns that fit
+            trajectory = trajectory + _tokens(rng, engine, new)
+            _run(engine, [(trajectory, SAMPLED, agent)])
     batch = min(engine.config.max_num_seqs, 8)
     _run(engine, [(_tokens(rng, engine, 19 + i), SAMPLED, agents[i % len(agents)]) for i in range(batch)])
     _warm_masks(engine)
@@ -70,7 +74,7 @@ def _long_length(engine: LLMEngine) -> int:
     """Longer than one prefill chunk (a chunk boundary, then a partial chunk), within the context length, whole
     blocks (so an append's new tokens are exactly what the next step computes)."""
     chunk, block = engine.config.max_num_batched_tokens, engine.config.block_size
-    length = min(chunk + chunk // 2, engine.max_model_len - 64, 16_384)
+    length = min(chunk + chunk // 2, engine.max_model_len - 256, 16_384)
     return max(block, length // block * block)
 
 
