@@ -33,11 +33,11 @@ if [[ ${PART:-a} == a ]]; then
     --ctx 8192 --tokenizer .w/tok --json-schema benchmarks/sampling_cpu/long_array_schema.json \
     --out "$OUT/first_vs_second.json"
   unset TRITON_CACHE_DIR
-  timed "parallel tests" timeout ${TEST_TIMEOUT:-150} $PY -m pytest tests/test_kernels.py tests/test_fused_ops.py \
-    tests/test_sampler_gpu.py tests/test_stacked_lr.py -q -n ${NPROC:-8} -p no:cacheprovider -rfEs >"$OUT/tests.log" 2>&1
+  timed "parallel tests" timeout ${TEST_TIMEOUT:-150} $PY -m pytest ${PARALLEL_TESTS:-tests/test_kernels.py \
+    tests/test_fused_ops.py tests/test_sampler_gpu.py tests/test_stacked_lr.py} -q -n ${NPROC:-8} -p no:cacheprovider -rfEs >"$OUT/tests.log" 2>&1
   tail -3 "$OUT/tests.log"
   timed "engine tests" timeout ${TEST_TIMEOUT:-150} $PY -m pytest tests/test_cuda_graphs.py tests/test_engine_release.py \
-    tests/test_warmup.py -v -p no:cacheprovider -rfEs >"$OUT/tests_serial.log" 2>&1
+    tests/test_warmup.py -v --timeout 90 --durations 0 -p no:cacheprovider -rfEs >"$OUT/tests_serial.log" 2>&1
   tail -3 "$OUT/tests_serial.log"
 elif [[ ${PART} == sampler ]]; then
   timed "first vs second (disk cache warm)" timeout 150 $PY benchmarks/first_vs_second_gpu.py --ctx 8192 \
