@@ -6,9 +6,10 @@
 # Per task: an independent set (each role its own A and B on q_proj and v_proj), then a shared-A set (the paper's
 # recipe: the independent plan adapter is reused as is, action and reflect are trained with its v_proj lora_A loaded
 # and frozen), then a bit-equality check of the shared A, then greedy samples (HF + PEFT) on training prompts.
-# Settings (environment): PY, MODEL, BASE_NAME, TASKS, DATA_DIR, DEVICE, STEPS, BATCH, MAX_LEN, LR, SEED, SAMPLE.
+# Settings (environment): PY, MODEL, BASE_NAME, TASKS, DATA_DIR, DEVICE, STEPS, BATCH, MAX_LEN, LR, SEED, SAMPLE,
+# HELDOUT, EVAL_EVERY, PATIENCE.
 # Shipped sets and how they were trained (per-step losses, machine and versions in each set's train_log.json):
-# - hotpotqa-{independent,shared-a}: the defaults (200 steps of 8 x 1024 tokens per role, lr 5e-4, bf16 autocast) on one
+# - hotpotqa-{independent,shared-a}: the then defaults (200 steps of 8 x 1024 tokens per role, lr 5e-4, bf16) on one
 #   H200, 2026-11-27: 30-44 s per role, about 5 minutes for the task's two sets including model load and tokenisation.
 # - scienceqa-{independent,shared-a}: on the 2-core CPU box (float32, OMP_NUM_THREADS=2, shared with other jobs),
 #   2026-11-28, with
@@ -23,8 +24,19 @@
 #   turn into NaN that leaks into real tokens (torch's CPU SDPA returns 0 there: the same batches are finite on CPU).
 #   The trainer now masks padding so that no row is empty, skips (and logs) steps with a non-finite loss or gradient,
 #   and refuses to save non-finite weights (lragent/train/batching.py, loop.py, recipes.py).
-# CPU speed: the defaults (200 steps of 8 x 1024 per role) would take many hours on 2 cores; for a smoke run use e.g.
-# STEPS=20 BATCH=2 MAX_LEN=512 SAMPLE=0.
+# CPU speed: the defaults would take many hours on 2 cores; for a smoke run use e.g.
+# STEPS=20 BATCH=2 MAX_LEN=512 EVAL_EVERY=10 SAMPLE=0.
+#
+# Held-out split and early stopping (since 2026-12): HELDOUT (default 0.1) of the questions, chosen by a hash of the
+# question text and the seed, are never trained on (all their examples, every role; the shared-A run holds out the
+# same questions as the independent one). Every EVAL_EVERY steps the mean output-token loss on them is logged
+# (train_log.json: eval_steps, eval_losses; dashed in loss_curve.png); the best measured checkpoint is the one saved,
+# and training stops after PATIENCE measurements without improvement. The defaults are for one GPU (one H200, bf16):
+# up to STEPS=1000 steps of BATCH=8 x MAX_LEN=2048 tokens per role (2048 keeps 90% of the reflect prompts whole;
+# 1024 truncated 53% of them and 576, the CPU setting of the shipped ScienceQA sets, 93%), lr 5e-4.
+#
+#   scripts/train_adapters.sh                                  # all four sets on the first GPU
+#   CUDA_VISIBLE_DEVICES=0 TASKS=scienceqa scripts/train_adapters.sh /tmp/adapters   # one task, elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,9 +45,10 @@ if [[ -z "${PY:-}" ]]; then [[ -x .venv/bin/python ]] && PY=.venv/bin/python || 
 MODEL=${MODEL:-smollm2-135m-instruct}
 BASE_NAME=${BASE_NAME:-HuggingFaceTB/SmolLM2-135M-Instruct}
 TASKS=${TASKS:-hotpotqa scienceqa}
-COMMON=(--model "$MODEL" --base-name "$BASE_NAME" --device "${DEVICE:-auto}" --max-steps "${STEPS:-200}"
-        --batch-size "${BATCH:-8}" --max-seq-len "${MAX_LEN:-1024}" --lr "${LR:-5e-4}" --seed "${SEED:-42}"
-        --rank 8 --alpha 16 --targets q_proj,v_proj --save-dtype float16)
+COMMON=(--model "$MODEL" --base-name "$BASE_NAME" --device "${DEVICE:-auto}" --max-steps "${STEPS:-1000}"
+        --batch-size "${BATCH:-8}" --max-seq-len "${MAX_LEN:-2048}" --lr "${LR:-5e-4}" --seed "${SEED:-42}"
+        --rank 8 --alpha 16 --targets q_proj,v_proj --save-dtype float16
+        --heldout-fraction "${HELDOUT:-0.1}" --eval-every "${EVAL_EVERY:-25}" --patience "${PATIENCE:-4}")
 [[ -n "${DATA_DIR:-}" ]] && COMMON+=(--data-dir "$DATA_DIR")
 
 for task in $TASKS; do

@@ -76,7 +76,7 @@ def test_analyze_shared_a_tiny(tmp_path, shared_a_adapters):
         assert sim["per_layer"][q][0] == pytest.approx(1.0, abs=1e-5)
     assert sim["mean"]["adapter_output"] < sim["mean"]["base_value"]
     fid = {f["scheme"]: f for f in s["fidelity"]}
-    assert list(fid) == ["non_shared", "full_shared", "base_shared", "base_lr_shared"]
+    assert list(fid) == ["non_shared", "full_shared", "base_shared", "base_lr_shared", "stacked_lr"]
     split = A.split_point(96, 32, 16)
     for scheme, f in fid.items():
         assert f["positions"] == 2 * (96 - split)

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from lragent import demo
+from lragent.eval import tables
+from lragent.train import data as D
 
 ROW = {
     "id": "demo-test",
@@ -58,7 +60,13 @@ def test_demo_one_question_all_schemes(tmp_path, capsys):
     out = capsys.readouterr().out
     for scheme in demo.SCHEMES:
         assert scheme in out
-    assert "KV cache used" in out and "TTFT" in out
+    assert "KV MiB" in out and "TTFT" in out
+    assert "trajectory of question 1 under non_shared" in out and "Question: In which year" in out
+    assert "1. Thought: " in out and "   Action: " in out  # at least one whole step of the trajectory
+    text = [line for line in out.splitlines() if str(tmp_path) not in line]  # file paths are as long as they are
+    assert all(len(line) <= 80 for line in text), max(text, key=len)
+    md = (tmp_path / "demo.md").read_text()
+    assert "## Trajectory: base_lr_shared, question 1" in md and "keys + base values MiB" in md
     runs = json.loads((tmp_path / "demo.json").read_text())["runs"]
     assert [r["scheme"] for r in runs] == list(demo.SCHEMES)
     assert not any(r["forced"] for r in runs)  # the shared-A set serves base_lr_shared as is
@@ -74,3 +82,43 @@ def test_demo_one_question_all_schemes(tmp_path, capsys):
 def test_demo_bad_args(tmp_path, capsys):
     assert demo.main(["--data", str(tmp_path / "missing.jsonl")]) == 2
     assert demo.main(["--sharing", "nope", "--data", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def _run(scheme: str, correct: bool, prediction: str) -> demo.SchemeRun:
+    pools = {name: {"bytes_used": 3 << 20} for name in ("key", "base_value", "lr")}
+    summary = {"n": 1, "agent_calls": 12, "computed_tokens": 123456, "reuse_ratio": 0.9, "ttft_s": 12.34,
+               "wall_s": 98.7, "f1": 0.0, "prompt_tokens": 9, "reused_tokens": 8, "base_reused_tokens": 7,
+               "generated_tokens": 6}  # fmt: skip
+    answer = {"id": "1", "gold": "1946", "prediction": prediction, "correct": correct, "iterations": 1, "halt": "x"}
+    steps = [D.Step("I need the director of Jaws " * 5, "Retrieve[Jaws (film)]", "Jaws is a 1975 film " * 20)]
+    text = D.render_history("hotpotqa", ROW["question"], steps)
+    return demo.SchemeRun(scheme, False, summary, {"bytes_used": 9 << 20, "pools": pools}, [answer], [text])
+
+
+def test_demo_tables_and_trajectory_fit_80_columns():
+    runs = [_run(s, s != "full_shared", "a rather long predicted answer " * 3) for s in demo.SCHEMES]
+    rows = [ROW]
+    for header, table in (demo.answer_rows(runs, rows), demo.metric_rows(runs)):
+        text = tables.render(header, table, 80)
+        assert all(len(line) <= 80 for line in text.splitlines())
+        for scheme in demo.SCHEMES:
+            assert scheme[:6] in text
+    header, table = demo.metric_rows(runs)
+    assert header[:3] == ["scheme", "correct", "calls"] and [r[0] for r in table] == list(demo.SCHEMES)
+    assert "…" not in tables.render(header, table, 80)  # the key cost columns fit without cutting
+    lines = demo.trajectory_lines(runs[0].trajectories[0])
+    assert lines[0].startswith("Question: In which year") and lines[1].startswith("1. Thought: I need")
+    assert lines[2] == "   Action: Retrieve[Jaws (film)]" and lines[3].startswith("   Observation: Jaws is")
+    assert all(len(line) <= 80 for line in lines)
+    full_header, _ = demo.metric_rows(runs, full=True)
+    assert "keys/base values reused" in full_header and len(full_header) > len(header)
+
+
+def test_demo_questions_are_the_first_n_of_the_file(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({**ROW, "id": f"q{i}"}) + "\n" for i in range(5)))
+    args = demo.build_parser().parse_args(["--data", str(data), "--questions", "3"])
+    spec = demo.spec_from_args(args)
+    _, rows = demo.load_questions(spec.data, spec.questions)
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2"]  # file order, no selection by outcome
+    assert not spec.free and not spec.constrain

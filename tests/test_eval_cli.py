@@ -241,3 +241,69 @@ def test_cli_engine_options_reach_the_llm(tmp_path, monkeypatch):
     bad = eval_cli.build_parser().parse_args([str(a), "--adapters", str(tmp_path / "ad"), "--time-limit", "0"])
     with pytest.raises(ValueError):
         eval_cli.spec_from_args(bad)
+
+
+def test_seeds_and_noise_control_rows_with_confidence_intervals(tmp_path, capsys):
+    from lragent.eval.report import print_summary
+    from lragent.eval.stats import NOISE_LABEL
+
+    aset = AdapterSet("fake", {r: "x" for r in D.ROLES}, "hotpotqa")
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records(6)))
+    spec = EvalSpec(data=[str(data)], schemes=["non_shared", "base_lr_shared"], adapter_sets=[aset], seeds=[1, 2],
+                    noise_control=True, pipeline=PipelineConfig(workers=6))  # fmt: skip
+    assert spec.runs() == [
+        ("non_shared", "non_shared", 1),
+        ("non_shared", "non_shared", 2),
+        ("base_lr_shared", "base_lr_shared", 1),
+        ("base_lr_shared", "base_lr_shared", 2),
+        ("non_shared", NOISE_LABEL, 1001),
+        ("non_shared", NOISE_LABEL, 1002),
+    ]
+    planned = iter(spec.runs())
+
+    def factory(spec, scheme, aset):  # base_lr_shared answers right only under seed 1: accuracy 50%, delta -50
+        engine_scheme, label, seed = next(planned)
+        assert engine_scheme == scheme
+        answer = "Badr Hari" if label != "base_lr_shared" or seed == 1 else "Nixon"
+        return ScriptedLLM(Script([("t", "Aciton: Finish[", answer)]))
+
+    report = run_eval(spec, llm_factory=factory, log=lambda s: None)
+    assert [(s.scheme, s.seed) for s in report.summaries] == [(label, seed) for _, label, seed in spec.runs()]
+    assert {q["seed"] for q in report.questions} == {1, 2, 1001, 1002}
+    text = print_summary(report)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert "100.0" in lines["non_shared"] and "50.0" in lines["base_lr_shared"] and "-50.0" in lines["base_lr_shared"]
+    assert "+0.0" in lines["ns"]  # the noise control: reseeded non_shared, same answers here
+    assert "6 questions x 2 seed(s)" in text
+    paths = write_report(report, tmp_path / "out")
+    md = paths["md"].read_text()
+    assert NOISE_LABEL in md and "1001 1002" in md and "Every run" in md
+
+
+def test_cli_seeds_noise_control_and_fidelity(tmp_path, monkeypatch, capsys):
+    args = eval_cli.build_parser().parse_args(["q.jsonl", "--seeds", "1", "2", "3", "--noise-control"])
+    monkeypatch.setattr(eval_cli, "find_adapter_sets", lambda roots: [AdapterSet("a", {r: "x" for r in D.ROLES})])
+    spec = eval_cli.spec_from_args(args)
+    assert spec.run_seeds() == [1, 2, 3] and spec.noise_control and len(spec.runs()) == 6
+    assert spec.pipeline.finish_at_cap and not spec.pipeline.constrain
+    args = eval_cli.build_parser().parse_args(["q.jsonl", "--free", "--constrain"])
+    spec = eval_cli.spec_from_args(args)
+    assert spec.run_seeds() == [42] and not spec.pipeline.finish_at_cap and spec.pipeline.constrain
+    # --merge with --fidelity: analyze's agreement/KL join the table
+    factory = lambda spec, scheme, aset: ScriptedLLM(Script([("t", "Aciton: Finish[", "Badr Hari")]))  # noqa: E731
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps(HOTPOT) + "\n")
+    aset = AdapterSet("fake", {r: "x" for r in D.ROLES})
+    spec = EvalSpec(data=[str(data)], schemes=["non_shared", "base_shared"], adapter_sets=[aset])
+    out = write_report(run_eval(spec, llm_factory=factory, log=lambda s: None), tmp_path / "run")
+    analyze = tmp_path / "analyze.json"
+    fid = [{"scheme": "base_shared", "agreement": 0.75, "kl_mean": 0.5}]
+    analyze.write_text(json.dumps({"sets": [{"adapters": "fake", "fidelity": fid}]}))
+    argv = ["--merge", str(out["json"]), "--fidelity", str(analyze), "--out", str(tmp_path / "m")]
+    assert eval_cli.main(argv) == 0
+    text = capsys.readouterr().out
+    base = next(line for line in text.splitlines() if line.startswith("base_shared"))
+    assert "75.0" in base and "0.5000" in base
+    assert eval_cli.main(["--merge", str(out["json"]), "--fidelity", str(data)]) == 2  # not an analyze.json

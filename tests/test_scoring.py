@@ -102,3 +102,27 @@ def test_scienceqa_score():
     assert score_scienceqa("Dover", DELAWARE, "B").mapped == "B"
     assert not score_scienceqa("A", DELAWARE, "B").correct
     assert score_scienceqa("All the judges at the important meeting", FRAGMENT, "A").correct
+
+
+# ---- the answer formats a model emits at ScienceQA's Finish --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [
+        "B", "b", "(B)", "B)", "B.", "B]", "[B]", "**B**", "Finish[B]", "B) Dover", "(B) Dover", "B. Dover",
+        "B: Dover", "B - Dover", "b) dover", "B Dover", "Dover", "dover.", "[Dover]", "Option B", "option (B)",
+        "Option B: Dover", "The answer is B", "The answer is: B", "The answer is (B).", "Answer: B",
+        "answer is option B", "The capital of Delaware is Dover.", '"B"',
+    ],
+)  # fmt: skip
+def test_option_letter_maps_every_emitted_format(pred):
+    assert option_letter(pred, DELAWARE) == "B"
+    assert score_scienceqa(pred, DELAWARE, "B").correct
+    assert not score_scienceqa(pred, DELAWARE, "A").correct
+
+
+@pytest.mark.parametrize("pred", ["E", "(E)", "A or B", "Harrisburg, Dover", "I think so", "[]", "Finish[]", "**"])
+def test_option_letter_refuses_what_it_cannot_map(pred):
+    assert option_letter(pred, DELAWARE) is None
+    assert not any(score_scienceqa(pred, DELAWARE, key).correct for key in "ABCD")

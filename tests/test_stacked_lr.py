@@ -60,6 +60,7 @@ def engine(tiny_llama, adapters: dict[str, str], sharing: str = "stacked_lr", **
     kw.setdefault("device", str(DEV))
     kw.setdefault("dtype", "float32")  # exact comparisons, also on a GPU
     kw.setdefault("warmup", False)
+    kw.setdefault("kv_cache_bytes", 64 << 20)  # not a share of the GPU: test processes run side by side there
     return LLM(model=tiny_llama[0], adapters=adapters, sharing=sharing, block_size=8, **kw)
 
 

@@ -15,7 +15,8 @@ from lragent.train import examples as E
 from lragent.train.batching import IGNORE_INDEX, Encoded, attention_mask_4d, collate, encode_example, truncate_prompt
 from lragent.train.checks import check_shared_a
 from lragent.train.config import TrainConfig
-from lragent.train.recipes import WEIGHTS_NAME, train_set
+from lragent.train.loop import EarlyStopping, train_adapters
+from lragent.train.recipes import WEIGHTS_NAME, attach, train_set
 
 DATA = E.default_data_dir()
 needs_data = pytest.mark.skipif(not (DATA / "hotpotqa_action.json").is_file(), reason="trajectory data not present")
@@ -417,3 +418,96 @@ def test_shipped_sets_are_peft_folders_with_a_shared_v_proj_a():
             assert (folder / WEIGHTS_NAME).stat().st_size < 2_000_000
         shared = check_shared_a(ADAPTERS_DIR / name, "v_proj")
         assert shared.layers == 30 and shared.identical == (entry["mode"] == "shared-a")
+
+
+# ---- held-out split and early stopping -------------------------------------------------------------------------------
+
+
+def test_heldout_split_is_by_question_and_the_same_for_every_role():
+    other = E.Trajectory("hotpotqa", "What is the capital of Italy?", toy_trajectory().steps)
+    trajs = [toy_trajectory(), other] + [
+        E.Trajectory("hotpotqa", f"Question number {i}?", toy_trajectory().steps) for i in range(40)
+    ]
+    for role_examples in (E.plan_examples, E.action_examples, E.reflect_examples):
+        examples = [ex for t in trajs for ex in role_examples(t)]
+        train, heldout = E.split_heldout(examples, 0.25, seed=1)
+        assert len(train) + len(heldout) == len(examples) and train and heldout
+        held_q = {E.question_of(e.input) for e in heldout}
+        assert held_q.isdisjoint(E.question_of(e.input) for e in train)  # no question on both sides
+        assert held_q == {t.head for t in trajs if E.is_heldout(t.head, 0.25, seed=1)}  # same questions per role
+    assert E.split_heldout(examples, 0.0) == (examples, [])
+    with pytest.raises(ValueError):
+        E.split_heldout(examples, 1.0)
+
+
+def test_early_stopping_bookkeeping():
+    stop = EarlyStopping(patience=2, min_delta=0.1)
+    assert stop.update(10, 3.0) == (True, False)
+    assert stop.update(20, 2.95) == (False, False)  # better, but by less than min_delta
+    assert stop.update(30, 2.5) == (True, False)
+    assert stop.update(40, float("nan")) == (False, False)
+    assert stop.update(50, 2.6) == (False, True)
+    assert (stop.best, stop.best_step) == (2.5, 30)
+    assert EarlyStopping(patience=0).update(1, 5.0) == (True, False)
+    never = EarlyStopping(patience=0)
+    never.update(1, 1.0)
+    assert never.update(2, 9.0) == (False, False)  # patience 0: measured, never stops
+
+
+def test_heldout_loss_is_measured_and_the_best_checkpoint_is_kept(tok, tmp_path):
+    from lragent.train.loop import heldout_loss
+
+    base = tiny_llama(len(tok))
+    examples = toy_examples(4)["action"]
+    data = encode_all(tok, {"action": examples}, 160)
+    cfg = _cfg("independent", max_steps=12, eval_every=3, patience=0)
+    model = attach(base, ["action"], cfg, "tiny")
+    results = train_adapters(model, data, cfg, tok.pad_token_id, heldout=data)
+    res = results["action"]
+    assert res.eval_steps == [3, 6, 9, 12] and len(res.eval_losses) == 4 and res.heldout == 4
+    best = min(range(4), key=res.eval_losses.__getitem__)
+    assert res.best_step == res.eval_steps[best] and not res.stopped_early and res.steps == 12
+    # the weights left in the model are the best measurement's: measuring again gives its loss
+    assert heldout_loss(model, data["action"], cfg, tok.pad_token_id) == pytest.approx(res.eval_losses[best], rel=1e-5)
+    summary = res.summary()
+    assert summary["eval_loss_best"] == round(res.eval_losses[best], 4) and summary["best_step"] == res.best_step
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(tok):
+    from lragent.train.loop import heldout_loss
+
+    base = tiny_llama(len(tok))
+    data = encode_all(tok, {"plan": toy_examples(4)["plan"]}, 160)
+    heldout = encode_all(tok, {"plan": toy_examples(2)["reflect"]}, 160)  # other outputs: a real held-out set
+    cfg = _cfg("independent", max_steps=40, eval_every=2, patience=2, min_delta=1e9)  # nothing improves after 1st
+    model = attach(base, ["plan"], cfg, "tiny")
+    first = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    res = train_adapters(model, data, cfg, tok.pad_token_id, heldout=heldout)["plan"]
+    assert res.stopped_early and res.steps == 6 and res.eval_steps == [2, 4, 6] and res.best_step == 2
+    assert len(res.losses) == 6  # no step after the stop
+    assert heldout_loss(model, heldout["plan"], cfg, tok.pad_token_id) == pytest.approx(res.eval_losses[0], rel=1e-5)
+    moved = any(not torch.equal(first[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    assert moved  # the kept weights are step 2's, not the initial ones
+
+
+def test_cli_holds_out_questions_and_logs_the_heldout_curve(tok, tmp_path, monkeypatch):
+    from lragent.train import cli
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    trajs = [E.Trajectory("hotpotqa", f"Question {i}?", toy_trajectory().steps) for i in range(12)]
+    pools = {"plan": E.plan_examples, "action": E.action_examples, "reflect": E.reflect_examples}
+    fake = lambda task, role, data_dir=None: [ex for t in trajs for ex in pools[role](t)]  # noqa: E731
+    monkeypatch.setattr(cli, "load_role_examples", fake)
+    out = tmp_path / "set"
+    argv = ["--model", str(model_dir), "--out", str(out), "--roles", "action", "--max-steps", "4", "--batch-size",
+            "2", "--max-seq-len", "128", "--rank", "4", "--device", "cpu", "--heldout-fraction", "0.3",
+            "--eval-every", "2", "--seed", "3"]  # fmt: skip
+    assert cli.main(argv) == 0
+    entry = json.loads((out / "train_log.json").read_text())["roles"]["action"]
+    n_held = sum(E.is_heldout(t.head, 0.3, seed=3) for t in trajs)
+    assert 0 < n_held < 12
+    per = len(E.action_examples(toy_trajectory()))
+    assert entry["heldout_examples"] == per * n_held and entry["examples"] == per * (12 - n_held)
+    assert entry["eval_steps"] == [2, 4] and len(entry["eval_losses"]) == 2 and entry["best_step"] in (2, 4)

@@ -25,7 +25,7 @@ def build(tiny_llama, warmup: bool, **kw) -> LLM:
     model, roles = tiny_llama
     return LLM(
         model=model, adapters=roles, sharing="base_shared", block_size=8, device=DEVICE,
-        max_num_batched_tokens=64, warmup=warmup, **kw,
+        max_num_batched_tokens=64, warmup=warmup, kv_cache_bytes=64 << 20, **kw,
     )  # fmt: skip
 
 

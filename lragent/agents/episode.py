@@ -10,6 +10,15 @@ After Finish the next iteration belongs to reflect:
   reflect thought  : prompt = trajectory                          -> "{thought}\\n" appended
   reflect verdict  : prompt = trajectory                          -> "Action: Reflect[right|wrong]\\n" + observation
 Reflect[right] ends the episode; Reflect[wrong] sends it back to plan; a second Finish ends it (AutoAct's rule).
+
+Two optional guards (EpisodeConfig), both off by default (the paper's loop) and reported per question:
+  constrain     : the calls whose output is a closed set say so in `AgentCall.choice` (the driver passes it to the
+                  engine's choice constraint): the plan's tool line ("Aciton: {Tool}[" for the task's tools), the
+                  reflect verdict (Reflect[right] / Reflect[wrong]) and, for ScienceQA, Finish's option letter. These
+                  are exactly the outputs training taught, so a constrained call can no longer leave the format.
+  finish_at_cap : in the last iteration a question without an answer skips the plan's tool call and goes straight to
+                  "Aciton: Finish[" (the text the plan would have written), so the action agent must answer; such
+                  answers are flagged `forced_finish`.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from lragent.agents import parsing
 from lragent.agents import tools as T
 from lragent.agents.formats import TrajectoryFormat
 from lragent.agents.scoring import Score
+from lragent.train import data as D
 
 
 class Phase(enum.Enum):
@@ -70,6 +80,7 @@ class AgentCall:
     role: str  # adapter name: plan | action | reflect
     phase: Phase
     prompt_ids: list[int]
+    choice: list[str] | None = None  # with EpisodeConfig.constrain: the output must be one of these strings
 
 
 def _metric(metrics: Any, name: str) -> float:
@@ -102,6 +113,7 @@ class EpisodeResult:
     ttft_s: float
     wall_s: float
     trajectory: str | None = None
+    forced_finish: bool = False  # the answer came from EpisodeConfig.finish_at_cap's forced Finish
 
 
 @dataclass
@@ -109,6 +121,8 @@ class EpisodeConfig:
     max_iterations: int = 45
     max_context_tokens: int = 8192  # halt when a prompt plus max_new_tokens would not fit
     max_new_tokens: int = 128
+    constrain: bool = False  # closed-set outputs (tool line, verdict, ScienceQA letter) constrained to their set
+    finish_at_cap: bool = False  # last iteration without an answer: Finish is chosen for the plan
 
 
 @dataclass
@@ -134,6 +148,8 @@ class Episode:
     stats: Counter = field(default_factory=Counter)
     t_start: float | None = None
     t_end: float | None = None
+    options: tuple[str, ...] = ()  # ScienceQA: the option letters Finish may answer
+    forced_finish: bool = False
 
     @property
     def done(self) -> bool:
@@ -159,7 +175,19 @@ class Episode:
         if len(ids) + self.config.max_new_tokens > self.config.max_context_tokens:
             self._halt("context")
             return None
-        return AgentCall(index, ROLE_OF[self.phase], self.phase, ids)
+        return AgentCall(index, ROLE_OF[self.phase], self.phase, ids, self._choice())
+
+    def _choice(self) -> list[str] | None:
+        """The closed set the pending call's output belongs to (see the module doc), when constraining."""
+        if not self.config.constrain:
+            return None
+        if self.phase is Phase.PLAN_TOOL:
+            return [D.plan_tool_output(t) for t in self.fmt.tools]
+        if self.phase is Phase.REFLECT_VERDICT:
+            return ["Reflect[right]", "Reflect[wrong]"]
+        if self.phase is Phase.ACTION and self.tool == "Finish" and self.options:
+            return list(self.options)
+        return None
 
     def feed(self, output: Any) -> None:
         """Consume the output (engine `RequestOutput`-like: .text, .token_ids, .metrics) of the pending call."""
@@ -185,6 +213,12 @@ class Episode:
         if thought is None:
             self.failures["plan_thought"] += 1
         self.traj.append((thought or "") + "\n")
+        if self.config.finish_at_cap and self.answer is None and self.iterations >= self.config.max_iterations:
+            self.forced_finish = True  # last chance: the plan's tool call is skipped, Finish is written for it
+            self.tool = "Finish"
+            self.traj.append(self.fmt.action_call("Finish"))
+            self.phase = Phase.ACTION
+            return
         self.phase = Phase.PLAN_TOOL
 
     def _on_plan_tool(self, text: str) -> None:
@@ -229,15 +263,20 @@ class Episode:
         self.phase = Phase.REFLECT_VERDICT
 
     def _on_reflect_verdict(self, text: str) -> None:
+        call = parsing.reflect_call(text)
         verdict = parsing.parse_reflect(text)
+        if call is not None and (verdict is not None or call.lower() == "right/wrong"):
+            # the training data's rule after a Finish: only Reflect[right] accepts the answer; Reflect[yes],
+            # Reflect[no], Reflect[right/wrong] get "The answer maybe wrong..." (junk such as Reflect[?] stays invalid)
+            verdict = "right" if call.strip(" .").lower() == "right" else "wrong"
         if verdict == "right":
             self.traj.append(self.fmt.free_action("Reflect[right]"))
             correct = self.score_fn(self.answer).correct
             self._observe(T.MSG_CORRECT if correct else T.MSG_INCORRECT, next_thought=False)
             self.finished = True
             self._halt("finished")
-        elif verdict == "wrong":
-            self._observe_free("Reflect[wrong]", T.MSG_REFLECT_WRONG, "Reflect")
+        elif verdict == "wrong":  # the call as written ("Reflect[right/wrong]"), like the data's trajectories
+            self._observe_free(f"Reflect[{call if call is not None else 'wrong'}]", T.MSG_REFLECT_WRONG, "Reflect")
         else:
             self.failures["reflect_verdict"] += 1
             self._observe_free(" ".join(text.split()) or "None", T.MSG_INVALID[self.task], "invalid")
@@ -291,4 +330,5 @@ class Episode:
             ttft_s=float(self.stats["ttft_s"]),
             wall_s=wall,
             trajectory=self.traj.text if keep_trajectory else None,
+            forced_finish=self.forced_finish and self.answer is not None,
         )

@@ -9,6 +9,7 @@ shared by all roles: `reused_tokens` is the longest prefix shared with one of th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ class SamplingParams:
     top_k: int = -1
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    choice: list[str] | None = None  # the engine's constraint: the output is exactly one of these strings
 
 
 class ByteTokenizer:
@@ -71,6 +73,8 @@ class ScriptedLLM:
             for s in getattr(sp, "stop", None) or []:
                 if s in text:
                     text = text[: text.index(s)]
+            if getattr(sp, "choice", None):
+                text = closest_choice(text, sp.choice)
             reused = max((_common_prefix(ids, seen) for seen in self._seen[-8:]), default=0)
             self._seen.append(ids)
             out_ids = self.tokenizer.encode(text)
@@ -82,6 +86,18 @@ class ScriptedLLM:
             }
             outs.append(FakeOutput(text, out_ids, metrics))
         return outs
+
+
+def closest_choice(text: str, choices: Sequence[str]) -> str:
+    """What a choice-constrained engine could have produced for a script's `text`: the choice equal to it (stripped),
+    else the longest choice it starts with, else the longest choice sharing its longest prefix (ties: list order)."""
+    text = text.strip()
+    if text in choices:
+        return text
+    starts = [c for c in choices if text.startswith(c)]
+    if starts:
+        return max(starts, key=len)
+    return max(choices, key=lambda c: len(os.path.commonprefix([c, text])))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -110,6 +110,17 @@ def parse_argument(text: str | None) -> str | None:
     return line or None
 
 
+def reflect_call(text: str | None) -> str | None:
+    """The argument of a ``Reflect[...]`` call on the output's first line ('Reflect[yes].' -> 'yes'), else None.
+
+    The AutoAct environment that generated the training data accepts only ``right``: after a Finish, every other
+    argument (``yes``, ``right/wrong``, ``?``) is answered with "The answer maybe wrong..." (checked on the data)."""
+    if text is None:
+        return None
+    m = re.search(r"Reflect\s*\[([^\]\n]*)\]", text.split("\n", 1)[0], re.IGNORECASE)
+    return m.group(1).strip() if m else None
+
+
 _RIGHT = {"right", "correct", "yes", "true"}
 _WRONG = {"wrong", "incorrect", "no", "false"}
 

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lragent.agents.episode import Episode, EpisodeConfig, EpisodeResult, Trajectory
+from lragent.agents.episode import AgentCall, Episode, EpisodeConfig, EpisodeResult, Trajectory
 from lragent.agents.formats import TrajectoryFormat, load_format
-from lragent.agents.scoring import Score, score_hotpotqa, score_scienceqa
+from lragent.agents.scoring import LETTERS, Score, score_hotpotqa, score_scienceqa
 from lragent.agents.tools import ToolBox, ToolConfig
 
 
@@ -41,6 +41,8 @@ class PipelineConfig:
     max_context_tokens: int | None = None  # None: the engine's max_model_len (8192 if it has none)
     keep_trajectories: bool = False
     time_limit_s: float | None = None  # wall bound of one run: no round starts after it (see Driver.run)
+    constrain: bool = False  # engine choice constraint on closed-set outputs (see lragent.agents.episode)
+    finish_at_cap: bool = False  # the last iteration of a question without an answer goes to Finish
 
 
 def detect_task(record: dict) -> str:
@@ -84,6 +86,7 @@ def make_episode(
     task = task or detect_task(record)
     fmt = fmt or load_format(task)
     gold = record["answer"] if task == "hotpotqa" else record["Answer"]
+    options = () if task == "hotpotqa" else tuple(LETTERS[: len(record.get("choices") or [])])
     return Episode(
         qid=record_id(record, index),
         task=task,
@@ -93,6 +96,7 @@ def make_episode(
         traj=Trajectory(encode, fmt.opening(record)),
         score_fn=scorer_for(record, task),
         config=episode_config or EpisodeConfig(),
+        options=options,
     )
 
 
@@ -104,10 +108,14 @@ def _sampling_cls() -> type:
     return SamplingParams
 
 
-def sampling_params(cfg: PipelineConfig, seed: int, cls: type | None = None) -> Any:
+def sampling_params(cfg: PipelineConfig, seed: int, cls: type | None = None, choice: list[str] | None = None) -> Any:
+    """One call's decoding: the paper's sampling (or greedy), plus the call's choice constraint when it has one."""
     cls = cls or _sampling_cls()
+    extra = {"choice": list(choice)} if choice else {}
     if cfg.greedy:
-        return cls(max_tokens=cfg.max_tokens, temperature=0.0, top_p=1.0, top_k=1, stop=list(cfg.stop), seed=seed)
+        return cls(
+            max_tokens=cfg.max_tokens, temperature=0.0, top_p=1.0, top_k=1, stop=list(cfg.stop), seed=seed, **extra
+        )
     return cls(
         max_tokens=cfg.max_tokens,
         temperature=cfg.temperature,
@@ -115,6 +123,7 @@ def sampling_params(cfg: PipelineConfig, seed: int, cls: type | None = None) -> 
         top_k=cfg.top_k,
         stop=list(cfg.stop),
         seed=seed,
+        **extra,
     )
 
 
@@ -150,9 +159,9 @@ class Driver:
         self.generate_s = 0.0
         self.timed_out = False
 
-    def _generate(self, prompts: list[list[int]], roles: list[str], seeds: list[int]) -> list[Any]:
-        params = [sampling_params(self.cfg, s, self.sampling_cls) for s in seeds]
-        return self.llm.generate(prompts, adapter=roles, sampling_params=params)
+    def _generate(self, calls: list[AgentCall], seeds: list[int]) -> list[Any]:
+        params = [sampling_params(self.cfg, s, self.sampling_cls, c.choice) for c, s in zip(calls, seeds)]
+        return self.llm.generate([c.prompt_ids for c in calls], adapter=[c.role for c in calls], sampling_params=params)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -193,7 +202,7 @@ class Driver:
             self.rounds += 1
             seeds = [call_seed(self.cfg.seed, episodes[c.episode].qid, n_calls[c.episode]) for c in calls]
             t_gen = time.perf_counter()
-            outs = self._generate([c.prompt_ids for c in calls], [c.role for c in calls], seeds)
+            outs = self._generate(calls, seeds)
             self.generate_s += time.perf_counter() - t_gen
             if len(outs) != len(calls):
                 raise RuntimeError(f"generate returned {len(outs)} outputs for {len(calls)} prompts")
@@ -218,7 +227,13 @@ def run_pipeline(
     `stats["not_run"]`); `stats`, when given, also receives the driver's rounds, decode steps and generate time."""
     cfg = cfg or PipelineConfig()
     encode = make_encoder(llm.tokenizer)
-    ecfg = EpisodeConfig(cfg.max_iterations, cfg.max_context_tokens or engine_max_len(llm), cfg.max_tokens)
+    ecfg = EpisodeConfig(
+        cfg.max_iterations,
+        cfg.max_context_tokens or engine_max_len(llm),
+        cfg.max_tokens,
+        constrain=cfg.constrain,
+        finish_at_cap=cfg.finish_at_cap,
+    )
     formats: dict[str, TrajectoryFormat] = {}
     episodes = []
     for i, rec in enumerate(records):

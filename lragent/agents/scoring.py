@@ -66,13 +66,18 @@ def _in_range(letter: str, n_choices: int) -> bool:
 def option_letter(prediction: str | None, choices: list[str]) -> str | None:
     """Map a ScienceQA prediction to an option letter, or None when it cannot be mapped (counted wrong).
 
-    Accepted: "B", "b", "(B)", "B.", "B)", "B. Dover", "(B) Dover", "Option B", "the answer is (B)", the option text
+    Accepted: "B", "b", "(B)", "B.", "B)", "[B]", "**B**", "Finish[B]", "B. Dover", "(B) Dover", "B - Dover",
+    "Option B", "the answer is (B)", "The answer is: B", the option text
     itself ("Dover", case/punctuation-insensitive), a prediction containing exactly one option's text, or a close
     fuzzy match of one option. A letter outside the choices is returned as None.
     """
     if prediction is None:
         return None
-    text = prediction.strip().strip("\"'`").strip()
+    text = prediction.strip().strip("\"'`*_").strip()
+    text = re.sub(r"^(?:Finish\s*)?\[(.*?)\]?$", r"\1", text, flags=re.IGNORECASE).strip()  # "[B]", "Finish[B]"
+    text = text.strip("\"'`*_").strip()  # markdown emphasis: "**B**"
+    if "[" not in text:
+        text = text.rstrip("]").strip()  # the closing bracket of the Finish call: "B]"
     if not text:
         return None
     n = len(choices)

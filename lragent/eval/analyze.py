@@ -581,13 +581,17 @@ def role_gap(
     }
 
 
+EXPECTED_REUSE = {
+    "non_shared": "none",
+    "full_shared": "all of [0, P)",
+    "base_shared": "keys/base values of [0, P)",
+    "base_lr_shared": "all of [0, P)",
+}
+
+
 def _expected_reuse(scheme: str) -> str:
-    return {
-        "non_shared": "none",
-        "full_shared": "all of [0, P)",
-        "base_shared": "keys/base values of [0, P)",
-        "base_lr_shared": "all of [0, P)",
-    }[scheme]
+    """What the reader should reuse of the producer's prefix (a scheme added later reports what it did, unjudged)."""
+    return EXPECTED_REUSE.get(scheme, "not stated")
 
 
 def machine_info() -> dict:

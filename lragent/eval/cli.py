@@ -5,6 +5,13 @@
     lragent eval easy.jsonl medium.jsonl --together --workers 256 --device cuda --dtype float32 \\
         --kv-cache-bytes 10G --time-limit 480 --greedy --out results/eval_gpu   # all 200 in flight, bounded
     lragent eval --merge results/a/eval.json results/b/eval.json --out results/eval_all   # one table + chart
+    lragent eval hotpotqa_easy.jsonl --sharing all --seeds 1 2 3 --noise-control \
+        --fidelity results/analyze/analyze.json --out results/eval_ci   # accuracy +- CI beside fidelity
+
+The terminal shows an 80-column summary per file and adapter set: accuracy with its 95% bootstrap CI over questions
+(seeds pooled), the paired delta to non_shared with its CI, the noise control's row (non_shared under seed + 1000:
+the spread a delta must beat), OOF and iteration-cap rates, and analyze's agreement/KL when --fidelity is given.
+eval.md holds every column and every run.
 
 eval.json and eval.png are rewritten after every run (adapter set x scheme x file or pool), so an interrupted
 evaluation keeps what it finished.
@@ -22,7 +29,7 @@ from lragent.agents.pipeline import PipelineConfig
 from lragent.agents.tools import ToolConfig
 from lragent.cache.sharing import SharingMode
 from lragent.engine_args import parse_size
-from lragent.eval.report import merge_reports, print_table, write_report
+from lragent.eval.report import merge_reports, print_summary, write_report
 from lragent.eval.runner import DEFAULT_ADAPTER_ROOT, EvalSpec, find_adapter_sets, run_eval
 
 SCHEMES = tuple(m.value for m in SharingMode)
@@ -117,6 +124,26 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _add_agent_args(p: argparse.ArgumentParser) -> None:
     """Decoding, the agents' limits and --force (base_lr_shared over adapters whose v_proj A differ)."""
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="run every scheme once per seed (overrides --seed)"
+    )
+    p.add_argument(
+        "--noise-control",
+        action="store_true",
+        help="also run non_shared under seed+1000 for every seed: the run-to-run spread a scheme's delta must beat",
+    )
+    p.add_argument(
+        "--free",
+        action="store_true",
+        help="the paper's loop: an unanswered question may run out of iterations (default: its last iteration "
+        "goes to Finish, reported as forced %%)",
+    )
+    p.add_argument(
+        "--constrain",
+        action="store_true",
+        help="constrain the tool line, reflect verdict and ScienceQA's Finish letter to their closed sets (engine "
+        "choice constraint; costly on CPU)",
+    )
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of T 0.9 / top-p 0.75 / top-k 40")
     p.add_argument("--max-iterations", type=int, default=45)
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per agent call")
@@ -132,7 +159,10 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     """What the report keeps, and where it goes."""
     p.add_argument("--save-trajectories", action="store_true", help="keep every trajectory text in the JSON")
-    p.add_argument("--out", default="results/eval", help="output folder for eval.json and eval.png")
+    p.add_argument("--out", default="results/eval", help="output folder for eval.json, eval.md and eval.png")
+    p.add_argument(
+        "--fidelity", default=None, metavar="ANALYZE_JSON", help="an analyze.json whose agreement/KL join the table"
+    )
 
 
 def parse_schemes(text: str) -> list[str]:
@@ -184,6 +214,8 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         workers=args.workers,
         max_context_tokens=args.max_context,
         keep_trajectories=args.save_trajectories,
+        constrain=args.constrain,
+        finish_at_cap=not args.free,
     )
     tools = ToolConfig(max_sentences=args.retrieve_sentences or None)
     engine_kwargs = parse_engine_args(args.engine_arg)
@@ -207,19 +239,36 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         together=args.together,
         time_limit=args.time_limit,
         time_budget=args.time_budget,
+        seeds=args.seeds,
+        noise_control=args.noise_control,
     )
+
+
+def load_fidelity(path: str | None) -> dict | None:
+    """An analyze.json (or None): its handoff fidelity joins the summary table."""
+    if not path:
+        return None
+    data = json.loads(open(path, encoding="utf-8").read())
+    if not isinstance(data, dict) or "sets" not in data:
+        raise ValueError(f"{path}: not an analyze.json (no 'sets')")
+    return data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        fidelity = load_fidelity(args.fidelity)
+    except (ValueError, OSError) as e:
+        print(f"lragent eval: --fidelity: {e}", file=sys.stderr)
+        return 2
     if args.merge:
         try:
             report = merge_reports(args.data)
         except (ValueError, OSError) as e:
             print(f"lragent eval --merge: {e}", file=sys.stderr)
             return 2
-        print_table(report.summaries)
-        paths = write_report(report, args.out)
+        print_summary(report, fidelity)
+        paths = write_report(report, args.out, fidelity=fidelity)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
     try:
@@ -227,9 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"lragent eval: {e}", file=sys.stderr)
         return 2
-    report = run_eval(spec, checkpoint=lambda partial: write_report(partial, args.out))
-    print_table(report.summaries)
-    paths = write_report(report, args.out)
+    report = run_eval(spec, checkpoint=lambda partial: write_report(partial, args.out, fidelity=fidelity))
+    print_summary(report, fidelity)
+    paths = write_report(report, args.out, fidelity=fidelity)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     print("EVAL_SUMMARY " + json.dumps([asdict(s) for s in report.summaries]))
     return 0

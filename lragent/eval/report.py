@@ -1,4 +1,11 @@
-"""Output of an evaluation: a table on the terminal, eval.json and a bar chart eval.png."""
+"""Output of an evaluation: a table on the terminal, eval.json, eval.md (every column) and a bar chart eval.png.
+
+The terminal table (80 columns) has one block per question file and adapter set and one row per scheme: accuracy
+with its 95% bootstrap CI over questions (pooled over seeds), the paired delta to non_shared with its CI, the rates of
+questions without an answer (OOF) and halted at the iteration cap, and, when an `lragent analyze` report is given,
+its handoff fidelity (greedy next-token agreement and KL to non_shared), the sensitive measure of a scheme's error.
+The noise-control row (non_shared under other seeds) shows how large a delta run-to-run noise alone makes.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from lragent.eval.runner import EvalReport, RunSummary
+from lragent.eval.stats import NOISE_LABEL, SchemeStats, attach_fidelity, scheme_stats
+from lragent.eval.tables import markdown, render
 
 COLUMNS = (
     ("dataset", "dataset", "{}"),
@@ -17,7 +26,10 @@ COLUMNS = (
     ("n", "n", "{}"),
     ("accuracy", "acc %", "{:.1f}"),
     ("f1", "F1 %", "{:.1f}"),
+    ("seed", "seed", "{}"),
     ("out_of_function", "OOF %", "{:.1f}"),
+    ("capped", "cap %", "{:.1f}"),
+    ("forced", "forced %", "{:.1f}"),
     ("time_limited", "cut %", "{:.1f}"),
     ("mean_iterations", "iters", "{:.1f}"),
     ("reuse_ratio", "reused %", "{:.1%}"),
@@ -42,19 +54,134 @@ def format_table(summaries: list[RunSummary]) -> str:
 
 
 def print_table(summaries: list[RunSummary]) -> None:
-    try:
-        from rich.console import Console  # noqa: PLC0415
-        from rich.table import Table  # noqa: PLC0415
-    except ImportError:
-        print(format_table(summaries))
-        return
-    header, rows = table_rows(summaries)
-    table = Table(title="agent accuracy per sharing scheme")
-    for i, h in enumerate(header):
-        table.add_column(h, justify="right" if i >= 3 else "left")
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
+    """The per-run table (one row per file x adapter set x scheme x seed); wide, see `print_summary` for 80 columns."""
+    print(format_table(summaries))
+
+
+def _ci(ci: tuple[float, float] | None, signed: bool = False) -> str:
+    if ci is None:
+        return "-"
+    f = "{:+.0f}" if signed else "{:.0f}"
+    return "[" + f.format(ci[0]) + "," + f.format(ci[1]) + "]"
+
+
+def _kl(kl: float | None) -> str:
+    if kl is None:
+        return "-"
+    return f"{kl:.4f}" if kl == 0 or kl >= 1e-3 else f"{kl:.0e}"
+
+
+SHORT_LABELS = {NOISE_LABEL: "ns reseed"}
+NOTES = (
+    "acc: % correct, 95% bootstrap CI over questions (seeds pooled); Δ: paired difference to non_shared; "
+    "ns reseed: non_shared under other seeds (noise control: a scheme's Δ means little unless it exceeds this "
+    "row's); OOF: no answer; cap: iteration cap hit; agree/KL: lragent analyze's next-token agreement and KL to "
+    "non_shared."
+)
+KEY_HEADER = ["scheme", "acc %", "95% CI", "Δ acc", "Δ 95% CI", "OOF %", "cap %", "agree%", "KL"]
+
+
+def key_row(r: SchemeStats) -> list[str]:
+    """The terminal's columns of one scheme (see KEY_HEADER)."""
+    return [
+        SHORT_LABELS.get(r.scheme, r.scheme),
+        f"{r.accuracy:.1f}",
+        _ci(r.ci),
+        "-" if r.delta is None else f"{r.delta:+.1f}",
+        _ci(r.delta_ci, signed=True),
+        f"{r.out_of_function:.0f}",
+        f"{r.capped:.0f}",
+        "-" if r.agreement is None else f"{r.agreement:.1f}",
+        _kl(r.kl),
+    ]
+
+
+def summary_stats(report: EvalReport, fidelity: dict | None = None) -> list[SchemeStats]:
+    rows = scheme_stats(report.questions)
+    if fidelity:
+        attach_fidelity(rows, fidelity)
+    return rows
+
+
+def format_summary(rows: list[SchemeStats], width: int = 80) -> str:
+    """One block per (file, adapter set): at most `width` characters a line."""
+    blocks = []
+    groups = list(dict.fromkeys((r.dataset, r.adapters) for r in rows))
+    for dataset, adapters in groups:
+        members = [r for r in rows if (r.dataset, r.adapters) == (dataset, adapters)]
+        seeds = max(len(r.seeds) for r in members)
+        title = f"{dataset} | {adapters} | {members[0].n} questions x {seeds} seed(s)"
+        right = [False] + [True] * (len(KEY_HEADER) - 1)
+        blocks.append(render(KEY_HEADER, [key_row(r) for r in members], width, right, title))
+    return "\n\n".join(blocks) + "\n" + _wrap(NOTES, width)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap  # noqa: PLC0415
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def print_summary(report: EvalReport, fidelity: dict | None = None, width: int = 80) -> str:
+    """Print the 80-column summary (and return it)."""
+    text = format_summary(summary_stats(report, fidelity), width)
+    print(text)
+    return text
+
+
+FULL_HEADER = [
+    "dataset",
+    "adapters",
+    "scheme",
+    "seeds",
+    "n",
+    "acc %",
+    "95% CI",
+    "Δ acc",
+    "Δ 95% CI",
+    "OOF %",
+    "cap %",
+    "forced %",
+    "agree %",
+    "KL",
+]
+
+
+def full_rows(rows: list[SchemeStats]) -> list[list[str]]:
+    return [
+        [
+            r.dataset,
+            r.adapters,
+            r.scheme,
+            " ".join(map(str, r.seeds)),
+            str(r.n),
+            f"{r.accuracy:.1f}",
+            _ci(r.ci),
+            "-" if r.delta is None else f"{r.delta:+.1f}",
+            _ci(r.delta_ci, signed=True),
+            f"{r.out_of_function:.1f}",
+            f"{r.capped:.1f}",
+            f"{r.forced:.1f}",
+            "-" if r.agreement is None else f"{r.agreement:.2f}",
+            _kl(r.kl),
+        ]
+        for r in rows
+    ]
+
+
+def write_markdown(report: EvalReport, path: Path, fidelity: dict | None = None) -> None:
+    """eval.md: the per-scheme table with every column, then every run."""
+    stats = summary_stats(report, fidelity)
+    header, runs = table_rows(report.summaries)
+    text = (
+        "# Agent accuracy per sharing scheme\n\n"
+        + markdown(FULL_HEADER, full_rows(stats))
+        + "\n"
+        + NOTES
+        + "\n\n## Every run\n\n"
+        + markdown(header, runs)
+    )
+    path.write_text(text, encoding="utf-8")
 
 
 def write_json(report: EvalReport, path: Path) -> None:
@@ -79,7 +206,7 @@ def write_chart(summaries: list[RunSummary], path: Path) -> None:
             values = []
             for g in groups:
                 match = [s for s in summaries if group_of(s) == g and s.scheme == scheme]
-                values.append(getattr(match[0], key) if match else 0.0)
+                values.append(sum(getattr(m, key) for m in match) / len(match) if match else 0.0)  # mean over seeds
             xs = [i + (j - (len(schemes) - 1) / 2) * width for i in range(len(groups))]
             bars = ax.bar(xs, values, width, label=scheme)
             ax.bar_label(bars, fmt="%.1f" if key == "accuracy" else "%.2f", fontsize=7)
@@ -92,11 +219,14 @@ def write_chart(summaries: list[RunSummary], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: EvalReport, out_dir: str | Path, stem: str = "eval") -> dict[str, Path]:
+def write_report(
+    report: EvalReport, out_dir: str | Path, stem: str = "eval", fidelity: dict | None = None
+) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}.json", "png": out / f"{stem}.png"}
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     write_json(report, paths["json"])
+    write_markdown(report, paths["md"], fidelity)
     if report.summaries:
         write_chart(report.summaries, paths["png"])
     else:

@@ -10,6 +10,10 @@ the adapter set serves runs through it (one file after the other, or, with `toge
 pool of questions in flight at once, reported per file and combined). `time_limit` bounds one pipeline run (the
 questions in flight are halted, see `pipeline.Driver`), `time_budget` the whole evaluation (runs that would start
 after it are skipped); `checkpoint` gets the report after every run, so a killed process leaves what it finished.
+
+`seeds` runs every scheme once per sampling seed (a fresh LLM each time); `noise_control` adds non_shared run again
+under seed + 1000 for every seed, labelled `non_shared/reseed`, so that `lragent.eval.stats` can put every scheme's
+delta to non_shared beside the run-to-run spread of non_shared itself.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 from lragent.agents.episode import EpisodeResult
 from lragent.agents.pipeline import PipelineConfig, detect_task, run_pipeline
 from lragent.agents.tools import ToolConfig
+from lragent.eval.stats import NOISE_LABEL, NOISE_SEED_OFFSET, REFERENCE
 from lragent.train.data import ROLES, TASKS
 
 DEFAULT_ADAPTER_ROOT = Path(__file__).resolve().parents[1] / "adapters"
@@ -126,6 +131,9 @@ class RunSummary:
     not_run: int = 0  # questions never started before the time limit (not in n)
     rounds: int = 0  # batched generate calls of the run
     decode_steps: int = 0  # sum over rounds of the longest output (decode passes of the engine)
+    seed: int = 0  # the pipeline's sampling seed of this run
+    capped: float = 0.0  # % halted by the iteration cap (with or without an answer)
+    forced: float = 0.0  # % whose answer came from the forced Finish at the cap (PipelineConfig.finish_at_cap)
 
 
 def summarize(
@@ -165,6 +173,9 @@ def summarize(
         not_run=int(stats.get("not_run", 0)),
         rounds=int(stats.get("rounds", 0)),
         decode_steps=int(stats.get("decode_steps", 0)),
+        seed=int(stats.get("seed", 0)),
+        capped=100.0 * sum(r.halt_reason == "max_iterations" for r in results) / n,
+        forced=100.0 * sum(r.forced_finish for r in results) / n,
     )
 
 
@@ -184,6 +195,18 @@ class EvalSpec:
     together: bool = False  # the question files of one task as one pool (one engine pass per scheme)
     time_limit: float | None = None  # seconds per pipeline run (see pipeline.Driver)
     time_budget: float | None = None  # seconds for the whole evaluation
+    seeds: list[int] | None = None  # sampling seeds, one run each (None: the pipeline's seed)
+    noise_control: bool = False  # also non_shared under seed + NOISE_SEED_OFFSET, labelled NOISE_LABEL
+
+    def run_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.pipeline.seed]
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        """(engine scheme, label, seed) of every run per adapter set, seeds innermost; the noise control last."""
+        out = [(scheme, scheme, seed) for scheme in self.schemes for seed in self.run_seeds()]
+        if self.noise_control:
+            out += [(REFERENCE, NOISE_LABEL, seed + NOISE_SEED_OFFSET) for seed in self.run_seeds()]
+        return out
 
 
 @dataclass
@@ -297,8 +320,19 @@ class _EvalRun:
     def skip(self, pool: list[_Dataset], aset: AdapterSet, scheme: str) -> None:
         self.skipped += [f"{name} | {aset.name} | {scheme}" for name, _, _ in pool]
 
-    def run_scheme(self, llm_factory: LLMFactory, aset: AdapterSet, scheme: str, todo: list[_Dataset]) -> None:
-        """Every question file `aset` serves under one scheme, on a fresh LLM that is freed afterwards."""
+    def run_scheme(
+        self,
+        llm_factory: LLMFactory,
+        aset: AdapterSet,
+        scheme: str,
+        todo: list[_Dataset],
+        label: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Every question file `aset` serves under one scheme and seed, on a fresh LLM that is freed afterwards;
+        reported under `label` (default: the scheme)."""
+        label = label or scheme
+        seed = self.spec.pipeline.seed if seed is None else seed
         left = self.remaining()
         if left is not None and left <= 0:
             self.skip(todo, aset, scheme)
@@ -316,21 +350,23 @@ class _EvalRun:
                     self.skip(pool, aset, scheme)
                     self.log(f"{aset.name} | {scheme}: skipped {[p[0] for p in pool]}: time budget spent")
                     continue
-                self.run_pool(llm, aset, scheme, pool, left)
+                self.run_pool(llm, aset, label, pool, left, seed)
         finally:
             del llm  # one engine (and its KV pool) at a time
             _free_memory()
 
-    def run_pool(self, llm: Any, aset: AdapterSet, scheme: str, pool: list[_Dataset], left: float | None) -> None:
+    def run_pool(
+        self, llm: Any, aset: AdapterSet, scheme: str, pool: list[_Dataset], left: float | None, seed: int
+    ) -> None:
         """One pipeline run over a pool of files (all in flight at once), summarised per file and combined."""
         spec = self.spec
         limits = [x for x in (spec.time_limit, left) if x is not None]
-        pipeline = replace(spec.pipeline, time_limit_s=min(limits) if limits else None)
+        pipeline = replace(spec.pipeline, time_limit_s=min(limits) if limits else None, seed=seed)
         rows = [r for _, _, file_rows in pool for r in file_rows]
         tag = "+".join(name for name, _, _ in pool)
         t0 = time.perf_counter()
-        progress = _progress_logger(f"{tag} | {aset.name} | {scheme}", len(rows), self.log)
-        stats: dict[str, Any] = {}
+        progress = _progress_logger(f"{tag} | {aset.name} | {scheme} | seed {seed}", len(rows), self.log)
+        stats: dict[str, Any] = {"seed": seed}
         results = run_pipeline(llm, rows, pipeline, spec.tools, progress=progress, stats=stats)
         wall = time.perf_counter() - t0
         origin, parts = _split_by_file(pool, results, tag)
@@ -340,7 +376,8 @@ class _EvalRun:
             self.summaries.append(s)
             self.log(_summary_line(s, aset.name, scheme, bool(stats.get("timed_out"))))
         self.questions.extend(
-            {"dataset": o, "adapters": aset.name, "scheme": scheme, **asdict(r)} for r, o in zip(results, origin)
+            {"dataset": o, "adapters": aset.name, "scheme": scheme, "seed": seed, **asdict(r)}
+            for r, o in zip(results, origin)
         )
         if self.checkpoint is not None:
             self.checkpoint(self.report())
@@ -349,8 +386,9 @@ class _EvalRun:
 def _summary_line(s: RunSummary, adapters: str, scheme: str, timed_out: bool) -> str:
     cut = f" time-limited {s.time_limited:.1f}% not run {s.not_run}" if timed_out else ""
     return (
-        f"{s.dataset} | {adapters} | {scheme}: acc {s.accuracy:.1f}% f1 {s.f1:.1f}% "
-        f"oof {s.out_of_function:.1f}% iters {s.mean_iterations:.1f} reuse {100 * s.reuse_ratio:.1f}% "
+        f"{s.dataset} | {adapters} | {scheme} | seed {s.seed}: acc {s.accuracy:.1f}% f1 {s.f1:.1f}% "
+        f"oof {s.out_of_function:.1f}% cap {s.capped:.1f}% iters {s.mean_iterations:.1f} "
+        f"reuse {100 * s.reuse_ratio:.1f}% "
         f"rounds {s.rounds} decode steps {s.decode_steps} wall {s.wall_s:.1f}s{cut}"
     )
 
@@ -370,6 +408,6 @@ def run_eval(
         if not todo:
             log(f"adapter set {aset.name} ({aset.task}) serves none of the question files; skipped")
             continue
-        for scheme in spec.schemes:
-            run.run_scheme(llm_factory, aset, scheme, todo)
+        for scheme, label, seed in spec.runs():
+            run.run_scheme(llm_factory, aset, scheme, todo, label, seed)
     return run.report()

@@ -20,7 +20,7 @@ import torch
 from lragent.train import data as fmt
 from lragent.train.batching import encode_example
 from lragent.train.config import MODES, SAVE_DTYPES, TrainConfig
-from lragent.train.examples import Example, default_data_dir, load_role_examples
+from lragent.train.examples import Example, default_data_dir, load_role_examples, split_heldout
 from lragent.train.loop import resolve_device
 from lragent.train.report import LOG_NAME, PLOT_NAME, build_log, plot_losses, write_log, write_manifest
 
@@ -68,6 +68,18 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, default="float16")
     p.add_argument("--max-examples", type=int, default=None, help="first N examples per role (smoke runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.0,
+        help="share of the questions held out (all their examples, every role) to measure a held-out loss; the "
+        "best measured checkpoint is saved (0: none)",
+    )
+    p.add_argument("--eval-every", type=int, default=25, help="optimizer steps between held-out measurements")
+    p.add_argument(
+        "--patience", type=int, default=0, help="stop after this many measurements without improvement (0: never)"
+    )
+    p.add_argument("--min-delta", type=float, default=0.0, help="smallest held-out improvement that counts")
     return p
 
 
@@ -93,6 +105,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         precision=args.precision,
         save_dtype=args.save_dtype,
         max_examples=args.max_examples,
+        heldout_fraction=args.heldout_fraction,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        min_delta=args.min_delta,
     )
 
 
@@ -127,14 +143,23 @@ def run_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     _, tokenizer, base = load_base(args.model, device)
     roles = [r for r in args.roles if not (cfg.mode == "shared-a" and args.plan_from and r == "plan")]
-    examples = {r: load_role_examples(args.task, r, args.data_dir)[: cfg.max_examples] for r in roles}
-    encoded = {r: [encode_example(tokenizer, e, cfg.max_seq_len) for e in exs] for r, exs in examples.items()}
+    split = {
+        r: split_heldout(load_role_examples(args.task, r, args.data_dir), cfg.heldout_fraction, cfg.seed) for r in roles
+    }
+    encoded = {
+        r: [encode_example(tokenizer, e, cfg.max_seq_len) for e in tr[: cfg.max_examples]]
+        for r, (tr, _) in split.items()
+    }
+    heldout = {r: [encode_example(tokenizer, e, cfg.max_seq_len) for e in ho] for r, (_, ho) in split.items() if ho}
     print(f"EOS appended to every output: {tokenizer.eos_token!r} (id {tokenizer.eos_token_id})")
     for role, enc in encoded.items():
-        print(f"{role}: {len(enc)} examples, {sum(e.truncated for e in enc)} truncated to {cfg.max_seq_len} tokens")
+        print(f"{role}: {len(enc)} examples ({len(heldout.get(role, []))} held out), "
+              f"{sum(e.truncated for e in enc)} truncated to {cfg.max_seq_len} tokens")  # fmt: skip
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     base_name = args.base_name or HF_NAMES.get(args.model.lower(), args.model)
-    results = train_set(base, encoded, cfg, args.out, pad_id, base_name=base_name, plan_from=args.plan_from)
+    results = train_set(
+        base, encoded, cfg, args.out, pad_id, base_name=base_name, plan_from=args.plan_from, heldout=heldout
+    )
     notes = {"eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id}
     if args.plan_from:  # recorded relative to the set's parent folder when it lies there
         notes["plan_from"] = os.path.relpath(args.plan_from, args.out.parent)
@@ -144,7 +169,13 @@ def run_train(args: argparse.Namespace) -> int:
     plot_losses(log, args.out / PLOT_NAME)
     for role, entry in log["roles"].items():
         skipped = f", {entry['skipped_steps']} steps skipped (non-finite)" if entry["skipped_steps"] else ""
-        print(f"{role}: loss {entry['loss_first']:.3f} -> {entry['loss_last']:.3f}, {entry['time_s']:.1f} s{skipped}")
+        best = (
+            f", best held-out {entry['eval_loss_best']:.3f} at step {entry['best_step']}" if entry["best_step"] else ""
+        )
+        print(
+            f"{role}: loss {entry['loss_first']:.3f} -> {entry['loss_last']:.3f}, "
+            f"{entry['time_s']:.1f} s{skipped}{best}"
+        )
     return 0
 
 

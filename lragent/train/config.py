@@ -36,6 +36,13 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     save_dtype: str = "float16"
     max_examples: int | None = None  # use only the first N examples of each role (smoke runs)
+    # held-out split and early stopping: a share of the questions (all their examples, every role) is not trained
+    # on; every ``eval_every`` steps the mean output-token loss on it is measured; training stops after ``patience``
+    # evaluations without improvement and the weights of the best evaluation are the ones saved (0: never stop early)
+    heldout_fraction: float = 0.0
+    eval_every: int = 25
+    patience: int = 0
+    min_delta: float = 0.0  # an improvement smaller than this does not reset the patience
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -46,6 +53,8 @@ class TrainConfig:
             raise ValueError("rank, batch_size and grad_accum must be positive and max_seq_len >= 16")
         if not 0.0 <= self.max_skipped_ratio <= 1.0:
             raise ValueError("max_skipped_ratio must be in [0, 1]")
+        if not 0.0 <= self.heldout_fraction < 1.0 or self.eval_every <= 0 or self.patience < 0:
+            raise ValueError("heldout_fraction must be in [0, 1), eval_every positive and patience >= 0")
         if self.max_steps is None and self.epochs is None:
             raise ValueError("give max_steps or epochs")
         if self.mode != "independent" and not set(self.shared_modules) <= set(self.targets):

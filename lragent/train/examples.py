@@ -10,8 +10,9 @@ three ScienceQA files and the plan examples derived the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,3 +159,29 @@ def load_role_examples(task: str, role: str, data_dir: Path | None = None) -> li
     if role == "plan":
         return [ex for traj in task_trajectories(task, data_dir) for ex in plan_examples(traj)]
     return read_examples(data_dir / FILES[(task, role)], role)
+
+
+def question_of(prompt: str) -> str:
+    """The head (system prompt and question) of a role prompt: every example of one trajectory shares it."""
+    cut = prompt.find(fmt.THOUGHT_PROMPT)
+    return prompt if cut < 0 else prompt[:cut]
+
+
+def is_heldout(question: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a question belongs to the held-out split: a hash of (seed, question) below ``fraction``.
+
+    Hashing the question, not drawing per example, keeps every example of one trajectory on one side (they share
+    their prompts' prefix, so splitting them would leak) and holds out the same questions for all three roles."""
+    digest = hashlib.blake2b(f"{seed}:{question}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def split_heldout(examples: Sequence[Example], fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """``(train, held-out)`` by question (see :func:`is_heldout`); ``fraction`` 0 holds nothing out."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
+    train: list[Example] = []
+    heldout: list[Example] = []
+    for ex in examples:
+        (heldout if fraction > 0 and is_heldout(question_of(ex.input), fraction, seed) else train).append(ex)
+    return train, heldout

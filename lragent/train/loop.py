@@ -6,6 +6,12 @@ adapter active; parameters shared between adapters (a tied lora_A) collect the g
 Guard: a step whose loss or gradient norm is not finite makes no optimizer update (its gradients are dropped, the LR
 schedule still advances) and is recorded in :attr:`RoleResult.skipped`; more than ``cfg.max_skipped_ratio`` of the
 steps skipped for one adapter raises :class:`TrainingFailed` (something systematic, not one bad batch).
+
+Held-out loss and early stopping: given held-out examples (questions never trained on), the mean output-token loss on
+them is measured every ``cfg.eval_every`` steps (and after the last). The trainable weights of the best measurement
+are kept in memory and restored at the end, so what is saved is the best checkpoint, not the last; with
+``cfg.patience`` > 0 training also stops after that many measurements without an improvement of ``cfg.min_delta``.
+With several adapters (joint) the criterion is the mean of their held-out losses.
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ class RoleResult:
     output_tokens: int = 0  # supervised tokens
     losses: list[float] = field(default_factory=list)  # non-finite on skipped steps
     skipped: list[int] = field(default_factory=list)  # optimizer steps skipped (non-finite loss or gradient)
+    heldout: int = 0  # held-out examples (0: no held-out loss measured)
+    eval_steps: list[int] = field(default_factory=list)  # steps (1-based: after that many updates) measured
+    eval_losses: list[float] = field(default_factory=list)  # held-out mean output-token loss at eval_steps
+    best_step: int | None = None  # the measured step whose weights were kept (None: the last step's)
+    stopped_early: bool = False
 
     def summary(self, window: int = 10) -> dict[str, float | int | str]:
         """First/last loss: means over the first/last ``window`` steps that made an update."""
@@ -59,7 +70,32 @@ class RoleResult:
             "loss_first": round(sum(head) / max(1, len(head)), 4),
             "loss_last": round(sum(tail) / max(1, len(tail)), 4),
             "skipped_steps": len(self.skipped),
+            "heldout_examples": self.heldout,
+            "eval_loss_best": round(min(self.eval_losses), 4) if self.eval_losses else None,
+            "best_step": self.best_step,
+            "stopped_early": self.stopped_early,
         }
+
+
+@dataclass
+class EarlyStopping:
+    """Plain bookkeeping of the best held-out loss: ``update`` says whether a measurement improved on the best by
+    more than ``min_delta`` and whether ``patience`` measurements in a row have not (0: never stop)."""
+
+    patience: int = 0
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_step: int | None = None
+    bad: int = 0
+
+    def update(self, step: int, value: float) -> tuple[bool, bool]:
+        """``(improved, stop)`` after the measurement ``value`` at ``step``; a non-finite value never improves."""
+        improved = math.isfinite(value) and value < self.best - self.min_delta
+        if improved:
+            self.best, self.best_step, self.bad = value, step, 0
+        else:
+            self.bad += 1
+        return improved, self.patience > 0 and self.bad >= self.patience
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,6 +166,24 @@ def example_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return losses.sum(-1) / valid.sum(-1).clamp(min=1)
 
 
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, encoded: Sequence[Encoded], cfg: TrainConfig, pad_id: int) -> float:
+    """Mean output-token cross-entropy over all ``encoded`` examples (token-weighted, in eval mode: no dropout)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = 0
+    for start in range(0, len(encoded), cfg.batch_size):
+        chunk = list(encoded[start : start + cfg.batch_size])
+        with _autocast(device, cfg.precision):
+            losses, valid = token_losses(model, collate(chunk, pad_id).to(device))
+        total += losses.float().sum()
+        count += sum(e.n_output for e in chunk)
+    model.train(was_training)
+    return float(total) / max(count, 1)  # one host sync per measurement
+
+
 def _activate(model: torch.nn.Module, role: str, params: Sequence[torch.nn.Parameter]) -> None:
     """Make ``role`` the active adapter; PEFT's set_adapter rewrites requires_grad, so restore ours."""
     if len(model.peft_config) > 1:
@@ -144,9 +198,11 @@ def train_adapters(
     cfg: TrainConfig,
     pad_id: int,
     desc: str = "train",
+    heldout: dict[str, list[Encoded]] | None = None,
 ) -> dict[str, RoleResult]:
     """Train the adapters named by ``data``'s keys (already attached to the PEFT ``model``, with requires_grad set
-    on exactly the parameters to train) and return per-adapter results. The model stays on its device."""
+    on exactly the parameters to train) and return per-adapter results. The model stays on its device.
+    ``heldout`` (per adapter, optional) turns on the held-out loss, best-checkpoint restore and early stopping."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -158,7 +214,12 @@ def train_adapters(
     samplers = {r: batches(len(enc), cfg.batch_size, cfg.seed + i) for i, (r, enc) in enumerate(data.items())}
     model.train()
     start = time.perf_counter()
+    heldout = {r: v for r, v in (heldout or {}).items() if r in data and v}
+    for role, enc in heldout.items():
+        results[role].heldout = len(enc)
+    stopper, best_state = EarlyStopping(cfg.patience, cfg.min_delta), None
     bar = tqdm(range(total), desc=desc, dynamic_ncols=True)
+    done = total
     for step in bar:
         step_losses = []
         for role, encoded in data.items():
@@ -167,13 +228,46 @@ def train_adapters(
         _optimizer_step(opt, sched, params, cfg, step_losses, results, step)
         if (step + 1) % 10 == 0 or step + 1 == total:
             bar.set_postfix({r: f"{_last_finite(res.losses):.3f}" for r, res in results.items()})
+        if heldout and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+            improved, stop = stopper.update(step + 1, _measure(model, heldout, params, cfg, pad_id, results, step + 1))
+            if improved:
+                best_state = [p.detach().clone() for p in params]
+            if stop:
+                done = step + 1
+                break
+    if best_state is not None and stopper.best_step != done:
+        with torch.no_grad():
+            for p, saved in zip(params, best_state):
+                p.copy_(saved)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     for res in results.values():
-        res.steps, res.time_s = total, elapsed
-        _check_skipped(res, total, cfg)
+        res.steps, res.time_s, res.stopped_early = done, elapsed, done < total
+        res.best_step = stopper.best_step if heldout else None
+        _check_skipped(res, done, cfg)
     return results
+
+
+def _measure(
+    model: torch.nn.Module,
+    heldout: dict[str, list[Encoded]],
+    params: Sequence[torch.nn.Parameter],
+    cfg: TrainConfig,
+    pad_id: int,
+    results: dict[str, RoleResult],
+    step: int,
+) -> float:
+    """Held-out loss of every adapter (recorded in its result); the early-stopping criterion is their mean."""
+    values = []
+    for role, encoded in heldout.items():
+        _activate(model, role, params)
+        value = heldout_loss(model, encoded, cfg, pad_id)
+        results[role].eval_steps.append(step)
+        results[role].eval_losses.append(value)
+        values.append(value)
+    print(f"step {step}: held-out loss " + ", ".join(f"{r} {v:.4f}" for r, v in zip(heldout, values)))
+    return sum(values) / len(values)
 
 
 def _role_loss(

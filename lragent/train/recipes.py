@@ -128,16 +128,19 @@ def train_set(
     pad_id: int,
     base_name: str = "",
     plan_from: Path | None = None,
+    heldout: dict[str, list[Encoded]] | None = None,
 ) -> dict[str, RoleResult]:
     """Train and save one adapter set (recipe ``cfg.mode``) for the roles in ``data``; returns per-role results.
     Adapters are removed from ``base`` afterwards. ``plan_from`` (shared-a only) reuses a trained plan folder: it is
-    copied into the set and its A matrices are the ones shared (plan is then not retrained)."""
+    copied into the set and its A matrices are the ones shared (plan is then not retrained). ``heldout`` (per role)
+    turns on the held-out loss, best-checkpoint restore and early stopping of :func:`train_adapters`."""
+    heldout = heldout or {}
     out_dir = Path(out_dir)
     if cfg.mode == "joint":
         roles = list(data)
         model = attach(base, roles, cfg, base_name)
         tie_a(model, roles, cfg.shared_modules)
-        results = train_adapters(model, data, cfg, pad_id, desc="joint:" + "+".join(roles))
+        results = train_adapters(model, data, cfg, pad_id, desc="joint:" + "+".join(roles), heldout=heldout)
         for role in roles:
             save_adapter(model, role, out_dir / role, cfg.save_dtype)
         model.unload()
@@ -153,7 +156,8 @@ def train_set(
         model = attach(base, [role], cfg, base_name)
         if cfg.mode == "shared-a" and role != "plan":
             load_frozen_a(model, role, out_dir / "plan", cfg.shared_modules)
-        results.update(train_adapters(model, {role: data[role]}, cfg, pad_id, desc=role))
+        part = {role: heldout[role]} if heldout.get(role) else None
+        results.update(train_adapters(model, {role: data[role]}, cfg, pad_id, desc=role, heldout=part))
         save_adapter(model, role, out_dir / role, cfg.save_dtype)
         model.unload()
     return results

@@ -55,7 +55,13 @@ def build_log(
         "machine": machine_info(device),
         "total_time_s": round(total_s, 2),
         "roles": {
-            role: {**res.summary(), "losses": [_json_loss(x) for x in res.losses], "skipped": list(res.skipped)}
+            role: {
+                **res.summary(),
+                "losses": [_json_loss(x) for x in res.losses],
+                "skipped": list(res.skipped),
+                "eval_steps": list(res.eval_steps),
+                "eval_losses": [_json_loss(x) for x in res.eval_losses],
+            }
             for role, res in results.items()
         },
         **(notes or {}),
@@ -97,6 +103,9 @@ def plot_losses(log: dict[str, Any], path: Path) -> Path | None:
         losses = [float("nan") if x is None else x for x in entry["losses"]]
         (line,) = ax.plot(range(1, len(losses) + 1), _smooth(losses, 10), label=f"{role} ({entry['time_s']:.0f} s)")
         ax.plot(range(1, len(losses) + 1), losses, color=line.get_color(), alpha=0.25, linewidth=0.8)
+        if entry.get("eval_steps"):  # held-out loss: dashed, same colour
+            evals = [float("nan") if x is None else x for x in entry["eval_losses"]]
+            ax.plot(entry["eval_steps"], evals, "o--", color=line.get_color(), markersize=3, label=f"{role} held-out")
     settings = log["settings"]
     ax.set_title(
         f"{log['task']} / {settings['mode']}: r {settings['rank']}, lr {settings['lr']}, bs {settings['batch_size']}"
@@ -125,6 +134,7 @@ def write_manifest(root: Path) -> Path:
         trained = {
             r: {k: e[k] for k in ("steps", "time_s", "loss_first", "loss_last", "examples")}
             | ({"skipped_steps": e["skipped_steps"]} if "skipped_steps" in e else {})  # logs since the NaN guard
+            | ({"eval_loss_best": e["eval_loss_best"], "best_step": e["best_step"]} if e.get("best_step") else {})
             for r, e in log["roles"].items()
         }
         sets[set_dir.name] = {

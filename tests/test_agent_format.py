@@ -1,0 +1,184 @@
+"""The contract between training and the pipeline: for the same step, the pipeline sends the exact prompt the trainer
+built (text and token ids), and the pipeline's optional guards (finish at the cap, choice constraints) and AutoAct's
+reflect rule behave as the training data shows."""
+
+from __future__ import annotations
+
+import pytest
+
+from lragent.agents import tools as T
+from lragent.agents.episode import Phase
+from lragent.agents.fake import ByteTokenizer, FakeOutput, ScriptedLLM
+from lragent.agents.pipeline import PipelineConfig, make_encoder, make_episode, run_pipeline
+from lragent.train import data as D
+from lragent.train import examples as E
+
+DATA = E.default_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "hotpotqa_full_trajectories.json").is_file(), reason="no trajectories")
+
+
+class ReplayTools:
+    """Stands in for the ToolBox: answers each tool call with the trajectory's recorded observation."""
+
+    def __init__(self, observations: list[str]) -> None:
+        self.observations = list(observations)
+
+    def run(self, tool: str, argument: str | None) -> str:
+        return self.observations.pop(0)
+
+    def note_step(self, tool: str) -> None:
+        pass
+
+
+def planned_calls(traj: E.Trajectory) -> tuple[list[tuple[str, str]], list[str]] | None:
+    """(role, output) of every call the pipeline makes to replay ``traj``, and the tool observations; None when the
+    trajectory holds a step the pipeline cannot reproduce (an unknown tool in the plan's turn)."""
+    calls, observations = [], []
+    for _, step, reflect_turn in E._walk(traj):
+        parsed = step.parsed
+        if reflect_turn and parsed is not None and parsed[0] == D.REFLECT:
+            calls += [("reflect", step.thought), ("reflect", step.action[: step.action.find("]") + 1])]
+        elif parsed is not None and parsed[0] in D.TOOLS[traj.task] and parsed[1]:
+            calls += [("plan", step.thought), ("plan", D.plan_tool_output(parsed[0])), ("action", parsed[1])]
+            observations += [step.observation] if parsed[0] != D.FINISH else []
+        else:
+            return None
+    return calls, observations
+
+
+def replay(traj: E.Trajectory, encode) -> list[tuple[str, list[int], str]]:
+    """Drive one Episode with the trajectory's own outputs; (role, prompt ids, expected output) of every call."""
+    planned = planned_calls(traj)
+    assert planned is not None
+    calls, observations = planned
+    record = {"id": "t", "question": traj.question, "answer": "?", "context": []}
+    episode = make_episode(record, encode, task=traj.task)
+    episode.toolbox = ReplayTools(observations)
+    seen = []
+    for role, output in calls:
+        call = episode.next_call(0)
+        assert call is not None and call.role == role
+        seen.append((role, call.prompt_ids, output))
+        episode.feed(FakeOutput(output, [], {}))
+    return seen
+
+
+def toy() -> E.Trajectory:
+    steps = (
+        D.Step("I should search.", "BingSearch[capital of France]", "Paris is the capital of France."),
+        D.Step("Found it.", "Finish[Paris]", D.REFLECT_PROMPT_OBS),
+        D.Step("Am I sure?", "Reflect[yes]", T.MSG_REFLECT_WRONG),  # AutoAct: anything but [right] is a retry
+        D.Step("Check again.", "Finish[Paris]", "Answer is CORRECT"),
+    )
+    return E.Trajectory("hotpotqa", "What is the capital of France?", steps)
+
+
+def training_prompts(traj: E.Trajectory) -> dict[tuple[str, str], str]:
+    examples = E.plan_examples(traj) + E.action_examples(traj) + E.reflect_examples(traj)
+    return {(ex.role, ex.input): ex.output for ex in examples}
+
+
+def test_pipeline_prompts_equal_training_prompts_on_a_toy_trajectory():
+    byte = ByteTokenizer()
+    expected = training_prompts(toy())
+    seen = replay(toy(), make_encoder(byte))
+    assert len(seen) == 3 + 3 + 2 + 3  # search, Finish, reflect (retry), Finish again: final, no reflect after it
+    for role, ids, output in seen:
+        text = byte.decode(ids)
+        if (role, text) in expected:
+            assert expected[(role, text)] == output
+        else:  # the retry after Reflect[yes]: trained from the data's files, rendered the same way
+            assert role == "plan" and "Action: Reflect[yes]\nObversation: " + T.MSG_REFLECT_WRONG in text
+
+
+@needs_data
+def test_pipeline_prompts_equal_training_prompts_on_real_trajectories(model_dir):
+    """The first 20 replayable HotpotQA trajectories: every call's prompt is a training example's input, and its
+    token ids (built chunk by chunk) are the ids the trainer gets by tokenising the whole prompt."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    trajs = [t for t in E.task_trajectories("hotpotqa", DATA) if t.steps and planned_calls(t) is not None][:20]
+    assert len(trajs) == 20
+    n = 0
+    for traj in trajs:
+        expected = training_prompts(traj)
+        for role, ids, output in replay(traj, make_encoder(tokenizer)):
+            text = tokenizer.decode(ids)
+            assert expected.get((role, text)) == output, (role, text[-300:])
+            assert ids == tokenizer(text, add_special_tokens=True)["input_ids"]
+            n += 1
+    assert n > 100
+
+
+HOTPOT = {
+    "id": "q1",
+    "question": "Who was once considered the best kick boxer in the world?",
+    "answer": "Badr Hari",
+    "context": [["Badr Hari", ["Badr Hari is a Moroccan-Dutch kickboxer."]]],
+}
+SCIENCE = {
+    "pid": "s1",
+    "Question": "What is the capital of Delaware?",
+    "choices": ["Harrisburg", "Dover", "Wilmington", "Georgetown"],
+    "Answer": "B",
+    "caption": "no img",
+    "orc": "no img",
+}
+
+
+def searcher(answer: str = "B"):
+    """Plans searches forever; the action answers `answer` when asked for a Finish argument."""
+
+    def script(role: str, prompt: str) -> str:
+        if role == "action":
+            return answer if prompt.endswith("Finish[" + D.RESPONSE) else "capital of Delaware"
+        if role == "reflect":
+            return "Fine." if prompt.endswith(D.THOUGHT_PROMPT) else "Reflect[right]"
+        return "Search more." if prompt.endswith(D.THOUGHT_PROMPT) else "Aciton: BingSearch["
+
+    return script
+
+
+def test_finish_at_cap_gives_every_question_an_answer():
+    cfg = PipelineConfig(max_iterations=3, keep_trajectories=True)
+    (free,) = run_pipeline(ScriptedLLM(searcher()), [SCIENCE], cfg)
+    assert free.out_of_function and free.halt_reason == "max_iterations" and not free.forced_finish
+    cfg = PipelineConfig(max_iterations=3, keep_trajectories=True, finish_at_cap=True)
+    llm = ScriptedLLM(searcher("(B) Dover"))
+    (res,) = run_pipeline(llm, [SCIENCE], cfg)
+    assert res.forced_finish and res.prediction == "(B) Dover" and res.correct and not res.out_of_function
+    assert res.halt_reason == "max_iterations" and res.iterations == 3
+    assert res.calls == {"plan": 5, "action": 3}  # the last iteration skips the plan's tool call
+    assert res.trajectory.endswith("Search more.\nAciton: Finish[\n### Response:\n(B) Dover]\nObversation: "
+                                   + T.MSG_FINISH + "\n" + D.THOUGHT_PROMPT)  # fmt: skip
+
+
+def test_constrain_sends_the_closed_sets_to_the_engine():
+    cfg = PipelineConfig(max_iterations=3, constrain=True, finish_at_cap=True)
+    llm = ScriptedLLM(searcher("the answer is Dover"))
+    (res,) = run_pipeline(llm, [SCIENCE], cfg)
+    choices = [(c.role, c.params.choice) for c in llm.log if c.params.choice]
+    tools = [D.plan_tool_output(t) for t in D.TOOLS["scienceqa"]]
+    assert ("plan", tools) in choices and ("action", ["A", "B", "C", "D"]) in choices
+    assert all(c.params.choice is None for c in llm.log if c.prompt.endswith(D.THOUGHT_PROMPT))  # thoughts: free
+    assert res.prediction in ("A", "B", "C", "D")  # the fake engine honours the constraint
+    (hot,) = run_pipeline(ScriptedLLM(searcher()), [HOTPOT], cfg)
+    assert hot.prediction == "B"  # HotpotQA answers stay free text
+
+
+@pytest.mark.parametrize(("verdict", "accepted"), [("Reflect[right]", True), ("Reflect[right].", True),
+                                                   ("Reflect[yes]", False), ("Reflect[right/wrong]", False),
+                                                   ("Reflect[wrong]", False)])  # fmt: skip
+def test_reflect_accepts_only_right_as_the_training_data_does(verdict, accepted):
+    encode = make_encoder(ByteTokenizer())
+    episode = make_episode(HOTPOT, encode)
+    for text in ("Answer it.", "Aciton: Finish[", "Badr Hari", "Sure?", verdict):
+        episode.next_call(0)
+        episode.feed(FakeOutput(text, [], {}))
+    if accepted:
+        assert episode.done and episode.finished
+    else:
+        assert episode.phase is Phase.PLAN_THOUGHT and not episode.failures
+        call = verdict.rstrip(".")
+        assert episode.traj.text.endswith(f"Action: {call}\nObversation: {T.MSG_REFLECT_WRONG}\n{D.THOUGHT_PROMPT}")
