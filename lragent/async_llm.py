@@ -84,8 +84,8 @@ class AsyncLLM:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if params.n != 1:
-            raise ValueError("AsyncLLM.generate streams one sample: use n=1 (one request per sample)")
+        if params.samples != 1:
+            raise ValueError("AsyncLLM.generate streams one sample: use n=1 without best_of (one request per sample)")
         request_id = request_id or f"async-{uuid.uuid4().hex}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")

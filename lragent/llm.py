@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Sequence as Seq
 from dataclasses import replace
@@ -142,16 +143,16 @@ class LLM:
             raise ValueError(f"{n} prompts but {len(adapters)} adapters and {len(params)} sampling params")
         for name in set(adapters):
             self.engine.registry.slot_of(name)  # unknown adapter: fail before queuing anything
-        ids: list[str] = []
+        groups: list[list[str]] = []
         try:
             for p, sp, a in zip(prompts, params, adapters):
-                ids += self._add_samples(p, sp, a, cache_salt)
-            done = self._run_to_completion(set(ids))
+                groups.append(self._add_samples(p, sp, a, cache_salt))
+            done = self._run_to_completion({i for g in groups for i in g})
         except BaseException:
-            for request_id in ids:  # nothing of this call stays queued (a bad prompt, Ctrl-C, ...)
+            for request_id in (i for g in groups for i in g):  # nothing of this call stays queued (a bad prompt, ...)
                 self.engine.abort(request_id)
             raise
-        return [done[i] for i in ids]
+        return [out for g, sp in zip(groups, params) for out in _best([done[i] for i in g], sp)]
 
     def _adapters_of(self, lora_request: LoRARequest | Seq[LoRARequest | None]) -> str | None | list[str | None]:
         if isinstance(lora_request, (list, tuple)):
@@ -161,13 +162,13 @@ class LLM:
     def _add_samples(
         self, prompt: Prompt, params: SamplingParams | None, adapter: str | None, salt: str | None
     ) -> list[str]:
-        """The `params.n` samples of one prompt: the first computes the prompt, the others follow it and reuse its
-        cached blocks; sample j draws with seed + j (when a seed is given)."""
+        """The samples of one prompt (`params.samples`: best_of, else n): the first computes the prompt, the others
+        follow it and reuse its cached blocks; sample j draws with seed + j (when a seed is given)."""
         first = self.engine.add_request(prompt, params, adapter, cache_salt=salt)
         ids = [first]
         if params is None:  # default params: one sample
             return ids
-        for j in range(1, params.n):
+        for j in range(1, params.samples):
             seed = None if params.seed is None else (params.seed + j + (1 << 63)) % (1 << 64) - (1 << 63)
             ids.append(self.engine.add_request(prompt, replace(params, seed=seed), adapter, None, salt, follows=first))
         return ids
@@ -245,3 +246,16 @@ class LLM:
         with contextlib.suppress(Exception):
             if held_only_by(self.__dict__, "engine"):
                 self.engine.close()
+
+
+def _best(outs: list[RequestOutput], params: SamplingParams | None) -> list[RequestOutput]:
+    """All samples, or with best_of the n of highest cumulative log-probability, best first (as vLLM orders them);
+    a failed sample ranks last."""
+    if params is None or params.best_of is None or params.best_of == params.n:
+        return outs
+
+    def score(out: RequestOutput) -> float:
+        total = sum(out.logprobs)
+        return total if out.error is None and math.isfinite(total) else -math.inf
+
+    return sorted(outs, key=score, reverse=True)[: params.n]

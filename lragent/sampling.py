@@ -59,6 +59,7 @@ def _logit_bias(value: Any) -> dict[int, float]:
 class SamplingParams:
     max_tokens: int = 64
     n: int = 1  # samples of the prompt (LLM.generate returns them in order; they share the prompt's cache blocks)
+    best_of: int | None = None  # draw this many samples (>= n) and keep the n with the highest cumulative logprob
     temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: no top-k cut
@@ -94,6 +95,11 @@ class SamplingParams:
     def _check_numbers(self) -> None:
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r:.80}")
+        if self.best_of is not None:
+            if not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_N:
+                raise ValueError(f"best_of must be an integer in [n, {MAX_N}] (n={self.n}), got {self.best_of!r:.80}")
+            if self.best_of > self.n and self.temperature < GREEDY_TEMPERATURE:
+                raise ValueError("best_of > n needs sampling (temperature > 0): greedy samples are all the same")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r:.80}")
         ranges = {
@@ -139,6 +145,11 @@ class SamplingParams:
             or not all(isinstance(c, str) and c for c in self.choice)
         ):  # fmt: skip
             raise ValueError("choice must be a non-empty list of non-empty strings")
+
+    @property
+    def samples(self) -> int:
+        """How many sequences the prompt forks into: best_of when given, else n."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def greedy(self) -> bool:

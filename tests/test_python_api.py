@@ -100,3 +100,25 @@ def test_async_llm_streams_and_aborts(llm, tiny_llama):
 
     with AsyncLLM(model=model, adapters={"plan": roles["plan"]}, sharing="non_shared", block_size=8) as engine:
         asyncio.run(main(engine))
+
+
+def test_best_of_keeps_the_n_samples_of_highest_cumulative_logprob(llm):
+    sampled = dict(max_tokens=5, temperature=1.2, seed=11, ignore_eos=True)
+    every = llm.generate([PROMPT], SamplingParams(n=4, **sampled), adapter="plan")  # the same four draws
+    ranked = sorted(every, key=lambda o: sum(o.logprobs), reverse=True)
+    assert len({tuple(o.token_ids) for o in every}) > 1  # the samples differ, so the choice matters
+    best = llm.generate([PROMPT, PROMPT[::-1]], SamplingParams(n=2, best_of=4, **sampled), adapter="plan")
+    assert len(best) == 4  # n per prompt, prompt by prompt
+    assert [o.token_ids for o in best[:2]] == [o.token_ids for o in ranked[:2]]
+    assert sum(best[0].logprobs) >= sum(best[1].logprobs)
+    assert not llm.engine.has_unfinished()  # the samples not returned are finished too
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [(dict(n=3, best_of=2), "best_of must be an integer in"), (dict(best_of=0), "best_of must be"),
+     (dict(n=1, best_of=3, temperature=0.0), "needs sampling"), (dict(best_of=1.5), "best_of must be")],
+)  # fmt: skip
+def test_bad_best_of_is_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)

@@ -147,6 +147,22 @@ def test_text_completion(server):
     assert [c.text for c in repeat.choices] == [c.text for c in sampled.choices]  # seeded
 
 
+def test_best_of_returns_the_best_samples_and_bills_them_all(server):
+    client = server.client()
+    kw = dict(model="reflect", prompt="Once upon a time", max_tokens=4, temperature=1.3, seed=5, logprobs=0)
+    every = client.completions.create(n=3, **kw)
+    best = client.completions.create(n=1, best_of=3, **kw)
+    [choice] = best.choices
+    ranked = sorted(every.choices, key=lambda c: sum(c.logprobs.token_logprobs), reverse=True)
+    assert choice.index == 0 and choice.text == ranked[0].text
+    assert best.usage.completion_tokens == every.usage.completion_tokens  # every sample drawn is counted
+    for extra, field in [(dict(n=2, best_of=1), "best_of"), (dict(n=1, best_of=2, stream=True), "best_of")]:
+        r = server.post("/v1/completions", json={**kw, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (extra, r.text)
+    r = server.post("/v1/completions", json={**kw, "best_of": 2, "temperature": 0})
+    assert r.status_code == 400 and "needs sampling" in r.json()["error"]["message"]
+
+
 def test_streaming_matches_non_streaming(server):
     client = server.client()
     messages = [{"role": "user", "content": "Write one sentence about the sea."}]

@@ -281,8 +281,6 @@ class CompletionRequest(_Generation):
             out.append(("echo", "echo with logprobs is not supported (prompt log-probabilities are not computed)"))
         if self.suffix:
             out.append(("suffix", "suffix is not supported"))
-        if self.best_of is not None and self.best_of != self.n:
-            out.append(("best_of", "best_of is not supported (use n)"))
         return out
 
     @property

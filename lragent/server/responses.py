@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,9 +34,38 @@ class Job:
     constraint_param: str | None = None  # the request field that constrains the output (for errors)
     created: int = field(default_factory=lambda: int(time.time()))
     finished: dict[int, RequestOutput] = field(default_factory=dict)
+    keep: int = 0  # best_of: choices per prompt to return (the best `keep` of the samples); 0 = every sample
+    samples: dict[int, RequestOutput] = field(default_factory=dict)  # every finished sample (usage counts them all)
 
     def unfinished_ids(self) -> list[str]:
         return [r.request_id for r in self.requests if r.index not in self.finished]
+
+    @property
+    def per_prompt(self) -> int:
+        """Engine requests per prompt (best_of, else n)."""
+        return len(self.requests) // len(self.prompts)
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.keep or self.per_prompt
+
+    def keep_best(self) -> None:
+        """best_of: of each prompt's finished samples keep the `keep` of highest cumulative log-probability (best
+        first, as choices 0.. of that prompt); every sample stays in `samples` for the usage."""
+        self.samples = dict(self.finished)
+        per, keep = self.per_prompt, self.keep
+        if not keep or keep == per:
+            return
+
+        def score(out: RequestOutput) -> float:
+            total = sum(out.logprobs)
+            return total if out.error is None and math.isfinite(total) else -math.inf
+
+        best: dict[int, RequestOutput] = {}
+        for i in range(len(self.prompts)):
+            outs = sorted((self.finished[i * per + j] for j in range(per)), key=score, reverse=True)
+            best.update({i * keep + k: out for k, out in enumerate(outs[:keep])})
+        self.finished = best
 
 
 class Responder:
@@ -48,11 +78,12 @@ class Responder:
         return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def usage(self, job: Job) -> dict:
-        n = len(job.requests) // len(job.prompts)
-        firsts = [job.finished[i * n].metrics for i in range(len(job.prompts)) if i * n in job.finished]
+        """Every sample's tokens (best_of ones not returned included), the prompt's reuse from its first sample."""
+        n, samples = job.per_prompt, job.samples or job.finished
+        firsts = [samples[i * n].metrics for i in range(len(job.prompts)) if i * n in samples]
         return usage_object(
             sum(len(p) for p in job.prompts),
-            sum(len(o.token_ids) for o in job.finished.values()),
+            sum(len(o.token_ids) for o in samples.values()),
             sum(m.reused_tokens for m in firsts),
             sum(m.base_reused_tokens for m in firsts),
         )
@@ -86,7 +117,7 @@ class Responder:
 
     def response(self, job: Job) -> dict:
         choices = []
-        n = len(job.requests) // len(job.prompts)
+        n = job.choices_per_prompt
         for index in sorted(job.finished):
             out = job.finished[index]
             n_out = len(out.token_ids)
@@ -123,7 +154,7 @@ class Responder:
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 
     async def events(self, job: Job, queue: asyncio.Queue) -> AsyncIterator[str]:
-        n = len(job.requests) // len(job.prompts)
+        n = job.per_prompt  # (no best_of when streaming)
         streams = {
             r.index: TextStream(self.tokenizer, r.params.stop, r.params.include_stop_str_in_output)
             for r in job.requests

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lragent.engine.structured import StructuredOutputError
-from lragent.sampling import CONSTRAINTS, SamplingParams
+from lragent.sampling import CONSTRAINTS, GREEDY_TEMPERATURE, SamplingParams
 from lragent.server.engine_loop import AsyncEngine, EngineRequest, EngineUnavailable
 from lragent.server.errors import APIError, bad_request, from_engine_error
 from lragent.server.guard import shown
@@ -298,16 +298,17 @@ class OpenAIServing:
     ) -> Job:
         if body.n < 1:
             raise bad_request(f"n must be at least 1, got {body.n}", "n")
-        if body.n * len(prompts) > self.max_choices:
-            raise bad_request(f"at most {self.max_choices} choices per request (prompts x n)", "n")
+        per = self._samples_per_prompt(body)
+        if per * len(prompts) > self.max_choices:
+            raise bad_request(f"at most {self.max_choices} choices per request (prompts x n, or x best_of)", "n")
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         job_id = f"{prefix}-{uuid.uuid4().hex}"
         requests = []
         for i, ids in enumerate(prompts):
-            for j in range(body.n):
-                index = i * body.n + j
+            for j in range(per):
+                index = i * per + j
                 params = self._params(body, len(ids), j, param, constraint, constraint_param)
-                first = f"{job_id}-{i * body.n}" if j else None  # later choices reuse the first's prompt
+                first = f"{job_id}-{i * per}" if j else None  # later samples reuse the first's prompt
                 requests.append(EngineRequest(ids, params, adapter, f"{job_id}-{index}", index, salt, first, session))
         return Job(
             kind,
@@ -319,7 +320,24 @@ class OpenAIServing:
             body.include_usage_in_stream,
             logprobs=bool(body.logprobs is not None and body.logprobs is not False),
             constraint_param=constraint_param,
+            keep=body.n if per != body.n else 0,
         )
+
+    @staticmethod
+    def _samples_per_prompt(body) -> int:
+        """best_of (text completions) when given, else n; best_of below n, with streaming, or greedy is a 400."""
+        best_of = getattr(body, "best_of", None)
+        if best_of is None or best_of == body.n:
+            return body.n
+        if best_of < body.n:
+            raise bad_request(f"best_of must be at least n ({body.n}), got {best_of}", "best_of")
+        if body.stream:
+            raise bad_request("best_of cannot be used with stream (the best samples are known only at the end)",
+                              "best_of")  # fmt: skip
+        if body.temperature is not None and body.temperature < GREEDY_TEMPERATURE:
+            raise bad_request("best_of > n needs sampling (temperature > 0): greedy samples are all the same",
+                              "best_of")  # fmt: skip
+        return best_of
 
     # ---- endpoints -----------------------------------------------------------------------------------------
     def chat_job(self, body: ChatCompletionRequest, salt: str | None = None, session: str | None = None) -> Job:
@@ -375,6 +393,7 @@ class OpenAIServing:
             return Response(status_code=499)
         finally:
             on_close()
+        job.keep_best()
         return JSONResponse(self.responder.response(job))
 
     _run = run_job  # the older name
