@@ -10,10 +10,10 @@ import logging
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from lragent.config import EngineConfig
@@ -134,6 +134,18 @@ def test_python_versions_agree():
     assert PYPROJECT["tool"]["ruff"]["target-version"] == f"py3{minor}"
     assert PYPROJECT["tool"]["mypy"]["python_version"] == f"3.{minor}"
     assert f"Programming Language :: Python :: 3.{minor}" in PROJECT["classifiers"]
+
+
+def test_the_package_needs_nothing_newer_than_python_3_10():
+    """No 3.10 interpreter is reachable here (no registry serves one), so 3.10 is checked statically: vermin finds
+    the oldest Python every construct and standard-library member of the package and examples needs (the tests run
+    on 3.11 in CI and 3.12 on the GPU machine). `.long()` is torch's, not Python 2's `long`."""
+    vermin = Path(sys.executable).with_name("vermin")
+    if not vermin.exists():
+        pytest.fail("vermin is a pinned test dependency (requirements.lock): install it")
+    args = [str(vermin), "--no-tips", "-t=3.10-", "--violations", "--eval-annotations", "--exclude", "long", "-q"]
+    run = subprocess.run([*args, str(PKG), str(ROOT / "examples")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_dockerfile_serves_with_the_gpu_extras():

@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     pools = PagedPools(max(max_tokens, 64), args.block_size, args.rank, dtype, device, stacked=args.stacked_lr)
     result = {
         "card": card,
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "lragent bench kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,

@@ -217,7 +217,7 @@ def _write_json(
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "lragent bench sampler " + " ".join(argv if argv is not None else sys.argv[1:]),
         "reps": reps,
         "warmup": warmup,

@@ -904,7 +904,7 @@ def _run_meta(
         "device_name": device_name,
         "dtype": str(dtype).split(".")[-1],
         "threads": torch.get_num_threads(),
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "lragent bench trace " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
         "rates": rates.as_dict(),

@@ -9,13 +9,20 @@ hidden-state pool, ...) is a new declaration plus its kernel path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
     from lragent.model_config import ModelConfig
+
+
+class StrEnum(str, Enum):
+    """`enum.StrEnum` of Python 3.11, here so 3.10 runs too: a member is its value as a string (==, str, format)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
 
 
 class SharingMode(StrEnum):
@@ -41,7 +48,7 @@ class Keying(StrEnum):
 
     TOKENS = "tokens"  # nothing: every agent reads the producer's entries
     ADAPTER = "adapter"  # the adapter's content digest: only the same weights read them
-    VALUE_A = "value_a"  # the digest of the v_proj A: agents with the same A read them (R = X A)
+    VALUE_A = "value_a"  # the digest of the v_proj (and k_proj) A: agents with the same A read them (R = X A)
     VALUE_A_STACK = "value_a_stack"  # the digests of every adapter slot's v_proj A, in slot order (stacked rows)
 
 
