@@ -6,7 +6,7 @@
 #       --lora-modules plan=/models/plan action=/models/action reflect=/models/reflect --api-key "$KEY"
 #
 # The base image brings CUDA, PyTorch and Triton; pip keeps its torch (pyproject asks for torch>=2.4) and adds the
-# [server,gpu] extras. Any pytorch/pytorch *-runtime tag with Python >= 3.11 works: pass --build-arg BASE=...
+# [server,gpu] extras. Any pytorch/pytorch *-runtime tag with Python >= 3.10 works: pass --build-arg BASE=...
 ARG BASE=pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
 FROM ${BASE}
 
