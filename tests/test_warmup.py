@@ -13,11 +13,12 @@ from lragent.llm import LLM
 from lragent.sampling import SamplingParams
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PROMPTS = [[(5 * i + 11 * j) % 900 + 20 for j in range(40 + 9 * i)] for i in range(3)]
+PROMPTS = [[(5 * i + 11 * j) % 900 + 20 for j in range(40 + 9 * i)] for i in range(4)]
 PARAMS = [
     SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
     SamplingParams(max_tokens=8, temperature=0.9, top_p=0.75, top_k=40, seed=3, ignore_eos=True, logprobs=True),
     SamplingParams(max_tokens=8, temperature=1.0, seed=5, ignore_eos=True),
+    SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True),  # unseeded: a seed from the engine's RNG
 ]
 
 

@@ -31,7 +31,7 @@ PREFIX = "__warmup-"  # request ids of the synthetic workload (never returned to
 SAMPLED = SamplingParams(
     max_tokens=3, temperature=0.9, top_p=0.75, top_k=40, logprobs=True, top_logprobs=2, seed=0, ignore_eos=True
 )
-GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, seed=0)  # seeded: the engine RNG stays put
 
 
 def warm_up(engine: LLMEngine) -> float:
