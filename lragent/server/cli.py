@@ -108,7 +108,21 @@ def _add_runtime_lora_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_process_args(p: argparse.ArgumentParser) -> None:
-    """Shutdown and logging."""
+    """Replicas, shutdown and logging."""
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N > 1: N engine replicas on a Ray cluster (RAY_ADDRESS, else a local one) behind this API, "
+        "with trajectory affinity (needs the [replicas] extra)",
+    )
+    p.add_argument(
+        "--routing",
+        default="affinity",
+        choices=["affinity", "round_robin"],
+        help="with --replicas: by session id / cached prefix, then load (affinity), or round_robin for contrast",
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -164,7 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.replicas > 1:
+        return _serve_replicas(args, config, settings)
     return _serve(args, config, settings, names)
+
+
+def _serve_replicas(args: argparse.Namespace, config: EngineConfig, settings: ServerSettings) -> int:
+    """`--replicas N`: the engine replicas on Ray Serve (lragent/server/replicas.py)."""
+    if importlib.util.find_spec("ray") is None:
+        print("error: --replicas needs Ray Serve: pip install 'lragent[replicas]'", file=sys.stderr)
+        return 1
+    from lragent.server.replicas import serve_replicas
+
+    gpus = 1.0 if str(config.device).startswith("cuda") else 0.0
+    serve_replicas(config, settings, args.replicas, args.routing, args.host, args.port, gpus)
+    return 0
 
 
 def _add_adapter_set(args: argparse.Namespace) -> bool:
