@@ -22,6 +22,7 @@ BENCHES = {
     "kernels": "lragent.bench.kernels",
     "decode": "lragent.bench.decode",
     "sampler": "lragent.bench.sampler",
+    "droidspeak-layers": "lragent.bench.droidspeak_layers",
 }
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lragent.cache.sharing import SharingMode, get_scheme
+from lragent.cache.sharing import SharingMode, check_critical_layers, get_scheme
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # vLLM / PyTorch spellings accepted for `dtype`, normalised to the names above ("auto" stays "auto")
@@ -30,6 +30,21 @@ def canonical_dtype(name: str) -> str:
         choices = ", ".join(["auto", *DTYPES, *DTYPE_ALIASES])
         raise ValueError(f"dtype must be one of {choices}; got {name!r}")
     return key
+
+
+def parse_layers(layers: str | tuple[int, ...] | list[int]) -> list[int]:
+    """'0,2,16' -> [0, 2, 16] ('' or 'none': no layer); a sequence of ints as it is; ValueError otherwise."""
+    if not isinstance(layers, str):
+        return list(layers)
+    text = layers.strip().lower()
+    if text in ("", "none"):
+        return []
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"critical layers must be comma-separated layer numbers like 0,2,16; got {layers!r:.80}"
+        ) from None
 
 
 def resolve_device(device: str) -> str:
@@ -57,17 +72,27 @@ class EngineConfig:
     max_loras: int | None = None  # adapter slots; default: loaded adapters + 4 for runtime loading
     max_lora_rank: int | None = None  # default: the largest loaded rank, at least 16
     allow_unshared_a: bool = False  # BASE_LR_SHARED with different v_proj A (measurably worse; for experiments)
+    # base_shared / base_lr_shared: room in the LR rows for k_proj adapters loaded later (on when one is loaded at
+    # start); off, the rows hold X A_v only (r wide) and k_proj adapters are refused
+    key_lora: bool = False
+    # droidspeak: the layers each agent recomputes; None: the paper's set for the LLaMA-3.1-8B shape, else every
+    # third layer (`lragent.cache.sharing.default_critical_layers`); "0,2,16" is accepted too
+    critical_layers: tuple[int, ...] | None = None
     attention_backend: str = "auto"  # "torch" (reference) or "triton" when available
     enforce_eager: bool = False  # CUDA: no decode graphs (every step launches its kernels from Python)
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay a captured graph
     # compile every kernel variant and capture every decode graph at start-up (None: on CUDA, where they compile)
     warmup: bool | None = None
     seed: int = 0
+    # ranks the model's heads and MLP columns are split over, one process each (lragent.distributed.tensor_parallel)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.sharing != SHARING_AUTO:
             object.__setattr__(self, "sharing", get_scheme(self.sharing).mode)
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        if self.critical_layers is not None:
+            object.__setattr__(self, "critical_layers", check_critical_layers(parse_layers(self.critical_layers)))
         object.__setattr__(self, "device", resolve_device(self.device))
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
@@ -77,7 +102,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in [0.05, 1]")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "cuda_graph_max_batch"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "cuda_graph_max_batch", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
 

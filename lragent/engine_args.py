@@ -140,6 +140,18 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, default=None, help="adapter slots (default: loaded + 4)")
     p.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank (default: the loaded max)")
     p.add_argument("--allow-unshared-a", action="store_true", help="base_lr_shared without shared-A (less accurate)")
+    p.add_argument(
+        "--key-lora",
+        action="store_true",
+        help="base_shared / base_lr_shared: room for k_proj adapters loaded later (on when one is given at start)",
+    )
+    p.add_argument(
+        "--critical-layers",
+        default=None,
+        metavar="LAYERS",
+        help="droidspeak: the layers each agent recomputes, e.g. 0,2,16 ('none': no layer); default: the paper's set "
+        "for the Llama-3.1-8B shape, else every third layer (`lragent bench droidspeak-layers` measures a set)",
+    )
 
 
 def _add_execution_args(p: argparse.ArgumentParser) -> None:
@@ -155,6 +167,13 @@ def _add_execution_args(p: argparse.ArgumentParser) -> None:
         help="CUDA: skip the start-up warm-up (kernels then compile, and graphs capture, inside the first requests)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of unseeded requests' sampling")
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="split the model's heads and MLP over this many devices, one process each (NCCL on GPUs, gloo on CPU)",
+    )
 
 
 def add_model_positional(p: argparse.ArgumentParser) -> None:
@@ -189,9 +208,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         allow_unshared_a=args.allow_unshared_a,
+        key_lora=args.key_lora,
+        critical_layers=getattr(args, "critical_layers", None),
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         warmup=args.warmup,
         seed=args.seed,
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
     )

@@ -62,9 +62,10 @@ def test_shared_a_accepted_and_runtime_load_checked(shared_a_adapters, qv_adapte
 
 
 def test_key_adapter_refused_where_keys_are_shared(all_module_adapters):
-    for scheme in ("base_shared", "base_lr_shared"):
-        with pytest.raises(AdapterError, match="k_proj.*keys"):
-            LLM(adapters=all_module_adapters, sharing=scheme)
+    with pytest.raises(AdapterError, match="k_proj.*keys"):  # stacked_lr shares keys and has no key LR
+        LLM(adapters=all_module_adapters, sharing="stacked_lr")
+    with pytest.raises(AdapterError, match=r"k_proj A.*differs in layers"):  # base_lr_shared: only with shared A
+        LLM(adapters=all_module_adapters, sharing="base_lr_shared")
 
 
 def test_prompt_longer_than_context(llm):

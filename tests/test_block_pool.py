@@ -7,7 +7,7 @@ import pytest
 from lragent.cache.block_pool import BlockPool
 from lragent.cache.kv_cache import CacheLayout
 from lragent.cache.prefix_hash import block_hashes
-from lragent.cache.sharing import SharingMode, get_scheme
+from lragent.cache.sharing import PoolKind, SharingMode, get_scheme
 from lragent.engine.block_manager import BlockManager
 from lragent.engine.scheduler import Scheduler
 from lragent.engine.sequence import Sequence
@@ -70,7 +70,9 @@ def test_block_manager_keys_pools_per_scheme(mode):
     expect_base = 0 if scheme.base_keyed_by_adapter else 16
     expect_lr = 16 if (not scheme.lr_keyed_by_adapter and not scheme.base_keyed_by_adapter) else 0
     assert base_hit == expect_base
-    assert computed == (expect_lr if scheme.has_lr_pool else expect_base)
+    if scheme.spec(PoolKind.CRITICAL_KV) is not None:  # droidspeak: each agent's own critical layers
+        expect_lr = 0
+    assert computed == (expect_lr if scheme.has_lr_pool or scheme.spec(PoolKind.CRITICAL_KV) else expect_base)
 
 
 def test_scheduler_preempts_when_cache_is_full():

@@ -428,4 +428,5 @@ def test_runner_end_to_end_with_a_fake_llm(tmp_path):
     assert "base_lr_shared" in format_table(report.summaries)
     with pytest.raises(ValueError):
         parse_schemes("non_shared,bogus")
-    assert parse_schemes("all") == ["non_shared", "full_shared", "base_shared", "base_lr_shared", "stacked_lr"]
+    all_schemes = ["non_shared", "full_shared", "base_shared", "base_lr_shared", "stacked_lr", "droidspeak"]
+    assert parse_schemes("all") == all_schemes

@@ -91,7 +91,7 @@ def test_scheme_declares_a_stacked_lr_pool_keyed_by_the_stack():
     assert kv is not None and kv.keyed_by is Keying.TOKENS
     assert lr is not None and lr.keyed_by is Keying.VALUE_A_STACK and lr.stacked and not lr.per_agent
     assert scheme.stacks_lr and not scheme.requires_shared_a and not scheme.allows_key_adapter
-    assert scheme.lr_width(8, 5) == 40 and get_scheme("base_lr_shared").lr_width(8, 5) == 8
+    assert scheme.lr_width(8, 5) == 40 and get_scheme("base_lr_shared").lr_width(8, 5) == 16  # [X A_v | X A_k]
     spaces = scheme.namespaces("lora:c", "A:a", "tenant", stack_key="stack:s")
     assert spaces == {"kv": "salt:tenant|", "lr": "salt:tenant|stack:s"}  # the adapter's own keys play no part
 

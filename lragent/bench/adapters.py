@@ -45,9 +45,11 @@ def write_peft_adapter(
     use_rslora: bool = False,
     base_model: str = "",
     layers: tuple[int, ...] | None = None,
+    shared_key_a: dict[int, torch.Tensor] | None = None,
 ) -> Path:
-    """One adapter with non-zero A and B. Pass the same `shared_value_a` dict to several calls for shared-A;
-    `layers` limits it to some layers (default: all)."""
+    """One adapter with non-zero A and B. Pass the same `shared_value_a` dict to several calls for shared-A (and
+    `shared_key_a` for a shared k_proj A: base_lr_shared with key adapters); `layers` limits it to some layers
+    (default: all)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = config.module_shapes()
     tensors = {}
@@ -59,6 +61,8 @@ def write_peft_adapter(
             a = torch.randn(rank, d_in, generator=gen) / d_in**0.5
             if module == "v_proj" and shared_value_a is not None:
                 a = shared_value_a.setdefault(layer, a)
+            if module == "k_proj" and shared_key_a is not None:
+                a = shared_key_a.setdefault(layer, a)
             tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
             tensors[f"{prefix}.lora_B.weight"] = (torch.randn(d_out, rank, generator=gen) * b_scale).contiguous()
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,13 +93,24 @@ def write_random_adapters(
     shared_a: bool = True,
     seed: int = 0,
 ) -> dict[str, str]:
-    """PEFT folders, one per name; with `shared_a` every adapter gets the same v_proj A (BASE_LR_SHARED-ready)."""
+    """PEFT folders, one per name; with `shared_a` every adapter gets the same v_proj A and k_proj A (when `targets`
+    has them: BASE_LR_SHARED-ready)."""
     config = model_config_for(model)
     shared: dict[int, torch.Tensor] | None = {} if shared_a else None
+    shared_k: dict[int, torch.Tensor] | None = {} if shared_a else None
     return {
         name: str(
             write_peft_adapter(
-                Path(root) / name, config, targets, rank, alpha, seed + i, shared, 0.02, base_model=model
+                Path(root) / name,
+                config,
+                targets,
+                rank,
+                alpha,
+                seed + i,
+                shared,
+                0.02,
+                base_model=model,
+                shared_key_a=shared_k,
             )
         )
         for i, name in enumerate(names)

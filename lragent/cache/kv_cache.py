@@ -1,13 +1,15 @@
 """The cache tensors of the pools a sharing scheme declares: keys and base values (one block id space), and the
-LR pool (its own block ids; rows of rank r, or of N x r under STACKED_LR)."""
+LR pool (its own block ids; rows of rank r, or of N x r under STACKED_LR). Under DROIDSPEAK the KV pool covers the
+layers outside the critical set, the critical layers have a KV pool of their own (`KVCache.critical`), and the
+hidden-state pool holds the residual stream entering each run of critical layers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from lragent.cache.sharing import PoolKind, SharingScheme
+from lragent.cache.sharing import PoolKind, SharingScheme, hidden_boundaries
 from lragent.model_config import ModelConfig
 
 
@@ -18,6 +20,7 @@ class CacheLayout:
     block_size: int
     num_blocks: dict[str, int]
     lr_rank: int  # width of an LR row: the rank, or the rank per adapter slot when stacked (`SharingScheme.lr_width`)
+    critical_layers: tuple[int, ...] = ()  # DROIDSPEAK: layers in the CRITICAL_KV pool, not the KV pool
 
     @property
     def num_base_blocks(self) -> int:
@@ -40,22 +43,44 @@ class CacheLayout:
     ) -> CacheLayout:
         """Split the budget so that every KV block pairs with its share of each other declared pool."""
         copies = {p.name: scheme.copies_per_kv_block(p, num_agents) for p in scheme.pools}
-        unit = sum(p.bytes_per_block(config, block_size, lr_rank, dtype) * copies[p.name] for p in scheme.pools)
+        critical = scheme.critical_layers
+        unit = sum(
+            p.bytes_per_block(config, block_size, lr_rank, dtype, critical) * copies[p.name] for p in scheme.pools
+        )
         num_kv = int(budget_bytes // unit)
         if num_kv < 2:
             raise ValueError(
                 f"KV cache budget of {budget_bytes} bytes holds fewer than 2 blocks of {block_size} tokens"
             )
-        return cls(block_size, {name: num_kv * n for name, n in copies.items()}, lr_rank)
+        return cls(block_size, {name: num_kv * n for name, n in copies.items()}, lr_rank, critical)
+
+
+@dataclass
+class HiddenRows:
+    """One step's traffic with the HIDDEN pool (DROIDSPEAK), the same at every boundary layer."""
+
+    write_idx: torch.Tensor | None  # tokens whose residual stream is stored (None: every token of the step)
+    write_slots: torch.Tensor  # [n written] flat slots (block * block_size + offset) in the pool
+    read_idx: torch.Tensor | None  # tokens another agent computed: they take the stored state (None: none)
+    read_slots: torch.Tensor | None  # their flat slots
 
 
 class KVCache:
     """The pool tensors of a layout: `key` / `value` [L, blocks, block_size, kv_heads, d] for the KV pool, `lr`
-    [L, blocks, block_size, rank] for the LR pool (None when the scheme declares none)."""
+    [L, blocks, block_size, rank] for the LR pool (None when the scheme declares none).
+
+    With critical layers (DROIDSPEAK) the KV pool's L counts the other layers only; `critical` is a KVCache of the
+    CRITICAL_KV pool's blocks over the critical layers, and `hidden` [boundaries, blocks, block_size, hidden_size]
+    the HIDDEN pool. `for_layer` maps a model layer to its pool and its index there."""
 
     def __init__(self, config: ModelConfig, layout: CacheLayout, dtype: torch.dtype, device: torch.device):
         kv, lr = layout.num_base_blocks, layout.num_lr_blocks
-        shape = (config.num_layers, kv, layout.block_size, config.num_kv_heads, config.head_dim)
+        critical = layout.critical_layers
+        shared = [layer for layer in range(config.num_layers) if layer not in critical]
+        self.shared_index = {layer: i for i, layer in enumerate(shared)}
+        self.critical_index = {layer: i for i, layer in enumerate(critical)}
+        self.hidden_index = {layer: i for i, layer in enumerate(hidden_boundaries(critical))}
+        shape = (len(shared), kv, layout.block_size, config.num_kv_heads, config.head_dim)
         self.key = torch.zeros(shape, dtype=dtype, device=device)
         self.value = torch.zeros(shape, dtype=dtype, device=device)  # X W_v0 (full values under FULL_SHARED)
         self.lr = (
@@ -67,11 +92,45 @@ class KVCache:
         self.flags = {
             name: torch.zeros(n, dtype=torch.int8, device=device) for name, n in layout.num_blocks.items() if n
         }
+        self.critical: KVCache | None = None
+        n_critical = layout.num_blocks.get(PoolKind.CRITICAL_KV.value, 0)
+        if n_critical and critical:
+            sub = CacheLayout(layout.block_size, {PoolKind.KV.value: n_critical}, layout.lr_rank)
+            self.critical = KVCache(replace(config, num_layers=len(critical)), sub, dtype, device)
+            self.critical.flags = {PoolKind.KV.value: self.flags[PoolKind.CRITICAL_KV.value]}  # marks land here
+        n_hidden = layout.num_blocks.get(PoolKind.HIDDEN.value, 0)
+        self.hidden = (
+            torch.zeros(
+                len(self.hidden_index), n_hidden, layout.block_size, config.hidden_size, dtype=dtype, device=device
+            )
+            if n_hidden and self.hidden_index
+            else None
+        )
         self.layout = layout
         self.block_size = layout.block_size
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.lr_rank = layout.lr_rank
+
+    def for_layer(self, layer: int) -> tuple[KVCache, int] | None:
+        """The critical pool's cache and the layer's index there, for a critical layer; None for the others (they live
+        in this cache's KV pool at `shared_index[layer]`)."""
+        index = self.critical_index.get(layer)
+        return None if index is None or self.critical is None else (self.critical, index)
+
+    def exchange_hidden(self, layer: int, hidden: torch.Tensor, rows: HiddenRows) -> None:
+        """At a hidden boundary `layer` (the first of a run of critical layers), in place on the residual stream
+        `hidden` [T, H]: store it for the tokens computed in full, and replace it by the stored one for the tokens
+        another agent computed (their critical layers are recomputed from it)."""
+        assert self.hidden is not None, "a hidden boundary comes with the HIDDEN pool"
+        pool = self.hidden[self.hidden_index[layer]].view(-1, hidden.shape[-1])
+        if rows.read_idx is not None and rows.read_slots is not None:
+            hidden.index_copy_(0, rows.read_idx, pool.index_select(0, rows.read_slots).to(hidden.dtype))
+        stored = hidden if rows.write_idx is None else hidden.index_select(0, rows.write_idx)
+        if stored.shape[0]:
+            stored = stored.to(pool.dtype)
+            pool.index_copy_(0, rows.write_slots, stored)
+            self.mark_nonfinite(PoolKind.HIDDEN.value, rows.write_slots, ~stored.isfinite().all(1))
 
     def mark_nonfinite(self, pool: str, slots: torch.Tensor, bad: torch.Tensor) -> None:
         """Flag the blocks of `slots` whose row is `bad` (the reference store; the Triton store kernel does the same

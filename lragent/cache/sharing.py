@@ -8,7 +8,7 @@ hidden-state pool, ...) is a new declaration plus its kernel path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ class SharingMode(StrEnum):
     BASE_SHARED = "base_shared"
     BASE_LR_SHARED = "base_lr_shared"
     STACKED_LR = "stacked_lr"
+    DROIDSPEAK = "droidspeak"
 
 
 SCHEME_NAMES: tuple[str, ...] = tuple(m.value for m in SharingMode)
@@ -40,7 +41,11 @@ class PoolKind(StrEnum):
     """What one pool's entries hold per token and layer."""
 
     KV = "kv"  # a key and a base value (X W_v0; the expanded value under FULL_SHARED): 2 x kv_heads x head_dim
-    LR = "lr"  # the low-rank cache X A_v: rank entries (STACKED_LR: X [A_1 | ... | A_N], N x rank entries)
+    # the low-rank cache X A_v: rank entries (STACKED_LR: X [A_1 | ... | A_N], N x rank; key_lr: X [A_v | A_k])
+    LR = "lr"
+    # DROIDSPEAK: the KV pool covers the layers outside the critical set; these two cover the rest
+    CRITICAL_KV = "critical_kv"  # key and expanded value of the critical layers only (each agent its own)
+    HIDDEN = "hidden"  # the residual stream entering each run of critical layers (but layer 0): hidden_size entries
 
 
 class Keying(StrEnum):
@@ -65,10 +70,56 @@ class PoolSpec:
     def name(self) -> str:
         return self.kind.value
 
-    def bytes_per_block(self, config: ModelConfig, block_size: int, lr_rank: int, dtype: torch.dtype) -> int:
-        """`lr_rank`: the LR pool's row width (`SharingScheme.lr_width`)."""
-        per_token = 2 * config.kv_size if self.kind is PoolKind.KV else lr_rank
-        return config.num_layers * block_size * per_token * dtype.itemsize
+    def bytes_per_block(
+        self, config: ModelConfig, block_size: int, lr_rank: int, dtype: torch.dtype, critical: tuple[int, ...] = ()
+    ) -> int:
+        """`lr_rank`: the LR pool's row width (`SharingScheme.lr_width`); `critical`: DROIDSPEAK's critical layers."""
+        per_token = {PoolKind.LR: lr_rank, PoolKind.HIDDEN: config.hidden_size}.get(self.kind, 2 * config.kv_size)
+        return pool_layers(self.kind, config.num_layers, critical) * block_size * per_token * dtype.itemsize
+
+
+# The paper's recomputed layers for LLaMA-3.1-8B (its top 33% by sensitivity): the default for that shape.
+PAPER_CRITICAL_LAYERS: tuple[int, ...] = (0, 2, 16, 19, 20, 22, 23, 24, 26, 30, 31)
+_LLAMA_31_8B_SHAPE = (32, 4096, 32, 8, 14336)  # layers, hidden, q heads, kv heads, intermediate
+
+
+def hidden_boundaries(critical: tuple[int, ...]) -> tuple[int, ...]:
+    """The first layer of each contiguous run of critical layers, but layer 0 (its input is the token embedding,
+    recomputed from the token ids): the layers whose input hidden state the HIDDEN pool keeps."""
+    return tuple(layer for layer in sorted(critical) if layer > 0 and layer - 1 not in critical)
+
+
+def pool_layers(kind: PoolKind, num_layers: int, critical: tuple[int, ...] = ()) -> int:
+    """How many layers (or boundaries) a pool of this kind holds entries for."""
+    if kind is PoolKind.CRITICAL_KV:
+        return len(critical)
+    if kind is PoolKind.HIDDEN:
+        return len(hidden_boundaries(critical))
+    return num_layers - len(critical) if kind is PoolKind.KV else num_layers
+
+
+def check_critical_layers(layers: tuple[int, ...] | list[int], num_layers: int | None = None) -> tuple[int, ...]:
+    """The critical layer set, sorted; ValueError for a non-integer, negative, duplicated or out-of-range layer."""
+    layers = list(layers)
+    if any(not isinstance(layer, int) or isinstance(layer, bool) for layer in layers):
+        raise ValueError(f"critical layers must be integers, got {layers!r:.200}")
+    dupes = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if dupes:
+        raise ValueError(f"critical layers: {', '.join(map(str, dupes))} given more than once")
+    bad = [layer for layer in layers if layer < 0 or (num_layers is not None and layer >= num_layers)]
+    if bad:
+        upper = f"0..{num_layers - 1}" if num_layers is not None else "numbered from 0"
+        raise ValueError(f"critical layers {', '.join(map(str, bad))} out of range: the model's layers are {upper}")
+    return tuple(sorted(layers))
+
+
+def default_critical_layers(config: ModelConfig) -> tuple[int, ...]:
+    """The paper's set for the LLaMA-3.1-8B shape; otherwise every third layer from 0 (a third of the layers, the
+    paper's share; `lragent bench droidspeak-layers` measures a set for a given model and adapters)."""
+    shape = (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.intermediate_size)
+    if shape == _LLAMA_31_8B_SHAPE:
+        return PAPER_CRITICAL_LAYERS
+    return tuple(range(0, config.num_layers, 3))
 
 
 @dataclass(frozen=True)
@@ -77,8 +128,13 @@ class SharingScheme:
     # Matched in order: a later pool reuses at most the prefix the earlier ones found. The first is the KV pool;
     # tokens found there but not in a later pool need only that pool's entries computed ("LR prefill").
     pools: tuple[PoolSpec, ...]
-    allows_key_adapter: bool  # a k_proj adapter makes keys agent-specific: only where keys are not shared
+    allows_key_adapter: bool  # k_proj adapters are supported (expanded keys, or their part in the LR rows: key_lr)
     requires_shared_a: bool  # an LR pool keyed by VALUE_A is read across agents only if their A agree
+    # keys are shared: the key pool holds RoPE(X W_k) only and an LR row is [X A_v | X A_k] (r columns each); every
+    # reader adds its own s RoPE(X A_k B_k) to the keys it reads, on chip (RoPE is linear)
+    key_lr: bool = False
+    # DROIDSPEAK, once resolved for a model (`with_critical_layers`): the layers each agent keeps (and recomputes)
+    critical_layers: tuple[int, ...] = ()
 
     def spec(self, kind: PoolKind) -> PoolSpec | None:
         return next((p for p in self.pools if p.kind is kind), None)
@@ -107,9 +163,28 @@ class SharingScheme:
         lr = self.spec(PoolKind.LR)
         return lr is not None and lr.stacked
 
+    @property
+    def splits_layers(self) -> bool:
+        """Some layers live in a pool of their own (CRITICAL_KV) or take a cached hidden state (HIDDEN): the attention
+        backend must route each layer to its pool (`AttentionBackend.supports_layer_pools`)."""
+        return any(p.kind in (PoolKind.CRITICAL_KV, PoolKind.HIDDEN) for p in self.pools)
+
+    def with_critical_layers(self, layers: tuple[int, ...], num_layers: int) -> SharingScheme:
+        """This scheme for a model of `num_layers` layers with `layers` critical (checked). Schemes without a
+        CRITICAL_KV pool ignore it. A pool that then covers no layer is left out (the first, the KV pool, always
+        stays: its block ids anchor every table): no critical layer gives FULL_SHARED's pools, every layer critical
+        an empty shared KV pool, no hidden state and each agent's own KV (NON_SHARED's compute)."""
+        if self.spec(PoolKind.CRITICAL_KV) is None:
+            return self
+        layers = check_critical_layers(layers, num_layers)
+        pools = tuple(p for i, p in enumerate(self.pools) if i == 0 or pool_layers(p.kind, num_layers, layers))
+        return replace(self, pools=pools, critical_layers=layers)
+
     def lr_width(self, rank: int, num_slots: int) -> int:
-        """Row width of the LR pool: `rank`, or `rank` per adapter slot when stacked."""
-        return rank * num_slots if self.stacks_lr else rank
+        """Row width of the LR pool: `rank`, `rank` per adapter slot when stacked, 2 `rank` with key LR."""
+        if self.stacks_lr:
+            return rank * num_slots
+        return 2 * rank if self.key_lr else rank
 
     def namespaces(self, content_key: str, value_a_key: str, salt: str = "", stack_key: str = "") -> dict[str, str]:
         """Prefix-cache namespace of every pool for one request.
@@ -143,10 +218,15 @@ SCHEMES: dict[SharingMode, SharingScheme] = {
     # FULL_SHARED reuses the producer's values as they are: the value pool holds V_base + s R B of the producer.
     SharingMode.FULL_SHARED: SharingScheme(SharingMode.FULL_SHARED, (_KV_BY_TOKENS,), True, False),
     SharingMode.BASE_SHARED: SharingScheme(
-        SharingMode.BASE_SHARED, (_KV_BY_TOKENS, PoolSpec(PoolKind.LR, Keying.ADAPTER, per_agent=True)), False, False
+        SharingMode.BASE_SHARED,
+        (_KV_BY_TOKENS, PoolSpec(PoolKind.LR, Keying.ADAPTER, per_agent=True)),
+        True,
+        False,
+        key_lr=True,
     ),
+    # VALUE_A: the digest of the v_proj and k_proj A, all that an LR row [X A_v | X A_k] depends on
     SharingMode.BASE_LR_SHARED: SharingScheme(
-        SharingMode.BASE_LR_SHARED, (_KV_BY_TOKENS, PoolSpec(PoolKind.LR, Keying.VALUE_A)), False, True
+        SharingMode.BASE_LR_SHARED, (_KV_BY_TOKENS, PoolSpec(PoolKind.LR, Keying.VALUE_A)), True, True, key_lr=True
     ),
     # STACKED_LR: BASE_LR_SHARED's compute with independent adapters. Whoever computes a token stores X A_i for every
     # loaded adapter i; agent j reads its own slice X A_j. Blocks are keyed by the whole stack, so a load or unload
@@ -155,6 +235,16 @@ SCHEMES: dict[SharingMode, SharingScheme] = {
         SharingMode.STACKED_LR,
         (_KV_BY_TOKENS, PoolSpec(PoolKind.LR, Keying.VALUE_A_STACK, stacked=True)),
         False,
+        False,
+    ),
+    # DROIDSPEAK (baseline): FULL_SHARED outside a set of critical layers. Whoever computes a token first stores its
+    # keys and expanded values of the other layers and its hidden state entering each run of critical layers (both
+    # shared by tokens); each agent keeps its own keys and values of the critical layers, and for tokens another
+    # agent computed recomputes them from those hidden states.
+    SharingMode.DROIDSPEAK: SharingScheme(
+        SharingMode.DROIDSPEAK,
+        (_KV_BY_TOKENS, PoolSpec(PoolKind.HIDDEN, Keying.TOKENS), PoolSpec(PoolKind.CRITICAL_KV, Keying.ADAPTER, True)),
+        True,
         False,
     ),
 }

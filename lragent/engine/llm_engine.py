@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 
 from lragent.cache.kv_cache import CacheLayout, KVCache
-from lragent.cache.sharing import PoolKind, get_scheme
+from lragent.cache.sharing import PoolKind, default_critical_layers, get_scheme
 from lragent.config import EngineConfig
+from lragent.distributed.tensor_parallel import Shard, load_model_shard
 from lragent.engine.block_manager import BlockManager
 from lragent.engine.model_runner import ModelRunner
 from lragent.engine.sampler import SampleResult
@@ -23,12 +25,12 @@ from lragent.engine.scheduler import ScheduledBatch, Scheduler
 from lragent.engine.sequence import RequestMetrics, Sequence
 from lragent.engine.stats import StepStats
 from lragent.engine.structured import GrammarBackend
+from lragent.engine.tp_group import TPGroup
 from lragent.engine.warmup import warm_up
 from lragent.kernels import make_backend
 from lragent.lora.adapter import AdapterError, LoRAAdapter, default_sharing, load_peft_adapter
 from lragent.lora.registry import AdapterRegistry
 from lragent.models.llama import Runtime
-from lragent.models.loader import load_model
 from lragent.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -81,35 +83,73 @@ class Sampled(NamedTuple):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp_rank: int = 0):
+        """`tp_rank`: this engine's rank in a tensor-parallel group (`config.tensor_parallel_size` > 1); rank 0, the
+        user's engine, starts the other ranks' processes and forwards its state-changing calls to them."""
+        self.shard = Shard(tp_rank, config.tensor_parallel_size)
+        self.workers: TPGroup | None = None  # set once built: from then on, calls that change state are forwarded
+        group = TPGroup(config, self.shard.device(config.device)) if tp_rank == 0 and self.shard.size > 1 else None
+        try:
+            self._start(config)
+        except BaseException:
+            if group is not None:
+                group.close()
+            raise
+        if group is not None:
+            group.wait_ready()
+            self.workers = group
+
+    def _start(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = self.shard.device(config.device)
         self.dtype = config.torch_dtype
-        loaded = load_model(config.model, self.dtype, self.device, config.max_model_len)
-        self.model, self.model_config = loaded.model, loaded.config
+        loaded = load_model_shard(config.model, self.dtype, self.device, config.max_model_len, self.shard)
+        # base_config: the architecture (adapters are checked against it); model_config: this rank's share of it
+        self.model, self.base_config = loaded.model, loaded.config
+        self.model_config = self.shard.config(loaded.config)
         self.tokenizer = self._load_tokenizer(config.tokenizer or loaded.tokenizer_dir)
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        adapters = [load_peft_adapter(n, p, self.model_config) for n, p in config.adapters.items()]
+        adapters = [load_peft_adapter(n, p, self.base_config) for n, p in config.adapters.items()]
         if config.sharing == "auto":  # one rule for every entry point: lragent.lora.adapter.default_sharing
             mode, why = default_sharing(adapters, self.model_config.num_layers, config.allow_unshared_a)
             logger.info("sharing scheme %s (auto: %s)", mode, why)
             self.config = config = config.with_sharing(mode)
-        self.scheme = get_scheme(config.sharing)
+        critical = config.critical_layers
+        if critical is None:
+            critical = default_critical_layers(self.base_config)
+        self.scheme = get_scheme(config.sharing).with_critical_layers(critical, self.model_config.num_layers)
+        if self.scheme.key_lr and not (config.key_lora or any("k_proj" in a.targets for a in adapters)):
+            # no key adapter to serve: LR rows stay r wide (X A_v), as without key LR; k_proj adapters are refused
+            self.scheme = dataclasses.replace(self.scheme, key_lr=False, allows_key_adapter=False)
         max_loras = config.max_loras or len(adapters) + 4
         max_rank = config.max_lora_rank or max([a.rank for a in adapters] or [16])
         self.registry = AdapterRegistry(self.scheme, self.model_config.num_layers, max_loras, config.allow_unshared_a)
         self.backend = backend = make_backend(config.attention_backend, self.device)
+        if self.scheme.splits_layers and not backend.supports_layer_pools:
+            if config.attention_backend != "auto":
+                raise ValueError(
+                    f"{self.scheme.mode.value} keeps its critical layers in a pool of their own, which the "
+                    f"{backend.name} attention backend does not support; use attention_backend='torch'"
+                )
+            logger.info("%s: the torch attention backend (critical layers need it)", self.scheme.mode.value)
+            self.backend = backend = make_backend("torch", self.device)
         self.fused_layers = backend.layer_ops is not None  # the backend provides the fused form of the layers
         if self.fused_layers:
             self.model.fuse_projections()
         self.bank = backend.lora_bank_class(
-            self.model_config, max_loras, max_rank, self.dtype, self.device, stack_values=self.scheme.stacks_lr
+            self.model_config,
+            max_loras,
+            max_rank,
+            self.dtype,
+            self.device,
+            stack_values=self.scheme.stacks_lr,
+            key_lr=self.scheme.key_lr,
         )
         for adapter in adapters:
             self._install(adapter)
-        budget = self._cache_budget(max_rank, bool(adapters))
+        budget = self.shard.agree_min(self._cache_budget(max_rank, bool(adapters)), self.device)
         lr_width = self.scheme.lr_width(max_rank, max_loras)
         layout = CacheLayout.for_budget(
             self.model_config, self.scheme, budget, config.block_size, lr_width, max_loras, self.dtype
@@ -177,7 +217,9 @@ class LLMEngine:
     def _profile_peak(self, max_rank: int, with_adapter: bool) -> int:
         cfg = self.config
         lr_width = self.bank.value_width
-        layout = CacheLayout(cfg.block_size, {p.name: 1 for p in self.scheme.pools}, lr_width)
+        layout = CacheLayout(
+            cfg.block_size, {p.name: 1 for p in self.scheme.pools}, lr_width, self.scheme.critical_layers
+        )
         scratch = KVCache(self.model_config, layout, self.dtype, self.device)
         self.model.bind(Runtime(scratch, self.bank, self.backend))
         runner = ModelRunner(self.model, scratch, self.scheme, self.backend, self.bank, self.device)
@@ -219,6 +261,8 @@ class LLMEngine:
         if getattr(self, "_closed", False):
             return
         self._closed = True
+        if self.workers is not None:
+            self.workers.close()
         try:
             for request_id in list(self._seqs):
                 self.abort(request_id)
@@ -235,17 +279,23 @@ class LLMEngine:
             )
             release_cached_memory(self.device)
 
+    def _forward(self, method: str, *args: object, **kwargs: object) -> None:
+        """Tensor parallelism: have the other ranks make the same call, in the same order (lockstep)."""
+        if self.workers is not None:
+            self.workers.call(method, *args, **kwargs)
+
     # ---- adapters ------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
-        self._install(load_peft_adapter(name, path, self.model_config))
+        self._install(load_peft_adapter(name, path, self.base_config))
         self._adapters_changed()
+        self._forward("load_adapter", name, path)
 
     def _install(self, adapter: LoRAAdapter) -> None:
         """Registry slot + device weights, or neither: a failed load leaves no name, slot or weights behind."""
         self.bank.check(adapter)
         slot = self.registry.add(adapter)
         try:
-            self.bank.load(slot, adapter)
+            self.bank.load(slot, self.shard.adapter(adapter))  # this rank's part of its B (or A)
         except BaseException:
             self.bank.unload(slot)
             self.registry.remove(adapter.name)
@@ -257,6 +307,7 @@ class LLMEngine:
             raise AdapterError(f"adapter {name!r} is in use by {len(busy)} running request(s)")
         self.bank.unload(self.registry.remove(name))
         self._adapters_changed()
+        self._forward("unload_adapter", name)
 
     def _adapters_changed(self) -> None:
         """Captured decode graphs hold the adapter stacks that existed at capture: recapture on next use. Pools keyed
@@ -326,6 +377,8 @@ class LLMEngine:
         seq.seed = params.seed if params.seed is not None else self._rng.randrange(-(1 << 63), 1 << 63)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
+        # the other ranks queue the same request: same id, same resolved seed (their `_rng` never draws)
+        self._forward("add_request", ids, replace(params, seed=seq.seed), adapter, request_id, cache_salt, follows)
         return request_id
 
     def _grammar_state(self, params: SamplingParams):
@@ -345,6 +398,7 @@ class LLMEngine:
         if seq is None:
             return False
         self.scheduler.finish(seq, "abort")
+        self._forward("abort", request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -362,6 +416,7 @@ class LLMEngine:
         """Schedule, run the model once, post-process. Returns an output for every sequence that got a token or
         failed. A failure is contained to the requests it concerns: the rest of the batch goes on."""
         start = time.perf_counter()
+        self._forward("step")  # before this rank's step: the model's collectives need every rank in it
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -533,17 +588,22 @@ class LLMEngine:
         if self.has_unfinished():
             raise RuntimeError("cannot reset the prefix cache while requests are in flight")
         self.block_manager.drop_cached()
+        self._forward("reset_prefix_cache")
 
     # ---- introspection -------------------------------------------------------------------------------------
     def cache_stats(self) -> dict:
-        """Bytes and blocks per pool (key, base_value, lr) and prefix-cache hit counts."""
+        """Bytes and blocks per pool (key, base_value, lr; under droidspeak also critical_key, critical_value and
+        hidden, the hidden states its recomputation reads) and prefix-cache hit counts."""
         layout, cfg = self.cache.layout, self.model_config
         empty = {"bytes_allocated": 0, "bytes_used": 0, "blocks_total": 0, "blocks_in_use": 0}
         pools: dict[str, dict] = {"key": dict(empty), "base_value": dict(empty), "lr": dict(empty)}
+        split = {PoolKind.KV: ("key", "base_value"), PoolKind.CRITICAL_KV: ("critical_key", "critical_value")}
         for spec in self.scheme.pools:
             usage = self.block_manager.pools[spec.name].usage()
-            block_bytes = spec.bytes_per_block(cfg, layout.block_size, layout.lr_rank, self.dtype)
-            names = ("key", "base_value") if spec.kind is PoolKind.KV else (spec.name,)
+            block_bytes = spec.bytes_per_block(
+                cfg, layout.block_size, layout.lr_rank, self.dtype, layout.critical_layers
+            )
+            names = split.get(spec.kind, (spec.name,))
             block_bytes //= len(names)  # the KV pool's key and base-value tensors share its block ids
             held = usage["blocks_in_use"] + usage["blocks_cached"]
             for name in names:
@@ -555,6 +615,7 @@ class LLMEngine:
         base = self.block_manager.base.stats
         return {
             "sharing": self.scheme.mode.value,
+            **({"critical_layers": list(self.scheme.critical_layers)} if self.scheme.critical_layers else {}),
             "block_size": layout.block_size,
             "pools": pools,
             "bytes_used": sum(p["bytes_used"] for p in pools.values()),

@@ -4,19 +4,20 @@ The runner describes the batch once, in host lists (`StepInputs`, `BatchRows`); 
 description into its metadata (eager steps) or writes it into its CUDA-graph buffers (graph replays), and the LoRA
 bank groups the tokens by adapter. Which entries a step writes follows the sequence's block tables: a pool gets
 entries for the positions it does not hold yet (LR prefill writes only the LR pool for tokens whose keys and base
-values are cached).
+values are cached). Under DROIDSPEAK the critical layers get a context of their own (their pool's tables and writes)
+and the tokens another agent computed take the stored hidden state at each run of critical layers.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 
-from lragent.cache.kv_cache import KVCache
-from lragent.cache.sharing import SharingScheme
+from lragent.cache.kv_cache import HiddenRows, KVCache
+from lragent.cache.sharing import PoolKind, SharingScheme
 from lragent.engine.sampler import SampleResult, SamplingBatch, sample
 from lragent.engine.scheduler import ScheduledBatch
 from lragent.engine.sequence import KV, Sequence
@@ -31,6 +32,8 @@ from lragent.models.llama import CausalLM
 if TYPE_CHECKING:
     from lragent.engine.cuda_graph import DecodeGraphs
 
+CRITICAL_KV, HIDDEN = PoolKind.CRITICAL_KV.value, PoolKind.HIDDEN.value  # DROIDSPEAK's pools besides the KV pool
+
 
 @dataclass
 class StepInputs:
@@ -41,6 +44,8 @@ class StepInputs:
     token_slots: list[int]  # adapter slot of every token
     rows: BatchRows
     sample_rows: list[int]  # token index of each sampling sequence's last token
+    write_idx: dict[str, list[int]] = field(default_factory=dict)  # pool -> tokens it gets entries for (absent: all)
+    hidden_reads: tuple[list[int], list[int]] = ([], [])  # tokens that read the HIDDEN pool, and its slots they read
 
     @property
     def kv_positions(self) -> list[int]:
@@ -83,22 +88,26 @@ class ModelRunner:
         token_slots: list[int] = []
         sample_rows: list[int] = []
         writes: dict[str, list[int]] = {p: [] for p in self.pools}
-        kv_idx: list[int] = []
+        written: dict[str, list[int]] = {p: [] for p in self.pools}
+        reads: tuple[list[int], list[int]] = ([], [])  # a stored hidden state is read where it is not written
         for seq, n, samples in zip(batch.seqs, batch.num_tokens, batch.samples):
             tables = [(p, seq.table(p)) for p in self.pools]
             for pos in range(seq.num_computed, seq.num_computed + n):
                 for pool, table in tables:
                     if pos >= table.cached:
                         writes[pool].append(table.blocks[pos // bs] * bs + pos % bs)
-                        if pool == KV:
-                            kv_idx.append(len(ids))
+                        written[pool].append(len(ids))
+                    elif pool == HIDDEN:
+                        reads[0].append(len(ids))
+                        reads[1].append(table.blocks[pos // bs] * bs + pos % bs)
                 ids.append(seq.token_ids[pos])
                 positions.append(pos)
                 token_slots.append(seq.lora_slot)
             if samples:
                 sample_rows.append(len(ids) - 1)
-        kv_write_idx = None if len(kv_idx) == len(ids) else kv_idx
-        return StepInputs(ids, positions, token_slots, self._rows(batch, writes, kv_write_idx), sample_rows)
+        subsets = {p: idx for p, idx in written.items() if len(idx) < len(ids)}
+        rows = self._rows(batch, writes, subsets.get(KV))
+        return StepInputs(ids, positions, token_slots, rows, sample_rows, subsets, reads)
 
     def _decode_inputs(self, batch: ScheduledBatch) -> StepInputs:
         """One token per sequence, written to every pool (the per-step hot path of decoding: kept lean)."""
@@ -138,7 +147,39 @@ class ModelRunner:
             positions=pos_t,
             base_positions=pos_t if idx is None else upload(step.kv_positions, torch.int64, dev),
         )
+        if CRITICAL_KV in self.pools:
+            ctx.critical = self._critical_context(step, ctx)
+        if HIDDEN in self.pools:
+            ctx.hidden = self._hidden_rows(step)
         return upload(step.token_ids, torch.int64, dev), ctx, step.sample_rows
+
+    def _critical_context(self, step: StepInputs, ctx: ForwardContext) -> ForwardContext:
+        """The critical layers' context (DROIDSPEAK): the step as their own KV pool sees it (its tables, its writes;
+        every token the step runs writes there, recomputation included)."""
+        rows, idx, dev = step.rows, step.write_idx.get(CRITICAL_KV), self.device
+        own = replace(
+            rows,
+            tables={KV: rows.tables[CRITICAL_KV]},
+            write_slots={KV: rows.write_slots[CRITICAL_KV]},
+            kv_write_idx=idx,
+        )
+        if idx is None:
+            lora = LoRAMetadata(ctx.lora.segments, ctx.lora.segments)
+            return replace(ctx, attn=self.backend.metadata(own, dev), lora=lora, base_positions=ctx.positions)
+        lora = LoRAMetadata(ctx.lora.segments, group_by_slot([step.token_slots[i] for i in idx], dev))
+        positions = upload([step.positions[i] for i in idx], torch.int64, dev)
+        return replace(ctx, attn=self.backend.metadata(own, dev), lora=lora, base_positions=positions)
+
+    def _hidden_rows(self, step: StepInputs) -> HiddenRows:
+        """Which tokens store their hidden state at the critical runs' boundaries, and which read the stored one."""
+        dev, idx = self.device, step.write_idx.get(HIDDEN)
+        read_idx, read_slots = step.hidden_reads
+        return HiddenRows(
+            write_idx=None if idx is None else upload(idx, torch.int64, dev),
+            write_slots=upload(step.rows.write_slots[HIDDEN], torch.int64, dev),
+            read_idx=upload(read_idx, torch.int64, dev) if read_idx else None,
+            read_slots=upload(read_slots, torch.int64, dev) if read_slots else None,
+        )
 
     def run(self, batch: ScheduledBatch) -> SampleResult:
         """One forward pass; returns a token (and its log-prob) for each sequence the batch marks as sampling."""

@@ -28,6 +28,17 @@ class LayerOps:
     silu_mul: Callable[..., torch.Tensor]  # (gate_up [T, 2I]) -> silu(gate) * up [T, I]
 
 
+@dataclass(frozen=True)
+class KeyLR:
+    """A scheme whose keys are shared with k_proj adapters (`SharingScheme.key_lr`): the key pool holds RoPE(X W_k)
+    and each LR row is [R_v | R_k] (r columns each, R_k = X A_k). The attention adds s RoPE_p(R_k B_k) to every key
+    it reads (RoPE is linear), with the reader's own B_k: RoPE_p(u) = u cos_p + rotate_half(u) sin_p."""
+
+    up: torch.Tensor | None  # k_proj B of every slot [S, r, kv_heads * d]; None: no adapter adapts this layer's keys
+    cos: torch.Tensor  # [max_positions, d] float32, half-split layout (`RotaryEmbedding`), indexed by key position
+    sin: torch.Tensor
+
+
 def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host list -> device tensor; pinned staging keeps the copy asynchronous on CUDA (no host sync)."""
     host = torch.tensor(values, dtype=dtype)
@@ -44,6 +55,9 @@ def _table(tables: list[list[int]], device: torch.device) -> torch.Tensor:
 class AttentionBackend(ABC):
     name: str = "abstract"
     supports_cuda_graphs: bool = False
+    # layers routed to pools of their own and hidden states swapped at layer boundaries (DROIDSPEAK's critical
+    # layers, `SharingScheme.splits_layers`): the store and attention then see one pool's cache and metadata per layer
+    supports_layer_pools: bool = False
 
     @property
     def layer_ops(self) -> LayerOps | None:
@@ -98,10 +112,12 @@ class AttentionBackend(ABC):
         value_up: torch.Tensor | None,
         lora_scaling: torch.Tensor,
         meta: AttentionMetadata,
+        key_lr: KeyLR | None = None,
     ) -> torch.Tensor:
         """O = P V_base + s (P R) B for every query token [T, q_heads, d].
 
-        value_up: v_proj B of every adapter slot [S, r, kv_heads * d] (None: no LR term); lora_scaling: [S].
+        value_up: v_proj B of every adapter slot [S, r, kv_heads * d] (None: no LR term); lora_scaling: [S];
+        key_lr: given when the LR rows are [R_v | R_k] (the keys read get s RoPE(R_k B_k) of the reader's adapter).
         """
 
 

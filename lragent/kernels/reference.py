@@ -1,6 +1,7 @@
 """Flash-LoRA-Attention in plain PyTorch: the CPU path and the oracle for the Triton kernels.
 
-The adapter part of the values is never expanded: O = P V_base + s (P R) B, with R the rank-r LR cache.
+The adapter part of the values is never expanded: O = P V_base + s (P R) B, with R the rank-r LR cache. Where keys
+are shared with k_proj adapters (`KeyLR`) each key read is rebuilt as K_base + s RoPE_p(R_k B_k) of the reader.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from lragent.cache.kv_cache import KVCache
-from lragent.kernels.backend import AttentionBackend
+from lragent.kernels.backend import AttentionBackend, KeyLR
 from lragent.kernels.metadata import AttentionMetadata
 
 
@@ -68,12 +69,39 @@ def lr_slice_stride(lr_width: int, value_up: torch.Tensor) -> int:
     """Columns between two adapter slots' slices of an LR row: 0 when every row is one adapter's R (each sequence
     reads columns 0..r), r when the row stacks every slot's R (STACKED_LR: slot s reads (s - 1) r .. s r).
     value_up: [S, r, ...] for the S slots (slot 0: no adapter)."""
-    rank, slots = value_up.shape[1], value_up.shape[0] - 1
+    return lr_row_layout(lr_width, value_up.shape[1], value_up.shape[0] - 1, key_lr=False)[0]
+
+
+def lr_row_layout(lr_width: int, rank: int, slots: int, key_lr: bool) -> tuple[int, int]:
+    """(slice stride, key column) of an LR row: see `lr_slice_stride`; with `key_lr` a row is [R_v | R_k] and R_k
+    starts at column `rank`."""
+    if key_lr:
+        if lr_width != 2 * rank:
+            raise ValueError(f"an LR row of width {lr_width} is not [R_v | R_k] of rank {rank} (key LR)")
+        return 0, rank
     if lr_width == rank:
-        return 0
+        return 0, 0
     if lr_width != rank * slots:
         raise ValueError(f"an LR row of width {lr_width} is neither rank {rank} nor {slots} slots of it (stacked)")
-    return rank
+    return rank, 0
+
+
+def add_key_lora(
+    k: torch.Tensor,
+    r_k: torch.Tensor,
+    k_up: torch.Tensor,
+    scale: torch.Tensor | float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """K_base + s RoPE(R_k B_k), in float32 (or wider): k [..., L, Hkv, d]; r_k [..., L, r]; k_up [..., r, Hkv, d];
+    cos / sin [L, d] (the keys' positions); scale a float or [..., 1, 1, 1]. Rows of r_k that must not count are
+    zero (a NaN there would leak through 0 * NaN)."""
+    acc = torch.promote_types(k.dtype, torch.float32)
+    u = torch.einsum("...lr,...rhd->...lhd", r_k.to(acc), k_up.to(acc))
+    half = u.shape[-1] // 2
+    rotated = torch.cat([-u[..., half:], u[..., :half]], dim=-1)
+    return k.to(acc) + scale * (u * cos[:, None] + rotated * sin[:, None])
 
 
 def gather_positions(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -91,11 +119,12 @@ def batched_decode_attention(
     lora_scaling: torch.Tensor,
     meta: AttentionMetadata,
     block_size: int,
+    key_lr: KeyLR | None = None,
 ) -> torch.Tensor:
     """All sequences of a decode step at once (one query token each), contexts padded to the longest and masked.
 
     keys/values: flat pools [slots, Hkv, d]; lrs: flat LR pool [slots, width] (width r, or r per slot when stacked:
-    each sequence reads its own slice). Same math as `lora_attention`.
+    each sequence reads its own slice; [R_v | R_k] with `key_lr`). Same math as `lora_attention`.
     """
     b, hq, d = query.shape
     hkv = keys.shape[1]
@@ -109,20 +138,34 @@ def batched_decode_attention(
         return blocks * block_size + pos % block_size
 
     idx = slots(meta.base_block_tables)
-    qg = query.to(acc).view(b, hkv, hq // hkv, d)
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys[idx].to(acc)) * d**-0.5
-    probs = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
     pad = ~valid[:, :, None]  # padding rows may hold anything (even NaN): zero them, 0 * NaN would leak
+    seq_slots = meta.seq_lora_slots
+    k_read = keys[idx]
+    key_up = None if key_lr is None else key_lr.up
+    ups = value_up if value_up is not None else key_up
+    rows = stride = key_col = None
+    unread = pad | (seq_slots == 0)[:, None, None]  # slot 0 reads no LR
+    if lrs is not None and ups is not None:
+        assert meta.lr_block_tables is not None, "an LR pool comes with LR block tables"
+        rows = lrs[slots(meta.lr_block_tables)]  # [B, L, width]
+        stride, key_col = lr_row_layout(rows.shape[-1], ups.shape[1], ups.shape[0] - 1, key_lr is not None)
+    if key_lr is not None and key_up is not None and rows is not None and key_col is not None:
+        rank = key_up.shape[1]
+        r_k = rows[..., key_col : key_col + rank].to(acc).masked_fill(unread, 0.0)
+        scale = lora_scaling[seq_slots].to(acc)[:, None, None, None]
+        k_up = key_up[seq_slots].view(b, rank, hkv, d)
+        k_read = add_key_lora(k_read, r_k, k_up, scale, key_lr.cos[pos], key_lr.sin[pos])
+    qg = query.to(acc).view(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k_read.to(acc)) * d**-0.5
+    probs = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
     out = torch.einsum("bhgl,blhd->bhgd", probs, values[idx].to(acc).masked_fill(pad[..., None], 0.0))
-    if lrs is not None:
-        assert value_up is not None and meta.lr_block_tables is not None, "an LR pool comes with B_v and LR tables"
+    if value_up is not None and rows is not None:
         rank = value_up.shape[1]
-        lr = lrs[slots(meta.lr_block_tables)]  # [B, L, width]
-        stride = lr_slice_stride(lr.shape[-1], value_up)
+        lr = rows[..., :rank]
         if stride:  # each sequence's own slice of the stacked rows
-            cols = (meta.seq_lora_slots - 1).clamp_min(0)[:, None] * stride + torch.arange(rank, device=lr.device)
-            lr = lr.gather(2, cols[:, None, :].expand(b, longest, rank))
-        lr = lr.to(acc).masked_fill(pad, 0.0)
+            cols = (seq_slots - 1).clamp_min(0)[:, None] * stride + torch.arange(rank, device=rows.device)
+            lr = rows.gather(2, cols[:, None, :].expand(b, longest, rank))
+        lr = lr.to(acc).masked_fill(unread, 0.0)
         pr = torch.einsum("bhgl,blr->bhgr", probs, lr)
         b_up = value_up[meta.seq_lora_slots].view(b, -1, hkv, d).to(acc)
         scale = lora_scaling[meta.seq_lora_slots].to(acc)[:, None, None, None]
@@ -140,6 +183,7 @@ class TorchReferenceBackend(AttentionBackend):
     """Exact in float32/float64; decode steps run batched, prefill loops over sequences. Kernels must match it."""
 
     name = "torch"
+    supports_layer_pools = True
 
     def store(self, cache, layer, key, value, lr, meta) -> None:
         """Write the entries; mark the blocks that received a non-finite one (as stored, after the cast)."""
@@ -164,27 +208,38 @@ class TorchReferenceBackend(AttentionBackend):
         value_up: torch.Tensor | None,
         lora_scaling: torch.Tensor,
         meta: AttentionMetadata,
+        key_lr: KeyLR | None = None,
     ) -> torch.Tensor:
         bs, hkv, d = cache.block_size, cache.num_kv_heads, cache.head_dim
         keys = cache.key[layer].view(-1, hkv, d)
         values = cache.value[layer].view(-1, hkv, d)
-        lrs = None if cache.lr is None or value_up is None else cache.lr[layer].view(-1, cache.lr_rank)
-        stride = 0 if lrs is None or value_up is None else lr_slice_stride(lrs.shape[-1], value_up)
+        key_up = None if key_lr is None else key_lr.up
+        ups = value_up if value_up is not None else key_up  # what sets the rank and the slot count
+        lrs = None if cache.lr is None or ups is None else cache.lr[layer].view(-1, cache.lr_rank)
         if meta.is_decode:
-            return batched_decode_attention(query, keys, values, lrs, value_up, lora_scaling, meta, bs)
+            return batched_decode_attention(query, keys, values, lrs, value_up, lora_scaling, meta, bs, key_lr)
+        stride, key_col = (0, 0)
+        if lrs is not None and ups is not None:
+            stride, key_col = lr_row_layout(lrs.shape[-1], ups.shape[1], ups.shape[0] - 1, key_lr is not None)
         out = torch.empty_like(query)
         starts = meta.query_start.tolist()
         slots = meta.seq_lora_slots.tolist()
         for i, ctx_len in enumerate(meta.context_lens):
             q = query[starts[i] : starts[i + 1]]
             idx = gather_positions(meta.base_block_tables[i], ctx_len, bs)
+            k = keys[idx]
             lr = b_up = None
             scale = 0.0
-            if lrs is not None and slots[i] != 0:
-                assert value_up is not None and meta.lr_block_tables is not None, "an LR pool comes with B_v and tables"
-                col = (slots[i] - 1) * stride  # the sequence's own slice of a stacked row (STACKED_LR)
-                lr = lrs[gather_positions(meta.lr_block_tables[i], ctx_len, bs), col : col + value_up.shape[1]]
-                b_up = value_up[slots[i]].view(-1, hkv, d)
+            if lrs is not None and ups is not None and slots[i] != 0:
+                assert meta.lr_block_tables is not None, "an LR pool comes with LR block tables"
+                rows = lrs[gather_positions(meta.lr_block_tables[i], ctx_len, bs)]
                 scale = float(lora_scaling[slots[i]])
-            out[starts[i] : starts[i + 1]] = lora_attention(q, keys[idx], values[idx], lr, b_up, scale, d**-0.5)
+                if value_up is not None:
+                    col = (slots[i] - 1) * stride  # the sequence's own slice of a stacked row (STACKED_LR)
+                    lr, b_up = rows[:, col : col + value_up.shape[1]], value_up[slots[i]].view(-1, hkv, d)
+                if key_lr is not None and key_up is not None:
+                    r_k = rows[:, key_col : key_col + key_up.shape[1]]
+                    k_up = key_up[slots[i]].view(-1, hkv, d)
+                    k = add_key_lora(k, r_k, k_up, scale, key_lr.cos[:ctx_len], key_lr.sin[:ctx_len])
+            out[starts[i] : starts[i + 1]] = lora_attention(q, k, values[idx], lr, b_up, scale, d**-0.5)
         return out

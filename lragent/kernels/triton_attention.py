@@ -15,7 +15,10 @@ Two entry points, both reading keys / base values / LR rows through the block ta
   With one split the first kernel finishes the job itself.
 
 An LR row is one adapter's R, or (STACKED_LR) every adapter slot's R side by side: a sequence of slot s then reads
-columns (s - 1) r .. s r of each row in place (the row width and the slice stride are launch constants).
+columns (s - 1) r .. s r of each row in place (the row width and the slice stride are launch constants), or (key LR:
+schemes that share keys with k_proj adapters) [R_v | R_k]: every key tile is rebuilt on chip as
+K_base + s RoPE_p(R_k B_k) = K_base + s ((R_k B_k) cos_p + (R_k B_k^rot) sin_p), B_k^rot being B_k with rotate-half
+applied to each head's columns (read as a signed permutation of B_k's columns, once per program).
 Any rank 1..64 (padded to a power of two >= 16 inside, masked loads), head_dim 64/128/256 (any power of two),
 any power-of-two block size, fp16 / bf16 / fp32 (fp32 dots run in IEEE precision so tests can ask for ~1e-5).
 Slot 0 (no adapter) and `value_up=None` skip the LR term entirely (the LR pool is not even read).
@@ -29,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lragent.kernels.reference import lr_slice_stride
+from lragent.kernels.backend import KeyLR
+from lragent.kernels.reference import lr_row_layout
 
 LOG2E = 1.4426950408889634
 
@@ -104,6 +108,53 @@ def _store_partials(
     tl.store(pml_ptr + base * 2 + 1, l_i, mask=mask)
 
 
+@triton.jit
+def _load_key_up(kup_ptr, slot, stride_ks, stride_kr, kv_col, offs_r, offs_d, R: tl.constexpr, D: tl.constexpr):
+    """B_k of the slot for kv head columns kv_col.. [R_PAD, D], and B_k^rot: column j is -B_k[:, j + D/2] for
+    j < D/2, B_k[:, j - D/2] after (so that R_k B_k^rot = rotate_half(R_k B_k))."""
+    rows = kup_ptr + slot.to(tl.int64) * stride_ks + offs_r[:, None] * stride_kr + kv_col
+    rmask = offs_r[:, None] < R
+    up = tl.load(rows + offs_d[None, :], mask=rmask, other=0.0)
+    sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+    up_rot = tl.load(rows + ((offs_d + D // 2) % D)[None, :], mask=rmask, other=0.0) * sign[None, :]
+    return up, up_rot.to(up.dtype)
+
+
+@triton.jit
+def _add_key_lora(
+    k,
+    lr_ptr,
+    lrow,
+    lmask,
+    kpos,
+    kup,
+    kup_rot,
+    kscale,
+    cos_ptr,
+    sin_ptr,
+    offs_r,
+    offs_d,
+    R: tl.constexpr,
+    D: tl.constexpr,
+    LR_W: tl.constexpr,
+    KLR_COL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """k + s RoPE(R_k B_k) for a key tile [BLOCK_N, D] (rows outside `lmask` get nothing: R_k, cos, sin read as 0).
+    cos / sin [positions, D] repeat after D/2 columns (half-split RoPE): only the first half is read."""
+    r_k = tl.load(
+        lr_ptr + lrow[:, None] * LR_W + KLR_COL + offs_r[None, :],
+        mask=lmask[:, None] & (offs_r[None, :] < R),
+        other=0.0,
+    ).to(kup.dtype)
+    u = tl.dot(r_k, kup, input_precision=DOT_PREC)
+    u_rot = tl.dot(r_k, kup_rot, input_precision=DOT_PREC)
+    trig = kpos[:, None] * D + offs_d[None, :] % (D // 2)
+    cos = tl.load(cos_ptr + trig, mask=lmask[:, None], other=0.0)
+    sin = tl.load(sin_ptr + trig, mask=lmask[:, None], other=0.0)
+    return (k.to(tl.float32) + kscale * (u * cos + u_rot * sin)).to(k.dtype)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # prefill: varlen, paged, cached prefix, causal over the new tokens, one adapter per sequence
 # ------------------------------------------------------------------------------------------------------------
@@ -125,16 +176,25 @@ def _prefill_tile(
     kv_col,
     lr_end,
     lr_col,
+    kup,
+    kup_rot,
+    kscale,
+    cos_ptr,
+    sin_ptr,
     offs_d,
     offs_r,
     offs_n,
     sm_scale_log2,
     HKV_D: tl.constexpr,
+    D: tl.constexpr,
     R: tl.constexpr,
     LR_W: tl.constexpr,
+    KLR_COL: tl.constexpr,
     BS: tl.constexpr,
     MASKED: tl.constexpr,
     HAS_LR: tl.constexpr,
+    HAS_KLR: tl.constexpr,
+    ANY_LR: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     kpos = n0 + offs_n
@@ -150,6 +210,15 @@ def _prefill_tile(
         k = tl.load(k_ptr + kv_off, mask=kmask[:, None], other=0.0)
     else:
         k = tl.load(k_ptr + kv_off)
+    if ANY_LR:
+        lmask = kpos < lr_end  # lr_end = 0 for slot 0: nothing read
+        lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
+        lrow = lblk * BS + (kpos % BS)
+    if HAS_KLR:
+        k = _add_key_lora(
+            k, lr_ptr, lrow, lmask, kpos, kup, kup_rot, kscale, cos_ptr, sin_ptr, offs_r, offs_d, R, D, LR_W, KLR_COL,
+            DOT_PREC,
+        )  # fmt: skip
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
     if MASKED:
         visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
@@ -165,9 +234,6 @@ def _prefill_tile(
         v = tl.load(v_ptr + kv_off)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     if HAS_LR:
-        lmask = kpos < lr_end  # lr_end = 0 for slot 0: nothing read
-        lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
-        lrow = lblk * BS + (kpos % BS)
         lr = tl.load(
             lr_ptr + lrow[:, None] * LR_W + lr_col + offs_r[None, :],
             mask=lmask[:, None] & (offs_r[None, :] < R),
@@ -195,6 +261,9 @@ def _prefill_kernel(
     pr_ptr,
     pml_ptr,
     row_slot_ptr,
+    kup_ptr,
+    cos_ptr,
+    sin_ptr,
     sm_scale_log2,
     stride_qt,
     stride_qh,
@@ -204,6 +273,8 @@ def _prefill_kernel(
     stride_lbt,
     stride_vs,
     stride_vr,
+    stride_ks,
+    stride_kr,
     NUM_SPLITS,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -212,10 +283,13 @@ def _prefill_kernel(
     R_PAD: tl.constexpr,
     LR_W: tl.constexpr,
     LR_SLICE: tl.constexpr,
+    KLR_COL: tl.constexpr,
     BS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_LR: tl.constexpr,
+    HAS_KLR: tl.constexpr,
+    ANY_LR: tl.constexpr,
     SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -244,11 +318,17 @@ def _prefill_kernel(
     lr_end = 0
     lr_col = 0
     slot = 0
-    if HAS_LR:
+    if ANY_LR:
         slot = tl.load(slot_ptr + b)
         use_lr = slot != 0
         lr_end = tl.where(use_lr, ctx, 0)
         lr_col = tl.maximum(slot - 1, 0) * LR_SLICE  # this sequence's slice of a stacked LR row (else 0)
+    kup = 0.0
+    kup_rot = 0.0
+    kscale = 0.0
+    if HAS_KLR:  # the reader's B_k for its kv head, once per program (slot 0: zeros, and no R_k is read)
+        kup, kup_rot = _load_key_up(kup_ptr, slot, stride_ks, stride_kr, g * D, offs_r, offs_d, R, D)
+        kscale = tl.load(scaling_ptr + slot)
 
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     acc_r = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
@@ -283,16 +363,25 @@ def _prefill_kernel(
             kv_col,
             lr_end,
             lr_col,
+            kup,
+            kup_rot,
+            kscale,
+            cos_ptr,
+            sin_ptr,
             offs_d,
             offs_r,
             offs_n,
             sm_scale_log2,
             HKV * D,
+            D,
             R,
             LR_W,
+            KLR_COL,
             BS,
             False,
             HAS_LR,
+            HAS_KLR,
+            ANY_LR,
             DOT_PREC,
         )
     # the diagonal: causal mask and the end of the context
@@ -315,16 +404,25 @@ def _prefill_kernel(
             kv_col,
             lr_end,
             lr_col,
+            kup,
+            kup_rot,
+            kscale,
+            cos_ptr,
+            sin_ptr,
             offs_d,
             offs_r,
             offs_n,
             sm_scale_log2,
             HKV * D,
+            D,
             R,
             LR_W,
+            KLR_COL,
             BS,
             True,
             HAS_LR,
+            HAS_KLR,
+            ANY_LR,
             DOT_PREC,
         )
 
@@ -380,6 +478,9 @@ def _decode_kernel(
     pacc_ptr,
     pr_ptr,
     pml_ptr,
+    kup_ptr,
+    cos_ptr,
+    sin_ptr,
     sm_scale_log2,
     stride_qt,
     stride_qh,
@@ -389,6 +490,8 @@ def _decode_kernel(
     stride_lbt,
     stride_vs,
     stride_vr,
+    stride_ks,
+    stride_kr,
     NUM_SPLITS,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -398,9 +501,12 @@ def _decode_kernel(
     R_PAD: tl.constexpr,
     LR_W: tl.constexpr,
     LR_SLICE: tl.constexpr,
+    KLR_COL: tl.constexpr,
     BS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_LR: tl.constexpr,
+    HAS_KLR: tl.constexpr,
+    ANY_LR: tl.constexpr,
     SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -425,11 +531,17 @@ def _decode_kernel(
     lr_end = 0
     lr_col = 0
     slot = 0
-    if HAS_LR:
+    if ANY_LR:
         slot = tl.load(slot_ptr + b)
         use_lr = slot != 0
         lr_end = tl.where(use_lr, end, 0)
         lr_col = tl.maximum(slot - 1, 0) * LR_SLICE  # this sequence's slice of a stacked LR row (else 0)
+    kup = 0.0
+    kup_rot = 0.0
+    kscale = 0.0
+    if HAS_KLR:  # the reader's B_k for this kv head, once per program
+        kup, kup_rot = _load_key_up(kup_ptr, slot, stride_ks, stride_kr, g * D, offs_r, offs_d, R, D)
+        kscale = tl.load(scaling_ptr + slot)
 
     acc = tl.zeros([G_PAD, D], dtype=tl.float32)
     acc_r = tl.zeros([G_PAD, R_PAD], dtype=tl.float32)
@@ -446,6 +558,15 @@ def _decode_kernel(
         kv_off = row[:, None] * (HKV * D) + kv_col + offs_d[None, :]
         k = tl.load(k_ptr + kv_off, mask=kmask[:, None], other=0.0)
         v = tl.load(v_ptr + kv_off, mask=kmask[:, None], other=0.0)
+        if ANY_LR:
+            lmask = kpos < lr_end
+            lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
+            lrow = lblk * BS + (kpos % BS)
+        if HAS_KLR:
+            k = _add_key_lora(
+                k, lr_ptr, lrow, lmask, kpos, kup, kup_rot, kscale, cos_ptr, sin_ptr, offs_r, offs_d, R, D, LR_W,
+                KLR_COL, DOT_PREC,
+            )  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
         s = tl.where(kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -454,9 +575,6 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         if HAS_LR:
-            lmask = kpos < lr_end
-            lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
-            lrow = lblk * BS + (kpos % BS)
             lr = tl.load(
                 lr_ptr + lrow[:, None] * LR_W + lr_col + offs_r[None, :],
                 mask=lmask[:, None] & (offs_r[None, :] < R),
@@ -572,24 +690,40 @@ def _num_sms(device: torch.device) -> int:
 class _Pools:
     """Flattened views of one layer's pools plus the constexprs every launch needs."""
 
-    def __init__(self, key, value, lr, value_up, lora_scaling, block_size):
+    def __init__(self, key, value, lr, value_up, lora_scaling, block_size, key_lr: KeyLR | None = None):
         self.key, self.value = key, value
         self.hkv, self.d = key.shape[-2], key.shape[-1]
         self.bs = block_size
         self.has_lr = lr is not None and value_up is not None
-        self.lr = lr if self.has_lr else key
-        self.r = value_up.shape[1] if self.has_lr else 1  # the rank each sequence reads
-        self.lr_width = lr.shape[-1] if self.has_lr else 1  # an LR row: r, or r per adapter slot (stacked)
-        self.lr_slice = lr_slice_stride(self.lr_width, value_up) if self.has_lr else 0
+        key_up = key_lr.up if key_lr is not None and lr is not None else None
+        self.has_klr = key_up is not None  # keys read get s RoPE(R_k B_k) (the row is [R_v | R_k])
+        self.any_lr = self.has_lr or self.has_klr
+        ups = value_up if self.has_lr else key_up
+        self.lr = lr if self.any_lr else key
+        self.r = ups.shape[1] if ups is not None else 1  # the rank each sequence reads
+        self.lr_width = lr.shape[-1] if self.any_lr else 1  # an LR row: r, r per adapter slot (stacked), or 2 r
+        self.lr_slice, self.klr_col = 0, 0
+        if ups is not None:
+            self.lr_slice, self.klr_col = lr_row_layout(self.lr_width, self.r, ups.shape[0] - 1, key_lr is not None)
         self.r_pad = _pow2_at_least(self.r, 16)
-        if self.has_lr:
+        if self.any_lr:
             if lr.stride(-1) != 1 or lr.stride(-2) != self.lr_width:
                 raise ValueError("the LR pool must hold contiguous rows")
-            if value_up.stride(-1) != 1:
-                value_up = value_up.contiguous()
+        if self.has_lr and value_up.stride(-1) != 1:
+            value_up = value_up.contiguous()
         self.vup = value_up if self.has_lr else key
         self.stride_vs = value_up.stride(0) if self.has_lr else 0
         self.stride_vr = value_up.stride(1) if self.has_lr else 0
+        if key_up is not None and key_up.stride(-1) != 1:
+            key_up = key_up.contiguous()
+        self.kup = key_up if key_up is not None else key
+        self.stride_ks = key_up.stride(0) if key_up is not None else 0
+        self.stride_kr = key_up.stride(1) if key_up is not None else 0
+        self.cos = key_lr.cos if self.has_klr and key_lr is not None else key
+        self.sin = key_lr.sin if self.has_klr and key_lr is not None else key
+        tables_ok = self.cos.stride(-1) == 1 and self.cos.stride(0) == self.d and self.sin.shape == self.cos.shape
+        if self.has_klr and not tables_ok:
+            raise ValueError("the RoPE tables must be contiguous [positions, head_dim]")
         self.scaling = lora_scaling
 
 
@@ -614,13 +748,15 @@ def paged_prefill(
     num_stages: int | None = None,
     max_context: int | None = None,
     num_splits: int | None = None,
+    key_lr: KeyLR | None = None,
 ) -> torch.Tensor:
     """query [T, Hq, d]; pools [num_blocks, block_size, Hkv, d] / [num_lr_blocks, block_size, r]. Returns [T, Hq, d].
 
     `num_splits` > 1 splits every sequence's keys (split-KV, merged by the decode merge kernel); None picks it from
-    `max_context` (host value) when the grid would leave most of the GPU idle, else 1."""
+    `max_context` (host value) when the grid would leave most of the GPU idle, else 1. `key_lr`: LR rows are
+    [R_v | R_k] (width 2 r) and keys get the reader's s RoPE(R_k B_k)."""
     t, hq, d = query.shape
-    p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1])
+    p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1], key_lr)
     if hq % p.hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {p.hkv} kv heads")
     if query.stride(-1) != 1:
@@ -642,7 +778,7 @@ def paged_prefill(
         num_warps = 8 if block_m >= 128 else 4
     if num_stages is None:
         num_stages = 2
-    lbt = lr_block_tables if (p.has_lr and lr_block_tables is not None) else base_block_tables
+    lbt = lr_block_tables if (p.any_lr and lr_block_tables is not None) else base_block_tables
     m_tiles = triton.cdiv(max_query_len, block_m)
     if num_splits is None:
         num_splits = 1
@@ -670,6 +806,9 @@ def paged_prefill(
         pr,
         pml,
         row_slots,
+        p.kup,
+        p.cos,
+        p.sin,
         sm_scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -679,6 +818,8 @@ def paged_prefill(
         lbt.stride(0),
         p.stride_vs,
         p.stride_vr,
+        p.stride_ks,
+        p.stride_kr,
         num_splits,
         HKV=p.hkv,
         G=hq // p.hkv,
@@ -687,10 +828,13 @@ def paged_prefill(
         R_PAD=p.r_pad,
         LR_W=p.lr_width,
         LR_SLICE=p.lr_slice,
+        KLR_COL=p.klr_col,
         BS=p.bs,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         HAS_LR=p.has_lr,
+        HAS_KLR=p.has_klr,
+        ANY_LR=p.any_lr,
         SINGLE=single,
         DOT_PREC=_dot_precision(query.dtype),
         num_warps=num_warps,
@@ -786,10 +930,11 @@ def paged_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    key_lr: KeyLR | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, d] (one token per sequence). `num_splits` fixed (CUDA graphs) or chosen from `max_context`."""
     b, hq, d = query.shape
-    p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1])
+    p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1], key_lr)
     if hq % p.hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {p.hkv} kv heads")
     if query.stride(-1) != 1:
@@ -821,7 +966,7 @@ def paged_decode(
         pacc = torch.empty(b, num_splits, hq, d, dtype=torch.float32, device=query.device)
         pr = torch.empty(b, num_splits, hq, r_pad, dtype=torch.float32, device=query.device) if p.has_lr else pacc
         pml = torch.empty(b, num_splits, hq, 2, dtype=torch.float32, device=query.device)
-    lbt = lr_block_tables if (p.has_lr and lr_block_tables is not None) else base_block_tables
+    lbt = lr_block_tables if (p.any_lr and lr_block_tables is not None) else base_block_tables
     _decode_kernel[(p.hkv, num_splits, b)](
         query,
         key_pool,
@@ -837,6 +982,9 @@ def paged_decode(
         pacc,
         pr,
         pml,
+        p.kup,
+        p.cos,
+        p.sin,
         sm_scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -846,6 +994,8 @@ def paged_decode(
         lbt.stride(0),
         p.stride_vs,
         p.stride_vr,
+        p.stride_ks,
+        p.stride_kr,
         num_splits,
         HKV=p.hkv,
         G=g,
@@ -855,9 +1005,12 @@ def paged_decode(
         R_PAD=r_pad,
         LR_W=p.lr_width,
         LR_SLICE=p.lr_slice,
+        KLR_COL=p.klr_col,
         BS=p.bs,
         BLOCK_N=block_n,
         HAS_LR=p.has_lr,
+        HAS_KLR=p.has_klr,
+        ANY_LR=p.any_lr,
         SINGLE=single,
         DOT_PREC=_dot_precision(query.dtype),
         num_warps=num_warps,

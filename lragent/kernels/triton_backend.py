@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lragent.cache.kv_cache import KVCache
-from lragent.kernels.backend import AttentionBackend, LayerOps
+from lragent.kernels.backend import AttentionBackend, KeyLR, LayerOps
 from lragent.kernels.graph_inputs import GraphInputs
 from lragent.kernels.metadata import AttentionMetadata
 from lragent.kernels.triton_attention import default_num_splits, paged_decode, paged_prefill
@@ -82,8 +82,10 @@ class TritonBackend(AttentionBackend):
         value_up: torch.Tensor | None,
         lora_scaling: torch.Tensor,
         meta: AttentionMetadata,
+        key_lr: KeyLR | None = None,
     ) -> torch.Tensor:
-        lr_pool = cache.lr[layer] if cache.lr is not None and value_up is not None else None
+        key_up = None if key_lr is None else key_lr.up
+        lr_pool = cache.lr[layer] if cache.lr is not None and (value_up is not None or key_up is not None) else None
         args: dict[str, Any] = dict(
             key_pool=cache.key[layer],
             value_pool=cache.value[layer],
@@ -93,6 +95,7 @@ class TritonBackend(AttentionBackend):
             seq_lora_slots=meta.seq_lora_slots,
             value_up=value_up if lr_pool is not None else None,
             lora_scaling=lora_scaling,
+            key_lr=key_lr,
         )
         if meta.is_decode:
             return paged_decode(

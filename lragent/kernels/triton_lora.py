@@ -356,7 +356,7 @@ class TritonLoRABank(LoRABank):
         super().__init__(*args, **kwargs)
         # (id(segments), T, active slots) -> (segments, plan); holding `segments` keeps its id from being reused
         self._plans: dict[tuple, tuple[Segments, SegmentPlan | None]] = {}
-        self._shared_v: dict[int, bool] = {}
+        self._shared_v: dict[tuple[int, str], bool] = {}  # (layer, v_proj / k_proj) -> one A for every adapter
 
     # A prebuilt SegmentPlan stands in for `Segments` here: only this bank's own methods (`_plan_for`) read it.
     def per_row_segments(self, row_start: torch.Tensor, row_slots: torch.Tensor) -> SegmentPlan:  # type: ignore[override]
@@ -431,23 +431,26 @@ class TritonLoRABank(LoRABank):
         return y
 
     def _v_shared(self, layer: int) -> bool:
-        if layer not in self._shared_v:
-            down = self.down.get((layer, "v_proj"))
-            slots = sorted(s for s, m in self.active if m == "v_proj")
-            self._shared_v[layer] = (
+        return self._a_shared(layer, "v_proj")
+
+    def _a_shared(self, layer: int, module: str) -> bool:
+        if (layer, module) not in self._shared_v:
+            down = self.down.get((layer, module))
+            slots = sorted(s for s, m in self.active if m == module)
+            self._shared_v[(layer, module)] = (
                 down is not None and len(slots) > 0 and all(torch.equal(down[slots[0]], down[s]) for s in slots[1:])
             )
-        return self._shared_v[layer]
+        return self._shared_v[(layer, module)]
 
-    def _own_value_shrink(self, x, layer, segments):
-        down = self.down.get((layer, "v_proj"))
+    def _own_value_shrink(self, x, layer, segments, module="v_proj"):
+        down = self.down.get((layer, module))
         t = x.shape[0]
         if down is None or not segments:
             return torch.zeros(t, self.max_rank, dtype=x.dtype, device=x.device)
-        plan = self._plan_for(segments, "v_proj", t, x.device)
+        plan = self._plan_for(segments, module, t, x.device)
         if plan is None:
             return torch.zeros(t, self.max_rank, dtype=x.dtype, device=x.device)
-        if plan.covers_all and self._v_shared(layer):  # BaseLRShared: one A for every token, one segment
+        if plan.covers_all and self._a_shared(layer, module):  # BaseLRShared: one A for every token, one segment
             if plan.shared is None:
                 plan.shared = (_upload([0, t], x.device), _upload([plan.slots[0]], x.device))
             return lora_shrink(x, down, plan.shared[0], plan.shared[1], t, out_dtype=x.dtype, rows_covered=True)

@@ -56,6 +56,12 @@ class LoRAAdapter:
         pair = self.weights.get((layer, "v_proj"))
         return None if pair is None else pair[0]
 
+    def key_down(self, layer: int) -> torch.Tensor | None:
+        """k_proj `A` of a layer: under BASE_LR_SHARED the key LR X A_k is shared like the value's, so it too must be
+        one matrix across adapters."""
+        pair = self.weights.get((layer, "k_proj"))
+        return None if pair is None else pair[0]
+
 
 def _short(text: str, limit: int = 40) -> str:
     """repr of untrusted text, cut so that a hostile 200k-character value cannot bloat an error message or a log."""
@@ -252,22 +258,24 @@ def _collect_halves(
 
 
 def unshared_value_layers(adapters: list[LoRAAdapter], num_layers: int) -> list[int]:
-    """Layers whose v_proj `A` is not bitwise identical across all adapters (empty = shared-A)."""
+    """Layers whose v_proj `A` (or k_proj `A`) is not bitwise identical across all adapters (empty = shared-A)."""
     if len(adapters) < 2:
         return []
-    differing = []
-    for layer in range(num_layers):
-        first = adapters[0].value_down(layer)
+    return [layer for layer in range(num_layers) if not _same_down(adapters, layer)]
+
+
+def _same_down(adapters: list[LoRAAdapter], layer: int) -> bool:
+    for down in (LoRAAdapter.value_down, LoRAAdapter.key_down):
+        first = down(adapters[0], layer)
         for other in adapters[1:]:
-            mat = other.value_down(layer)
+            mat = down(other, layer)
             if first is None or mat is None:
                 same = first is None and mat is None
             else:
                 same = first.shape == mat.shape and torch.equal(first, mat)
             if not same:
-                differing.append(layer)
-                break
-    return differing
+                return False
+    return True
 
 
 def default_sharing(adapters: list[LoRAAdapter], num_layers: int, allow_unshared_a: bool = False) -> tuple[str, str]:
@@ -279,7 +287,7 @@ def default_sharing(adapters: list[LoRAAdapter], num_layers: int, allow_unshared
     """
     keyed = [a.name for a in adapters if "k_proj" in a.targets]
     if keyed:
-        return "non_shared", f"adapter(s) {', '.join(keyed)} adapt k_proj (keys cannot be shared)"
+        return "non_shared", f"adapter(s) {', '.join(keyed)} adapt k_proj (non_shared keeps their keys exact)"
     if allow_unshared_a:
         return "base_lr_shared", "allow_unshared_a is set"
     layers = unshared_value_layers(adapters, num_layers)

@@ -2,7 +2,8 @@
 
 Slot 0 is "no adapter" and stays zero. Ranks are padded to `max_rank` with zeros, which leaves results exact.
 With `stack_values` (STACKED_LR) the bank also keeps every slot's v_proj A side by side, [A_1 | ... | A_N] per layer,
-and the LR cache entries of every token are its projection through all of them at once.
+and the LR cache entries of every token are its projection through all of them at once. With `key_lr` (schemes that
+share keys) an LR entry is [X A_v | X A_k]: the key adapter's part is rebuilt from it by the attention (`key_up`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class LoRABank:
         dtype: torch.dtype,
         device: torch.device,
         stack_values: bool = False,
+        key_lr: bool = False,
     ):
         self.config = config
         self.num_slots = max_loras + 1
@@ -40,6 +42,8 @@ class LoRABank:
         # in step with `down` on load / unload (written in place: captured CUDA graphs keep reading the same tensor)
         self.stack_values = stack_values
         self.value_stack: dict[int, torch.Tensor] = {}
+        # the k_proj delta is not added to the stored keys: its low-rank part X A_k rides in the LR rows
+        self.key_lr = key_lr
 
     def check(self, adapter: LoRAAdapter) -> None:
         """Refuse an adapter these stacks cannot hold (before it takes a registry slot)."""
@@ -91,7 +95,9 @@ class LoRABank:
     @property
     def value_width(self) -> int:
         """Width of an LR cache row `value_shrink` returns."""
-        return (self.num_slots - 1) * self.max_rank if self.stack_values else self.max_rank
+        if self.stack_values:
+            return (self.num_slots - 1) * self.max_rank
+        return 2 * self.max_rank if self.key_lr else self.max_rank
 
     def has(self, module: str) -> bool:
         return any(m == module for _, m in self.active)
@@ -126,22 +132,28 @@ class LoRABank:
     def value_shrink(self, x: torch.Tensor, layer: int, segments: Segments) -> torch.Tensor:
         """The LR cache entries of the tokens x [T, d_in] (unscaled): R = x A_v of each token's own adapter
         [T, max_rank], zeros where it has no v_proj; with `stack_values`, x [A_1 | ... | A_N] [T, N * max_rank] for
-        every token whatever its adapter (one matmul: any agent may read the row later)."""
+        every token whatever its adapter (one matmul: any agent may read the row later); with `key_lr`,
+        [x A_v | x A_k] of each token's own adapter [T, 2 max_rank]."""
         if self.stack_values:
             stack = self.value_stack.get(layer)
             if stack is None:
                 return torch.zeros(x.shape[0], self.value_width, dtype=x.dtype, device=x.device)
             return x @ stack
+        if self.key_lr:
+            own = [self._own_value_shrink(x, layer, segments, m) for m in ("v_proj", "k_proj")]
+            return torch.cat(own, dim=1)
         return self._own_value_shrink(x, layer, segments)
 
-    def _own_value_shrink(self, x: torch.Tensor, layer: int, segments: Segments) -> torch.Tensor:
-        """R = x A_v of each token's own adapter, [T, max_rank]."""
+    def _own_value_shrink(
+        self, x: torch.Tensor, layer: int, segments: Segments, module: str = "v_proj"
+    ) -> torch.Tensor:
+        """R = x A of each token's own adapter for `module` (v_proj, or k_proj's key LR), [T, max_rank]."""
         out = torch.zeros(x.shape[0], self.max_rank, dtype=x.dtype, device=x.device)
-        down = self.down.get((layer, "v_proj"))
+        down = self.down.get((layer, module))
         if down is None:
             return out
         for slot, idx in segments:
-            if (slot, "v_proj") not in self.active:
+            if (slot, module) not in self.active:
                 continue
             if idx is None:
                 out = x @ down[slot]
@@ -157,3 +169,8 @@ class LoRABank:
     def value_up(self, layer: int) -> torch.Tensor | None:
         """B of v_proj for every slot, [S, max_rank, kv_size]; read by the attention for `s (P R) B`."""
         return self.up.get((layer, "v_proj"))
+
+    def key_up(self, layer: int) -> torch.Tensor | None:
+        """B of k_proj for every slot, [S, max_rank, kv_size], where keys are shared (`key_lr`): the attention adds
+        s RoPE_p(R_k B_k) to each key it reads (None: no adapter adapts this layer's keys, or keys are expanded)."""
+        return self.up.get((layer, "k_proj")) if self.key_lr else None

@@ -34,13 +34,18 @@ def content_key(adapter: LoRAAdapter) -> str:
 
 
 def value_a_key(adapter: LoRAAdapter, num_layers: int) -> str:
-    """Digest of the v_proj `A` of every layer: all that an LR entry R = X A depends on when shared by tokens."""
+    """Digest of the v_proj `A` of every layer: all that an LR entry R = X A depends on when shared by tokens; with
+    a k_proj adapter also its `A` (an LR row is then [X A_v | X A_k]; without one, the key is what it always was)."""
     h = hashlib.blake2b(digest_size=16)
     for layer in range(num_layers):
         a = adapter.value_down(layer)
         h.update(f"|{layer}:".encode())
         if a is not None:
             _feed(h, a)
+        a_k = adapter.key_down(layer)
+        if a_k is not None:
+            h.update(b"k:")
+            _feed(h, a_k)
     return "A:" + h.hexdigest()
 
 

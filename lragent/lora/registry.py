@@ -32,16 +32,17 @@ class AdapterRegistry:
         if "k_proj" in adapter.targets and not self.scheme.allows_key_adapter:
             raise AdapterError(
                 f"adapter {adapter.name!r} adapts k_proj, which makes keys agent-specific; {self.scheme.mode.value} "
-                "shares keys across agents, so it supports q/v/o/MLP adapters only (use non_shared or full_shared)"
+                "as started shares keys across agents with q/v/o/MLP adapters only (use non_shared, or base_shared / "
+                "base_lr_shared started with a k_proj adapter or key_lora=True / --key-lora)"
             )
         if self.scheme.requires_shared_a and not self.allow_unshared_a and self.adapters:
             layers = unshared_value_layers([*self.adapters.values(), adapter], self.num_layers)
             if layers:
                 shown = ", ".join(map(str, layers[:8])) + (" ..." if len(layers) > 8 else "")
                 raise AdapterError(
-                    f"base_lr_shared needs every adapter's v_proj A to be the same matrix (shared-A), but adapter "
-                    f"{adapter.name!r} differs in layers {shown}; train with a shared A, use base_shared, or pass "
-                    "allow_unshared_a=True to accept the accuracy loss"
+                    f"base_lr_shared needs every adapter's v_proj A (and k_proj A) to be the same matrix (shared-A), "
+                    f"but adapter {adapter.name!r} differs in layers {shown}; train with a shared A, use base_shared, "
+                    "or pass allow_unshared_a=True to accept the accuracy loss"
                 )
 
     def add(self, adapter: LoRAAdapter) -> int:

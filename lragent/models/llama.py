@@ -2,7 +2,9 @@
 
 Parameter names follow Hugging Face so checkpoints load by name. The attention layer owns the LRAgent split:
 keys and base values go to the shared pools, `X A_v` to the LR pool, and the adapter's value path is applied
-inside the attention backend (never expanded), except under FULL_SHARED where values are stored expanded.
+inside the attention backend (never expanded), except under FULL_SHARED where values are stored expanded. Where keys
+are shared (`LoRABank.key_lr`) a k_proj adapter's part is not added to the stored keys either: `X A_k` joins the LR
+row and the backend adds the reader's s RoPE(X A_k B_k) to each key it reads.
 
 Two forms of each layer: the plain PyTorch one (the CPU path and the exact reference), and the fused one, used when
 the attention backend provides `LayerOps` (`Runtime.ops`): q/k/v and gate/up run as one matmul each
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lragent.cache.kv_cache import KVCache
-from lragent.kernels.backend import AttentionBackend, LayerOps
+from lragent.kernels.backend import AttentionBackend, KeyLR, LayerOps
 from lragent.lora.bank import LoRABank
 from lragent.model_config import ModelConfig
 from lragent.models.context import ForwardContext
@@ -75,16 +77,25 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime) -> torch.Tensor:
         bank, layer = rt.bank, self.layer
+        cache, index = rt.cache, rt.cache.shared_index.get(layer, layer)
+        own = rt.cache.for_layer(layer)
+        if own is not None:  # a critical layer (DROIDSPEAK): its own pool, with that pool's tables and writes
+            assert ctx.critical is not None, "a critical layer's pool comes with its context"
+            (cache, index), ctx = own, ctx.critical
         if rt.ops is not None and self.qkv_weight is not None and ctx.attn.base_write_idx is None:
             q, key, value = self._fused_qkv(x, self.qkv_weight, ctx, rt)
         else:
             q = _with_lora(self.q_proj(x), bank.delta(x, layer, "q_proj", ctx.lora.segments))
             q = self.rope(q.view(x.shape[0], self.num_heads, self.head_dim), ctx.positions, rt.ops)
             key, value = self._base_entries(x, ctx, rt)
-        lr = bank.value_shrink(x, layer, ctx.lora.segments) if rt.cache.lr is not None else None
-        rt.backend.store(rt.cache, layer, key, value, lr, ctx.attn)
+        lr = bank.value_shrink(x, layer, ctx.lora.segments) if cache.lr is not None else None
+        rt.backend.store(cache, index, key, value, lr, ctx.attn)
         value_up = None if ctx.expand_values else bank.value_up(layer)
-        out = rt.backend.attend(rt.cache, layer, q, value_up, bank.scaling, ctx.attn)
+        key_lr = None
+        if bank.key_lr and cache.lr is not None:
+            assert self.rope.cos is not None and self.rope.sin is not None, "RotaryEmbedding.build() first"
+            key_lr = KeyLR(bank.key_up(layer), self.rope.cos, self.rope.sin)
+        out = rt.backend.attend(cache, index, q, value_up, bank.scaling, ctx.attn, key_lr=key_lr)
         out = out.reshape(x.shape[0], -1)
         return _with_lora(self.o_proj(out), bank.delta(out, layer, "o_proj", ctx.lora.segments))
 
@@ -95,7 +106,9 @@ class Attention(nn.Module):
         if xb.shape[0] == 0:
             return None, None
         segs, bank, layer = ctx.lora.base_segments, rt.bank, self.layer
-        key = _with_lora(self.k_proj(xb), bank.delta(xb, layer, "k_proj", segs))
+        key = self.k_proj(xb)
+        if not bank.key_lr:  # else the adapter's part of the keys rides in the LR rows
+            key = _with_lora(key, bank.delta(xb, layer, "k_proj", segs))
         value = self.v_proj(xb)
         if ctx.expand_values:
             value = _with_lora(value, bank.delta(xb, layer, "v_proj", segs))
@@ -109,7 +122,8 @@ class Attention(nn.Module):
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, key, value = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         bank.add_delta(q, x, layer, "q_proj", ctx.lora.segments)
-        bank.add_delta(key, x, layer, "k_proj", ctx.lora.base_segments)
+        if not bank.key_lr:
+            bank.add_delta(key, x, layer, "k_proj", ctx.lora.base_segments)
         if ctx.expand_values:
             bank.add_delta(value, x, layer, "v_proj", ctx.lora.base_segments)
         # q and k share positions here (every token writes its key): rotate both heads in place, one launch
@@ -212,7 +226,10 @@ class CausalLM(nn.Module):
         rt = self.runtime
         assert rt is not None, "bind() a Runtime before the forward pass"
         h, pending = self.model.embed_tokens(input_ids), None
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            if ctx.hidden is not None and i in rt.cache.hidden_index:  # DROIDSPEAK: a run of critical layers starts
+                h, pending = h if pending is None else h + pending, None
+                rt.cache.exchange_hidden(i, h, ctx.hidden)
             h, pending = layer(h, pending, ctx, rt)
         return self.model.norm(h, pending, rt.ops)[0]
 

@@ -22,7 +22,7 @@ class LoadedModel:
     dummy: bool
 
 
-def _empty_model(config: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
+def empty_model(config: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
     with torch.device("meta"):
         model = CausalLM(config, max_positions)
     model = model.to_empty(device=device).to(dtype)
@@ -33,7 +33,7 @@ def _empty_model(config: ModelConfig, max_positions: int, dtype: torch.dtype, de
 def load_model(name: str, dtype: torch.dtype, device: torch.device, max_positions: int | None = None) -> LoadedModel:
     if name.startswith("dummy:"):
         config = ModelConfig.from_dict(preset(name.split(":", 1)[1]), name=name)
-        model = _empty_model(config, max_positions or config.max_position_embeddings, dtype, device)
+        model = empty_model(config, max_positions or config.max_position_embeddings, dtype, device)
         gen = torch.Generator(device=device).manual_seed(0)
         for param in model.parameters():
             param.data.normal_(0.0, 0.02, generator=gen)
@@ -43,7 +43,7 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device, max_position
         return LoadedModel(model.eval(), config, None, dummy=True)
     folder = resolve_model(name)
     config = ModelConfig.from_file(folder / "config.json", name=name)
-    model = _empty_model(config, max_positions or config.max_position_embeddings, dtype, device)
+    model = empty_model(config, max_positions or config.max_position_embeddings, dtype, device)
     _load_safetensors(model, folder)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
     return LoadedModel(model.eval(), config, folder if has_tokenizer else None, dummy=False)
