@@ -134,19 +134,32 @@ def _bias(params: list[SamplingParams], vocab: int, t) -> tuple[torch.Tensor, to
 
 
 def _penalties(params, histories, prompt_lens, vocab: int, device: torch.device, t):
-    """(seen [B, V] bool over prompt + output, output counts [B, V], repetition, presence, frequency) or None."""
+    """(seen [B, V] bool over prompt + output, output counts [B, V], repetition, presence, frequency) or None.
+
+    The penalised rows' histories go up as two flat (row, token) uploads and two scatters, not a pair per row."""
     if not any(p.penalized for p in params) or histories is None or prompt_lens is None:
         return None
     b = len(params)
-    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
-    counts = torch.zeros(b, vocab, dtype=torch.float32, device=device)
+    seen_rows: list[int] = []
+    seen_ids: list[int] = []
+    out_rows: list[int] = []
+    out_ids: list[int] = []
     for i, (p, hist, plen) in enumerate(zip(params, histories, prompt_lens)):
         if not p.penalized:
             continue
-        ids = t([x for x in hist if x < vocab], torch.int64)
-        seen[i].index_fill_(0, ids, True)
-        out = t([x for x in hist[plen:] if x < vocab], torch.int64)
-        counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.float32))
+        ids = [x for x in hist if x < vocab]
+        seen_rows += [i] * len(ids)
+        seen_ids += ids
+        out = [x for x in hist[plen:] if x < vocab]
+        out_rows += [i] * len(out)
+        out_ids += out
+    flat = t([*seen_rows, *out_rows, *seen_ids, *out_ids], torch.int64)
+    n_seen, n_out = len(seen_rows), len(out_rows)
+    rows, ids = flat[: n_seen + n_out], flat[n_seen + n_out :]
+    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
+    seen[rows[:n_seen], ids[:n_seen]] = True
+    counts = torch.zeros(b, vocab, dtype=torch.float32, device=device)
+    counts.index_put_((rows[n_seen:], ids[n_seen:]), torch.ones(n_out, device=device), accumulate=True)
     rep = t([p.repetition_penalty for p in params], torch.float32)
     pres = t([p.presence_penalty for p in params], torch.float32)
     freq = t([p.frequency_penalty for p in params], torch.float32)
