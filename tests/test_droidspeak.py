@@ -14,6 +14,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import turns
+from turns import DEV, PREFIX, ROLES, exact_llm, same_outputs
 
 from lragent import LLM, SamplingParams
 from lragent.bench.adapters import write_peft_adapter, write_random_llama
@@ -31,9 +33,6 @@ from lragent.engine_args import add_engine_args, engine_config
 from lragent.lora.adapter import load_peft_adapter
 from lragent.model_config import ModelConfig
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-ROLES = ("plan", "action", "reflect")
-PREFIX = [(7 * i + 3) % 997 + 1 for i in range(70)]
 BLOCK = 8
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=True)
 
@@ -63,27 +62,15 @@ def four_layers(tmp_path_factory) -> tuple[str, dict[str, str]]:
 
 
 def engine(model: tuple[str, dict[str, str]], sharing: str = "droidspeak", **kw) -> LLM:
-    kw.setdefault("device", DEV)
-    kw.setdefault("dtype", "float32")
-    kw.setdefault("warmup", False)
-    kw.setdefault("kv_cache_bytes", 64 << 20)
     kw.setdefault("attention_backend", "torch")
-    return LLM(model=model[0], adapters=model[1], sharing=sharing, block_size=BLOCK, **kw)
+    return exact_llm(model[0], model[1], sharing, block_size=BLOCK, **kw)
 
 
 def run_turns(llm: LLM):
-    traj, outs = list(PREFIX), []
-    for i, role in enumerate(ROLES):
-        out = llm.generate([traj], adapter=role, sampling_params=GREEDY)[0]
-        outs.append(out)
-        traj = traj + out.token_ids + [100 + i] * 5
-    return outs
+    return turns.run_turns(llm, params=GREEDY)
 
 
-def same(got, want) -> bool:
-    return got.token_ids == want.token_ids and all(
-        math.isclose(a, b, abs_tol=1e-4) for a, b in zip(got.logprobs, want.logprobs)
-    )
+same = same_outputs
 
 
 # ------------------------------------------------------------------------------------------------------------

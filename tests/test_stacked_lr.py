@@ -9,16 +9,18 @@ the right entries is exact, and one that reads another agent's LR entries (base_
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 from types import SimpleNamespace
 
 import pytest
 import torch
+import turns
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit of the kernel modules
+
+from turns import GREEDY, PREFIX, ROLES, exact_llm, run_turns, same_outputs  # noqa: E402
 
 from lragent import LLM, SamplingParams  # noqa: E402
 from lragent.bench.adapters import write_peft_adapter  # noqa: E402
@@ -35,10 +37,7 @@ from lragent.lora.metadata import group_by_slot  # noqa: E402
 from lragent.lora.registry import AdapterRegistry  # noqa: E402
 from lragent.model_config import ModelConfig  # noqa: E402
 
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Triton runs interpreted on the CPU
-GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-PREFIX = [(7 * i + 3) % 997 + 1 for i in range(70)]
-ROLES = ("plan", "action", "reflect")
+DEV = torch.device(turns.DEV)
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +56,7 @@ def last_layer(tiny_llama, tmp_path_factory) -> dict[str, str]:
 
 
 def engine(tiny_llama, adapters: dict[str, str], sharing: str = "stacked_lr", **kw) -> LLM:
-    kw.setdefault("device", str(DEV))
-    kw.setdefault("dtype", "float32")  # exact comparisons, also on a GPU
-    kw.setdefault("warmup", False)
-    kw.setdefault("kv_cache_bytes", 64 << 20)  # not a share of the GPU: test processes run side by side there
-    return LLM(model=tiny_llama[0], adapters=adapters, sharing=sharing, block_size=8, **kw)
-
-
-def run_turns(llm: LLM, roles=ROLES):
-    """plan -> action -> reflect over one growing trajectory (each reads everything the others wrote)."""
-    traj, outs = list(PREFIX), []
-    for i, role in enumerate(roles):
-        out = llm.generate([traj], adapter=role, sampling_params=GREEDY)[0]
-        outs.append(out)
-        traj = traj + out.token_ids + [100 + i] * 5
-    return outs
-
-
-def same_outputs(got, want) -> bool:
-    """Greedy tokens equal and log-probs equal up to float32 summation order."""
-    return got.token_ids == want.token_ids and all(
-        math.isclose(a, b, abs_tol=1e-4) for a, b in zip(got.logprobs, want.logprobs)
-    )
+    return exact_llm(tiny_llama[0], adapters, sharing, **kw)
 
 
 # ------------------------------------------------------------------------------------------------------------
