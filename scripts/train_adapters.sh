@@ -7,7 +7,7 @@
 # recipe: the independent plan adapter is reused as is, action and reflect are trained with its v_proj lora_A loaded
 # and frozen), then a bit-equality check of the shared A, then greedy samples (HF + PEFT) on training prompts.
 # Settings (environment): PY, MODEL, BASE_NAME, TASKS, DATA_DIR, DEVICE, STEPS, BATCH, MAX_LEN, LR, SEED, SAMPLE,
-# HELDOUT, EVAL_EVERY, PATIENCE.
+# HELDOUT, EVAL_EVERY, PATIENCE, PARALLEL (1: one process per role, side by side; see below).
 # Shipped sets and how they were trained (per-step losses, machine and versions in each set's train_log.json):
 # - hotpotqa-{independent,shared-a}: the then defaults (200 steps of 8 x 1024 tokens per role, lr 5e-4, bf16) on one
 #   H200, 2026-11-27: 30-44 s per role, about 5 minutes for the task's two sets including model load and tokenisation.
@@ -51,10 +51,40 @@ COMMON=(--model "$MODEL" --base-name "$BASE_NAME" --device "${DEVICE:-auto}" --m
         --heldout-fraction "${HELDOUT:-0.1}" --eval-every "${EVAL_EVERY:-25}" --patience "${PATIENCE:-4}")
 [[ -n "${DATA_DIR:-}" ]] && COMMON+=(--data-dir "$DATA_DIR")
 
+train() { "$PY" -m lragent.train "$@" "${COMMON[@]}"; }
+
+# PARALLEL=1: one process per role, side by side on the one GPU (a 135M model leaves most of an H200 idle): first
+# every task's independent roles, then every task's shared-A action and reflect. Each role's output goes to
+# $OUT/logs/<set>-<role>.log; the set's train_log.json gathers the roles (lragent/train/report.py write_log).
+side_by_side() {  # side_by_side MODE ROLES...: one background run per task x role, then wait for all
+    local mode=$1; shift
+    local pids=() task role name extra
+    mkdir -p "$OUT/logs"
+    for task in $TASKS; do
+        name=$task-$mode; extra=()
+        [[ $mode == shared-a ]] && extra=(--plan-from "$OUT/$task-independent/plan")
+        for role in "$@"; do
+            train --task "$task" --mode "$mode" --roles "$role" --out "$OUT/$name" "${extra[@]}" \
+                >"$OUT/logs/$name-$role.log" 2>&1 &
+            pids+=($!)
+        done
+    done
+    local failed=0
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    tail -n 3 "$OUT"/logs/*-"$mode"-*.log
+    return $failed
+}
+
+if [[ "${PARALLEL:-0}" == 1 ]]; then
+    side_by_side independent plan action reflect
+    side_by_side shared-a action reflect
+else
+    for task in $TASKS; do
+        train --task "$task" --mode independent --out "$OUT/$task-independent"
+        train --task "$task" --mode shared-a --plan-from "$OUT/$task-independent/plan" --out "$OUT/$task-shared-a"
+    done
+fi
 for task in $TASKS; do
-    "$PY" -m lragent.train --task "$task" --mode independent --out "$OUT/$task-independent" "${COMMON[@]}"
-    "$PY" -m lragent.train --task "$task" --mode shared-a --plan-from "$OUT/$task-independent/plan" \
-        --out "$OUT/$task-shared-a" "${COMMON[@]}"
     "$PY" -m lragent.train check "$OUT/$task-shared-a" --module v_proj
     if [[ "${SAMPLE:-1}" == 1 ]]; then
         for kind in independent shared-a; do

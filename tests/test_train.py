@@ -511,3 +511,39 @@ def test_cli_holds_out_questions_and_logs_the_heldout_curve(tok, tmp_path, monke
     per = len(E.action_examples(toy_trajectory()))
     assert entry["heldout_examples"] == per * n_held and entry["examples"] == per * (12 - n_held)
     assert entry["eval_steps"] == [2, 4] and len(entry["eval_losses"]) == 2 and entry["best_step"] in (2, 4)
+
+
+def test_role_runs_of_one_set_gather_into_one_log(tmp_path):
+    """One process per role writes into the same set folder: the log keeps every role; another set replaces it."""
+    from lragent.train.report import LOG_NAME, write_log
+
+    def log(task: str, mode: str, roles: dict[str, float], total: float) -> dict:
+        entries = {r: {"loss_last": v} for r, v in roles.items()}
+        return {"task": task, "settings": {"mode": mode}, "roles": entries, "total_time_s": total}
+
+    write_log(log("hotpotqa", "independent", {"reflect": 1.0}, 30.0), tmp_path)
+    write_log(log("hotpotqa", "independent", {"plan": 2.0}, 20.0), tmp_path)
+    merged = write_log(log("hotpotqa", "independent", {"action": 3.0, "reflect": 0.5}, 25.0), tmp_path)
+    assert list(merged["roles"]) == ["plan", "action", "reflect"]  # role order, whatever order they finished in
+    assert merged["roles"]["reflect"] == {"loss_last": 0.5}  # a role run again replaces its own entry
+    assert merged["total_time_s"] == 30.0  # side by side: the longest run
+    assert json.loads((tmp_path / LOG_NAME).read_text()) == merged
+    other = write_log(log("hotpotqa", "shared-a", {"action": 4.0}, 5.0), tmp_path)
+    assert list(other["roles"]) == ["action"]
+
+
+def test_adopting_the_plan_copies_once_and_replaces_a_stale_one(tmp_path):
+    from lragent.train.recipes import adopt_plan
+
+    plan = tmp_path / "ind" / "plan"
+    plan.mkdir(parents=True)
+    (plan / WEIGHTS_NAME).write_bytes(b"new weights")
+    (plan / "adapter_config.json").write_text("{}")
+    dest = tmp_path / "sa" / "plan"
+    dest.mkdir(parents=True)
+    (dest / WEIGHTS_NAME).write_bytes(b"stale weights from an earlier run")
+    adopt_plan(plan, tmp_path / "sa")
+    assert (dest / WEIGHTS_NAME).read_bytes() == b"new weights"
+    before = (dest / WEIGHTS_NAME).stat().st_mtime_ns
+    adopt_plan(plan, tmp_path / "sa")  # a second role run of the set: equal copy, left alone
+    assert (dest / WEIGHTS_NAME).stat().st_mtime_ns == before

@@ -165,8 +165,8 @@ def run_train(args: argparse.Namespace) -> int:
         notes["plan_from"] = os.path.relpath(args.plan_from, args.out.parent)
     log = build_log(cfg, results, task=args.task, model=base_name, device=device,
                     total_s=time.perf_counter() - start, notes=notes)  # fmt: skip
-    write_log(log, args.out)
-    plot_losses(log, args.out / PLOT_NAME)
+    merged = write_log(log, args.out)
+    plot_losses(merged, args.out / PLOT_NAME)
     for role, entry in log["roles"].items():
         skipped = f", {entry['skipped_steps']} steps skipped (non-finite)" if entry["skipped_steps"] else ""
         best = (

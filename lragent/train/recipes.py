@@ -12,6 +12,8 @@ adapter_model.safetensors) in ``out_dir/<role>``.
 
 from __future__ import annotations
 
+import fcntl
+import filecmp
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,6 +122,23 @@ def save_adapter(model: PeftModel, role: str, out_dir: Path, dtype: str) -> Path
     return out_dir
 
 
+def adopt_plan(plan_from: Path, out_dir: Path) -> None:
+    """Copy the trained plan adapter into a shared-A set, under a lock and only where the copy differs.
+
+    Role runs of one set may start side by side (one process per role on one GPU): each reads the plan's A right
+    after adopting it, so none may rewrite files another is reading; a stale plan from an earlier run is replaced."""
+    dest = out_dir / "plan"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".plan.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        files = [f for f in plan_from.rglob("*") if f.is_file()]
+        same = all((dest / f.relative_to(plan_from)).is_file() for f in files) and all(
+            filecmp.cmp(f, dest / f.relative_to(plan_from), shallow=False) for f in files
+        )
+        if not same:
+            shutil.copytree(plan_from, dest, dirs_exist_ok=True)
+
+
 def train_set(
     base: torch.nn.Module,
     data: dict[str, list[Encoded]],
@@ -147,7 +166,7 @@ def train_set(
         return results
     roles = sorted(data, key=lambda r: r != "plan")  # plan first: shared-a copies its A
     if cfg.mode == "shared-a" and plan_from is not None:
-        shutil.copytree(plan_from, out_dir / "plan", dirs_exist_ok=True)
+        adopt_plan(Path(plan_from), out_dir)
         roles = [r for r in roles if r != "plan"]
     elif cfg.mode == "shared-a" and "plan" not in roles:
         raise ValueError("shared-a needs the plan role in the run or plan_from")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import platform
@@ -73,11 +74,39 @@ def _json_loss(x: float) -> float | None:
     return round(x, 5) if math.isfinite(x) else None
 
 
-def write_log(log: dict[str, Any], out_dir: Path) -> Path:
+def write_log(log: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Write the set's log, keeping the roles that other runs of the same set already logged there.
+
+    One process per role (``--roles action``, run side by side on one GPU) writes into the same set folder; each
+    adds its roles to the log under a file lock, so the set ends with one log of every role. A run of a different
+    task or mode replaces the old log rather than mixing with it. Returns the log as written."""
     path = Path(out_dir) / LOG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(log, indent=1) + "\n")
-    return path
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = _merge(_read(path), log)
+        path.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with ``old``'s other roles kept when both are runs of one set (same task and training mode)."""
+    same_set = old is not None and old.get("task") == new.get("task")
+    same_set = same_set and (old or {}).get("settings", {}).get("mode") == new.get("settings", {}).get("mode")
+    if not same_set or old is None:
+        return new
+    roles = {r: e for r, e in old.get("roles", {}).items() if r not in new["roles"]}
+    roles.update(new["roles"])
+    ordered = {r: roles[r] for r in sorted(roles, key=_role_order)}
+    total = max(float(old.get("total_time_s", 0.0)), float(new.get("total_time_s", 0.0)))
+    return {**new, "roles": ordered, "total_time_s": total}
 
 
 def _smooth(values: list[float | None], window: int) -> list[float]:
