@@ -81,6 +81,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "torch" (reference) or "triton" when available
     enforce_eager: bool = False  # CUDA: no decode graphs (every step launches its kernels from Python)
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay a captured graph
+    # cascade decode (Triton backend): decode rows whose block tables share >= 1024 leading tokens of whole blocks
+    # read those keys once per step for the group; such steps run eagerly (no CUDA graph). Off until measured.
+    cascade_decode: bool = False
     # compile every kernel variant and capture every decode graph at start-up (None: on CUDA, where they compile)
     warmup: bool | None = None
     seed: int = 0

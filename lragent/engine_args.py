@@ -160,6 +160,11 @@ def _add_execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps without CUDA graphs")
     p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured as a graph")
     p.add_argument(
+        "--cascade-decode",
+        action="store_true",
+        help="triton: decode rows sharing >= 1024 cached prefix tokens read them once per step (such steps eager)",
+    )
+    p.add_argument(
         "--no-warmup",
         dest="warmup",
         action="store_false",
@@ -213,6 +218,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
+        cascade_decode=getattr(args, "cascade_decode", False),
         warmup=args.warmup,
         seed=args.seed,
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),

@@ -135,6 +135,8 @@ class LLMEngine:
                 )
             logger.info("%s: the torch attention backend (critical layers need it)", self.scheme.mode.value)
             self.backend = backend = make_backend("torch", self.device)
+        if config.cascade_decode and not backend.enable_cascade(config.block_size):
+            logger.info("cascade_decode: the %s attention backend has no cascade decode (plain decode)", backend.name)
         self.fused_layers = backend.layer_ops is not None  # the backend provides the fused form of the layers
         if self.fused_layers:
             self.model.fuse_projections()

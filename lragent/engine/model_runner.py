@@ -134,9 +134,12 @@ class ModelRunner:
             is_decode=not batch.is_prefill,
         )
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, list[int]]:
-        """Input ids, the step's context, and the row of each sampling sequence (an eager step)."""
-        step = self.inputs(batch)
+    def prepare(
+        self, batch: ScheduledBatch, step: StepInputs | None = None
+    ) -> tuple[torch.Tensor, ForwardContext, list[int]]:
+        """Input ids, the step's context, and the row of each sampling sequence (an eager step; `step`: the batch's
+        inputs when already built)."""
+        step = self.inputs(batch) if step is None else step
         dev, idx = self.device, step.rows.kv_write_idx
         pos_t = upload(step.positions, torch.int64, dev)
         kv_slots = step.token_slots if idx is None else [step.token_slots[i] for i in idx]
@@ -217,20 +220,19 @@ class ModelRunner:
 
     def _forward(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """Final hidden states of the sampling rows (None when none samples this step)."""
+        start = time.perf_counter()
+        step = None
         if self.graphs is not None and self.graphs.supports(batch):
-            start = time.perf_counter()
             step = self.inputs(batch)
-            self.prepare_s = time.perf_counter() - start
-            hidden = self.graphs.run(step)  # every decode row samples
-        else:
-            start = time.perf_counter()
-            input_ids, ctx, rows = self.prepare(batch)
-            self.prepare_s = time.perf_counter() - start
-            if not rows:
-                self.model(input_ids, ctx)
-                return None
-            hidden = self.model(input_ids, ctx)[rows]
-        return hidden
+            if not self.backend.decode_eagerly(step.rows):  # e.g. cascade groups: a graph's grid cannot follow them
+                self.prepare_s = time.perf_counter() - start
+                return self.graphs.run(step)  # every decode row samples
+        input_ids, ctx, rows = self.prepare(batch, step)
+        self.prepare_s = time.perf_counter() - start
+        if not rows:
+            self.model(input_ids, ctx)
+            return None
+        return self.model(input_ids, ctx)[rows]
 
     def sampling_batch(self, seqs: list[Sequence], vocab_size: int) -> SamplingBatch:
         """Each row's draw is keyed by its request's seed and the position of the token it draws."""

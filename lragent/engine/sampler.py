@@ -12,6 +12,7 @@ temperature and truncation), as OpenAI's API reports them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -202,12 +203,73 @@ def _draw(scores: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return ids.gather(-1, winner)[:, 0]
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+IMPLS = ("auto", "torch", "graph", "triton", "triton+graph")
+DEFAULT_IMPL = os.environ.get("LRAGENT_SAMPLER_IMPL", "auto")  # what `sample` runs when not told (see resolve_impl)
+AUTO_FAST = "triton"  # what "auto" runs on CUDA for a top-k batch ("triton+graph" also captures it in a graph)
+AUTO_GRAPH_MAX = 1 << 23  # "auto" graphs the torch path up to this many logits (its pool holds [B, V] temporaries)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, impl: str | None = None) -> SampleResult:
     """logits [B, V] float32 -> a token per row, its log-probability, and the requested alternatives.
 
     A row whose logits are broken (NaN, +inf, or nothing but -inf) has a non-finite logsumexp and hence a
     non-finite chosen log-probability: the engine fails that request alone. Its draw runs on zeros so the batch
-    cannot raise."""
+    cannot raise. `impl` (default `DEFAULT_IMPL`) picks how the device part runs; every choice draws the same
+    tokens (`resolve_impl` says which run where)."""
+    chosen = resolve_impl(impl or DEFAULT_IMPL, logits, batch)
+    if chosen in ("graph", "triton+graph"):
+        from lragent.engine.sampler_graph import run_graph
+
+        flat, rows = run_graph(logits, batch, triton=chosen == "triton+graph")
+    else:
+        flat, rows = device_sample(logits, batch, triton=chosen == "triton"), len(batch.params)
+    return _result(_to_host(flat).tolist(), rows, batch)
+
+
+def resolve_impl(impl: str, logits: torch.Tensor, batch: SamplingBatch) -> str:
+    """The implementation that runs: "torch", "triton", "graph" or "triton+graph".
+
+    "triton" (the fused top-k kernels) serves batches whose sampled rows all have a top-k of at most
+    `TOPK_CAP` (greedy rows too), float32 logits, on CUDA or under TRITON_INTERPRET=1; other batches run the torch
+    path. "graph" (a captured CUDA graph per batch shape) serves CUDA batches without logit bias or penalties (their
+    sparse inputs change shape every step); others run eagerly. "auto": the torch path on the CPU; on CUDA
+    `AUTO_FAST` for a top-k batch, else the torch path, captured when graphable and at most `AUTO_GRAPH_MAX` logits."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown sampler impl {impl!r}; choose from {', '.join(IMPLS)}")
+    cuda = logits.device.type == "cuda"
+    graphable = cuda and batch.bias is None and batch.penalties is None
+    fast = _triton_serves(logits, batch)
+    if impl == "auto":
+        if not cuda:
+            return "torch"
+        if fast:
+            return AUTO_FAST if graphable else "triton"
+        return "graph" if graphable and logits.numel() <= AUTO_GRAPH_MAX else "torch"
+    name = "triton" if impl.startswith("triton") and fast else "torch"
+    if impl.endswith("graph") and graphable:
+        return "triton+graph" if name == "triton" else "graph"
+    return name
+
+
+def _triton_serves(logits: torch.Tensor, batch: SamplingBatch) -> bool:
+    from lragent.kernels.triton_sampling import TOPK_CAP
+
+    runs = logits.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return (
+        runs
+        and logits.dtype == torch.float32
+        and logits.stride(-1) == 1
+        and (batch.all_greedy or batch.max_top_k <= TOPK_CAP)
+    )
+
+
+def device_sample(logits: torch.Tensor, batch: SamplingBatch, triton: bool = False) -> torch.Tensor:
+    """The device part of `sample`, float64 [2B + 2kB]: tokens, their log-probs, then (k = batch.top_logprobs)
+    the alternatives' ids and log-probs, rank-major. No host sync: a CUDA graph can capture it."""
+    return _device_triton(logits, batch) if triton else _device_torch(logits, batch)
+
+
+def _device_torch(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     lse = torch.logsumexp(logits, dim=-1)
     broken = ~torch.isfinite(lse)
     scores = process(torch.where(broken[:, None], torch.zeros_like(logits), logits), batch)
@@ -215,15 +277,43 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
     if not batch.all_greedy:
         chosen = torch.where(batch.greedy, chosen, _draw(scores, batch))
     chosen_lp = logits.gather(-1, chosen[:, None])[:, 0] - lse
-    parts = [chosen.double(), chosen_lp.double()]
-    k = batch.top_logprobs
-    if k:
-        top_v, top_i = torch.topk(logits, k, dim=-1)
-        parts += [top_i.double().T.reshape(-1), (top_v - lse[:, None]).double().T.reshape(-1)]
-    host = _to_host(torch.cat(parts)).tolist()
-    n = len(batch.params)
-    tokens, lps = [int(x) for x in host[:n]], host[n : 2 * n]
-    return SampleResult(tokens, lps, _alternatives(host[2 * n :], batch.params, n, k))
+    return torch.cat([chosen.double(), chosen_lp.double(), *_top_parts(logits, lse, batch.top_logprobs)])
+
+
+def _top_parts(logits: torch.Tensor, lse: torch.Tensor, k: int) -> list[torch.Tensor]:
+    if not k:
+        return []
+    top_v, top_i = torch.topk(logits, k, dim=-1)
+    return [top_i.double().T.reshape(-1), (top_v - lse[:, None]).double().T.reshape(-1)]
+
+
+def _device_triton(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The fused kernels (`lragent.kernels.triton_sampling`): two launches when there is no bias, no penalty and
+    no top_logprobs; bias and penalties are applied first by `process`, as on the torch path."""
+    from lragent.kernels.triton_sampling import kcap_for, topk_sample
+
+    scores = lse = None
+    if batch.bias is not None or batch.penalties is not None or batch.top_logprobs:
+        lse = torch.logsumexp(logits, dim=-1)
+    if batch.bias is not None or batch.penalties is not None:
+        assert lse is not None
+        broken = ~torch.isfinite(lse)
+        scores = process(torch.where(broken[:, None], torch.zeros_like(logits), logits), batch)
+    kcap = kcap_for(1 if batch.all_greedy else batch.max_top_k)
+    out = topk_sample(
+        logits, scores, batch.temperature, batch.greedy, batch.top_k, batch.top_p, batch.min_p, batch.keys, kcap
+    )
+    if not batch.top_logprobs:
+        return out
+    assert lse is not None
+    return torch.cat([out, *_top_parts(logits, lse, batch.top_logprobs)])
+
+
+def _result(host: list[float], rows: int, batch: SamplingBatch) -> SampleResult:
+    """The host copy, laid out for `rows` rows (a padded graph batch has more than the batch), as a SampleResult."""
+    n, k = len(batch.params), batch.top_logprobs
+    tokens, lps = [int(x) for x in host[:n]], host[rows : rows + n]
+    return SampleResult(tokens, lps, _alternatives(host[2 * rows :], batch.params, rows, k))
 
 
 def _alternatives(flat: list[float], params: list[SamplingParams], n: int, k: int) -> list[list[tuple[int, float]]]:

@@ -86,6 +86,15 @@ class AttentionBackend(ABC):
             is_decode=rows.is_decode,
         )
 
+    def enable_cascade(self, block_size: int) -> bool:
+        """Turn on cascade decode (decode rows sharing leading cache blocks read them once per step) where the
+        backend has it; False: it does not, decode stays plain."""
+        return False
+
+    def decode_eagerly(self, rows: BatchRows) -> bool:
+        """This decode step must run eagerly, not as a captured CUDA graph (cascade groups follow the tables)."""
+        return False
+
     def graph_inputs(self, cache: KVCache, pools: list[str], max_batch: int, max_model_len: int, device: torch.device):
         """Static input buffers for CUDA-graph decode (`lragent.kernels.graph_inputs.GraphInputs`)."""
         raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")

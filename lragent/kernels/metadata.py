@@ -27,10 +27,34 @@ class AttentionMetadata:
     lr_slots: torch.Tensor | None  # [T] flat slot ids in the LR pool
     is_decode: bool = False  # every sequence has exactly one new token
     decode_splits: int | None = None  # fixed split-KV count (CUDA graphs: the grid must not follow the lengths)
+    cascade: CascadePlan | None = None  # decode rows grouped by shared leading blocks (cascade attention), if any
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+
+@dataclass
+class CascadePlan:
+    """Decode rows grouped by a shared leading run of cache blocks (`lragent.kernels.triton_cascade.plan_cascade`).
+
+    A group's shared keys are read once for all its members, through the block tables of its first member (the
+    blocks are the same ids, hence the same tensors, in every pool the step reads); each row then reads its own
+    keys from `suffix_start`. Rows in no group have `suffix_start` 0 and `member_row` -1.
+    """
+
+    groups: list[tuple[list[int], int]]  # host: (member rows, shared tokens) per group
+    members: torch.Tensor  # [M] int32 batch rows of every group's members, group after group
+    group_start: torch.Tensor  # [groups + 1] int32 offsets into `members`
+    group_row: torch.Tensor  # [groups] int32 the batch row whose block tables the group's shared keys are read through
+    shared_lens: torch.Tensor  # [groups] int32 shared tokens (whole blocks)
+    group_slot: torch.Tensor  # [groups] int64 the members' adapter slot if they agree, else the largest (0: no LR read)
+    suffix_start: torch.Tensor  # [B] int32 each row's first own key
+    member_row: torch.Tensor  # [B] int32 each row's index into `members`, -1 outside any group
+    identity: torch.Tensor  # [B + 1] int32 0..B (each row as a group of one, for the suffix launch)
+    uniform_slots: bool  # every group's members share one adapter slot (what keys rebuilt per reader need)
+    max_members: int
+    max_shared: int
 
 
 @dataclass

@@ -173,6 +173,85 @@ def batched_decode_attention(
     return out.reshape(b, hq, d).to(query.dtype)
 
 
+def cascade_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lrs: torch.Tensor | None,
+    value_up: torch.Tensor | None,
+    lora_scaling: torch.Tensor,
+    meta: AttentionMetadata,
+    block_size: int,
+    key_lr: KeyLR | None = None,
+) -> torch.Tensor:
+    """`batched_decode_attention` by the cascade route (`meta.cascade`, the oracle of the cascade kernels): each
+    row's shared keys are read through its group's first member's block tables, its own keys from `suffix_start`
+    through its own; each part gives a normalised partial (P V_base, P R over the row's LR slice) and its
+    log-sum-exp, merged by log-sum-exp before s (P R) B. Same pools and layouts as `batched_decode_attention`."""
+    plan = meta.cascade
+    assert plan is not None, "give metadata with a cascade plan"
+    starts = plan.suffix_start.tolist()
+    shared_row = list(range(meta.num_seqs))
+    for members, _ in plan.groups:
+        for i in members:
+            shared_row[i] = members[0]
+    slots = meta.seq_lora_slots.tolist()
+    out = torch.empty_like(query)
+    for i, ctx in enumerate(meta.context_lens):
+        parts = [
+            _decode_part(query[i], shared_row[i], 0, starts[i], slots[i], keys, values, lrs, value_up, lora_scaling,
+                         meta, block_size, key_lr),
+            _decode_part(query[i], i, starts[i], ctx, slots[i], keys, values, lrs, value_up, lora_scaling, meta,
+                         block_size, key_lr),
+        ]  # fmt: skip
+        lse = torch.stack([p[2] for p in parts])  # [2, Hq]
+        weight = torch.softmax(lse, dim=0).nan_to_num(0.0)  # a part without keys (-inf) weighs 0
+        o = sum(w[:, None] * p[0] for w, p in zip(weight, parts))
+        if parts[0][1] is not None and value_up is not None:
+            pr = sum(w[:, None] * p[1] for w, p in zip(weight, parts))
+            hq, hkv, d = query.shape[1], keys.shape[1], keys.shape[2]
+            b_up = value_up[slots[i]].view(-1, hkv, d).to(pr.dtype)
+            term = torch.einsum("hgr,rhd->hgd", pr.view(hkv, hq // hkv, -1), b_up).reshape(hq, d)
+            o = o + lora_scaling[slots[i]].to(pr.dtype) * term
+        out[i] = o.to(query.dtype)
+    return out
+
+
+def _decode_part(q, table_row, lo, hi, slot, keys, values, lrs, value_up, lora_scaling, meta, block_size, key_lr):
+    """One decode row's (P V_base [Hq, d], P R [Hq, r] or None, log-sum-exp [Hq]) over positions lo..hi-1 read
+    through the block tables of batch row `table_row` (softmax normalised within the part)."""
+    hq, d = q.shape
+    hkv = keys.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    pos = torch.arange(lo, hi, device=q.device)
+    idx = gather_positions(meta.base_block_tables[table_row], hi, block_size)[lo:]
+    k = keys[idx]
+    key_up = None if key_lr is None else key_lr.up
+    ups = value_up if value_up is not None else key_up
+    rows = None
+    if lrs is not None and ups is not None and slot != 0:
+        assert meta.lr_block_tables is not None, "an LR pool comes with LR block tables"
+        rows = lrs[gather_positions(meta.lr_block_tables[table_row], hi, block_size)[lo:]]
+        stride, key_col = lr_row_layout(rows.shape[-1], ups.shape[1], ups.shape[0] - 1, key_lr is not None)
+        if key_lr is not None and key_up is not None:
+            r_k = rows[:, key_col : key_col + key_up.shape[1]]
+            k_up = key_up[slot].view(-1, hkv, d)
+            k = add_key_lora(k, r_k, k_up, float(lora_scaling[slot]), key_lr.cos[pos], key_lr.sin[pos])
+        if value_up is not None:
+            col = (slot - 1) * stride
+            rows = rows[:, col : col + value_up.shape[1]]
+    scores = torch.einsum("hgd,lhd->hgl", q.to(acc).view(hkv, hq // hkv, d), k.to(acc)) * d**-0.5
+    lse = torch.logsumexp(scores, dim=-1)  # -inf without keys
+    probs = torch.exp(scores - lse[..., None])
+    o = torch.einsum("hgl,lhd->hgd", probs, values[idx].to(acc)).reshape(hq, d)
+    pr = None
+    if value_up is not None:
+        pr = torch.zeros(hq, value_up.shape[1], dtype=acc, device=q.device)
+        if rows is not None:
+            pr = torch.einsum("hgl,lr->hgr", probs, rows.to(acc)).reshape(hq, -1)
+    return o, pr, lse.reshape(hq)
+
+
 def _mark(cache: KVCache, pool: str, slots: torch.Tensor, bad: torch.Tensor) -> None:
     """Flag the blocks that received a non-finite row (caches without flag arrays, e.g. kernel tests, skip it)."""
     if getattr(cache, "flags", None) is not None:

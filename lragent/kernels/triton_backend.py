@@ -9,8 +9,9 @@ import torch
 from lragent.cache.kv_cache import KVCache
 from lragent.kernels.backend import AttentionBackend, KeyLR, LayerOps
 from lragent.kernels.graph_inputs import GraphInputs
-from lragent.kernels.metadata import AttentionMetadata
+from lragent.kernels.metadata import AttentionMetadata, BatchRows
 from lragent.kernels.triton_attention import default_num_splits, paged_decode, paged_prefill
+from lragent.kernels.triton_cascade import CascadeOptions, cascade_decode, find_groups, plan_cascade
 from lragent.kernels.triton_fused import add_rms_norm, rotary, silu_mul
 from lragent.kernels.triton_lora import TritonLoRABank
 from lragent.kernels.triton_store import store_kv_lr
@@ -36,13 +37,39 @@ class TritonBackend(AttentionBackend):
 
     `decode_splits`: a fixed split-KV count for decode (set it before capturing CUDA graphs, where the grid must
     not depend on the step's lengths); None picks one per step from the batch size and the longest context.
+    `cascade`: group decode rows by shared leading blocks and read those keys once per group
+    (`lragent.kernels.triton_cascade`); None (the default): plain split-KV decode.
     """
 
     name = "triton"
     supports_cuda_graphs = True
 
-    def __init__(self, decode_splits: int | None = None):
+    def __init__(self, decode_splits: int | None = None, cascade: CascadeOptions | None = None):
         self.decode_splits = decode_splits
+        self.cascade = cascade
+        self.cascade_steps = 0  # decode steps that found cascade groups (a counter for tests and stats)
+        self._planned: tuple[BatchRows, list[tuple[list[int], int]]] | None = None  # the last step's groups
+
+    def enable_cascade(self, block_size: int) -> bool:
+        self.cascade = CascadeOptions.for_tokens(block_size)
+        return True
+
+    def _groups(self, rows: BatchRows) -> list[tuple[list[int], int]]:
+        """The step's cascade groups, found once per BatchRows (asked by the runner, then by `metadata`)."""
+        if self._planned is None or self._planned[0] is not rows:
+            found = find_groups(rows, self.cascade) if self.cascade is not None and rows.is_decode else []
+            self._planned = (rows, found)
+        return self._planned[1]
+
+    def decode_eagerly(self, rows: BatchRows) -> bool:
+        return self.cascade is not None and bool(self._groups(rows))
+
+    def metadata(self, rows: BatchRows, device: torch.device) -> AttentionMetadata:
+        meta = super().metadata(rows, device)
+        if self.cascade is not None and rows.is_decode:
+            meta.cascade = plan_cascade(self._groups(rows), rows, self.cascade.block_size, device)
+            self.cascade_steps += meta.cascade is not None
+        return meta
 
     @property
     def layer_ops(self) -> LayerOps:
@@ -98,6 +125,12 @@ class TritonBackend(AttentionBackend):
             key_lr=key_lr,
         )
         if meta.is_decode:
+            if meta.cascade is not None:
+                out = cascade_decode(
+                    query, context_lens=meta.context_lens_t, plan=meta.cascade, max_context=max(meta.context_lens), **args
+                )
+                if out is not None:  # else a layout this layer cannot cascade (`cascade_supported`): plain decode
+                    return out
             return paged_decode(
                 query,
                 context_lens=meta.context_lens_t,

@@ -82,7 +82,7 @@ def write_log(log: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     task or mode replaces the old log rather than mixing with it. Returns the log as written."""
     path = Path(out_dir) / LOG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with open(path.with_name(f".{LOG_NAME}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         merged = _merge(_read(path), log)
         path.write_text(json.dumps(merged, indent=1) + "\n")
