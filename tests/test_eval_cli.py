@@ -287,6 +287,10 @@ def test_cli_seeds_noise_control_and_fidelity(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(eval_cli, "find_adapter_sets", lambda roots: [AdapterSet("a", {r: "x" for r in D.ROLES})])
     spec = eval_cli.spec_from_args(args)
     assert spec.run_seeds() == [1, 2, 3] and spec.noise_control and len(spec.runs()) == 6
+    only = eval_cli.build_parser().parse_args(["q.jsonl", "--sharing", "none", "--seeds", "1", "2", "--noise-control"])
+    assert [label for _, label, _ in eval_cli.spec_from_args(only).runs()] == ["non_shared/reseed"] * 2
+    with pytest.raises(ValueError, match="none"):  # nothing to run
+        eval_cli.spec_from_args(eval_cli.build_parser().parse_args(["q.jsonl", "--sharing", "none"]))
     assert spec.pipeline.finish_at_cap and not spec.pipeline.constrain
     args = eval_cli.build_parser().parse_args(["q.jsonl", "--free", "--constrain"])
     spec = eval_cli.spec_from_args(args)

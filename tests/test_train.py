@@ -547,3 +547,13 @@ def test_adopting_the_plan_copies_once_and_replaces_a_stale_one(tmp_path):
     before = (dest / WEIGHTS_NAME).stat().st_mtime_ns
     adopt_plan(plan, tmp_path / "sa")  # a second role run of the set: equal copy, left alone
     assert (dest / WEIGHTS_NAME).stat().st_mtime_ns == before
+
+
+def test_time_limit_stops_after_a_measured_step(tok):
+    base = tiny_llama(len(tok))
+    data = encode_all(tok, {"plan": toy_examples(4)["plan"]}, 160)
+    heldout = encode_all(tok, {"plan": toy_examples(2)["reflect"]}, 160)
+    cfg = _cfg("independent", max_steps=40, eval_every=10, max_time_s=0.0)  # out of time after the first step
+    model = attach(base, ["plan"], cfg, "tiny")
+    res = train_adapters(model, data, cfg, tok.pad_token_id, heldout=heldout)["plan"]
+    assert res.stopped_early and res.steps == 1 and res.eval_steps == [1] and res.best_step == 1

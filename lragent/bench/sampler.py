@@ -11,8 +11,14 @@ clock). tokens/s = batch / median step time. Settings:
 - t0.9-p0.9: temperature 0.9, top-p 0.9, no top-k (candidates are the whole sorted vocabulary)
 - t0.9-penalties: temperature 0.9, repetition 1.1 + presence 0.5 over a 1k-token history (512 prompt + 512 output)
 
+`--impl` (repeatable, or `all`: torch, graph, triton, triton+graph) times each implementation of `sample` on the same
+logits and batch, side by side; a value marked `~` ran a fallback (e.g. triton on a batch without top-k runs the
+torch path: `lragent.engine.sampler.resolve_impl`), and `diff` counts the rows whose token differs from the first
+implementation's.
+
 Prints a table, one parseable `SAMPLER ...` line (the median ms of every setting at the reference size: batch 32 x
-128k vocabulary when measured, else the largest measured), and writes `--json FILE`.
+128k vocabulary when measured, else the largest measured; `<setting>@<impl>_ms` for every implementation after the
+first), and writes `--json FILE` (a row per setting, size and implementation).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from lragent.engine.sampler import SamplingBatch, sample
+from lragent.engine.sampler import IMPLS, SamplingBatch, resolve_impl, sample
 from lragent.sampling import SamplingParams
 
 SETTINGS: dict[str, dict] = {
@@ -42,6 +48,7 @@ HISTORY, PROMPT = 1024, 512  # tokens of history of a penalised row, of which th
 CUDA_BATCH, CUDA_VOCAB = "1,8,32,128,256", "32k,128k,256k"
 CPU_BATCH, CPU_VOCAB = "1,8,32", "32k,128k"
 REF = (32, 128 * 1024)  # the issue's target size: batch 32, 128k vocabulary
+ALL_IMPLS = ["torch", "graph", "triton", "triton+graph"]
 
 
 def _sizes(text: str) -> list[int]:
@@ -75,8 +82,18 @@ def build_batch(setting: str, batch: int, vocab: int, device: torch.device, seed
     )
 
 
-def time_one(setting: str, batch: int, vocab: int, device: torch.device, reps: int, warmup: int, seed: int = 0) -> dict:
-    """Median (and min / max) ms of `sample` for one setting and size, and the build time of its batch."""
+def time_one(
+    setting: str,
+    batch: int,
+    vocab: int,
+    device: torch.device,
+    reps: int,
+    warmup: int,
+    seed: int = 0,
+    impls: list[str] | None = None,
+) -> list[dict]:
+    """Median (and min / max) ms of `sample` for one setting and size, per implementation (same logits, same
+    batch), with the build time of the batch and the tokens drawn by the last call."""
     gen = torch.Generator().manual_seed(seed + batch * 7 + vocab)
     logits = (3.0 * torch.randn(batch, vocab, generator=gen)).to(device)
     builds = []
@@ -86,27 +103,38 @@ def time_one(setting: str, batch: int, vocab: int, device: torch.device, reps: i
         sb = build_batch(setting, batch, vocab, device, seed)
         _sync(device)
         builds.append(time.perf_counter() - t0)
+    build_ms = statistics.median(builds) * 1e3
+    return [
+        {"setting": setting, **_time_impl(logits, sb, impl, reps, warmup), "build_ms": build_ms}
+        for impl in impls or ["auto"]
+    ]
+
+
+def _time_impl(logits: torch.Tensor, sb: SamplingBatch, impl: str, reps: int, warmup: int) -> dict:
+    device = logits.device
+    batch, vocab = logits.shape
     for _ in range(warmup):
-        sample(logits, sb)
+        sample(logits, sb, impl=impl)
     times = []
     for _ in range(reps):
         _sync(device)
         t0 = time.perf_counter()
-        out = sample(logits, sb)
+        out = sample(logits, sb, impl=impl)
         _sync(device)
         times.append(time.perf_counter() - t0)
     assert len(out.tokens) == batch
     ms = statistics.median(times) * 1e3
     return {
-        "setting": setting,
         "batch": batch,
         "vocab": vocab,
+        "impl": impl,
+        "ran": resolve_impl(impl, logits, sb),
         "ms": ms,
         "ms_min": min(times) * 1e3,
         "ms_max": max(times) * 1e3,
         "tok_s": batch / (ms / 1e3),
-        "build_ms": statistics.median(builds) * 1e3,
         "reps": reps,
+        "tokens": out.tokens,
     }
 
 
@@ -121,9 +149,11 @@ def summary_line(rows: list[dict], device: torch.device, wall_s: float) -> str:
     sizes = {(r["batch"], r["vocab"]) for r in rows}
     ref = REF if REF in sizes else max(sizes, key=lambda s: (s[0] * s[1], s))
     parts = [f"SAMPLER device={device.type}", f"ref=b{ref[0]}xv{ref[1]}"]
+    first = rows[0]["impl"] if rows else None
     for r in rows:
         if (r["batch"], r["vocab"]) == ref:
-            parts.append(f"{r['setting']}_ms={r['ms']:.4g}")
+            name = r["setting"] if r["impl"] == first else f"{r['setting']}@{r['impl']}"
+            parts.append(f"{name}_ms={r['ms']:.4g}")
     return " ".join([*parts, f"configs={len(rows)}", f"wall_s={wall_s:.1f}"])
 
 
@@ -139,6 +169,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)} (default: all)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per configuration (CUDA: 50; CPU: 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (CUDA: 5; CPU: 2)")
+    p.add_argument(
+        "--impl",
+        action="append",
+        choices=[*IMPLS, "all"],
+        default=None,
+        help=f"implementation of `sample` to time, repeatable; all = {', '.join(ALL_IMPLS)} (default: auto)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows and run metadata as JSON")
     return p
@@ -161,13 +198,24 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--reps must be >= 1 and --warmup >= 0")
 
     t_begin = time.perf_counter()
-    rows = _time_all(args, device, vocabs, batches, settings, reps, warmup)
+    impls = _impls(args.impl)
+    rows = _time_all(args, device, vocabs, batches, settings, reps, warmup, impls)
     wall = time.perf_counter() - t_begin
     line = summary_line(rows, device, wall)
     print(line)
     if args.json:
         _write_json(args, argv, device, rows, line, reps, warmup, wall)
     return 0
+
+
+def _impls(chosen: list[str] | None) -> list[str]:
+    """The implementations to time, in order, each once ("all" expands to ALL_IMPLS)."""
+    out: list[str] = []
+    for impl in chosen or ["auto"]:
+        for one in ALL_IMPLS if impl == "all" else [impl]:
+            if one not in out:
+                out.append(one)
+    return out
 
 
 def _time_all(
@@ -178,27 +226,34 @@ def _time_all(
     settings: list[str],
     reps: int,
     warmup: int,
+    impls: list[str],
 ) -> list[dict]:
-    """Time every (vocab, batch, setting), printing the table as it goes; its rows."""
+    """Time every (vocab, batch, setting, implementation), printing the table as it goes; its rows."""
     print(
         f"sampler alone: float32 logits on {args.device} ({_device_name(device)}), median of {reps} calls after "
         f"{warmup} warm-up; tok/s = batch / step time; build = SamplingBatch.build (host, once per engine step)",
         flush=True,
     )
-    header = f"{'setting':<16} {'batch':>5} {'vocab':>6} {'ms/step':>9} {'tok/s':>11} {'build ms':>9}"
-    print(header, flush=True)
+    cols = "".join(f" {impl + ' ms':>16}" for impl in impls)
+    print(f"{'setting':<16} {'batch':>5} {'vocab':>6} {'build ms':>9}{cols} {'best tok/s':>11} {'diff':>5}", flush=True)
     rows = []
     for vocab in vocabs:
         for batch in batches:
             for setting in settings:
-                r = time_one(setting, batch, vocab, device, reps, warmup, args.seed)
-                rows.append(r)
-                print(
-                    f"{setting:<16} {batch:>5} {_fmt(vocab):>6} {r['ms']:>9.3f} {r['tok_s']:>11.0f} "
-                    f"{r['build_ms']:>9.3f}",
-                    flush=True,
-                )
+                got = time_one(setting, batch, vocab, device, reps, warmup, args.seed, impls)
+                for r in got:  # rows whose token differs from the first implementation's
+                    r["diff_rows"] = sum(a != b for a, b in zip(r["tokens"], got[0]["tokens"]))
+                print(_line(setting, batch, vocab, got), flush=True)
+                rows += [{k: v for k, v in r.items() if k != "tokens"} for r in got]
     return rows
+
+
+def _line(setting: str, batch: int, vocab: int, got: list[dict]) -> str:
+    """One table line: every implementation's ms (`~`: it ran a fallback), the best tok/s, the most differing rows."""
+    times = "".join(f" {r['ms']:>15.3f}{'~' if r['ran'] != r['impl'] else ' '}" for r in got)
+    best = max(r["tok_s"] for r in got)
+    diff = max(r["diff_rows"] for r in got)
+    return f"{setting:<16} {batch:>5} {_fmt(vocab):>6} {got[0]['build_ms']:>9.3f}{times} {best:>11.0f} {diff:>5}"
 
 
 def _write_json(
@@ -223,6 +278,7 @@ def _write_json(
         "warmup": warmup,
         "wall_s": wall,
         "history_tokens": HISTORY,
+        "impls": sorted({r["impl"] for r in rows}, key=[r["impl"] for r in rows].index),
     }
     out = {"meta": meta, "settings": SETTINGS, "rows": rows, "summary": line}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,10 @@ over the candidates: the exact oracle the batched path is tested against.
 
 Log-probabilities are those of the logits as given (after any structured-output mask, before bias, penalties,
 temperature and truncation), as OpenAI's API reports them.
+
+The device part has several implementations that draw the same tokens (`sample(..., impl=...)`, `resolve_impl`):
+the torch ops below (the definition), the fused Triton top-k kernels (`lragent.kernels.triton_sampling`), and
+either replayed from a captured CUDA graph (`lragent.engine.sampler_graph`). The CPU runs the torch ops.
 """
 
 from __future__ import annotations

@@ -53,7 +53,9 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
         help="JSONL question files (HotpotQA or ScienceQA rows; format detected); with --merge, eval.json files",
     )
     p.add_argument(
-        "--sharing", default="base_lr_shared", help=f"comma-separated schemes, or 'all' ({', '.join(SCHEMES)})"
+        "--sharing",
+        default="base_lr_shared",
+        help=f"comma-separated schemes, 'all' ({', '.join(SCHEMES)}), or 'none' (with --noise-control: only its runs)",
     )
     p.add_argument(
         "--adapters",
@@ -166,8 +168,11 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_schemes(text: str) -> list[str]:
+    """'all', 'none' (only the noise control: one process per run, merged later) or a comma list of schemes."""
     if text.strip().lower() == "all":
         return list(SCHEMES)
+    if text.strip().lower() == "none":
+        return []
     schemes = [s.strip().lower().replace("-", "_") for s in text.split(",") if s.strip()]
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown or not schemes:
@@ -221,6 +226,8 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     engine_kwargs = parse_engine_args(args.engine_arg)
     if args.kv_cache_bytes is not None:
         engine_kwargs["kv_cache_bytes"] = args.kv_cache_bytes
+    if parse_schemes(args.sharing) == [] and not args.noise_control:
+        raise ValueError("--sharing none runs nothing without --noise-control")
     for name, value in (("time limit", args.time_limit), ("time budget", args.time_budget)):
         if value is not None and value <= 0:
             raise ValueError(f"the {name} must be positive, got {value}")

@@ -55,6 +55,7 @@ class CascadePlan:
     uniform_slots: bool  # every group's members share one adapter slot (what keys rebuilt per reader need)
     max_members: int
     max_shared: int
+    max_own: int  # the longest own part (context - suffix_start) of any row
 
 
 @dataclass

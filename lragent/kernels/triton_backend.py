@@ -126,9 +126,7 @@ class TritonBackend(AttentionBackend):
         )
         if meta.is_decode:
             if meta.cascade is not None:
-                out = cascade_decode(
-                    query, context_lens=meta.context_lens_t, plan=meta.cascade, max_context=max(meta.context_lens), **args
-                )
+                out = cascade_decode(query, context_lens=meta.context_lens_t, plan=meta.cascade, **args)
                 if out is not None:  # else a layout this layer cannot cascade (`cascade_supported`): plain decode
                     return out
             return paged_decode(

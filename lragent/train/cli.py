@@ -80,6 +80,13 @@ def train_parser() -> argparse.ArgumentParser:
         "--patience", type=int, default=0, help="stop after this many measurements without improvement (0: never)"
     )
     p.add_argument("--min-delta", type=float, default=0.0, help="smallest held-out improvement that counts")
+    p.add_argument(
+        "--max-time",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop a role's training after S seconds (held-out loss measured then, best checkpoint kept)",
+    )
     return p
 
 
@@ -109,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_every=args.eval_every,
         patience=args.patience,
         min_delta=args.min_delta,
+        max_time_s=args.max_time,
     )
 
 

@@ -43,6 +43,7 @@ class TrainConfig:
     eval_every: int = 25
     patience: int = 0
     min_delta: float = 0.0  # an improvement smaller than this does not reset the patience
+    max_time_s: float | None = None  # stop (held-out measured, best weights kept) once training took this long
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -11,6 +11,7 @@ Held-out loss and early stopping: given held-out examples (questions never train
 them is measured every ``cfg.eval_every`` steps (and after the last). The trainable weights of the best measurement
 are kept in memory and restored at the end, so what is saved is the best checkpoint, not the last; with
 ``cfg.patience`` > 0 training also stops after that many measurements without an improvement of ``cfg.min_delta``.
+``cfg.max_time_s`` bounds a run's time (a GPU call of fixed length): the last step measures, the best weights stay.
 With several adapters (joint) the criterion is the mean of their held-out losses.
 """
 
@@ -228,13 +229,15 @@ def train_adapters(
         _optimizer_step(opt, sched, params, cfg, step_losses, results, step)
         if (step + 1) % 10 == 0 or step + 1 == total:
             bar.set_postfix({r: f"{_last_finite(res.losses):.3f}" for r, res in results.items()})
-        if heldout and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+        out_of_time = cfg.max_time_s is not None and time.perf_counter() - start >= cfg.max_time_s
+        stop = False
+        if heldout and ((step + 1) % cfg.eval_every == 0 or step + 1 == total or out_of_time):
             improved, stop = stopper.update(step + 1, _measure(model, heldout, params, cfg, pad_id, results, step + 1))
             if improved:
                 best_state = [p.detach().clone() for p in params]
-            if stop:
-                done = step + 1
-                break
+        if stop or out_of_time:
+            done = step + 1
+            break
     if best_state is not None and stopper.best_step != done:
         with torch.no_grad():
             for p, saved in zip(params, best_state):
