@@ -813,6 +813,11 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="a real PEFT adapter for an agent (default: random rank-8 q/v with shared v_proj A)",
     )
+    p.add_argument(
+        "--adapter-targets",
+        default="q_proj,v_proj",
+        help="modules of the random adapters, e.g. q_proj,k_proj,v_proj,o_proj (k_proj and v_proj A shared)",
+    )
 
 
 def _add_engine_config_args(p: argparse.ArgumentParser) -> None:
@@ -911,7 +916,9 @@ def _run_meta(
         "agents": agents,
         "decoding": describe(args.sampling),
         "sampling": args.sampling,
-        "adapters": "given: " + ", ".join(given) if given else "random rank-8 q/v LoRA (alpha 16), shared v_proj A",
+        "adapters": "given: " + ", ".join(given)
+        if given
+        else f"random rank-8 {args.adapter_targets} LoRA (alpha 16), shared k_proj / v_proj A",
     }
     try:
         import transformers
@@ -977,7 +984,8 @@ def _agent_adapters(args: argparse.Namespace, agents: list[str], given: dict[str
     missing = [a for a in agents if a not in given]
     adapters = dict(given)
     if missing:
-        adapters.update(write_random_adapters(args.model, tmp, missing, rank=8, shared_a=True))
+        targets = tuple(t.strip() for t in args.adapter_targets.split(",") if t.strip())
+        adapters.update(write_random_adapters(args.model, tmp, missing, rank=8, targets=targets, shared_a=True))
     return {a: adapters[a] for a in agents}
 
 
