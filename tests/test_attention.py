@@ -31,6 +31,20 @@ def test_reordered_equals_materialised(hq, hkv, rank, d):
     assert not torch.allclose(ours, lora_attention(q, k, v, None, None, 0.0, d**-0.5))
 
 
+@pytest.mark.parametrize("budget", [1, 7 * 4 * 50, 10**9])
+def test_query_chunks_give_the_same_attention(budget, monkeypatch):
+    """Long prompts go through the reference in query chunks bounded by SCORE_ELEMENTS: same result, any chunking."""
+    import lragent.kernels.reference as ref
+
+    gen = torch.Generator().manual_seed(11)
+    lk, lq, hq, hkv, d, rank = 70, 53, 4, 2, 16, 4
+    q, k, v = (torch.randn(n, h, d, generator=gen, dtype=torch.float64) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
+    r, b = torch.randn(lk, rank, generator=gen, dtype=torch.float64), torch.randn(rank, hkv, d, generator=gen).double()
+    monkeypatch.setattr(ref, "SCORE_ELEMENTS", budget)  # 1 query per chunk, ~7 per chunk, one chunk
+    ours = lora_attention(q, k, v, r, b, 1.7, d**-0.5)
+    torch.testing.assert_close(ours, naive_lora_attention(q, k, v, r, b, 1.7, d**-0.5), rtol=1e-10, atol=1e-10)
+
+
 def test_paged_backend_matches_contiguous():
     """Scattered blocks, several sequences with cached prefixes and new tokens, mixed adapters incl. slot 0."""
     torch.manual_seed(0)

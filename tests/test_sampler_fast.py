@@ -7,6 +7,7 @@ and Triton implementations (and Triton captured in a graph) equal the torch path
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ import torch
 from lragent.engine.sampler import SamplingBatch, resolve_impl, sample, sample_reference
 from lragent.sampling import SamplingParams
 
-CPU = torch.device("cpu")
+# CUDA when there is one (the kernels compiled), else the CPU under the interpreter
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MIX = [
     SamplingParams(temperature=0.0),
     SamplingParams(temperature=0.9, top_p=0.75, top_k=40),
@@ -26,7 +28,7 @@ MIX = [
 ]
 
 
-def make(params, vocab, gen, device=CPU):
+def make(params, vocab, gen, device=DEV):
     n = len(params)
     seeds = torch.randint(-(1 << 62), 1 << 62, (n,), generator=gen).tolist()
     positions = torch.randint(0, 100_000, (n,), generator=gen).tolist()
@@ -36,6 +38,7 @@ def make(params, vocab, gen, device=CPU):
 
 def check_same(logits, batch, impl="triton", want_impl="triton"):
     """`impl` really runs (no silent fallback), and draws the torch path's tokens and log-probs."""
+    logits = logits.to(DEV)
     assert resolve_impl(impl, logits, batch) == want_impl
     got, want = sample(logits, batch, impl=impl), sample(logits, batch, impl="torch")
     assert got.tokens == want.tokens
@@ -64,7 +67,7 @@ def test_triton_draws_vary_with_the_noise_key():
     row = torch.randn(1, 2000, generator=gen)
     params = [SamplingParams(temperature=1.0, top_k=40, top_p=0.9)] * 24
     logits = row.expand(len(params), -1).contiguous()
-    batch = SamplingBatch.build(params, [11] * 24, list(range(24)), None, None, 2000, CPU)
+    batch = SamplingBatch.build(params, [11] * 24, list(range(24)), None, None, 2000, DEV)
     assert len(set(check_same(logits, batch).tokens)) > 5
 
 
@@ -75,6 +78,7 @@ def test_triton_chunks_and_slots_do_not_change_the_draw():
     gen = torch.Generator().manual_seed(3)
     logits = 2 * torch.randn(len(MIX), 3000, generator=gen)
     batch, _, _ = make(MIX, 3000, gen)
+    logits = logits.to(DEV)
     want = sample(logits, batch, impl="torch")
     args = (batch.temperature, batch.greedy, batch.top_k, batch.top_p, batch.min_p, batch.keys)
     for chunk, kcap in ((256, 64), (512, 128), (4096, 64)):
@@ -105,7 +109,8 @@ def test_triton_top_p_drops_a_token_whose_mass_before_it_reaches_top_p_exactly()
     logits[0, [100, 700, 1100, 1400]] = 3.0
     n = 64
     params = [SamplingParams(temperature=1.0, top_k=4, top_p=0.5)] * n
-    batch = SamplingBatch.build(params, list(range(n)), [0] * n, None, None, 1500, CPU)
+    batch = SamplingBatch.build(params, list(range(n)), [0] * n, None, None, 1500, DEV)
+    logits = logits.to(DEV)
     for impl in ("triton", "torch"):
         assert len(set(sample(logits.expand(n, -1).contiguous(), batch, impl=impl).tokens)) == 2, impl
 
@@ -125,10 +130,10 @@ def test_triton_with_bias_penalties_and_top_logprobs():
         seeds = torch.randint(-(1 << 62), 1 << 62, (len(params),), generator=gen).tolist()
         positions = [trial] * len(params)
         hist = [torch.randint(0, vocab, (40,), generator=gen).tolist() for _ in params]
-        batch = SamplingBatch.build(params, seeds, positions, hist, [10] * len(params), vocab, CPU)
+        batch = SamplingBatch.build(params, seeds, positions, hist, [10] * len(params), vocab, DEV)
         got = check_same(logits, batch)
         assert got.tokens == sample_reference(logits, params, seeds, positions, hist, [10] * len(params))
-        want = sample(logits, batch, impl="torch")
+        want = sample(logits.to(DEV), batch, impl="torch")
         assert [t for t, _ in got.top_logprobs[3]] == [t for t, _ in want.top_logprobs[3]]
         assert [v for _, v in got.top_logprobs[3]] == pytest.approx([v for _, v in want.top_logprobs[3]], abs=1e-5)
         assert got.top_logprobs[:3] == [[], [], []]
@@ -142,6 +147,7 @@ def test_triton_broken_rows_get_a_nonfinite_logprob_and_nothing_else_does():
     logits[2] = float("-inf")
     logits[5, 7] = float("inf")
     batch, _, _ = make(MIX, 3000, gen)
+    logits = logits.to(DEV)
     assert resolve_impl("triton", logits, batch) == "triton"
     got, want = sample(logits, batch, impl="triton"), sample(logits, batch, impl="torch")
     for row in range(len(MIX)):
@@ -152,6 +158,9 @@ def test_triton_broken_rows_get_a_nonfinite_logprob_and_nothing_else_does():
             assert got.logprobs[row] == pytest.approx(want.logprobs[row], abs=1e-5)
 
 
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU's choices (conftest interprets Triton there)"
+)
 def test_impls_fall_back_where_they_do_not_serve():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 5000, generator=gen)

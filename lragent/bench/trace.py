@@ -437,7 +437,7 @@ def run_engine_trace(
 
 
 def _summarise(records: list[list[dict]], spec: TraceSpec, k: int) -> dict:
-    done = [r for r in records if len(r) == len(spec.steps)]
+    done = [r for r in records if len(r) == len(spec.steps) and all(s.get("ttft_s") is not None for s in r)]
     flat = [s for r in records for s in r]
     out = {
         "trajectories_done": len(done),

@@ -12,6 +12,8 @@ from lragent.cache.kv_cache import KVCache
 from lragent.kernels.backend import AttentionBackend, KeyLR
 from lragent.kernels.metadata import AttentionMetadata
 
+SCORE_ELEMENTS = 1 << 28  # the most attention scores `lora_attention` holds at once (1 GiB in float32)
+
 
 def lora_attention(
     q: torch.Tensor,
@@ -25,8 +27,30 @@ def lora_attention(
     """One sequence. q [Lq, Hq, d]; k, v_base [Lk, Hkv, d]; lr [Lk, r]; b_up [r, Hkv, d].
 
     Query j sits at absolute position Lk - Lq + j and sees keys up to it (causal over the new tokens).
-    Scores and softmax run in float32 (or the input's dtype if wider).
-    """
+    Scores and softmax run in float32 (or the input's dtype if wider). Long prompts go through in query chunks of
+    at most SCORE_ELEMENTS scores (each row's softmax is its own, so the result is the same): the torch backend
+    serves whole 8k-token chunks over 33k-token contexts (droidspeak's trace) without a 30 GiB score matrix."""
+    lq, lk = q.shape[0], k.shape[0]
+    rows = max(1, SCORE_ELEMENTS // (q.shape[1] * lk))
+    if lq <= rows:
+        return _lora_attention(q, k, v_base, lr, b_up, lora_scale, sm_scale)
+    outs = []
+    for a in range(0, lq, rows):
+        end = lk - lq + min(a + rows, lq)  # the chunk's last query sees keys up to here
+        part_lr = lr[:end] if lr is not None else None
+        outs.append(_lora_attention(q[a : a + rows], k[:end], v_base[:end], part_lr, b_up, lora_scale, sm_scale))
+    return torch.cat(outs)
+
+
+def _lora_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v_base: torch.Tensor,
+    lr: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    lora_scale: float,
+    sm_scale: float,
+) -> torch.Tensor:
     lq, hq, d = q.shape
     lk, hkv, _ = k.shape
     group = hq // hkv
