@@ -25,7 +25,7 @@ test: lint
 # Lint: ruff (rules and 120-column formatting) over the code, mypy over the core packages.
 LINT_PATHS := lragent tests scripts examples benchmarks
 MYPY_PATHS := lragent/model_config.py lragent/sampling.py lragent/config.py lragent/cache lragent/lora \
-	lragent/kernels lragent/models lragent/distributed lragent/engine lragent/llm.py
+	lragent/kernels lragent/models lragent/distributed lragent/engine lragent/quant lragent/llm.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

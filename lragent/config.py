@@ -19,6 +19,7 @@ DTYPE_ALIASES = {
     "double": "float64",
     "fp64": "float64",
 }
+QUANTIZATIONS = ("fp8",)  # weight formats `quantization` accepts (lragent.quant); None: the model dtype
 SHARING_AUTO = "auto"  # resolved when the engine has loaded its adapters (lragent.lora.adapter.default_sharing)
 
 
@@ -89,6 +90,9 @@ class EngineConfig:
     seed: int = 0
     # ranks the model's heads and MLP columns are split over, one process each (lragent.distributed.tensor_parallel)
     tensor_parallel_size: int = 1
+    # "fp8": the decoder's projection weights in FP8 e4m3 with per-output-channel scales, quantised at load
+    # (lragent.quant.fp8); embeddings, LM head, norms and LoRA adapters keep the model dtype. None: no quantisation
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.sharing != SHARING_AUTO:
@@ -105,6 +109,9 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in [0.05, 1]")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            choices = ", ".join(QUANTIZATIONS)
+            raise ValueError(f"quantization must be None or one of {choices}; got {self.quantization!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "cuda_graph_max_batch", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

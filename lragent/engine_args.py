@@ -7,7 +7,7 @@ import json
 import re
 
 from lragent.cache.sharing import SharingMode
-from lragent.config import SHARING_AUTO, EngineConfig, canonical_dtype
+from lragent.config import QUANTIZATIONS, SHARING_AUTO, EngineConfig, canonical_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
@@ -112,6 +112,13 @@ def _add_placement_args(p: argparse.ArgumentParser, default_sharing: str) -> Non
         type=parse_dtype,
         default="auto",
         help="auto (float32 on CPU, bfloat16 on CUDA), float32/float/fp32, bfloat16/bf16, float16/half/fp16",
+    )
+    p.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="fp8: decoder projection weights in FP8 with per-channel scales, quantised at load (default: none)",
     )
 
 
@@ -222,4 +229,5 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         warmup=args.warmup,
         seed=args.seed,
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        quantization=getattr(args, "quantization", None),
     )

@@ -38,6 +38,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
     ("lora",),  # adapters, registry, LoRA bank
     ("kernels",),  # attention backends, Triton kernels (TritonLoRABank extends lora.LoRABank)
     ("models",),  # architectures, loading
+    ("quant",),  # weight transforms after loading (FP8 weights)
     ("distributed",),  # tensor parallelism: sharding the model, its config and adapters over ranks
     ("engine",),  # scheduler, block manager, model runner, LLMEngine
     ("llm",),  # the LLM API

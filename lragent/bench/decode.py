@@ -36,6 +36,7 @@ from lragent.bench.decoding import (
     request_seed,
     sampling_options,
 )
+from lragent.config import QUANTIZATIONS
 
 
 def ours(
@@ -117,13 +118,19 @@ def _log(msg: str) -> None:
     print(f"  [bench decode] {msg}", file=sys.stderr, flush=True)
 
 
-def decode_floor_s(model: str, batch: int, context: int, dtype: torch.dtype, rates, rank: int = 8) -> float:
-    """Bytes one decode step must move (every weight once, each sequence's K, V_base and LR rows) over bandwidth."""
+def decode_floor_s(
+    model: str, batch: int, context: int, dtype: torch.dtype, rates, rank: int = 8, quantization: str | None = None
+) -> float:
+    """Bytes one decode step must move (every weight once, each sequence's K, V_base and LR rows) over bandwidth;
+    with fp8 weights the projections count one byte each (their per-row scales are negligible)."""
     from lragent.bench.roofline import ModelCost
 
     cost = ModelCost.of(model_config_for(model), dtype, rank)
     per_token = cost.kv_bytes_per_token + cost.lr_bytes_per_token
-    return (cost.weight_bytes + batch * context * per_token) / rates.copy_bytes
+    weight_bytes = cost.weight_bytes
+    if quantization == "fp8":
+        weight_bytes -= cost.linear_params * (cost.itemsize - 1)
+    return (weight_bytes + batch * context * per_token) / rates.copy_bytes
 
 
 def floor_report(args) -> list[dict]:
@@ -151,9 +158,11 @@ def floor_report(args) -> list[dict]:
                 sharing=args.sharing,
                 dtype=args.dtype,
                 enforce_eager=args.enforce_eager,
+                quantization=args.quantization,
             )
             step = batch / tok_s
-            floor = decode_floor_s(args.model, batch, args.prompt_len + args.new_tokens // 2, dtype, rates)
+            context = args.prompt_len + args.new_tokens // 2
+            floor = decode_floor_s(args.model, batch, context, dtype, rates, quantization=args.quantization)
             rows.append(
                 {
                     "batch": batch,
@@ -171,7 +180,8 @@ def floor_report(args) -> list[dict]:
     print(
         f"decode vs bandwidth floor, {args.model}, {args.sharing}, q/v LoRA r8, context {args.prompt_len}, "
         f"{args.new_tokens} new tokens, {rates.device}, copy {rates.copy_bytes / 1e9:.0f} GB/s"
-        f"{', eager' if args.enforce_eager else ', CUDA graphs'}; decoding: {describe(args.sampling)}"
+        f"{', eager' if args.enforce_eager else ', CUDA graphs'}{', fp8 weights' if args.quantization else ''}; "
+        f"decoding: {describe(args.sampling)}"
     )
     print(f"{'batch':>5} {'tok/s':>9} {'step ms':>8} {'floor ms':>9} {'x floor':>8}")
     for r in rows:
@@ -239,6 +249,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="an HF tokenizer folder (dummy models have none)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument(
+        "--quantization", default=None, choices=QUANTIZATIONS, help="fp8: FP8 projection weights (our engine only)"
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="--floor on CUDA: also break 16 decode steps down by kernel (torch.profiler)",
@@ -285,6 +298,8 @@ def _time_batches(args: argparse.Namespace) -> list[dict]:
             common = (args.model, adapter, batch, args.prompt_len, args.new_tokens, args.device)
             stats: dict = {}
             extra = {"tokenizer": args.tokenizer} if args.tokenizer else {}
+            if args.quantization:
+                extra["quantization"] = args.quantization
             a = ours(*common, sampling=args.sampling, seed=args.seed, stats=stats, **extra)
             b = None if skip_hf else hf_peft(*common, sampling=args.sampling, seed=args.seed)
             rows.append(

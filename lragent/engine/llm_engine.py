@@ -31,6 +31,7 @@ from lragent.kernels import make_backend
 from lragent.lora.adapter import AdapterError, LoRAAdapter, default_sharing, load_peft_adapter
 from lragent.lora.registry import AdapterRegistry
 from lragent.models.llama import Runtime
+from lragent.quant import quantize_model
 from lragent.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class LLMEngine:
         self.fused_layers = backend.layer_ops is not None  # the backend provides the fused form of the layers
         if self.fused_layers:
             self.model.fuse_projections()
+        if config.quantization is not None:  # after fusing: a fused weight is quantised as one
+            quantize_model(self.model, config.quantization)
         self.bank = backend.lora_bank_class(
             self.model_config,
             max_loras,

@@ -13,6 +13,8 @@ the attention backend provides `LayerOps` (`Runtime.ops`): q/k/v and gate/up run
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +60,20 @@ def _with_lora(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return y if delta is None else y + delta
 
 
+class LinearWeight(Protocol):
+    """A weight with its own matmul, standing in for a fused weight tensor after a weight transform (FP8 weights:
+    `lragent.quant.fp8.Fp8Weight`); the model never builds one."""
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | LinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a plain weight tensor, else the transformed weight's own matmul."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return weight.linear(x, bias)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding):
         super().__init__()
@@ -69,7 +85,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
         self.rope = rope
-        self.qkv_weight: torch.Tensor | None = None  # set by `fuse`: q/k/v_proj weights are views into it
+        # set by `fuse`: q/k/v_proj weights are views into it (a weight transform may replace it, see `linear`)
+        self.qkv_weight: torch.Tensor | LinearWeight | None = None
         self.qkv_bias: torch.Tensor | None = None
 
     def fuse(self) -> None:
@@ -115,10 +132,10 @@ class Attention(nn.Module):
         key = self.rope(key.view(-1, self.num_kv_heads, self.head_dim), ctx.base_positions, rt.ops)
         return key, value.view(-1, self.num_kv_heads, self.head_dim)
 
-    def _fused_qkv(self, x: torch.Tensor, qkv_weight: torch.Tensor, ctx: ForwardContext, rt: Runtime):
+    def _fused_qkv(self, x: torch.Tensor, qkv_weight: torch.Tensor | LinearWeight, ctx: ForwardContext, rt: Runtime):
         """One matmul for q, k and v (every token writes its keys); LoRA deltas are added into the column views."""
         bank, layer, t = rt.bank, self.layer, x.shape[0]
-        qkv = F.linear(x, qkv_weight, self.qkv_bias)
+        qkv = linear(x, qkv_weight, self.qkv_bias)
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, key, value = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         bank.add_delta(q, x, layer, "q_proj", ctx.lora.segments)
@@ -139,7 +156,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up_weight: torch.Tensor | None = None  # set by `fuse`
+        self.gate_up_weight: torch.Tensor | LinearWeight | None = None  # set by `fuse` (see Attention.qkv_weight)
 
     def fuse(self) -> None:
         self.gate_up_weight, _ = _fuse_linears(self.gate_proj, self.up_proj)
@@ -147,7 +164,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime) -> torch.Tensor:
         segs, bank, layer = ctx.lora.segments, rt.bank, self.layer
         if rt.ops is not None and self.gate_up_weight is not None:
-            gate_up = F.linear(x, self.gate_up_weight)
+            gate_up = linear(x, self.gate_up_weight)
             gate, up = gate_up.chunk(2, dim=-1)
             bank.add_delta(gate, x, layer, "gate_proj", segs)
             bank.add_delta(up, x, layer, "up_proj", segs)

@@ -1,0 +1,186 @@
+"""FP8 (e4m3) weights with one float32 scale per output channel, quantised once from the loaded checkpoint.
+
+Why per output channel: a row of W is one output feature, so its scale factors out of the dot product
+(`y_j = s_j * (x . q_j)`) and the matmul itself can run on FP8 values. scale_j = absmax(W_j) / 448 (e4m3's largest
+finite value), q_j = round-to-nearest-even(W_j / scale_j). e4m3 has 3 mantissa bits, so each element's error is at most
+max(|w| / 16, scale / 1024) <= absmax(W_j) / 16: half a step, the second term half the subnormal step (2^-9, below
+2^-6).
+
+Two matmuls, chosen once per weight when it is quantised:
+
+- `torch._scaled_mm` (CUDA with compute capability >= 8.9, a bfloat16 model, both dims multiples of 16): the
+  activations are quantised per token (row-wise absmax scale) and the GEMM reads one byte per weight, which should
+  make batch-1 decode, bound by weight bytes, faster (not measured yet);
+- otherwise the reference: dequantise to the model dtype and `F.linear` (CPU, older GPUs, other dtypes). It keeps
+  the activations exact, so it is also what the GPU path is checked against.
+
+LoRA is untouched: adapters act on the activations and add their delta to the base output, whichever matmul made it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lragent.models.llama import CausalLM, DecoderLayer
+
+logger = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+SCALE_MIN = 1e-12  # floor of a scale: an all-zero row gets a finite, positive one (zeros are exact at any scale)
+# (module holding them, projections in row order, attribute of their fused weight or None)
+GROUPS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
+    ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_weight"),
+    ("self_attn", ("o_proj",), None),
+    ("mlp", ("gate_proj", "up_proj"), "gate_up_weight"),
+    ("mlp", ("down_proj",), None),
+)
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] weight -> (FP8 weight [out, in], float32 scale [out]); round to nearest, saturating at +-448."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(SCALE_MIN)
+    w8 = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return w8, scale
+
+
+def dequantize_fp8(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight the FP8 values stand for, in `dtype` (computed in float32, rounded once)."""
+    return (w8.float() * scale[:, None]).to(dtype)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token activation quantisation for `_scaled_mm`: [M, K] -> (FP8 [M, K], float32 scale [M, 1]).
+
+    No clamp: |x / scale| <= 448 up to float rounding, and e4m3 rounds anything below 464 to 448."""
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
+    scale = amax.clamp_min(SCALE_MIN) / FP8_MAX
+    return (x / scale).to(FP8).contiguous(), scale
+
+
+def scaled_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._scaled_mm` has a row-wise FP8 GEMM here: CUDA, compute capability >= 8.9, bf16 output."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """An FP8 weight and its per-row scales, with its own matmul (`linear`), in place of a plain weight tensor."""
+
+    data: torch.Tensor  # float8_e4m3fn [out, in], row-major
+    scale: torch.Tensor  # float32 [out]
+    dtype: torch.dtype  # the model dtype: the activations and the output
+    scaled_mm: bool  # torch._scaled_mm (see `scaled_mm_supported`), else dequantise + F.linear
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, scaled_mm: bool) -> Fp8Weight:
+        """Quantise `weight`; `scaled_mm` only where the GEMM takes its shape (both dims multiples of 16)."""
+        w8, scale = quantize_fp8(weight)
+        fits = weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+        return cls(w8, scale, weight.dtype, scaled_mm and fits)
+
+    def rows(self, start: int, stop: int) -> Fp8Weight:
+        """Output rows [start, stop) as views (a fused weight's projection shares its storage)."""
+        fits = (stop - start) % 16 == 0
+        return Fp8Weight(self.data[start:stop], self.scale[start:stop], self.dtype, self.scaled_mm and fits)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out] in the model dtype, as F.linear(x, W, bias) with W the dequantised weight."""
+        if not self.scaled_mm:
+            return F.linear(x, dequantize_fp8(self.data, self.scale, self.dtype), bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        x8, x_scale = quantize_rows_fp8(x2)
+        # mat2 must be column-major: the transpose of the row-major [out, in] weight is, without a copy
+        out = torch._scaled_mm(x8, self.data.t(), x_scale, self.scale.view(1, -1), out_dtype=self.dtype)
+        if bias is not None:  # added here rather than in the GEMM: its bias support varies across torch versions
+            out = out + bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class Fp8Linear(nn.Module):
+    """nn.Linear's forward over an `Fp8Weight`; the bias (if any) stays in the model dtype."""
+
+    bias: torch.Tensor | None  # a buffer (moves with the module), not saved
+
+    def __init__(self, weight: Fp8Weight, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = weight  # not a tensor: no parameter, not in the state dict (nothing saves after loading)
+        self.register_buffer("bias", bias, persistent=False)
+        self.out_features, self.in_features = weight.data.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.linear(x, self.bias)
+
+    def extra_repr(self) -> str:
+        path = "scaled_mm" if self.weight.scaled_mm else "dequant"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 ({path})"
+
+
+def quantize_model_fp8(model: CausalLM, scaled_mm: bool | None = None) -> int:
+    """Swap every decoder layer's q/k/v/o and gate/up/down projections for `Fp8Linear` (embeddings, LM head and
+    norms keep the model dtype), fused weights included; returns the bytes saved and logs them.
+
+    Run after `CausalLM.fuse_projections` when the layers are fused: the fused weight is quantised once (per-row
+    scales make that the same as quantising each projection) and the projections become row views of it.
+    `scaled_mm` None: chosen from the device and dtype (`scaled_mm_supported`); False forces the reference path."""
+    params = next(model.parameters())
+    if scaled_mm is None:
+        scaled_mm = scaled_mm_supported(params.device, params.dtype)
+    before = after = count = 0
+    for layer in model.model.layers:
+        assert isinstance(layer, DecoderLayer)
+        for owner_name, names, fused in GROUPS:
+            owner = getattr(layer, owner_name)
+            linears = [getattr(owner, n) for n in names]
+            if not all(isinstance(m, nn.Linear) for m in linears):
+                continue  # quantised already
+            before += sum(m.weight.numel() * m.weight.element_size() for m in linears)
+            modules, nbytes = _quantize_group(owner, linears, fused, scaled_mm)
+            for name, module in zip(names, modules):
+                setattr(owner, name, module)
+            after, count = after + nbytes, count + len(modules)
+    _log_saved(count, before, after, scaled_mm)
+    return before - after
+
+
+def _quantize_group(
+    owner: nn.Module, linears: list[nn.Linear], fused: str | None, scaled_mm: bool
+) -> tuple[list[Fp8Linear], int]:
+    """The FP8 modules of projections that read the same input, and their bytes; where the layer holds their fused
+    weight, that is replaced by its FP8 form and the modules are row views of it."""
+    if fused is None or getattr(owner, fused) is None:
+        modules = [Fp8Linear(Fp8Weight.of(m.weight, scaled_mm), m.bias) for m in linears]
+        return modules, sum(m.weight.nbytes for m in modules)
+    fp8 = Fp8Weight.of(getattr(owner, fused), scaled_mm)
+    setattr(owner, fused, fp8)  # the layer's fused path calls fp8.linear (lragent.models.llama.linear)
+    modules, row = [], 0
+    for m in linears:  # biases stay views into the fused bias, which the fused path reads
+        n = m.weight.shape[0]
+        modules.append(Fp8Linear(fp8.rows(row, row + n), m.bias))
+        row += n
+    return modules, fp8.nbytes
+
+
+def _log_saved(count: int, before: int, after: int, scaled_mm: bool) -> None:
+    path = "torch._scaled_mm (row-wise)" if scaled_mm else "dequantise + F.linear"
+    mib = 2**20
+    logger.info(
+        "fp8 weights: %d projections, %.1f MiB -> %.1f MiB (%.1f MiB saved); matmul: %s",
+        count,
+        before / mib,
+        after / mib,
+        (before - after) / mib,
+        path,
+    )
