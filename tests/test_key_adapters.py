@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -311,6 +312,50 @@ def test_prefill_kernel_rebuilds_the_keys(case_id, splits):
         max(m.query_lens), num_splits=splits, key_lr=_key_lr(c),
     )  # fmt: skip
     assert rel_err(out, c.ref) < 2e-5
+
+
+KEYED = [i for i, case in enumerate(PREFILL) if case[-1]]  # the cases with a key adapter
+
+
+@pytest.mark.parametrize("case_id", KEYED)
+def test_materialized_keys_then_the_plain_kernel_equal_the_reference(case_id):
+    """The other prefill route (`LRAGENT_KEY_LR_PREFILL=materialize`): each reader's keys built once into scratch
+    blocks, then the kernel without key LR."""
+    from lragent.kernels.key_lr_prefill import materialize
+
+    seqs, hq, hkv, d, rank, slots, bs, values, keys = PREFILL[case_id]
+    c = key_case(seqs, hq, hkv, d, rank, slots, bs, seed=case_id, values=values, keys=keys)
+    m = c.meta
+    k, v, lr, tables = materialize(
+        _f32(c.key), _f32(c.value), _f32(c.lr), _dev(m.base_block_tables), _dev(m.lr_block_tables),
+        _dev(m.seq_lora_slots), _f32(c.value_up), _f32(c.scaling), _key_lr(c), m.context_lens,
+    )  # fmt: skip
+    assert (lr is None) == (c.value_up is None) and tables.shape[0] == len(seqs)
+    out = paged_prefill(
+        _f32(c.query), k, v, lr, tables, tables, _dev(m.query_start), _dev(m.context_lens_t), _dev(m.seq_lora_slots),
+        _f32(c.value_up) if lr is not None else None, _f32(c.scaling), max(m.query_lens),
+    )  # fmt: skip
+    assert rel_err(out, c.ref) < 2e-5
+
+
+@pytest.mark.parametrize("mode", ["on_chip", "materialize"])
+def test_the_triton_backend_takes_either_key_prefill_route(mode, monkeypatch):
+    from lragent.kernels import key_lr_prefill
+    from lragent.kernels.triton_backend import TritonBackend
+
+    seqs, hq, hkv, d, rank, slots, bs, values, keys = PREFILL[0]
+    c = key_case(seqs, hq, hkv, d, rank, slots, bs, seed=0, values=values, keys=keys)
+    monkeypatch.setattr(key_lr_prefill, "KEY_LR_PREFILL", mode)
+    called = []
+    real = key_lr_prefill.materialize
+    monkeypatch.setattr(key_lr_prefill, "materialize", lambda **kw: called.append(1) or real(**kw))
+    cache = SimpleNamespace(key=[_f32(c.key)], value=[_f32(c.value)], lr=[_f32(c.lr)], block_size=bs)
+    meta = replace(c.meta, query_start=_dev(c.meta.query_start), context_lens_t=_dev(c.meta.context_lens_t),
+                   base_block_tables=_dev(c.meta.base_block_tables), lr_block_tables=_dev(c.meta.lr_block_tables),
+                   seq_lora_slots=_dev(c.meta.seq_lora_slots))  # fmt: skip
+    out = TritonBackend().attend(cache, 0, _f32(c.query), _f32(c.value_up), _f32(c.scaling), meta, key_lr=_key_lr(c))
+    assert rel_err(out, c.ref) < 2e-5
+    assert called == ([1] if mode == "materialize" else [])
 
 
 DECODE = [

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from lragent.cache.kv_cache import KVCache
+from lragent.kernels import key_lr_prefill
 from lragent.kernels.backend import AttentionBackend, KeyLR, LayerOps
 from lragent.kernels.graph_inputs import GraphInputs
 from lragent.kernels.metadata import AttentionMetadata, BatchRows
@@ -136,6 +137,18 @@ class TritonBackend(AttentionBackend):
                 num_splits=meta.decode_splits or self.decode_splits,
                 **args,
             )
+        if (
+            key_lr_prefill.KEY_LR_PREFILL == "materialize"
+            and key_lr is not None
+            and key_lr.up is not None
+            and lr_pool is not None
+        ):
+            keys, values, lr_rows, tables = key_lr_prefill.materialize(
+                key_lr=key_lr, context_lens=meta.context_lens, **{k: v for k, v in args.items() if k != "key_lr"}
+            )
+            args.update(key_pool=keys, value_pool=values, lr_pool=lr_rows, base_block_tables=tables,
+                        lr_block_tables=tables, value_up=args["value_up"] if lr_rows is not None else None,
+                        key_lr=None)  # fmt: skip
         return paged_prefill(
             query,
             query_start=meta.query_start,
