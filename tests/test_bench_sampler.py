@@ -177,3 +177,19 @@ def test_json_schema_needs_a_tokenizer(tmp_path, tiny_llama):
     assert tb.main([*argv, "--out", str(tmp_path / "res"), "--no-plots", "--no-warmup"]) == 0
     row = json.loads((tmp_path / "res" / "trace.json").read_text())["rows"][0]
     assert row["status"].startswith("error: json_schema") and "tokenizer" in row["status"]
+
+
+def test_bench_decode_shared_prefix_caches_the_common_part_once(tiny_llama, tmp_path):
+    """`--shared-prefix N`: every row of the timed batch reuses the N common tokens (whole blocks) from one cached
+    copy, the setting cascade decode is measured in; the flag is recorded and HF + PEFT is skipped."""
+    model, _ = tiny_llama
+    out = tmp_path / "decode.json"
+    argv = ["--model", model, "--batch", "3", "--prompt-len", "96", "--new-tokens", "4", "--shared-prefix", "64"]
+    assert db.main([*argv, "--cascade-decode", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["hf_peft_tok_s"] is None and row["lragent_tok_s"] > 0
+    assert row["reused_tokens_mean"] >= 64  # the common part, from the primer's blocks
+    assert db.main([*argv[:-2], "--out", str(tmp_path / "plain.json")]) == 0  # without: nothing reused
+    assert json.loads((tmp_path / "plain.json").read_text())["rows"][0]["reused_tokens_mean"] == 0
+    with pytest.raises(ValueError, match="shared-prefix"):
+        db.main([*argv[:-1], "96", "--out", str(tmp_path / "bad.json")])

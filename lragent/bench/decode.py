@@ -50,11 +50,14 @@ def ours(
     sampling: dict | None = None,
     seed: int = 0,
     stats: dict | None = None,
+    shared_prefix: int = 0,
     **engine,
 ) -> float:
     """Decode tok/s of our engine, greedy or with `sampling` ({temperature, top_p, top_k[, json_schema]}; request i
     seeded from `seed` and i); with `profile` (a dict, CUDA) also fills in a torch.profiler breakdown of 16 decode
-    steps of the same batch; with `stats` (a dict) the mean tokens generated per request."""
+    steps of the same batch; with `stats` (a dict) the mean tokens generated per request. `shared_prefix` > 0: the
+    first that many tokens of every prompt are the same and cached once before the batch starts (agents reading one
+    context: the rows share those blocks, what cascade decode is for)."""
     from lragent import LLM
 
     engine.setdefault("sharing", "non_shared")
@@ -64,7 +67,7 @@ def ours(
     llm = LLM(model=model, adapters={"plan": adapter_dir}, device=device, **engine)
     _log(f"engine ready in {time.perf_counter() - t0:.1f} s")
     vocab = llm.engine.model_config.vocab_size
-    prompts = [[(97 * i + 13 * j) % (vocab - 100) + 50 for j in range(prompt_len)] for i in range(batch)]
+    prompts = _prompts(batch, prompt_len, shared_prefix, vocab, variant=0)
     params = [
         request_params(sampling, request_seed(seed, i), max_tokens=new_tokens, ignore_eos=True) for i in range(batch)
     ]
@@ -73,7 +76,13 @@ def ours(
     llm.generate(prompts, adapter="plan", sampling_params=warm)
     _log(f"warm-up done at {time.perf_counter() - t0:.1f} s")
     llm.engine.reset_prefix_cache()
-    outs = llm.generate([p[::-1] for p in prompts], adapter="plan", sampling_params=params)
+    timed = _prompts(batch, prompt_len, shared_prefix, vocab, variant=1)  # nothing of the warm-up's cached
+    if shared_prefix:  # cache the shared part once, so that every row's table points at the same blocks
+        primer = request_params(None, 0, max_tokens=1, ignore_eos=True)
+        llm.generate([timed[0][:shared_prefix]], adapter="plan", sampling_params=[primer])
+    outs = llm.generate(timed, adapter="plan", sampling_params=params)
+    if stats is not None:
+        stats["reused_tokens_mean"] = sum(o.metrics.base_reused_tokens for o in outs) / len(outs)
     first = max(o.metrics.first_token_time for o in outs)  # prefill-first: decode starts once all have one token
     last = max(o.metrics.finish_time for o in outs)
     decoded = sum(len(o.token_ids) - 1 for o in outs)  # batch * (new_tokens - 1) unless a constraint stopped early
@@ -86,6 +95,16 @@ def ours(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return decoded / (last - first)
+
+
+def _prompts(batch: int, length: int, shared: int, vocab: int, variant: int) -> list[list[int]]:
+    """`batch` distinct prompts of `length` tokens whose first `shared` tokens are the same; another `variant` shares
+    no leading block with these."""
+    common = [(31 * j + 7 + 101 * variant) % (vocab - 100) + 50 for j in range(shared)]
+    own = [[(97 * i + 13 * j + 53 * variant) % (vocab - 100) + 50 for j in range(shared, length)] for i in range(batch)]
+    if variant:
+        own = [p[::-1] for p in own]
+    return [common + o for o in own]
 
 
 def _profile_decode(
@@ -257,6 +276,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="--floor on CUDA: also break 16 decode steps down by kernel (torch.profiler)",
     )
     parser.add_argument("--no-hf", action="store_true", help="time our engine only (no HF + PEFT run)")
+    parser.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the first N prompt tokens are common to the batch and cached once first (implies --no-hf)",
+    )
+    parser.add_argument("--cascade-decode", action="store_true", help="engine option: shared-prefix decode")
     parser.add_argument("--seed", type=int, default=0, help="base of the per-request seeds when sampling")
     add_sampling_args(parser)
     return parser
@@ -291,7 +318,7 @@ def _floor_main(args: argparse.Namespace) -> None:
 def _time_batches(args: argparse.Namespace) -> list[dict]:
     """Decode throughput of our engine (and HF + PEFT unless skipped) at every --batch, one row each."""
     rows = []
-    skip_hf = args.no_hf or is_constrained(args.sampling)  # HF + PEFT has no constrained decoding here
+    skip_hf = args.no_hf or args.shared_prefix or is_constrained(args.sampling)  # HF + PEFT: none of these
     with tempfile.TemporaryDirectory() as tmp:
         adapter = write_random_adapters(args.model, Path(tmp), ["plan"], rank=8)["plan"]
         for batch in args.batch:
@@ -300,7 +327,12 @@ def _time_batches(args: argparse.Namespace) -> list[dict]:
             extra = {"tokenizer": args.tokenizer} if args.tokenizer else {}
             if args.quantization:
                 extra["quantization"] = args.quantization
-            a = ours(*common, sampling=args.sampling, seed=args.seed, stats=stats, **extra)
+            if args.cascade_decode:
+                extra["cascade_decode"] = True
+            if args.shared_prefix >= args.prompt_len:
+                raise ValueError("--shared-prefix must be shorter than --prompt-len")
+            a = ours(*common, sampling=args.sampling, seed=args.seed, stats=stats, shared_prefix=args.shared_prefix,
+                     **extra)  # fmt: skip
             b = None if skip_hf else hf_peft(*common, sampling=args.sampling, seed=args.seed)
             rows.append(
                 {"batch": batch, "lragent_tok_s": a, "hf_peft_tok_s": b, "speedup": a / b if b else None, **stats}
