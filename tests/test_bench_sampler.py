@@ -193,3 +193,26 @@ def test_bench_decode_shared_prefix_caches_the_common_part_once(tiny_llama, tmp_
     assert json.loads((tmp_path / "plain.json").read_text())["rows"][0]["reused_tokens_mean"] == 0
     with pytest.raises(ValueError, match="shared-prefix"):
         db.main([*argv[:-1], "96", "--out", str(tmp_path / "bad.json")])
+
+
+def test_bench_trace_and_decode_pass_the_tensor_parallel_size(monkeypatch):
+    """`--tensor-parallel-size` reaches the engine config of bench trace and of bench decode (its TP runs themselves
+    are the TP tests' business)."""
+    import lragent.engine.llm_engine as le
+
+    seen = []
+    monkeypatch.setattr(le, "LLMEngine", lambda config: seen.append(config.tensor_parallel_size))
+    args = tb._build_parser().parse_args(["--model", "m", "--tensor-parallel-size", "2"])
+    args.concurrent = [1]  # parsed from its comma list in main
+    tb.build_engine(args, "base_lr_shared", {})
+    assert seen == [2]
+    calls = []
+
+    def ours(*args, stats, **kw):
+        calls.append(kw.get("tensor_parallel_size"))
+        stats["new_tokens_mean"] = 1.0
+        return 1.0
+
+    monkeypatch.setattr(db, "ours", ours)
+    assert db.main(["--batch", "1", "--no-hf", "-tp", "2", "--out", "/dev/null"]) == 0
+    assert calls == [2]

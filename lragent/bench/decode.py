@@ -178,6 +178,7 @@ def floor_report(args) -> list[dict]:
                 dtype=args.dtype,
                 enforce_eager=args.enforce_eager,
                 quantization=args.quantization,
+                tensor_parallel_size=args.tensor_parallel_size,
             )
             step = batch / tok_s
             context = args.prompt_len + args.new_tokens // 2
@@ -284,6 +285,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the first N prompt tokens are common to the batch and cached once first (implies --no-hf)",
     )
     parser.add_argument("--cascade-decode", action="store_true", help="engine option: shared-prefix decode")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs (ranks) of our engine")
     parser.add_argument("--seed", type=int, default=0, help="base of the per-request seeds when sampling")
     add_sampling_args(parser)
     return parser
@@ -329,6 +331,8 @@ def _time_batches(args: argparse.Namespace) -> list[dict]:
                 extra["quantization"] = args.quantization
             if args.cascade_decode:
                 extra["cascade_decode"] = True
+            if args.tensor_parallel_size > 1:
+                extra["tensor_parallel_size"] = args.tensor_parallel_size
             if args.shared_prefix >= args.prompt_len:
                 raise ValueError("--shared-prefix must be shorter than --prompt-len")
             a = ours(*common, sampling=args.sampling, seed=args.seed, stats=stats, shared_prefix=args.shared_prefix,

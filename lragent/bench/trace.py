@@ -311,6 +311,7 @@ def build_engine(args: argparse.Namespace, system: str, adapters: dict[str, str]
         max_num_seqs=max(256, max(args.concurrent)),
         max_model_len=args.max_model_len,
         warmup=False if args.no_warmup else None,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     return LLMEngine(config)
 
@@ -833,6 +834,9 @@ def _add_engine_config_args(p: argparse.ArgumentParser) -> None:
         help="context length (default: the model's); dummy models may go past their trained length",
     )
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs (ranks) per engine: NCCL on CUDA, gloo on CPU"
+    )
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
