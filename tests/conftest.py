@@ -72,13 +72,17 @@ def all_module_adapters(tmp_path_factory, model_config) -> dict[str, str]:
 def tiny_llama(tmp_path_factory) -> tuple[str, dict[str, str]]:
     """A 2-layer random Llama with SmolLM2's kv geometry (3 kv heads x 64), plus three q/v adapters: for tests
     whose point is cache bookkeeping over long contexts, not the embedded model's outputs."""
-    root = tmp_path_factory.mktemp("tiny_llama")
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def write_tiny_llama(root, layers: int = 2, seed: int = 30, b_scale: float = 0.05) -> tuple[str, dict[str, str]]:
+    """`tiny_llama`'s model with `layers` layers under `root`, and its plan / action / reflect q/v adapters."""
     config = write_random_llama(
         root / "model",
         vocab_size=1000,
         hidden_size=192,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=3,
         num_key_value_heads=3,
         head_dim=64,
@@ -86,7 +90,7 @@ def tiny_llama(tmp_path_factory) -> tuple[str, dict[str, str]]:
         tie_word_embeddings=True,
     )
     adapters = {
-        role: str(write_peft_adapter(root / role, config, ("q_proj", "v_proj"), seed=30 + i))
+        role: str(write_peft_adapter(root / role, config, ("q_proj", "v_proj"), seed=seed + i, b_scale=b_scale))
         for i, role in enumerate(("plan", "action", "reflect"))
     }
     return str(root / "model"), adapters

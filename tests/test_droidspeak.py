@@ -15,10 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import turns
-from turns import DEV, PREFIX, ROLES, exact_llm, same_outputs
+from turns import DEV, PREFIX, exact_llm, same_outputs
 
 from lragent import LLM, SamplingParams
-from lragent.bench.adapters import write_peft_adapter, write_random_llama
 from lragent.bench.droidspeak_layers import layer_sensitivity, pick_layers, top_kl
 from lragent.cache.sharing import (
     PAPER_CRITICAL_LAYERS,
@@ -41,24 +40,9 @@ GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs
 def four_layers(tmp_path_factory) -> tuple[str, dict[str, str]]:
     """tiny_llama's shape with 4 layers, and three independent q/v adapters on every layer (B large enough that
     the agents' caches differ visibly)."""
-    root = tmp_path_factory.mktemp("droidspeak")
-    config = write_random_llama(
-        root / "model",
-        vocab_size=1000,
-        hidden_size=192,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=3,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    adapters = {
-        role: str(write_peft_adapter(root / role, config, ("q_proj", "v_proj"), seed=40 + i, b_scale=0.5))
-        for i, role in enumerate(ROLES)
-    }
-    return str(root / "model"), adapters
+    from conftest import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("droidspeak"), layers=4, seed=40, b_scale=0.5)
 
 
 def engine(model: tuple[str, dict[str, str]], sharing: str = "droidspeak", **kw) -> LLM:

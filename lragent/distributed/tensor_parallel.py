@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
 from lragent.lora.adapter import LoRAAdapter
 from lragent.model_config import ModelConfig
 from lragent.models.hub import resolve_model
 from lragent.models.llama import CausalLM, DecoderLayer, RMSNorm
-from lragent.models.loader import LoadedModel, empty_model, load_model
+from lragent.models.loader import LoadedModel, empty_model, load_model, load_safetensors
 from lragent.models.presets import preset
 
 COLUMN_PARALLEL = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
@@ -175,37 +174,19 @@ def _fill_dummy(model: CausalLM, shard: Shard) -> None:
 
 def _load_sliced(model: CausalLM, folder: Path, shard: Shard) -> None:
     """Copy each checkpoint tensor's slice for this rank (safetensors reads only the slice)."""
-    params = dict(model.named_parameters())
-    missing = set(params)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} has no .safetensors weights")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key not in params:
-                    if (key == "lm_head.weight" and model.lm_head is None) or "rotary_emb" in key:
-                        continue
-                    raise ValueError(f"{file.name}: unexpected tensor {key!r} for this architecture")
-                view = f.get_slice(key)
-                shape = list(view.get_shape())
-                dim = param_split_dim(key)
-                if dim is None:
-                    tensor = view[:]
-                else:
-                    part = shape[dim] // shard.size
-                    index = [slice(None)] * len(shape)
-                    index[dim] = slice(shard.rank * part, (shard.rank + 1) * part)
-                    tensor = view[tuple(index)]
-                if tensor.shape != params[key].shape:
-                    raise ValueError(
-                        f"{key}: checkpoint shape {tuple(shape)} does not split into the model's "
-                        f"{tuple(params[key].shape)} over {shard.size} ranks"
-                    )
-                params[key].data.copy_(tensor)
-                missing.discard(key)
-    if missing:
-        raise ValueError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+    def read(f, key: str) -> torch.Tensor:
+        view = f.get_slice(key)
+        dim = param_split_dim(key)
+        if dim is None:
+            return view[:]
+        shape = list(view.get_shape())
+        part = shape[dim] // shard.size
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(shard.rank * part, (shard.rank + 1) * part)
+        return view[tuple(index)]
+
+    load_safetensors(model, folder, read, why=f" (split over {shard.size} ranks)")
 
 
 def all_reduce_partial_outputs(model: CausalLM) -> None:

@@ -20,7 +20,7 @@ import os
 import torch
 
 from lragent.kernels.backend import KeyLR
-from lragent.kernels.reference import add_key_lora, lr_row_layout
+from lragent.kernels.reference import add_key_lora, gather_positions, lr_row_layout
 
 KEY_LR_PREFILL = os.environ.get("LRAGENT_KEY_LR_PREFILL", "on_chip")
 MODES = ("on_chip", "materialize")
@@ -43,11 +43,6 @@ class Scratch:
     def rows(self, i: int, length: int) -> slice:
         start = self.offsets[i] * self.block_size
         return slice(start, start + length)
-
-
-def _positions(table_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(length, device=table_row.device)
-    return table_row[pos // block_size].long() * block_size + pos % block_size
 
 
 def materialize(
@@ -78,8 +73,8 @@ def materialize(
     for i, length in enumerate(context_lens):
         if length == 0:
             continue
-        base = _positions(base_block_tables[i], length, bs)
-        own = _positions(lr_block_tables[i], length, bs)
+        base = gather_positions(base_block_tables[i], length, bs)
+        own = gather_positions(lr_block_tables[i], length, bs)
         slot = seq_lora_slots[i]
         adapted = slot != 0
         rows = torch.where(adapted, flat_lr[own], 0.0)  # a slot-0 reader's rows are never written: not even read

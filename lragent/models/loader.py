@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -44,12 +46,18 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device, max_position
     folder = resolve_model(name)
     config = ModelConfig.from_file(folder / "config.json", name=name)
     model = empty_model(config, max_positions or config.max_position_embeddings, dtype, device)
-    _load_safetensors(model, folder)
+    load_safetensors(model, folder)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
     return LoadedModel(model.eval(), config, folder if has_tokenizer else None, dummy=False)
 
 
-def _load_safetensors(model: CausalLM, folder: Path) -> None:
+def load_safetensors(
+    model: CausalLM, folder: Path, read: Callable[[Any, str], torch.Tensor] | None = None, why: str = ""
+) -> None:
+    """Copy every checkpoint tensor of `folder` into `model`'s parameter of the same name, checking names and shapes.
+
+    `read(handle, key)` returns the tensor to copy from an open safetensors file (default: all of it; tensor
+    parallelism reads its rank's slice); `why` is added to a shape mismatch's message."""
     params = dict(model.named_parameters())
     missing = set(params)
     files = sorted(folder.glob("*.safetensors"))
@@ -59,15 +67,14 @@ def _load_safetensors(model: CausalLM, folder: Path) -> None:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 if key not in params:
-                    if key == "lm_head.weight" and model.lm_head is None:
-                        continue
-                    if "rotary_emb" in key:
+                    if (key == "lm_head.weight" and model.lm_head is None) or "rotary_emb" in key:
                         continue
                     raise ValueError(f"{file.name}: unexpected tensor {key!r} for this architecture")
-                tensor = f.get_tensor(key)
+                tensor = f.get_tensor(key) if read is None else read(f, key)
                 if tensor.shape != params[key].shape:
                     raise ValueError(
-                        f"{key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[key].shape)}"
+                        f"{key}: checkpoint shape {tuple(f.get_slice(key).get_shape())} != model "
+                        f"{tuple(params[key].shape)}{why}"
                     )
                 params[key].data.copy_(tensor)
                 missing.discard(key)
