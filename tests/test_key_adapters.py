@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 import turns
 
 if not torch.cuda.is_available():
@@ -31,7 +33,7 @@ from lragent.cache.sharing import get_scheme  # noqa: E402
 from lragent.kernels.backend import KeyLR  # noqa: E402
 from lragent.kernels.metadata import AttentionMetadata  # noqa: E402
 from lragent.kernels.reference import TorchReferenceBackend, gather_positions, lora_attention  # noqa: E402
-from lragent.kernels.triton_attention import paged_decode, paged_prefill  # noqa: E402
+from lragent.kernels.triton_attention import _rope_trig, paged_decode, paged_prefill  # noqa: E402
 from lragent.lora.adapter import AdapterError, LoRAAdapter  # noqa: E402
 from lragent.lora.digest import value_a_key  # noqa: E402
 from lragent.lora.registry import AdapterRegistry  # noqa: E402
@@ -273,8 +275,13 @@ def _dev(t: torch.Tensor) -> torch.Tensor:
     return t.to(DEV)
 
 
-def _key_lr(c) -> KeyLR:
-    return KeyLR(_f32(c.key_up), c.rope.cos.to(DEV), c.rope.sin.to(DEV))
+def _key_lr(c, trig: str = "chip") -> KeyLR:
+    """The kernels compute cos / sin on chip when given the frequencies (trig "chip"), else read the tables."""
+    inv_freq = c.rope.inv_freq.to(DEV) if trig == "chip" else None
+    return KeyLR(_f32(c.key_up), c.rope.cos.to(DEV), c.rope.sin.to(DEV), inv_freq)
+
+
+TRIG = ["chip", "table"]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -302,14 +309,15 @@ def test_reference_equals_keys_expanded_with_the_model_rope(case_id):
 
 @pytest.mark.parametrize("case_id", range(len(PREFILL)))
 @pytest.mark.parametrize("splits", [1, 3])
-def test_prefill_kernel_rebuilds_the_keys(case_id, splits):
+@pytest.mark.parametrize("trig", TRIG)
+def test_prefill_kernel_rebuilds_the_keys(case_id, splits, trig):
     seqs, hq, hkv, d, rank, slots, bs, values, keys = PREFILL[case_id]
     c = key_case(seqs, hq, hkv, d, rank, slots, bs, seed=case_id, values=values, keys=keys)
     m = c.meta
     out = paged_prefill(
         _f32(c.query), _f32(c.key), _f32(c.value), _f32(c.lr), _dev(m.base_block_tables), _dev(m.lr_block_tables),
         _dev(m.query_start), _dev(m.context_lens_t), _dev(m.seq_lora_slots), _f32(c.value_up), _f32(c.scaling),
-        max(m.query_lens), num_splits=splits, key_lr=_key_lr(c),
+        max(m.query_lens), num_splits=splits, key_lr=_key_lr(c, trig),
     )  # fmt: skip
     assert rel_err(out, c.ref) < 2e-5
 
@@ -366,16 +374,44 @@ DECODE = [
 
 @pytest.mark.parametrize("case_id", range(len(DECODE)))
 @pytest.mark.parametrize("splits", [1, 2])
-def test_decode_kernel_rebuilds_the_keys(case_id, splits):
+@pytest.mark.parametrize("trig", TRIG)
+def test_decode_kernel_rebuilds_the_keys(case_id, splits, trig):
     seqs, hq, hkv, d, rank, slots, bs, values, keys = DECODE[case_id]
     c = key_case(seqs, hq, hkv, d, rank, slots, bs, seed=10 + case_id, values=values, keys=keys)
     m = c.meta
     out = paged_decode(
         _f32(c.query), _f32(c.key), _f32(c.value), _f32(c.lr), _dev(m.base_block_tables), _dev(m.lr_block_tables),
         _dev(m.context_lens_t), _dev(m.seq_lora_slots), _f32(c.value_up), _f32(c.scaling), num_splits=splits,
-        key_lr=_key_lr(c),
+        key_lr=_key_lr(c, trig),
     )  # fmt: skip
     assert rel_err(out, c.ref) < 2e-5
+
+
+@triton.jit
+def _trig_probe(pos_ptr, inv_ptr, cos_ptr, sin_ptr, N: tl.constexpr, D: tl.constexpr):
+    """The attention kernels' on-chip cos / sin for N positions, written out [N, D]."""
+    offs_n, offs_d = tl.arange(0, N), tl.arange(0, D)
+    cos, sin = _rope_trig(inv_ptr, inv_ptr, tl.load(pos_ptr + offs_n), offs_n >= 0, offs_d, D, True)
+    tl.store(cos_ptr + offs_n[:, None] * D + offs_d[None, :], cos)
+    tl.store(sin_ptr + offs_n[:, None] * D + offs_d[None, :], sin)
+
+
+def test_on_chip_rope_trig_matches_the_tables_at_long_positions():
+    """Llama-3.1's scaled frequencies up to position 131071 (angles up to ~1.3e5 rad, where an unreduced approximate
+    cos would be far off): the 2 pi reduction keeps the kernel within float32 rounding of the model's tables."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}  # fmt: skip
+    rope = RotaryEmbedding(SimpleNamespace(head_dim=128, rope_theta=500000.0, rope_scaling=scaling), 131072)
+    rope.build(torch.device("cpu"))
+    assert rope.cos is not None and rope.sin is not None and rope.inv_freq is not None
+    positions = torch.tensor([0, 1, 2, 7, 100, 4095, 8191, 8192, 33_700, 65_535, 65_536, 99_999, 131_000, 131_071,
+                              12_345, 54_321], dtype=torch.int32)  # fmt: skip
+    cos = torch.empty(16, 128, device=DEV)
+    sin = torch.empty_like(cos)
+    _trig_probe[(1,)](positions.to(DEV), rope.inv_freq.to(DEV), cos, sin, N=16, D=128)
+    idx = positions.long()
+    torch.testing.assert_close(cos.cpu(), rope.cos[idx], rtol=0, atol=2e-6)
+    torch.testing.assert_close(sin.cpu(), rope.sin[idx], rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("case_id", range(len(DECODE)))

@@ -37,6 +37,9 @@ class KeyLR:
     up: torch.Tensor | None  # k_proj B of every slot [S, r, kv_heads * d]; None: no adapter adapts this layer's keys
     cos: torch.Tensor  # [max_positions, d] float32, half-split layout (`RotaryEmbedding`), indexed by key position
     sin: torch.Tensor
+    # [d / 2] float32 frequencies of those tables: the Triton kernels then compute cos / sin on chip instead of
+    # reading 2 x d / 2 floats per key from the tables (as many bytes as the bf16 key and value themselves)
+    inv_freq: torch.Tensor | None = None
 
 
 def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

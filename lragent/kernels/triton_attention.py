@@ -11,7 +11,9 @@ Two entry points, both reading keys / base values / LR rows through the block ta
   keys are split as in decode and the decode merge kernel combines the partials, one row per query token.
 - `paged_decode`: one query token per sequence, split-KV (flash-decoding): program (sequence, kv head, split)
   handles all G = q_heads / kv_heads query heads of its kv head together (G padded to 16 rows of one `tl.dot`),
-  writes partial (acc_v, acc_r, max, sum); a second small kernel merges the splits and applies `s acc_r B_g`.
+  writes partial (acc_v, acc_r, max, sum); a second small kernel merges the splits and applies `s acc_r B_g`
+  (merge "kernel"), or (merge "last_split", one launch) each split counts itself done on an atomic counter per
+  (sequence, kv head) and the last one to finish merges them (`LRAGENT_DECODE_MERGE`, `paged_decode(merge=)`).
   With one split the first kernel finishes the job itself.
 
 An LR row is one adapter's R, or (STACKED_LR) every adapter slot's R side by side: a sequence of slot s then reads
@@ -28,6 +30,10 @@ would otherwise compile a new variant the first time a width happens to be a mul
 
 from __future__ import annotations
 
+import math
+import os
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +42,11 @@ from lragent.kernels.backend import KeyLR
 from lragent.kernels.reference import lr_row_layout
 
 LOG2E = 1.4426950408889634
+# 2 pi = HI + MID + LO: HI has 8 significant bits, so turns * HI is exact in float32 for < 2^16 turns
+_TWO_PI_HI: tl.constexpr = tl.constexpr(6.28125)
+_TWO_PI_MID: tl.constexpr = tl.constexpr(float(np.float32(2 * math.pi - 6.28125)))
+_TWO_PI_LO: tl.constexpr = tl.constexpr(2 * math.pi - 6.28125 - float(np.float32(2 * math.pi - 6.28125)))
+_INV_TWO_PI: tl.constexpr = tl.constexpr(1 / (2 * math.pi))
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
@@ -121,6 +132,24 @@ def _load_key_up(kup_ptr, slot, stride_ks, stride_kr, kv_col, offs_r, offs_d, R:
 
 
 @triton.jit
+def _rope_trig(cos_ptr, sin_ptr, kpos, lmask, offs_d, D: tl.constexpr, TRIG_ON_CHIP: tl.constexpr):
+    """cos_p, sin_p [BLOCK_N, D] of the key positions (half-split RoPE: columns j and j + D/2 share a frequency).
+    From the float32 tables, or (TRIG_ON_CHIP, `cos_ptr` = inv_freq [D/2]) computed here: the angle p * f_j rounded
+    to float32 as the tables are built, reduced by 2 pi in three parts (the first exact for any position < 2^16
+    turns) so that cos / sin run on an argument within pi of 0, where even approximate units are accurate."""
+    half = offs_d % (D // 2)
+    if TRIG_ON_CHIP:
+        angle = kpos.to(tl.float32)[:, None] * tl.load(cos_ptr + half)[None, :]
+        turns = tl.floor(angle * _INV_TWO_PI + 0.5)
+        reduced = angle - turns * _TWO_PI_HI - turns * _TWO_PI_MID - turns * _TWO_PI_LO
+        return tl.cos(reduced), tl.sin(reduced)
+    trig = kpos[:, None] * D + half[None, :]
+    cos = tl.load(cos_ptr + trig, mask=lmask[:, None], other=0.0)
+    sin = tl.load(sin_ptr + trig, mask=lmask[:, None], other=0.0)
+    return cos, sin
+
+
+@triton.jit
 def _add_key_lora(
     k,
     lr_ptr,
@@ -139,9 +168,9 @@ def _add_key_lora(
     LR_W: tl.constexpr,
     KLR_COL: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TRIG_ON_CHIP: tl.constexpr,
 ):
-    """k + s RoPE(R_k B_k) for a key tile [BLOCK_N, D] (rows outside `lmask` get nothing: R_k, cos, sin read as 0).
-    cos / sin [positions, D] repeat after D/2 columns (half-split RoPE): only the first half is read."""
+    """k + s RoPE(R_k B_k) for a key tile [BLOCK_N, D] (rows outside `lmask` get nothing: R_k reads as 0)."""
     r_k = tl.load(
         lr_ptr + lrow[:, None] * LR_W + KLR_COL + offs_r[None, :],
         mask=lmask[:, None] & (offs_r[None, :] < R),
@@ -149,9 +178,7 @@ def _add_key_lora(
     ).to(kup.dtype)
     u = tl.dot(r_k, kup, input_precision=DOT_PREC)
     u_rot = tl.dot(r_k, kup_rot, input_precision=DOT_PREC)
-    trig = kpos[:, None] * D + offs_d[None, :] % (D // 2)
-    cos = tl.load(cos_ptr + trig, mask=lmask[:, None], other=0.0)
-    sin = tl.load(sin_ptr + trig, mask=lmask[:, None], other=0.0)
+    cos, sin = _rope_trig(cos_ptr, sin_ptr, kpos, lmask, offs_d, D, TRIG_ON_CHIP)
     return (k.to(tl.float32) + kscale * (u * cos + u_rot * sin)).to(k.dtype)
 
 
@@ -196,6 +223,7 @@ def _prefill_tile(
     HAS_KLR: tl.constexpr,
     ANY_LR: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TRIG_ON_CHIP: tl.constexpr,
 ):
     kpos = n0 + offs_n
     if MASKED:
@@ -217,7 +245,7 @@ def _prefill_tile(
     if HAS_KLR:
         k = _add_key_lora(
             k, lr_ptr, lrow, lmask, kpos, kup, kup_rot, kscale, cos_ptr, sin_ptr, offs_r, offs_d, R, D, LR_W, KLR_COL,
-            DOT_PREC,
+            DOT_PREC, TRIG_ON_CHIP,
         )  # fmt: skip
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
     if MASKED:
@@ -292,6 +320,7 @@ def _prefill_kernel(
     ANY_LR: tl.constexpr,
     SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TRIG_ON_CHIP: tl.constexpr,
 ):
     mt = tl.program_id(0) // NUM_SPLITS
     sp = tl.program_id(0) % NUM_SPLITS
@@ -383,6 +412,7 @@ def _prefill_kernel(
             HAS_KLR,
             ANY_LR,
             DOT_PREC,
+            TRIG_ON_CHIP,
         )
     # the diagonal: causal mask and the end of the context
     end = tl.minimum(k_hi, prefix + (mt + 1) * BLOCK_M)
@@ -424,6 +454,7 @@ def _prefill_kernel(
             HAS_KLR,
             ANY_LR,
             DOT_PREC,
+            TRIG_ON_CHIP,
         )
 
     if SINGLE:
@@ -481,6 +512,7 @@ def _decode_kernel(
     kup_ptr,
     cos_ptr,
     sin_ptr,
+    cnt_ptr,
     sm_scale_log2,
     stride_qt,
     stride_qh,
@@ -509,6 +541,10 @@ def _decode_kernel(
     ANY_LR: tl.constexpr,
     SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TRIG_ON_CHIP: tl.constexpr,
+    LAST_SPLIT: tl.constexpr,
+    NS_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     g = tl.program_id(0)  # kv heads of one token range run side by side: neighbouring rows of the pools
     sp = tl.program_id(1)
@@ -565,7 +601,7 @@ def _decode_kernel(
         if HAS_KLR:
             k = _add_key_lora(
                 k, lr_ptr, lrow, lmask, kpos, kup, kup_rot, kscale, cos_ptr, sin_ptr, offs_r, offs_d, R, D, LR_W,
-                KLR_COL, DOT_PREC,
+                KLR_COL, DOT_PREC, TRIG_ON_CHIP,
             )  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
         s = tl.where(kmask[None, :], s, float("-inf"))
@@ -610,6 +646,92 @@ def _decode_kernel(
         # partials laid out [B, NUM_SPLITS, HQ, ...]
         base = (b64 * NUM_SPLITS + sp) * (HKV * G) + heads
         _store_partials(pacc_ptr, pr_ptr, pml_ptr, base, gmask, acc, acc_r, m_i, l_i, offs_d, offs_r, D, R_PAD, HAS_LR)
+        if LAST_SPLIT:
+            # one launch: the split that finishes last merges all of them (empty splits store m = -inf, l = 0 and
+            # count too). Every thread's partial stores precede thread 0's release (the barrier, then acq_rel at
+            # gpu scope); its acquire precedes the merge's loads (the result is broadcast through a barrier).
+            tl.debug_barrier()
+            cnt = cnt_ptr + b64 * HKV + g
+            done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if done == NUM_SPLITS - 1:
+                for i in range(G):
+                    h = g * G + i
+                    out = _merge_head(
+                        pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, b, h, stride_vs, stride_vr,
+                        NUM_SPLITS, HKV * G, G, D, R, R_PAD, NS_PAD, CHUNK, HAS_LR,
+                    )  # fmt: skip
+                    tl.store(out_ptr + b64 * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+                tl.atomic_xchg(cnt, 0)  # ready for the next launch / graph replay: no zeroing on the host
+
+
+@triton.jit
+def _merge_head(
+    pacc_ptr,
+    pr_ptr,
+    pml_ptr,
+    slot_ptr,
+    vup_ptr,
+    scaling_ptr,
+    b,
+    h,
+    stride_vs,
+    stride_vr,
+    NUM_SPLITS,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    NS_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HAS_LR: tl.constexpr,
+):
+    """Query head `h` of row `b` [D] (float32): the splits' partials [rows, NUM_SPLITS, HQ, ...] merged by
+    log-sum-exp with their max / sum, plus s acc_r B_g of the row's adapter slot (slot 0: none), over the sum.
+    The one copy of the merge arithmetic: the merge kernel and the decode kernel's last split both call it.
+    Partials are read through L2 (".cg"): in the last-split path other SMs wrote them during this launch."""
+    offs_d = tl.arange(0, D)
+    offs_r = tl.arange(0, R_PAD)
+    b64 = b.to(tl.int64)
+    offs_s = tl.arange(0, NS_PAD)
+    rows = (b64 * NUM_SPLITS + offs_s) * HQ + h
+    smask = offs_s < NUM_SPLITS
+    m_all = tl.load(pml_ptr + rows * 2, mask=smask, other=float("-inf"), cache_modifier=".cg")
+    l_all = tl.load(pml_ptr + rows * 2 + 1, mask=smask, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m_all, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    big_l = tl.sum(tl.exp2(m_all - m_max) * l_all, 0)  # empty splits: exp2(-inf) * 0 = 0
+    offs_c = tl.arange(0, CHUNK)
+    acc = tl.zeros([D], dtype=tl.float32)
+    acc_r = tl.zeros([R_PAD], dtype=tl.float32)
+    for c0 in range(0, NUM_SPLITS, CHUNK):
+        cs = c0 + offs_c
+        cmask = cs < NUM_SPLITS
+        crow = (b64 * NUM_SPLITS + cs) * HQ + h
+        w = tl.exp2(tl.load(pml_ptr + crow * 2, mask=cmask, other=float("-inf"), cache_modifier=".cg") - m_max)
+        part = tl.load(
+            pacc_ptr + crow[:, None] * D + offs_d[None, :], mask=cmask[:, None], other=0.0, cache_modifier=".cg"
+        )
+        acc += tl.sum(w[:, None] * part, 0)
+        if HAS_LR:
+            part_r = tl.load(
+                pr_ptr + crow[:, None] * R_PAD + offs_r[None, :], mask=cmask[:, None], other=0.0, cache_modifier=".cg"
+            )
+            acc_r += tl.sum(w[:, None] * part_r, 0)
+    out = acc
+    if HAS_LR:
+        slot = tl.load(slot_ptr + b)
+        if slot != 0:
+            scale = tl.load(scaling_ptr + slot)
+            g = h // G
+            up = tl.load(
+                vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + g * D + offs_d[None, :],
+                mask=offs_r[:, None] < R,
+                other=0.0,
+            ).to(tl.float32)
+            out = out + scale * tl.sum(acc_r[:, None] * up, 0)
+    big_l = tl.where(big_l == 0.0, 1.0, big_l)
+    return out / big_l
 
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
@@ -638,44 +760,12 @@ def _decode_merge_kernel(
     """Program (sequence, q head): merge the splits' partials with their max / sum, then add s acc_r B_g."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    out = _merge_head(
+        pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, b, h, stride_vs, stride_vr, NUM_SPLITS, HQ, G, D,
+        R, R_PAD, NS_PAD, CHUNK, HAS_LR,
+    )  # fmt: skip
     offs_d = tl.arange(0, D)
-    offs_r = tl.arange(0, R_PAD)
-    b64 = b.to(tl.int64)
-    offs_s = tl.arange(0, NS_PAD)
-    rows = (b64 * NUM_SPLITS + offs_s) * HQ + h
-    smask = offs_s < NUM_SPLITS
-    m_all = tl.load(pml_ptr + rows * 2, mask=smask, other=float("-inf"))
-    l_all = tl.load(pml_ptr + rows * 2 + 1, mask=smask, other=0.0)
-    m_max = tl.max(m_all, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    big_l = tl.sum(tl.exp2(m_all - m_max) * l_all, 0)  # empty splits: exp2(-inf) * 0 = 0
-    offs_c = tl.arange(0, CHUNK)
-    acc = tl.zeros([D], dtype=tl.float32)
-    acc_r = tl.zeros([R_PAD], dtype=tl.float32)
-    for c0 in range(0, NUM_SPLITS, CHUNK):
-        cs = c0 + offs_c
-        cmask = cs < NUM_SPLITS
-        crow = (b64 * NUM_SPLITS + cs) * HQ + h
-        w = tl.exp2(tl.load(pml_ptr + crow * 2, mask=cmask, other=float("-inf")) - m_max)
-        part = tl.load(pacc_ptr + crow[:, None] * D + offs_d[None, :], mask=cmask[:, None], other=0.0)
-        acc += tl.sum(w[:, None] * part, 0)
-        if HAS_LR:
-            part_r = tl.load(pr_ptr + crow[:, None] * R_PAD + offs_r[None, :], mask=cmask[:, None], other=0.0)
-            acc_r += tl.sum(w[:, None] * part_r, 0)
-    out = acc
-    if HAS_LR:
-        slot = tl.load(slot_ptr + b)
-        if slot != 0:
-            scale = tl.load(scaling_ptr + slot)
-            g = h // G
-            up = tl.load(
-                vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + g * D + offs_d[None, :],
-                mask=offs_r[:, None] < R,
-                other=0.0,
-            ).to(tl.float32)
-            out = out + scale * tl.sum(acc_r[:, None] * up, 0)
-    big_l = tl.where(big_l == 0.0, 1.0, big_l)
-    tl.store(out_ptr + b64 * stride_ot + h * stride_oh + offs_d, (out / big_l).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -685,6 +775,11 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+KEY_LR_TRIG = os.environ.get("LRAGENT_KEY_LR_TRIG", "chip")
+if KEY_LR_TRIG not in ("chip", "table"):
+    raise ValueError(f"LRAGENT_KEY_LR_TRIG must be chip or table, got {KEY_LR_TRIG!r}")
 
 
 class _Pools:
@@ -724,6 +819,10 @@ class _Pools:
         tables_ok = self.cos.stride(-1) == 1 and self.cos.stride(0) == self.d and self.sin.shape == self.cos.shape
         if self.has_klr and not tables_ok:
             raise ValueError("the RoPE tables must be contiguous [positions, head_dim]")
+        inv_freq = key_lr.inv_freq if self.has_klr and key_lr is not None else None
+        self.trig_on_chip = inv_freq is not None and KEY_LR_TRIG == "chip"
+        if inv_freq is not None and self.trig_on_chip:
+            self.cos = inv_freq.contiguous()  # the kernels compute cos / sin from the frequencies
         self.scaling = lora_scaling
 
 
@@ -837,6 +936,7 @@ def paged_prefill(
         ANY_LR=p.any_lr,
         SINGLE=single,
         DOT_PREC=_dot_precision(query.dtype),
+        TRIG_ON_CHIP=p.trig_on_chip,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -874,9 +974,16 @@ def prefill_num_splits(programs: int, max_context: int, device: torch.device, bl
     return max(1, min(wave // max(1, programs), -(-max_context // (4 * block_n)), 64))
 
 
+def _merge_tiles(num_splits: int, d: int) -> tuple[int, int]:
+    """`_merge_head`'s NS_PAD (all splits' max / sum at once) and CHUNK (splits' partials per step)."""
+    ns_pad = _pow2_at_least(num_splits, 16)
+    return ns_pad, min(ns_pad, 64 if d <= 128 else 32)
+
+
 def _merge_splits(pacc, pr, pml, row_slots, p: _Pools, lora_scaling, out, num_splits: int, hq: int, r_pad: int):
     """Combine split-KV partials [rows, splits, Hq, ...] into out [rows, Hq, d] and add s acc_r B per row."""
     d = out.shape[-1]
+    ns_pad, chunk = _merge_tiles(num_splits, d)
     _decode_merge_kernel[(out.shape[0], hq)](
         pacc,
         pr,
@@ -895,8 +1002,8 @@ def _merge_splits(pacc, pr, pml, row_slots, p: _Pools, lora_scaling, out, num_sp
         D=d,
         R=p.r,
         R_PAD=r_pad,
-        NS_PAD=_pow2_at_least(num_splits, 16),
-        CHUNK=min(_pow2_at_least(num_splits, 16), 64 if d <= 128 else 32),
+        NS_PAD=ns_pad,
+        CHUNK=chunk,
         HAS_LR=p.has_lr,
         num_warps=4,
     )
@@ -910,6 +1017,51 @@ def default_num_splits(
     slots = programs_per_sm * _num_sms(device)
     splits = max(1, slots // max(1, batch * num_kv_heads))
     return max(1, min(splits, -(-max_context // (2 * block_n)), 256))
+
+
+# how split-KV decode merges its splits: "kernel" (a second, small launch: `_decode_merge_kernel`) or "last_split"
+# (one launch: the split program that finishes last for a (sequence, kv head) merges them, see `_decode_kernel`).
+# Read here only; `paged_decode(merge=...)` overrides it per call.
+DECODE_MERGE_MODES = ("kernel", "last_split")
+DECODE_MERGE = os.environ.get("LRAGENT_DECODE_MERGE", "kernel")
+if DECODE_MERGE not in DECODE_MERGE_MODES:
+    raise ValueError(f"LRAGENT_DECODE_MERGE must be kernel or last_split, got {DECODE_MERGE!r}")
+
+# the last-split merge's arrival counters: one int32 per (sequence row, kv head), per device, all zero between
+# launches (the last split of each (row, kv head) resets its own). Replaced buffers stay referenced (`_RETIRED`):
+# a CUDA graph captured earlier keeps launching on the buffer it was captured with.
+_DECODE_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+_MIN_COUNTERS = 4096  # 512 rows x 8 kv heads: at Llama-3.1-8B shapes the engine never grows it
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def decode_counters(n: int, device: torch.device) -> torch.Tensor:
+    """At least `n` zeroed int32 arrival counters on `device` for `_decode_kernel`'s last-split merge, owned here.
+
+    The buffer only grows (to max(n, 2x, 4096) entries) and is allocated and zeroed eagerly, never per step: every
+    launch leaves it zero again. CUDA graphs: a captured launch bakes in the buffer's address, so the buffer must
+    already be large enough when capture starts. The engine runs every captured shape eagerly (warm-up) right before
+    capturing it, which grows the buffer outside the capture; growing it during a capture is an error, raised here.
+    One stream at a time per device: two decode launches running concurrently on different streams would share
+    counters."""
+    buf = _DECODE_COUNTERS.get(device)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    if _capturing(device):
+        raise RuntimeError(
+            f"paged_decode(merge='last_split') needs {n} arrival counters on {device} but has "
+            f"{0 if buf is None else buf.numel()}, and a CUDA graph is being captured: run the same shape eagerly "
+            "before capturing it (the engine's warm-up does), so the buffer grows outside the capture"
+        )
+    if buf is not None:
+        _RETIRED.append(buf)
+    buf = torch.zeros(max(n, 2 * (0 if buf is None else buf.numel()), _MIN_COUNTERS), dtype=torch.int32, device=device)
+    _DECODE_COUNTERS[device] = buf
+    return buf
 
 
 def paged_decode(
@@ -931,8 +1083,10 @@ def paged_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     key_lr: KeyLR | None = None,
+    merge: str | None = None,
 ) -> torch.Tensor:
-    """query [B, Hq, d] (one token per sequence). `num_splits` fixed (CUDA graphs) or chosen from `max_context`."""
+    """query [B, Hq, d] (one token per sequence). `num_splits` fixed (CUDA graphs) or chosen from `max_context`.
+    `merge`: how more than one split is merged, "kernel" or "last_split" (see `DECODE_MERGE`; None: that)."""
     b, hq, d = query.shape
     p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1], key_lr)
     if hq % p.hkv:
@@ -960,6 +1114,12 @@ def paged_decode(
     sm_scale = d**-0.5 if sm_scale is None else sm_scale
     g = hq // p.hkv
     single = num_splits == 1
+    merge = DECODE_MERGE if merge is None else merge
+    if merge not in DECODE_MERGE_MODES:
+        raise ValueError(f"merge must be kernel or last_split, got {merge!r}")
+    last_split = merge == "last_split" and not single
+    counters = decode_counters(b * p.hkv, query.device) if last_split else out  # unused unless last_split
+    ns_pad, chunk = _merge_tiles(num_splits, d) if last_split else (1, 1)  # kernel mode: no extra variants
     if single:
         pacc = pr = pml = out  # unused
     else:
@@ -985,6 +1145,7 @@ def paged_decode(
         p.kup,
         p.cos,
         p.sin,
+        counters,
         sm_scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -1013,9 +1174,13 @@ def paged_decode(
         ANY_LR=p.any_lr,
         SINGLE=single,
         DOT_PREC=_dot_precision(query.dtype),
+        TRIG_ON_CHIP=p.trig_on_chip,
+        LAST_SPLIT=last_split,
+        NS_PAD=ns_pad,
+        CHUNK=chunk,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if not single:
+    if not single and not last_split:
         _merge_splits(pacc, pr, pml, seq_lora_slots, p, lora_scaling, out, num_splits, hq, r_pad)
     return out

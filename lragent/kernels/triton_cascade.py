@@ -215,6 +215,7 @@ def _segment_partials_kernel(
     HAS_KLR: tl.constexpr,
     ANY_LR: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TRIG_ON_CHIP: tl.constexpr,
 ):
     """Program (row tile x kv head, split, segment): the query rows of a segment's members (member-major, the G
     q heads of kv head g each) against the segment's keys [lo, hi) of one split, read through the block tables of
@@ -280,7 +281,7 @@ def _segment_partials_kernel(
         if HAS_KLR:
             k = _add_key_lora(
                 k, lr_ptr, lrow, lmask, kpos, kup, kup_rot, kscale, cos_ptr, sin_ptr, offs_r, offs_d, R, D, LR_W,
-                KLR_COL, DOT_PREC,
+                KLR_COL, DOT_PREC, TRIG_ON_CHIP,
             )  # fmt: skip
         sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
         sc = tl.where(kmask[None, :], sc, float("-inf"))
@@ -545,6 +546,7 @@ def _launch_segments(
         bt.stride(0), lbt.stride(0), p.stride_ks, p.stride_kr, splits, HKV=p.hkv, G=hq // p.hkv, D=d, R=p.r,
         R_PAD=p.r_pad, PR_W=max(pr_w, 1), PR_PAD=max(pr_pad, 16), LR_W=p.lr_width, KLR_COL=p.klr_col, BS=p.bs,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_LO=seg_lo is not None, HAS_LR=p.has_lr, HAS_KLR=p.has_klr,
-        ANY_LR=p.any_lr, DOT_PREC=_dot_precision(q.dtype), num_warps=num_warps, num_stages=2,
+        ANY_LR=p.any_lr, DOT_PREC=_dot_precision(q.dtype), TRIG_ON_CHIP=p.trig_on_chip, num_warps=num_warps,
+        num_stages=2,
     )  # fmt: skip
     return pacc, pr, pml

@@ -111,7 +111,7 @@ class Attention(nn.Module):
         key_lr = None
         if bank.key_lr and cache.lr is not None:
             assert self.rope.cos is not None and self.rope.sin is not None, "RotaryEmbedding.build() first"
-            key_lr = KeyLR(bank.key_up(layer), self.rope.cos, self.rope.sin)
+            key_lr = KeyLR(bank.key_up(layer), self.rope.cos, self.rope.sin, self.rope.inv_freq)
         out = rt.backend.attend(cache, index, q, value_up, bank.scaling, ctx.attn, key_lr=key_lr)
         out = out.reshape(x.shape[0], -1)
         return _with_lora(self.o_proj(out), bank.delta(out, layer, "o_proj", ctx.lora.segments))

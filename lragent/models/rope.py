@@ -41,10 +41,12 @@ class RotaryEmbedding:
         self.config, self.max_positions = config, max_positions
         self.cos: torch.Tensor | None = None  # [max_positions, head_dim] after build()
         self.sin: torch.Tensor | None = None
+        self.inv_freq: torch.Tensor | None = None  # [head_dim / 2] float32: the kernels' on-chip key RoPE reads it
 
     def build(self, device: torch.device) -> None:
         positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
-        freqs = torch.outer(positions, inverse_frequencies(self.config).to(device))
+        self.inv_freq = inverse_frequencies(self.config).to(device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
 
