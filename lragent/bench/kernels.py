@@ -9,6 +9,9 @@ Llama-3.1-8B attention shape (32 q heads, 8 kv heads, head_dim 128), rank-8 LR c
   TFLOP/s counts the causal QK^T and PV work (4 d per visible (query, key) pair per head).
 - calibration in the same run: device-to-device copy bandwidth (bytes read + written) and bf16 8192^3 matmul rate.
 - `--lora`: the multi-LoRA shrink/expand kernels vs the per-adapter torch loop, for q_proj of Llama-3.1-8B.
+- `--merge-compare 0,32,64,128`: our decode at each of these split counts (0: the default count) with both ways of
+  merging the splits side by side, "kernel" (a second launch) and "last_split" (one launch, the last split to finish
+  merges), over --decode-batches x --decode-contexts; a table of ms and % of copy bandwidth.
 
 Prints tables and writes JSON (`--json`). `--smoke` runs tiny shapes (also on the CPU under TRITON_INTERPRET=1)
 to exercise the code path; its timings mean nothing.
@@ -204,21 +207,31 @@ def bench_decode(pools: PagedPools, batches, contexts, timer, dtype, device, cal
     return rows
 
 
+def _decode_inputs(pools: PagedPools, batch: int, ctx: int, dtype, device) -> tuple:
+    """A decode case's tensors: block tables (base, LR), adapter slots, context lengths, queries, output."""
+    bt, lbt = pools.tables(batch, ctx)
+    slots = (torch.arange(batch, device=device) % 3 + 1).long()  # mixed adapters 1, 2, 3
+    ctx_t = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(batch, HQ, D, dtype=dtype, device=device)
+    return bt, lbt, slots, ctx_t, q, torch.empty_like(q)
+
+
+def _decode_bytes(pools: PagedPools, batch: int, ctx: int, dtype) -> int:
+    """Bytes of K + V_base + R one decode step reads once."""
+    return batch * ctx * (2 * HKV * D + pools.rank) * torch.finfo(dtype).bits // 8
+
+
 def _decode_case(pools: PagedPools, batch: int, ctx: int, timer, dtype, device, calib, kw, baselines: bool) -> dict:
     """One (batch, context) decode case: our kernel, itself without the LR term, and (with `baselines`) the
     contiguous SDPA and naive-materialisation baselines."""
     from lragent.kernels.triton_attention import default_num_splits
 
-    bt, lbt = pools.tables(batch, ctx)
-    slots = (torch.arange(batch, device=device) % 3 + 1).long()  # mixed adapters 1, 2, 3
-    ctx_t = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-    q = torch.randn(batch, HQ, D, dtype=dtype, device=device)
-    out = torch.empty_like(q)
+    bt, lbt, slots, ctx_t, q, out = _decode_inputs(pools, batch, ctx, dtype, device)
     splits = kw.get("num_splits") or default_num_splits(batch, HKV, ctx, device, kw.get("block_n") or 64)
 
     ours, no_lr = _decode_calls(pools, q, out, bt, lbt, ctx_t, slots, ctx, kw)
     t_ours = timer(ours)
-    nbytes = batch * ctx * (2 * HKV * D + pools.rank) * torch.finfo(dtype).bits // 8
+    nbytes = _decode_bytes(pools, batch, ctx, dtype)
     # the same kernel without the LR term (value_up None): what the rank-r path costs
     t_nolr = timer(no_lr) if baselines else float("nan")
     bw = nbytes / (t_ours * 1e-3) / 1e9
@@ -290,6 +303,41 @@ def _decode_calls(pools: PagedPools, q, out, bt, lbt, ctx_t, slots, ctx: int, kw
         )
 
     return ours, no_lr
+
+
+def bench_merge(pools: PagedPools, batches, contexts, split_counts, timer, dtype, device, calib) -> list[dict]:
+    """`--merge-compare`: our decode (with the LR term) under both split merges, "kernel" and "last_split", at each
+    split count (0: `default_num_splits`), on the same tensors; one row per (context, batch, split count)."""
+    from lragent.kernels.triton_attention import DECODE_MERGE_MODES, default_num_splits
+
+    rows = []
+    for ctx in contexts:
+        for batch in batches:
+            bt, lbt, slots, ctx_t, q, out = _decode_inputs(pools, batch, ctx, dtype, device)
+            nbytes = _decode_bytes(pools, batch, ctx, dtype)
+            default = default_num_splits(batch, HKV, ctx, device)
+            for splits in dict.fromkeys(n or default for n in split_counts):
+                row: dict = {"batch": batch, "context": ctx, "num_splits": splits, "default": splits == default}
+                for mode in DECODE_MERGE_MODES:
+                    ours, _ = _decode_calls(
+                        pools, q, out, bt, lbt, ctx_t, slots, ctx, {"num_splits": splits, "merge": mode}
+                    )
+                    t = timer(ours)
+                    row[f"{mode}_ms"] = t
+                    row[f"{mode}_pct_copy_bw"] = 100 * nbytes / (t * 1e-3) / 1e9 / calib["copy_bandwidth_GBps"]
+                row["kernel_over_last_split"] = row["kernel_ms"] / row["last_split_ms"]
+                rows.append(row)
+                print(_merge_line(row), flush=True)
+    return rows
+
+
+def _merge_line(r: dict) -> str:
+    return (
+        f"merge   B={r['batch']:>3} ctx={_fmt_len(r['context']):>5} splits={r['num_splits']:>3}"
+        f"{'*' if r['default'] else ' '} | kernel {r['kernel_ms']:8.4f} ms ({r['kernel_pct_copy_bw']:5.1f}% copy)"
+        f" | last_split {r['last_split_ms']:8.4f} ms ({r['last_split_pct_copy_bw']:5.1f}% copy)"
+        f" | kernel/last_split {r['kernel_over_last_split']:5.2f}"
+    )
 
 
 def _decode_baselines(
@@ -577,8 +625,20 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stacked-lr", action="store_true", help="LR rows of 3 slots x rank, each sequence its slice")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--json", default="results/bench_kernels.json")
-    ap.add_argument("--only", default="decode,prefill,lora", help="comma list of decode, prefill, lora")
+    ap.add_argument(
+        "--only",
+        default="decode,prefill,lora",
+        help="comma list of decode, prefill, lora (another word, e.g. none: none of them)",
+    )
     ap.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
+    ap.add_argument(
+        "--merge-compare",
+        metavar="SPLITS",
+        default=None,
+        help="comma list of decode split counts (0: the default count), e.g. 0,16,32,64,128: time decode at each "
+        "with both split merges side by side, kernel (a second launch) and last_split (one launch), over "
+        "--decode-batches x --decode-contexts, as ms and %% of copy bandwidth (runs even if --only omits decode)",
+    )
     ap.add_argument("--no-graphs", action="store_true", help="time eager launches instead of CUDA graph replays")
     ap.add_argument("--warmup-ms", type=int, default=25)
     ap.add_argument("--rep-ms", type=int, default=100)
@@ -608,6 +668,7 @@ def _pool_tokens(
         max(decode_ctx) * max(decode_b) if "decode" in only else 0,
         max(news) + max(prefixes) if "prefill" in only else 0,
         16384 + 2048 if args.sweep else 0,
+        max(decode_ctx) * max(decode_b) if args.merge_compare else 0,
         32 * 16384 if args.sweep and not args.smoke else 0,
     )
 
@@ -623,7 +684,7 @@ def _recalibrate(calib: dict, again: dict, decode: list[dict]) -> None:
         )
         ratio = calib["copy_bandwidth_GBps"] / again["copy_bandwidth_GBps"]
         for r in decode:
-            for key in ("ours_pct_copy_bw", "sdpa_pct_copy_bw"):
+            for key in ("ours_pct_copy_bw", "sdpa_pct_copy_bw", "kernel_pct_copy_bw", "last_split_pct_copy_bw"):
                 if key in r:
                     r[key] *= ratio
         calib.update(copy_bandwidth_GBps=again["copy_bandwidth_GBps"])
@@ -645,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda" and not args.smoke:
         print("lragent bench kernels needs a CUDA GPU (use --smoke for a CPU code-path check)", file=sys.stderr)
         return 2
+    from lragent.kernels.triton_attention import DECODE_MERGE
+
     dtype = getattr(torch, args.dtype)
     if args.smoke:
         dtype = _use_smoke_shapes(args, device, dtype)
@@ -677,16 +740,22 @@ def main(argv: list[str] | None = None) -> int:
             "stacked_lr": args.stacked_lr,
             "block_size": args.block_size,
             "dtype": str(dtype).removeprefix("torch."),
+            "decode_merge": DECODE_MERGE,  # how the decode table's split-KV rows merge (LRAGENT_DECODE_MERGE)
         },
         "calibration": calib,
     }
     if args.sweep:
         result["sweep"] = sweep(pools, timer, dtype, device, calib)
     decode = bench_decode(pools, decode_b, decode_ctx, timer, dtype, device, calib, {}) if "decode" in only else []
+    merge: list[dict] = []
+    if args.merge_compare:
+        merge = bench_merge(pools, decode_b, decode_ctx, _parse_list(args.merge_compare), timer, dtype, device, calib)
     prefill = bench_prefill(pools, news, prefixes, timer, dtype, device, calib, {}) if "prefill" in only else []
     lora = bench_lora(timer, dtype, device, args.smoke) if "lora" in only else []
-    _recalibrate(calib, calibrate(device, timer, args.smoke), decode)
+    _recalibrate(calib, calibrate(device, timer, args.smoke), decode + merge)
     result.update(decode=decode, prefill=prefill, lora=lora, targets=targets(decode, prefill))
+    if merge:
+        result["decode_merge"] = merge
     result["timing"] = "eager" if args.no_graphs else f"CUDA graph replays ({timer.eager_fallbacks} eager fallbacks)"
 
     print()
@@ -713,6 +782,18 @@ def render_markdown(res: dict) -> str:
                 f"| {r['batch']} | {_fmt_len(r['context'])} | {r['num_splits']} | {r['ours_ms']:.3f} | {r['ours_GBps']:.0f} | "
                 f"{r['ours_pct_copy_bw']:.0f}% | {r['ours_no_lr_ms']:.3f} | {r['sdpa_ms']:.3f} | {r['sdpa_pct_copy_bw']:.0f}% | {r['naive_ms']:.3f} | "
                 f"{r['ours_over_sdpa']:.2f} | {r['naive_over_ours']:.2f} |"
+            )
+        lines.append("")
+    if res.get("decode_merge"):
+        lines += [
+            "| decode B | context | splits | kernel merge ms | kernel % copy bw | last_split ms | last_split % copy bw | kernel / last_split |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in res["decode_merge"]:
+            lines.append(
+                f"| {r['batch']} | {_fmt_len(r['context'])} | {r['num_splits']}{' (default)' if r['default'] else ''} | "
+                f"{r['kernel_ms']:.4f} | {r['kernel_pct_copy_bw']:.0f}% | {r['last_split_ms']:.4f} | "
+                f"{r['last_split_pct_copy_bw']:.0f}% | {r['kernel_over_last_split']:.2f} |"
             )
         lines.append("")
     if res.get("prefill"):
