@@ -7,7 +7,9 @@
 # recipe: the independent plan adapter is reused as is, action and reflect are trained with its v_proj lora_A loaded
 # and frozen), then a bit-equality check of the shared A, then greedy samples (HF + PEFT) on training prompts.
 # Settings (environment): PY, MODEL, BASE_NAME, TASKS, DATA_DIR, DEVICE, STEPS, BATCH, MAX_LEN, LR, SEED, SAMPLE,
-# HELDOUT, EVAL_EVERY, PATIENCE, MAX_TIME, PARALLEL (1: one process per role, side by side; see below).
+# HELDOUT, EVAL_EVERY, PATIENCE, MAX_TIME, PARALLEL (1: one process per role, side by side; see below),
+# OPTION_PERMS (--option-permutations K: option-permuted copies of each ScienceQA training example; default 3 for
+# scienceqa, set by the trainer; 0 turns it off).
 # Shipped sets and how they were trained (per-step losses, machine and versions in each set's train_log.json):
 # - hotpotqa-{independent,shared-a}: the then defaults (200 steps of 8 x 1024 tokens per role, lr 5e-4, bf16) on one
 #   H200, 2026-11-27: 30-44 s per role, about 5 minutes for the task's two sets including model load and tokenisation.
@@ -50,6 +52,7 @@ COMMON=(--model "$MODEL" --base-name "$BASE_NAME" --device "${DEVICE:-auto}" --m
         --rank 8 --alpha 16 --targets q_proj,v_proj --save-dtype float16
         --heldout-fraction "${HELDOUT:-0.1}" --eval-every "${EVAL_EVERY:-25}" --patience "${PATIENCE:-4}")
 [[ -n "${DATA_DIR:-}" ]] && COMMON+=(--data-dir "$DATA_DIR")
+[[ -n "${OPTION_PERMS:-}" ]] && COMMON+=(--option-permutations "$OPTION_PERMS")
 [[ -n "${MAX_TIME:-}" ]] && COMMON+=(--max-time "$MAX_TIME")  # seconds per role run (a GPU call of fixed length)
 
 train() { "$PY" -m lragent.train "$@" "${COMMON[@]}"; }

@@ -167,6 +167,23 @@ def test_constrain_sends_the_closed_sets_to_the_engine():
     assert hot.prediction == "B"  # HotpotQA answers stay free text
 
 
+def test_constrain_finish_limits_only_the_answer_to_the_questions_letters():
+    two = dict(SCIENCE, choices=["Harrisburg", "Dover"], pid="s2")
+    cfg = PipelineConfig(max_iterations=3, constrain_finish=True, finish_at_cap=True)
+    llm = ScriptedLLM(searcher("B) Dover"))
+    (res,) = run_pipeline(llm, [two], cfg)
+    choices = [(c.role, c.params.choice) for c in llm.log if c.params.choice]
+    assert choices == [("action", ["A", "B"])]  # plan tool lines and reflect verdicts stay free
+    assert res.prediction == "B" and res.correct
+    free_cfg = PipelineConfig(max_iterations=3, finish_at_cap=True)
+    (free,) = run_pipeline(ScriptedLLM(searcher("D")), [two], free_cfg)  # a 4-option habit on a 2-option question
+    assert free.prediction == "D" and not free.correct
+    (held,) = run_pipeline(ScriptedLLM(searcher("D")), [two], cfg)
+    assert held.prediction in ("A", "B")
+    (hot,) = run_pipeline(ScriptedLLM(searcher()), [HOTPOT], cfg)
+    assert hot.prediction == "B"  # HotpotQA answers stay free text
+
+
 @pytest.mark.parametrize(("verdict", "accepted"), [("Reflect[right]", True), ("Reflect[right].", True),
                                                    ("Reflect[yes]", False), ("Reflect[right/wrong]", False),
                                                    ("Reflect[wrong]", False)])  # fmt: skip

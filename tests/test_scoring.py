@@ -126,3 +126,32 @@ def test_option_letter_maps_every_emitted_format(pred):
 def test_option_letter_refuses_what_it_cannot_map(pred):
     assert option_letter(pred, DELAWARE) is None
     assert not any(score_scienceqa(pred, DELAWARE, key).correct for key in "ABCD")
+
+
+# ---- labels before an option's text, and a letter with another option's text (issue 15) -------------------------
+
+
+@pytest.mark.parametrize(
+    ("pred", "letter"),
+    [
+        ("the answer is a wool scarf", "A"),  # option A's text (with an article), not the letter "a"
+        ("The answer is an asphalt road", "B"),
+        ("Answer: asphalt road", "B"),
+        ("The correct option is B", "B"),
+        ("the correct choice is (b)", "B"),
+        ("option b", "B"),
+        ("the answer is b.", "B"),
+        ("Option C", None),  # out of range: wrong, not silently mapped
+        ("B wool scarf", "B"),  # a letter and another option's text: the letter wins, as in "B) wool scarf"
+        ("B) a wool scarf", "B"),
+    ],
+)
+def test_option_letter_reads_labels_without_eating_articles(pred, letter):
+    assert option_letter(pred, SCARF) == letter
+
+
+def test_an_article_after_a_label_is_not_option_a():
+    choices = ["Dover", "Salem", "a wool scarf"]
+    assert option_letter("the answer is a wool scarf", choices) == "C"
+    assert option_letter("Answer: a wool scarf", choices) == "C"
+    assert option_letter("the answer is a", choices) == "A"

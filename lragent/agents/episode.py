@@ -11,11 +11,14 @@ After Finish the next iteration belongs to reflect:
   reflect verdict  : prompt = trajectory                          -> "Action: Reflect[right|wrong]\\n" + observation
 Reflect[right] ends the episode; Reflect[wrong] sends it back to plan; a second Finish ends it (AutoAct's rule).
 
-Two optional guards (EpisodeConfig), both off by default (the paper's loop) and reported per question:
+Optional guards (EpisodeConfig), both off by default (the paper's loop) and reported per question:
   constrain     : the calls whose output is a closed set say so in `AgentCall.choice` (the driver passes it to the
                   engine's choice constraint): the plan's tool line ("Aciton: {Tool}[" for the task's tools), the
                   reflect verdict (Reflect[right] / Reflect[wrong]) and, for ScienceQA, Finish's option letter. These
                   are exactly the outputs training taught, so a constrained call can no longer leave the format.
+  constrain_finish : only the last of those (ScienceQA's Finish letter, limited to the question's own options),
+                  a cheap guard against letters the question does not have (training saw only 4-option questions,
+                  the eval has mostly 2-3 options) that leaves every other call free.
   finish_at_cap : in the last iteration a question without an answer skips the plan's tool call and goes straight to
                   "Aciton: Finish[" (the text the plan would have written), so the action agent must answer; such
                   answers are flagged `forced_finish`.
@@ -122,6 +125,7 @@ class EpisodeConfig:
     max_context_tokens: int = 8192  # halt when a prompt plus max_new_tokens would not fit
     max_new_tokens: int = 128
     constrain: bool = False  # closed-set outputs (tool line, verdict, ScienceQA letter) constrained to their set
+    constrain_finish: bool = False  # only ScienceQA's Finish letter constrained to the question's options
     finish_at_cap: bool = False  # last iteration without an answer: Finish is chosen for the plan
 
 
@@ -179,13 +183,16 @@ class Episode:
 
     def _choice(self) -> list[str] | None:
         """The closed set the pending call's output belongs to (see the module doc), when constraining."""
+        finish_letter = self.phase is Phase.ACTION and self.tool == "Finish" and bool(self.options)
+        if self.config.constrain_finish and finish_letter:
+            return list(self.options)
         if not self.config.constrain:
             return None
         if self.phase is Phase.PLAN_TOOL:
             return [D.plan_tool_output(t) for t in self.fmt.tools]
         if self.phase is Phase.REFLECT_VERDICT:
             return ["Reflect[right]", "Reflect[wrong]"]
-        if self.phase is Phase.ACTION and self.tool == "Finish" and self.options:
+        if finish_letter:
             return list(self.options)
         return None
 

@@ -42,6 +42,7 @@ class PipelineConfig:
     keep_trajectories: bool = False
     time_limit_s: float | None = None  # wall bound of one run: no round starts after it (see Driver.run)
     constrain: bool = False  # engine choice constraint on closed-set outputs (see lragent.agents.episode)
+    constrain_finish: bool = False  # the same, on ScienceQA's Finish letter only (the question's own letters)
     finish_at_cap: bool = False  # the last iteration of a question without an answer goes to Finish
 
 
@@ -232,6 +233,7 @@ def run_pipeline(
         cfg.max_context_tokens or engine_max_len(llm),
         cfg.max_tokens,
         constrain=cfg.constrain,
+        constrain_finish=cfg.constrain_finish,
         finish_at_cap=cfg.finish_at_cap,
     )
     formats: dict[str, TrajectoryFormat] = {}

@@ -63,11 +63,31 @@ def _in_range(letter: str, n_choices: int) -> bool:
     return letter in LETTERS[: max(n_choices, 0)]
 
 
+_LABEL = re.compile(r"\b(?:option|answer|choice)(?:\s+is)?\s*:?\s*", re.IGNORECASE)
+
+
+def _labelled_letter(text: str, choices: list[str]) -> str | None:
+    """The letter after an "option / answer (is) / choice" label: a letter in range, "" for a letter out of range
+    (wrong), None when there is no labelled letter. Why the care: a lower-case letter must stand alone ("option b",
+    "answer is (c)"), else "the answer is a wool scarf" would read the article as option A; a label followed by an
+    option's exact text maps to that option."""
+    for label in _LABEL.finditer(text):
+        rest = text[label.end() :]
+        exact = [i for i, c in enumerate(choices) if _norm_option(c) == _norm_option(rest) and _norm_option(rest)]
+        if len(exact) == 1:
+            return LETTERS[exact[0]]
+        m = re.match(r"\(([A-Ja-j])\)|([A-J])(?![A-Za-z])|([a-j])\s*[.)]?\s*$", rest)
+        if m:
+            letter = next(g for g in m.groups() if g).upper()
+            return letter if _in_range(letter, len(choices)) else ""
+    return None
+
+
 def option_letter(prediction: str | None, choices: list[str]) -> str | None:
     """Map a ScienceQA prediction to an option letter, or None when it cannot be mapped (counted wrong).
 
     Accepted: "B", "b", "(B)", "B.", "B)", "[B]", "**B**", "Finish[B]", "B. Dover", "(B) Dover", "B - Dover",
-    "Option B", "the answer is (B)", "The answer is: B", the option text
+    "Option B", "the answer is (B)", "The answer is: B", "the correct option is B", the option text
     itself ("Dover", case/punctuation-insensitive), a prediction containing exactly one option's text, or a close
     fuzzy match of one option. A letter outside the choices is returned as None.
     """
@@ -96,14 +116,13 @@ def option_letter(prediction: str | None, choices: list[str]) -> str | None:
     if m:
         letter = (m.group(1) or m.group(2)).upper()
         return letter if _in_range(letter, n) else None
-    # 4. "option B", "answer is (B)", "answer: B"
-    m = re.search(r"\b(?:option|answer(?:\s+is)?|choice)\s*:?\s*\(?([A-J])\)?(?![A-Za-z])", text, re.IGNORECASE)
-    if m:
-        letter = m.group(1).upper()
-        return letter if _in_range(letter, n) else None
-    # 5. "B Dover" where the rest is option B's text
+    # 4. "option B", "answer is (B)", "answer: B", "the correct option is B"; "the answer is a wool scarf" is text
+    labelled = _labelled_letter(text, choices)
+    if labelled is not None:
+        return labelled or None
+    # 5. "B Dover": a capital letter then an option's text (the letter wins, as in "B) Dover")
     m = re.match(r"([A-J])\s+(.+)", text)
-    if m and _in_range(m.group(1), n) and _norm_option(m.group(2)) == _norm_option(choices[LETTERS.index(m.group(1))]):
+    if m and _in_range(m.group(1), n) and _norm_option(m.group(2)) in {_norm_option(c) for c in choices}:
         return m.group(1)
     # 6. exactly one option's text inside the prediction, or the prediction inside exactly one option
     if len(norm) >= 3:

@@ -4,6 +4,7 @@ lragent train --task hotpotqa --mode independent --out DIR [options]    train a 
 lragent train check DIR [--module v_proj]                              shared-A bit equality across roles
 lragent train sample DIR [--task hotpotqa]                             greedy outputs on training prompts
 lragent train plot DIR                                                 redraw loss_curve.png from train_log.json
+lragent train letter-bias DIR [--split heldout] [--limit 40]           action's letter prior at Finish answers
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lragent.train import data as fmt
+from lragent.train.augment import split_and_augment
 from lragent.train.batching import encode_example
 from lragent.train.config import MODES, SAVE_DTYPES, TrainConfig
-from lragent.train.examples import Example, default_data_dir, load_role_examples, split_heldout
+from lragent.train.examples import Example, default_data_dir, load_role_examples
 from lragent.train.loop import resolve_device
 from lragent.train.report import LOG_NAME, PLOT_NAME, build_log, plot_losses, write_log, write_manifest
 
@@ -87,6 +90,14 @@ def train_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="stop a role's training after S seconds (held-out loss measured then, best checkpoint kept)",
     )
+    p.add_argument(
+        "--option-permutations",
+        type=int,
+        default=None,
+        metavar="K",
+        help="add K copies of each training example with the question's options reordered and every option letter "
+        "remapped (balances the answer letters; held-out split untouched; default 3 for scienceqa, 0 otherwise)",
+    )
     return p
 
 
@@ -117,7 +128,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         patience=args.patience,
         min_delta=args.min_delta,
         max_time_s=args.max_time,
+        option_permutations=option_permutations_for(args.task, args.option_permutations),
     )
+
+
+def option_permutations_for(task: str, requested: int | None) -> int:
+    """The recipes' per-task default (imported lazily: recipes needs peft) unless the command line gave K."""
+    from lragent.train.recipes import option_permutations_for as resolve
+
+    return resolve(task, requested)
+
+
+def training_split(
+    task: str, role: str, data_dir: Path | None, cfg: TrainConfig
+) -> tuple[list[Example], list[Example]]:
+    """``(train, held-out)`` examples of one role: split by question first, then only the training part gets the
+    option-permuted copies, so no copy of a held-out question is trained on and the held-out loss stays comparable."""
+    train, heldout, stats = split_and_augment(
+        load_role_examples(task, role, data_dir), cfg.heldout_fraction, cfg.seed, cfg.option_permutations
+    )
+    if cfg.option_permutations:
+        print(f"{role}: option permutations x{cfg.option_permutations}: {stats.summary()}")
+    return train, heldout
 
 
 def load_base(model: str, device: torch.device):
@@ -151,9 +183,7 @@ def run_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     _, tokenizer, base = load_base(args.model, device)
     roles = [r for r in args.roles if not (cfg.mode == "shared-a" and args.plan_from and r == "plan")]
-    split = {
-        r: split_heldout(load_role_examples(args.task, r, args.data_dir), cfg.heldout_fraction, cfg.seed) for r in roles
-    }
+    split = {r: training_split(args.task, r, args.data_dir, cfg) for r in roles}
     encoded = {
         r: [encode_example(tokenizer, e, cfg.max_seq_len) for e in tr[: cfg.max_examples]]
         for r, (tr, _) in split.items()
@@ -248,6 +278,43 @@ def run_plot(argv: list[str]) -> int:
     return 0 if plot_losses(log, args.set_dir / PLOT_NAME) else 1
 
 
+def run_letter_bias(argv: list[str]) -> int:
+    from lragent.models.hub import resolve_model
+    from lragent.train import letter_bias as lb
+
+    p = argparse.ArgumentParser(
+        prog="lragent train letter-bias",
+        description="For a ScienceQA adapter set: the action adapter's next-token probability of each option letter "
+        "right after 'Finish[\\n### Response:\\n', teacher-forced over the action Finish examples of the training "
+        "data, split by question as the set was trained (held-out fraction, seed and max_seq_len read from its "
+        "train_log.json). Prints, per letter, the share of examples where it is the argmax vs its share as the "
+        "gold answer (a letter bias shows as argmax share >> gold share), the accuracy and the mean probabilities.",
+    )
+    p.add_argument("set_dir", type=Path, help="adapter set folder (its <role>/ adapter is used)")
+    p.add_argument("--task", choices=fmt.TASKS, default="scienceqa")
+    p.add_argument("--role", default="action", help="adapter folder to load (default action)")
+    p.add_argument("--split", choices=lb.SPLITS, nargs="+", default=["heldout", "train"], help="sides to measure")
+    p.add_argument("--limit", type=int, default=40, help="at most this many Finish examples per side")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", type=Path, default=None, help="also write the summaries and per-example rows here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fraction, seed, max_len = lb.split_settings(args.set_dir)
+    model, tokenizer = lb.load_adapter_model(resolve_model(args.model), args.set_dir / args.role)
+    result: dict[str, dict[str, Any]] = {}
+    for split in args.split:
+        examples = lb.select_examples(args.task, split, fraction, seed, args.limit, args.data_dir)
+        rows = lb.letter_rows(model, tokenizer, examples, max_len)
+        result[split] = {"summary": lb.summarize(rows), "rows": [r.__dict__ for r in rows]}
+        print(lb.format_report(f"{args.set_dir.name}/{args.role} {split}", result[split]["summary"]))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def run_manifest(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lragent train manifest")
     p.add_argument("root", type=Path, help="folder of adapter sets")
@@ -257,7 +324,13 @@ def run_manifest(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"check": run_check, "sample": run_sample, "plot": run_plot, "manifest": run_manifest}
+    commands = {
+        "check": run_check,
+        "sample": run_sample,
+        "plot": run_plot,
+        "manifest": run_manifest,
+        "letter-bias": run_letter_bias,
+    }
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return run_train(train_parser().parse_args(argv))

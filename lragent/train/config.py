@@ -44,6 +44,9 @@ class TrainConfig:
     patience: int = 0
     min_delta: float = 0.0  # an improvement smaller than this does not reset the patience
     max_time_s: float | None = None  # stop (held-out measured, best weights kept) once training took this long
+    # ScienceQA: K extra copies of each training example with the options reordered and every option letter remapped
+    # (lragent.train.augment), so the answer letter is balanced; the held-out split is never augmented
+    option_permutations: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -56,6 +59,8 @@ class TrainConfig:
             raise ValueError("max_skipped_ratio must be in [0, 1]")
         if not 0.0 <= self.heldout_fraction < 1.0 or self.eval_every <= 0 or self.patience < 0:
             raise ValueError("heldout_fraction must be in [0, 1), eval_every positive and patience >= 0")
+        if self.option_permutations < 0:
+            raise ValueError("option_permutations must be >= 0")
         if self.max_steps is None and self.epochs is None:
             raise ValueError("give max_steps or epochs")
         if self.mode != "independent" and not set(self.shared_modules) <= set(self.targets):

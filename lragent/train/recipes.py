@@ -29,6 +29,14 @@ from lragent.train.data import ROLES
 from lragent.train.loop import RoleResult, TrainingFailed, train_adapters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+# Option-permutation copies per training example when the command line does not say (lragent.train.augment): on for
+# ScienceQA, whose 4-option trajectories otherwise teach a letter prior; HotpotQA has no options.
+TASK_OPTION_PERMUTATIONS: dict[str, int] = {"scienceqa": 3}
+
+
+def option_permutations_for(task: str, requested: int | None) -> int:
+    """The number of option-permuted copies for ``task``: ``requested`` when given, else the task's default."""
+    return TASK_OPTION_PERMUTATIONS.get(task, 0) if requested is None else requested
 
 
 def role_seed(seed: int, role: str) -> int:
