@@ -326,24 +326,38 @@ KEYED = [i for i, case in enumerate(PREFILL) if case[-1]]  # the cases with a ke
 
 
 @pytest.mark.parametrize("case_id", KEYED)
-def test_materialized_keys_then_the_plain_kernel_equal_the_reference(case_id):
-    """The other prefill route (`LRAGENT_KEY_LR_PREFILL=materialize`): each reader's keys built once into scratch
-    blocks, then the kernel without key LR."""
-    from lragent.kernels.key_lr_prefill import materialize
+@pytest.mark.parametrize("trig", TRIG)
+def test_materialized_keys_then_the_plain_kernel_equal_the_reference(case_id, trig):
+    """The default prefill route (`LRAGENT_KEY_LR_PREFILL=materialize`): each reader's keys written once by the
+    Triton kernel (== its torch oracle), then the prefill kernel reading its keys there and its values from the pool."""
+    from lragent.kernels.key_lr_prefill import materialize_keys, materialize_keys_reference
 
     seqs, hq, hkv, d, rank, slots, bs, values, keys = PREFILL[case_id]
     c = key_case(seqs, hq, hkv, d, rank, slots, bs, seed=case_id, values=values, keys=keys)
     m = c.meta
-    k, v, lr, tables = materialize(
-        _f32(c.key), _f32(c.value), _f32(c.lr), _dev(m.base_block_tables), _dev(m.lr_block_tables),
-        _dev(m.seq_lora_slots), _f32(c.value_up), _f32(c.scaling), _key_lr(c), m.context_lens,
-    )  # fmt: skip
-    assert (lr is None) == (c.value_up is None) and tables.shape[0] == len(seqs)
+    args = (_f32(c.key), _f32(c.lr), _dev(m.base_block_tables), _dev(m.lr_block_tables), _dev(m.seq_lora_slots),
+            _f32(c.scaling), _key_lr(c, trig), m.context_lens)  # fmt: skip
+    k, starts = materialize_keys(*args)
+    k_ref, starts_ref = materialize_keys_reference(*args)
+    assert starts.tolist() == starts_ref.tolist() == [sum(m.context_lens[:i]) for i in range(len(seqs))]
+    torch.testing.assert_close(k.cpu(), k_ref.cpu(), rtol=1e-5, atol=1e-5)
+    slot0 = [i for i, (_, _, slot) in enumerate(seqs) if slot == 0]
+    for i in slot0:  # a reader without an adapter gets the base keys as they are
+        rows = slice(starts_ref[i], starts_ref[i] + m.context_lens[i])
+        base = c.key.view(-1, hkv, d)[gather_positions(m.base_block_tables[i], m.context_lens[i], bs)]
+        torch.testing.assert_close(k[rows].cpu().double(), base, rtol=0, atol=1e-6)
     out = paged_prefill(
-        _f32(c.query), k, v, lr, tables, tables, _dev(m.query_start), _dev(m.context_lens_t), _dev(m.seq_lora_slots),
-        _f32(c.value_up) if lr is not None else None, _f32(c.scaling), max(m.query_lens),
+        _f32(c.query), _f32(c.key), _f32(c.value), _f32(c.lr), _dev(m.base_block_tables), _dev(m.lr_block_tables),
+        _dev(m.query_start), _dev(m.context_lens_t), _dev(m.seq_lora_slots), _f32(c.value_up), _f32(c.scaling),
+        max(m.query_lens), key_lr=_key_lr(c, trig), key_rows=(k, starts),
     )  # fmt: skip
     assert rel_err(out, c.ref) < 2e-5
+    with pytest.raises(ValueError, match="key_rows come with the key_lr"):
+        paged_prefill(
+            _f32(c.query), _f32(c.key), _f32(c.value), _f32(c.lr), _dev(m.base_block_tables),
+            _dev(m.lr_block_tables), _dev(m.query_start), _dev(m.context_lens_t), _dev(m.seq_lora_slots),
+            _f32(c.value_up), _f32(c.scaling), max(m.query_lens), key_rows=(k, starts),
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["on_chip", "materialize"])
@@ -355,8 +369,8 @@ def test_the_triton_backend_takes_either_key_prefill_route(mode, monkeypatch):
     c = key_case(seqs, hq, hkv, d, rank, slots, bs, seed=0, values=values, keys=keys)
     monkeypatch.setattr(key_lr_prefill, "KEY_LR_PREFILL", mode)
     called = []
-    real = key_lr_prefill.materialize
-    monkeypatch.setattr(key_lr_prefill, "materialize", lambda **kw: called.append(1) or real(**kw))
+    real = key_lr_prefill.materialize_keys
+    monkeypatch.setattr(key_lr_prefill, "materialize_keys", lambda *a, **kw: called.append(1) or real(*a, **kw))
     cache = SimpleNamespace(key=[_f32(c.key)], value=[_f32(c.value)], lr=[_f32(c.lr)], block_size=bs)
     meta = replace(c.meta, query_start=_dev(c.meta.query_start), context_lens_t=_dev(c.meta.context_lens_t),
                    base_block_tables=_dev(c.meta.base_block_tables), lr_block_tables=_dev(c.meta.lr_block_tables),

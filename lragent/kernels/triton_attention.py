@@ -212,6 +212,8 @@ def _prefill_tile(
     offs_r,
     offs_n,
     sm_scale_log2,
+    ks_ptr,
+    kstart,
     HKV_D: tl.constexpr,
     D: tl.constexpr,
     R: tl.constexpr,
@@ -224,6 +226,7 @@ def _prefill_tile(
     ANY_LR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     TRIG_ON_CHIP: tl.constexpr,
+    KEY_ROWS: tl.constexpr,
 ):
     kpos = n0 + offs_n
     if MASKED:
@@ -234,10 +237,13 @@ def _prefill_tile(
         blk = tl.load(bt_row + kpos // BS).to(tl.int64)
     row = blk * BS + (kpos % BS)
     kv_off = row[:, None] * HKV_D + kv_col + offs_d[None, :]
+    k_at = k_ptr + kv_off
+    if KEY_ROWS:  # the keys were materialised for this reader (`key_lr_prefill`): its contiguous scratch rows
+        k_at = ks_ptr + (kstart + kpos.to(tl.int64))[:, None] * HKV_D + kv_col + offs_d[None, :]
     if MASKED:
-        k = tl.load(k_ptr + kv_off, mask=kmask[:, None], other=0.0)
+        k = tl.load(k_at, mask=kmask[:, None], other=0.0)
     else:
-        k = tl.load(k_ptr + kv_off)
+        k = tl.load(k_at)
     if ANY_LR:
         lmask = kpos < lr_end  # lr_end = 0 for slot 0: nothing read
         lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
@@ -292,6 +298,8 @@ def _prefill_kernel(
     kup_ptr,
     cos_ptr,
     sin_ptr,
+    ks_ptr,
+    kstart_ptr,
     sm_scale_log2,
     stride_qt,
     stride_qh,
@@ -321,6 +329,7 @@ def _prefill_kernel(
     SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     TRIG_ON_CHIP: tl.constexpr,
+    KEY_ROWS: tl.constexpr,
 ):
     mt = tl.program_id(0) // NUM_SPLITS
     sp = tl.program_id(0) % NUM_SPLITS
@@ -366,6 +375,9 @@ def _prefill_kernel(
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     lbt_row = lbt_ptr + b.to(tl.int64) * stride_lbt
     kv_col = g * D
+    kstart = 0
+    if KEY_ROWS:
+        kstart = tl.load(kstart_ptr + b)
 
     # this split's keys (all of them when SINGLE); split bounds fall on key tiles
     split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -401,6 +413,8 @@ def _prefill_kernel(
             offs_r,
             offs_n,
             sm_scale_log2,
+            ks_ptr,
+            kstart,
             HKV * D,
             D,
             R,
@@ -413,6 +427,7 @@ def _prefill_kernel(
             ANY_LR,
             DOT_PREC,
             TRIG_ON_CHIP,
+            KEY_ROWS,
         )
     # the diagonal: causal mask and the end of the context
     end = tl.minimum(k_hi, prefix + (mt + 1) * BLOCK_M)
@@ -443,6 +458,8 @@ def _prefill_kernel(
             offs_r,
             offs_n,
             sm_scale_log2,
+            ks_ptr,
+            kstart,
             HKV * D,
             D,
             R,
@@ -455,6 +472,7 @@ def _prefill_kernel(
             ANY_LR,
             DOT_PREC,
             TRIG_ON_CHIP,
+            KEY_ROWS,
         )
 
     if SINGLE:
@@ -777,7 +795,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-KEY_LR_TRIG = os.environ.get("LRAGENT_KEY_LR_TRIG", "chip")
+KEY_LR_TRIG = os.environ.get("LRAGENT_KEY_LR_TRIG", "table")  # "chip": 1.6x slower decode on the H200
 if KEY_LR_TRIG not in ("chip", "table"):
     raise ValueError(f"LRAGENT_KEY_LR_TRIG must be chip or table, got {KEY_LR_TRIG!r}")
 
@@ -785,15 +803,18 @@ if KEY_LR_TRIG not in ("chip", "table"):
 class _Pools:
     """Flattened views of one layer's pools plus the constexprs every launch needs."""
 
-    def __init__(self, key, value, lr, value_up, lora_scaling, block_size, key_lr: KeyLR | None = None):
+    def __init__(
+        self, key, value, lr, value_up, lora_scaling, block_size, key_lr: KeyLR | None = None, keys_built=False
+    ):
         self.key, self.value = key, value
         self.hkv, self.d = key.shape[-2], key.shape[-1]
         self.bs = block_size
         self.has_lr = lr is not None and value_up is not None
         key_up = key_lr.up if key_lr is not None and lr is not None else None
-        self.has_klr = key_up is not None  # keys read get s RoPE(R_k B_k) (the row is [R_v | R_k])
+        # keys read get s RoPE(R_k B_k) (the row is [R_v | R_k]), unless `keys_built` (materialised already)
+        self.has_klr = key_up is not None and not keys_built
         self.any_lr = self.has_lr or self.has_klr
-        ups = value_up if self.has_lr else key_up
+        ups = value_up if self.has_lr else key_up if self.has_klr else None  # the B of what is read
         self.lr = lr if self.any_lr else key
         self.r = ups.shape[1] if ups is not None else 1  # the rank each sequence reads
         self.lr_width = lr.shape[-1] if self.any_lr else 1  # an LR row: r, r per adapter slot (stacked), or 2 r
@@ -848,14 +869,20 @@ def paged_prefill(
     max_context: int | None = None,
     num_splits: int | None = None,
     key_lr: KeyLR | None = None,
+    key_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """query [T, Hq, d]; pools [num_blocks, block_size, Hkv, d] / [num_lr_blocks, block_size, r]. Returns [T, Hq, d].
 
     `num_splits` > 1 splits every sequence's keys (split-KV, merged by the decode merge kernel); None picks it from
     `max_context` (host value) when the grid would leave most of the GPU idle, else 1. `key_lr`: LR rows are
-    [R_v | R_k] (width 2 r) and keys get the reader's s RoPE(R_k B_k)."""
+    [R_v | R_k] (width 2 r) and keys get the reader's s RoPE(R_k B_k). `key_rows` (keys [rows, Hkv, d], first row
+    of each sequence [B] int64, from `key_lr_prefill.materialize_keys`): every sequence reads its keys there instead
+    of through the block tables (base values and LR rows still come from the pools); `key_lr` still gives the LR
+    rows' layout [R_v | R_k] and its term is not added again."""
+    if key_rows is not None and key_lr is None:
+        raise ValueError("key_rows come with the key_lr they were materialised for (the LR rows' layout)")
     t, hq, d = query.shape
-    p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1], key_lr)
+    p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1], key_lr, key_rows is not None)
     if hq % p.hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {p.hkv} kv heads")
     if query.stride(-1) != 1:
@@ -908,6 +935,8 @@ def paged_prefill(
         p.kup,
         p.cos,
         p.sin,
+        key_pool if key_rows is None else key_rows[0],
+        context_lens if key_rows is None else key_rows[1],
         sm_scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -937,6 +966,7 @@ def paged_prefill(
         SINGLE=single,
         DOT_PREC=_dot_precision(query.dtype),
         TRIG_ON_CHIP=p.trig_on_chip,
+        KEY_ROWS=key_rows is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

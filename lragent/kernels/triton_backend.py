@@ -137,18 +137,12 @@ class TritonBackend(AttentionBackend):
                 num_splits=meta.decode_splits or self.decode_splits,
                 **args,
             )
-        if (
-            key_lr_prefill.KEY_LR_PREFILL == "materialize"
-            and key_lr is not None
-            and key_lr.up is not None
-            and lr_pool is not None
-        ):
-            keys, values, lr_rows, tables = key_lr_prefill.materialize(
-                key_lr=key_lr, context_lens=meta.context_lens, **{k: v for k, v in args.items() if k != "key_lr"}
-            )
-            args.update(key_pool=keys, value_pool=values, lr_pool=lr_rows, base_block_tables=tables,
-                        lr_block_tables=tables, value_up=args["value_up"] if lr_rows is not None else None,
-                        key_lr=None)  # fmt: skip
+        if key_lr_prefill.KEY_LR_PREFILL == "materialize" and key_up is not None and lr_pool is not None:
+            assert key_lr is not None
+            args.update(key_rows=key_lr_prefill.materialize_keys(
+                cache.key[layer], lr_pool, meta.base_block_tables, args["lr_block_tables"], meta.seq_lora_slots,
+                lora_scaling, key_lr, meta.context_lens,
+            ))  # fmt: skip
         return paged_prefill(
             query,
             query_start=meta.query_start,
