@@ -13,7 +13,9 @@
 #
 # Eval jobs (JOBS, one process each, PAR at once on the GPU, each bounded by the call's deadline):
 #   SET:SCHEMES:SEEDS[:FLAGS]   SET an adapter set name (hotpotqa-shared-a ...), SCHEMES comma list or 'none',
-#   SEEDS comma list, FLAGS comma list of greedy | force | noise (the noise control: non_shared under seed + 1000).
+#   SEEDS comma list, FLAGS comma list of greedy | force | noise (the noise control: non_shared under seed + 1000)
+#   | constrain (ScienceQA: the Finish answer constrained to the question's own option letters; needs xgrammar:
+#   carry .w/whl, the wheels of benchmarks/round_gpu.sh).
 # The HotpotQA jobs run easy + medium as one pool, the ScienceQA jobs grade 1-4 + 5-8. A job whose eval.json is
 # already in $W/eval is skipped, so `eval` continues where `train` stopped. $OUT gets eval_<task>.json.gz (merged
 # summaries, every question with its trajectory), eval_<task>.log (progress, table) and the GPU samples.
@@ -71,6 +73,9 @@ setup() {  # unpack the bundle (when carried) and make its wheels importable
     if ! PYTHONPATH=$W/site "$PY" -c "import gguf, rank_bm25" 2>/dev/null; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$W"/whl/*.whl || die "pip" 4
     fi
+    if [[ -d .w/whl ]] && ! PYTHONPATH=$W/site "$PY" -c "import xgrammar" 2>/dev/null; then  # constrained jobs
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$W/site" .w/whl/*.whl || die "pip" 4
+    fi
     export PYTHONPATH=$W/site:$PYTHONPATH
 }
 
@@ -124,6 +129,7 @@ run_job() {
     [[ ,$flags, == *,greedy,* ]] && args+=(--greedy)
     [[ ,$flags, == *,force,* ]] && args+=(--force)
     [[ ,$flags, == *,noise,* ]] && args+=(--noise-control)
+    [[ ,$flags, == *,constrain,* ]] && args+=(--constrain-finish)
     local left=$(( deadline - SECONDS ))
     (( left < 90 )) && { say "skip $tag: ${left}s left"; return 0; }
     say "start $tag (budget $(( left - 40 ))s)"
