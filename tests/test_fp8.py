@@ -321,3 +321,26 @@ def test_fp8_engine_on_gpu_agrees_with_bf16(tiny_llama):
         agree, diff = _agreement(ref, fp8, adapter)
         assert agree >= 0.8, f"{adapter}: next-token agreement {agree:.2f}"
         assert diff < 0.3
+
+
+def test_fp8_engine_triton_gemm_matches_old_path(engines, tiny_llama, monkeypatch):
+    """LRAGENT_FP8_GEMM=triton (here via `FP8_GEMM`): every projection runs the Triton W8A16 kernel (interpreted on
+    CPU, float32), and the greedy tokens equal those of the old path (dequantise + F.linear), LoRA included."""
+    import lragent.quant.fp8 as fp8_module
+
+    model, adapters = tiny_llama
+    monkeypatch.setattr(fp8_module, "FP8_GEMM", "triton")
+    llm = _engine(model, adapters, "fp8")
+    layer = llm.engine.model.model.layers[0]
+    assert layer.mlp.down_proj.weight.triton_rows > 1 << 40 and "triton w8a16" in repr(layer.mlp.down_proj)
+    old = engines[1]
+    assert old.engine.model.model.layers[0].mlp.down_proj.weight.triton_rows == 0  # CPU "auto": never
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=True)
+    for adapter in (None, "plan"):
+        got, want = (
+            llm.generate(PROMPTS[:2], greedy, adapter=adapter),
+            old.generate(PROMPTS[:2], greedy, adapter=adapter),
+        )
+        for g, w in zip(got, want):
+            assert g.token_ids == w.token_ids
+            assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4

@@ -6,13 +6,23 @@ finite value), q_j = round-to-nearest-even(W_j / scale_j). e4m3 has 3 mantissa b
 max(|w| / 16, scale / 1024) <= absmax(W_j) / 16: half a step, the second term half the subnormal step (2^-9, below
 2^-6).
 
-Two matmuls, chosen once per weight when it is quantised:
+Three matmuls; which ones a weight may use is chosen once, when it is quantised, and each call picks by its
+number of rows:
 
-- `torch._scaled_mm` (CUDA with compute capability >= 8.9, a bfloat16 model, both dims multiples of 16): the
-  activations are quantised per token (row-wise absmax scale) and the GEMM reads one byte per weight, which should
-  make batch-1 decode, bound by weight bytes, faster (not measured yet);
+- the Triton weight-only kernel (`lragent.kernels.triton_fp8.w8a16_linear`, W8A16) for inputs of at most
+  `TRITON_MAX_ROWS` rows (decode): the activations stay in the model dtype (not quantised), each weight byte is read
+  once and converted in registers, the per-channel scale is applied once per output. At a few rows the step is bound
+  by reading the weights, and this is one launch per projection (fused q/k/v and gate/up included), without the
+  per-token activation quantisation and the GEMM padding of `_scaled_mm`;
+- `torch._scaled_mm` (CUDA with compute capability >= 8.9, a bfloat16 model, both dims multiples of 16) for more
+  rows (prefill): the activations are quantised per token (row-wise absmax scale), a real FP8 GEMM;
 - otherwise the reference: dequantise to the model dtype and `F.linear` (CPU, older GPUs, other dtypes). It keeps
-  the activations exact, so it is also what the GPU path is checked against.
+  the activations exact, so it is also what the GPU paths are checked against.
+
+`LRAGENT_FP8_GEMM` (read once, here: `FP8_GEMM`; `quantize_model_fp8(gemm=...)` overrides it) picks the routing:
+"auto" (default) the Triton kernel up to `TRITON_MAX_ROWS` rows on CUDA, the rest as above; "torch" never the Triton
+kernel (the previous behaviour, for comparisons); "triton" the Triton kernel for every input, any size and device
+(benchmarks and tests; CPU tensors need TRITON_INTERPRET=1).
 
 LoRA is untouched: adapters act on the activations and add their delta to the base output, whichever matmul made it.
 """
@@ -20,7 +30,9 @@ LoRA is untouched: adapters act on the activations and add their delta to the ba
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +45,13 @@ logger = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 SCALE_MIN = 1e-12  # floor of a scale: an all-zero row gets a finite, positive one (zeros are exact at any scale)
+# inputs of at most this many rows (tokens) take the Triton W8A16 kernel under "auto": decode batches, where reading
+# the weights bounds the step; above it the kernel's M tiles re-read the weights and the FP8 GEMM wins
+TRITON_MAX_ROWS = 32
+FP8_GEMMS = ("auto", "torch", "triton")
+FP8_GEMM = os.environ.get("LRAGENT_FP8_GEMM", "auto")
+if FP8_GEMM not in FP8_GEMMS:
+    raise ValueError(f"LRAGENT_FP8_GEMM must be one of {', '.join(FP8_GEMMS)}, got {FP8_GEMM!r}")
 # (module holding them, projections in row order, attribute of their fused weight or None)
 GROUPS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
     ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_weight"),
@@ -64,6 +83,15 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale).to(FP8).contiguous(), scale
 
 
+def triton_rows_for(gemm: str, device: torch.device) -> int:
+    """Up to how many input rows a weight on `device` runs the Triton kernel under routing `gemm` (see FP8_GEMM)."""
+    if gemm not in FP8_GEMMS:
+        raise ValueError(f"fp8 gemm must be one of {', '.join(FP8_GEMMS)}, got {gemm!r}")
+    if gemm == "triton":
+        return sys.maxsize
+    return TRITON_MAX_ROWS if gemm == "auto" and device.type == "cuda" else 0
+
+
 def scaled_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `torch._scaled_mm` has a row-wise FP8 GEMM here: CUDA, compute capability >= 8.9, bf16 output."""
     if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_scaled_mm"):
@@ -79,18 +107,21 @@ class Fp8Weight:
     scale: torch.Tensor  # float32 [out]
     dtype: torch.dtype  # the model dtype: the activations and the output
     scaled_mm: bool  # torch._scaled_mm (see `scaled_mm_supported`), else dequantise + F.linear
+    triton_rows: int = 0  # inputs of at most this many rows run the Triton W8A16 kernel (0: never; `triton_rows_for`)
 
     @classmethod
-    def of(cls, weight: torch.Tensor, scaled_mm: bool) -> Fp8Weight:
+    def of(cls, weight: torch.Tensor, scaled_mm: bool, triton_rows: int = 0) -> Fp8Weight:
         """Quantise `weight`; `scaled_mm` only where the GEMM takes its shape (both dims multiples of 16)."""
         w8, scale = quantize_fp8(weight)
         fits = weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
-        return cls(w8, scale, weight.dtype, scaled_mm and fits)
+        return cls(w8, scale, weight.dtype, scaled_mm and fits, triton_rows)
 
     def rows(self, start: int, stop: int) -> Fp8Weight:
         """Output rows [start, stop) as views (a fused weight's projection shares its storage)."""
         fits = (stop - start) % 16 == 0
-        return Fp8Weight(self.data[start:stop], self.scale[start:stop], self.dtype, self.scaled_mm and fits)
+        return replace(
+            self, data=self.data[start:stop], scale=self.scale[start:stop], scaled_mm=self.scaled_mm and fits
+        )
 
     @property
     def nbytes(self) -> int:
@@ -98,6 +129,10 @@ class Fp8Weight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in] -> [..., out] in the model dtype, as F.linear(x, W, bias) with W the dequantised weight."""
+        if self.triton_rows and x.numel() <= self.triton_rows * x.shape[-1]:  # at most `triton_rows` rows
+            from lragent.kernels.triton_fp8 import w8a16_linear  # imports Triton: only where it runs
+
+            return w8a16_linear(x, self.data, self.scale, bias, self.dtype)
         if not self.scaled_mm:
             return F.linear(x, dequantize_fp8(self.data, self.scale, self.dtype), bias)
         x2 = x.reshape(-1, x.shape[-1])
@@ -125,19 +160,25 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         path = "scaled_mm" if self.weight.scaled_mm else "dequant"
+        if self.weight.triton_rows >= sys.maxsize:
+            path = "triton w8a16"
+        elif self.weight.triton_rows:
+            path = f"triton w8a16 up to {self.weight.triton_rows} rows, else {path}"
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 ({path})"
 
 
-def quantize_model_fp8(model: CausalLM, scaled_mm: bool | None = None) -> int:
+def quantize_model_fp8(model: CausalLM, scaled_mm: bool | None = None, gemm: str | None = None) -> int:
     """Swap every decoder layer's q/k/v/o and gate/up/down projections for `Fp8Linear` (embeddings, LM head and
     norms keep the model dtype), fused weights included; returns the bytes saved and logs them.
 
     Run after `CausalLM.fuse_projections` when the layers are fused: the fused weight is quantised once (per-row
     scales make that the same as quantising each projection) and the projections become row views of it.
-    `scaled_mm` None: chosen from the device and dtype (`scaled_mm_supported`); False forces the reference path."""
+    `scaled_mm` None: chosen from the device and dtype (`scaled_mm_supported`); False forces the reference path.
+    `gemm` (default `FP8_GEMM`): when the Triton W8A16 kernel runs instead ("auto", "torch", "triton")."""
     params = next(model.parameters())
     if scaled_mm is None:
         scaled_mm = scaled_mm_supported(params.device, params.dtype)
+    triton_rows = triton_rows_for(gemm or FP8_GEMM, params.device)
     before = after = count = 0
     for layer in model.model.layers:
         assert isinstance(layer, DecoderLayer)
@@ -147,23 +188,23 @@ def quantize_model_fp8(model: CausalLM, scaled_mm: bool | None = None) -> int:
             if not all(isinstance(m, nn.Linear) for m in linears):
                 continue  # quantised already
             before += sum(m.weight.numel() * m.weight.element_size() for m in linears)
-            modules, nbytes = _quantize_group(owner, linears, fused, scaled_mm)
+            modules, nbytes = _quantize_group(owner, linears, fused, scaled_mm, triton_rows)
             for name, module in zip(names, modules):
                 setattr(owner, name, module)
             after, count = after + nbytes, count + len(modules)
-    _log_saved(count, before, after, scaled_mm)
+    _log_saved(count, before, after, scaled_mm, triton_rows)
     return before - after
 
 
 def _quantize_group(
-    owner: nn.Module, linears: list[nn.Linear], fused: str | None, scaled_mm: bool
+    owner: nn.Module, linears: list[nn.Linear], fused: str | None, scaled_mm: bool, triton_rows: int
 ) -> tuple[list[Fp8Linear], int]:
     """The FP8 modules of projections that read the same input, and their bytes; where the layer holds their fused
     weight, that is replaced by its FP8 form and the modules are row views of it."""
     if fused is None or getattr(owner, fused) is None:
-        modules = [Fp8Linear(Fp8Weight.of(m.weight, scaled_mm), m.bias) for m in linears]
+        modules = [Fp8Linear(Fp8Weight.of(m.weight, scaled_mm, triton_rows), m.bias) for m in linears]
         return modules, sum(m.weight.nbytes for m in modules)
-    fp8 = Fp8Weight.of(getattr(owner, fused), scaled_mm)
+    fp8 = Fp8Weight.of(getattr(owner, fused), scaled_mm, triton_rows)
     setattr(owner, fused, fp8)  # the layer's fused path calls fp8.linear (lragent.models.llama.linear)
     modules, row = [], 0
     for m in linears:  # biases stay views into the fused bias, which the fused path reads
@@ -173,8 +214,12 @@ def _quantize_group(
     return modules, fp8.nbytes
 
 
-def _log_saved(count: int, before: int, after: int, scaled_mm: bool) -> None:
+def _log_saved(count: int, before: int, after: int, scaled_mm: bool, triton_rows: int) -> None:
     path = "torch._scaled_mm (row-wise)" if scaled_mm else "dequantise + F.linear"
+    if triton_rows >= sys.maxsize:
+        path = "triton w8a16"
+    elif triton_rows:
+        path = f"triton w8a16 up to {triton_rows} rows, else {path}"
     mib = 2**20
     logger.info(
         "fp8 weights: %d projections, %.1f MiB -> %.1f MiB (%.1f MiB saved); matmul: %s",

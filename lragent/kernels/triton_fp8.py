@@ -1,0 +1,309 @@
+"""Weight-only FP8 matmul (W8A16) for decode-sized inputs: y[M, N] = x[M, K] @ (W[N, K] * scale[N])^T.
+
+W holds float8 e4m3 (e4m3fn) values with one float32 scale per output row (lragent.quant.fp8); x stays in its own
+dtype (bfloat16, float16 or float32) and is never quantised. At decode, M is a handful of rows, so the step is bound
+by reading W: this kernel reads every weight byte once, one byte each (half of bf16), in one launch.
+
+Layout of the work (`w8a16_config`):
+
+- one program per BLOCK_N output channels (and per BLOCK_M rows of x, a single tile for M <= 64). BLOCK_N is 16,
+  32 or 64, the widest that still gives at least two programs per SM (N = 1024..28672 on 132 SMs: 16 up to N = 8447,
+  32 up to 16895, 64 above), so every SM streams weights;
+- the K loop reads W in chunks of BLOCK_K (128..512) bytes per row, 8 KiB of weights per step and program; each
+  chunk is converted to x's dtype in registers and fed to `tl.dot` with x's rows padded (masked) to BLOCK_M >= 16;
+  accumulation in float32; the per-channel scale (and the bias) are applied once, in the epilogue;
+- split-K only when there are fewer output tiles than SMs (N < 16 * SMs, about 2100 on an H200: small models, or an
+  unfused k/v projection): each split writes float32 partials to a workspace [splits, M, N] and a second small
+  launch sums them in a fixed order, then scales, adds the bias and rounds (deterministic; no atomics, no memset).
+
+Two ways to turn a weight byte into a number (`decode`):
+
+- "native": the weight is loaded as `tl.float8e4nv` and converted by the hardware (compute capability >= 8.9);
+- "bits": the weight is passed as uint8 and decoded with integer operations (any GPU, and the interpreter): the
+  byte s.eeee.mmm placed as s.0eeee.mmm0000000 is the float16 whose value is the e4m3 value times 2^-8, normal and
+  subnormal alike (both formats put the subnormal step at the bottom of their exponent range, 2^-9 = 2^-17 * 2^8);
+  the 2^8 is folded into the scale. The two NaN codes (0x7F, 0xFF) decode to +-480; the quantiser never writes
+  them (it saturates at +-448), and Triton's interpreter decodes them the same way on the native path.
+
+No host synchronisation and no data-dependent allocation (the output and the workspace depend on shapes only): a
+CUDA graph can capture it. Under TRITON_INTERPRET=1 it runs on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+DECODES = ("native", "bits")
+BITS_SCALE = 256.0  # "bits" decodes to the e4m3 value * 2^-8
+WEIGHT_TILE_BYTES = 8192  # bytes of W per program and K step: BLOCK_N * BLOCK_K
+X_TILE_BYTES = 16384  # bytes of x per program and K step: BLOCK_M * BLOCK_K * x's element size (16 bf16 rows x 512)
+MAX_SPLIT_K = 16
+DEFAULT_SMS = 132  # an H100 / H200, when there is no CUDA device to ask (the interpreter)
+
+
+@dataclass(frozen=True)
+class W8A16Config:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int  # number of K splits actually launched (1: no workspace, one launch)
+    k_per_split: int  # a multiple of block_k
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def w8a16_config(
+    m: int,
+    n: int,
+    k: int,
+    sms: int,
+    x_bytes: int = 2,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+) -> W8A16Config:
+    """Tile sizes for an [m, k] x [n, k]^T product on `sms` SMs, x with `x_bytes` bytes per element (see the module
+    docstring); the optional arguments override the choice (tests)."""
+    block_m = min(64, _pow2_at_least(m, 16))
+    if block_n is None:
+        block_n = next((b for b in (64, 32) if triton.cdiv(n, b) >= 2 * sms), 16)
+    if block_k is None:
+        block_k = min(512, WEIGHT_TILE_BYTES // block_n, X_TILE_BYTES // (block_m * x_bytes))
+        block_k = max(16, min(block_k, _pow2_at_least(k, 16)))
+    chunks = triton.cdiv(k, block_k)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    if split_k is None:
+        split_k = triton.cdiv(2 * sms, tiles) if tiles < sms else 1
+    split_k = max(1, min(split_k, MAX_SPLIT_K, chunks))
+    k_per_split = triton.cdiv(chunks, split_k) * block_k
+    return W8A16Config(block_m, block_n, block_k, triton.cdiv(k, k_per_split), k_per_split)
+
+
+@functools.cache
+def _device_info(device: torch.device) -> tuple[int, str]:
+    """(SM count, default decode) of a device: "native" from compute capability 8.9 on, else "bits"."""
+    if device.type != "cuda":
+        return DEFAULT_SMS, "bits"
+    props = torch.cuda.get_device_properties(device)
+    native = (props.major, props.minor) >= (8, 9)
+    return props.multi_processor_count, "native" if native else "bits"
+
+
+@triton.jit
+def _decode_e4m3(w, BITS: tl.constexpr):
+    """A tile of weights -> a float tile to convert to the dot's dtype: "bits" turns uint8 bytes into float16
+    holding the value * 2^-8 (see the module docstring); "native" returns the float8e4nv tile as it is."""
+    if BITS:
+        b = w.to(tl.int32)
+        h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+        return h.to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        return w
+
+
+@triton.jit
+def _w8a16_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    ws_ptr,
+    M,
+    N,
+    K,
+    k_per_split,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,  # write float32 partials to ws [splits, M, N] (reduced by `_w8a16_reduce_kernel`)
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % k_per_split == 0: no K masks
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no N masks on the weight loads
+    BITS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,  # dot on float32 copies of both operands (only the interpreter: see `_INTERPRET_BF16_DOT`)
+):
+    pid_n = tl.program_id(0)
+    ks = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    k_lo = ks * k_per_split
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+    # W^T tile [BLOCK_K, BLOCK_N]: K is contiguous in memory (W is row-major [N, K])
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_lo + offs_k)[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_per_split, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
+            if EVEN_N:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=nmask[None, :], other=0.0, eviction_policy="evict_first")
+        else:
+            kmask = (k_lo + k0 + offs_k) < K
+            x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0, eviction_policy="evict_first")
+        if DOT_F32:
+            acc = tl.dot(x.to(tl.float32), _decode_e4m3(w, BITS).to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, _decode_e4m3(w, BITS).to(x.dtype), acc, input_precision=DOT_PREC)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    omask = mmask[:, None] & nmask[None, :]
+    if SPLIT:
+        ws_ptrs = ws_ptr + (ks * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws_ptrs, acc, mask=omask)
+    else:
+        scale = tl.load(scale_ptr + offs_n, mask=nmask, other=0.0)
+        if BITS:
+            scale = scale * 256.0
+        y = acc * scale[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _w8a16_reduce_kernel(
+    ws_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    SPLITS,
+    stride_om,
+    BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """out[m, n] = scale[n] * sum over splits of ws[s, m, n] (+ bias[n]), splits in order."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    nmask = offs_n < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(ws_ptr + (s * M + m) * N + offs_n, mask=nmask, other=0.0)
+    scale = tl.load(scale_ptr + offs_n, mask=nmask, other=0.0)
+    if BITS:
+        scale = scale * 256.0
+    y = acc * scale
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+REDUCE_BLOCK = 1024
+# Triton's interpreter (3.x) multiplies a bfloat16 `tl.dot`'s raw uint16 storage; there the dot runs on float32 copies
+# of the bf16 x and of the decoded weights: the same products (a bf16 x bf16 product is exact in float32), summed in
+# float32 as on the GPU, in another order. Compiled kernels never take this branch.
+_INTERPRET_BF16_DOT = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def w8a16_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    decode: str | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """x [..., K] (bf16 / fp16 / fp32) times the FP8 weight [N, K] (float8_e4m3fn or its bytes as uint8, rows with
+    unit stride along K) scaled per row by `scale` [N] (float32) -> [..., N] in `out_dtype` (default x's), plus
+    `bias` [N] if given. `decode` ("native" / "bits") defaults to "native" on GPUs of compute capability >= 8.9 and
+    "bits" elsewhere; a uint8 weight always decodes with "bits". `block_n`, `block_k`, `split_k` override
+    `w8a16_config` (tests)."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    assert weight.shape[1] == k and weight.stride(1) == 1, (tuple(weight.shape), weight.stride(), k)
+    assert scale.shape == (n,) and scale.dtype == torch.float32
+    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0 or k == 0:  # nothing to read (no shape of a real projection)
+        out.zero_()
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], n)
+    sms, default_decode = _device_info(x.device)
+    decode = "bits" if weight.dtype == torch.uint8 else decode or default_decode
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    if decode == "bits" and weight.dtype != torch.uint8:
+        weight = weight.view(torch.uint8)
+    cfg = w8a16_config(m, n, k, sms, x2.element_size(), block_n, block_k, split_k)
+    split = cfg.split_k > 1
+    ws = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device) if split else out
+    has_bias = bias is not None
+    bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
+    bits = decode == "bits"
+    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k, triton.cdiv(m, cfg.block_m))
+    _w8a16_kernel[grid](
+        x2,
+        weight,
+        scale,
+        bias_arg,
+        out,
+        ws,
+        m,
+        n,
+        k,
+        cfg.k_per_split,
+        x2.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        SPLIT=split,
+        HAS_BIAS=has_bias,
+        EVEN_K=k % cfg.k_per_split == 0,
+        EVEN_N=n % cfg.block_n == 0,
+        BITS=bits,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_F32=_INTERPRET_BF16_DOT and x.dtype == torch.bfloat16,
+        num_warps=4,
+        num_stages=3,
+    )
+    if split:
+        _w8a16_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
+            ws,
+            scale,
+            bias_arg,
+            out,
+            m,
+            n,
+            cfg.split_k,
+            out.stride(0),
+            BLOCK=REDUCE_BLOCK,
+            HAS_BIAS=has_bias,
+            BITS=bits,
+            num_warps=4,
+        )
+    return out.view(*x.shape[:-1], n)

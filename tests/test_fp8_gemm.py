@@ -1,0 +1,270 @@
+"""The Triton weight-only FP8 matmul (lragent.kernels.triton_fp8, W8A16) against the dequantised torch reference
+x @ (W.float() * scale).T, and its routing from the FP8 projections (lragent.quant.fp8).
+
+Without CUDA the kernel runs under TRITON_INTERPRET=1 (set by conftest / below), which loads float8_e4m3fn tensors
+("native" decode) as well as their bytes ("bits" decode); with CUDA the same cases run compiled, plus the routing and
+engine tests (GPU only).
+
+Tolerances: float32 activations, dot in IEEE float32: the reference's own rounding, rtol 1e-5 plus an absolute term of
+1e-6 * sum_k |x_k w_k| (two float32 sums in different orders). bfloat16 activations: the products are exact in float32
+on both sides, so the difference is the rounding of the output to bfloat16: half an ulp (2^-8 relative) compiled, up
+to one ulp (2^-7) interpreted (the interpreter truncates on the float32 -> bfloat16 cast), plus the same summation term.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit of the kernel modules
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from lragent.kernels.triton_fp8 import _decode_e4m3, w8a16_config, w8a16_linear  # noqa: E402
+from lragent.quant.fp8 import (  # noqa: E402
+    FP8,
+    TRITON_MAX_ROWS,
+    Fp8Linear,
+    Fp8Weight,
+    dequantize_fp8,
+    quantize_fp8,
+    triton_rows_for,
+)
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+NATIVE_OK = not CUDA or torch.cuda.get_device_capability() >= (8, 9)  # tl.float8e4nv loads
+DECODES = ["bits", "native"] if NATIVE_OK else ["bits"]
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+NAN_CODES = (0x7F, 0xFF)  # e4m3fn's NaNs: the quantiser never writes them (it saturates at +-448)
+
+
+@triton.jit
+def _decode_kernel(w_ptr, out_ptr, BITS: tl.constexpr):
+    offs = tl.arange(0, 256)
+    tl.store(out_ptr + offs, _decode_e4m3(tl.load(w_ptr + offs), BITS).to(tl.float32))
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_decode_every_byte_matches_torch(decode):
+    """All 256 byte values: the kernel's decode against torch's float8_e4m3fn -> float32 (the "bits" decode gives
+    the value * 2^-8, folded into the scale); the two NaN codes decode to +-480 (never stored, see module doc)."""
+    raw = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    out = torch.full((256,), float("nan"), device=DEVICE)
+    _decode_kernel[(1,)](raw if decode == "bits" else raw.view(FP8), out, BITS=decode == "bits")
+    got = out.cpu() * (256.0 if decode == "bits" else 1.0)
+    want = raw.cpu().view(FP8).float()
+    finite = torch.ones(256, dtype=torch.bool)
+    finite[list(NAN_CODES)] = False
+    assert torch.equal(got[finite], want[finite])
+    assert torch.equal(torch.sign(got[finite]), torch.sign(want[finite]))  # -0.0 stays -0.0 (sign bit)
+    assert (got[0x80] == 0) and torch.signbit(got[0x80])
+    if decode == "bits" or not CUDA:
+        assert got[0x7F].item() == 480.0 and got[0xFF].item() == -480.0
+
+
+def _problem(m: int, n: int, k: int, dtype: torch.dtype, seed: int, bias: bool):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-3, 1, n)[:, None]  # the scales must follow each row
+    w8, scale = quantize_fp8(w)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = (torch.randn(n, generator=gen) if bias else None,)[0]
+    dev = [t.to(DEVICE) if t is not None else None for t in (x, w8, scale, b.to(dtype) if b is not None else None)]
+    return dev
+
+
+def _check(got: torch.Tensor, x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    wf = dequantize_fp8(w8, scale, torch.float32)
+    want = x.float() @ wf.t()
+    if bias is not None:
+        want = want + bias.float()
+    mag = x.float().abs() @ wf.abs().t()  # sum_k |x_k w_k|
+    if got.dtype == torch.float32:
+        tol = 1e-5 * want.abs() + 1e-6 * mag + 1e-30
+    else:
+        ulp = 2.0**-8 if CUDA else 2.0**-7
+        tol = ulp * want.abs() * 1.001 + 1e-6 * mag + 1e-30
+    err = (got.float() - want).abs()
+    assert got.shape == want.shape and got.dtype == x.dtype
+    assert torch.isfinite(got).all()
+    assert (err <= tol).all(), f"worst excess {(err - tol).max().item():.3g} (err {err.max().item():.3g})"
+
+
+@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+def test_w8a16_matches_dequantised_reference(m, dtype, decode):
+    """N and K not multiples of the tiles; one launch, and split-K (partials + reduce) on the same problem."""
+    x, w8, scale, bias = _problem(m, 72, 200, dtype, seed=m, bias=m % 2 == 1)
+    for split_k in (1, 3):
+        out = w8a16_linear(x, w8, scale, bias, decode=decode, block_n=32, block_k=64, split_k=split_k)
+        _check(out, x, w8, scale, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a16_default_tiles_and_views(dtype):
+    """The automatic tile choice, a 3-d input, and a row view of a fused weight (its rows start mid-storage)."""
+    x, w8, scale, _ = _problem(5, 96, 160, dtype, seed=7, bias=False)
+    out = w8a16_linear(x.view(1, 5, 160), w8, scale)
+    assert out.shape == (1, 5, 96)
+    _check(out.view(5, 96), x, w8, scale, None)
+    view = w8a16_linear(x, w8[40:72], scale[40:72])
+    _check(view, x, w8[40:72], scale[40:72], None)
+    assert torch.equal(view, w8a16_linear(x, w8[40:72].contiguous(), scale[40:72].contiguous()))
+    assert torch.equal(w8a16_linear(x, w8.view(torch.uint8), scale), out.view(5, 96))  # bytes: "bits" decode
+    empty = w8a16_linear(x[:0], w8, scale)
+    assert empty.shape == (0, 96)
+
+
+def test_config_occupies_the_sms():
+    """Decode shapes of Llama-3.1-8B on 132 SMs: at least ~2 programs per SM, one launch (no split); small N
+    splits K; BLOCK_K keeps 8 KiB of weights per step."""
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (14336, 4096)):
+        cfg = w8a16_config(1, n, k, 132)
+        assert cfg.split_k == 1 and triton.cdiv(n, cfg.block_n) >= 1.9 * 132, (n, cfg)
+        assert cfg.block_m == 16 and cfg.block_n * cfg.block_k == 8192
+    small = w8a16_config(4, 1024, 2048, 132)
+    assert small.split_k > 1 and triton.cdiv(1024, small.block_n) * small.split_k >= 132
+    assert small.k_per_split % small.block_k == 0 and small.k_per_split * small.split_k >= 2048
+    assert w8a16_config(32, 4096, 4096, 132).block_m == 32
+    assert w8a16_config(1, 4096, 4096, 132, x_bytes=4).block_k == 256  # float32 x: the same bytes of x per step
+    assert w8a16_config(300, 4096, 4096, 132).block_m == 64  # forced "triton" on a prefill: M tiles
+
+
+def test_routing_choice():
+    assert triton_rows_for("auto", torch.device("cpu")) == 0  # CPU keeps the dequantise reference
+    assert triton_rows_for("auto", torch.device("cuda", 0)) == TRITON_MAX_ROWS
+    assert triton_rows_for("torch", torch.device("cuda", 0)) == 0
+    assert triton_rows_for("triton", torch.device("cpu")) > 1 << 40
+    with pytest.raises(ValueError, match="gemm"):
+        triton_rows_for("cutlass", torch.device("cpu"))
+
+
+def test_projection_forward_routes_by_rows(monkeypatch):
+    """Fp8Weight.linear takes the Triton kernel up to `triton_rows` rows, the old path above; row views of a
+    fused weight keep the routing."""
+    import lragent.kernels.triton_fp8 as kernel_module
+
+    calls: list[int] = []
+    real = kernel_module.w8a16_linear
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "w8a16_linear", spy)
+    w = torch.randn(48, 64, device=DEVICE) * 0.1
+    fp8 = Fp8Weight.of(w, scaled_mm=False, triton_rows=4)
+    layer = Fp8Linear(fp8.rows(16, 48), None)
+    assert "triton w8a16 up to 4 rows, else dequant" in repr(layer)
+    ref = Fp8Linear(Fp8Weight.of(w, scaled_mm=False).rows(16, 48), None)
+    for rows in (1, 4, 5):
+        x = torch.randn(rows, 64, device=DEVICE)
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 4]
+
+
+@gpu
+def test_projection_picks_triton_on_cuda_for_small_m(monkeypatch):
+    """quantize_model_fp8 under "auto" on CUDA: decode batches (<= TRITON_MAX_ROWS rows) run the kernel, q/k/v
+    and gate/up fused weights included; a prefill runs the old path."""
+    import lragent.kernels.triton_fp8 as kernel_module
+    from lragent.model_config import ModelConfig
+    from lragent.models.llama import linear
+    from lragent.models.loader import empty_model
+    from lragent.quant.fp8 import quantize_model_fp8
+
+    config = ModelConfig.from_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 300,
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "max_position_embeddings": 256,
+        },
+        name="tiny",
+    )
+    model = empty_model(config, 64, torch.bfloat16, DEVICE).eval()
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.02)
+    model.fuse_projections()
+    quantize_model_fp8(model, gemm="auto")
+    layer = model.model.layers[0]
+    calls: list[int] = []
+    real = kernel_module.w8a16_linear
+    monkeypatch.setattr(kernel_module, "w8a16_linear", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
+    for weight in (layer.self_attn.qkv_weight, layer.mlp.gate_up_weight):
+        assert isinstance(weight, Fp8Weight) and weight.triton_rows == TRITON_MAX_ROWS
+        x = torch.randn(3, weight.data.shape[1], device=DEVICE, dtype=torch.bfloat16)
+        linear(x, weight)
+        linear(torch.randn(TRITON_MAX_ROWS + 1, weight.data.shape[1], device=DEVICE, dtype=torch.bfloat16), weight)
+    layer.mlp.down_proj(torch.randn(2, 512, device=DEVICE, dtype=torch.bfloat16))
+    assert calls == [3, 3, 2]
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 8, 32])
+def test_w8a16_llama_shapes_on_gpu(m):
+    for n, k in ((6144, 4096), (4096, 14336), (1024, 4096)):
+        x, w8, scale, _ = _problem(m, n, k, torch.bfloat16, seed=n + m, bias=False)
+        _check(w8a16_linear(x, w8, scale), x, w8, scale, None)
+        _check(w8a16_linear(x, w8.view(torch.uint8), scale), x, w8, scale, None)  # "bits" decode
+
+
+@gpu
+def test_w8a16_cuda_graph_capture():
+    x, w8, scale, bias = _problem(2, 1024, 512, torch.bfloat16, seed=3, bias=True)
+    want = w8a16_linear(x, w8, scale, bias)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w8a16_linear(x, w8, scale, bias)
+    x.copy_(torch.randn_like(x))
+    want = w8a16_linear(x, w8, scale, bias)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+@gpu
+def test_engine_greedy_tokens_same_on_both_paths(tiny_llama, monkeypatch):
+    """The engine with FP8 weights (bf16, CUDA graphs): greedy tokens through the Triton W8A16 kernel equal those
+    of the old path with exact activations (LRAGENT_FP8_GEMM=torch, dequantise + F.linear: the same W8A16 numbers up
+    to float rounding), and stay close to the old `_scaled_mm` path (which also quantises the activations)."""
+    import lragent.quant.fp8 as fp8_module
+    from lragent import LLM, SamplingParams
+
+    model, adapters = tiny_llama
+    prompts = [[(31 * i + 7 * j) % 900 + 20 for j in range(10 + i)] for i in range(4)]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True)
+    outs = {}
+    real_supported = fp8_module.scaled_mm_supported
+    for name, gemm, scaled_mm in (("triton", "auto", True), ("dequant", "torch", False), ("scaled_mm", "torch", True)):
+        monkeypatch.setattr(fp8_module, "FP8_GEMM", gemm)
+        monkeypatch.setattr(fp8_module, "scaled_mm_supported", real_supported if scaled_mm else lambda d, t: False)
+        llm = LLM(
+            model=model,
+            adapters=adapters,
+            sharing="non_shared",
+            kv_cache_bytes=8 << 20,
+            max_model_len=256,
+            warmup=False,
+            device="cuda",
+            dtype="bfloat16",
+            quantization="fp8",
+        )
+        o_proj = llm.engine.model.model.layers[0].self_attn.o_proj
+        assert o_proj.weight.triton_rows == (TRITON_MAX_ROWS if gemm == "auto" else 0)
+        outs[name] = llm.generate(prompts, greedy, adapter="plan")
+        del llm
+        torch.cuda.empty_cache()
+    assert [o.token_ids for o in outs["triton"]] == [o.token_ids for o in outs["dequant"]]
+    first = [abs(a.logprobs[0] - b.logprobs[0]) for a, b in zip(outs["triton"], outs["scaled_mm"])]
+    assert max(first) < 0.3
