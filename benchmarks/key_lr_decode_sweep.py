@@ -1,8 +1,9 @@
 """Decode attention with key adapters (key LR) against plain LoRA decode, over tile shapes (GPU, one table).
 
 Llama-3.1-8B's attention shape (32 q / 8 kv heads x 128, bf16), rank 8, one sequence or a batch at a long context:
-`paged_decode` without key LR, then with it (keys rebuilt as K_base + s RoPE(R_k B_k) per tile, cos / sin read from
-the tables or computed on chip) for several BLOCK_N / num_warps, with the one-launch merge and the two-launch merge.
+`paged_decode` without key LR, then with it (keys rebuilt as K_base + s RoPE(R_k B_k) per tile as two RoPE halves or
+the whole tile, cos / sin read from the tables or computed on chip) for several BLOCK_N / num_warps, with the
+one-launch merge and the two-launch merge.
 Prints microseconds per launch (CUDA graph replays, median of 5 x 50) and the ratio to plain decode.
 
     python3 benchmarks/key_lr_decode_sweep.py [--ctx 33792] [--batch 1]
@@ -69,13 +70,16 @@ def main() -> None:
     print(f"decode attention, batch {b}, context {ctx}, Llama-3.1-8B heads, rank {r}, bf16; KV {kv_bytes / 1e6:.0f} MB")
     print(f"{'variant':44} {'us':>8} {'x plain':>8} {'GB/s (KV)':>10}")
     plain = None
-    rows = [("plain q/v LR", None, None, None, "kernel"), ("plain q/v LR, last_split", None, None, None, "last_split")]
-    for trig_name, klr in (("table", table), ("chip", chip)):
-        for block_n in (16, 32, 64):
-            for warps in (4, 8):
-                rows.append((f"key LR {trig_name} BLOCK_N {block_n} warps {warps}", klr, block_n, warps, "kernel"))
-    rows.append(("key LR table BLOCK_N 32 warps 4, last_split", table, 32, 4, "last_split"))
-    for name, klr, block_n, warps, merge in rows:
+    rows = [("plain q/v LR", None, None, None, "kernel", True),
+            ("plain q/v LR, last_split", None, None, None, "last_split", True)]  # fmt: skip
+    variants = [(True, "table", bn, w) for bn in (16, 32, 64) for w in (4, 8)]
+    variants += [(False, "table", bn, 4) for bn in (32, 64)] + [(True, "chip", bn, 4) for bn in (32, 64)]
+    for halves, trig_name, block_n, warps in variants:
+        name = f"key LR {'halves' if halves else 'whole'} {trig_name} BLOCK_N {block_n} w{warps}"
+        rows.append((name, table if trig_name == "table" else chip, block_n, warps, "kernel", halves))
+    rows.append(("key LR halves table default tiles, last_split", table, None, None, "last_split", True))
+    for name, klr, block_n, warps, merge, halves in rows:
+        ta.KEY_LR_HALVES = halves
         try:
             kw = dict(key_lr=klr, block_n=block_n, num_warps=warps, merge=merge, **base)
             us = time_us(lambda kw=kw: ta.paged_decode(q, **kw))
@@ -83,7 +87,7 @@ def main() -> None:
             print(f"{name:44} failed: {type(e).__name__}: {str(e)[:80]}")
             continue
         plain = plain or us
-        print(f"{name:44} {us:8.1f} {us / plain:8.2f} {kv_bytes / us / 1e3:10.0f}")
+        print(f"{name:44} {us:8.1f} {us / plain:8.2f} {kv_bytes / us / 1e3:10.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -383,13 +383,20 @@ def test_the_triton_backend_takes_either_key_prefill_route(mode, monkeypatch):
 DECODE = [
     ([(0, 1, 1), (30, 1, 3), (16, 1, 0), (41, 1, 2)], 8, 2, 16, 8, 4, 4, True, True),
     ([(12, 1, 2), (25, 1, 1)], 4, 4, 32, 3, 3, 8, False, True),
+    ([(9, 1, 1), (37, 1, 2), (20, 1, 0)], 4, 2, 64, 8, 3, 8, True, True),  # d 64: the two-halves rebuild
 ]
 
 
 @pytest.mark.parametrize("case_id", range(len(DECODE)))
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("trig", TRIG)
-def test_decode_kernel_rebuilds_the_keys(case_id, splits, trig):
+@pytest.mark.parametrize("halves", [True, False])
+def test_decode_kernel_rebuilds_the_keys(case_id, splits, trig, halves, monkeypatch):
+    """Both decode forms of the rebuild (two RoPE halves from d 32 on, the default; the whole tile) and both trig
+    sources against the reference."""
+    from lragent.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "KEY_LR_HALVES", halves)
     seqs, hq, hkv, d, rank, slots, bs, values, keys = DECODE[case_id]
     c = key_case(seqs, hq, hkv, d, rank, slots, bs, seed=10 + case_id, values=values, keys=keys)
     m = c.meta

@@ -182,6 +182,54 @@ def _add_key_lora(
     return (k.to(tl.float32) + kscale * (u * cos + u_rot * sin)).to(k.dtype)
 
 
+@triton.jit
+def _key_up_halves(kup_ptr, slot, stride_ks, stride_kr, kv_col, offs_r, offs_h, R: tl.constexpr, D: tl.constexpr):
+    """B_k of the slot for kv head columns kv_col.. as its two RoPE halves [R_PAD, D/2] each."""
+    rows = kup_ptr + slot.to(tl.int64) * stride_ks + offs_r[:, None] * stride_kr + kv_col
+    rmask = offs_r[:, None] < R
+    return tl.load(rows + offs_h[None, :], mask=rmask, other=0.0), tl.load(
+        rows + (offs_h + D // 2)[None, :], mask=rmask, other=0.0
+    )
+
+
+@triton.jit
+def _add_key_lora_halves(
+    k_lo,
+    k_hi,
+    lr_ptr,
+    lrow,
+    lmask,
+    kpos,
+    kup_lo,
+    kup_hi,
+    kscale,
+    cos_ptr,
+    sin_ptr,
+    offs_r,
+    offs_h,
+    R: tl.constexpr,
+    D: tl.constexpr,
+    LR_W: tl.constexpr,
+    KLR_COL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    TRIG_ON_CHIP: tl.constexpr,
+):
+    """`_add_key_lora` on a key tile held as its two RoPE halves [BLOCK_N, D/2]: u = R_k B_k split the same way,
+    lo += s (u_lo cos - u_hi sin), hi += s (u_hi cos + u_lo sin). Half the registers and half the rank-r products
+    of the whole-tile form (which keeps u, rotate_half(u), cos and sin [BLOCK_N, D] in float32 at once)."""
+    r_k = tl.load(
+        lr_ptr + lrow[:, None] * LR_W + KLR_COL + offs_r[None, :],
+        mask=lmask[:, None] & (offs_r[None, :] < R),
+        other=0.0,
+    ).to(kup_lo.dtype)
+    u_lo = tl.dot(r_k, kup_lo, input_precision=DOT_PREC)
+    u_hi = tl.dot(r_k, kup_hi, input_precision=DOT_PREC)
+    cos, sin = _rope_trig(cos_ptr, sin_ptr, kpos, lmask, offs_h, D, TRIG_ON_CHIP)  # offs_h < D/2: no repeat
+    lo = (k_lo.to(tl.float32) + kscale * (u_lo * cos - u_hi * sin)).to(k_lo.dtype)
+    hi = (k_hi.to(tl.float32) + kscale * (u_hi * cos + u_lo * sin)).to(k_hi.dtype)
+    return lo, hi
+
+
 # ------------------------------------------------------------------------------------------------------------
 # prefill: varlen, paged, cached prefix, causal over the new tokens, one adapter per sequence
 # ------------------------------------------------------------------------------------------------------------
@@ -560,6 +608,7 @@ def _decode_kernel(
     SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     TRIG_ON_CHIP: tl.constexpr,
+    KLR_HALVES: tl.constexpr,
     LAST_SPLIT: tl.constexpr,
     NS_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -579,7 +628,13 @@ def _decode_kernel(
     gmask = offs_g < G
     heads = g * G + offs_g
     b64 = b.to(tl.int64)
-    q = tl.load(q_ptr + b64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    q_at = q_ptr + b64 * stride_qt + heads[:, None] * stride_qh
+    offs_h = tl.arange(0, D // 2)
+    if KLR_HALVES:  # keys rebuilt per tile as two RoPE halves: q read the same way
+        q_lo = tl.load(q_at + offs_h[None, :], mask=gmask[:, None], other=0.0)
+        q_hi = tl.load(q_at + D // 2 + offs_h[None, :], mask=gmask[:, None], other=0.0)
+    else:
+        q = tl.load(q_at + offs_d[None, :], mask=gmask[:, None], other=0.0)
 
     use_lr = False
     lr_end = 0
@@ -594,7 +649,10 @@ def _decode_kernel(
     kup_rot = 0.0
     kscale = 0.0
     if HAS_KLR:  # the reader's B_k for this kv head, once per program
-        kup, kup_rot = _load_key_up(kup_ptr, slot, stride_ks, stride_kr, g * D, offs_r, offs_d, R, D)
+        if KLR_HALVES:
+            kup, kup_rot = _key_up_halves(kup_ptr, slot, stride_ks, stride_kr, g * D, offs_r, offs_h, R, D)
+        else:
+            kup, kup_rot = _load_key_up(kup_ptr, slot, stride_ks, stride_kr, g * D, offs_r, offs_d, R, D)
         kscale = tl.load(scaling_ptr + slot)
 
     acc = tl.zeros([G_PAD, D], dtype=tl.float32)
@@ -610,18 +668,28 @@ def _decode_kernel(
         blk = tl.load(bt_row + kpos // BS, mask=kmask, other=0).to(tl.int64)
         row = blk * BS + (kpos % BS)
         kv_off = row[:, None] * (HKV * D) + kv_col + offs_d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kmask[:, None], other=0.0)
         v = tl.load(v_ptr + kv_off, mask=kmask[:, None], other=0.0)
         if ANY_LR:
             lmask = kpos < lr_end
             lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
             lrow = lblk * BS + (kpos % BS)
-        if HAS_KLR:
-            k = _add_key_lora(
-                k, lr_ptr, lrow, lmask, kpos, kup, kup_rot, kscale, cos_ptr, sin_ptr, offs_r, offs_d, R, D, LR_W,
+        if KLR_HALVES:
+            k_at = k_ptr + row[:, None] * (HKV * D) + kv_col + offs_h[None, :]
+            k_lo, k_hi = _add_key_lora_halves(
+                tl.load(k_at, mask=kmask[:, None], other=0.0), tl.load(k_at + D // 2, mask=kmask[:, None], other=0.0),
+                lr_ptr, lrow, lmask, kpos, kup, kup_rot, kscale, cos_ptr, sin_ptr, offs_r, offs_h, R, D, LR_W,
                 KLR_COL, DOT_PREC, TRIG_ON_CHIP,
             )  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
+            s = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PREC)
+            s = (s + tl.dot(q_hi, tl.trans(k_hi), input_precision=DOT_PREC)) * sm_scale_log2
+        else:
+            k = tl.load(k_ptr + kv_off, mask=kmask[:, None], other=0.0)
+            if HAS_KLR:
+                k = _add_key_lora(
+                    k, lr_ptr, lrow, lmask, kpos, kup, kup_rot, kscale, cos_ptr, sin_ptr, offs_r, offs_d, R, D, LR_W,
+                    KLR_COL, DOT_PREC, TRIG_ON_CHIP,
+                )  # fmt: skip
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
         s = tl.where(kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -798,6 +866,11 @@ def _num_sms(device: torch.device) -> int:
 KEY_LR_TRIG = os.environ.get("LRAGENT_KEY_LR_TRIG", "table")  # "chip": 1.6x slower decode on the H200
 if KEY_LR_TRIG not in ("chip", "table"):
     raise ValueError(f"LRAGENT_KEY_LR_TRIG must be chip or table, got {KEY_LR_TRIG!r}")
+
+
+# decode rebuilds keys as two RoPE halves (`_add_key_lora_halves`; needs d >= 32 for its dots) unless
+# LRAGENT_KEY_LR_HALVES=0 (the whole-tile form, kept for comparison on the GPU)
+KEY_LR_HALVES = os.environ.get("LRAGENT_KEY_LR_HALVES", "1") != "0"
 
 
 class _Pools:
@@ -1205,6 +1278,7 @@ def paged_decode(
         SINGLE=single,
         DOT_PREC=_dot_precision(query.dtype),
         TRIG_ON_CHIP=p.trig_on_chip,
+        KLR_HALVES=p.has_klr and d >= 32 and KEY_LR_HALVES,
         LAST_SPLIT=last_split,
         NS_PAD=ns_pad,
         CHUNK=chunk,
