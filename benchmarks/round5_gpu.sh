@@ -28,7 +28,7 @@ if [[ ${STAGE:-0} == 1 && -f .w/agents/smol.xz.part00 ]]; then
   mkdir -p /root && cp .w/agents/smol.xz.part00 /root/ && echo "staged smol.xz.part00" | tee -a "$S"
 fi
 TESTS="tests/test_key_adapters.py tests/test_decode_one_launch.py tests/test_fp8_gemm.py tests/test_fp8.py"
-[[ -f tests/test_cascade_graph.py ]] && TESTS+=" tests/test_cascade_graph.py tests/test_cascade.py"
+[[ -f tests/test_cascade_graph.py ]] && TESTS+=" tests/test_cascade_graph.py tests/test_cascade.py tests/test_cuda_graphs.py"
 step tests 90 python3 -m pytest $TESTS -q -n 6 -p no:cacheprovider -rfEs
 tail -n 12 "$R/tests.log" >> "$S"
 step klr_sweep 70 python3 benchmarks/key_lr_decode_sweep.py --ctx 33792 --batch 1

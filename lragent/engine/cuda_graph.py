@@ -7,6 +7,14 @@ backend owns (`AttentionBackend.graph_inputs`). Batches are padded to the next c
 nowhere and their outputs are dropped. Graphs are captured into one shared memory pool: all sizes at start-up
 when the engine warms up (`lragent.engine.warmup`), else lazily, the first time a size is needed. This module knows
 no backend and no kernel: it talks to the backend and LoRA bank interfaces.
+
+A backend may capture variants of a size beside the plain graph (`GraphInputs.variants`): with cascade decode on,
+the Triton backend captures each size of 2+ rows twice, plain and with a fixed-shape cascade plan, and picks per
+step (`AttentionBackend.decode_graph`); a step its variant cannot compute (`GraphInputs.fill` declines) runs
+eagerly. What the variants cost: twice the capture time, a second set of graph nodes and the output buffer of each
+variant graph; their temporaries (the cascade partials: about one wave of split partials per launch, ~20 MB a
+layer at Llama-3.1-8B's shape on an H200 whatever the size, freed layer by layer) come from the one shared pool,
+which graphs captured one after another reuse, so the pool's peak grows by that, not by a copy per graph.
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ class DecodeGraphs:
         host = torch.zeros(2, self.max_batch, dtype=torch.int64)
         self.host_tokens = host.pin_memory() if pin else host
         self._np_tokens = self.host_tokens.numpy()
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # the plain graph of each size
+        self._variant_graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays: dict[str, int] = {}  # replays per variant ("" plain): a counter for tests and stats
         self._pool: torch.cuda._POOL_HANDLE | None = None  # the graphs' shared memory pool, made on first capture
 
     def supports(self, batch: ScheduledBatch) -> bool:
@@ -61,50 +71,61 @@ class DecodeGraphs:
         memory pool: once its last graph is gone the allocator retires the pool, and capturing into the stale
         handle trips an allocator assertion (seen on torch 2.11)."""
         self._graphs.clear()
+        self._variant_graphs.clear()
         self._pool = None
 
     def capture_all(self) -> None:
         """Capture every size now (start-up), so no request waits for a capture."""
         for size in self.sizes:
             self._ensure(size)
+            for variant in self.attn.variants(size):
+                self._ensure(size, variant)
 
-    def _ensure(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        if size not in self._graphs:
+    def _ensure(self, size: int, variant: str = "") -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        graphs: dict = self._graphs if not variant else self._variant_graphs
+        key = size if not variant else (size, variant)
+        if key not in graphs:
             start = time.perf_counter()
-            self._graphs[size] = self._capture(size)
-            logger.debug("captured the decode graph of batch size %d in %.2f s", size, time.perf_counter() - start)
-        return self._graphs[size]
+            graphs[key] = self._capture(size, variant)
+            took = time.perf_counter() - start
+            logger.debug("captured the %s decode graph of batch size %d in %.2f s", variant or "plain", size, took)
+        return graphs[key]
 
-    def run(self, step: StepInputs) -> torch.Tensor:
-        """Final hidden states [rows, hidden] of one decode step."""
+    def run(self, step: StepInputs, variant: str = "") -> torch.Tensor | None:
+        """Final hidden states [rows, hidden] of one decode step; None: the variant's graph cannot compute this step
+        (its inputs declined it), run it eagerly."""
         n = step.rows.num_seqs
         size = next(s for s in self.sizes if s >= n)
-        graph, hidden = self._ensure(size)
-        self.fill(step, size)
+        graph, hidden = self._ensure(size, variant)
+        if not self.fill(step, size, variant):
+            return None
         graph.replay()
+        self.replays[variant] = self.replays.get(variant, 0) + 1
         return hidden[:n]
 
-    def fill(self, step: StepInputs, size: int) -> None:
-        """Refill the static inputs in place (asynchronous uploads; no host sync)."""
+    def fill(self, step: StepInputs, size: int, variant: str = "") -> bool:
+        """Refill the static inputs in place (asynchronous uploads; no host sync); False, nothing written: the
+        variant's graph cannot compute this step."""
+        if not self.attn.fill(step.rows, size, variant):
+            return False
         n = step.rows.num_seqs
         host = self._np_tokens
         host[0, :n], host[1, :n] = step.token_ids, step.positions
         if n < size:
             host[:, n:size] = 0
         self.tokens[:, :size].copy_(self.host_tokens[:, :size], non_blocking=True)
-        self.attn.fill(step.rows, size)
+        return True
 
-    def _context(self, size: int) -> ForwardContext:
+    def _context(self, size: int, variant: str = "") -> ForwardContext:
         segments = self.bank.per_row_segments(*self.attn.lora_rows(size))
         positions = self.tokens[1, :size]
-        return ForwardContext(
-            self.attn.metadata(size), LoRAMetadata(segments, segments), self.expand_values, positions, positions
-        )
+        meta = self.attn.metadata(size, variant=variant)
+        return ForwardContext(meta, LoRAMetadata(segments, segments), self.expand_values, positions, positions)
 
-    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        self.attn.pad(size)  # safe contents for the warm-up run (it really executes)
+    def _capture(self, size: int, variant: str = "") -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self.attn.pad(size, variant)  # safe contents for the warm-up run (it really executes)
         self.tokens[:, :size] = 0
-        ctx = self._context(size)
+        ctx = self._context(size, variant)
         ids = self.tokens[0, :size]
         self.model(ids, ctx)  # compiles the kernels for this size outside the capture
         torch.cuda.synchronize(self.device)

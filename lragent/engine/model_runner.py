@@ -224,9 +224,11 @@ class ModelRunner:
         step = None
         if self.graphs is not None and self.graphs.supports(batch):
             step = self.inputs(batch)
-            if not self.backend.decode_eagerly(step.rows):  # e.g. cascade groups: a graph's grid cannot follow them
-                self.prepare_s = time.perf_counter() - start
-                return self.graphs.run(step)  # every decode row samples
+            variant = self.backend.decode_graph(step.rows)  # e.g. "cascade": the graph with a cascade plan
+            self.prepare_s = time.perf_counter() - start
+            hidden = None if variant is None else self.graphs.run(step, variant)  # None: it declined the step
+            if hidden is not None:
+                return hidden  # every decode row samples
         input_ids, ctx, rows = self.prepare(batch, step)
         self.prepare_s = time.perf_counter() - start
         if not rows:

@@ -94,9 +94,10 @@ class AttentionBackend(ABC):
         backend has it; False: it does not, decode stays plain."""
         return False
 
-    def decode_eagerly(self, rows: BatchRows) -> bool:
-        """This decode step must run eagerly, not as a captured CUDA graph (cascade groups follow the tables)."""
-        return False
+    def decode_graph(self, rows: BatchRows) -> str | None:
+        """Which captured CUDA graph runs this decode step: "" the plain one, another name a variant the backend's
+        graph inputs capture (`GraphInputs.variants`, e.g. cascade decode), None: run it eagerly."""
+        return ""
 
     def graph_inputs(self, cache: KVCache, pools: list[str], max_batch: int, max_model_len: int, device: torch.device):
         """Static input buffers for CUDA-graph decode (`lragent.kernels.graph_inputs.GraphInputs`)."""

@@ -6,6 +6,10 @@ uploads them asynchronously (no host sync). Block tables are refilled incrementa
 same list objects as last step gets only its new entries (lists only grow in place or are replaced on
 preemption). Padding rows (batches are padded to a captured size) write nowhere (slot -1), read one key of block 0
 and use no adapter.
+
+A backend may capture variants of a bucket beside the plain graph (`variants`, e.g. cascade decode with a plan of
+fixed shape): the variant name then reaches `metadata` (capture), `pad` and `fill` (each replay), and `fill` may
+decline a step the variant cannot compute (it then runs eagerly).
 """
 
 from __future__ import annotations
@@ -46,7 +50,11 @@ class GraphInputs:
         # per row: the block lists it held last step (one per pool) and the entries already in host_tables
         self._rows: list[tuple[tuple[list[int], ...], int] | None] = [None] * b
 
-    def metadata(self, size: int, decode_splits: int | None = None) -> AttentionMetadata:
+    def variants(self, size: int) -> list[str]:
+        """Names of the graphs captured for `size` rows besides the plain one ("")."""
+        return []
+
+    def metadata(self, size: int, decode_splits: int | None = None, variant: str = "") -> AttentionMetadata:
         """Metadata over views of the static buffers, for a graph of `size` rows (what the capture records)."""
         return AttentionMetadata(
             query_lens=[1] * size,
@@ -67,15 +75,16 @@ class GraphInputs:
         """(row starts 0..size, int32 adapter slot per row): one LoRA segment per decode row."""
         return self.seg_start[: size + 1], self.i32[1, :size]
 
-    def pad(self, size: int) -> None:
+    def pad(self, size: int, variant: str = "") -> None:
         """Safe contents for a capture's warm-up run (it really executes: no pool writes, finite reads)."""
         self._pad_rows(0, size)
         self.i64[:, :size].copy_(self.host_i64[:, :size])
         self.i32[:, :size].copy_(self.host_i32[:, :size])
         self.tables[:, :size, 0] = 0
 
-    def fill(self, rows: BatchRows, size: int) -> None:
-        """Write the step's decode rows (one token each) into the host mirrors, then upload them asynchronously."""
+    def fill(self, rows: BatchRows, size: int, variant: str = "") -> bool:
+        """Write the step's decode rows (one token each) into the host mirrors, then upload them asynchronously.
+        False: the variant's graph cannot compute this step (nothing written; run it eagerly)."""
         n = rows.num_seqs
         i64, i32 = self._np_i64, self._np_i32
         i64[_KV_SLOT, :n] = rows.write_slots["kv"]
@@ -94,6 +103,7 @@ class GraphInputs:
         self.host_staging[:count].view(corner.shape).copy_(corner)
         self.staging[:count].copy_(self.host_staging[:count], non_blocking=True)
         self.tables[:, :size, :used].copy_(self.staging[:count].view(corner.shape))
+        return True
 
     def _fill_tables(self, rows: BatchRows) -> int:
         """New block-table entries of every row; returns the widest row's block count."""

@@ -36,26 +36,37 @@ class AttentionMetadata:
 
 @dataclass
 class CascadePlan:
-    """Decode rows grouped by a shared leading run of cache blocks (`lragent.kernels.triton_cascade.plan_cascade`).
+    """Decode rows grouped by a shared leading run of cache blocks (`lragent.kernels.triton_cascade`).
 
     A group's shared keys are read once for all its members, through the block tables of its first member (the
     blocks are the same ids, hence the same tensors, in every pool the step reads); each row then reads its own
     keys from `suffix_start`. Rows in no group have `suffix_start` 0 and `member_row` -1.
+
+    Fixed shape: the kernels' grids and split counts follow only the host integers below (`capacity` group slots,
+    `max_members`, ...), never the device arrays, so one plan's arrays can be rewritten in place between launches
+    (CUDA-graph replays, `triton_cascade.StaticCascadePlan`). Group slots past the step's groups are empty
+    (`group_start` repeats the member count): their programs exit at once. An eager step's plan has exactly its
+    groups as capacity.
     """
 
-    groups: list[tuple[list[int], int]]  # host: (member rows, shared tokens) per group
-    members: torch.Tensor  # [M] int32 batch rows of every group's members, group after group
-    group_start: torch.Tensor  # [groups + 1] int32 offsets into `members`
-    group_row: torch.Tensor  # [groups] int32 the batch row whose block tables the group's shared keys are read through
-    shared_lens: torch.Tensor  # [groups] int32 shared tokens (whole blocks)
-    group_slot: torch.Tensor  # [groups] int64 the members' adapter slot if they agree, else the largest (0: no LR read)
+    groups: list[tuple[list[int], int]]  # host: (member rows, shared tokens) per group ([] in a static plan)
+    members: torch.Tensor  # [>= M] int32 batch rows of every group's members, group after group
+    group_start: torch.Tensor  # [capacity + 1] int32 offsets into `members` (empty groups repeat the total)
+    group_row: torch.Tensor  # [capacity] int32 the batch row whose tables the group's shared keys are read through
+    shared_lens: torch.Tensor  # [capacity] int32 shared tokens (whole blocks)
+    group_slot: torch.Tensor  # [capacity] int32 the members' adapter slot if they agree, else the largest (0: no LR)
     suffix_start: torch.Tensor  # [B] int32 each row's first own key
     member_row: torch.Tensor  # [B] int32 each row's index into `members`, -1 outside any group
     identity: torch.Tensor  # [B + 1] int32 0..B (each row as a group of one, for the suffix launch)
     uniform_slots: bool  # every group's members share one adapter slot (what keys rebuilt per reader need)
-    max_members: int
-    max_shared: int
-    max_own: int  # the longest own part (context - suffix_start) of any row
+    max_members: int  # bound on a group's members (sizes the row tiles of the shared launch)
+    max_shared: int  # bound on a group's shared tokens (sizes its split count)
+    max_own: int  # bound on a row's own part, context - suffix_start (sizes the suffix launch's split count)
+    capacity: int = 0  # group slots of the shared launch's grid (0: len(groups))
+    split_groups: int = 0  # groups the shared launch's split count is sized for (0: len(groups))
+    # set by a launch whose layer cascades only because `uniform_slots` holds (keys rebuilt per reader): a static
+    # plan captured so must not replay a step whose groups mix adapter slots (`StaticCascadePlan.fill`)
+    slot_bound: bool = False
 
 
 @dataclass

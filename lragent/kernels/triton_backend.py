@@ -12,25 +12,74 @@ from lragent.kernels.backend import AttentionBackend, KeyLR, LayerOps
 from lragent.kernels.graph_inputs import GraphInputs
 from lragent.kernels.metadata import AttentionMetadata, BatchRows
 from lragent.kernels.triton_attention import default_num_splits, paged_decode, paged_prefill
-from lragent.kernels.triton_cascade import CascadeOptions, cascade_decode, find_groups, plan_cascade
+from lragent.kernels.triton_cascade import (
+    MAX_GROUPS,
+    CascadeOptions,
+    PrefixMemo,
+    StaticCascadePlan,
+    cascade_decode,
+    find_groups,
+    plan_cascade,
+)
 from lragent.kernels.triton_fused import add_rms_norm, rotary, silu_mul
 from lragent.kernels.triton_lora import TritonLoRABank
 from lragent.kernels.triton_store import store_kv_lr
 from lragent.lora.bank import LoRABank
 
+CASCADE = "cascade"  # the decode-graph variant whose metadata carries a fixed-shape cascade plan
 _OPS = LayerOps(add_rms_norm=add_rms_norm, rotary=rotary, silu_mul=silu_mul)
 
 
 class TritonGraphInputs(GraphInputs):
-    """Graph inputs whose captured metadata fixes the split-KV count: a graph's grid cannot follow the lengths."""
+    """Graph inputs whose captured metadata fixes the split-KV count: a graph's grid cannot follow the lengths.
 
-    def __init__(self, num_kv_heads: int, *args, **kwargs):
+    With cascade decode on, each bucket of 2+ rows also has a "cascade" variant whose metadata carries a
+    `StaticCascadePlan`'s fixed-shape plan; `fill` writes the step's groups there, or declines a step whose groups
+    do not fit (too many, or mixed adapter slots where a layer's choice depended on them), which then runs
+    eagerly."""
+
+    def __init__(self, num_kv_heads: int, backend: TritonBackend, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.num_kv_heads = num_kv_heads
+        self.backend = backend
+        self.max_batch = self.i32.shape[1]
+        self._cascade: StaticCascadePlan | None = None
 
-    def metadata(self, size: int, decode_splits: int | None = None) -> AttentionMetadata:
+    @property
+    def cascade(self) -> StaticCascadePlan:
+        if self._cascade is None:
+            self._cascade = StaticCascadePlan(
+                self.max_batch, self.backend.max_groups, self.max_model_len, self.block_size, self.device
+            )
+        return self._cascade
+
+    def variants(self, size: int) -> list[str]:
+        opt = self.backend.cascade
+        return [CASCADE] if opt is not None and size >= opt.min_seqs else []
+
+    def metadata(self, size: int, decode_splits: int | None = None, variant: str = "") -> AttentionMetadata:
         splits = decode_splits or default_num_splits(size, self.num_kv_heads, self.max_model_len, self.device)
-        return super().metadata(size, splits)
+        meta = super().metadata(size, splits, variant)
+        if variant == CASCADE:
+            meta.cascade = self.cascade.plan(size)
+        return meta
+
+    def pad(self, size: int, variant: str = "") -> None:
+        super().pad(size, variant)
+        if variant == CASCADE:
+            self.cascade.clear(size)
+
+    def fill(self, rows: BatchRows, size: int, variant: str = "") -> bool:
+        if variant == CASCADE:
+            backend = self.backend
+            groups = backend._groups(rows)
+            if not self.cascade.fits(groups, rows, size):
+                backend.cascade_eager_steps += 1
+                return False
+            self.cascade.fill(groups, rows, size)
+            backend.cascade_steps += 1
+            backend.cascade_graph_steps += 1
+        return super().fill(rows, size, variant)
 
 
 class TritonBackend(AttentionBackend):
@@ -39,17 +88,25 @@ class TritonBackend(AttentionBackend):
     `decode_splits`: a fixed split-KV count for decode (set it before capturing CUDA graphs, where the grid must
     not depend on the step's lengths); None picks one per step from the batch size and the longest context.
     `cascade`: group decode rows by shared leading blocks and read those keys once per group
-    (`lragent.kernels.triton_cascade`); None (the default): plain split-KV decode.
+    (`lragent.kernels.triton_cascade`); None (the default): plain split-KV decode. Under CUDA graphs a step with
+    groups replays its bucket's cascade graph when they fit `max_groups` group slots, else runs eagerly
+    (`cascade_eager_steps` counts those).
     """
 
     name = "triton"
     supports_cuda_graphs = True
 
-    def __init__(self, decode_splits: int | None = None, cascade: CascadeOptions | None = None):
+    def __init__(
+        self, decode_splits: int | None = None, cascade: CascadeOptions | None = None, max_groups: int = MAX_GROUPS
+    ):
         self.decode_splits = decode_splits
         self.cascade = cascade
+        self.max_groups = max_groups  # group slots of a decode graph's cascade plan
         self.cascade_steps = 0  # decode steps that found cascade groups (a counter for tests and stats)
+        self.cascade_graph_steps = 0  # of those, steps replayed from a cascade decode graph
+        self.cascade_eager_steps = 0  # of those, steps whose groups did not fit a graph's plan (run eagerly)
         self._planned: tuple[BatchRows, list[tuple[list[int], int]]] | None = None  # the last step's groups
+        self._memo = PrefixMemo()  # block-list comparisons carried across steps
 
     def enable_cascade(self, block_size: int) -> bool:
         self.cascade = CascadeOptions.for_tokens(block_size)
@@ -58,12 +115,12 @@ class TritonBackend(AttentionBackend):
     def _groups(self, rows: BatchRows) -> list[tuple[list[int], int]]:
         """The step's cascade groups, found once per BatchRows (asked by the runner, then by `metadata`)."""
         if self._planned is None or self._planned[0] is not rows:
-            found = find_groups(rows, self.cascade) if self.cascade is not None and rows.is_decode else []
+            found = find_groups(rows, self.cascade, self._memo) if self.cascade is not None and rows.is_decode else []
             self._planned = (rows, found)
         return self._planned[1]
 
-    def decode_eagerly(self, rows: BatchRows) -> bool:
-        return self.cascade is not None and bool(self._groups(rows))
+    def decode_graph(self, rows: BatchRows) -> str:
+        return CASCADE if self.cascade is not None and self._groups(rows) else ""
 
     def metadata(self, rows: BatchRows, device: torch.device) -> AttentionMetadata:
         meta = super().metadata(rows, device)
@@ -83,7 +140,7 @@ class TritonBackend(AttentionBackend):
     def graph_inputs(
         self, cache: KVCache, pools: list[str], max_batch: int, max_model_len: int, device: torch.device
     ) -> TritonGraphInputs:
-        return TritonGraphInputs(cache.num_kv_heads, pools, max_batch, max_model_len, cache.block_size, device)
+        return TritonGraphInputs(cache.num_kv_heads, self, pools, max_batch, max_model_len, cache.block_size, device)
 
     def store(self, cache: KVCache, layer: int, key, value, lr, meta: AttentionMetadata) -> None:
         lr_pool = cache.lr[layer] if cache.lr is not None else None

@@ -20,8 +20,16 @@ BASE_LR_SHARED / STACKED_LR / FULL_SHARED group across adapters). Two layouts fa
 (`cascade_supported`): keys rebuilt per reader (key LR, k_proj adapters) when a group mixes adapter slots, since
 each reader's B_k makes its keys differ; and stacked rows wider than `MAX_PR_COLUMNS`, whose acc_r would not fit.
 
-Decode steps with cascade groups run eagerly (no CUDA graph): the grouping follows the block tables, which a
-captured grid cannot. `AttentionBackend.decode_eagerly` tells the model runner.
+Fixed shape, so decode steps with cascade groups replay CUDA graphs: a `CascadePlan` is a handful of int32 arrays
+with a fixed number of group slots (`capacity`) and host bounds (members, shared and own tokens) that alone set the
+launches' grids and split counts; programs of empty group slots, of row tiles past a group's members and of splits
+past a group's shared length do no work, and each split's key range is computed in the kernel from the device
+lengths. An eager step's plan has its own groups as capacity (`plan_cascade`); a captured graph of B rows gets a
+`StaticCascadePlan`'s: MAX_GROUPS slots, every bound at its largest, its arrays rewritten in place before each
+replay. Rows in no group are plain decode inside the same launches (the suffix pass over their whole context). The
+graph runner captures this cascade variant of each decode bucket beside the plain one and replays it when the
+step's groups fit (`StaticCascadePlan.fits`: at most MAX_GROUPS; mixed adapter slots only if no layer's choice
+depended on them at capture); other steps with groups run eagerly through the same kernels.
 """
 
 from __future__ import annotations
@@ -29,16 +37,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from lragent.kernels.backend import KeyLR, upload
+from lragent.kernels.backend import KeyLR
 from lragent.kernels.metadata import BatchRows, CascadePlan
 from lragent.kernels.triton_attention import LOG2E, _add_key_lora, _dot_precision, _load_key_up, _num_sms, _Pools
 
 MAX_PR_COLUMNS = 128  # widest acc_r a program keeps (a stacked row of more slots x rank falls back to plain decode)
 DEFAULT_MIN_SHARED_TOKENS = 1024  # below this a group's saved reads do not pay for the extra launches
+MAX_GROUPS = 8  # group slots of a captured decode graph's cascade plan (a step with more groups runs eagerly)
 
 
 @dataclass(frozen=True)
@@ -59,12 +69,13 @@ class CascadeOptions:
 # ------------------------------------------------------------------------------------------------------------
 # planning (host): groups from the block tables the runner already holds
 # ------------------------------------------------------------------------------------------------------------
-def _common_blocks(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common leading run of a and b, at most `limit`: slice comparisons run in C, and the binary
-    search compares each element about twice (a Python loop over a 32k-token table costs ~100 us a pair)."""
-    if a[:limit] == b[:limit]:
-        return limit
-    lo, hi = 0, limit  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+def _common_blocks(a: list[int], b: list[int], limit: int, lo: int = 0) -> int:
+    """Length of the common leading run of a and b, at most `limit`, given a[:lo] == b[:lo]: slice comparisons run
+    in C, and the binary search compares each element about twice (a Python loop over a 32k-token table costs
+    ~100 us a pair)."""
+    if a[lo:limit] == b[lo:limit]:
+        return max(lo, limit)
+    hi = limit  # a[:lo] == b[:lo], a[:hi] != b[:hi]
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if a[lo:mid] == b[lo:mid]:
@@ -74,16 +85,50 @@ def _common_blocks(a: list[int], b: list[int], limit: int) -> int:
     return lo
 
 
-def _runs(order: list[int], pools: list[list[list[int]]], usable: list[int], opt: CascadeOptions):
+class PrefixMemo:
+    """Common leading runs of pairs of block lists, carried from one decode step to the next, so a step compares
+    only the entries its rows added (16 rows over a 32k-token prefix: ~0.4 ms of slice comparisons a step without).
+    Valid because a block list only grows in place: entries once written are never rewritten (a preempted sequence
+    gets a new list), which `GraphInputs`' incremental table upload relies on as well. So a run ended by a mismatch
+    stays ended, and one that reached the limit compared before needs only the entries past it. Pairs not met in
+    a step are forgotten (the memo holds the lists it keys, so their ids stay unique)."""
+
+    def __init__(self) -> None:
+        self._prev: dict[tuple[int, int], tuple[list[int], list[int], int, int]] = {}
+        self._cur: dict[tuple[int, int], tuple[list[int], list[int], int, int]] = {}
+
+    def step(self) -> None:
+        """A new step's comparisons begin (what the last one did not ask for is dropped)."""
+        self._prev, self._cur = self._cur or self._prev, {}
+
+    def common(self, a: list[int], b: list[int], limit: int) -> int:
+        key = (id(a), id(b))
+        hit = self._cur.get(key) or self._prev.get(key)
+        if hit is not None and hit[0] is a and hit[1] is b:
+            run, checked = hit[2], hit[3]
+            if run < checked or limit <= checked:  # known: a mismatch at `run`, or equal through `checked`
+                self._cur[key] = hit
+                return min(run, limit)
+            run = _common_blocks(a, b, limit, checked)
+        else:
+            run = _common_blocks(a, b, limit)
+        self._cur[key] = (a, b, run, limit)
+        return run
+
+
+def _runs(
+    order: list[int], pools: list[list[list[int]]], usable: list[int], opt: CascadeOptions, memo: PrefixMemo | None
+):
     """Split rows sorted by their tables into groups: a row joins the current group while the group's shared run
     stays >= min_blocks and the reads saved, (members - 1) x run, do not shrink."""
+    common = _common_blocks if memo is None else memo.common
     groups: list[tuple[list[int], int]] = []
     cur, run = [order[0]], usable[order[0]]
     for i in order[1:]:
         prev = cur[-1]
         lcp = min(usable[i], usable[prev])
         for tables in pools:
-            lcp = _common_blocks(tables[prev], tables[i], lcp)
+            lcp = common(tables[prev], tables[i], lcp)
         shared = min(run, lcp)
         if shared >= opt.min_blocks and len(cur) * shared >= (len(cur) - 1) * run:
             cur.append(i)
@@ -95,9 +140,12 @@ def _runs(order: list[int], pools: list[list[list[int]]], usable: list[int], opt
     return [(g, r) for g, r in groups if len(g) >= opt.min_seqs and r >= opt.min_blocks]
 
 
-def find_groups(rows: BatchRows, opt: CascadeOptions) -> list[tuple[list[int], int]]:
+def find_groups(rows: BatchRows, opt: CascadeOptions, memo: PrefixMemo | None = None) -> list[tuple[list[int], int]]:
     """(member rows, shared blocks) of each group of a decode step. Only whole blocks before a row's last one count
-    (the block the step writes is never shared), and block ids must agree in every pool the step reads."""
+    (the block the step writes is never shared), and block ids must agree in every pool the step reads. `memo`:
+    the comparisons of earlier steps over the same block lists (one per engine, `PrefixMemo`)."""
+    if memo is not None:
+        memo.step()
     bs = opt.block_size
     pools = [rows.tables[p] for p in ("kv", "lr") if p in rows.tables]
     usable = [(c - 1) // bs for c in rows.context_lens]
@@ -109,20 +157,45 @@ def find_groups(rows: BatchRows, opt: CascadeOptions) -> list[tuple[list[int], i
     for bucket in buckets.values():
         if len(bucket) >= opt.min_seqs:
             bucket.sort(key=lambda i: pools[0][i])  # lexicographic: rows sharing long runs become neighbours
-            groups += _runs(bucket, pools, usable, opt)
+            groups += _runs(bucket, pools, usable, opt, memo)
     return groups
 
 
-def plan_cascade(
-    groups: list[tuple[list[int], int]], rows: BatchRows, block_size: int, device: torch.device
-) -> CascadePlan | None:
-    """The device form of `find_groups`' groups (None without any)."""
-    if not groups:
-        return None
-    b, slots = rows.num_seqs, rows.seq_lora_slots
+# the plan's int32 arrays, in this order, in one flat buffer (one upload a step): name -> length in (rows, groups)
+_FIELDS = (
+    ("members", 1, 0, 0),
+    ("group_start", 0, 1, 1),
+    ("group_row", 0, 1, 0),
+    ("shared_lens", 0, 1, 0),
+    ("group_slot", 0, 1, 0),
+    ("suffix_start", 1, 0, 0),
+    ("member_row", 1, 0, 0),
+    ("identity", 1, 0, 1),
+)
+
+
+def _layout(rows: int, groups: int) -> dict[str, slice]:
+    """Where each plan array lies in the flat buffer of a plan for `rows` rows and `groups` group slots (each
+    starting 64-byte aligned, as separate allocations would: Triton specialises kernels on pointer alignment)."""
+    out, at = {}, 0
+    for name, per_row, per_group, extra in _FIELDS:
+        n = per_row * rows + per_group * groups + extra
+        out[name] = slice(at, at + n)
+        at += -(-n // 16) * 16
+    return out
+
+
+def _write_plan(
+    buf: np.ndarray, lay: dict[str, slice], groups: list[tuple[list[int], int]], rows: BatchRows, size: int,
+    block_size: int,
+) -> tuple[bool, int]:  # fmt: skip
+    """Write the plan of `groups` over the step's rows (padded to `size` rows, each padding row in no group) into
+    `buf`; returns (whether every group's members share one adapter slot, the longest own part)."""
+    slots, ctx = rows.seq_lora_slots, rows.context_lens
+    capacity = lay["group_row"].stop - lay["group_row"].start
     members: list[int] = []
     starts, first, lens, gslot = [0], [], [], []
-    suffix, member_row = [0] * b, [-1] * b
+    suffix, member_row = [0] * size, [-1] * size
     uniform = True
     for rows_of, blocks in groups:
         for i in rows_of:
@@ -135,22 +208,124 @@ def plan_cascade(
         mine = {slots[i] for i in rows_of}
         uniform = uniform and len(mine) == 1
         gslot.append(slots[rows_of[0]] if len(mine) == 1 else max(mine))
-    i32 = torch.int32
+    pad = capacity - len(groups)
+    buf[lay["members"]][: len(members)] = members
+    buf[lay["group_start"]] = starts + [len(members)] * pad  # empty group slots: no members
+    buf[lay["group_row"]] = first + [0] * pad
+    buf[lay["shared_lens"]] = lens + [0] * pad
+    buf[lay["group_slot"]] = gslot + [0] * pad
+    buf[lay["suffix_start"]][:size] = suffix
+    buf[lay["member_row"]][:size] = member_row
+    buf[lay["identity"]][: size + 1] = np.arange(size + 1, dtype=np.int32)
+    return uniform, max((c - s for c, s in zip(ctx, suffix)), default=0)
+
+
+def _plan(
+    buf: torch.Tensor, lay: dict[str, slice], size: int, groups: list[tuple[list[int], int]], **bounds
+) -> CascadePlan:
+    """A plan whose device arrays are views of the flat buffer (row arrays cut to `size` rows)."""
+    v = {name: buf[sl] for name, sl in lay.items()}
     return CascadePlan(
-        groups=[(list(g), n * block_size) for g, n in groups],
-        members=upload(members, i32, device),
-        group_start=upload(starts, i32, device),
-        group_row=upload(first, i32, device),
-        shared_lens=upload(lens, i32, device),
-        group_slot=upload(gslot, torch.int64, device),
-        suffix_start=upload(suffix, i32, device),
-        member_row=upload(member_row, i32, device),
-        identity=upload(list(range(b + 1)), i32, device),
+        groups=groups,
+        members=v["members"][:size],
+        group_start=v["group_start"],
+        group_row=v["group_row"],
+        shared_lens=v["shared_lens"],
+        group_slot=v["group_slot"],
+        suffix_start=v["suffix_start"][:size],
+        member_row=v["member_row"][:size],
+        identity=v["identity"][: size + 1],
+        **bounds,
+    )
+
+
+def plan_cascade(
+    groups: list[tuple[list[int], int]], rows: BatchRows, block_size: int, device: torch.device
+) -> CascadePlan | None:
+    """The device form of `find_groups`' groups for an eager step (capacity: exactly its groups; None without
+    any)."""
+    if not groups:
+        return None
+    b = rows.num_seqs
+    lay = _layout(b, len(groups))
+    host = np.zeros(lay["identity"].stop, dtype=np.int32)
+    uniform, max_own = _write_plan(host, lay, groups, rows, b, block_size)
+    buf = torch.from_numpy(host)
+    if device.type == "cuda":
+        buf = buf.pin_memory()
+    buf = buf.to(device, non_blocking=True)
+    return _plan(
+        buf,
+        lay,
+        b,
+        [(list(g), n * block_size) for g, n in groups],
         uniform_slots=uniform,
         max_members=max(len(g) for g, _ in groups),
-        max_shared=max(lens),
-        max_own=max(c - s for c, s in zip(rows.context_lens, suffix)),
+        max_shared=max(n for _, n in groups) * block_size,
+        max_own=max_own,
+        capacity=len(groups),
+        split_groups=len(groups),
     )
+
+
+class StaticCascadePlan:
+    """A cascade plan of fixed shape in static device buffers, for CUDA-graph decode: at most `max_groups` groups
+    over at most `max_batch` rows. `plan(size)` gives a captured graph of `size` rows its plan (views of the
+    buffers, launch shape fixed by the bucket and the capacity); `fill` writes a step's groups in place before a
+    replay (pinned host mirror, one asynchronous upload of ~4 max_batch + 4 max_groups int32)."""
+
+    def __init__(self, max_batch: int, max_groups: int, max_model_len: int, block_size: int, device: torch.device):
+        self.max_batch, self.max_groups = max_batch, max_groups
+        self.max_model_len, self.block_size = max_model_len, block_size
+        self.lay = _layout(max_batch, max_groups)
+        n = self.lay["identity"].stop
+        self.buf = torch.zeros(n, dtype=torch.int32, device=device)
+        host = torch.zeros(n, dtype=torch.int32)
+        self.host = host.pin_memory() if device.type == "cuda" else host
+        self._np = self.host.numpy()
+        self._plans: dict[int, CascadePlan] = {}
+
+    def plan(self, size: int) -> CascadePlan:
+        """The plan a graph of `size` rows captures: every bound at its largest (members: every row; shared and
+        own parts: the longest context), so its grids and split counts are those of the bucket."""
+        plan = _plan(
+            self.buf,
+            self.lay,
+            size,
+            [],
+            uniform_slots=True,
+            max_members=size,
+            max_shared=self.max_model_len,
+            max_own=self.max_model_len,
+            capacity=self.max_groups,
+            split_groups=1,
+        )
+        self._plans[size] = plan
+        return plan
+
+    def fits(self, groups: list[tuple[list[int], int]], rows: BatchRows, size: int) -> bool:
+        """Whether a graph of `size` rows captured over `plan(size)` computes these groups: at most `max_groups`
+        of them, and adapter slots mixed in a group only if no layer relied on them agreeing at capture."""
+        if len(groups) > self.max_groups:
+            return False
+        plan = self._plans.get(size)
+        if plan is None or not plan.slot_bound:
+            return True
+        slots = rows.seq_lora_slots
+        return all(len({slots[i] for i in g}) == 1 for g, _ in groups)
+
+    def clear(self, size: int) -> None:
+        """No groups (a capture's warm-up run, which really executes)."""
+        self._np[:] = 0
+        self._np[self.lay["member_row"]] = -1
+        self._np[self.lay["identity"]][: size + 1] = np.arange(size + 1, dtype=np.int32)
+        self.buf.copy_(self.host)
+
+    def fill(self, groups: list[tuple[list[int], int]], rows: BatchRows, size: int) -> None:
+        """Write the step's groups (`fits` said yes) and upload them asynchronously (the previous step's upload is
+        done: its sampling synchronised with the host)."""
+        _write_plan(self._np, self.lay, groups, rows, size, self.block_size)
+        self.buf.copy_(self.host, non_blocking=True)
 
 
 def _pr_columns(p: _Pools) -> int:
@@ -161,9 +336,12 @@ def _pr_columns(p: _Pools) -> int:
 def cascade_supported(plan: CascadePlan, p: _Pools) -> bool:
     """False where the shared keys would differ per reader (key LR over a group of several adapter slots) or a
     stacked row's acc_r is wider than `MAX_PR_COLUMNS`: such layers run plain decode."""
-    if p.has_klr and not plan.uniform_slots:
+    if not (not p.has_lr or _pr_columns(p) <= MAX_PR_COLUMNS):
         return False
-    return not p.has_lr or _pr_columns(p) <= MAX_PR_COLUMNS
+    if p.has_klr:
+        plan.slot_bound = True  # this layer's choice follows `uniform_slots` (a static plan must keep it)
+        return plan.uniform_slots
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -498,10 +676,11 @@ def cascade_decode(
     pr_pad = max(16, triton.next_power_of_2(pr_w), 8 * num_warps) if p.has_lr else 0
     sm_scale = d**-0.5 if sm_scale is None else sm_scale
     lbt = lr_block_tables if (p.any_lr and lr_block_tables is not None) else base_block_tables
-    groups = len(plan.groups)
+    groups = plan.capacity or len(plan.groups)  # grid group slots (empty ones exit at once)
     tiles = triton.cdiv(plan.max_members * g, block_m)
     if shared_splits is None:
-        shared_splits = cascade_num_splits(groups * tiles * p.hkv, plan.max_shared, query.device, block_n)
+        programs = (plan.split_groups or len(plan.groups)) * tiles * p.hkv
+        shared_splits = cascade_num_splits(programs, plan.max_shared, query.device, block_n)
     if own_splits is None:
         own_splits = cascade_num_splits(b * p.hkv, plan.max_own, query.device, block_n)
     common: dict[str, Any] = dict(
