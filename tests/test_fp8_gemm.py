@@ -235,9 +235,11 @@ def test_w8a16_cuda_graph_capture():
 
 @gpu
 def test_engine_greedy_tokens_same_on_both_paths(tiny_llama, monkeypatch):
-    """The engine with FP8 weights (bf16, CUDA graphs): greedy tokens through the Triton W8A16 kernel equal those
-    of the old path with exact activations (LRAGENT_FP8_GEMM=torch, dequantise + F.linear: the same W8A16 numbers up
-    to float rounding), and stay close to the old `_scaled_mm` path (which also quantises the activations)."""
+    """The engine with FP8 weights on the GPU (CUDA graphs): in float32, greedy tokens through the Triton W8A16 kernel
+    equal those of the old path with exact activations (LRAGENT_FP8_GEMM=torch, dequantise + F.linear: the same
+    products, summed in another order); in bf16 (where the random tiny model's near-ties can flip on rounding, as
+    the first H200 run of an exact bf16 check showed) the first token's log-prob stays within 0.05 of the old
+    path's and within 0.3 of `_scaled_mm`'s (which also quantises the activations)."""
     import lragent.quant.fp8 as fp8_module
     from lragent import LLM, SamplingParams
 
@@ -246,7 +248,14 @@ def test_engine_greedy_tokens_same_on_both_paths(tiny_llama, monkeypatch):
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True)
     outs = {}
     real_supported = fp8_module.scaled_mm_supported
-    for name, gemm, scaled_mm in (("triton", "auto", True), ("dequant", "torch", False), ("scaled_mm", "torch", True)):
+    runs = (
+        ("triton32", "auto", False, "float32"),
+        ("dequant32", "torch", False, "float32"),
+        ("triton", "auto", True, "bfloat16"),
+        ("dequant", "torch", False, "bfloat16"),
+        ("scaled_mm", "torch", True, "bfloat16"),
+    )
+    for name, gemm, scaled_mm, dtype in runs:
         monkeypatch.setattr(fp8_module, "FP8_GEMM", gemm)
         monkeypatch.setattr(fp8_module, "scaled_mm_supported", real_supported if scaled_mm else lambda d, t: False)
         llm = LLM(
@@ -257,7 +266,7 @@ def test_engine_greedy_tokens_same_on_both_paths(tiny_llama, monkeypatch):
             max_model_len=256,
             warmup=False,
             device="cuda",
-            dtype="bfloat16",
+            dtype=dtype,
             quantization="fp8",
         )
         o_proj = llm.engine.model.model.layers[0].self_attn.o_proj
@@ -265,6 +274,7 @@ def test_engine_greedy_tokens_same_on_both_paths(tiny_llama, monkeypatch):
         outs[name] = llm.generate(prompts, greedy, adapter="plan")
         del llm
         torch.cuda.empty_cache()
-    assert [o.token_ids for o in outs["triton"]] == [o.token_ids for o in outs["dequant"]]
-    first = [abs(a.logprobs[0] - b.logprobs[0]) for a, b in zip(outs["triton"], outs["scaled_mm"])]
-    assert max(first) < 0.3
+    assert [o.token_ids for o in outs["triton32"]] == [o.token_ids for o in outs["dequant32"]]
+    for other, tol in (("dequant", 0.05), ("scaled_mm", 0.3)):
+        first = [abs(a.logprobs[0] - b.logprobs[0]) for a, b in zip(outs["triton"], outs[other])]
+        assert max(first) < tol, (other, first)
