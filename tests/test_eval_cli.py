@@ -4,6 +4,7 @@ evaluation's time budget, pooled question files (--together), checkpoints and --
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -191,6 +192,27 @@ def test_write_merge_and_reload(tmp_path):
     rc = eval_cli.main(["--merge", *map(str, paths), "--out", str(tmp_path / "cli")])
     assert rc == 0 and (tmp_path / "cli" / "eval.png").stat().st_size > 1000
     assert eval_cli.main(["--merge", str(a), "--out", str(tmp_path / "bad")]) == 2  # a JSONL is no eval.json
+
+
+def test_merge_keeps_greedy_runs_apart_also_from_old_files(tmp_path):
+    """A greedy run and a sampled run of the same scheme and seed merge into two rows; a greedy eval.json written
+    before greedy labels existed (scheme "non_shared") is relabelled from its spec on merge."""
+    a, b = _files(tmp_path)
+    factory = lambda spec, scheme, aset: ScriptedLLM(Script([("t", "Aciton: Finish[", "Badr Hari")]))  # noqa: E731
+    aset = AdapterSet("x", {"plan": "p", "action": "a", "reflect": "r"}, None)
+    paths = []
+    for greedy in (False, True):
+        spec = EvalSpec(data=[str(a)], schemes=["non_shared"], adapter_sets=[aset],
+                        pipeline=PipelineConfig(greedy=greedy))  # fmt: skip
+        out = write_report(run_eval(spec, llm_factory=factory, log=lambda s: None), tmp_path / f"g{greedy}")
+        paths.append(out["json"])
+    old = json.loads(Path(paths[1]).read_text())  # as an older version wrote it: no suffix
+    for rec in old["summaries"] + old["questions"]:
+        rec["scheme"] = "non_shared"
+    Path(paths[1]).write_text(json.dumps(old))
+    merged = merge_reports(paths)
+    assert {q["scheme"] for q in merged.questions} == {"non_shared", "non_shared/greedy"}
+    assert [s.scheme for s in merged.summaries] == ["non_shared", "non_shared/greedy"]
 
 
 def test_cli_engine_options_reach_the_llm(tmp_path, monkeypatch):

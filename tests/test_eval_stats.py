@@ -87,3 +87,24 @@ def test_tables_fit_80_columns():
     for label in ("non_shared", "base_lr_shared", "ns reseed", "95% CI", "agree%", "KL", "98.8", "0.0123"):
         assert label in text
     assert "…" not in text  # nothing had to be cut
+
+
+def test_greedy_runs_keep_their_own_label_and_pair_with_greedy_non_shared():
+    """A merge of sampled and greedy runs (the same seeds) keeps them apart: greedy rows are `<scheme>/greedy` and
+    their delta is to non_shared/greedy, never to the sampled non_shared."""
+    from lragent.agents.pipeline import PipelineConfig
+    from lragent.eval.runner import EvalSpec
+
+    g = S.GREEDY_SUFFIX
+    spec = EvalSpec(data=[], schemes=["non_shared", "base_lr_shared"], pipeline=PipelineConfig(greedy=True),
+                    seeds=[1], noise_control=True)  # fmt: skip
+    assert spec.runs() == [("non_shared", "non_shared" + g, 1), ("base_lr_shared", "base_lr_shared" + g, 1),
+                           ("non_shared", S.NOISE_LABEL + g, 1 + S.NOISE_SEED_OFFSET)]  # fmt: skip
+    assert [label for _, label, _ in EvalSpec(data=[], schemes=["non_shared"]).runs()] == ["non_shared"]
+    sampled = [_q("non_shared", q, 1, q < 5) for q in range(10)]  # 50%
+    greedy = [_q("non_shared" + g, q, 1, q < 9) for q in range(10)]  # 90%
+    greedy += [_q("base_lr_shared" + g, q, 1, q < 7) for q in range(10)]  # 70%
+    rows = {r.scheme: r for r in S.scheme_stats(sampled + greedy, n_boot=2000)}
+    assert rows["non_shared"].accuracy == pytest.approx(50.0) and rows["non_shared" + g].accuracy == pytest.approx(90.0)
+    assert rows["non_shared" + g].delta is None
+    assert rows["base_lr_shared" + g].delta == pytest.approx(-20.0)  # against greedy non_shared, not +20 vs sampled

@@ -12,11 +12,11 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from lragent.eval.runner import EvalReport, RunSummary
-from lragent.eval.stats import NOISE_LABEL, SchemeStats, attach_fidelity, scheme_stats
+from lragent.eval.stats import GREEDY_SUFFIX, NOISE_LABEL, SchemeStats, attach_fidelity, scheme_stats
 from lragent.eval.tables import markdown, render
 
 COLUMNS = (
@@ -71,12 +71,12 @@ def _kl(kl: float | None) -> str:
     return f"{kl:.4f}" if kl == 0 or kl >= 1e-3 else f"{kl:.0e}"
 
 
-SHORT_LABELS = {NOISE_LABEL: "ns reseed"}
+SHORT_LABELS = {NOISE_LABEL: "ns reseed", NOISE_LABEL + GREEDY_SUFFIX: "ns reseed/g"}
 NOTES = (
     "acc: % correct, 95% bootstrap CI over questions (seeds pooled); Δ: paired difference to non_shared; "
     "ns reseed: non_shared under other seeds (noise control: a scheme's Δ means little unless it exceeds this "
-    "row's); OOF: no answer; cap: iteration cap hit; agree/KL: lragent analyze's next-token agreement and KL to "
-    "non_shared."
+    "row's); /g: greedy decoding (paired with non_shared/g); OOF: no answer; cap: iteration cap hit; agree/KL: "
+    "lragent analyze's next-token agreement and KL to non_shared."
 )
 KEY_HEADER = ["scheme", "acc %", "95% CI", "Δ acc", "Δ 95% CI", "OOF %", "cap %", "agree%", "KL"]
 
@@ -84,7 +84,7 @@ KEY_HEADER = ["scheme", "acc %", "95% CI", "Δ acc", "Δ 95% CI", "OOF %", "cap 
 def key_row(r: SchemeStats) -> list[str]:
     """The terminal's columns of one scheme (see KEY_HEADER)."""
     return [
-        SHORT_LABELS.get(r.scheme, r.scheme),
+        SHORT_LABELS.get(r.scheme, r.scheme.replace(GREEDY_SUFFIX, "/g")),
         f"{r.accuracy:.1f}",
         _ci(r.ci),
         "-" if r.delta is None else f"{r.delta:+.1f}",
@@ -250,11 +250,27 @@ def load_report(path: str | Path) -> EvalReport:
 def merge_reports(paths: Sequence[str | Path]) -> EvalReport:
     """Several eval.json files (e.g. one per scheme, run as separate processes) as one report: summaries and
     questions concatenated in the order given, the specs kept as a list under `merged`."""
-    reports = [load_report(p) for p in paths]
+    reports = [_greedy_labelled(load_report(p)) for p in paths]
     if not reports:
         raise ValueError("nothing to merge")
     return EvalReport(
         spec={"merged": [{"path": str(p), **r.spec} for p, r in zip(paths, reports)]},
         summaries=[s for r in reports for s in r.summaries],
         questions=[q for r in reports for q in r.questions],
+    )
+
+
+def _greedy_labelled(report: EvalReport) -> EvalReport:
+    """A greedy report written before greedy runs were labelled `<scheme>/greedy`: its labels get the suffix, so a
+    merge with sampled runs of the same seeds keeps them apart (`lragent.eval.runner.EvalSpec.runs`)."""
+    if not report.spec.get("pipeline", {}).get("greedy"):
+        return report
+
+    def label(scheme: str) -> str:
+        return scheme if scheme.endswith(GREEDY_SUFFIX) else scheme + GREEDY_SUFFIX
+
+    return EvalReport(
+        spec=report.spec,
+        summaries=[replace(s, scheme=label(s.scheme)) for s in report.summaries],
+        questions=[{**q, "scheme": label(str(q.get("scheme", "")))} for q in report.questions],
     )

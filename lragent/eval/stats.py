@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 REFERENCE = "non_shared"
+GREEDY_SUFFIX = "/greedy"  # the label suffix of greedy runs: deltas pair them with non_shared/greedy
 NOISE_LABEL = "non_shared/reseed"  # the noise control's scheme label in summaries and tables
 NOISE_SEED_OFFSET = 1000  # the noise control runs seed + this for every seed of the evaluation
 N_BOOT = 2000
@@ -111,8 +112,9 @@ def scheme_stats(
             capped=_rate(runs, ids, lambda q: q.get("halt_reason") == "max_iterations"),
             forced=_rate(runs, ids, lambda q: bool(q.get("forced_finish"))),
         )
-        ref = grouped.get((dataset, adapters, REFERENCE))
-        if ref is not None and scheme != REFERENCE:
+        reference = REFERENCE + (GREEDY_SUFFIX if scheme.endswith(GREEDY_SUFFIX) else "")
+        ref = grouped.get((dataset, adapters, reference))
+        if ref is not None and scheme != reference:
             _add_delta(row, runs, ref, n_boot, level, seed)
         rows.append(row)
     return rows
