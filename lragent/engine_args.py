@@ -169,7 +169,7 @@ def _add_execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cascade-decode",
         action="store_true",
-        help="triton: decode rows sharing >= 1024 cached prefix tokens read them once per step (such steps eager)",
+        help="triton: decode rows sharing >= 1024 cached prefix tokens read them once per step (in the CUDA graphs)",
     )
     p.add_argument(
         "--no-warmup",
