@@ -105,6 +105,28 @@ def test_w8a16_matches_dequantised_reference(m, dtype, decode):
         _check(out, x, w8, scale, bias)
 
 
+@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k", "block_n", "block_k"), [(72, 200, 32, 64), (64, 256, 16, 128), (5, 40, 16, 16)])
+def test_w8a16_gemv_matches_dequantised_reference(n, k, block_n, block_k, dtype, decode, monkeypatch):
+    """The single-row kernel (no `tl.dot`): ragged and even N / K, with and without bias, chosen by `gemv=True` and
+    by the module switch (LRAGENT_FP8_GEMV); rows > 1 keep the tiled kernel."""
+    import lragent.kernels.triton_fp8 as mod
+
+    x, w8, scale, bias = _problem(1, n, k, dtype, seed=n + k, bias=n % 2 == 0)
+    _check(w8a16_linear(x, w8, scale, bias, decode=decode, gemv=True, block_n=block_n, block_k=block_k),
+           x, w8, scale, bias)  # fmt: skip
+    monkeypatch.setattr(mod, "GEMV", True)
+    calls = []
+    real = mod._w8a16_gemv_kernel
+    counting = type("Counting", (), {"__getitem__": lambda self, grid: calls.append(grid) or real[grid]})
+    monkeypatch.setattr(mod, "_w8a16_gemv_kernel", counting())
+    _check(w8a16_linear(x, w8, scale, bias, decode=decode, block_n=block_n, block_k=block_k), x, w8, scale, bias)
+    x3, w3, s3, b3 = _problem(3, n, k, dtype, seed=1, bias=False)
+    _check(w8a16_linear(x3, w3, s3, b3, decode=decode, block_n=32, block_k=64), x3, w3, s3, b3)
+    assert len(calls) == 1  # one single-row call took it, the 3-row one did not
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a16_default_tiles_and_views(dtype):
     """The automatic tile choice, a 3-d input, and a row view of a fused weight (its rows start mid-storage)."""

@@ -211,11 +211,59 @@ def _w8a16_reduce_kernel(
     tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
+@triton.jit
+def _w8a16_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_wn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """One row of x: y[n] = scale[n] * sum_k W[n, k] x[k] for BLOCK_N output channels per program, without `tl.dot`
+    (which pads the row to 16): each [BLOCK_N, BLOCK_K] weight tile is read along K (contiguous bytes, wide loads),
+    multiplied by x in float32 and summed over K into a [BLOCK_N] accumulator."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    nmask = offs_n < N
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
+            if EVEN_N:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
+        else:
+            kmask = k0 + offs_k < K
+            x = tl.load(x_ptr + k0 + offs_k, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
+        acc += tl.sum(_decode_e4m3(w, BITS).to(tl.float32) * x[None, :], 1)
+        w_ptrs += BLOCK_K
+    scale = tl.load(scale_ptr + offs_n, mask=nmask, other=0.0)
+    if BITS:
+        scale = scale * 256.0
+    y = acc * scale
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
 REDUCE_BLOCK = 1024
 # Triton's interpreter (3.x) multiplies a bfloat16 `tl.dot`'s raw uint16 storage; there the dot runs on float32 copies
 # of the bf16 x and of the decoded weights: the same products (a bf16 x bf16 product is exact in float32), summed in
 # float32 as on the GPU, in another order. Compiled kernels never take this branch.
 _INTERPRET_BF16_DOT = os.environ.get("TRITON_INTERPRET") == "1"
+GEMV = os.environ.get("LRAGENT_FP8_GEMV", "0") == "1"  # single rows through `_w8a16_gemv_kernel` (see w8a16_linear)
 
 
 def w8a16_linear(
@@ -229,11 +277,16 @@ def w8a16_linear(
     block_n: int | None = None,
     block_k: int | None = None,
     split_k: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    gemv: bool | None = None,
 ) -> torch.Tensor:
     """x [..., K] (bf16 / fp16 / fp32) times the FP8 weight [N, K] (float8_e4m3fn or its bytes as uint8, rows with
     unit stride along K) scaled per row by `scale` [N] (float32) -> [..., N] in `out_dtype` (default x's), plus
     `bias` [N] if given. `decode` ("native" / "bits") defaults to "native" on GPUs of compute capability >= 8.9 and
-    "bits" elsewhere; a uint8 weight always decodes with "bits". `block_n`, `block_k`, `split_k` override
+    "bits" elsewhere; a uint8 weight always decodes with "bits". `gemv` (None: `GEMV`, the environment's
+    LRAGENT_FP8_GEMV=1) sends a single row through `_w8a16_gemv_kernel` (off by default: not yet measured on a GPU);
+    `block_n`, `block_k`, `num_warps`, `num_stages` tune either kernel and `split_k` the tiled one, overriding
     `w8a16_config` (tests)."""
     k = x.shape[-1]
     n = weight.shape[0]
@@ -257,12 +310,19 @@ def w8a16_linear(
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     if decode == "bits" and weight.dtype != torch.uint8:
         weight = weight.view(torch.uint8)
-    cfg = w8a16_config(m, n, k, sms, x2.element_size(), block_n, block_k, split_k)
-    split = cfg.split_k > 1
-    ws = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device) if split else out
     has_bias = bias is not None
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     bits = decode == "bits"
+    if m == 1 and (GEMV if gemv is None else gemv):
+        gn, gk = block_n or 32, block_k or 512
+        _w8a16_gemv_kernel[(triton.cdiv(n, gn),)](
+            x2, weight, scale, bias_arg, out, n, k, weight.stride(0), BLOCK_N=gn, BLOCK_K=gk, HAS_BIAS=has_bias,
+            EVEN_K=k % gk == 0, EVEN_N=n % gn == 0, BITS=bits, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        return out.view(*x.shape[:-1], n)
+    cfg = w8a16_config(m, n, k, sms, x2.element_size(), block_n, block_k, split_k)
+    split = cfg.split_k > 1
+    ws = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device) if split else out
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k, triton.cdiv(m, cfg.block_m))
     _w8a16_kernel[grid](
         x2,
@@ -288,8 +348,8 @@ def w8a16_linear(
         BITS=bits,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_F32=_INTERPRET_BF16_DOT and x.dtype == torch.bfloat16,
-        num_warps=4,
-        num_stages=3,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if split:
         _w8a16_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](

@@ -1,0 +1,76 @@
+"""FP8 weight-only matmul at decode sizes against bf16 cuBLAS, over tile shapes (GPU, one table).
+
+Llama-3.1-8B's projection shapes (fused q/k/v, o, fused gate/up, down) at M = 1 and 8 rows: `F.linear` on the bf16
+weight, then `w8a16_linear` on the FP8 weight, the tiled kernel (`tl.dot`) and, for one row, the GEMV kernel, over
+a few BLOCK_N / BLOCK_K / warps / stages. Prints microseconds per call (CUDA graph replays, median of 5 x 100) and
+the weight bytes streamed per second; the line to read is the best FP8 configuration against bf16 per shape (the
+FP8 target of issue 17 needs about 0.5x).
+
+    python3 benchmarks/fp8_gemm_sweep.py [--rows 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from lragent.kernels.triton_fp8 import w8a16_linear
+from lragent.quant.fp8 import quantize_fp8
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+TILED = [(bn, bk, w, st) for bn, bk in ((16, 512), (32, 256), (64, 128)) for w, st in ((4, 3), (4, 4), (8, 3))]
+GEMV = [(bn, bk, w, st) for bn, bk in ((16, 512), (32, 512), (64, 256), (32, 1024)) for w, st in ((4, 3), (8, 3))]
+
+
+def time_us(fn, reps: int = 100) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    runs = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        runs.append(start.elapsed_time(end) * 1e3 / reps)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,8")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    print(f"{'shape':8} {'M':>3} {'variant':34} {'us':>8} {'GB/s':>7} {'x bf16':>7}")
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        w8, scale = quantize_fp8(w)
+        for m in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            bf16 = time_us(lambda w=w, x=x: F.linear(x, w))
+            print(f"{name:8} {m:3} {'bf16 F.linear':34} {bf16:8.1f} {n * k * 2 / bf16 / 1e3:7.0f} {1.0:7.2f}")
+            variants = [("tiled", cfg, False) for cfg in TILED] + [("gemv", cfg, True) for cfg in GEMV if m == 1]
+            best = None
+            for kind, (bn, bk, warps, stages), gemv in variants:
+                kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, gemv=gemv)
+                label = f"fp8 {kind} N{bn} K{bk} w{warps} s{stages}"
+                try:
+                    us = time_us(lambda kw=kw, x=x, w8=w8, scale=scale: w8a16_linear(x, w8, scale, **kw))
+                except Exception as e:  # a shape that does not compile or fit: say so, keep going
+                    print(f"{name:8} {m:3} {label:34} failed: {type(e).__name__}: {str(e)[:60]}")
+                    continue
+                best = min(best or (us, label), (us, label))
+                print(f"{name:8} {m:3} {label:34} {us:8.1f} {n * k / us / 1e3:7.0f} {us / bf16:7.2f}", flush=True)
+            if best is not None:
+                print(f"BEST {name} M={m}: {best[1]} {best[0]:.1f} us = {best[0] / bf16:.2f}x bf16", flush=True)
+
+
+if __name__ == "__main__":
+    main()
