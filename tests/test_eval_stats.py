@@ -68,6 +68,9 @@ def test_fidelity_joins_the_rows():
     assert by["base_shared"].agreement == pytest.approx(99.9) and by["base_shared"].kl == 2e-6
     assert (by["non_shared"].agreement, by["non_shared"].kl) == (100.0, 0.0)
     assert by["full_shared"].agreement is None
+    greedy = S.scheme_stats([_q("non_shared/greedy", 1, 1, True), _q("base_shared/greedy", 1, 1, True)])
+    S.attach_fidelity(greedy, report)  # the fidelity of a scheme whatever the decoding of the accuracy run
+    assert [(r.agreement, r.kl) for r in greedy] == [(100.0, 0.0), (pytest.approx(99.9), 2e-6)]
 
 
 def test_tables_fit_80_columns():

@@ -145,8 +145,9 @@ def attach_fidelity(rows: Sequence[SchemeStats], analyze_report: Mapping) -> Non
     and scheme; non_shared is exact by definition (100%, 0) when analyze ran no control for it."""
     fid = {(s.get("adapters"), f["scheme"]): f for s in analyze_report.get("sets", []) for f in s.get("fidelity", [])}
     for row in rows:
-        f = fid.get((row.adapters, row.scheme))
+        scheme = row.scheme.removesuffix(GREEDY_SUFFIX)  # fidelity is a property of the scheme, not the decoding
+        f = fid.get((row.adapters, scheme))
         if f is not None:
             row.agreement, row.kl = 100.0 * float(f["agreement"]), float(f["kl_mean"])
-        elif row.scheme in (REFERENCE, NOISE_LABEL) and any(a == row.adapters for a, _ in fid):
+        elif scheme in (REFERENCE, NOISE_LABEL) and any(a == row.adapters for a, _ in fid):
             row.agreement, row.kl = 100.0, 0.0
