@@ -12,35 +12,17 @@ FP8 target of issue 17 needs about 0.5x).
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from lragent.bench.kernels import graph_replay_us
 from lragent.kernels.triton_fp8 import w8a16_linear
 from lragent.quant.fp8 import quantize_fp8
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 TILED = [(bn, bk, w, st) for bn, bk in ((16, 512), (32, 256), (64, 128)) for w, st in ((4, 3), (4, 4), (8, 3))]
 GEMV = [(bn, bk, w, st) for bn, bk in ((16, 512), (32, 512), (64, 256), (32, 1024)) for w, st in ((4, 3), (8, 3))]
-
-
-def time_us(fn, reps: int = 100) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    runs = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        runs.append(start.elapsed_time(end) * 1e3 / reps)
-    return statistics.median(runs)
 
 
 def main() -> None:
@@ -54,7 +36,7 @@ def main() -> None:
         w8, scale = quantize_fp8(w)
         for m in (int(r) for r in args.rows.split(",")):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            bf16 = time_us(lambda w=w, x=x: F.linear(x, w))
+            bf16 = graph_replay_us(lambda w=w, x=x: F.linear(x, w), reps=100)
             print(f"{name:8} {m:3} {'bf16 F.linear':34} {bf16:8.1f} {n * k * 2 / bf16 / 1e3:7.0f} {1.0:7.2f}")
             variants = [("tiled", cfg, False) for cfg in TILED] + [("gemv", cfg, True) for cfg in GEMV if m == 1]
             best = None
@@ -62,7 +44,8 @@ def main() -> None:
                 kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, gemv=gemv)
                 label = f"fp8 {kind} N{bn} K{bk} w{warps} s{stages}"
                 try:
-                    us = time_us(lambda kw=kw, x=x, w8=w8, scale=scale: w8a16_linear(x, w8, scale, **kw))
+                    call = lambda kw=kw, x=x, w8=w8, scale=scale: w8a16_linear(x, w8, scale, **kw)  # noqa: E731
+                    us = graph_replay_us(call, reps=100)
                 except Exception as e:  # a shape that does not compile or fit: say so, keep going
                     print(f"{name:8} {m:3} {label:34} failed: {type(e).__name__}: {str(e)[:60]}")
                     continue

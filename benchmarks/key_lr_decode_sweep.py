@@ -12,31 +12,13 @@ Prints microseconds per launch (CUDA graph replays, median of 5 x 50) and the ra
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
+from lragent.bench.kernels import graph_replay_us
 from lragent.kernels import triton_attention as ta
 from lragent.kernels.backend import KeyLR
 from lragent.models.rope import RotaryEmbedding
-
-
-def time_us(fn, reps: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    runs = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        runs.append(start.elapsed_time(end) * 1e3 / reps)
-    return statistics.median(runs)
 
 
 def main() -> None:
@@ -82,7 +64,7 @@ def main() -> None:
         ta.KEY_LR_HALVES = halves
         try:
             kw = dict(key_lr=klr, block_n=block_n, num_warps=warps, merge=merge, **base)
-            us = time_us(lambda kw=kw: ta.paged_decode(q, **kw))
+            us = graph_replay_us(lambda kw=kw: ta.paged_decode(q, **kw))
         except Exception as e:  # a tile shape that does not compile here: say so, keep going
             print(f"{name:44} failed: {type(e).__name__}: {str(e)[:80]}")
             continue

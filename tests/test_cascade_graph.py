@@ -117,7 +117,7 @@ def test_plans_beyond_capacity_are_declined():
     c = make_batch(MIXED, SHARED, 4, 2, 16, 4, 4, "lr", seed=20)
     inputs = _graph_inputs(backend, c, 8)
     meta = inputs.metadata(8, variant=CASCADE)
-    assert len(backend._groups(c.rows)) == 2
+    assert len(backend.cascade_groups(c.rows)) == 2
     before = inputs.cascade.host.clone()
     assert not inputs.fill(c.rows, 8, CASCADE)
     assert torch.equal(inputs.cascade.host, before)
@@ -291,7 +291,7 @@ def test_gpu_cascade_attention_replayed_from_a_cuda_graph(dtype, tol):
         out = backend.attend(cache, 0, query, value_up, scaling, meta)
     for opt, groups in ((CascadeOptions(c.bs, 2), 2), (CascadeOptions(c.bs, 2, min_seqs=3), 1)):
         backend.cascade, backend._planned = opt, None
-        assert len(backend._groups(c.rows)) == groups
+        assert len(backend.cascade_groups(c.rows)) == groups
         assert inputs.fill(c.rows, size, CASCADE)
         query[:b] = c.query.to(DEV, dtype)
         graph.replay()

@@ -50,6 +50,26 @@ def _fmt_len(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
+def graph_replay_us(fn, reps: int = 50, runs: int = 5) -> float:
+    """CUDA: `fn` captured once in a CUDA graph, then the median over `runs` of the mean time of `reps` back-to-back
+    replays, in microseconds (L2 stays warm between replays, unlike `Timer`): the benchmark scripts' sweeps."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return statistics.median(times)
+
+
 class Timer:
     """Median time in ms. CUDA: each function is captured once in a CUDA graph (so host launch overhead stays out,
     as in the engine's graphed decode) and its replays timed by triton.testing.do_bench (events, L2 flushed before

@@ -72,7 +72,7 @@ class TritonGraphInputs(GraphInputs):
     def fill(self, rows: BatchRows, size: int, variant: str = "") -> bool:
         if variant == CASCADE:
             backend = self.backend
-            groups = backend._groups(rows)
+            groups = backend.cascade_groups(rows)
             if not self.cascade.fits(groups, rows, size):
                 backend.cascade_eager_steps += 1
                 return False
@@ -112,7 +112,7 @@ class TritonBackend(AttentionBackend):
         self.cascade = CascadeOptions.for_tokens(block_size)
         return True
 
-    def _groups(self, rows: BatchRows) -> list[tuple[list[int], int]]:
+    def cascade_groups(self, rows: BatchRows) -> list[tuple[list[int], int]]:
         """The step's cascade groups, found once per BatchRows (asked by the runner, then by `metadata`)."""
         if self._planned is None or self._planned[0] is not rows:
             found = find_groups(rows, self.cascade, self._memo) if self.cascade is not None and rows.is_decode else []
@@ -120,12 +120,12 @@ class TritonBackend(AttentionBackend):
         return self._planned[1]
 
     def decode_graph(self, rows: BatchRows) -> str:
-        return CASCADE if self.cascade is not None and self._groups(rows) else ""
+        return CASCADE if self.cascade is not None and self.cascade_groups(rows) else ""
 
     def metadata(self, rows: BatchRows, device: torch.device) -> AttentionMetadata:
         meta = super().metadata(rows, device)
         if self.cascade is not None and rows.is_decode:
-            meta.cascade = plan_cascade(self._groups(rows), rows, self.cascade.block_size, device)
+            meta.cascade = plan_cascade(self.cascade_groups(rows), rows, self.cascade.block_size, device)
             self.cascade_steps += meta.cascade is not None
         return meta
 

@@ -110,6 +110,19 @@ def _decode_e4m3(w, BITS: tl.constexpr):
 
 
 @triton.jit
+def _scaled(acc, scale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS: tl.constexpr, BITS: tl.constexpr):
+    """The epilogue every kernel here shares: the per-channel scale (times 2^8 for the "bits" decode), then the
+    bias, in float32."""
+    scale = tl.load(scale_ptr + offs_n, mask=nmask, other=0.0)
+    if BITS:
+        scale = scale * 256.0
+    y = acc * scale
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _w8a16_kernel(
     x_ptr,
     w_ptr,
@@ -170,12 +183,7 @@ def _w8a16_kernel(
         ws_ptrs = ws_ptr + (ks * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
         tl.store(ws_ptrs, acc, mask=omask)
     else:
-        scale = tl.load(scale_ptr + offs_n, mask=nmask, other=0.0)
-        if BITS:
-            scale = scale * 256.0
-        y = acc * scale[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        y = _scaled(acc, scale_ptr, bias_ptr, offs_n[None, :], nmask[None, :], HAS_BIAS, BITS)
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -202,12 +210,7 @@ def _w8a16_reduce_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, SPLITS):
         acc += tl.load(ws_ptr + (s * M + m) * N + offs_n, mask=nmask, other=0.0)
-    scale = tl.load(scale_ptr + offs_n, mask=nmask, other=0.0)
-    if BITS:
-        scale = scale * 256.0
-    y = acc * scale
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    y = _scaled(acc, scale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS, BITS)
     tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
@@ -249,12 +252,7 @@ def _w8a16_gemv_kernel(
             w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
         acc += tl.sum(_decode_e4m3(w, BITS).to(tl.float32) * x[None, :], 1)
         w_ptrs += BLOCK_K
-    scale = tl.load(scale_ptr + offs_n, mask=nmask, other=0.0)
-    if BITS:
-        scale = scale * 256.0
-    y = acc * scale
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    y = _scaled(acc, scale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS, BITS)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
