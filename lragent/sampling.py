@@ -75,6 +75,12 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: bool = False  # return the chosen token's log-probability
     top_logprobs: int = 0  # and this many most likely alternatives per token (needs logprobs)
+    # log-probabilities of the prompt's own tokens (vLLM's prompt_logprobs: None = off, k = each prompt token's own
+    # plus its k most likely alternatives), for prompt positions >= prompt_logprobs_start (SGLang's
+    # logprob_start_len): the request may reuse cached entries before that position only, since a cached position
+    # has no logits. Scoring continuations of a long shared context sets the start at the continuation.
+    prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 0
     # structured output (at most one): the output must match it (lragent.engine.structured)
     json_schema: dict | str | None = None  # a JSON schema (dict or its JSON text)
     json_object: bool = False  # any JSON object
@@ -122,6 +128,13 @@ class SamplingParams:
             raise ValueError(
                 f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r:.80}"
             )
+        k = self.prompt_logprobs
+        if k is not None and (not _is_int(k) or not 0 <= k <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"prompt_logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r:.80}")
+        if not _is_int(self.prompt_logprobs_start) or self.prompt_logprobs_start < 0:
+            raise ValueError(
+                f"prompt_logprobs_start must be a non-negative integer, got {self.prompt_logprobs_start!r:.80}"
+            )
 
     def _check_constraint(self) -> None:
         """Shapes only; whether a schema / regex / grammar compiles is checked when the request is added."""
@@ -158,6 +171,14 @@ class SamplingParams:
     @property
     def constrained(self) -> bool:
         return any(getattr(self, name) not in (None, False) for name in CONSTRAINTS)
+
+    @property
+    def logits_from(self) -> int | None:
+        """The first prompt position whose logits the request needs (the one before its first scored token), or
+        None: the prefix cache may serve the request's positions before this one only."""
+        if self.prompt_logprobs is None:
+            return None
+        return max(self.prompt_logprobs_start, 1) - 1
 
     @property
     def penalized(self) -> bool:

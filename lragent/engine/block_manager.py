@@ -41,6 +41,9 @@ class BlockManager:
         rest of the prompt; False, holding nothing, if it does not fit."""
         need = self.blocks_for(len(seq))
         limit = (len(seq) - 1) // self.block_size  # keep >= 1 token to compute: the last one gives the logits
+        start = seq.params.logits_from  # prompt log-probs: the positions that give them are computed, not reused
+        if start is not None:
+            limit = min(limit, start // self.block_size)
         first = next(iter(self.pools))
         matched: dict[str, tuple[list[int], list[int]]] = {}
         for name, pool in self.pools.items():

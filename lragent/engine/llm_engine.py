@@ -22,7 +22,7 @@ from lragent.engine.block_manager import BlockManager
 from lragent.engine.model_runner import ModelRunner
 from lragent.engine.sampler import SampleResult
 from lragent.engine.scheduler import ScheduledBatch, Scheduler
-from lragent.engine.sequence import RequestMetrics, Sequence
+from lragent.engine.sequence import PromptLogprob, RequestMetrics, Sequence
 from lragent.engine.stats import StepStats
 from lragent.engine.structured import GrammarBackend
 from lragent.engine.tp_group import TPGroup
@@ -54,6 +54,8 @@ class RequestOutput:
     metrics: RequestMetrics
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token (params.top_logprobs)
+    # per prompt position with params.prompt_logprobs (None before prompt_logprobs_start, and at position 0)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
     error: str | None = None  # set with finish_reason "error": why the engine failed this request (and no other)
 
     @property
@@ -481,7 +483,10 @@ class LLMEngine:
 
     @staticmethod
     def _sampled(batch: ScheduledBatch, result: SampleResult) -> dict[Sequence, Sampled]:
-        """Map the runner's tokens to the sequences the batch marks as sampling."""
+        """Map the runner's tokens to the sequences the batch marks as sampling (and its prompt log-probs to the
+        sequences that asked for them)."""
+        for index, position, scored in result.prompt:
+            batch.seqs[index].prompt_logprobs[position] = scored
         rows = zip(batch.sampling_seqs, result.tokens, result.logprobs, result.top_logprobs)
         return {seq: Sampled(token, lp, top) for seq, token, lp, top in rows}
 
@@ -585,6 +590,7 @@ class LLMEngine:
             metrics=seq.metrics,
             logprobs=list(seq.logprobs),
             top_logprobs=list(seq.top_logprobs),
+            prompt_logprobs=seq.prompt_logprobs,  # complete once the first token is out; not written after that
             error=seq.error,
         )
 

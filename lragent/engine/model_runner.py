@@ -20,7 +20,7 @@ from lragent.cache.kv_cache import HiddenRows, KVCache
 from lragent.cache.sharing import PoolKind, SharingScheme
 from lragent.engine.sampler import SampleResult, SamplingBatch, sample
 from lragent.engine.scheduler import ScheduledBatch
-from lragent.engine.sequence import KV, Sequence
+from lragent.engine.sequence import KV, PromptLogprob, Sequence
 from lragent.engine.structured import allocate_bitmask, apply_bitmask
 from lragent.kernels.backend import AttentionBackend, upload
 from lragent.kernels.metadata import BatchRows
@@ -32,7 +32,24 @@ from lragent.models.llama import CausalLM
 if TYPE_CHECKING:
     from lragent.engine.cuda_graph import DecodeGraphs
 
+SCORE_ROWS = 256  # prompt log-probs: rows whose logits are computed at once (256 x 128k vocab x 4 B = 128 MiB)
 CRITICAL_KV, HIDDEN = PoolKind.CRITICAL_KV.value, PoolKind.HIDDEN.value  # DROIDSPEAK's pools besides the KV pool
+
+
+@dataclass
+class PromptScores:
+    """The step's tokens whose logits score the next prompt token: row, target token, and (batch index, prompt
+    position scored) of each."""
+
+    rows: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    at: list[tuple[int, int]] = field(default_factory=list)
+    top: int = 0  # the most alternatives a request asks for
+
+    def add(self, row: int, target: int, seq_index: int, position: int) -> None:
+        self.rows.append(row)
+        self.targets.append(target)
+        self.at.append((seq_index, position))
 
 
 @dataclass
@@ -44,6 +61,7 @@ class StepInputs:
     token_slots: list[int]  # adapter slot of every token
     rows: BatchRows
     sample_rows: list[int]  # token index of each sampling sequence's last token
+    scores: PromptScores | None = None  # rows whose logits give prompt log-probs (requests that ask for them)
     write_idx: dict[str, list[int]] = field(default_factory=dict)  # pool -> tokens it gets entries for (absent: all)
     hidden_reads: tuple[list[int], list[int]] = ([], [])  # tokens that read the HIDDEN pool, and its slots they read
 
@@ -90,8 +108,13 @@ class ModelRunner:
         writes: dict[str, list[int]] = {p: [] for p in self.pools}
         written: dict[str, list[int]] = {p: [] for p in self.pools}
         reads: tuple[list[int], list[int]] = ([], [])  # a stored hidden state is read where it is not written
-        for seq, n, samples in zip(batch.seqs, batch.num_tokens, batch.samples):
+        scores = PromptScores()
+        for i, (seq, n, samples) in enumerate(zip(batch.seqs, batch.num_tokens, batch.samples)):
             tables = [(p, seq.table(p)) for p in self.pools]
+            base = len(ids) - seq.num_computed
+            for pos in seq.scored_positions(seq.num_computed, n):
+                scores.add(base + pos, seq.token_ids[pos + 1], i, pos + 1)
+                scores.top = max(scores.top, seq.params.prompt_logprobs or 0)
             for pos in range(seq.num_computed, seq.num_computed + n):
                 for pool, table in tables:
                     if pos >= table.cached:
@@ -107,7 +130,7 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
         subsets = {p: idx for p, idx in written.items() if len(idx) < len(ids)}
         rows = self._rows(batch, writes, subsets.get(KV))
-        return StepInputs(ids, positions, token_slots, rows, sample_rows, subsets, reads)
+        return StepInputs(ids, positions, token_slots, rows, sample_rows, scores if scores.rows else None, subsets, reads)
 
     def _decode_inputs(self, batch: ScheduledBatch) -> StepInputs:
         """One token per sequence, written to every pool (the per-step hot path of decoding: kept lean)."""
@@ -195,15 +218,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _run(self, batch: ScheduledBatch) -> SampleResult:
-        hidden = self._forward(batch)
-        if hidden is None:
-            return SampleResult([], [], [])
+        hidden, scores = self._forward(batch)
+        prompt = () if scores is None else self._score_prompt(hidden[-len(scores.rows) :], scores)
         seqs = batch.sampling_seqs
+        if not seqs:
+            return SampleResult([], [], [], prompt)
         masks = self._grammar_masks(seqs)  # host work while the device runs the forward
-        logits = self.model.logits(hidden)
+        logits = self.model.logits(hidden[: len(seqs)])
         if masks is not None:
             apply_bitmask(logits, *masks)
-        return sample(logits, self.sampling_batch(seqs, logits.shape[-1]))
+        return sample(logits, self.sampling_batch(seqs, logits.shape[-1]))._replace(prompt=prompt)
+
+    def _score_prompt(self, hidden: torch.Tensor, scores: PromptScores) -> tuple[tuple[int, int, PromptLogprob], ...]:
+        """Each scored row's log-prob of the prompt's next token (and the top alternatives), in slices of rows so a
+        long prompt never holds all its logits at once."""
+        targets = upload(scores.targets, torch.int64, hidden.device)
+        out = []
+        for lo in range(0, len(scores.rows), SCORE_ROWS):
+            logits = self.model.logits(hidden[lo : lo + SCORE_ROWS])
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            own = (logits.gather(1, targets[lo : lo + SCORE_ROWS, None]) - lse).squeeze(1).tolist()
+            top_v, top_i = (logits - lse).topk(scores.top, dim=-1) if scores.top else (None, None)
+            for j, lp in enumerate(own):
+                top = list(zip(top_i[j].tolist(), top_v[j].tolist())) if top_v is not None else []
+                out.append((*scores.at[lo + j], PromptLogprob(scores.targets[lo + j], lp, top)))
+        return tuple(out)
 
     def _grammar_masks(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]] | None:
         """Allowed next tokens of the structured-output rows (others untouched), filled on the host."""
@@ -218,8 +257,8 @@ class ModelRunner:
             seqs[i].grammar.fill(bitmask, i)
         return bitmask, rows
 
-    def _forward(self, batch: ScheduledBatch) -> torch.Tensor | None:
-        """Final hidden states of the sampling rows (None when none samples this step)."""
+    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, PromptScores | None]:
+        """Final hidden states of the sampling rows, then of the rows that score prompt tokens (if any)."""
         start = time.perf_counter()
         step = None
         if self.graphs is not None and self.graphs.supports(batch):
@@ -228,13 +267,14 @@ class ModelRunner:
             self.prepare_s = time.perf_counter() - start
             hidden = None if variant is None else self.graphs.run(step, variant)  # None: it declined the step
             if hidden is not None:
-                return hidden  # every decode row samples
+                return hidden, None  # every decode row samples
+        step = self.inputs(batch) if step is None else step
         input_ids, ctx, rows = self.prepare(batch, step)
         self.prepare_s = time.perf_counter() - start
-        if not rows:
-            self.model(input_ids, ctx)
-            return None
-        return self.model(input_ids, ctx)[rows]
+        if step.scores is not None:
+            rows = rows + step.scores.rows
+        out = self.model(input_ids, ctx)
+        return out[rows], step.scores
 
     def sampling_batch(self, seqs: list[Sequence], vocab_size: int) -> SamplingBatch:
         """Each row's draw is keyed by its request's seed and the position of the token it draws."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 from lragent.sampling import SamplingParams
 
@@ -66,6 +66,14 @@ class BlockTable:
 KV, LR = "kv", "lr"  # the pool names (lragent.cache.sharing.PoolKind values) the engine's kernels read
 
 
+class PromptLogprob(NamedTuple):
+    """A prompt token's log-probability given the tokens before it, and the most likely alternatives there."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: str, slot: int):
         self.request_id = request_id
@@ -86,6 +94,10 @@ class Sequence:
         self.stop_text_len: int | None = None
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []  # per generated token, when asked for
+        # per prompt position, when asked for (params.prompt_logprobs): None before prompt_logprobs_start
+        self.prompt_logprobs: list[PromptLogprob | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(prompt_ids)
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids))
         self.seed = 0  # keys this request's random draws (with the position drawn): batch-independent
         self.grammar: Any = None  # GrammarState of a structured-output request (lragent.engine.structured)
@@ -124,6 +136,14 @@ class Sequence:
     @num_base_cached.setter
     def num_base_cached(self, value: int) -> None:
         self.table(KV).cached = value
+
+    def scored_positions(self, start: int, count: int) -> range:
+        """Of the positions [start, start + count) a step computes, those whose logits give a prompt log-prob
+        (position p scores prompt token p + 1; the last prompt position samples instead)."""
+        first = self.params.logits_from
+        if first is None:
+            return range(0)
+        return range(max(start, first), min(start + count, self.prompt_len - 1))
 
     @property
     def output_ids(self) -> list[int]:
