@@ -15,7 +15,8 @@
 #   SET:SCHEMES:SEEDS[:FLAGS]   SET an adapter set name (hotpotqa-shared-a ...), SCHEMES comma list or 'none',
 #   SEEDS comma list, FLAGS comma list of greedy | force | noise (the noise control: non_shared under seed + 1000)
 #   | constrain (ScienceQA: the Finish answer constrained to the question's own option letters; needs xgrammar:
-#   carry .w/whl, the wheels of benchmarks/round_gpu.sh).
+#   carry .w/whl, the wheels of benchmarks/round_gpu.sh) | score (ScienceQA: the Finish answer is the option the
+#   action agent finds most likely, lragent eval --score-options).
 # The HotpotQA jobs run easy + medium as one pool, the ScienceQA jobs grade 1-4 + 5-8. A job whose eval.json is
 # already in $W/eval is skipped, so `eval` continues where `train` stopped. $OUT gets eval_<task>.json.gz (merged
 # summaries, every question with its trajectory), eval_<task>.log (progress, table) and the GPU samples.
@@ -130,6 +131,7 @@ run_job() {
     [[ ,$flags, == *,force,* ]] && args+=(--force)
     [[ ,$flags, == *,noise,* ]] && args+=(--noise-control)
     [[ ,$flags, == *,constrain,* ]] && args+=(--constrain-finish)
+    [[ ,$flags, == *,score,* ]] && args+=(--score-options)
     local left=$(( deadline - SECONDS ))
     (( left < 90 )) && { say "skip $tag: ${left}s left"; return 0; }
     say "start $tag (budget $(( left - 40 ))s)"

@@ -184,6 +184,30 @@ def test_constrain_finish_limits_only_the_answer_to_the_questions_letters():
     assert hot.prediction == "B"  # HotpotQA answers stay free text
 
 
+def test_score_options_answers_with_the_most_likely_options_letter():
+    """The Finish call becomes one scoring request per option (the prompt, then the option's text closed by ']',
+    log-probs from the option on, the action adapter); the letter of the best-scored option is the answer and what
+    the trajectory records. Other calls are generated as before."""
+    three = dict(SCIENCE, choices=["Harrisburg", "Dover", "Wilmington"], pid="s3")
+    cfg = PipelineConfig(max_iterations=3, score_options=True, finish_at_cap=True, keep_trajectories=True)
+    favour = {"Harrisburg]": -5.0, "Dover]": -1.5, "Wilmington]": -3.0}
+    llm = ScriptedLLM(searcher("A"), scorer=lambda role, context, cont: favour[cont] if role == "action" else 0.0)
+    (res,) = run_pipeline(llm, [three], cfg)
+    scored = [c for c in llm.log if c.params.prompt_logprobs is not None]
+    assert [c.role for c in scored] == ["action"] * 3
+    context = scored[0].prompt[: scored[0].params.prompt_logprobs_start]
+    assert context.endswith("Aciton: Finish[" + D.RESPONSE)
+    assert [c.prompt[len(context) :] for c in scored] == ["Harrisburg]", "Dover]", "Wilmington]"]
+    assert all(c.params.max_tokens == 1 and c.params.temperature == 0.0 for c in scored)
+    assert res.prediction == "B" and res.correct  # not the "A" the script would have generated
+    assert res.trajectory.startswith(context + "B]\n")  # the letter goes into the trajectory
+    favour["Harrisburg]"] = 0.0
+    (first,) = run_pipeline(ScriptedLLM(searcher("B"), scorer=lambda r, c, o: favour[o]), [three], cfg)
+    assert first.prediction == "A" and not first.correct
+    (hot,) = run_pipeline(ScriptedLLM(searcher()), [HOTPOT], cfg)  # HotpotQA answers stay generated
+    assert hot.prediction == "B"
+
+
 @pytest.mark.parametrize(("verdict", "accepted"), [("Reflect[right]", True), ("Reflect[right].", True),
                                                    ("Reflect[yes]", False), ("Reflect[right/wrong]", False),
                                                    ("Reflect[wrong]", False)])  # fmt: skip

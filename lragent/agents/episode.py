@@ -19,6 +19,12 @@ Optional guards (EpisodeConfig), both off by default (the paper's loop) and repo
   constrain_finish : only the last of those (ScienceQA's Finish letter, limited to the question's own options),
                   a cheap guard against letters the question does not have (training saw only 4-option questions,
                   the eval has mostly 2-3 options) that leaves every other call free.
+  score_options : ScienceQA's Finish answer is chosen by likelihood instead of generated: the action agent scores
+                  each option's text as the continuation of "Finish[" (the engine's prompt log-probs, summed over the
+                  option's tokens) and answers with the letter of the most likely. Small models rank option texts
+                  far better than they name a letter (the option texts carry the knowledge; the letters are arbitrary
+                  labels), the standard multiple-choice scoring of language-model evaluations. The answer written
+                  into the trajectory is the letter, as training taught.
   finish_at_cap : in the last iteration a question without an answer skips the plan's tool call and goes straight to
                   "Aciton: Finish[" (the text the plan would have written), so the action agent must answer; such
                   answers are flagged `forced_finish`.
@@ -72,7 +78,16 @@ class Trajectory:
 
     def append(self, chunk: str) -> None:
         self.text += chunk
-        self.ids.extend(self._encode(chunk, False))
+        self.ids.extend(self.encode(chunk))
+
+    def encode(self, chunk: str) -> list[int]:
+        """Ids of a chunk appended after the current text (what `append` would add)."""
+        return list(self._encode(chunk, False))
+
+
+def option_continuation(text: str) -> str:
+    """What an option's text adds after 'Finish[\\n### Response:\\n' when scored: the text on one line, closed."""
+    return " ".join(text.split()) + "]"
 
 
 @dataclass
@@ -84,9 +99,12 @@ class AgentCall:
     phase: Phase
     prompt_ids: list[int]
     choice: list[str] | None = None  # with EpisodeConfig.constrain: the output must be one of these strings
+    # with EpisodeConfig.score_options: no generation; each entry is a continuation (token ids) whose log-prob after
+    # prompt_ids the driver measures and feeds back as the output's `option_scores`
+    candidates: list[list[int]] | None = None
 
 
-def _metric(metrics: Any, name: str) -> float:
+def metric_value(metrics: Any, name: str) -> float:
     if metrics is None:
         return 0.0
     value = metrics.get(name, 0) if isinstance(metrics, dict) else getattr(metrics, name, 0)
@@ -127,6 +145,7 @@ class EpisodeConfig:
     constrain: bool = False  # closed-set outputs (tool line, verdict, ScienceQA letter) constrained to their set
     constrain_finish: bool = False  # only ScienceQA's Finish letter constrained to the question's options
     finish_at_cap: bool = False  # last iteration without an answer: Finish is chosen for the plan
+    score_options: bool = False  # ScienceQA's Finish answer: the option the action agent finds most likely
 
 
 @dataclass
@@ -153,6 +172,7 @@ class Episode:
     t_start: float | None = None
     t_end: float | None = None
     options: tuple[str, ...] = ()  # ScienceQA: the option letters Finish may answer
+    option_texts: tuple[str, ...] = ()  # and their texts (what score_options ranks)
     forced_finish: bool = False
 
     @property
@@ -179,7 +199,15 @@ class Episode:
         if len(ids) + self.config.max_new_tokens > self.config.max_context_tokens:
             self._halt("context")
             return None
-        return AgentCall(index, ROLE_OF[self.phase], self.phase, ids, self._choice())
+        return AgentCall(index, ROLE_OF[self.phase], self.phase, ids, self._choice(), self._candidates())
+
+    def _candidates(self) -> list[list[int]] | None:
+        """Under score_options, at ScienceQA's Finish: each option's text closing the call, as token ids."""
+        if not (self.config.score_options and self.phase is Phase.ACTION and self.tool == "Finish"):
+            return None
+        if len(self.option_texts) != len(self.options) or not self.options:
+            return None
+        return [self.traj.encode(option_continuation(text)) for text in self.option_texts]
 
     def _choice(self) -> list[str] | None:
         """The closed set the pending call's output belongs to (see the module doc), when constraining."""
@@ -202,9 +230,13 @@ class Episode:
         self.calls[role] += 1
         m = getattr(output, "metrics", None)
         for name in ("prompt_tokens", "reused_tokens", "base_reused_tokens", "computed_tokens", "ttft_s"):
-            self.stats[name] += _metric(m, name)
+            self.stats[name] += metric_value(m, name)
         self.stats["generated_tokens"] += len(getattr(output, "token_ids", None) or [])
         text = getattr(output, "text", "") or ""
+        scores = getattr(output, "option_scores", None)
+        if scores:  # a scored Finish: the letter of the most likely option (ties: the first)
+            text = self.options[max(range(len(scores)), key=scores.__getitem__)]
+            self.stats["scored_finishes"] += 1
         handler = {
             Phase.PLAN_THOUGHT: self._on_plan_thought,
             Phase.PLAN_TOOL: self._on_plan_tool,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass
@@ -24,6 +24,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     choice: list[str] | None = None  # the engine's constraint: the output is exactly one of these strings
+    prompt_logprobs: int | None = None  # score the prompt from prompt_logprobs_start on (see ScriptedLLM.scorer)
+    prompt_logprobs_start: int = 0
 
 
 class ByteTokenizer:
@@ -36,11 +38,18 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
+class FakeLogprob(NamedTuple):
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class FakeOutput:
     text: str
     token_ids: list[int]
     metrics: dict[str, float]
+    prompt_logprobs: list[FakeLogprob | None] | None = None
 
 
 @dataclass
@@ -51,10 +60,13 @@ class CallLog:
 
 
 class ScriptedLLM:
-    """`script(role, prompt_text) -> output text`; output is cut at the first stop string like the engine."""
+    """`script(role, prompt_text) -> output text`; output is cut at the first stop string like the engine.
+    `scorer(role, context_text, continuation_text) -> log-prob` answers requests with prompt_logprobs (the total is
+    put on the first scored token, 0 on the rest); the default prefers the shorter continuation."""
 
-    def __init__(self, script: Callable[[str, str], str]) -> None:
+    def __init__(self, script: Callable[[str, str], str], scorer: Callable[[str, str, str], float] | None = None):
         self.script = script
+        self.scorer = scorer or (lambda role, context, continuation: -float(len(continuation)))
         self.tokenizer = ByteTokenizer()
         self.log: list[CallLog] = []
         self.batches: list[int] = []
@@ -84,8 +96,19 @@ class ScriptedLLM:
                 "computed_tokens": len(ids) - reused,
                 "ttft_s": 0.001,
             }
-            outs.append(FakeOutput(text, out_ids, metrics))
+            outs.append(FakeOutput(text, out_ids, metrics, self._prompt_logprobs(role, ids, sp)))
         return outs
+
+    def _prompt_logprobs(self, role: str, ids: list[int], sp: Any) -> list[FakeLogprob | None] | None:
+        if getattr(sp, "prompt_logprobs", None) is None:
+            return None
+        start = max(1, sp.prompt_logprobs_start)
+        out: list[FakeLogprob | None] = [None] * len(ids)
+        if start < len(ids):
+            total = self.scorer(role, self.tokenizer.decode(ids[:start]), self.tokenizer.decode(ids[start:]))
+            for p in range(start, len(ids)):
+                out[p] = FakeLogprob(ids[p], total if p == start else 0.0, [])
+        return out
 
 
 def closest_choice(text: str, choices: Sequence[str]) -> str:

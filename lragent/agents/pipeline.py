@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lragent.agents.episode import AgentCall, Episode, EpisodeConfig, EpisodeResult, Trajectory
+from lragent.agents.episode import AgentCall, Episode, EpisodeConfig, EpisodeResult, Trajectory, metric_value
 from lragent.agents.formats import TrajectoryFormat, load_format
 from lragent.agents.scoring import LETTERS, Score, score_hotpotqa, score_scienceqa
 from lragent.agents.tools import ToolBox, ToolConfig
@@ -44,6 +44,7 @@ class PipelineConfig:
     constrain: bool = False  # engine choice constraint on closed-set outputs (see lragent.agents.episode)
     constrain_finish: bool = False  # the same, on ScienceQA's Finish letter only (the question's own letters)
     finish_at_cap: bool = False  # the last iteration of a question without an answer goes to Finish
+    score_options: bool = False  # ScienceQA's Finish: the option the action agent finds most likely (episode doc)
 
 
 def detect_task(record: dict) -> str:
@@ -87,7 +88,8 @@ def make_episode(
     task = task or detect_task(record)
     fmt = fmt or load_format(task)
     gold = record["answer"] if task == "hotpotqa" else record["Answer"]
-    options = () if task == "hotpotqa" else tuple(LETTERS[: len(record.get("choices") or [])])
+    texts = () if task == "hotpotqa" else tuple(str(c) for c in record.get("choices") or [])
+    options = tuple(LETTERS[: len(texts)])
     return Episode(
         qid=record_id(record, index),
         task=task,
@@ -98,6 +100,7 @@ def make_episode(
         score_fn=scorer_for(record, task),
         config=episode_config or EpisodeConfig(),
         options=options,
+        option_texts=texts,
     )
 
 
@@ -126,6 +129,31 @@ def sampling_params(cfg: PipelineConfig, seed: int, cls: type | None = None, cho
         seed=seed,
         **extra,
     )
+
+
+def scoring_params(start: int, cls: type | None = None) -> Any:
+    """A scoring request: one greedy token (its cost is one decode step), prompt log-probs from `start` on."""
+    cls = cls or _sampling_cls()
+    return cls(max_tokens=1, temperature=0.0, prompt_logprobs=0, prompt_logprobs_start=start)
+
+
+@dataclass
+class ScoredOutput:
+    """What a scoring call feeds back: the summed log-prob of each candidate, and the requests' metrics summed
+    (they are real engine work: prompt tokens, reuse, computation)."""
+
+    option_scores: list[float]
+    metrics: dict[str, float]
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, outs: list[Any], start: int) -> ScoredOutput:
+        scores = [sum(e.logprob for e in (o.prompt_logprobs or [])[start:] if e is not None) for o in outs]
+        names = ("prompt_tokens", "reused_tokens", "base_reused_tokens", "computed_tokens")
+        metrics = {n: sum(metric_value(getattr(o, "metrics", None), n) for o in outs) for n in names}
+        metrics["ttft_s"] = max((metric_value(getattr(o, "metrics", None), "ttft_s") for o in outs), default=0.0)
+        return cls(scores, metrics)
 
 
 def call_seed(base: int, qid: str, n: int) -> int:
@@ -161,8 +189,30 @@ class Driver:
         self.timed_out = False
 
     def _generate(self, calls: list[AgentCall], seeds: list[int]) -> list[Any]:
-        params = [sampling_params(self.cfg, s, self.sampling_cls, c.choice) for c, s in zip(calls, seeds)]
-        return self.llm.generate([c.prompt_ids for c in calls], adapter=[c.role for c in calls], sampling_params=params)
+        """One engine batch for the round: a generation per call, and one scoring request per candidate of the
+        calls that score (prompt + candidate, prompt log-probs from the candidate on; the prompt's own blocks come
+        from the prefix cache as the scheme allows)."""
+        prompts, roles, params, owners = [], [], [], []
+        for i, (c, seed) in enumerate(zip(calls, seeds)):
+            for cand in c.candidates or [None]:
+                prompts.append(c.prompt_ids if cand is None else c.prompt_ids + cand)
+                roles.append(c.role)
+                params.append(
+                    sampling_params(self.cfg, seed, self.sampling_cls, c.choice)
+                    if cand is None
+                    else scoring_params(len(c.prompt_ids), self.sampling_cls)
+                )
+                owners.append(i)
+        outs = self.llm.generate(prompts, adapter=roles, sampling_params=params)
+        if len(outs) != len(prompts):
+            raise RuntimeError(f"generate returned {len(outs)} outputs for {len(prompts)} prompts")
+        grouped: list[list[Any]] = [[] for _ in calls]
+        for i, out in zip(owners, outs):
+            grouped[i].append(out)
+        return [
+            group[0] if c.candidates is None else ScoredOutput.of(group, len(c.prompt_ids))
+            for c, group in zip(calls, grouped)
+        ]
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -205,8 +255,6 @@ class Driver:
             t_gen = time.perf_counter()
             outs = self._generate(calls, seeds)
             self.generate_s += time.perf_counter() - t_gen
-            if len(outs) != len(calls):
-                raise RuntimeError(f"generate returned {len(outs)} outputs for {len(calls)} prompts")
             self.decode_steps += max((len(getattr(o, "token_ids", None) or []) for o in outs), default=0)
             for c, out in zip(calls, outs):
                 n_calls[c.episode] += 1
@@ -235,6 +283,7 @@ def run_pipeline(
         constrain=cfg.constrain,
         constrain_finish=cfg.constrain_finish,
         finish_at_cap=cfg.finish_at_cap,
+        score_options=cfg.score_options,
     )
     formats: dict[str, TrajectoryFormat] = {}
     episodes = []

@@ -130,7 +130,8 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
         subsets = {p: idx for p, idx in written.items() if len(idx) < len(ids)}
         rows = self._rows(batch, writes, subsets.get(KV))
-        return StepInputs(ids, positions, token_slots, rows, sample_rows, scores if scores.rows else None, subsets, reads)
+        scored = scores if scores.rows else None
+        return StepInputs(ids, positions, token_slots, rows, sample_rows, scored, subsets, reads)
 
     def _decode_inputs(self, batch: ScheduledBatch) -> StepInputs:
         """One token per sequence, written to every pool (the per-step hot path of decoding: kept lean)."""
@@ -238,9 +239,10 @@ class ModelRunner:
             logits = self.model.logits(hidden[lo : lo + SCORE_ROWS])
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             own = (logits.gather(1, targets[lo : lo + SCORE_ROWS, None]) - lse).squeeze(1).tolist()
-            top_v, top_i = (logits - lse).topk(scores.top, dim=-1) if scores.top else (None, None)
+            best = (logits - lse).topk(scores.top, dim=-1) if scores.top else None
+            tops = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())] if best else None
             for j, lp in enumerate(own):
-                top = list(zip(top_i[j].tolist(), top_v[j].tolist())) if top_v is not None else []
+                top = tops[j] if tops is not None else []
                 out.append((*scores.at[lo + j], PromptLogprob(scores.targets[lo + j], lp, top)))
         return tuple(out)
 

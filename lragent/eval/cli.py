@@ -152,6 +152,12 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         help="constrain only ScienceQA's Finish answer to the question's own option letters (e.g. A/B for two "
         "options; engine choice constraint on one short call per answer)",
     )
+    p.add_argument(
+        "--score-options",
+        action="store_true",
+        help="ScienceQA's Finish answer chosen by likelihood: the action agent scores each option's text after "
+        "'Finish[' (prompt log-probs) and answers with the most likely option's letter",
+    )
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of T 0.9 / top-p 0.75 / top-k 40")
     p.add_argument("--max-iterations", type=int, default=45)
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per agent call")
@@ -227,6 +233,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         keep_trajectories=args.save_trajectories,
         constrain=args.constrain,
         constrain_finish=args.constrain_finish,
+        score_options=args.score_options,
         finish_at_cap=not args.free,
     )
     tools = ToolConfig(max_sentences=args.retrieve_sentences or None)

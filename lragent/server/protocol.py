@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
+from lragent.sampling import MAX_TOP_LOGPROBS
 from lragent.server.errors import APIError, bad_request
 
 INT64 = 1 << 63
@@ -84,6 +85,7 @@ class _Generation(_Body):
     include_stop_str_in_output: StrictBool = False
     min_tokens: Int = 0
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
+    prompt_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # k alternatives per position
     session_id: str | None = None  # lragent extension: checked by session_of()
 
     def limits(self) -> list[tuple[str, str]]:
@@ -105,7 +107,14 @@ class _Generation(_Body):
         out = []
         if self.min_tokens:
             out.append(("min_tokens", "min_tokens is not supported"))
+        if self.prompt_logprobs is not None and self.stream:  # vLLM refuses it too: the prompt is never streamed
+            out.append(("prompt_logprobs", "prompt_logprobs cannot be used with stream"))
         return out
+
+    @property
+    def prompt_scores(self) -> int | None:
+        """Alternatives per prompt position the engine must score (SamplingParams.prompt_logprobs); None = off."""
+        return self.prompt_logprobs
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -277,11 +286,27 @@ class CompletionRequest(_Generation):
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.echo and self.logprobs is not None:
-            out.append(("echo", "echo with logprobs is not supported (prompt log-probabilities are not computed)"))
         if self.suffix:
             out.append(("suffix", "suffix is not supported"))
+        if self.echo_only and self.best_of is not None and self.best_of != self.n:
+            out.append(("best_of", "best_of cannot be used with max_tokens 0 (nothing is generated to rank)"))
         return out
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """echo with logprobs: the logprobs object starts with the prompt's tokens (lm-evaluation-harness scoring)."""
+        return self.echo and self.logprobs is not None
+
+    @property
+    def echo_only(self) -> bool:
+        """max_tokens 0 with echo (the legacy API's way to score a prompt): the answer is the prompt alone."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def prompt_scores(self) -> int | None:
+        """The most alternatives either echo's logprobs or vLLM's prompt_logprobs asks of each prompt position."""
+        asked = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(asked, default=None)
 
     @property
     def token_limit(self) -> int | None:

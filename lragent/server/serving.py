@@ -245,8 +245,11 @@ class OpenAIServing:
         max_tokens = body.token_limit
         if max_tokens is None:
             max_tokens = limit - prompt_len
+        elif max_tokens == 0 and getattr(body, "echo_only", False):
+            max_tokens = 1  # the engine always samples one token: the response drops it (Job.echo_only)
         elif max_tokens < 1:
-            raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+            hint = " (0 only with echo)" if isinstance(body, CompletionRequest) else ""
+            raise bad_request(f"max_tokens must be at least 1{hint}, got {max_tokens}", "max_tokens")
         elif prompt_len + max_tokens > limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -276,6 +279,7 @@ class OpenAIServing:
                 presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0,
                 logit_bias=dict(body.logit_bias or {}),
+                prompt_logprobs=body.prompt_scores,
                 **(constraint or {}),
             )
         except (ValueError, TypeError) as exc:
@@ -321,6 +325,8 @@ class OpenAIServing:
             logprobs=bool(body.logprobs is not None and body.logprobs is not False),
             constraint_param=constraint_param,
             keep=body.n if per != body.n else 0,
+            top=body.alternatives,
+            prompt_logprobs=body.prompt_logprobs,
         )
 
     @staticmethod
@@ -364,6 +370,7 @@ class OpenAIServing:
         prompts, texts = self.completion_prompts(body)
         job = self.make_job("completion", body, adapter, prompts, "prompt", salt, session=session)
         job.echo = texts if body.echo else None
+        job.echo_logprobs, job.echo_only = body.echo_logprobs, body.echo_only
         return await self.run_job(job, request)
 
     async def submit(self, job: Job) -> asyncio.Queue:
