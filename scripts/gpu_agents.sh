@@ -122,7 +122,9 @@ run_job() {
     IFS=: read -r set schemes seeds flags <<< "$job"
     tag=${set}_${schemes//,/+}_${seeds//,/+}${flags:+_${flags//,/+}}
     [[ -f $W/eval/$tag/eval.json ]] && { say "have $tag"; return 0; }
-    local q=$W/questions args=(--adapters "$W/ad/$set" --sharing "$schemes" --seeds ${seeds//,/ })
+    local q=$W/questions ad=$W/ad/$set
+    [[ -d $ad ]] || ad=$ROOT/lragent/adapters/$set  # not trained in this machine's life: the shipped set
+    local args=(--adapters "$ad" --sharing "$schemes" --seeds ${seeds//,/ })
     case $set in
         hotpotqa*) files="$q/hotpotqa_easy.jsonl $q/hotpotqa_medium.jsonl" ;;
         *) files="$q/scienceqa_grade1-4.jsonl $q/scienceqa_grade5-8.jsonl" ;;

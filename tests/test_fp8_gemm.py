@@ -127,6 +127,18 @@ def test_w8a16_gemv_matches_dequantised_reference(n, k, block_n, block_k, dtype,
     assert len(calls) == 1  # one single-row call took it, the 3-row one did not
 
 
+@pytest.mark.parametrize(("n", "k"), [(20, 96), (8200, 48), (24, 8200)])
+def test_w8a16_gemv_default_config(n, k):
+    """A single row takes the GEMV by default, with the measured tiles (16 / 32 channels, 512 / 1,024-wide K steps):
+    ragged in both directions at each tile size."""
+    from lragent.kernels.triton_fp8 import gemv_config
+
+    assert gemv_config(4096, 4096) == (16, 512, 8) and gemv_config(28672, 4096)[0] == 32
+    assert gemv_config(4096, 14336)[1] == 1024
+    x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=n, bias=True)
+    _check(w8a16_linear(x, w8, scale, bias), x, w8, scale, bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a16_default_tiles_and_views(dtype):
     """The automatic tile choice, a 3-d input, and a row view of a fused weight (its rows start mid-storage)."""
