@@ -267,9 +267,9 @@ GEMV = os.environ.get("LRAGENT_FP8_GEMV", "1") == "1"  # single rows through `_w
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) of the single-row kernel, from benchmarks/fp8_gemm_sweep.py on an H200
     (Llama-3.1-8B projections, 2026-12-01): 8 warps always (4 left the loads short of bandwidth: up to 2x slower);
-    16 channels per program up to N = 8192 so the small projections still fill the SMs (qkv 8.9 us = 0.53x bf16, o 8.1 us = 0.75x),
-    32 above (gate_up 32.1 us = 0.56x); 1,024-wide K steps for long rows (down, K 14336: 28.0 us = 0.87x, against
-    62.7 us with the 512 x 4-warp tiles that were the default)."""
+    16 channels per program up to N = 8192 so the small projections still fill the SMs (qkv 8.9 us = 0.53x bf16,
+    o 8.1 us = 0.75x), 32 above (gate_up 32.1 us = 0.56x); 1,024-wide K steps for long rows (down, K 14336: 28.0 us
+    = 0.87x, against 62.7 us with the 512 x 4-warp tiles that were the default)."""
     return (16 if n <= 8192 else 32), (1024 if k > 8192 else 512), 8
 
 
