@@ -22,7 +22,8 @@ from lragent.quant.fp8 import quantize_fp8
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 TILED = [(bn, bk, w, st) for bn, bk in ((16, 512), (32, 256), (64, 128)) for w, st in ((4, 3), (4, 4), (8, 3))]
-GEMV = [(bn, bk, w, st) for bn, bk in ((16, 512), (32, 512), (64, 256), (32, 1024)) for w, st in ((4, 3), (8, 3))]
+# single row: (BLOCK_N, BLOCK_K, warps, stages, split_k); 8 warps measured best in the first sweep (2026-12-01)
+GEMV = [(bn, bk, 8, 3, sp) for bn, bk in ((8, 512), (16, 512), (32, 512), (16, 1024), (32, 1024)) for sp in (1, 2, 4)]
 
 
 def main() -> None:
@@ -38,11 +39,12 @@ def main() -> None:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             bf16 = graph_replay_us(lambda w=w, x=x: F.linear(x, w), reps=100)
             print(f"{name:8} {m:3} {'bf16 F.linear':34} {bf16:8.1f} {n * k * 2 / bf16 / 1e3:7.0f} {1.0:7.2f}")
-            variants = [("tiled", cfg, False) for cfg in TILED] + [("gemv", cfg, True) for cfg in GEMV if m == 1]
+            variants = [("tiled", (*cfg, None), False) for cfg in TILED]
+            variants += [("gemv", cfg, True) for cfg in GEMV if m == 1] + [("gemv", (None,) * 5, True)] * (m == 1)
             best = None
-            for kind, (bn, bk, warps, stages), gemv in variants:
-                kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, gemv=gemv)
-                label = f"fp8 {kind} N{bn} K{bk} w{warps} s{stages}"
+            for kind, (bn, bk, warps, stages, split), gemv in variants:
+                kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages or 3, gemv=gemv, split_k=split)
+                label = f"fp8 {kind} N{bn} K{bk} w{warps} s{stages} split{split}" if bn else "fp8 gemv default"
                 try:
                     call = lambda kw=kw, x=x, w8=w8, scale=scale: w8a16_linear(x, w8, scale, **kw)  # noqa: E731
                     us = graph_replay_us(call, reps=100)

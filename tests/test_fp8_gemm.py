@@ -127,14 +127,25 @@ def test_w8a16_gemv_matches_dequantised_reference(n, k, block_n, block_k, dtype,
     assert len(calls) == 1  # one single-row call took it, the 3-row one did not
 
 
+@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize(("n", "k", "block_k", "split_k"), [(40, 200, 32, 2), (40, 200, 32, 3), (17, 256, 64, 4),
+                                                            (16, 100, 64, 8)])  # fmt: skip
+def test_w8a16_gemv_split_k(n, k, block_k, split_k, decode):
+    """Split over K (partials per split, then the reduce that scales and adds the bias): ragged K, a K whose splits
+    do not divide it, and more splits asked than K has tiles (capped)."""
+    x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=k + split_k, bias=split_k % 2 == 0)
+    out = w8a16_linear(x, w8, scale, bias, decode=decode, gemv=True, block_n=16, block_k=block_k, split_k=split_k)
+    _check(out, x, w8, scale, bias)
+
+
 @pytest.mark.parametrize(("n", "k"), [(20, 96), (8200, 48), (24, 8200)])
 def test_w8a16_gemv_default_config(n, k):
-    """A single row takes the GEMV by default, with the measured tiles (16 / 32 channels, 512 / 1,024-wide K steps):
-    ragged in both directions at each tile size."""
+    """A single row takes the GEMV by default, with the measured tiles (16 / 32 channels, 1,024 / 512-wide K steps,
+    two splits for rows over 8192): ragged in both directions at each tile size."""
     from lragent.kernels.triton_fp8 import gemv_config
 
-    assert gemv_config(4096, 4096) == (16, 512, 8) and gemv_config(28672, 4096)[0] == 32
-    assert gemv_config(4096, 14336)[1] == 1024
+    assert gemv_config(4096, 4096) == (16, 1024, 8, 1) and gemv_config(28672, 4096) == (32, 512, 8, 1)
+    assert gemv_config(4096, 14336) == (16, 1024, 8, 2)  # long rows: split in two
     x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=n, bias=True)
     _check(w8a16_linear(x, w8, scale, bias), x, w8, scale, bias)
 

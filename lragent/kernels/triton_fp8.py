@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -221,8 +222,10 @@ def _w8a16_gemv_kernel(
     scale_ptr,
     bias_ptr,
     out_ptr,
+    ws_ptr,
     N,
     K,
+    K_PER_SPLIT,
     stride_wn,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -230,16 +233,20 @@ def _w8a16_gemv_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     BITS: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """One row of x: y[n] = scale[n] * sum_k W[n, k] x[k] for BLOCK_N output channels per program, without `tl.dot`
     (which pads the row to 16): each [BLOCK_N, BLOCK_K] weight tile is read along K (contiguous bytes, wide loads),
-    multiplied by x in float32 and summed over K into a [BLOCK_N] accumulator."""
+    multiplied by x in float32 and summed over K into a [BLOCK_N] accumulator. With SPLIT, program (n, s) sums only
+    K_PER_SPLIT of K (a multiple of BLOCK_K) and stores its unscaled partial in ws[s, n]: more programs in flight for
+    projections with few output channels and long rows (`_w8a16_reduce_kernel` adds the splits and scales)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(1) * K_PER_SPLIT
     offs_k = tl.arange(0, BLOCK_K)
     nmask = offs_n < N
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
             if EVEN_N:
@@ -252,8 +259,11 @@ def _w8a16_gemv_kernel(
             w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
         acc += tl.sum(_decode_e4m3(w, BITS).to(tl.float32) * x[None, :], 1)
         w_ptrs += BLOCK_K
-    y = _scaled(acc, scale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS, BITS)
-    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+    if SPLIT:
+        tl.store(ws_ptr + tl.program_id(1) * N + offs_n, acc, mask=nmask)
+    else:
+        y = _scaled(acc, scale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS, BITS)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 REDUCE_BLOCK = 1024
@@ -264,12 +274,60 @@ _INTERPRET_BF16_DOT = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV = os.environ.get("LRAGENT_FP8_GEMV", "1") == "1"  # single rows through `_w8a16_gemv_kernel` (see w8a16_linear)
 
 
-def gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) of the single-row kernel, from benchmarks/fp8_gemm_sweep.py on an H200
-    (Llama-3.1-8B projections, 2026-12-01): 8 warps always (4 left the loads short of bandwidth: up to 2x slower);
-    16 channels per program up to N = 8192 so the small projections still fill the SMs (qkv 8.9 us = 0.53x bf16,
-    o 8.1 us = 0.75x), 32 above (gate_up 32.1 us = 0.56x); 1,024-wide K steps for long rows (down, K 14336: 28.0 us
-    = 0.87x, against 62.7 us with the 512 x 4-warp tiles that were the default)."""
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+    split_k: int  # programs along K (1: one program per BLOCK_N channels, no reduce launch)
+
+
+def gemv_config(
+    n: int,
+    k: int,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    split_k: int | None = None,
+) -> GemvConfig:
+    """The single-row kernel's tiles (any argument given overrides), from benchmarks/fp8_gemm_sweep.py on an H200
+    (Llama-3.1-8B projections, 2026-12-01, two sweeps): 8 warps always (4 left the loads short of bandwidth: up to 2x
+    slower); up to N = 8192 16 channels per program in 1,024-wide K steps (qkv 8.3 us = 0.48x bf16, o 7.5 us =
+    0.68x), above it 32 channels in 512-wide steps (gate_up 32.1 us = 0.52x); rows longer than 8192 split in two
+    along K so twice the programs stream them (down, K 14336: 19.9 us = 0.61x; 23.8 unsplit, 62.7 with the first
+    4-warp 32 x 512 tiles)."""
+    wide = n > 8192
+    bn = block_n or (32 if wide else 16)
+    bk = block_k or (512 if wide else 1024)
+    split = split_k or (2 if k > 8192 else 1)
+    return GemvConfig(bn, bk, num_warps or 8, max(1, min(split, triton.cdiv(k, bk))))
+
+
+def _gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    bits: bool,
+    cfg: GemvConfig,
+    num_stages: int,
+) -> None:
+    """One row through `_w8a16_gemv_kernel` (and the split reduce when cfg.split_k > 1) into out [1, N]."""
+    n, k = weight.shape
+    per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, per_split)
+    ws = torch.empty(splits, 1, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
+    _w8a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        x, weight, scale, bias_arg, out, ws, n, k, per_split, weight.stride(0), BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
+        BITS=bits, SPLIT=splits > 1, num_warps=cfg.num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _w8a16_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), 1)](
+            ws, scale, bias_arg, out, 1, n, splits, out.stride(0), BLOCK=REDUCE_BLOCK, HAS_BIAS=bias is not None,
+            BITS=bits, num_warps=4,
+        )  # fmt: skip
     return (16 if n <= 8192 else 32), (1024 if k > 8192 else 512), 8
 
 
@@ -293,8 +351,8 @@ def w8a16_linear(
     `bias` [N] if given. `decode` ("native" / "bits") defaults to "native" on GPUs of compute capability >= 8.9 and
     "bits" elsewhere; a uint8 weight always decodes with "bits". `gemv` (None: `GEMV`, the environment's
     LRAGENT_FP8_GEMV, on unless 0) sends a single row through `_w8a16_gemv_kernel` (faster at every measured shape);
-    `block_n`, `block_k`, `num_warps`, `num_stages` tune either kernel and `split_k` the tiled one, overriding
-    `w8a16_config` (tests)."""
+    `block_n`, `block_k`, `num_warps`, `num_stages`, `split_k` tune either kernel, overriding
+    `w8a16_config` / `gemv_config` (tests, sweeps)."""
     k = x.shape[-1]
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1, (tuple(weight.shape), weight.stride(), k)
@@ -321,12 +379,7 @@ def w8a16_linear(
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     bits = decode == "bits"
     if m == 1 and (GEMV if gemv is None else gemv):
-        gn, gk, warps = gemv_config(n, k)
-        gn, gk, warps = block_n or gn, block_k or gk, num_warps or warps
-        _w8a16_gemv_kernel[(triton.cdiv(n, gn),)](
-            x2, weight, scale, bias_arg, out, n, k, weight.stride(0), BLOCK_N=gn, BLOCK_K=gk, HAS_BIAS=has_bias,
-            EVEN_K=k % gk == 0, EVEN_N=n % gn == 0, BITS=bits, num_warps=warps, num_stages=num_stages,
-        )  # fmt: skip
+        _gemv(x2, weight, scale, bias, out, bits, gemv_config(n, k, block_n, block_k, num_warps, split_k), num_stages)
         return out.view(*x.shape[:-1], n)
     cfg = w8a16_config(m, n, k, sms, x2.element_size(), block_n, block_k, split_k)
     split = cfg.split_k > 1
