@@ -99,6 +99,31 @@ def test_analyze_shared_a_tiny(tmp_path, shared_a_adapters):
     assert "base_lr_shared" in paths["md"].read_text()
 
 
+def test_analyze_fp8_against_the_unquantised_reference(tmp_path, shared_a_adapters):
+    """With quantization, the compared engines run FP8 weights and the reference does not: the non_shared control
+    then measures the quantisation itself (close, not exact), and its own-cache pair is no longer exact either."""
+    aset = AdapterSet("random-shared-a", dict(shared_a_adapters))
+    spec = A.AnalyzeSpec(
+        trajectories=str(_trajectory_file(tmp_path)),
+        adapter_sets=[aset],
+        limit=1,
+        max_tokens=96,
+        window=32,
+        pairs=[("plan", "action")],
+        schemes=["base_lr_shared"],
+        control=True,
+        similarity=False,
+        kv_cache_bytes=32 << 20,
+        quantization="fp8",
+    )
+    report = A.run_analysis(spec, log=lambda _: None)
+    assert report["spec"]["quantization"] == "fp8"
+    fid = {f["scheme"]: f for f in report["sets"][0]["fidelity"]}
+    own = fid["non_shared"]
+    assert 1e-6 < own["kl_mean"] < 0.5 and own["agreement"] >= 0.7  # FP8 moves the distribution, a little
+    assert fid["base_lr_shared"]["kl_mean"] > 1e-6
+
+
 def test_cli_unshared_a_forced_and_refused(tmp_path, qv_adapters):
     root = str(Path(next(iter(qv_adapters.values()))).parent)
     common = [

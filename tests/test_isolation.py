@@ -247,8 +247,10 @@ def test_stores_flag_exactly_the_blocks_that_received_nonfinite_rows(backend, dt
             "num_key_value_heads": 2,
         }
     )
-    cache = KVCache(config, CacheLayout(4, {"kv": 40, "lr": 40}, 8), dtype, torch.device("cpu"))
-    store = make_backend(backend, torch.device("cpu")).store
+    # Triton runs interpreted on CPU tensors (CI); where a GPU exists there is no interpreter: run it there
+    dev = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+    cache = KVCache(config, CacheLayout(4, {"kv": 40, "lr": 40}, 8), dtype, dev)
+    store = make_backend(backend, dev).store
     gen = torch.Generator().manual_seed(0)
     slots = torch.tensor([28, 29, 44, 45, 48, 60, 61, 120, 121, 122])  # blocks 7, 7, 11, 11, 12, 15, 15, 30, 30, 30
     key, value = torch.randn(10, 2, 16, generator=gen), torch.randn(10, 2, 16, generator=gen)
@@ -258,6 +260,7 @@ def test_stores_flag_exactly_the_blocks_that_received_nonfinite_rows(backend, dt
     lr[8, 2] = float("inf")  # LR block 30
     if dtype is torch.float16:
         key[5, 1, 1] = 1e5  # block 15: finite in float32, inf once stored in float16
+    slots, key, value, lr = slots.to(dev), key.to(dev), value.to(dev), lr.to(dev)
     meta = SimpleNamespace(base_slots=slots, lr_slots=slots)
     for layer in range(3):
         store(cache, layer, key if layer == 1 else key.nan_to_num(0.0).clamp(-9, 9), value, lr, meta)

@@ -19,8 +19,7 @@ from lragent.cache.sharing import PoolKind, default_critical_layers, get_scheme
 from lragent.config import EngineConfig
 from lragent.distributed.tensor_parallel import Shard, load_model_shard
 from lragent.engine.block_manager import BlockManager
-from lragent.engine.model_runner import ModelRunner
-from lragent.engine.sampler import SampleResult
+from lragent.engine.model_runner import ModelRunner, StepResult
 from lragent.engine.scheduler import ScheduledBatch, Scheduler
 from lragent.engine.sequence import PromptLogprob, RequestMetrics, Sequence
 from lragent.engine.stats import StepStats
@@ -482,12 +481,13 @@ class LLMEngine:
         return sampled, failed
 
     @staticmethod
-    def _sampled(batch: ScheduledBatch, result: SampleResult) -> dict[Sequence, Sampled]:
+    def _sampled(batch: ScheduledBatch, result: StepResult) -> dict[Sequence, Sampled]:
         """Map the runner's tokens to the sequences the batch marks as sampling (and its prompt log-probs to the
         sequences that asked for them)."""
         for index, position, scored in result.prompt:
-            batch.seqs[index].prompt_logprobs[position] = scored
-        rows = zip(batch.sampling_seqs, result.tokens, result.logprobs, result.top_logprobs)
+            batch.seqs[index].record_prompt_logprob(position, scored)
+        drawn = result.sampled
+        rows = zip(batch.sampling_seqs, drawn.tokens, drawn.logprobs, drawn.top_logprobs)
         return {seq: Sampled(token, lp, top) for seq, token, lp, top in rows}
 
     def _publish(self, seqs: list[Sequence], min_blocks: int = 1) -> list[RequestOutput]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -34,6 +34,14 @@ if TYPE_CHECKING:
 
 SCORE_ROWS = 256  # prompt log-probs: rows whose logits are computed at once (256 x 128k vocab x 4 B = 128 MiB)
 CRITICAL_KV, HIDDEN = PoolKind.CRITICAL_KV.value, PoolKind.HIDDEN.value  # DROIDSPEAK's pools besides the KV pool
+
+
+class StepResult(NamedTuple):
+    """A step's draws (the sampler's result) and the prompt tokens it scored: (batch index, prompt position,
+    PromptLogprob) of each."""
+
+    sampled: SampleResult
+    prompt: tuple[tuple[int, int, PromptLogprob], ...] = ()
 
 
 @dataclass
@@ -208,7 +216,7 @@ class ModelRunner:
             read_slots=upload(read_slots, torch.int64, dev) if read_slots else None,
         )
 
-    def run(self, batch: ScheduledBatch) -> SampleResult:
+    def run(self, batch: ScheduledBatch) -> StepResult:
         """One forward pass; returns a token (and its log-prob) for each sequence the batch marks as sampling."""
         start = time.perf_counter()
         self.prepare_s = 0.0
@@ -218,17 +226,17 @@ class ModelRunner:
             self.forward_s = time.perf_counter() - start
 
     @torch.inference_mode()
-    def _run(self, batch: ScheduledBatch) -> SampleResult:
+    def _run(self, batch: ScheduledBatch) -> StepResult:
         hidden, scores = self._forward(batch)
         prompt = () if scores is None else self._score_prompt(hidden[-len(scores.rows) :], scores)
         seqs = batch.sampling_seqs
         if not seqs:
-            return SampleResult([], [], [], prompt)
+            return StepResult(SampleResult([], [], []), prompt)
         masks = self._grammar_masks(seqs)  # host work while the device runs the forward
         logits = self.model.logits(hidden[: len(seqs)])
         if masks is not None:
             apply_bitmask(logits, *masks)
-        return sample(logits, self.sampling_batch(seqs, logits.shape[-1]))._replace(prompt=prompt)
+        return StepResult(sample(logits, self.sampling_batch(seqs, logits.shape[-1])), prompt)
 
     def _score_prompt(self, hidden: torch.Tensor, scores: PromptScores) -> tuple[tuple[int, int, PromptLogprob], ...]:
         """Each scored row's log-prob of the prompt's next token (and the top alternatives), in slices of rows so a

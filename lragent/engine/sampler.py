@@ -71,7 +71,6 @@ class SampleResult(NamedTuple):
     tokens: list[int]
     logprobs: list[float]  # non-finite where the row's logits were broken (NaN, +inf, or nothing but -inf)
     top_logprobs: list[list[tuple[int, float]]]  # per row: its top_logprobs most likely (token, log-prob)
-    prompt: tuple = ()  # (batch index, prompt position, PromptLogprob) of each prompt token the step scored
 
 
 @dataclass

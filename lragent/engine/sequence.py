@@ -145,6 +145,11 @@ class Sequence:
             return range(0)
         return range(max(start, first), min(start + count, self.prompt_len - 1))
 
+    def record_prompt_logprob(self, position: int, scored: PromptLogprob) -> None:
+        """A step scored this prompt position (again, after a preemption: the same value)."""
+        assert self.prompt_logprobs is not None, "scored a request that asked for no prompt log-probs"
+        self.prompt_logprobs[position] = scored
+
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len :]

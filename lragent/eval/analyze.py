@@ -79,6 +79,7 @@ class AnalyzeSpec:
     similarity: bool = True
     kv_cache_bytes: int = 256 << 20
     block_size: int = 16
+    quantization: str | None = None  # the compared engines' weights ("fp8"); the reference keeps the model's own
 
 
 # ---- trajectories ---------------------------------------------------------------------------------------------
@@ -355,10 +356,13 @@ class FidelityAccumulator:
         }
 
 
-def _make_llm(spec: AnalyzeSpec, aset: AdapterSet, scheme: str, force: bool = False) -> Any:
+def _make_llm(spec: AnalyzeSpec, aset: AdapterSet, scheme: str, force: bool = False, reference: bool = False) -> Any:
+    """An engine for one scheme; `spec.quantization` applies to the compared engines only, so with --control the
+    non_shared row measures what the quantised weights change against the reference's own."""
     from lragent import LLM  # noqa: PLC0415
 
     return LLM(
+        quantization=None if reference else spec.quantization,
         model=spec.model,
         adapters=dict(aset.paths),
         sharing=scheme,
@@ -436,7 +440,7 @@ def _reference_analysis(
     references the handoff measurements compare against."""
     roles = [r for r in ROLES if r in aset.paths]
     readers = sorted({b for _, b in spec.pairs}, key=ROLES.index)
-    llm = _make_llm(spec, aset, "non_shared")
+    llm = _make_llm(spec, aset, "non_shared", reference=True)
     engine = llm.engine
     bs = llm.cache_stats()["block_size"]
     texts = load_trajectory_texts(spec.trajectories)
@@ -905,6 +909,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-similarity", action="store_true", help="skip the Table 1 cosine similarities")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["fp8"],
+        help="quantise the compared engines' weights (the non_shared reference stays unquantised): with --control "
+        "the non_shared row is the quantisation's own fidelity",
+    )
     p.add_argument("--out", default="results/analyze")
     p.add_argument(
         "--replot", metavar="JSON", default=None, help="only rebuild the tables and plot from an analyze.json"
@@ -943,6 +954,7 @@ def spec_from_args(args: argparse.Namespace) -> AnalyzeSpec:
         control=args.control,
         similarity=not args.no_similarity,
         kv_cache_bytes=args.kv_cache_bytes,
+        quantization=args.quantization,
     )
 
 

@@ -328,7 +328,6 @@ def _gemv(
             ws, scale, bias_arg, out, 1, n, splits, out.stride(0), BLOCK=REDUCE_BLOCK, HAS_BIAS=bias is not None,
             BITS=bits, num_warps=4,
         )  # fmt: skip
-    return (16 if n <= 8192 else 32), (1024 if k > 8192 else 512), 8
 
 
 def w8a16_linear(
