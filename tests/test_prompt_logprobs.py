@@ -61,6 +61,8 @@ def check(out, prompt: list[int], ref: torch.Tensor, start: int, k: int = 0) -> 
         entry = got[p]
         assert entry.token == prompt[p]
         assert math.isclose(entry.logprob, ref[p - 1, prompt[p]].item(), abs_tol=2e-4), p
+        more_likely = (ref[p - 1] > ref[p - 1, prompt[p]] + 1e-4).sum().item()  # ties within float noise aside
+        assert more_likely + 1 <= entry.rank <= (ref[p - 1] > ref[p - 1, prompt[p]] - 1e-4).sum().item() + 1
         assert len(entry.top) == k
         if k:
             best = ref[p - 1].topk(k)

@@ -149,11 +149,12 @@ def test_vllm_prompt_logprobs_field(url, reference):
         own = entry[str(ids[p])]
         assert own["logprob"] == pytest.approx(want.logprob, abs=TOL) and own["decoded_token"] == piece(tok, ids[p])
         ranks = [r for r, (t, _) in enumerate(top, 1) if t == ids[p]]
-        assert own["rank"] == (ranks[0] if ranks else None)
+        assert own["rank"] == want.rank >= 1 and (not ranks or own["rank"] == ranks[0])
         for rank, (t, v) in enumerate(top, 1):
             assert entry[str(t)]["rank"] == rank and entry[str(t)]["logprob"] == pytest.approx(v, abs=TOL)
     zero = complete(url, prompt=ids, max_tokens=1, prompt_logprobs=0)["choices"][0]["prompt_logprobs"]
     assert all(list(e) == [str(t)] for e, t in zip(zero[1:], ids[1:]))
+    assert [e[str(t)]["rank"] for e, t in zip(zero[1:], ids[1:])] == [w.rank for w in ref.prompt_logprobs[1:]]
 
 
 def test_vllm_prompt_logprobs_on_chat(url):

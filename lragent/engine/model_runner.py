@@ -246,12 +246,14 @@ class ModelRunner:
         for lo in range(0, len(scores.rows), SCORE_ROWS):
             logits = self.model.logits(hidden[lo : lo + SCORE_ROWS])
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            own = (logits.gather(1, targets[lo : lo + SCORE_ROWS, None]) - lse).squeeze(1).tolist()
+            picked = logits.gather(1, targets[lo : lo + SCORE_ROWS, None])
+            own = (picked - lse).squeeze(1).tolist()
+            ranks = ((logits > picked).sum(dim=-1) + 1).tolist()
             best = (logits - lse).topk(scores.top, dim=-1) if scores.top else None
             tops = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())] if best else None
             for j, lp in enumerate(own):
                 top = tops[j] if tops is not None else []
-                out.append((*scores.at[lo + j], PromptLogprob(scores.targets[lo + j], lp, top)))
+                out.append((*scores.at[lo + j], PromptLogprob(scores.targets[lo + j], lp, top, ranks[j])))
         return tuple(out)
 
     def _grammar_masks(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]] | None:

@@ -72,6 +72,7 @@ class PromptLogprob(NamedTuple):
     token: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int = 0  # 1 + how many tokens are more likely (vLLM's rank); 0 where unknown
 
 
 class Sequence:

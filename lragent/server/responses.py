@@ -161,8 +161,8 @@ class Responder:
 
     def _vllm_prompt_logprobs(self, scored: list[PromptLogprob | None] | None, k: int) -> list[dict | None] | None:
         """vLLM's `prompt_logprobs`: per prompt position null (position 0) or {token id: {logprob, rank,
-        decoded_token}}, the prompt's own token first, then its k most likely alternatives. The engine ranks only
-        those k, so the own token's rank is null unless it is among them."""
+        decoded_token}}, the prompt's own token first (its rank from the engine: 1 + the tokens more likely), then
+        its k most likely alternatives (ranks 1..k)."""
         if scored is None:
             return None
         ids = sorted({t for e in scored if e is not None for t in (e.token, *(a for a, _ in e.top[:k]))})
@@ -173,7 +173,7 @@ class Responder:
                 out.append(None)
                 continue
             ranks = {t: r for r, (t, _) in enumerate(e.top[:k], 1)}
-            entry = {str(e.token): {"logprob": _finite(e.logprob), "rank": ranks.get(e.token),
+            entry = {str(e.token): {"logprob": _finite(e.logprob), "rank": e.rank or ranks.get(e.token),
                                     "decoded_token": names[e.token]}}  # fmt: skip
             for t, lp in e.top[:k]:
                 entry.setdefault(str(t), {"logprob": _finite(lp), "rank": ranks[t], "decoded_token": names[t]})
