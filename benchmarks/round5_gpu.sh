@@ -9,21 +9,8 @@
 #   5. STAGE=1: the first half of the embedded model staged for scripts/gpu_agents.sh (carry .w/agents/smol.xz.part00)
 # Everything lands in $OUT/round5.tgz (the device returns at most 8 files) and a summary in $OUT/summary.txt.
 # Device call: OUT=$OUT STAGE=1 bash benchmarks/round5_gpu.sh
-set -u
-OUT=${OUT:-results/round5}
-DEADLINE=${DEADLINE:-560}
-R=/tmp/round5
-mkdir -p "$OUT" "$R"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$(pwd):${PYTHONPATH:-}
-S=$OUT/summary.txt
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$S"
-step() {  # step LABEL SECONDS CMD...: bounded by SECONDS and the call's deadline; output to $R/LABEL.log
-  local label=$1 limit=$2; shift 2
-  local left=$(( DEADLINE - SECONDS )); (( limit > left )) && limit=$left
-  if (( limit < 15 )); then echo "[$SECONDS s] skip $label" | tee -a "$S"; return; fi
-  timeout -k 5 "$limit" "$@" > "$R/$label.log" 2>&1
-  echo "[$SECONDS s] $label rc=$?" | tee -a "$S"
-}
+ROUND=round5 DEADLINE=${DEADLINE:-560}
+source "$(dirname "$0")/gpu_call.sh"
 if [[ ${STAGE:-0} == 1 && -f .w/agents/smol.xz.part00 ]]; then
   mkdir -p /root && cp .w/agents/smol.xz.part00 /root/ && echo "staged smol.xz.part00" | tee -a "$S"
 fi

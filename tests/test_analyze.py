@@ -43,6 +43,13 @@ def _trajectory_file(tmp_path: Path) -> Path:
     return path
 
 
+def _tiny_spec(tmp_path: Path, adapters: dict, **overrides) -> A.AnalyzeSpec:
+    """One 96-token trajectory, a 32-token window, the non_shared control: the tests' analysis, `overrides` aside."""
+    base = dict(limit=1, max_tokens=96, window=32, control=True, kv_cache_bytes=32 << 20)
+    aset = AdapterSet("random-shared-a", dict(adapters))
+    return A.AnalyzeSpec(trajectories=str(_trajectory_file(tmp_path)), adapter_sets=[aset], **{**base, **overrides})
+
+
 def test_parse_pairs_and_split_point():
     assert A.parse_pairs("handoff") == list(A.HANDOFF_PAIRS)
     assert len(A.parse_pairs("all")) == 6
@@ -54,17 +61,7 @@ def test_parse_pairs_and_split_point():
 
 
 def test_analyze_shared_a_tiny(tmp_path, shared_a_adapters):
-    aset = AdapterSet("random-shared-a", dict(shared_a_adapters))
-    spec = A.AnalyzeSpec(
-        trajectories=str(_trajectory_file(tmp_path)),
-        adapter_sets=[aset],
-        limit=1,
-        max_tokens=96,
-        window=32,
-        pairs=[("plan", "plan"), ("plan", "action")],
-        control=True,
-        kv_cache_bytes=32 << 20,
-    )
+    spec = _tiny_spec(tmp_path, shared_a_adapters, pairs=[("plan", "plan"), ("plan", "action")])
     logs: list[str] = []
     report = A.run_analysis(spec, log=logs.append)
     (s,) = report["sets"]
@@ -101,21 +98,11 @@ def test_analyze_shared_a_tiny(tmp_path, shared_a_adapters):
 
 def test_analyze_fp8_against_the_unquantised_reference(tmp_path, shared_a_adapters):
     """With quantization, the compared engines run FP8 weights and the reference does not: the non_shared control
-    then measures the quantisation itself (close, not exact), and its own-cache pair is no longer exact either."""
-    aset = AdapterSet("random-shared-a", dict(shared_a_adapters))
-    spec = A.AnalyzeSpec(
-        trajectories=str(_trajectory_file(tmp_path)),
-        adapter_sets=[aset],
-        limit=1,
-        max_tokens=96,
-        window=32,
-        pairs=[("plan", "action")],
-        schemes=["base_lr_shared"],
-        control=True,
-        similarity=False,
-        kv_cache_bytes=32 << 20,
+    then measures the quantisation itself (close, not exact)."""
+    spec = _tiny_spec(
+        tmp_path, shared_a_adapters, pairs=[("plan", "action")], schemes=["base_lr_shared"], similarity=False,
         quantization="fp8",
-    )
+    )  # fmt: skip
     report = A.run_analysis(spec, log=lambda _: None)
     assert report["spec"]["quantization"] == "fp8"
     fid = {f["scheme"]: f for f in report["sets"][0]["fidelity"]}
