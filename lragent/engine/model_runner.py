@@ -120,10 +120,10 @@ class ModelRunner:
         for i, (seq, n, samples) in enumerate(zip(batch.seqs, batch.num_tokens, batch.samples)):
             tables = [(p, seq.table(p)) for p in self.pools]
             base = len(ids) - seq.num_computed
-            scored = seq.scored_positions(seq.num_computed, n)
-            for pos in scored:
+            positions_scored = seq.scored_positions(seq.num_computed, n)
+            for pos in positions_scored:
                 scores.add(base + pos, seq.token_ids[pos + 1], i, pos + 1)
-            if scored:
+            if positions_scored:
                 scores.top = max(scores.top, seq.params.prompt_logprobs or 0)
             for pos in range(seq.num_computed, seq.num_computed + n):
                 for pool, table in tables:
