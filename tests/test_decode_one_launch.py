@@ -27,6 +27,7 @@ from test_key_adapters import DECODE as KEY_DECODE  # noqa: E402
 from test_key_adapters import _key_lr, key_case  # noqa: E402
 from test_stacked_lr import stacked_case  # noqa: E402
 
+from lragent.kernels import counters as kc  # noqa: E402
 from lragent.kernels import triton_attention as ta  # noqa: E402
 from lragent.kernels.triton_attention import _merge_head, decode_counters, paged_decode  # noqa: E402
 
@@ -43,7 +44,7 @@ def _dev(t: torch.Tensor) -> torch.Tensor:
 
 
 def counters_zero(device: torch.device = DEVICE) -> bool:
-    buf = ta._DECODE_COUNTERS.get(device)
+    buf = kc.counters_of(ta.DECODE_COUNTERS_OWNER, device)
     return buf is None or not bool(buf.any())
 
 
@@ -183,14 +184,14 @@ def test_environment_variable_is_read_at_import():
 def test_counter_buffer_grows_outside_capture_only(monkeypatch):
     """Grows (keeping the old buffer alive for graphs captured on it); growth during a CUDA graph capture raises."""
     dev = torch.device("cpu")
-    monkeypatch.setattr(ta, "_DECODE_COUNTERS", {})
-    monkeypatch.setattr(ta, "_RETIRED", [])
+    monkeypatch.setattr(kc, "_BUFFERS", {})
+    monkeypatch.setattr(kc, "_RETIRED", [])
     small = decode_counters(10, dev)
     assert small.numel() >= 10 and small.dtype == torch.int32 and not small.any()
     assert decode_counters(small.numel(), dev) is small
     big = decode_counters(small.numel() + 1, dev)
-    assert big.numel() >= 2 * small.numel() and not big.any() and ta._RETIRED == [small]
-    monkeypatch.setattr(ta, "_capturing", lambda device: True)
+    assert big.numel() >= 2 * small.numel() and not big.any() and kc._RETIRED == [small]
+    monkeypatch.setattr(kc, "_capturing", lambda device: True)
     assert decode_counters(big.numel(), dev) is big  # large enough: fine while capturing
     with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
         decode_counters(big.numel() + 1, dev)

@@ -18,11 +18,18 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit of the kernel modules
 
+from lragent.kernels.counters import counters_of  # noqa: E402
 from lragent.kernels.metadata import AttentionMetadata  # noqa: E402
 from lragent.kernels.reference import TorchReferenceBackend  # noqa: E402
 from lragent.kernels.triton_attention import paged_decode, paged_prefill  # noqa: E402
 from lragent.kernels.triton_backend import TritonBackend  # noqa: E402
-from lragent.kernels.triton_lora import TritonLoRABank, lora_expand, lora_shrink, shared_shrink  # noqa: E402
+from lragent.kernels.triton_lora import (  # noqa: E402
+    SHRINK_COUNTERS_OWNER,
+    TritonLoRABank,
+    lora_expand,
+    lora_shrink,
+    shared_shrink,
+)
 from lragent.kernels.triton_store import store_kv_lr  # noqa: E402
 from lragent.lora.adapter import LoRAAdapter  # noqa: E402
 from lragent.lora.bank import LoRABank  # noqa: E402
@@ -311,7 +318,7 @@ def _check_lora(t, d_in, d_out, rank, token_slots, dtype, seed, split_k=None):
     "t,rank,slots,split_k",
     [
         (7, 8, "mixed", None),  # tokens of 3 adapters and slot 0, interleaved
-        (5, 1, "mixed", 3),  # rank 1, split-K with atomics
+        (5, 1, "mixed", 3),  # rank 1, split-K (the last split sums)
         (20, 16, "one", None),  # one adapter for all tokens (segment None)
         (6, 64, "mixed", 2),  # rank 64
     ],
@@ -320,6 +327,94 @@ def test_lora_small(t, rank, slots, split_k):
     rng = random.Random(t * rank)
     token_slots = [rng.randrange(4) for _ in range(t)] if slots == "mixed" else [2] * t
     _check_lora(t, 96, 80, rank, token_slots, torch.float32, seed=t + rank, split_k=split_k)
+
+
+# (x dtype, out dtype): the engine's q/k/o deltas shrink to float32, the value shrink (LR rows) to the model's dtype.
+# bf16 x needs a GPU (the interpreter's bf16 dots are wrong, see test_half_precision_small); a bf16 output does not.
+SHRINK_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+]
+
+
+def _shrink_case(t: int, seg_lens: list[int], dtype: torch.dtype, seed: int, d_in: int = 100, rank: int = 12):
+    """Segments of shuffled rows (slots 1..3 in turn) over the first sum(seg_lens) rows of a random permutation; the
+    other rows lie in no segment. Returns the kernel's inputs and the float64 result (zero rows outside segments)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d_in, generator=gen)
+    a = torch.randn(4, d_in, rank, generator=gen) / d_in**0.5
+    rows = torch.randperm(t, generator=gen)[: sum(seg_lens)]
+    slots = [1 + i % 3 for i in range(len(seg_lens))]
+    starts = [0]
+    for n in seg_lens:
+        starts.append(starts[-1] + n)
+    x, a = x.to(dtype), a.to(dtype)
+    ref = torch.zeros(t, rank, dtype=torch.float64)
+    for g, slot in enumerate(slots):
+        seg_rows = rows[starts[g] : starts[g + 1]]
+        ref[seg_rows] = x[seg_rows].double() @ a[slot].double()
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    inputs = (x.to(DEVICE), a.to(DEVICE), torch.tensor(starts, **i32), torch.tensor(slots, **i32), max(seg_lens))
+    return inputs, rows.to(DEVICE, torch.int32), ref
+
+
+def _shrink_counters_zero() -> bool:
+    buf = counters_of(SHRINK_COUNTERS_OWNER, DEVICE)
+    return buf is not None and not bool(buf.any())
+
+
+@pytest.mark.parametrize("given_out", [False, True])
+@pytest.mark.parametrize("covered", [True, False])
+@pytest.mark.parametrize("dtypes", SHRINK_DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+def test_lora_shrink_split_k_last_split_sums(dtypes, covered, given_out):
+    """Split-K (4 splits over d_in 100, the last one short) merged by the last split in one launch: three segments,
+    two of them two m tiles (BLOCK_M 16 here), rows outside segments zero. Each call leaves every counter zero, so
+    the second call is right too, and it is bitwise the first (the splits are summed in a fixed order)."""
+    x_dtype, out_dtype = dtypes
+    if x_dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("Triton's interpreter computes bf16 dots wrongly (numpy has no bf16)")
+    tol = max(TOL[x_dtype], TOL[out_dtype])
+    t, seg_lens = (40, [19, 3, 18]) if covered else (40, [17, 5, 9])
+    inputs, tokens, ref = _shrink_case(t, seg_lens, x_dtype, seed=len(seg_lens) + t)
+    results = []
+    for _ in range(2):
+        # a given output may hold anything on rows the segments cover (NaN here) and must be zero on the others
+        out = torch.zeros(t, ref.shape[1], dtype=out_dtype, device=DEVICE) if given_out else None
+        if out is not None and covered:
+            out.fill_(float("nan"))
+        y = lora_shrink(*inputs, tokens=tokens, out=out, out_dtype=out_dtype, split_k=4, rows_covered=covered)
+        assert y.dtype == out_dtype and y.shape == ref.shape and (out is None or y is out)
+        assert _shrink_counters_zero()
+        results.append(y)
+    first, second = results
+    assert rel_err(first, ref) < tol
+    assert torch.equal(first, second)
+    outside = ref.abs().sum(1) == 0
+    assert covered == (not outside.any()) and not first.cpu()[outside].any()
+    one = lora_shrink(*inputs, tokens=tokens, out_dtype=out_dtype, split_k=1, rows_covered=covered)
+    torch.testing.assert_close(first, one, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_lora_shrink_covered_rows_need_no_fill_or_conversion(split_k):
+    """rows_covered: the shrink is the only work, whatever split_k (no zeroed buffer, no dtype conversion after it);
+    otherwise the result is zero-filled first (rows in no segment read zero)."""
+    from torch.profiler import profile
+
+    inputs, tokens, ref = _shrink_case(24, [24], torch.float16, seed=9)
+    lora_shrink(*inputs, tokens=tokens, split_k=split_k, rows_covered=True)  # counters allocated outside the profile
+    extra = {"aten::zeros", "aten::zero_", "aten::fill_", "aten::to", "aten::_to_copy"}
+    for covered in (True, False):
+        with profile() as prof:
+            y = lora_shrink(*inputs, tokens=tokens, split_k=split_k, rows_covered=covered)
+        ops = {e.name for e in prof.events()}
+        assert bool(ops & extra) != covered, ops & extra
+        assert rel_err(y, ref) < TOL[torch.float16]
 
 
 def test_shared_shrink_small():

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from lragent.kernels.backend import KeyLR
+from lragent.kernels.counters import arrival_counters
 from lragent.kernels.reference import lr_row_layout
 
 LOG2E = 1.4426950408889634
@@ -1130,41 +1131,13 @@ DECODE_MERGE = os.environ.get("LRAGENT_DECODE_MERGE", "kernel")
 if DECODE_MERGE not in DECODE_MERGE_MODES:
     raise ValueError(f"LRAGENT_DECODE_MERGE must be kernel or last_split, got {DECODE_MERGE!r}")
 
-# the last-split merge's arrival counters: one int32 per (sequence row, kv head), per device, all zero between
-# launches (the last split of each (row, kv head) resets its own). Replaced buffers stay referenced (`_RETIRED`):
-# a CUDA graph captured earlier keeps launching on the buffer it was captured with.
-_DECODE_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []
-_MIN_COUNTERS = 4096  # 512 rows x 8 kv heads: at Llama-3.1-8B shapes the engine never grows it
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+DECODE_COUNTERS_OWNER = "paged_decode(merge='last_split')"
 
 
 def decode_counters(n: int, device: torch.device) -> torch.Tensor:
-    """At least `n` zeroed int32 arrival counters on `device` for `_decode_kernel`'s last-split merge, owned here.
-
-    The buffer only grows (to max(n, 2x, 4096) entries) and is allocated and zeroed eagerly, never per step: every
-    launch leaves it zero again. CUDA graphs: a captured launch bakes in the buffer's address, so the buffer must
-    already be large enough when capture starts. The engine runs every captured shape eagerly (warm-up) right before
-    capturing it, which grows the buffer outside the capture; growing it during a capture is an error, raised here.
-    One stream at a time per device: two decode launches running concurrently on different streams would share
-    counters."""
-    buf = _DECODE_COUNTERS.get(device)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    if _capturing(device):
-        raise RuntimeError(
-            f"paged_decode(merge='last_split') needs {n} arrival counters on {device} but has "
-            f"{0 if buf is None else buf.numel()}, and a CUDA graph is being captured: run the same shape eagerly "
-            "before capturing it (the engine's warm-up does), so the buffer grows outside the capture"
-        )
-    if buf is not None:
-        _RETIRED.append(buf)
-    buf = torch.zeros(max(n, 2 * (0 if buf is None else buf.numel()), _MIN_COUNTERS), dtype=torch.int32, device=device)
-    _DECODE_COUNTERS[device] = buf
-    return buf
+    """At least `n` zeroed arrival counters for `_decode_kernel`'s last-split merge (one per (sequence row, kv head));
+    the last split of each resets its own. Grow-only and graph-safe: see `arrival_counters`."""
+    return arrival_counters(n, device, DECODE_COUNTERS_OWNER)
 
 
 def paged_decode(

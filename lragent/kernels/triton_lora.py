@@ -5,7 +5,8 @@ batch's rows), `seg_start` [G+1] int32 offsets into it, `seg_slot` [G] int32. Se
 `tokens[seg_start[g]:seg_start[g+1]]` (rows seg_start[g]..seg_start[g+1]-1 when `tokens` is None). Rows in no
 segment are left alone (expand) or zero (shrink).
 
-- `lora_shrink`: `Y[t] = X[t] A[slot(t)]`, A stacked [S, d_in, r]; split-K over d_in for few tokens.
+- `lora_shrink`: `Y[t] = X[t] A[slot(t)]`, A stacked [S, d_in, r]; split-K over d_in for few tokens, the splits
+  summed by the last one to finish (one launch, deterministic).
 - `lora_expand`: `out[t] (+)= scale[slot(t)] * Y[t] B[slot(t)]`, B stacked [S, r, d_out]; accumulates into
   the base projection's output in place when asked.
 - `shared_shrink`: `Y = X A` for one A shared by every adapter (BaseLRShared's v_proj A): one segment.
@@ -22,8 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from lragent.kernels.counters import arrival_counters
 from lragent.lora.bank import LoRABank
 from lragent.lora.metadata import Segments
+
+SHRINK_COUNTERS_OWNER = "lora_shrink"  # split-K arrival counters, one per (m tile, segment) of a launch
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -35,6 +39,8 @@ def _shrink_kernel(
     x_ptr,
     a_ptr,
     out_ptr,
+    part_ptr,
+    cnt_ptr,
     tok_ptr,
     seg_start_ptr,
     seg_slot_ptr,
@@ -44,12 +50,13 @@ def _shrink_kernel(
     stride_as,
     stride_ak,
     stride_ot,
+    stride_ps,
     R: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_TOK: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    LAST_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     mt = tl.program_id(0)
@@ -58,7 +65,7 @@ def _shrink_kernel(
     s0 = tl.load(seg_start_ptr + seg)
     s1 = tl.load(seg_start_ptr + seg + 1)
     if s0 + mt * BLOCK_M >= s1:
-        return
+        return  # every split of this tile returns here, so none of them counts on its counter
     slot = tl.load(seg_slot_ptr + seg).to(tl.int64)
     idx = s0 + mt * BLOCK_M + tl.arange(0, BLOCK_M)
     imask = idx < s1
@@ -81,8 +88,25 @@ def _shrink_kernel(
         acc += tl.dot(x, a.to(x.dtype), input_precision=DOT_PREC)
     optr = out_ptr + rows[:, None] * stride_ot + offs_r[None, :]
     omask = imask[:, None] & rmask[None, :]
-    if ATOMIC:
-        tl.atomic_add(optr, acc, mask=omask)
+    if LAST_SPLIT:
+        # one launch: each split stores its float32 partial (partials [split, T, R], this tile's rows only) and counts
+        # itself done on the tile's counter; the last to arrive sums the partials in split order (the same sum
+        # whichever split is last: deterministic), stores the result and resets the counter. Every thread's partial
+        # stores precede thread 0's release (the barrier, then acq_rel at gpu scope); its acquire precedes the sum's
+        # loads, which read through L2 (".cg"): other SMs wrote the partials during this launch.
+        pptr = part_ptr + rows[:, None] * R + offs_r[None, :]
+        tl.store(pptr + ks.to(tl.int64) * stride_ps, acc, mask=omask)
+        tl.debug_barrier()
+        cnt = cnt_ptr + seg * tl.num_programs(0) + mt
+        splits = tl.num_programs(2)
+        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if done == splits - 1:
+            acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+            for _ in range(0, splits):
+                acc += tl.load(pptr, mask=omask, other=0.0, cache_modifier=".cg")
+                pptr += stride_ps
+            tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt, 0)  # ready for the next launch / graph replay: no zeroing on the host
     else:
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -164,16 +188,21 @@ def lora_shrink(
 ) -> torch.Tensor:
     """x [T, d_in]; a_stack [S, d_in, r] -> [T, r] (zeros for rows in no segment). `out` must be zero there.
 
+    One launch, split-K or not: the last split of each tile sums the partials and stores the result in the output's
+    dtype (see `_shrink_kernel`), so there is no zeroed accumulator and no conversion afterwards.
     `rows_covered`: every row lies in some segment, so every row is written and the result needs no zero fill
-    (one launch fewer) unless split-K accumulates atomically. Split-K stays on for decode-sized batches: one
-    program walking all of d_in alone made an 8B decode step 1.5 ms slower (H200)."""
+    (one launch fewer). Split-K stays on for decode-sized batches: one program walking all of d_in alone made an 8B
+    decode step 1.5 ms slower (H200)."""
     t, k = x.shape
     r = a_stack.shape[-1]
     if x.stride(-1) != 1:
         x = x.contiguous()
     if a_stack.stride(-1) != 1:
         a_stack = a_stack.contiguous()
-    out_dtype = out_dtype or x.dtype
+    if out is None:
+        out = (torch.empty if rows_covered else torch.zeros)(t, r, dtype=out_dtype or x.dtype, device=x.device)
+    elif out.stride(-1) != 1:
+        raise ValueError("lora_shrink needs an output with contiguous rows")
     g = seg_slot.shape[0]
     on_gpu = x.device.type == "cuda"
     block_m = 16 if max_seg_len <= 16 or not on_gpu else (32 if max_seg_len <= 32 else 64)
@@ -186,43 +215,39 @@ def lora_shrink(
             split_k = max(1, min(want // max(1, m_tiles * g), triton.cdiv(k, 4 * block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    atomic = split_k > 1
-    if atomic:
-        work = torch.zeros(t, r, dtype=torch.float32, device=x.device)
-    elif out is None:
-        work = (torch.empty if rows_covered else torch.zeros)(t, r, dtype=out_dtype, device=x.device)
-    else:
-        work = out
-    if t and g and max_seg_len:
-        _shrink_kernel[(m_tiles, g, split_k)](
-            x,
-            a_stack,
-            work,
-            tokens if tokens is not None else seg_start,
-            seg_start,
-            seg_slot,
-            k,
-            k_per_split,
-            x.stride(0),
-            a_stack.stride(0),
-            a_stack.stride(1),
-            work.stride(0),
-            R=r,
-            R_PAD=_rpad(r),
-            BLOCK_M=block_m,
-            BLOCK_K=block_k,
-            HAS_TOK=tokens is not None,
-            ATOMIC=atomic,
-            DOT_PREC=_dot_precision(x.dtype),
-            num_warps=4,
-            num_stages=3 if on_gpu else 1,
-        )
-    if atomic:
-        if out is not None:
-            out.copy_(work)
-            return out
-        return work if out_dtype == torch.float32 else work.to(out_dtype)
-    return work
+    if not (t and g and max_seg_len):
+        return out
+    last_split = split_k > 1
+    # partials: every split of a tile stores all of the tile's rows and the last one reads only those, so no fill
+    part = torch.empty(split_k, t, r, dtype=torch.float32, device=x.device) if last_split else out
+    counters = arrival_counters(m_tiles * g, x.device, SHRINK_COUNTERS_OWNER) if last_split else out
+    _shrink_kernel[(m_tiles, g, split_k)](
+        x,
+        a_stack,
+        out,
+        part,
+        counters,
+        tokens if tokens is not None else seg_start,
+        seg_start,
+        seg_slot,
+        k,
+        k_per_split,
+        x.stride(0),
+        a_stack.stride(0),
+        a_stack.stride(1),
+        out.stride(0),
+        t * r,
+        R=r,
+        R_PAD=_rpad(r),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        HAS_TOK=tokens is not None,
+        LAST_SPLIT=last_split,
+        DOT_PREC=_dot_precision(x.dtype),
+        num_warps=4,
+        num_stages=3 if on_gpu else 1,
+    )
+    return out
 
 
 def shared_shrink(x: torch.Tensor, a: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
