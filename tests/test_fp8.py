@@ -349,3 +349,39 @@ def test_fp8_engine_triton_gemm_matches_old_path(engines, tiny_llama, monkeypatc
         for g, w in zip(got, want):
             assert g.token_ids == w.token_ids
             assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
+
+
+def test_fp8_fused_silu_down_matches_unfused(tiny_llama, tmp_path, monkeypatch):
+    """Triton backend (fused layers) with every projection on the Triton W8A16 kernel: a lone sequence's decode
+    rows run the down projection with silu(gate) * up computed in its GEMV (`Fp8Weight.linear_silu_mul`), and
+    generate the tokens and logprobs of the same engine with that fusion declined (silu_mul kernel, then the
+    GEMV). A down_proj adapter keeps h materialised (its delta reads it): the fusion is not even asked for."""
+    import lragent.quant.fp8 as fp8_module
+    from lragent.bench.adapters import write_peft_adapter
+
+    model, adapters = tiny_llama
+    config = ModelConfig.from_file(f"{model}/config.json")
+    down = write_peft_adapter(tmp_path / "down", config, ("q_proj", "down_proj"), seed=3, b_scale=0.05)
+    monkeypatch.setattr(fp8_module, "FP8_GEMM", "triton")
+    dev = {"device": "cuda"} if torch.cuda.is_available() else {}
+    llm = _engine(model, {**adapters, "down": str(down)}, "fp8", backend="triton", **dev)
+    assert llm.engine.fused_layers
+    real, fused_rows = Fp8Weight.linear_silu_mul, []
+
+    def spy(self: Fp8Weight, gate_up: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        out = real(self, gate_up, bias)
+        fused_rows.append(gate_up.shape[0] if out is not None else 0)
+        return out
+
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True)
+    for adapter, asked in ((None, True), ("plan", True), ("down", False)):
+        fused_rows.clear()
+        monkeypatch.setattr(Fp8Weight, "linear_silu_mul", spy)
+        got = llm.generate(PROMPTS[:1], greedy, adapter=adapter)
+        monkeypatch.setattr(Fp8Weight, "linear_silu_mul", lambda self, gate_up, bias=None: None)
+        want = llm.generate(PROMPTS[:1], greedy, adapter=adapter)
+        assert got[0].token_ids == want[0].token_ids
+        assert max(abs(a - b) for a, b in zip(got[0].logprobs, want[0].logprobs)) < 1e-5
+        # asked at the prefill (declined: many rows) and at each decode step of each layer (fused: one row)
+        assert bool(fused_rows) == asked, (adapter, fused_rows)
+        assert not asked or (fused_rows.count(1) == 3 * config.num_layers and set(fused_rows) == {0, 1})

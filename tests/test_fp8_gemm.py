@@ -25,7 +25,8 @@ if not CUDA:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from lragent.kernels.triton_fp8 import _decode_e4m3, w8a16_config, w8a16_linear  # noqa: E402
+from lragent.kernels.triton_fp8 import _decode_e4m3, can_fuse_act, gemv_config, w8a16_config, w8a16_linear  # noqa: E402
+from lragent.kernels.triton_fused import silu_mul  # noqa: E402
 from lragent.quant.fp8 import (  # noqa: E402
     FP8,
     TRITON_MAX_ROWS,
@@ -142,12 +143,94 @@ def test_w8a16_gemv_split_k(n, k, block_k, split_k, decode):
 def test_w8a16_gemv_default_config(n, k):
     """A single row takes the GEMV by default, with the measured tiles (16 / 32 channels, 1,024 / 512-wide K steps,
     two splits for rows over 8192): ragged in both directions at each tile size."""
-    from lragent.kernels.triton_fp8 import gemv_config
-
-    assert gemv_config(4096, 4096) == (16, 1024, 8, 1) and gemv_config(28672, 4096) == (32, 512, 8, 1)
-    assert gemv_config(4096, 14336) == (16, 1024, 8, 2)  # long rows: split in two
+    assert gemv_config(4096, 4096) == (16, 1024, 8, 1, 1) and gemv_config(28672, 4096) == (32, 512, 8, 1, 1)
+    assert gemv_config(4096, 14336) == (16, 1024, 8, 2, 1)  # long rows: split in two; one K tile in flight
+    assert gemv_config(4096, 14336, unroll=2).unroll == 2
+    with pytest.raises(ValueError, match="unroll"):
+        gemv_config(4096, 4096, unroll=4)
     x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=n, bias=True)
     _check(w8a16_linear(x, w8, scale, bias), x, w8, scale, bias)
+
+
+# (N, K, BLOCK_K, split_k): K tiles per program odd and even, a ragged last tile, splits whose ranges hold an odd
+# number of tiles (3, 3, 1 of 7), exactly one pair per split, fewer tiles than a pair, more splits than tiles
+UNROLL_CASES = [(40, 200, 32, 1), (40, 192, 32, 1), (40, 160, 32, 1), (5, 40, 16, 1), (24, 20, 32, 1),
+                (40, 200, 32, 3), (17, 256, 64, 2), (33, 224, 32, 2), (16, 100, 64, 8)]  # fmt: skip
+
+
+@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k", "block_k", "split_k"), UNROLL_CASES)
+def test_w8a16_gemv_unroll_two_tiles(n, k, block_k, split_k, dtype, decode):
+    """UNROLL = 2 (two K tiles' loads in flight, then the one or two left one at a time) covers each split's range
+    exactly once: against the reference, and bit for bit against UNROLL = 1 (the tiles are added in the same
+    order), with and without the SiLU prologue."""
+    x, w8, scale, bias = _problem(1, n, k, dtype, seed=n + k + split_k, bias=split_k % 2 == 1)
+    kw = dict(decode=decode, gemv=True, block_n=16, block_k=block_k, split_k=split_k)
+    one = w8a16_linear(x, w8, scale, bias, unroll=1, **kw)
+    two = w8a16_linear(x, w8, scale, bias, unroll=2, **kw)
+    _check(two, x, w8, scale, bias)
+    assert torch.equal(one, two)
+    gate_up = _gate_up(k, dtype, seed=k)
+    fused = [w8a16_linear(gate_up, w8, scale, bias, act="silu_mul", unroll=u, **kw) for u in (1, 2)]
+    assert torch.equal(fused[0], fused[1])
+
+
+def _gate_up(k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A [gate | up] row of 2K as the fused gate/up projection writes it, gates over SiLU's curved range."""
+    gen = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(1, 2 * k, generator=gen)).to(DEVICE, dtype)
+
+
+# (N, K, BLOCK_N, BLOCK_K, split_k): even and ragged N / K, split-K off and on, the default tiles (None)
+SILU_CASES = [(72, 200, 32, 64, 1), (64, 256, 16, 128, 1), (40, 200, 16, 32, 3), (17, 256, 16, 64, 2),
+              (5, 40, 16, 16, 1), (24, 1000, None, None, None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k", "block_n", "block_k", "split_k"), SILU_CASES)
+def test_w8a16_gemv_silu_mul_prologue(n, k, block_n, block_k, split_k, dtype, decode):
+    """act="silu_mul": the GEMV reads the [gate | up] row and multiplies W by silu(gate) * up computed in its loads.
+    It must equal `silu_mul` (the Triton kernel the MLP runs otherwise) followed by the same GEMV bit for bit (the
+    activation is rounded to x's dtype at the same two points), and the dequantised reference on silu_mul's
+    output; ragged N and K, split-K on and off, the default tiles, a 1-d row."""
+    _, w8, scale, bias = _problem(1, n, k, dtype, seed=n * k, bias=n % 2 == 0)
+    gate_up = _gate_up(k, dtype, seed=n + k)
+    h = silu_mul(gate_up)
+    kw = dict(decode=decode, gemv=True, block_n=block_n, block_k=block_k, split_k=split_k)
+    fused = w8a16_linear(gate_up, w8, scale, bias, act="silu_mul", **kw)
+    _check(fused, h, w8, scale, bias)
+    assert torch.equal(fused, w8a16_linear(h, w8, scale, bias, **kw))
+    flat = w8a16_linear(gate_up.view(-1), w8, scale, bias, act="silu_mul", **kw)
+    assert flat.shape == (n,) and torch.equal(flat, fused.view(-1))
+
+
+def test_silu_mul_prologue_only_for_single_rows():
+    """The prologue lives in the GEMV only: several rows, the tiled kernel (gemv=False), an odd width or an unknown
+    activation are refused (the caller runs `silu_mul` first)."""
+    _, w8, scale, _ = _problem(1, 24, 64, torch.float32, seed=0, bias=False)
+    row = _gate_up(64, torch.float32, seed=1)
+    assert can_fuse_act(row, "silu_mul") and not can_fuse_act(row, "silu_mul", gemv=False)
+    assert not can_fuse_act(row.expand(2, -1), "silu_mul") and not can_fuse_act(row[:, :-1], "silu_mul")
+    with pytest.raises(ValueError, match="single row"):
+        w8a16_linear(row.expand(3, -1), w8, scale, act="silu_mul")
+    with pytest.raises(ValueError, match="act must be"):
+        w8a16_linear(row, w8, scale, act="gelu")
+
+
+def test_fp8_weight_linear_silu_mul_routing():
+    """`Fp8Weight.linear_silu_mul` fuses a single row on the Triton path (a row view of a fused weight included)
+    and declines (None) elsewhere: the reference path, more rows, a width that is not 2 x in_features."""
+    w = torch.randn(48, 64, device=DEVICE) * 0.1
+    fp8 = Fp8Weight.of(w, scaled_mm=False, triton_rows=4).rows(8, 40)
+    gate_up = _gate_up(64, torch.float32, seed=2)
+    got = fp8.linear_silu_mul(gate_up)
+    assert got is not None
+    torch.testing.assert_close(got, fp8.linear(silu_mul(gate_up)), rtol=0, atol=0)
+    assert Fp8Weight.of(w, scaled_mm=False).linear_silu_mul(gate_up) is None  # triton_rows 0
+    assert fp8.linear_silu_mul(gate_up.expand(2, -1)) is None
+    assert fp8.linear_silu_mul(gate_up[:, :64]) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

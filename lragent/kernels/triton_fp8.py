@@ -25,6 +25,11 @@ Two ways to turn a weight byte into a number (`decode`):
   the 2^8 is folded into the scale. The two NaN codes (0x7F, 0xFF) decode to +-480; the quantiser never writes
   them (it saturates at +-448), and Triton's interpreter decodes them the same way on the native path.
 
+A single row (decode at batch 1) goes through `_w8a16_gemv_kernel` instead (no `tl.dot`, tiles from `gemv_config`):
+its UNROLL option keeps two K tiles of weights in flight per program (the loop has no dot, so Triton does not
+pipeline it), and `act="silu_mul"` lets it read the MLP's [gate | up] row and compute silu(gate) * up as its x, with
+the rounding of `triton_fused.silu_mul`, so the down projection needs no separate SiLU launch.
+
 No host synchronisation and no data-dependent allocation (the output and the workspace depend on shapes only): a
 CUDA graph can capture it. Under TRITON_INTERPRET=1 it runs on CPU tensors (tests).
 """
@@ -216,6 +221,42 @@ def _w8a16_reduce_kernel(
 
 
 @triton.jit
+def _load_k(ptr, offs, K, MASKED: tl.constexpr):
+    """ptr[offs], zero past K where the tile may cross it (MASKED), else an unmasked (vectorisable) load."""
+    if MASKED:
+        return tl.load(ptr + offs, mask=offs < K, other=0.0)
+    else:
+        return tl.load(ptr + offs)
+
+
+@triton.jit
+def _gemv_x(x_ptr, offs, K, MASKED: tl.constexpr, SILU_MUL: tl.constexpr):
+    """x[offs] in float32. With SILU_MUL, x_ptr is a [gate | up] row of 2K and x = silu(gate) * up, computed as
+    `triton_fused._silu_mul_kernel` does (float32, the SiLU and the product each rounded to the activation dtype),
+    so the down projection sees the very values that kernel would have written, without their round trip."""
+    if SILU_MUL:
+        ty = x_ptr.dtype.element_ty
+        gate = _load_k(x_ptr, offs, K, MASKED).to(tl.float32)
+        up = _load_k(x_ptr + K, offs, K, MASKED).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(ty).to(tl.float32)
+        return (act * up).to(ty).to(tl.float32)
+    else:
+        return _load_k(x_ptr, offs, K, MASKED).to(tl.float32)
+
+
+@triton.jit
+def _load_w(w_ptrs, nmask, offs_k, K, MASK_N: tl.constexpr, MASK_K: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] weight tile, masked only along the dimensions that may be ragged (streamed once:
+    evict first)."""
+    if MASK_K:
+        return tl.load(w_ptrs, mask=nmask[:, None] & (offs_k < K)[None, :], other=0.0, eviction_policy="evict_first")
+    elif MASK_N:
+        return tl.load(w_ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
+    else:
+        return tl.load(w_ptrs, eviction_policy="evict_first")
+
+
+@triton.jit
 def _w8a16_gemv_kernel(
     x_ptr,
     w_ptr,
@@ -234,29 +275,41 @@ def _w8a16_gemv_kernel(
     EVEN_N: tl.constexpr,
     BITS: tl.constexpr,
     SPLIT: tl.constexpr,
+    SILU_MUL: tl.constexpr = False,  # x_ptr holds [gate | up] (2K): x = silu(gate) * up on the fly (`_gemv_x`)
+    UNROLL: tl.constexpr = 1,  # K tiles whose loads are issued before either is reduced (1 or 2)
 ):
     """One row of x: y[n] = scale[n] * sum_k W[n, k] x[k] for BLOCK_N output channels per program, without `tl.dot`
     (which pads the row to 16): each [BLOCK_N, BLOCK_K] weight tile is read along K (contiguous bytes, wide loads),
     multiplied by x in float32 and summed over K into a [BLOCK_N] accumulator. With SPLIT, program (n, s) sums only
     K_PER_SPLIT of K (a multiple of BLOCK_K) and stores its unscaled partial in ws[s, n]: more programs in flight for
-    projections with few output channels and long rows (`_w8a16_reduce_kernel` adds the splits and scales)."""
+    projections with few output channels and long rows (`_w8a16_reduce_kernel` adds the splits and scales).
+
+    Without a `tl.dot` Triton does not pipeline the loop, so a program has one weight tile in flight at a time.
+    UNROLL = 2 walks the K range in pairs of whole tiles, both tiles' loads issued before either is reduced (twice
+    the bytes in flight per program), then the one or two tiles left (an odd count, a ragged end) one at a time.
+    The pairs never cross K, so they load unmasked along K; the tiles are added to the accumulator in the same
+    order as with UNROLL = 1 (the same result, bit for bit)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = tl.program_id(1) * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     offs_k = tl.arange(0, BLOCK_K)
     nmask = offs_n < N
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
-            if EVEN_N:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
-        else:
-            kmask = k0 + offs_k < K
-            x = tl.load(x_ptr + k0 + offs_k, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
+    k_tail = k_start
+    if UNROLL == 2:
+        k_tail = k_start + (k_end - k_start) // (2 * BLOCK_K) * (2 * BLOCK_K)
+        for k0 in range(k_start, k_tail, 2 * BLOCK_K):
+            w0 = _load_w(w_ptrs, nmask, offs_k, K, not EVEN_N, False)
+            w1 = _load_w(w_ptrs + BLOCK_K, nmask, offs_k, K, not EVEN_N, False)
+            x0 = _gemv_x(x_ptr, k0 + offs_k, K, False, SILU_MUL)
+            x1 = _gemv_x(x_ptr, k0 + BLOCK_K + offs_k, K, False, SILU_MUL)
+            acc += tl.sum(_decode_e4m3(w0, BITS).to(tl.float32) * x0[None, :], 1)
+            acc += tl.sum(_decode_e4m3(w1, BITS).to(tl.float32) * x1[None, :], 1)
+            w_ptrs += 2 * BLOCK_K
+    for k0 in range(k_tail, k_end, BLOCK_K):
+        x = _gemv_x(x_ptr, k0 + offs_k, K, not EVEN_K, SILU_MUL)
+        w = _load_w(w_ptrs, nmask, k0 + offs_k, K, not EVEN_N, not EVEN_K)
         acc += tl.sum(_decode_e4m3(w, BITS).to(tl.float32) * x[None, :], 1)
         w_ptrs += BLOCK_K
     if SPLIT:
@@ -279,6 +332,7 @@ class GemvConfig(NamedTuple):
     block_k: int
     num_warps: int
     split_k: int  # programs along K (1: one program per BLOCK_N channels, no reduce launch)
+    unroll: int = 1  # K tiles in flight per program and step (`_w8a16_gemv_kernel`'s UNROLL: 1 or 2)
 
 
 def gemv_config(
@@ -288,18 +342,21 @@ def gemv_config(
     block_k: int | None = None,
     num_warps: int | None = None,
     split_k: int | None = None,
+    unroll: int | None = None,
 ) -> GemvConfig:
     """The single-row kernel's tiles (any argument given overrides), from benchmarks/fp8_gemm_sweep.py on an H200
     (Llama-3.1-8B projections, 2026-12-01, two sweeps): 8 warps always (4 left the loads short of bandwidth: up to 2x
     slower); up to N = 8192 16 channels per program in 1,024-wide K steps (qkv 8.3 us = 0.48x bf16, o 7.5 us =
     0.68x), above it 32 channels in 512-wide steps (gate_up 32.1 us = 0.52x); rows longer than 8192 split in two
     along K so twice the programs stream them (down, K 14336: 19.9 us = 0.61x; 23.8 unsplit, 62.7 with the first
-    4-warp 32 x 512 tiles)."""
+    4-warp 32 x 512 tiles). `unroll` (two K tiles in flight per program) stays 1 until the sweep measures 2."""
     wide = n > 8192
     bn = block_n or (32 if wide else 16)
     bk = block_k or (512 if wide else 1024)
     split = split_k or (2 if k > 8192 else 1)
-    return GemvConfig(bn, bk, num_warps or 8, max(1, min(split, triton.cdiv(k, bk))))
+    if unroll not in (None, 1, 2):
+        raise ValueError(f"unroll must be 1 or 2, got {unroll}")
+    return GemvConfig(bn, bk, num_warps or 8, max(1, min(split, triton.cdiv(k, bk))), unroll or 1)
 
 
 def _gemv(
@@ -311,8 +368,10 @@ def _gemv(
     bits: bool,
     cfg: GemvConfig,
     num_stages: int,
+    silu_mul: bool = False,
 ) -> None:
-    """One row through `_w8a16_gemv_kernel` (and the split reduce when cfg.split_k > 1) into out [1, N]."""
+    """One row through `_w8a16_gemv_kernel` (and the split reduce when cfg.split_k > 1) into out [1, N]; with
+    `silu_mul`, x is the [gate | up] row of 2K and the kernel multiplies W by silu(gate) * up."""
     n, k = weight.shape
     per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, per_split)
@@ -321,13 +380,25 @@ def _gemv(
     _w8a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         x, weight, scale, bias_arg, out, ws, n, k, per_split, weight.stride(0), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
-        BITS=bits, SPLIT=splits > 1, num_warps=cfg.num_warps, num_stages=num_stages,
+        BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul, UNROLL=cfg.unroll, num_warps=cfg.num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         _w8a16_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), 1)](
             ws, scale, bias_arg, out, 1, n, splits, out.stride(0), BLOCK=REDUCE_BLOCK, HAS_BIAS=bias is not None,
             BITS=bits, num_warps=4,
         )  # fmt: skip
+
+
+ACTS = ("silu_mul",)
+
+
+def can_fuse_act(x: torch.Tensor, act: str, gemv: bool | None = None) -> bool:
+    """Whether `w8a16_linear(x, ..., act=act)` fuses the activation: a known one, a single row of even width, and
+    the GEMV path (`gemv`, None: the module's `GEMV`); the tiled kernel has no prologue."""
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+    return x.numel() == x.shape[-1] > 0 and x.shape[-1] % 2 == 0 and (GEMV if gemv is None else gemv)
 
 
 def w8a16_linear(
@@ -344,20 +415,29 @@ def w8a16_linear(
     num_warps: int | None = None,
     num_stages: int = 3,
     gemv: bool | None = None,
+    unroll: int | None = None,
+    act: str | None = None,
 ) -> torch.Tensor:
     """x [..., K] (bf16 / fp16 / fp32) times the FP8 weight [N, K] (float8_e4m3fn or its bytes as uint8, rows with
     unit stride along K) scaled per row by `scale` [N] (float32) -> [..., N] in `out_dtype` (default x's), plus
     `bias` [N] if given. `decode` ("native" / "bits") defaults to "native" on GPUs of compute capability >= 8.9 and
     "bits" elsewhere; a uint8 weight always decodes with "bits". `gemv` (None: `GEMV`, the environment's
     LRAGENT_FP8_GEMV, on unless 0) sends a single row through `_w8a16_gemv_kernel` (faster at every measured shape);
-    `block_n`, `block_k`, `num_warps`, `num_stages`, `split_k` tune either kernel, overriding
-    `w8a16_config` / `gemv_config` (tests, sweeps)."""
-    k = x.shape[-1]
+    `block_n`, `block_k`, `num_warps`, `num_stages`, `split_k` tune either kernel, `unroll` the GEMV, overriding
+    `w8a16_config` / `gemv_config` (tests, sweeps).
+
+    `act="silu_mul"`: x [..., 2K] is a [gate | up] row (the fused gate/up projection's output) and the product is
+    W times silu(gate) * up, computed in the GEMV's loads with `silu_mul`'s rounding (see `_gemv_x`): the down
+    projection without the SiLU kernel's launch and its round trip through memory. Only one row, on the GEMV
+    path (`can_fuse_act` says when); anything else raises ValueError, the caller runs `silu_mul` first instead."""
+    if act is not None and not can_fuse_act(x, act, gemv):
+        raise ValueError(f"act={act!r} needs a single row on the GEMV path, got {tuple(x.shape)}")
+    k = x.shape[-1] // 2 if act else x.shape[-1]  # with act, the weight's K is half of x's [gate | up] row
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1, (tuple(weight.shape), weight.stride(), k)
     assert scale.shape == (n,) and scale.dtype == torch.float32
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
@@ -378,7 +458,8 @@ def w8a16_linear(
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     bits = decode == "bits"
     if m == 1 and (GEMV if gemv is None else gemv):
-        _gemv(x2, weight, scale, bias, out, bits, gemv_config(n, k, block_n, block_k, num_warps, split_k), num_stages)
+        cfg_1 = gemv_config(n, k, block_n, block_k, num_warps, split_k, unroll)
+        _gemv(x2, weight, scale, bias, out, bits, cfg_1, num_stages, silu_mul=act == "silu_mul")
         return out.view(*x.shape[:-1], n)
     cfg = w8a16_config(m, n, k, sms, x2.element_size(), block_n, block_k, split_k)
     split = cfg.split_k > 1

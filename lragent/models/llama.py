@@ -62,7 +62,10 @@ def _with_lora(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
 
 class LinearWeight(Protocol):
     """A weight with its own matmul, standing in for a fused weight tensor after a weight transform (FP8 weights:
-    `lragent.quant.fp8.Fp8Weight`); the model never builds one."""
+    `lragent.quant.fp8.Fp8Weight`); the model never builds one.
+
+    It may also offer `linear_silu_mul(gate_up, bias) -> Tensor | None`: its matmul of silu(gate) * up computed
+    from the [gate | up] row itself (one launch instead of two), None where it cannot (see `linear_silu_mul`)."""
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -72,6 +75,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor | LinearWeight, bias: torch.Ten
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
     return weight.linear(x, bias)
+
+
+def linear_silu_mul(
+    gate_up: torch.Tensor, weight: torch.Tensor | LinearWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """linear(silu(gate) * up, weight, bias) with the activation fused into the weight's own matmul, where the
+    weight offers that for this input (`LinearWeight.linear_silu_mul`); None otherwise (a plain tensor, no such
+    method, or it declines): the caller runs the SiLU kernel and `linear`."""
+    fused = None if isinstance(weight, torch.Tensor) else getattr(weight, "linear_silu_mul", None)
+    return None if fused is None else fused(gate_up, bias)
 
 
 class Attention(nn.Module):
@@ -168,12 +181,23 @@ class MLP(nn.Module):
             gate, up = gate_up.chunk(2, dim=-1)
             bank.add_delta(gate, x, layer, "gate_proj", segs)
             bank.add_delta(up, x, layer, "up_proj", segs)
+            if not self._down_adapted(bank, ctx):
+                y = linear_silu_mul(gate_up, self.down_proj.weight, self.down_proj.bias)
+                if y is not None:  # the down matmul computed silu(gate) * up itself (one decode row, FP8 GEMV)
+                    return y
             h = rt.ops.silu_mul(gate_up)
         else:
             gate = _with_lora(self.gate_proj(x), bank.delta(x, layer, "gate_proj", segs))
             up = _with_lora(self.up_proj(x), bank.delta(x, layer, "up_proj", segs))
             h = F.silu(gate) * up
         return _with_lora(self.down_proj(h), bank.delta(h, layer, "down_proj", segs))
+
+    def _down_adapted(self, bank: LoRABank, ctx: ForwardContext) -> bool:
+        """Whether a down_proj adapter acts on these tokens (exactly when `bank.delta` would return a delta): its
+        delta reads h = silu(gate) * up itself, so then h is materialised and the activation is not fused."""
+        if (self.layer, "down_proj") not in bank.down:
+            return False
+        return any((slot, "down_proj") in bank.active for slot, _ in ctx.lora.segments)
 
 
 def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -13,7 +13,8 @@ number of rows:
   `TRITON_MAX_ROWS` rows (decode): the activations stay in the model dtype (not quantised), each weight byte is read
   once and converted in registers, the per-channel scale is applied once per output. At a few rows the step is bound
   by reading the weights, and this is one launch per projection (fused q/k/v and gate/up included), without the
-  per-token activation quantisation and the GEMM padding of `_scaled_mm`;
+  per-token activation quantisation and the GEMM padding of `_scaled_mm`. For one row, `Fp8Weight.linear_silu_mul`
+  also folds the MLP's SiLU-and-multiply into the down projection's kernel (one launch less per layer and step);
 - `torch._scaled_mm` (CUDA with compute capability >= 8.9, a bfloat16 model, both dims multiples of 16) for more
   rows (prefill): the activations are quantised per token (row-wise absmax scale), a real FP8 GEMM;
 - otherwise the reference: dequantise to the model dtype and `F.linear` (CPU, older GPUs, other dtypes). It keeps
@@ -126,6 +127,20 @@ class Fp8Weight:
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def linear_silu_mul(self, gate_up: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """linear(silu(gate) * up, bias) for gate_up [..., 2 * in] laid out [gate | up], in one launch: the Triton
+        GEMV computes the activation as it loads x (`w8a16_linear(act="silu_mul")`, with `silu_mul`'s rounding),
+        so the down projection of a decode step skips the SiLU kernel. None where that does not apply (more than
+        one row, this weight not on the Triton path, the GEMV off, another width): the caller then runs `silu_mul`
+        and `linear` as before."""
+        if not self.triton_rows or gate_up.shape[-1] != 2 * self.data.shape[1] or gate_up.dtype != self.dtype:
+            return None
+        from lragent.kernels.triton_fp8 import can_fuse_act, w8a16_linear  # imports Triton: only where it runs
+
+        if not can_fuse_act(gate_up, "silu_mul"):
+            return None
+        return w8a16_linear(gate_up, self.data, self.scale, bias, self.dtype, act="silu_mul")
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in] -> [..., out] in the model dtype, as F.linear(x, W, bias) with W the dequantised weight."""
