@@ -25,6 +25,7 @@ if not CUDA:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from lragent.kernels.counters import counters_of  # noqa: E402
 from lragent.kernels.triton_fp8 import _decode_e4m3, can_fuse_act, gemv_config, w8a16_config, w8a16_linear  # noqa: E402
 from lragent.kernels.triton_fused import silu_mul  # noqa: E402
 from lragent.quant.fp8 import (  # noqa: E402
@@ -137,6 +138,26 @@ def test_w8a16_gemv_split_k(n, k, block_k, split_k, decode):
     x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=k + split_k, bias=split_k % 2 == 0)
     out = w8a16_linear(x, w8, scale, bias, decode=decode, gemv=True, block_n=16, block_k=block_k, split_k=split_k)
     _check(out, x, w8, scale, bias)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize(("n", "k", "block_k", "split_k"), [(40, 200, 32, 3), (17, 256, 64, 4), (64, 1024, 128, 2)])
+def test_w8a16_gemv_last_split_reduce(n, k, block_k, split_k, silu, monkeypatch):
+    """The split that finishes last reduces (one launch): the same output, bit for bit, as the separate reduce
+    kernel, with ragged N and K; the arrival counters are all zero again afterwards (a second call is right too)."""
+    import lragent.kernels.triton_fp8 as tf
+
+    x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=n + split_k, bias=split_k % 2 == 1)
+    if silu:
+        x = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(n), dtype=torch.float32).to(x.dtype)
+    kw = dict(gemv=True, block_n=16, block_k=block_k, split_k=split_k, act="silu_mul" if silu else None)
+    monkeypatch.setattr(tf, "GEMV_LAST_SPLIT", False)
+    two = w8a16_linear(x, w8, scale, bias, **kw)
+    monkeypatch.setattr(tf, "GEMV_LAST_SPLIT", True)
+    for _ in range(2):
+        one = w8a16_linear(x, w8, scale, bias, **kw)
+        assert torch.equal(one, two)
+        assert not counters_of(tf.GEMV_COUNTERS_OWNER, x.device).any()
 
 
 @pytest.mark.parametrize(("n", "k"), [(20, 96), (8200, 48), (24, 8200)])

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lragent.kernels.counters import arrival_counters
+
 DECODES = ("native", "bits")
 BITS_SCALE = 256.0  # "bits" decodes to the e4m3 value * 2^-8
 WEIGHT_TILE_BYTES = 8192  # bytes of W per program and K step: BLOCK_N * BLOCK_K
@@ -277,12 +279,15 @@ def _w8a16_gemv_kernel(
     SPLIT: tl.constexpr,
     SILU_MUL: tl.constexpr = False,  # x_ptr holds [gate | up] (2K): x = silu(gate) * up on the fly (`_gemv_x`)
     UNROLL: tl.constexpr = 1,  # K tiles whose loads are issued before either is reduced (1 or 2)
+    cnt_ptr=None,  # LAST_SPLIT: one int32 arrival counter per BLOCK_N channels (`lragent.kernels.counters`)
+    LAST_SPLIT: tl.constexpr = False,  # with SPLIT: the last split to finish reduces (no `_w8a16_reduce_kernel`)
 ):
     """One row of x: y[n] = scale[n] * sum_k W[n, k] x[k] for BLOCK_N output channels per program, without `tl.dot`
     (which pads the row to 16): each [BLOCK_N, BLOCK_K] weight tile is read along K (contiguous bytes, wide loads),
     multiplied by x in float32 and summed over K into a [BLOCK_N] accumulator. With SPLIT, program (n, s) sums only
     K_PER_SPLIT of K (a multiple of BLOCK_K) and stores its unscaled partial in ws[s, n]: more programs in flight for
-    projections with few output channels and long rows (`_w8a16_reduce_kernel` adds the splits and scales).
+    projections with few output channels and long rows; the split that finishes last for a channel block adds the
+    splits and scales (LAST_SPLIT: one launch), else `_w8a16_reduce_kernel` does in a second launch.
 
     Without a `tl.dot` Triton does not pipeline the loop, so a program has one weight tile in flight at a time.
     UNROLL = 2 walks the K range in pairs of whole tiles, both tiles' loads issued before either is reduced (twice
@@ -314,9 +319,22 @@ def _w8a16_gemv_kernel(
         w_ptrs += BLOCK_K
     if SPLIT:
         tl.store(ws_ptr + tl.program_id(1) * N + offs_n, acc, mask=nmask)
-    else:
-        y = _scaled(acc, scale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS, BITS)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+        if not LAST_SPLIT:
+            return
+        # one launch: the last split of these channels to arrive adds the partials in split order (the reduce
+        # kernel's sum, bit for bit) and resets its counter; the barrier orders every thread's partial store before
+        # thread 0's release, the acquire orders the sum's loads (through L2: other SMs wrote them) after it
+        tl.debug_barrier()
+        cnt = cnt_ptr + tl.program_id(0)
+        splits = tl.num_programs(1)
+        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") != splits - 1:
+            return
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for s in range(0, splits):
+            acc += tl.load(ws_ptr + s * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt, 0)
+    y = _scaled(acc, scale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS, BITS)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 REDUCE_BLOCK = 1024
@@ -325,6 +343,9 @@ REDUCE_BLOCK = 1024
 # float32 as on the GPU, in another order. Compiled kernels never take this branch.
 _INTERPRET_BF16_DOT = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV = os.environ.get("LRAGENT_FP8_GEMV", "1") == "1"  # single rows through `_w8a16_gemv_kernel` (see w8a16_linear)
+# a split single-row GEMV reduces in its last split (one launch) unless LRAGENT_FP8_GEMV_REDUCE=kernel (two launches)
+GEMV_LAST_SPLIT = os.environ.get("LRAGENT_FP8_GEMV_REDUCE", "last_split") != "kernel"
+GEMV_COUNTERS_OWNER = "fp8_gemv"  # one arrival counter per BLOCK_N channels of a split launch
 
 
 class GemvConfig(NamedTuple):
@@ -377,13 +398,16 @@ def _gemv(
     splits = triton.cdiv(k, per_split)
     ws = torch.empty(splits, 1, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
-    _w8a16_gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+    tiles = triton.cdiv(n, cfg.block_n)
+    last = splits > 1 and GEMV_LAST_SPLIT
+    cnt = arrival_counters(tiles, x.device, GEMV_COUNTERS_OWNER) if last else None
+    _w8a16_gemv_kernel[(tiles, splits)](
         x, weight, scale, bias_arg, out, ws, n, k, per_split, weight.stride(0), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
-        BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul, UNROLL=cfg.unroll, num_warps=cfg.num_warps,
-        num_stages=num_stages,
+        BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul, UNROLL=cfg.unroll, cnt_ptr=cnt, LAST_SPLIT=last,
+        num_warps=cfg.num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and not last:
         _w8a16_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), 1)](
             ws, scale, bias_arg, out, 1, n, splits, out.stride(0), BLOCK=REDUCE_BLOCK, HAS_BIAS=bias is not None,
             BITS=bits, num_warps=4,
