@@ -355,7 +355,8 @@ def test_fp8_fused_silu_down_matches_unfused(tiny_llama, tmp_path, monkeypatch):
     """Triton backend (fused layers) with every projection on the Triton W8A16 kernel: a lone sequence's decode
     rows run the down projection with silu(gate) * up computed in its GEMV (`Fp8Weight.linear_silu_mul`), and
     generate the tokens and logprobs of the same engine with that fusion declined (silu_mul kernel, then the
-    GEMV). A down_proj adapter keeps h materialised (its delta reads it): the fusion is not even asked for."""
+    GEMV). Once any loaded adapter targets down_proj, h stays materialised for every sequence (its delta reads h,
+    and a captured decode graph serves any adapter): the fusion is not even asked for."""
     import lragent.quant.fp8 as fp8_module
     from lragent.bench.adapters import write_peft_adapter
 
@@ -364,8 +365,6 @@ def test_fp8_fused_silu_down_matches_unfused(tiny_llama, tmp_path, monkeypatch):
     down = write_peft_adapter(tmp_path / "down", config, ("q_proj", "down_proj"), seed=3, b_scale=0.05)
     monkeypatch.setattr(fp8_module, "FP8_GEMM", "triton")
     dev = {"device": "cuda"} if torch.cuda.is_available() else {}
-    llm = _engine(model, {**adapters, "down": str(down)}, "fp8", backend="triton", **dev)
-    assert llm.engine.fused_layers
     real, fused_rows = Fp8Weight.linear_silu_mul, []
 
     def spy(self: Fp8Weight, gate_up: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -374,7 +373,11 @@ def test_fp8_fused_silu_down_matches_unfused(tiny_llama, tmp_path, monkeypatch):
         return out
 
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True)
-    for adapter, asked in ((None, True), ("plan", True), ("down", False)):
+    plain = _engine(model, adapters, "fp8", backend="triton", **dev)
+    with_down = _engine(model, {**adapters, "down": str(down)}, "fp8", backend="triton", **dev)
+    for llm, adapter, asked in ((plain, None, True), (plain, "plan", True), (with_down, "plan", False),
+                                (with_down, "down", False)):  # fmt: skip
+        assert llm.engine.fused_layers
         fused_rows.clear()
         monkeypatch.setattr(Fp8Weight, "linear_silu_mul", spy)
         got = llm.generate(PROMPTS[:1], greedy, adapter=adapter)

@@ -20,6 +20,14 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _key(owner: str, device: torch.device | str) -> tuple[str, torch.device]:
+    """ "cuda" and "cuda:0" name one buffer: the device with its index."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return owner, device
+
+
 def arrival_counters(n: int, device: torch.device, owner: str) -> torch.Tensor:
     """At least `n` zeroed int32 arrival counters on `device` for `owner`'s kernels; every launch leaves them zero.
 
@@ -28,7 +36,7 @@ def arrival_counters(n: int, device: torch.device, owner: str) -> torch.Tensor:
     capture starts. The engine runs every captured shape eagerly (warm-up) right before capturing it, which grows the
     buffer outside the capture; growing it during a capture is an error, raised here. One stream at a time per device
     and owner: two launches running concurrently on different streams would share counters."""
-    key = (owner, device)
+    key = _key(owner, device)
     buf = _BUFFERS.get(key)
     if buf is not None and buf.numel() >= n:
         return buf
@@ -47,4 +55,4 @@ def arrival_counters(n: int, device: torch.device, owner: str) -> torch.Tensor:
 
 def counters_of(owner: str, device: torch.device) -> torch.Tensor | None:
     """`owner`'s current buffer on `device` (None before its first split launch there), for checks and tests."""
-    return _BUFFERS.get((owner, device))
+    return _BUFFERS.get(_key(owner, device))

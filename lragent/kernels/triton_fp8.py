@@ -266,6 +266,7 @@ def _w8a16_gemv_kernel(
     bias_ptr,
     out_ptr,
     ws_ptr,
+    cnt_ptr,  # LAST_SPLIT: one int32 arrival counter per BLOCK_N channels (`lragent.kernels.counters`)
     N,
     K,
     K_PER_SPLIT,
@@ -279,7 +280,6 @@ def _w8a16_gemv_kernel(
     SPLIT: tl.constexpr,
     SILU_MUL: tl.constexpr = False,  # x_ptr holds [gate | up] (2K): x = silu(gate) * up on the fly (`_gemv_x`)
     UNROLL: tl.constexpr = 1,  # K tiles whose loads are issued before either is reduced (1 or 2)
-    cnt_ptr=None,  # LAST_SPLIT: one int32 arrival counter per BLOCK_N channels (`lragent.kernels.counters`)
     LAST_SPLIT: tl.constexpr = False,  # with SPLIT: the last split to finish reduces (no `_w8a16_reduce_kernel`)
 ):
     """One row of x: y[n] = scale[n] * sum_k W[n, k] x[k] for BLOCK_N output channels per program, without `tl.dot`
@@ -319,20 +319,25 @@ def _w8a16_gemv_kernel(
         w_ptrs += BLOCK_K
     if SPLIT:
         tl.store(ws_ptr + tl.program_id(1) * N + offs_n, acc, mask=nmask)
-        if not LAST_SPLIT:
-            return
-        # one launch: the last split of these channels to arrive adds the partials in split order (the reduce
-        # kernel's sum, bit for bit) and resets its counter; the barrier orders every thread's partial store before
-        # thread 0's release, the acquire orders the sum's loads (through L2: other SMs wrote them) after it
-        tl.debug_barrier()
-        cnt = cnt_ptr + tl.program_id(0)
-        splits = tl.num_programs(1)
-        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") != splits - 1:
-            return
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for s in range(0, splits):
-            acc += tl.load(ws_ptr + s * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(cnt, 0)
+        if LAST_SPLIT:
+            # one launch: the last split of these channels to arrive adds the partials in split order (the reduce
+            # kernel's sum, bit for bit) and resets its counter; the barrier orders every thread's partial store
+            # before thread 0's release, the acquire orders the sum's loads (through L2: other SMs wrote them)
+            tl.debug_barrier()
+            cnt = cnt_ptr + tl.program_id(0)
+            splits = tl.num_programs(1)
+            if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == splits - 1:
+                acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for s in range(0, splits):
+                    acc += tl.load(ws_ptr + s * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt, 0)
+                _store_row(acc, scale_ptr, bias_ptr, out_ptr, offs_n, nmask, HAS_BIAS, BITS)
+    else:
+        _store_row(acc, scale_ptr, bias_ptr, out_ptr, offs_n, nmask, HAS_BIAS, BITS)
+
+
+@triton.jit
+def _store_row(acc, scale_ptr, bias_ptr, out_ptr, offs_n, nmask, HAS_BIAS: tl.constexpr, BITS: tl.constexpr):
     y = _scaled(acc, scale_ptr, bias_ptr, offs_n, nmask, HAS_BIAS, BITS)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
@@ -400,11 +405,11 @@ def _gemv(
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     tiles = triton.cdiv(n, cfg.block_n)
     last = splits > 1 and GEMV_LAST_SPLIT
-    cnt = arrival_counters(tiles, x.device, GEMV_COUNTERS_OWNER) if last else None
+    cnt = arrival_counters(tiles, x.device, GEMV_COUNTERS_OWNER) if last else out  # unread unless `last`
     _w8a16_gemv_kernel[(tiles, splits)](
-        x, weight, scale, bias_arg, out, ws, n, k, per_split, weight.stride(0), BLOCK_N=cfg.block_n,
+        x, weight, scale, bias_arg, out, ws, cnt, n, k, per_split, weight.stride(0), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
-        BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul, UNROLL=cfg.unroll, cnt_ptr=cnt, LAST_SPLIT=last,
+        BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul, UNROLL=cfg.unroll, LAST_SPLIT=last,
         num_warps=cfg.num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1 and not last:

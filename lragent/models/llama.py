@@ -181,7 +181,9 @@ class MLP(nn.Module):
             gate, up = gate_up.chunk(2, dim=-1)
             bank.add_delta(gate, x, layer, "gate_proj", segs)
             bank.add_delta(up, x, layer, "up_proj", segs)
-            if not self._down_adapted(bank, ctx):
+            # a down_proj adapter's delta reads h = silu(gate) * up itself: then h is materialised. Asked of the whole
+            # bank, not this batch's slots: a captured decode graph serves any slot (adapter loads recapture)
+            if not bank.has("down_proj"):
                 y = linear_silu_mul(gate_up, self.down_proj.weight, self.down_proj.bias)
                 if y is not None:  # the down matmul computed silu(gate) * up itself (one decode row, FP8 GEMV)
                     return y
@@ -191,13 +193,6 @@ class MLP(nn.Module):
             up = _with_lora(self.up_proj(x), bank.delta(x, layer, "up_proj", segs))
             h = F.silu(gate) * up
         return _with_lora(self.down_proj(h), bank.delta(h, layer, "down_proj", segs))
-
-    def _down_adapted(self, bank: LoRABank, ctx: ForwardContext) -> bool:
-        """Whether a down_proj adapter acts on these tokens (exactly when `bank.delta` would return a delta): its
-        delta reads h = silu(gate) * up itself, so then h is materialised and the activation is not fused."""
-        if (self.layer, "down_proj") not in bank.down:
-            return False
-        return any((slot, "down_proj") in bank.active for slot, _ in ctx.lora.segments)
 
 
 def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
