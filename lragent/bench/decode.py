@@ -80,8 +80,12 @@ def ours(
     if shared_prefix:  # cache the shared part once, so that every row's table points at the same blocks
         primer = request_params(None, 0, max_tokens=1, ignore_eos=True)
         llm.generate([timed[0][:shared_prefix]], adapter="plan", sampling_params=[primer])
+    steps: list = []
+    llm.engine.add_step_listener(steps.append)
     outs = llm.generate(timed, adapter="plan", sampling_params=params)
+    llm.engine.remove_step_listener(steps.append)
     if stats is not None:
+        stats.update(host_split(steps))
         stats["reused_tokens_mean"] = sum(o.metrics.base_reused_tokens for o in outs) / len(outs)
     first = max(o.metrics.first_token_time for o in outs)  # prefill-first: decode starts once all have one token
     last = max(o.metrics.finish_time for o in outs)
@@ -95,6 +99,21 @@ def ours(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return decoded / (last - first)
+
+
+def host_split(steps: list) -> dict[str, float]:
+    """Where a decode step's wall time goes (means over the decode steps, ms): the runner's host preparation, the
+    runner end to end (the forward and sampling until the tokens are on the host: GPU time plus what the host adds),
+    and the rest of `step()` (scheduling, bookkeeping, post-processing), which the GPU waits through."""
+    dec = [s for s in steps if not s.is_prefill]
+    if not dec:
+        return {}
+    n = len(dec)
+    step = sum(s.step_s for s in dec) / n
+    forward = sum(s.forward_s for s in dec) / n
+    prepare = sum(s.prepare_s for s in dec) / n
+    return {"step_s_ms": 1e3 * step, "runner_ms": 1e3 * forward, "prepare_ms": 1e3 * prepare,
+            "outside_runner_ms": 1e3 * (step - forward)}  # fmt: skip
 
 
 def _prompts(batch: int, length: int, shared: int, vocab: int, variant: int) -> list[list[int]]:
@@ -164,6 +183,7 @@ def floor_report(args) -> list[dict]:
         adapter = write_random_adapters(args.model, Path(tmp), ["plan"], rank=8)["plan"]
         for batch in args.batch:
             prof: dict | None = {} if args.profile else None
+            split: dict = {}
             tok_s = ours(
                 args.model,
                 adapter,
@@ -179,6 +199,7 @@ def floor_report(args) -> list[dict]:
                 enforce_eager=args.enforce_eager,
                 quantization=args.quantization,
                 tensor_parallel_size=args.tensor_parallel_size,
+                stats=split,
             )
             step = batch / tok_s
             context = args.prompt_len + args.new_tokens // 2
@@ -192,8 +213,11 @@ def floor_report(args) -> list[dict]:
                     "floor_ms": floor * 1e3,
                     "x_floor": step / floor,
                     "profile": prof,
+                    "host_split_ms": {k: v for k, v in split.items() if k.endswith("_ms")}
+                    | ({"outside_step_ms": step * 1e3 - split["step_s_ms"]} if "step_s_ms" in split else {}),
                 }
             )
+            _log(f"batch {batch} host split (ms, decode steps): " + json.dumps(rows[-1]["host_split_ms"]))
             if prof:
                 _log(f"batch {batch} profile: " + json.dumps(prof))
             _log(f"batch {batch}: {step * 1e3:.2f} ms/step, floor {floor * 1e3:.2f} ms")
