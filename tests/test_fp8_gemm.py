@@ -149,7 +149,7 @@ def test_w8a16_gemv_last_split_reduce(n, k, block_k, split_k, silu, monkeypatch)
 
     x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=n + split_k, bias=split_k % 2 == 1)
     if silu:
-        x = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(n), dtype=torch.float32).to(x.dtype)
+        x = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(n)).to(x.device, x.dtype)
     kw = dict(gemv=True, block_n=16, block_k=block_k, split_k=split_k, act="silu_mul" if silu else None)
     monkeypatch.setattr(tf, "GEMV_LAST_SPLIT", False)
     two = w8a16_linear(x, w8, scale, bias, **kw)

@@ -368,11 +368,23 @@ def _shrink_counters_zero() -> bool:
     return buf is not None and not bool(buf.any())
 
 
+@pytest.mark.parametrize("t", [1, 3])
+def test_lora_shrink_decode_shape_auto_split(t):
+    """An 8B decode shape (d_in 4096, rank 8, one adapter): the split count the heuristic picks on a GPU (several;
+    8 interpreted), merged by
+    the last split, equals the reference; the counters are zero again."""
+    inputs, tokens, ref = _shrink_case(t, [t], torch.float32, seed=t, d_in=4096, rank=8)
+    split = None if CUDA else 8  # the interpreter never splits by itself
+    y = lora_shrink(*inputs, tokens=tokens, out_dtype=torch.float32, rows_covered=True, split_k=split)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    assert _shrink_counters_zero()
+
+
 @pytest.mark.parametrize("given_out", [False, True])
 @pytest.mark.parametrize("covered", [True, False])
 @pytest.mark.parametrize("dtypes", SHRINK_DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
 def test_lora_shrink_split_k_last_split_sums(dtypes, covered, given_out):
-    """Split-K (4 splits over d_in 100, the last one short) merged by the last split in one launch: three segments,
+    """Split-K (4 splits over d_in 100 / 460 on a GPU, the last one short) merged by the last split in one launch: three segments,
     two of them two m tiles (BLOCK_M 16 here), rows outside segments zero. Each call leaves every counter zero, so
     the second call is right too, and it is bitwise the first (the splits are summed in a fixed order)."""
     x_dtype, out_dtype = dtypes
@@ -380,7 +392,8 @@ def test_lora_shrink_split_k_last_split_sums(dtypes, covered, given_out):
         pytest.skip("Triton's interpreter computes bf16 dots wrongly (numpy has no bf16)")
     tol = max(TOL[x_dtype], TOL[out_dtype])
     t, seg_lens = (40, [19, 3, 18]) if covered else (40, [17, 5, 9])
-    inputs, tokens, ref = _shrink_case(t, seg_lens, x_dtype, seed=len(seg_lens) + t)
+    # d_in: four K splits of the launch's BLOCK_K (32 interpreted, 128 compiled), the last one short
+    inputs, tokens, ref = _shrink_case(t, seg_lens, x_dtype, seed=len(seg_lens) + t, d_in=460 if CUDA else 100)
     results = []
     for _ in range(2):
         # a given output may hold anything on rows the segments cover (NaN here) and must be zero on the others
