@@ -384,9 +384,10 @@ def test_lora_shrink_decode_shape_auto_split(t):
 @pytest.mark.parametrize("covered", [True, False])
 @pytest.mark.parametrize("dtypes", SHRINK_DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
 def test_lora_shrink_split_k_last_split_sums(dtypes, covered, given_out):
-    """Split-K (4 splits over d_in 100 / 460 on a GPU, the last one short) merged by the last split in one launch: three segments,
-    two of them two m tiles (BLOCK_M 16 here), rows outside segments zero. Each call leaves every counter zero, so
-    the second call is right too, and it is bitwise the first (the splits are summed in a fixed order)."""
+    """Split-K (4 splits over d_in 100 / 460 on a GPU, the last one short) merged by the last split in one launch:
+    three segments, two of them two m tiles (BLOCK_M 16 interpreted), rows outside segments zero. Each call leaves
+    every counter zero, so the second call is right too, and it is bitwise the first (the splits are summed in a
+    fixed order)."""
     x_dtype, out_dtype = dtypes
     if x_dtype == torch.bfloat16 and not CUDA:
         pytest.skip("Triton's interpreter computes bf16 dots wrongly (numpy has no bf16)")
