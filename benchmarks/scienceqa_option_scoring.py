@@ -6,6 +6,10 @@ log-probability of the option's text after a context, the question's answer bein
   finish letter : the AutoAct trajectory's opening up to 'Finish[' and the option's letter ('B]'), what a
                   generating action agent decides between
   finish text   : the same context, the option's text ('Dover]'): `lragent eval --score-options`
+  finish PMI    : finish text minus the option's log-prob after 'Action: Finish[' alone (its prior in the agent's
+                  answer slot, without question or prompt)
+  finish agent-PMI : finish text minus its log-prob after the same agent prompt with an empty question (the prior
+                  of the option given the agent's format)
   question      : 'Question: {question}\\nAnswer:' and the option's text, no agent prompt at all (the usual cloze
                   scoring of language-model evaluations)
   question PMI  : the same, minus the option's log-prob after 'Answer:' alone (calibrated against the option's own
@@ -42,6 +46,12 @@ def contexts(fmt, record: dict, enc) -> dict[str, tuple[list[int], list[list[int
         "finish text": (finish, [enc(option_continuation(c)) for c in choices]),
         "question": (enc(f"Question: {question}\nAnswer:", True), texts),
         "prior": (enc("Answer:", True), texts),
+        "finish prior": (enc(fmt.action_call("Finish"), True), [enc(option_continuation(c)) for c in choices]),
+        "agent prior": (
+            enc(fmt.opening({**record, "Question": "", "choices": []}), True)
+            + enc("I need to pick the answer.\n" + fmt.action_call("Finish")),
+            [enc(option_continuation(c)) for c in choices],
+        ),
     }
 
 
@@ -64,13 +74,17 @@ def score(llm: LLM, records: list[dict], adapter: str | None) -> dict[str, float
     scores: dict[tuple[int, str], list[float]] = {}
     for key, out in zip(where, llm.generate(prompts, params, adapter=adapter)):
         scores.setdefault(key, []).append(sum(e.logprob for e in out.prompt_logprobs if e is not None))
-    right = dict.fromkeys(("finish letter", "finish text", "question", "question PMI"), 0)
+    ways_names = ("finish letter", "finish text", "finish PMI", "finish agent-PMI", "question", "question PMI")
+    right = dict.fromkeys(ways_names, 0)
     for qi, record in enumerate(records):
         gold = ord(record["Answer"]) - 65
         prior = scores[(qi, "prior")]
         ways = {name: scores[(qi, name)] for name in ("finish letter", "finish text", "question")}
         ways["question PMI"] = [a - b for a, b in zip(scores[(qi, "question")], prior)]
-        for name, values in ways.items():
+        ways["finish PMI"] = [a - b for a, b in zip(scores[(qi, "finish text")], scores[(qi, "finish prior")])]
+        ways["finish agent-PMI"] = [a - b for a, b in zip(scores[(qi, "finish text")], scores[(qi, "agent prior")])]
+        for name in ways_names:
+            values = ways[name]
             right[name] += values.index(max(values)) == gold
     return {name: 100.0 * n / len(records) for name, n in right.items()}
 
