@@ -160,6 +160,25 @@ def test_w8a16_gemv_last_split_reduce(n, k, block_k, split_k, silu, monkeypatch)
         assert not counters_of(tf.GEMV_COUNTERS_OWNER, x.device).any()
 
 
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize(("n", "k", "block_k", "split_k"), [(40, 200, 32, 1), (40, 200, 32, 3), (17, 256, 64, 4),
+                                                            (16, 64, 64, 1)])  # fmt: skip
+def test_w8a16_gemv_pdl_form_same_bits(n, k, block_k, split_k, silu, monkeypatch):
+    """The GEMV's PDL form (first weight tile loaded before waiting for the kernel that writes x; on a GPU launched
+    with programmatic dependent launch) computes the same bits as the plain one: ragged N and K, one tile per split,
+    split-K, the SiLU prologue. On a GPU the waits are real; in the interpreter they are no-ops."""
+    import lragent.kernels.triton_fp8 as tf
+
+    x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=n + k + split_k, bias=split_k % 2 == 0)
+    if silu:
+        x = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(k)).to(x.device, x.dtype)
+    kw = dict(gemv=True, block_n=16, block_k=block_k, split_k=split_k, act="silu_mul" if silu else None)
+    monkeypatch.setattr(tf, "GEMV_PDL", False)
+    plain = w8a16_linear(x, w8, scale, bias, **kw)
+    monkeypatch.setattr(tf, "GEMV_PDL", True)
+    assert torch.equal(w8a16_linear(x, w8, scale, bias, **kw), plain)
+
+
 @pytest.mark.parametrize(("n", "k"), [(20, 96), (8200, 48), (24, 8200)])
 def test_w8a16_gemv_default_config(n, k):
     """A single row takes the GEMV by default, with the measured tiles (16 / 32 channels, 1,024 / 512-wide K steps,

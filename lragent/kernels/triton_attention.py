@@ -40,6 +40,7 @@ import triton.language as tl
 
 from lragent.kernels.backend import KeyLR
 from lragent.kernels.counters import arrival_counters
+from lragent.kernels.pdl import gdc_launch_dependents, pdl_enabled
 from lragent.kernels.reference import lr_row_layout
 
 LOG2E = 1.4426950408889634
@@ -843,8 +844,12 @@ def _decode_merge_kernel(
     NS_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
     HAS_LR: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
-    """Program (sequence, q head): merge the splits' partials with their max / sum, then add s acc_r B_g."""
+    """Program (sequence, q head): merge the splits' partials with their max / sum, then add s acc_r B_g. With PDL
+    the next kernel (the o projection's FP8 GEMV) may launch at once and stream its weights meanwhile."""
+    if PDL:
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     out = _merge_head(
@@ -1109,6 +1114,7 @@ def _merge_splits(pacc, pr, pml, row_slots, p: _Pools, lora_scaling, out, num_sp
         NS_PAD=ns_pad,
         CHUNK=chunk,
         HAS_LR=p.has_lr,
+        PDL=pdl_enabled(out.device),
         num_warps=4,
     )
 

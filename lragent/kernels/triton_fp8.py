@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from lragent.kernels.counters import arrival_counters
+from lragent.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_enabled
 
 DECODES = ("native", "bits")
 BITS_SCALE = 256.0  # "bits" decodes to the e4m3 value * 2^-8
@@ -281,6 +282,7 @@ def _w8a16_gemv_kernel(
     SILU_MUL: tl.constexpr = False,  # x_ptr holds [gate | up] (2K): x = silu(gate) * up on the fly (`_gemv_x`)
     UNROLL: tl.constexpr = 1,  # K tiles whose loads are issued before either is reduced (1 or 2)
     LAST_SPLIT: tl.constexpr = False,  # with SPLIT: the last split to finish reduces (no `_w8a16_reduce_kernel`)
+    PDL: tl.constexpr = False,  # launched with PDL (`lragent.kernels.pdl`): first weight tile before the wait
 ):
     """One row of x: y[n] = scale[n] * sum_k W[n, k] x[k] for BLOCK_N output channels per program, without `tl.dot`
     (which pads the row to 16): each [BLOCK_N, BLOCK_K] weight tile is read along K (contiguous bytes, wide loads),
@@ -302,6 +304,16 @@ def _w8a16_gemv_kernel(
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_tail = k_start
+    if PDL:
+        # the weights are no earlier kernel's output: load the first tile while the kernel that writes x may still
+        # run, then wait for it before reading x (every split has at least one tile; UNROLL is 1 here)
+        gdc_launch_dependents()
+        w = _load_w(w_ptrs, nmask, k_start + offs_k, K, not EVEN_N, not EVEN_K)
+        gdc_wait()
+        x = _gemv_x(x_ptr, k_start + offs_k, K, not EVEN_K, SILU_MUL)
+        acc += tl.sum(_decode_e4m3(w, BITS).to(tl.float32) * x[None, :], 1)
+        w_ptrs += BLOCK_K
+        k_tail = k_start + BLOCK_K
     if UNROLL == 2:
         k_tail = k_start + (k_end - k_start) // (2 * BLOCK_K) * (2 * BLOCK_K)
         for k0 in range(k_start, k_tail, 2 * BLOCK_K):
@@ -351,6 +363,7 @@ GEMV = os.environ.get("LRAGENT_FP8_GEMV", "1") == "1"  # single rows through `_w
 # a split single-row GEMV reduces in its last split (one launch) unless LRAGENT_FP8_GEMV_REDUCE=kernel (two launches)
 GEMV_LAST_SPLIT = os.environ.get("LRAGENT_FP8_GEMV_REDUCE", "last_split") != "kernel"
 GEMV_COUNTERS_OWNER = "fp8_gemv"  # one arrival counter per BLOCK_N channels of a split launch
+GEMV_PDL: bool | None = None  # None: PDL where `pdl_enabled`; tests and sweeps set True / False
 
 
 class GemvConfig(NamedTuple):
@@ -406,11 +419,12 @@ def _gemv(
     tiles = triton.cdiv(n, cfg.block_n)
     last = splits > 1 and GEMV_LAST_SPLIT
     cnt = arrival_counters(tiles, x.device, GEMV_COUNTERS_OWNER) if last else out  # unread unless `last`
+    pdl = cfg.unroll == 1 and (pdl_enabled(x.device) if GEMV_PDL is None else GEMV_PDL)
     _w8a16_gemv_kernel[(tiles, splits)](
         x, weight, scale, bias_arg, out, ws, cnt, n, k, per_split, weight.stride(0), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
-        BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul, UNROLL=cfg.unroll, LAST_SPLIT=last,
-        num_warps=cfg.num_warps, num_stages=num_stages,
+        BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul, UNROLL=cfg.unroll, LAST_SPLIT=last, PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=num_stages, **launch_options(pdl),
     )  # fmt: skip
     if splits > 1 and not last:
         _w8a16_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), 1)](

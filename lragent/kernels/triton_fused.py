@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lragent.kernels.pdl import gdc_launch_dependents, pdl_enabled
+
 
 @triton.jit
 def _add_rms_norm_kernel(
@@ -32,7 +34,10 @@ def _add_rms_norm_kernel(
     stride_sum,
     BLOCK: tl.constexpr,
     HAS_RES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # the next kernel (an FP8 GEMV reading this row) may launch now and stream its weights meanwhile
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -74,6 +79,7 @@ def add_rms_norm(
             total.stride(0),
             BLOCK=triton.next_power_of_2(n),
             HAS_RES=residual is not None,
+            PDL=pdl_enabled(x.device),
             num_warps=4 if n <= 2048 else 8,
         )
     return out, total
