@@ -144,6 +144,14 @@ class LoRABank:
             return torch.cat(own, dim=1)
         return self._own_value_shrink(x, layer, segments)
 
+    def query_delta_and_values(self, q: torch.Tensor, x: torch.Tensor, layer: int, segments: Segments) -> torch.Tensor:
+        """q += s (x A_q) B_q per token in place (`add_delta` for q_proj), then returns `value_shrink(x, layer,
+        segments)`: the two reads of a layer's normalised input x where q's delta and the LR rows share segments.
+        One call so that a bank may shrink x through both A stacks at once (`TritonLoRABank`: one launch); here
+        exactly the two calls."""
+        self.add_delta(q, x, layer, "q_proj", segments)
+        return self.value_shrink(x, layer, segments)
+
     def _own_value_shrink(
         self, x: torch.Tensor, layer: int, segments: Segments, module: str = "v_proj"
     ) -> torch.Tensor:

@@ -113,12 +113,12 @@ class Attention(nn.Module):
             assert ctx.critical is not None, "a critical layer's pool comes with its context"
             (cache, index), ctx = own, ctx.critical
         if rt.ops is not None and self.qkv_weight is not None and ctx.attn.base_write_idx is None:
-            q, key, value = self._fused_qkv(x, self.qkv_weight, ctx, rt)
+            q, key, value, lr = self._fused_qkv(x, self.qkv_weight, ctx, rt, lr_rows=cache.lr is not None)
         else:
             q = _with_lora(self.q_proj(x), bank.delta(x, layer, "q_proj", ctx.lora.segments))
             q = self.rope(q.view(x.shape[0], self.num_heads, self.head_dim), ctx.positions, rt.ops)
             key, value = self._base_entries(x, ctx, rt)
-        lr = bank.value_shrink(x, layer, ctx.lora.segments) if cache.lr is not None else None
+            lr = bank.value_shrink(x, layer, ctx.lora.segments) if cache.lr is not None else None
         rt.backend.store(cache, index, key, value, lr, ctx.attn)
         value_up = None if ctx.expand_values else bank.value_up(layer)
         key_lr = None
@@ -145,13 +145,26 @@ class Attention(nn.Module):
         key = self.rope(key.view(-1, self.num_kv_heads, self.head_dim), ctx.base_positions, rt.ops)
         return key, value.view(-1, self.num_kv_heads, self.head_dim)
 
-    def _fused_qkv(self, x: torch.Tensor, qkv_weight: torch.Tensor | LinearWeight, ctx: ForwardContext, rt: Runtime):
-        """One matmul for q, k and v (every token writes its keys); LoRA deltas are added into the column views."""
+    def _fused_qkv(
+        self,
+        x: torch.Tensor,
+        qkv_weight: torch.Tensor | LinearWeight,
+        ctx: ForwardContext,
+        rt: Runtime,
+        lr_rows: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One matmul for q, k and v (every token writes its keys); LoRA deltas are added into the column views.
+        With `lr_rows` also the tokens' LR cache rows (else None): every token's q and LR row come from this x over
+        the same segments, so the bank takes both at once (`LoRABank.query_delta_and_values`: one shrink launch)."""
         bank, layer, t = rt.bank, self.layer, x.shape[0]
         qkv = linear(x, qkv_weight, self.qkv_bias)
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, key, value = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        bank.add_delta(q, x, layer, "q_proj", ctx.lora.segments)
+        lr = None
+        if lr_rows:
+            lr = bank.query_delta_and_values(q, x, layer, ctx.lora.segments)
+        else:
+            bank.add_delta(q, x, layer, "q_proj", ctx.lora.segments)
         if not bank.key_lr:
             bank.add_delta(key, x, layer, "k_proj", ctx.lora.base_segments)
         if ctx.expand_values:
@@ -159,7 +172,7 @@ class Attention(nn.Module):
         # q and k share positions here (every token writes its key): rotate both heads in place, one launch
         qk = qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d)
         self.rope(qk, ctx.positions, rt.ops, out=qk)
-        return qk[:, :hq], qk[:, hq:], value.view(t, hkv, d)
+        return qk[:, :hq], qk[:, hq:], value.view(t, hkv, d), lr
 
 
 class MLP(nn.Module):
