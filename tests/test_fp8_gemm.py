@@ -216,6 +216,89 @@ def test_w8a16_gemv_unroll_two_tiles(n, k, block_k, split_k, dtype, decode):
     assert torch.equal(fused[0], fused[1])
 
 
+# (N, K, BLOCK_N, BLOCK_K, split_k): ragged N and K, split-K (ragged, capped past the tiles), even N and K
+ROWS_CASES = [(72, 200, 32, 64, 1), (40, 200, 16, 32, 3), (17, 256, 16, 64, 2), (64, 256, 16, 128, 1)]
+
+
+def _same_as_rows(got: torch.Tensor, single: torch.Tensor):
+    """Each row of the multi-row GEMV against the single-row GEMV of that row, same tiles: the same products added
+    in the same K order, so bit for bit in the interpreter; compiled, `tl.sum`'s reduction tree over the 3-d tile
+    may pair the products of a tile differently (float32 rounding, then that of the output dtype)."""
+    if not CUDA:
+        assert torch.equal(got, single)
+    else:
+        rtol = 1e-5 if got.dtype == torch.float32 else 2.0**-7
+        torch.testing.assert_close(got, single, rtol=rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [2, 3, 5, 8])
+def test_w8a16_gemv_rows_matches_reference_and_single_rows(m, dtype, decode):
+    """The multi-row GEMV (`gemv_rows=True`: each weight tile decoded once, multiplied by all M rows; M not a power
+    of two: masked rows): against the dequantised reference, and row by row against the single-row GEMV with the
+    same tiles and splits (one launch and split-K, ragged and even N / K, with and without bias, x rows with a
+    stride wider than K)."""
+    for i, (n, k, block_n, block_k, split_k) in enumerate(ROWS_CASES):
+        x, w8, scale, bias = _problem(m, n, k, dtype, seed=10 * m + i, bias=i % 2 == 0)
+        if i == 1:
+            x = torch.cat([x, torch.ones_like(x[:, :8])], 1)[:, :k]  # row stride k + 8
+        kw = dict(decode=decode, block_n=block_n, block_k=block_k, split_k=split_k)
+        got = w8a16_linear(x, w8, scale, bias, gemv_rows=True, **kw)
+        _check(got, x, w8, scale, bias)
+        single = torch.cat([w8a16_linear(x[r : r + 1], w8, scale, bias, gemv=True, **kw) for r in range(m)])
+        _same_as_rows(got, single)
+
+
+@pytest.mark.parametrize(("n", "k", "block_k", "split_k"), [(40, 200, 32, 3), (17, 256, 64, 4)])
+def test_w8a16_gemv_rows_last_split_reduce(n, k, block_k, split_k, monkeypatch):
+    """Multi-row split-K: the last split's reduce over all M rows equals the reduce kernel's, bit for bit, and
+    leaves the arrival counters zero (a second call is right too); default K steps for several rows."""
+    import lragent.kernels.triton_fp8 as tf
+
+    x, w8, scale, bias = _problem(5, n, k, torch.bfloat16, seed=n + split_k, bias=True)
+    kw = dict(gemv_rows=True, block_n=16, block_k=block_k, split_k=split_k)
+    monkeypatch.setattr(tf, "GEMV_LAST_SPLIT", False)
+    two = w8a16_linear(x, w8, scale, bias, **kw)
+    _check(two, x, w8, scale, bias)
+    monkeypatch.setattr(tf, "GEMV_LAST_SPLIT", True)
+    for _ in range(2):
+        one = w8a16_linear(x, w8, scale, bias, **kw)
+        assert torch.equal(one, two)
+        assert not counters_of(tf.GEMV_COUNTERS_OWNER, x.device).any()
+
+
+def test_w8a16_gemv_rows_default_off_and_config(monkeypatch):
+    """By default (GEMV_MAX_ROWS 0) several rows keep the tiled kernel; with GEMV_MAX_ROWS = 8, 2..8 rows take the
+    multi-row GEMV (9 rows and single rows do not); `gemv_rows=False` opts out. The default K steps narrow with the
+    rows (BLOCK_M * BLOCK_N * BLOCK_K <= 32768), channels and splits as for one row; no unroll for several rows."""
+    import lragent.kernels.triton_fp8 as mod
+
+    assert mod.GEMV_MAX_ROWS == int(os.environ.get("LRAGENT_FP8_GEMV_ROWS", "0"))
+    assert gemv_config(4096, 4096, rows=1) == gemv_config(4096, 4096) == (16, 1024, 8, 1, 1)
+    assert gemv_config(4096, 4096, rows=2) == (16, 1024, 8, 1, 1)
+    assert gemv_config(4096, 4096, rows=3) == (16, 512, 8, 1, 1) == gemv_config(4096, 4096, rows=4)
+    assert gemv_config(4096, 14336, rows=8) == (16, 256, 8, 2, 1)
+    assert [gemv_config(28672, 4096, rows=r) for r in (2, 4, 8)] == [(32, bk, 8, 1, 1) for bk in (512, 256, 128)]
+    assert gemv_config(4096, 4096, block_k=64, rows=8).block_k == 64
+    with pytest.raises(ValueError, match="unroll"):
+        gemv_config(4096, 4096, unroll=2, rows=4)
+    calls = []
+    real = mod._w8a16_gemv_rows_kernel
+    counting = type("Counting", (), {"__getitem__": lambda self, grid: calls.append(grid) or real[grid]})
+    monkeypatch.setattr(mod, "_w8a16_gemv_rows_kernel", counting())
+    monkeypatch.setattr(mod, "GEMV_MAX_ROWS", 0)
+    x, w8, scale, bias = _problem(9, 24, 96, torch.bfloat16, seed=4, bias=True)
+    _check(w8a16_linear(x[:4], w8, scale, bias), x[:4], w8, scale, bias)
+    assert calls == []
+    monkeypatch.setattr(mod, "GEMV_MAX_ROWS", 8)
+    for rows in (1, 2, 4, 8, 9):
+        _check(w8a16_linear(x[:rows], w8, scale, bias), x[:rows], w8, scale, bias)
+    assert len(calls) == 3  # 2, 4 and 8 rows
+    _check(w8a16_linear(x[:4], w8, scale, bias, gemv_rows=False), x[:4], w8, scale, bias)
+    assert len(calls) == 3
+
+
 def _gate_up(k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """A [gate | up] row of 2K as the fused gate/up projection writes it, gates over SiLU's curved range."""
     gen = torch.Generator().manual_seed(seed)
