@@ -5,13 +5,10 @@ weight, then `w8a16_linear` on the FP8 weight, the tiled kernel (`tl.dot`) and, 
 a few BLOCK_N / BLOCK_K / warps / stages, and for the GEMV split-K and UNROLL (1: one weight tile in flight per
 program, 2: two; every GEMV tile shape at both, the default tiles too). For the down projection at one row it also
 times the SiLU prologue (`act="silu_mul"` on the [gate | up] row) against the silu_mul kernel followed by the GEMV.
-For 2 or more rows it also times the multi-row GEMV (`gemv_rows=True`: each weight tile decoded once for all rows)
-over a few BLOCK_N / BLOCK_K / split choices at 8 warps, one at 4 warps, and `gemv_config(rows=M)`'s default tiles.
 Prints microseconds per call (CUDA graph replays, median of 5 x 100) and the weight bytes streamed per second; the
 line to read is the best FP8 configuration against bf16 per shape (the FP8 target of issue 17 needs about 0.5x).
 
     python3 benchmarks/fp8_gemm_sweep.py [--rows 1,8] [--shapes qkv,o,gate_up,down]
-    python3 benchmarks/fp8_gemm_sweep.py --rows 2,4,8    # the multi-row GEMV against the tiled kernel and bf16
 """
 
 from __future__ import annotations
@@ -32,11 +29,6 @@ TILED = [(bn, bk, w, st) for bn, bk in ((16, 512), (32, 256), (64, 128)) for w, 
 GEMV_TILES = ((8, 512), (16, 512), (32, 512), (16, 1024), (32, 1024))
 GEMV = [(bn, bk, 8, 3, sp, un) for bn, bk in GEMV_TILES for sp in (1, 2, 4) for un in (1, 2)]
 GEMV_DEFAULTS = [(None, None, None, None, None, un) for un in (1, 2)]  # gemv_config's tiles, each unroll
-# several rows (multi-row GEMV): (BLOCK_N, BLOCK_K, warps, stages, split_k, None), then gemv_config(rows=M)'s tiles;
-# the default's K step is 256 at 8 rows, 512 at 4, 1,024 at 2 for 16 channels (half that for 32: BLOCK_M * BLOCK_N *
-# BLOCK_K <= 32768); 16 x 512 at 8 rows and 32 x 256 at 8 rows test the cap
-GEMV_ROWS = [(16, 256, 8, 3, 1, None), (16, 512, 8, 3, 1, None), (32, 256, 8, 3, 1, None), (16, 256, 8, 3, 2, None),
-             (16, 256, 4, 3, 1, None), (None, None, None, None, None, None)]  # fmt: skip
 
 
 def main() -> None:
@@ -55,11 +47,8 @@ def main() -> None:
             bf16 = graph_replay_us(lambda w=w, x=x: F.linear(x, w), reps=100)
             print(f"{name:8} {m:3} {'bf16 F.linear':42} {bf16:8.1f} {n * k * 2 / bf16 / 1e3:7.0f} {1.0:7.2f}")
             calls = [
-                (_label("tiled", (*cfg, None, None)), _call(x, w8, scale, (*cfg, None, None), False, rows=False))
-                for cfg in TILED
+                (_label("tiled", (*cfg, None, None)), _call(x, w8, scale, (*cfg, None, None), False)) for cfg in TILED
             ]
-            if m > 1:
-                calls += [(_label("gemv_rows", cfg), _call(x, w8, scale, cfg, False, rows=True)) for cfg in GEMV_ROWS]
             if m == 1:
                 calls += [(_label("gemv", cfg), _call(x, w8, scale, cfg, True)) for cfg in GEMV + GEMV_DEFAULTS]
             if m == 1 and name == "down":
@@ -84,24 +73,15 @@ Variant = tuple[int | None, int | None, int | None, int | None, int | None, int 
 def _label(kind: str, cfg: Variant) -> str:
     bn, bk, warps, stages, split, unroll = cfg
     if bn is None:
-        return f"fp8 {kind} default" + ("" if kind == "gemv_rows" else f" unroll{unroll or 1}")
-    tail = {"gemv": f" split{split} unroll{unroll}", "gemv_rows": f" split{split}"}.get(kind, "")
+        return f"fp8 {kind} default unroll{unroll or 1}"
+    tail = f" split{split} unroll{unroll}" if kind == "gemv" else ""
     return f"fp8 {kind} N{bn} K{bk} w{warps} s{stages}{tail}"
 
 
-def _call(
-    x: torch.Tensor,
-    w8: torch.Tensor,
-    scale: torch.Tensor,
-    cfg: Variant,
-    gemv: bool,
-    act: str | None = None,
-    rows: bool | None = None,
-):
-    """w8a16_linear on (x, w8, scale) with the variant's tiles, as a closure to time (`rows`: its `gemv_rows`)."""
+def _call(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, cfg: Variant, gemv: bool, act: str | None = None):
+    """w8a16_linear on (x, w8, scale) with the variant's tiles, as a closure to time."""
     bn, bk, warps, stages, split, unroll = cfg
     kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages or 3, gemv=gemv, split_k=split)
-    kw["gemv_rows"] = rows
     return lambda: w8a16_linear(x, w8, scale, unroll=unroll, act=act, **kw)
 
 

@@ -30,11 +30,6 @@ its UNROLL option keeps two K tiles of weights in flight per program (the loop h
 pipeline it), and `act="silu_mul"` lets it read the MLP's [gate | up] row and compute silu(gate) * up as its x, with
 the rounding of `triton_fused.silu_mul`, so the down projection needs no separate SiLU launch.
 
-A few rows (several agents decoding at once, M = 2..8) can go through `_w8a16_gemv_rows_kernel` instead of the tiled
-kernel: the GEMV's tiles and loop, each weight tile decoded once and multiplied with all M rows (x rows padded to
-the next power of two and masked, not to 16), narrower K steps as rows grow (`gemv_config(rows=...)`). Off by
-default (GEMV_MAX_ROWS = 0, env LRAGENT_FP8_GEMV_ROWS) until benchmarks/fp8_gemm_sweep.py measures it on a GPU.
-
 No host synchronisation and no data-dependent allocation (the output and the workspace depend on shapes only): a
 CUDA graph can capture it. Under TRITON_INTERPRET=1 it runs on CPU tensors (tests).
 """
@@ -359,89 +354,6 @@ def _store_row(acc, scale_ptr, bias_ptr, out_ptr, offs_n, nmask, HAS_BIAS: tl.co
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
-@triton.jit
-def _w8a16_gemv_rows_kernel(
-    x_ptr,
-    w_ptr,
-    scale_ptr,
-    bias_ptr,
-    out_ptr,
-    ws_ptr,
-    cnt_ptr,  # LAST_SPLIT: one int32 arrival counter per BLOCK_N channels (`lragent.kernels.counters`)
-    M,
-    N,
-    K,
-    K_PER_SPLIT,
-    stride_xm,
-    stride_wn,
-    stride_om,
-    BLOCK_M: tl.constexpr,  # next power of two >= M (rows past M masked)
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    BITS: tl.constexpr,
-    SPLIT: tl.constexpr,
-    LAST_SPLIT: tl.constexpr = False,
-):
-    """A few rows of x (M = 2..8 at decode): `_w8a16_gemv_kernel`'s tiles and loop, but each [BLOCK_N, BLOCK_K]
-    weight tile, read and decoded once, multiplies all M rows of a [BLOCK_M, BLOCK_K] x tile into a [BLOCK_M,
-    BLOCK_N] float32 accumulator (sum over K of the broadcast [BLOCK_M, BLOCK_N, BLOCK_K] product): the weight bytes
-    are streamed once for every row, with no `tl.dot` (which pads the rows to 16). Each row sees the single-row
-    kernel's products (float32 x times the float32-decoded weight) tile by tile in the same K order. SPLIT /
-    LAST_SPLIT as there, the workspace holding [splits, M, N] partials; no SiLU prologue, UNROLL or PDL form."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = tl.program_id(1) * K_PER_SPLIT
-    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    offs_k = tl.arange(0, BLOCK_K)
-    mmask = offs_m < M
-    nmask = offs_n < N
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k)[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0).to(tl.float32)
-        else:
-            x = tl.load(x_ptrs, mask=mmask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0).to(tl.float32)
-        w = _load_w(w_ptrs, nmask, k0 + offs_k, K, not EVEN_N, not EVEN_K)
-        wf = _decode_e4m3(w, BITS).to(tl.float32)
-        acc += tl.sum(wf[None, :, :] * x[:, None, :], 2)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    ws_offs = (tl.program_id(1) * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if SPLIT:
-        tl.store(ws_ptr + ws_offs, acc, mask=omask)
-        if LAST_SPLIT:
-            # as in `_w8a16_gemv_kernel`: the last split of these channels to arrive sums the partials of every
-            # row in split order (the reduce kernel's sum, bit for bit) and resets its counter
-            tl.debug_barrier()
-            cnt = cnt_ptr + tl.program_id(0)
-            splits = tl.num_programs(1)
-            if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == splits - 1:
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                row_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-                for s in range(0, splits):
-                    acc += tl.load(ws_ptr + s * M * N + row_offs, mask=omask, other=0.0, cache_modifier=".cg")
-                tl.atomic_xchg(cnt, 0)
-                _store_rows(acc, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, omask, nmask, stride_om, HAS_BIAS, BITS)
-    else:
-        _store_rows(acc, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, omask, nmask, stride_om, HAS_BIAS, BITS)
-
-
-@triton.jit
-def _store_rows(
-    acc, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, omask, nmask, stride_om, HAS_BIAS: tl.constexpr,
-    BITS: tl.constexpr,
-):  # fmt: skip
-    y = _scaled(acc, scale_ptr, bias_ptr, offs_n[None, :], nmask[None, :], HAS_BIAS, BITS)
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
-
-
 REDUCE_BLOCK = 1024
 # Triton's interpreter (3.x) multiplies a bfloat16 `tl.dot`'s raw uint16 storage; there the dot runs on float32 copies
 # of the bf16 x and of the decoded weights: the same products (a bf16 x bf16 product is exact in float32), summed in
@@ -452,12 +364,6 @@ GEMV = os.environ.get("LRAGENT_FP8_GEMV", "1") == "1"  # single rows through `_w
 GEMV_LAST_SPLIT = os.environ.get("LRAGENT_FP8_GEMV_REDUCE", "last_split") != "kernel"
 GEMV_COUNTERS_OWNER = "fp8_gemv"  # one arrival counter per BLOCK_N channels of a split launch
 GEMV_PDL: bool | None = None  # None: PDL where `pdl_enabled`; tests and sweeps set True / False
-# 2..GEMV_MAX_ROWS rows through `_w8a16_gemv_rows_kernel` (0: off, the tiled kernel; LRAGENT_FP8_GEMV_ROWS=8 turns
-# it on up to 8 rows) until the GPU sweep measures it against the tiled kernel
-GEMV_MAX_ROWS = int(os.environ.get("LRAGENT_FP8_GEMV_ROWS", "0"))
-# default cap on the multi-row GEMV's broadcast product per program and K step, BLOCK_M * BLOCK_N * BLOCK_K elements
-# (register pressure): twice the single row's 16 x 1,024 / 32 x 512
-GEMV_ROWS_PRODUCT = 32768
 
 
 class GemvConfig(NamedTuple):
@@ -476,28 +382,19 @@ def gemv_config(
     num_warps: int | None = None,
     split_k: int | None = None,
     unroll: int | None = None,
-    rows: int = 1,
 ) -> GemvConfig:
     """The single-row kernel's tiles (any argument given overrides), from benchmarks/fp8_gemm_sweep.py on an H200
     (Llama-3.1-8B projections, 2026-12-01, two sweeps): 8 warps always (4 left the loads short of bandwidth: up to 2x
     slower); up to N = 8192 16 channels per program in 1,024-wide K steps (qkv 8.3 us = 0.48x bf16, o 7.5 us =
     0.68x), above it 32 channels in 512-wide steps (gate_up 32.1 us = 0.52x); rows longer than 8192 split in two
     along K so twice the programs stream them (down, K 14336: 19.9 us = 0.61x; 23.8 unsplit, 62.7 with the first
-    4-warp 32 x 512 tiles). `unroll` (two K tiles in flight per program) stays 1 until the sweep measures 2.
-
-    `rows` > 1: the multi-row kernel (`_w8a16_gemv_rows_kernel`, BLOCK_M = the next power of two >= rows) with the
-    same channels per program and splits, and K steps narrowed so that its broadcast product, BLOCK_M * BLOCK_N *
-    BLOCK_K float32 elements per program and step, stays within GEMV_ROWS_PRODUCT (twice the single row's): 16
-    channels (N <= 8192) step 1,024 at 2 rows, 512 at 3..4, 256 at 5..8 (BLOCK_M * BLOCK_K = 2048); 32 channels
-    512, 256, 128. Reasoned, not measured yet (benchmarks/fp8_gemm_sweep.py --rows 2,4,8). No unroll there."""
+    4-warp 32 x 512 tiles). `unroll` (two K tiles in flight per program) stays 1 until the sweep measures 2."""
     wide = n > 8192
     bn = block_n or (32 if wide else 16)
     bk = block_k or (512 if wide else 1024)
-    if rows > 1 and block_k is None:
-        bk = min(bk, max(16, GEMV_ROWS_PRODUCT // (triton.next_power_of_2(rows) * bn)))
     split = split_k or (2 if k > 8192 else 1)
-    if unroll not in (None, 1, 2) or (rows > 1 and unroll not in (None, 1)):
-        raise ValueError(f"unroll must be 1 or 2 (1 for several rows), got {unroll} for {rows} rows")
+    if unroll not in (None, 1, 2):
+        raise ValueError(f"unroll must be 1 or 2, got {unroll}")
     return GemvConfig(bn, bk, num_warps or 8, max(1, min(split, triton.cdiv(k, bk))), unroll or 1)
 
 
@@ -536,40 +433,6 @@ def _gemv(
         )  # fmt: skip
 
 
-def _gemv_rows(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out: torch.Tensor,
-    bits: bool,
-    cfg: GemvConfig,
-    num_stages: int,
-) -> None:
-    """M >= 2 rows x [M, K] through `_w8a16_gemv_rows_kernel` (one program per BLOCK_N channels and K split, all
-    rows at once) into out [M, N]; split-K reduced as `_gemv` does (last split, or the reduce kernel)."""
-    m = x.shape[0]
-    n, k = weight.shape
-    per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(k, per_split)
-    ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
-    bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
-    tiles = triton.cdiv(n, cfg.block_n)
-    last = splits > 1 and GEMV_LAST_SPLIT
-    cnt = arrival_counters(tiles, x.device, GEMV_COUNTERS_OWNER) if last else out  # unread unless `last`
-    _w8a16_gemv_rows_kernel[(tiles, splits)](
-        x, weight, scale, bias_arg, out, ws, cnt, m, n, k, per_split, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
-        EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0, BITS=bits, SPLIT=splits > 1, LAST_SPLIT=last,
-        num_warps=cfg.num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    if splits > 1 and not last:
-        _w8a16_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
-            ws, scale, bias_arg, out, m, n, splits, out.stride(0), BLOCK=REDUCE_BLOCK, HAS_BIAS=bias is not None,
-            BITS=bits, num_warps=4,
-        )  # fmt: skip
-
-
 ACTS = ("silu_mul",)
 
 
@@ -597,7 +460,6 @@ def w8a16_linear(
     gemv: bool | None = None,
     unroll: int | None = None,
     act: str | None = None,
-    gemv_rows: bool | None = None,
 ) -> torch.Tensor:
     """x [..., K] (bf16 / fp16 / fp32) times the FP8 weight [N, K] (float8_e4m3fn or its bytes as uint8, rows with
     unit stride along K) scaled per row by `scale` [N] (float32) -> [..., N] in `out_dtype` (default x's), plus
@@ -605,10 +467,7 @@ def w8a16_linear(
     "bits" elsewhere; a uint8 weight always decodes with "bits". `gemv` (None: `GEMV`, the environment's
     LRAGENT_FP8_GEMV, on unless 0) sends a single row through `_w8a16_gemv_kernel` (faster at every measured shape);
     `block_n`, `block_k`, `num_warps`, `num_stages`, `split_k` tune either kernel, `unroll` the GEMV, overriding
-    `w8a16_config` / `gemv_config` (tests, sweeps). `gemv_rows` (None: 2 <= rows <= `GEMV_MAX_ROWS`, the
-    environment's LRAGENT_FP8_GEMV_ROWS, 0 = never by default; True: any number of rows >= 2; False: never) sends
-    several rows through the multi-row GEMV (`_w8a16_gemv_rows_kernel`, each weight tile decoded once for all rows)
-    instead of the tiled kernel; `gemv` only governs single rows.
+    `w8a16_config` / `gemv_config` (tests, sweeps).
 
     `act="silu_mul"`: x [..., 2K] is a [gate | up] row (the fused gate/up projection's output) and the product is
     W times silu(gate) * up, computed in the GEMV's loads with `silu_mul`'s rounding (see `_gemv_x`): the down
@@ -644,10 +503,6 @@ def w8a16_linear(
     if m == 1 and (GEMV if gemv is None else gemv):
         cfg_1 = gemv_config(n, k, block_n, block_k, num_warps, split_k, unroll)
         _gemv(x2, weight, scale, bias, out, bits, cfg_1, num_stages, silu_mul=act == "silu_mul")
-        return out.view(*x.shape[:-1], n)
-    if m >= 2 and (2 <= m <= GEMV_MAX_ROWS if gemv_rows is None else gemv_rows):
-        cfg_m = gemv_config(n, k, block_n, block_k, num_warps, split_k, unroll, rows=m)
-        _gemv_rows(x2, weight, scale, bias, out, bits, cfg_m, num_stages)
         return out.view(*x.shape[:-1], n)
     cfg = w8a16_config(m, n, k, sms, x2.element_size(), block_n, block_k, split_k)
     split = cfg.split_k > 1
