@@ -183,37 +183,39 @@ def test_w8a16_gemv_pdl_form_same_bits(n, k, block_k, split_k, silu, monkeypatch
 def test_w8a16_gemv_default_config(n, k):
     """A single row takes the GEMV by default, with the measured tiles (16 / 32 channels, 1,024 / 512-wide K steps,
     two splits for rows over 8192): ragged in both directions at each tile size."""
-    assert gemv_config(4096, 4096) == (16, 1024, 8, 1, 1) and gemv_config(28672, 4096) == (32, 512, 8, 1, 1)
-    assert gemv_config(4096, 14336) == (16, 1024, 8, 2, 1)  # long rows: split in two; one K tile in flight
-    assert gemv_config(4096, 14336, unroll=2).unroll == 2
-    with pytest.raises(ValueError, match="unroll"):
-        gemv_config(4096, 4096, unroll=4)
+    assert gemv_config(4096, 4096) == (16, 1024, 8, 1) and gemv_config(28672, 4096) == (32, 512, 8, 1)
+    assert gemv_config(4096, 14336) == (16, 1024, 8, 2)  # long rows: split in two
     x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=n, bias=True)
     _check(w8a16_linear(x, w8, scale, bias), x, w8, scale, bias)
 
 
 # (N, K, BLOCK_K, split_k): K tiles per program odd and even, a ragged last tile, splits whose ranges hold an odd
-# number of tiles (3, 3, 1 of 7), exactly one pair per split, fewer tiles than a pair, more splits than tiles
-UNROLL_CASES = [(40, 200, 32, 1), (40, 192, 32, 1), (40, 160, 32, 1), (5, 40, 16, 1), (24, 20, 32, 1),
+# number of tiles (3, 3, 1 of 7), two tiles per split, a single tile, more splits than tiles
+TILING_CASES = [(40, 200, 32, 1), (40, 192, 32, 1), (40, 160, 32, 1), (5, 40, 16, 1), (24, 20, 32, 1),
                 (40, 200, 32, 3), (17, 256, 64, 2), (33, 224, 32, 2), (16, 100, 64, 8)]  # fmt: skip
 
 
 @pytest.mark.parametrize("decode", DECODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("n", "k", "block_k", "split_k"), UNROLL_CASES)
-def test_w8a16_gemv_unroll_two_tiles(n, k, block_k, split_k, dtype, decode):
-    """UNROLL = 2 (two K tiles' loads in flight, then the one or two left one at a time) covers each split's range
-    exactly once: against the reference, and bit for bit against UNROLL = 1 (the tiles are added in the same
-    order), with and without the SiLU prologue."""
+@pytest.mark.parametrize(("n", "k", "block_k", "split_k"), TILING_CASES)
+def test_w8a16_gemv_pdl_first_tile_tilings(n, k, block_k, split_k, dtype, decode, monkeypatch):
+    """The PDL form takes each split's first K tile before the wait and the rest in the loop: every split's range
+    is still covered exactly once, against the reference and bit for bit against the plain form, with and without
+    the SiLU prologue, over odd / even / single tile counts, a ragged end and uneven splits."""
+    import lragent.kernels.triton_fp8 as tf
+
     x, w8, scale, bias = _problem(1, n, k, dtype, seed=n + k + split_k, bias=split_k % 2 == 1)
-    kw = dict(decode=decode, gemv=True, block_n=16, block_k=block_k, split_k=split_k)
-    one = w8a16_linear(x, w8, scale, bias, unroll=1, **kw)
-    two = w8a16_linear(x, w8, scale, bias, unroll=2, **kw)
-    _check(two, x, w8, scale, bias)
-    assert torch.equal(one, two)
     gate_up = _gate_up(k, dtype, seed=k)
-    fused = [w8a16_linear(gate_up, w8, scale, bias, act="silu_mul", unroll=u, **kw) for u in (1, 2)]
-    assert torch.equal(fused[0], fused[1])
+    kw = dict(decode=decode, gemv=True, block_n=16, block_k=block_k, split_k=split_k)
+    got = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(tf, "GEMV_PDL", pdl)
+        got[pdl] = (
+            w8a16_linear(x, w8, scale, bias, **kw),
+            w8a16_linear(gate_up, w8, scale, bias, act="silu_mul", **kw),
+        )
+    _check(got[True][0], x, w8, scale, bias)
+    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
 
 
 def _gate_up(k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

@@ -25,9 +25,8 @@ Two ways to turn a weight byte into a number (`decode`):
   the 2^8 is folded into the scale. The two NaN codes (0x7F, 0xFF) decode to +-480; the quantiser never writes
   them (it saturates at +-448), and Triton's interpreter decodes them the same way on the native path.
 
-A single row (decode at batch 1) goes through `_w8a16_gemv_kernel` instead (no `tl.dot`, tiles from `gemv_config`):
-its UNROLL option keeps two K tiles of weights in flight per program (the loop has no dot, so Triton does not
-pipeline it), and `act="silu_mul"` lets it read the MLP's [gate | up] row and compute silu(gate) * up as its x, with
+A single row (decode at batch 1) goes through `_w8a16_gemv_kernel` instead (no `tl.dot`, tiles from `gemv_config`),
+and `act="silu_mul"` lets it read the MLP's [gate | up] row and compute silu(gate) * up as its x, with
 the rounding of `triton_fused.silu_mul`, so the down projection needs no separate SiLU launch.
 
 No host synchronisation and no data-dependent allocation (the output and the workspace depend on shapes only): a
@@ -280,7 +279,6 @@ def _w8a16_gemv_kernel(
     BITS: tl.constexpr,
     SPLIT: tl.constexpr,
     SILU_MUL: tl.constexpr = False,  # x_ptr holds [gate | up] (2K): x = silu(gate) * up on the fly (`_gemv_x`)
-    UNROLL: tl.constexpr = 1,  # K tiles whose loads are issued before either is reduced (1 or 2)
     LAST_SPLIT: tl.constexpr = False,  # with SPLIT: the last split to finish reduces (no `_w8a16_reduce_kernel`)
     PDL: tl.constexpr = False,  # launched with PDL (`lragent.kernels.pdl`): first weight tile before the wait
 ):
@@ -291,11 +289,10 @@ def _w8a16_gemv_kernel(
     projections with few output channels and long rows; the split that finishes last for a channel block adds the
     splits and scales (LAST_SPLIT: one launch), else `_w8a16_reduce_kernel` does in a second launch.
 
-    Without a `tl.dot` Triton does not pipeline the loop, so a program has one weight tile in flight at a time.
-    UNROLL = 2 walks the K range in pairs of whole tiles, both tiles' loads issued before either is reduced (twice
-    the bytes in flight per program), then the one or two tiles left (an odd count, a ragged end) one at a time.
-    The pairs never cross K, so they load unmasked along K; the tiles are added to the accumulator in the same
-    order as with UNROLL = 1 (the same result, bit for bit)."""
+    Without a `tl.dot` Triton does not pipeline the loop: a program has one weight tile in flight at a time, and the
+    memory stays busy through many programs per SM. Issuing two tiles' loads before reducing either was measured
+    slower at every Llama-3.1-8B projection on an H200 (seventh session: the doubled registers cost more programs
+    per SM than the extra bytes in flight gain)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = tl.program_id(1) * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
@@ -306,7 +303,7 @@ def _w8a16_gemv_kernel(
     k_tail = k_start
     if PDL:
         # the weights are no earlier kernel's output: load the first tile while the kernel that writes x may still
-        # run, then wait for it before reading x (every split has at least one tile; UNROLL is 1 here)
+        # run, then wait for it before reading x (every split has at least one tile)
         gdc_launch_dependents()
         w = _load_w(w_ptrs, nmask, k_start + offs_k, K, not EVEN_N, not EVEN_K)
         gdc_wait()
@@ -314,16 +311,6 @@ def _w8a16_gemv_kernel(
         acc += tl.sum(_decode_e4m3(w, BITS).to(tl.float32) * x[None, :], 1)
         w_ptrs += BLOCK_K
         k_tail = k_start + BLOCK_K
-    if UNROLL == 2:
-        k_tail = k_start + (k_end - k_start) // (2 * BLOCK_K) * (2 * BLOCK_K)
-        for k0 in range(k_start, k_tail, 2 * BLOCK_K):
-            w0 = _load_w(w_ptrs, nmask, offs_k, K, not EVEN_N, False)
-            w1 = _load_w(w_ptrs + BLOCK_K, nmask, offs_k, K, not EVEN_N, False)
-            x0 = _gemv_x(x_ptr, k0 + offs_k, K, False, SILU_MUL)
-            x1 = _gemv_x(x_ptr, k0 + BLOCK_K + offs_k, K, False, SILU_MUL)
-            acc += tl.sum(_decode_e4m3(w0, BITS).to(tl.float32) * x0[None, :], 1)
-            acc += tl.sum(_decode_e4m3(w1, BITS).to(tl.float32) * x1[None, :], 1)
-            w_ptrs += 2 * BLOCK_K
     for k0 in range(k_tail, k_end, BLOCK_K):
         x = _gemv_x(x_ptr, k0 + offs_k, K, not EVEN_K, SILU_MUL)
         w = _load_w(w_ptrs, nmask, k0 + offs_k, K, not EVEN_N, not EVEN_K)
@@ -371,7 +358,6 @@ class GemvConfig(NamedTuple):
     block_k: int
     num_warps: int
     split_k: int  # programs along K (1: one program per BLOCK_N channels, no reduce launch)
-    unroll: int = 1  # K tiles in flight per program and step (`_w8a16_gemv_kernel`'s UNROLL: 1 or 2)
 
 
 def gemv_config(
@@ -381,21 +367,18 @@ def gemv_config(
     block_k: int | None = None,
     num_warps: int | None = None,
     split_k: int | None = None,
-    unroll: int | None = None,
 ) -> GemvConfig:
     """The single-row kernel's tiles (any argument given overrides), from benchmarks/fp8_gemm_sweep.py on an H200
     (Llama-3.1-8B projections, 2026-12-01, two sweeps): 8 warps always (4 left the loads short of bandwidth: up to 2x
     slower); up to N = 8192 16 channels per program in 1,024-wide K steps (qkv 8.3 us = 0.48x bf16, o 7.5 us =
     0.68x), above it 32 channels in 512-wide steps (gate_up 32.1 us = 0.52x); rows longer than 8192 split in two
     along K so twice the programs stream them (down, K 14336: 19.9 us = 0.61x; 23.8 unsplit, 62.7 with the first
-    4-warp 32 x 512 tiles). `unroll` (two K tiles in flight per program) stays 1 until the sweep measures 2."""
+    4-warp 32 x 512 tiles)."""
     wide = n > 8192
     bn = block_n or (32 if wide else 16)
     bk = block_k or (512 if wide else 1024)
     split = split_k or (2 if k > 8192 else 1)
-    if unroll not in (None, 1, 2):
-        raise ValueError(f"unroll must be 1 or 2, got {unroll}")
-    return GemvConfig(bn, bk, num_warps or 8, max(1, min(split, triton.cdiv(k, bk))), unroll or 1)
+    return GemvConfig(bn, bk, num_warps or 8, max(1, min(split, triton.cdiv(k, bk))))
 
 
 def _gemv(
@@ -419,11 +402,11 @@ def _gemv(
     tiles = triton.cdiv(n, cfg.block_n)
     last = splits > 1 and GEMV_LAST_SPLIT
     cnt = arrival_counters(tiles, x.device, GEMV_COUNTERS_OWNER) if last else out  # unread unless `last`
-    pdl = cfg.unroll == 1 and (pdl_enabled(x.device) if GEMV_PDL is None else GEMV_PDL)
+    pdl = pdl_enabled(x.device) if GEMV_PDL is None else GEMV_PDL
     _w8a16_gemv_kernel[(tiles, splits)](
         x, weight, scale, bias_arg, out, ws, cnt, n, k, per_split, weight.stride(0), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
-        BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul, UNROLL=cfg.unroll, LAST_SPLIT=last, PDL=pdl,
+        BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul, LAST_SPLIT=last, PDL=pdl,
         num_warps=cfg.num_warps, num_stages=num_stages, **launch_options(pdl),
     )  # fmt: skip
     if splits > 1 and not last:
@@ -458,7 +441,6 @@ def w8a16_linear(
     num_warps: int | None = None,
     num_stages: int = 3,
     gemv: bool | None = None,
-    unroll: int | None = None,
     act: str | None = None,
 ) -> torch.Tensor:
     """x [..., K] (bf16 / fp16 / fp32) times the FP8 weight [N, K] (float8_e4m3fn or its bytes as uint8, rows with
@@ -466,7 +448,7 @@ def w8a16_linear(
     `bias` [N] if given. `decode` ("native" / "bits") defaults to "native" on GPUs of compute capability >= 8.9 and
     "bits" elsewhere; a uint8 weight always decodes with "bits". `gemv` (None: `GEMV`, the environment's
     LRAGENT_FP8_GEMV, on unless 0) sends a single row through `_w8a16_gemv_kernel` (faster at every measured shape);
-    `block_n`, `block_k`, `num_warps`, `num_stages`, `split_k` tune either kernel, `unroll` the GEMV, overriding
+    `block_n`, `block_k`, `num_warps`, `num_stages`, `split_k` tune either kernel, overriding
     `w8a16_config` / `gemv_config` (tests, sweeps).
 
     `act="silu_mul"`: x [..., 2K] is a [gate | up] row (the fused gate/up projection's output) and the product is
@@ -501,7 +483,7 @@ def w8a16_linear(
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     bits = decode == "bits"
     if m == 1 and (GEMV if gemv is None else gemv):
-        cfg_1 = gemv_config(n, k, block_n, block_k, num_warps, split_k, unroll)
+        cfg_1 = gemv_config(n, k, block_n, block_k, num_warps, split_k)
         _gemv(x2, weight, scale, bias, out, bits, cfg_1, num_stages, silu_mul=act == "silu_mul")
         return out.view(*x.shape[:-1], n)
     cfg = w8a16_config(m, n, k, sms, x2.element_size(), block_n, block_k, split_k)
