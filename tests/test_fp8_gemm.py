@@ -140,6 +140,15 @@ def test_w8a16_gemv_split_k(n, k, block_k, split_k, decode):
     _check(out, x, w8, scale, bias)
 
 
+def _gemv_row(n: int, k: int, block_k: int, split_k: int, silu: bool, seed: int, bias: bool):
+    """A one-row GEMV problem (bf16) and the forced-GEMV keywords; with `silu` x is a [gate | up] row of 2K."""
+    x, w8, scale, b = _problem(1, n, k, torch.bfloat16, seed=seed, bias=bias)
+    if silu:
+        x = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(seed)).to(x.device, x.dtype)
+    kw = dict(gemv=True, block_n=16, block_k=block_k, split_k=split_k, act="silu_mul" if silu else None)
+    return x, w8, scale, b, kw
+
+
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize(("n", "k", "block_k", "split_k"), [(40, 200, 32, 3), (17, 256, 64, 4), (64, 1024, 128, 2)])
 def test_w8a16_gemv_last_split_reduce(n, k, block_k, split_k, silu, monkeypatch):
@@ -147,10 +156,7 @@ def test_w8a16_gemv_last_split_reduce(n, k, block_k, split_k, silu, monkeypatch)
     kernel, with ragged N and K; the arrival counters are all zero again afterwards (a second call is right too)."""
     import lragent.kernels.triton_fp8 as tf
 
-    x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=n + split_k, bias=split_k % 2 == 1)
-    if silu:
-        x = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(n)).to(x.device, x.dtype)
-    kw = dict(gemv=True, block_n=16, block_k=block_k, split_k=split_k, act="silu_mul" if silu else None)
+    x, w8, scale, bias, kw = _gemv_row(n, k, block_k, split_k, silu, seed=n + split_k, bias=split_k % 2 == 1)
     monkeypatch.setattr(tf, "GEMV_LAST_SPLIT", False)
     two = w8a16_linear(x, w8, scale, bias, **kw)
     monkeypatch.setattr(tf, "GEMV_LAST_SPLIT", True)
@@ -169,10 +175,7 @@ def test_w8a16_gemv_pdl_form_same_bits(n, k, block_k, split_k, silu, monkeypatch
     split-K, the SiLU prologue. On a GPU the waits are real; in the interpreter they are no-ops."""
     import lragent.kernels.triton_fp8 as tf
 
-    x, w8, scale, bias = _problem(1, n, k, torch.bfloat16, seed=n + k + split_k, bias=split_k % 2 == 0)
-    if silu:
-        x = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(k)).to(x.device, x.dtype)
-    kw = dict(gemv=True, block_n=16, block_k=block_k, split_k=split_k, act="silu_mul" if silu else None)
+    x, w8, scale, bias, kw = _gemv_row(n, k, block_k, split_k, silu, seed=n + k + split_k, bias=split_k % 2 == 0)
     monkeypatch.setattr(tf, "GEMV_PDL", False)
     plain = w8a16_linear(x, w8, scale, bias, **kw)
     monkeypatch.setattr(tf, "GEMV_PDL", True)

@@ -20,7 +20,6 @@ from lragent.kernels.triton_lora import (  # noqa: E402
     ShrinkJob,
     TritonLoRABank,
     grouped_shrink,
-    lora_shrink,
 )
 from lragent.lora.adapter import LoRAAdapter  # noqa: E402
 from lragent.lora.bank import LoRABank  # noqa: E402
@@ -56,20 +55,6 @@ def _v_job(t: int, d_in: int, rank: int, shared: bool, dtype: torch.dtype, gen: 
     return ShrinkJob(a, torch.arange(t + 1, **I32), torch.tensor(slots, **I32), 1, None, dtype, True)
 
 
-def _alone(x: torch.Tensor, job: ShrinkJob, split_k: int) -> torch.Tensor:
-    return lora_shrink(
-        x,
-        job.a_stack,
-        job.seg_start,
-        job.seg_slot,
-        job.max_seg_len,
-        tokens=job.tokens,
-        out_dtype=job.out_dtype,
-        split_k=split_k,
-        rows_covered=job.rows_covered,
-    )
-
-
 @pytest.mark.parametrize("v_shared", [True, False])
 @pytest.mark.parametrize("covered", [True, False])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
@@ -84,7 +69,7 @@ def test_grouped_shrink_equals_two_shrinks(split_k, x_dtype, covered, v_shared):
     seg_lens = [19, 3, 18] if covered else [17, 5, 9]
     x = torch.randn(t, d_in, generator=gen).to(DEVICE, x_dtype)
     q_job, v_job = _q_job(t, seg_lens, d_in, rank, covered, gen), _v_job(t, d_in, rank, v_shared, x_dtype, gen)
-    want_q, want_v = _alone(x, q_job, split_k), _alone(x, v_job, split_k)
+    want_q, want_v = q_job.run(x, split_k), v_job.run(x, split_k)
     for _ in range(2):
         got_q, got_v = grouped_shrink(x, q_job, v_job, split_k=split_k)
         assert _counters_zero()

@@ -377,6 +377,20 @@ class ShrinkJob(NamedTuple):
     out_dtype: torch.dtype | None = None
     rows_covered: bool = False
 
+    def run(self, x: torch.Tensor, split_k: int | None = None) -> torch.Tensor:
+        """This shrink alone, as its own `lora_shrink` launch."""
+        return lora_shrink(
+            x,
+            self.a_stack,
+            self.seg_start,
+            self.seg_slot,
+            self.max_seg_len,
+            tokens=self.tokens,
+            out_dtype=self.out_dtype,
+            split_k=split_k,
+            rows_covered=self.rows_covered,
+        )
+
 
 def _shrink_out(x: torch.Tensor, job: ShrinkJob) -> torch.Tensor:
     alloc = torch.empty if job.rows_covered else torch.zeros
@@ -452,19 +466,6 @@ def grouped_shrink(
         num_stages=3 if on_gpu else 1,
     )
     return out0, out1
-
-
-def _run_shrink(x: torch.Tensor, job: ShrinkJob) -> torch.Tensor:
-    return lora_shrink(
-        x,
-        job.a_stack,
-        job.seg_start,
-        job.seg_slot,
-        job.max_seg_len,
-        tokens=job.tokens,
-        out_dtype=job.out_dtype,
-        rows_covered=job.rows_covered,
-    )
 
 
 def shared_shrink(x: torch.Tensor, a: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -657,7 +658,7 @@ class TritonLoRABank(LoRABank):
         plan = self._delta_plan(x, layer, module, segments)
         if plan is None:
             return None
-        y = _run_shrink(x, self._delta_job(plan, layer, module))
+        y = self._delta_job(plan, layer, module).run(x)
         return self._expand(y, out, plan, layer, module, add)
 
     def delta(self, x, layer, module, segments):
@@ -700,7 +701,7 @@ class TritonLoRABank(LoRABank):
         job = self._value_job(x, layer, segments, module)
         if job is None:
             return torch.zeros(x.shape[0], self.max_rank, dtype=x.dtype, device=x.device)
-        return _run_shrink(x, job)
+        return job.run(x)
 
     def query_delta_and_values(
         self, q: torch.Tensor, x: torch.Tensor, layer: int, segments: Segments | SegmentPlan
