@@ -74,6 +74,16 @@ def test_last_split_equals_kernel_and_reference(case_id, splits):
     assert rel_err(out, case.ref) < F32
 
 
+@pytest.mark.parametrize("block_d", [0, 16, 32])
+def test_merge_kernel_d_slices(block_d, monkeypatch):
+    """The merge kernel with D cut into slices (several programs per head; 0: all of D in one) equals the last
+    split's whole-D merge and the reference, head dim 64."""
+    monkeypatch.setattr(ta, "MERGE_BLOCK_D", block_d)
+    case = make_case([(40, 1, 1), (9, 1, 0), (23, 1, 2)], 4, 2, 64, 4, 8, torch.float32, seed=31)
+    out = both_merges(lambda **kw: run_kernel(case, decode=True, **kw), 5)
+    assert rel_err(out, case.ref) < F32
+
+
 def test_ragged_batch_of_six():
     seqs = [(45, 1, 2), (0, 1, 0), (17, 1, 1), (90, 1, 3), (3, 1, 0), (31, 1, 1)]
     case = make_case(seqs, 4, 2, 16, 4, 8, torch.float32, seed=5)
@@ -213,8 +223,8 @@ def _merge_probe(
     for i in range(G):
         h = g * G + i
         out = _merge_head(
-            pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, b, h, stride_vs, stride_vr, NUM_SPLITS,
-            HKV * G, G, D, R, R_PAD, NS_PAD, CHUNK, HAS_LR,
+            pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, b, h, offs_d, stride_vs, stride_vr,
+            NUM_SPLITS, HKV * G, G, D, R, R_PAD, NS_PAD, CHUNK, HAS_LR,
         )  # fmt: skip
         tl.store(out_ptr + (b * HKV * G + h) * D + offs_d, out)
 

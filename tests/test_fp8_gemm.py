@@ -26,7 +26,14 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from lragent.kernels.counters import counters_of  # noqa: E402
-from lragent.kernels.triton_fp8 import _decode_e4m3, can_fuse_act, gemv_config, w8a16_config, w8a16_linear  # noqa: E402
+from lragent.kernels.triton_fp8 import (  # noqa: E402
+    DECODE_TILES,
+    _decode_e4m3,
+    can_fuse_act,
+    gemv_config,
+    w8a16_config,
+    w8a16_linear,
+)
 from lragent.kernels.triton_fused import silu_mul  # noqa: E402
 from lragent.quant.fp8 import (  # noqa: E402
     FP8,
@@ -96,15 +103,20 @@ def _check(got: torch.Tensor, x: torch.Tensor, w8: torch.Tensor, scale: torch.Te
     assert (err <= tol).all(), f"worst excess {(err - tol).max().item():.3g} (err {err.max().item():.3g})"
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("decode", DECODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 16, 33])
-def test_w8a16_matches_dequantised_reference(m, dtype, decode):
-    """N and K not multiples of the tiles; one launch, and split-K (partials + reduce) on the same problem."""
+def test_w8a16_matches_dequantised_reference(m, dtype, decode, swap_ab):
+    """N and K not multiples of the tiles; one launch, and split-K (partials + reduce) on the same problem; the tile
+    as x W^T and as W x^T (swap_ab); even shapes too (the unmasked weight loads)."""
     x, w8, scale, bias = _problem(m, 72, 200, dtype, seed=m, bias=m % 2 == 1)
     for split_k in (1, 3):
-        out = w8a16_linear(x, w8, scale, bias, decode=decode, block_n=32, block_k=64, split_k=split_k)
-        _check(out, x, w8, scale, bias)
+        kw = dict(decode=decode, block_n=32, block_k=64, split_k=split_k, gemv=False, swap_ab=swap_ab)
+        _check(w8a16_linear(x, w8, scale, bias, **kw), x, w8, scale, bias)
+    x, w8, scale, bias = _problem(m, 64, 256, dtype, seed=m + 1, bias=False)
+    kw = dict(decode=decode, block_n=32, block_k=64, split_k=2, gemv=False, swap_ab=swap_ab)
+    _check(w8a16_linear(x, w8, scale, bias, **kw), x, w8, scale, bias)
 
 
 @pytest.mark.parametrize("decode", DECODES)
@@ -294,12 +306,18 @@ def test_w8a16_default_tiles_and_views(dtype):
 
 
 def test_config_occupies_the_sms():
-    """Decode shapes of Llama-3.1-8B on 132 SMs: at least ~2 programs per SM, one launch (no split); small N
-    splits K; BLOCK_K keeps 8 KiB of weights per step."""
-    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (14336, 4096)):
-        cfg = w8a16_config(1, n, k, 132)
-        assert cfg.split_k == 1 and triton.cdiv(n, cfg.block_n) >= 1.9 * 132, (n, cfg)
-        assert cfg.block_m == 16 and cfg.block_n * cfg.block_k == 8192
+    """Decode shapes of Llama-3.1-8B on 132 SMs: the measured decode tiles (`DECODE_TILES`) for 1-32 rows, K split
+    only where the output tiles alone leave SMs idle, and then into enough programs for every SM; small N splits
+    K; forced prefill sizes keep at most 8 KiB of weights and 16 KiB of x per step."""
+    for m in (1, 8, 16, 32):
+        for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (14336, 4096)):
+            cfg = w8a16_config(m, n, k, 132)
+            bn, bk, warps, stages = DECODE_TILES[cfg.block_m]
+            assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (bn, bk, warps, stages), (m, n, cfg)
+            tiles = triton.cdiv(n, cfg.block_n)
+            assert (cfg.split_k == 1) == (tiles >= 132) and tiles * cfg.split_k >= 132, (m, n, cfg)
+    big = w8a16_config(300, 4096, 4096, 132)  # forced "triton" on a prefill: M tiles, bounded weight / x tiles
+    assert big.block_m == 64 and big.block_n * big.block_k <= 8192 and big.block_m * big.block_k * 2 <= 16384
     small = w8a16_config(4, 1024, 2048, 132)
     assert small.split_k > 1 and triton.cdiv(1024, small.block_n) * small.split_k >= 132
     assert small.k_per_split % small.block_k == 0 and small.k_per_split * small.split_k >= 2048

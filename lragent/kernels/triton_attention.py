@@ -745,7 +745,7 @@ def _decode_kernel(
                 for i in range(G):
                     h = g * G + i
                     out = _merge_head(
-                        pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, b, h, stride_vs, stride_vr,
+                        pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, b, h, offs_d, stride_vs, stride_vr,
                         NUM_SPLITS, HKV * G, G, D, R, R_PAD, NS_PAD, CHUNK, HAS_LR,
                     )  # fmt: skip
                     tl.store(out_ptr + b64 * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
@@ -762,6 +762,7 @@ def _merge_head(
     scaling_ptr,
     b,
     h,
+    offs_d,
     stride_vs,
     stride_vr,
     NUM_SPLITS,
@@ -774,13 +775,22 @@ def _merge_head(
     CHUNK: tl.constexpr,
     HAS_LR: tl.constexpr,
 ):
-    """Query head `h` of row `b` [D] (float32): the splits' partials [rows, NUM_SPLITS, HQ, ...] merged by
-    log-sum-exp with their max / sum, plus s acc_r B_g of the row's adapter slot (slot 0: none), over the sum.
-    The one copy of the merge arithmetic: the merge kernel and the decode kernel's last split both call it.
-    Partials are read through L2 (".cg"): in the last-split path other SMs wrote them during this launch."""
-    offs_d = tl.arange(0, D)
+    """Columns `offs_d` of query head `h` of row `b` (float32): the splits' partials [rows, NUM_SPLITS, HQ, ...]
+    merged by log-sum-exp with their max / sum, plus s acc_r B_g of the row's adapter slot (slot 0: none), over
+    the sum. The one copy of the merge arithmetic: the merge kernel (a slice of D per program) and the decode
+    kernel's last split (all of D) both call it. Partials are read through L2 (".cg"): in the last-split path other
+    SMs wrote them during this launch. The row's slot, scale and B columns are loaded first: they depend on
+    nothing computed here, so their latency overlaps the partials'."""
     offs_r = tl.arange(0, R_PAD)
     b64 = b.to(tl.int64)
+    if HAS_LR:
+        slot = tl.load(slot_ptr + b)
+        scale = tl.load(scaling_ptr + slot)
+        up = tl.load(
+            vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + (h // G) * D + offs_d[None, :],
+            mask=offs_r[:, None] < R,
+            other=0.0,
+        ).to(tl.float32)
     offs_s = tl.arange(0, NS_PAD)
     rows = (b64 * NUM_SPLITS + offs_s) * HQ + h
     smask = offs_s < NUM_SPLITS
@@ -790,7 +800,7 @@ def _merge_head(
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     big_l = tl.sum(tl.exp2(m_all - m_max) * l_all, 0)  # empty splits: exp2(-inf) * 0 = 0
     offs_c = tl.arange(0, CHUNK)
-    acc = tl.zeros([D], dtype=tl.float32)
+    acc = tl.zeros(offs_d.shape, dtype=tl.float32)
     acc_r = tl.zeros([R_PAD], dtype=tl.float32)
     for c0 in range(0, NUM_SPLITS, CHUNK):
         cs = c0 + offs_c
@@ -808,15 +818,7 @@ def _merge_head(
             acc_r += tl.sum(w[:, None] * part_r, 0)
     out = acc
     if HAS_LR:
-        slot = tl.load(slot_ptr + b)
         if slot != 0:
-            scale = tl.load(scaling_ptr + slot)
-            g = h // G
-            up = tl.load(
-                vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + g * D + offs_d[None, :],
-                mask=offs_r[:, None] < R,
-                other=0.0,
-            ).to(tl.float32)
             out = out + scale * tl.sum(acc_r[:, None] * up, 0)
     big_l = tl.where(big_l == 0.0, 1.0, big_l)
     return out / big_l
@@ -844,19 +846,23 @@ def _decode_merge_kernel(
     NS_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
     HAS_LR: tl.constexpr,
+    BLOCK_D: tl.constexpr = 0,  # columns of D per program (0: all of D)
     PDL: tl.constexpr = False,
 ):
-    """Program (sequence, q head): merge the splits' partials with their max / sum, then add s acc_r B_g. With PDL
-    the next kernel (the o projection's FP8 GEMV) may launch at once and stream its weights meanwhile."""
+    """Program (sequence, q head, slice of D): merge the splits' partials with their max / sum, then add s acc_r B_g.
+    A slice of D per program: at batch 1 one program per head (32 of them) left each to walk every split's partial
+    alone, ~7-10 us on an H200 (Nsight Compute, eighth session); slices put four times the programs on the SMs.
+    With PDL the next kernel (the o projection's FP8 GEMV) may launch at once and stream its weights meanwhile."""
     if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
+    BD: tl.constexpr = D if BLOCK_D == 0 else BLOCK_D
+    offs_d = tl.program_id(2) * BD + tl.arange(0, BD)
     out = _merge_head(
-        pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, b, h, stride_vs, stride_vr, NUM_SPLITS, HQ, G, D,
-        R, R_PAD, NS_PAD, CHUNK, HAS_LR,
+        pacc_ptr, pr_ptr, pml_ptr, slot_ptr, vup_ptr, scaling_ptr, b, h, offs_d, stride_vs, stride_vr, NUM_SPLITS,
+        HQ, G, D, R, R_PAD, NS_PAD, CHUNK, HAS_LR,
     )  # fmt: skip
-    offs_d = tl.arange(0, D)
     tl.store(out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -1083,6 +1089,10 @@ def prefill_num_splits(programs: int, max_context: int, device: torch.device, bl
     return max(1, min(wave // max(1, programs), -(-max_context // (4 * block_n)), 64))
 
 
+# columns of D per merge program (`_decode_merge_kernel`); 0 = all of D (LRAGENT_DECODE_MERGE_BLOCK_D, for sweeps)
+MERGE_BLOCK_D = int(os.environ.get("LRAGENT_DECODE_MERGE_BLOCK_D", "32"))
+
+
 def _merge_tiles(num_splits: int, d: int) -> tuple[int, int]:
     """`_merge_head`'s NS_PAD (all splits' max / sum at once) and CHUNK (splits' partials per step)."""
     ns_pad = _pow2_at_least(num_splits, 16)
@@ -1093,7 +1103,8 @@ def _merge_splits(pacc, pr, pml, row_slots, p: _Pools, lora_scaling, out, num_sp
     """Combine split-KV partials [rows, splits, Hq, ...] into out [rows, Hq, d] and add s acc_r B per row."""
     d = out.shape[-1]
     ns_pad, chunk = _merge_tiles(num_splits, d)
-    _decode_merge_kernel[(out.shape[0], hq)](
+    block_d = min(d, MERGE_BLOCK_D) if MERGE_BLOCK_D else d
+    _decode_merge_kernel[(out.shape[0], hq, d // block_d)](
         pacc,
         pr,
         pml,
@@ -1114,6 +1125,7 @@ def _merge_splits(pacc, pr, pml, row_slots, p: _Pools, lora_scaling, out, num_sp
         NS_PAD=ns_pad,
         CHUNK=chunk,
         HAS_LR=p.has_lr,
+        BLOCK_D=block_d,
         PDL=pdl_enabled(out.device),
         num_warps=4,
     )

@@ -6,12 +6,13 @@ by reading W: this kernel reads every weight byte once, one byte each (half of b
 
 Layout of the work (`w8a16_config`):
 
-- one program per BLOCK_N output channels (and per BLOCK_M rows of x, a single tile for M <= 64). BLOCK_N is 16,
-  32 or 64, the widest that still gives at least two programs per SM (N = 1024..28672 on 132 SMs: 16 up to N = 8447,
-  32 up to 16895, 64 above), so every SM streams weights;
-- the K loop reads W in chunks of BLOCK_K (128..512) bytes per row, 8 KiB of weights per step and program; each
-  chunk is converted to x's dtype in registers and fed to `tl.dot` with x's rows padded (masked) to BLOCK_M >= 16;
-  accumulation in float32; the per-channel scale (and the bias) are applied once, in the epilogue;
+- one program per BLOCK_N output channels (and per BLOCK_M rows of x, a single tile for M <= 64). Decode row counts
+  (up to 32) take `DECODE_TILES`, measured with every weight streamed from memory as in a decode step (32 x 256
+  tiles up to 16 rows, 64 x 128 at 32); above, BLOCK_N is the widest of 16 / 32 / 64 that still gives two programs
+  per SM, with 8 KiB of weights per K step;
+- the K loop reads W in chunks of BLOCK_K bytes per row; each chunk is converted to x's dtype in registers and fed
+  to `tl.dot` with x's rows padded (masked) to BLOCK_M >= 16; accumulation in float32; the per-channel scale (and
+  the bias) are applied once, in the epilogue;
 - split-K only when there are fewer output tiles than SMs (N < 16 * SMs, about 2100 on an H200: small models, or an
   unfused k/v projection): each split writes float32 partials to a workspace [splits, M, N] and a second small
   launch sums them in a fixed order, then scales, adds the bias and rounds (deterministic; no atomics, no memset).
@@ -62,6 +63,15 @@ class W8A16Config:
     block_k: int
     split_k: int  # number of K splits actually launched (1: no workspace, one launch)
     k_per_split: int  # a multiple of block_k
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# decode tiles by BLOCK_M: (BLOCK_N, BLOCK_K, warps, stages), from benchmarks/fp8_stream_sweep.py on an H200 (eighth
+# session: Llama-3.1-8B projections, every call on weights not in L2, as in a decode step). Up to 16 rows 32 x 256
+# tiles, 4 stages: 0.74-1.0x bf16 cuBLAS at 2-16 rows (the 16 x 512 tiles before, 3 stages: 0.87-1.55x); at 32
+# rows 64 x 128: 0.87-1.25x (qkv 1.25, o 1.17, gate_up 0.87, down 1.08).
+DECODE_TILES = {16: (32, 256, 4, 4), 32: (64, 128, 4, 4)}
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -79,8 +89,15 @@ def w8a16_config(
     split_k: int | None = None,
 ) -> W8A16Config:
     """Tile sizes for an [m, k] x [n, k]^T product on `sms` SMs, x with `x_bytes` bytes per element (see the module
-    docstring); the optional arguments override the choice (tests)."""
+    docstring); the optional arguments override the choice (tests). Decode row counts (BLOCK_M 16 or 32) take the
+    measured `DECODE_TILES`; larger ones (the "triton" routing on a prefill) the widest BLOCK_N that still gives two
+    programs per SM and 8 KiB of weights per K step."""
     block_m = min(64, _pow2_at_least(m, 16))
+    warps, stages = 4, 3
+    if block_m in DECODE_TILES:
+        bn, bk, warps, stages = DECODE_TILES[block_m]
+        block_n = block_n or bn
+        block_k = block_k or max(16, min(bk, X_TILE_BYTES // (block_m * x_bytes), _pow2_at_least(k, 16)))
     if block_n is None:
         block_n = next((b for b in (64, 32) if triton.cdiv(n, b) >= 2 * sms), 16)
     if block_k is None:
@@ -92,7 +109,7 @@ def w8a16_config(
         split_k = triton.cdiv(2 * sms, tiles) if tiles < sms else 1
     split_k = max(1, min(split_k, MAX_SPLIT_K, chunks))
     k_per_split = triton.cdiv(chunks, split_k) * block_k
-    return W8A16Config(block_m, block_n, block_k, triton.cdiv(k, k_per_split), k_per_split)
+    return W8A16Config(block_m, block_n, block_k, triton.cdiv(k, k_per_split), k_per_split, warps, stages)
 
 
 @functools.cache
@@ -155,7 +172,13 @@ def _w8a16_kernel(
     BITS: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,  # dot on float32 copies of both operands (only the interpreter: see `_INTERPRET_BF16_DOT`)
+    SWAP_AB: tl.constexpr = False,  # W as the dot's left operand: acc^T [BLOCK_N, BLOCK_M] = W x^T (see below)
 ):
+    """x [M, K] times W [N, K]^T for a [BLOCK_M, BLOCK_N] output tile, K in BLOCK_K steps through `tl.dot`.
+
+    SWAP_AB computes the transposed tile, W [BLOCK_N, BLOCK_K] times x^T [BLOCK_K, BLOCK_M]: the decoded weight is
+    the MMA's left operand, which Hopper's wgmma reads from registers, so the converted tile does not go back
+    through shared memory, and BLOCK_N (not the padded BLOCK_M of a few decode rows) is the MMA's M side."""
     pid_n = tl.program_id(0)
     ks = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -165,27 +188,36 @@ def _w8a16_kernel(
     mmask = offs_m < M
     nmask = offs_n < N
     k_lo = ks * k_per_split
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
-    # W^T tile [BLOCK_K, BLOCK_N]: K is contiguous in memory (W is row-major [N, K])
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_lo + offs_k)[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:  # W [BLOCK_N, BLOCK_K] and x^T [BLOCK_K, BLOCK_M]: K contiguous in both
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
+        x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k_lo + offs_k)[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:  # x [BLOCK_M, BLOCK_K] and W^T [BLOCK_K, BLOCK_N]
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+        w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_lo + offs_k)[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_per_split, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
-            if EVEN_N:
+        kmask = (k_lo + k0 + offs_k) < K  # all true when EVEN_K (x's masks are cheap; W's are skipped then)
+        if SWAP_AB:
+            x = tl.load(x_ptrs, mask=mmask[None, :] & kmask[:, None], other=0.0)
+            if EVEN_K and EVEN_N:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
             else:
-                w = tl.load(w_ptrs, mask=nmask[None, :], other=0.0, eviction_policy="evict_first")
+                w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0,
+                            eviction_policy="evict_first")  # fmt: skip
+            acc = _tile_dot(_decode_e4m3(w, BITS).to(x.dtype), x, acc, DOT_PREC, DOT_F32)
         else:
-            kmask = (k_lo + k0 + offs_k) < K
             x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0, eviction_policy="evict_first")
-        if DOT_F32:
-            acc = tl.dot(x.to(tl.float32), _decode_e4m3(w, BITS).to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, _decode_e4m3(w, BITS).to(x.dtype), acc, input_precision=DOT_PREC)
+            if EVEN_K and EVEN_N:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0,
+                            eviction_policy="evict_first")  # fmt: skip
+            acc = _tile_dot(x, _decode_e4m3(w, BITS).to(x.dtype), acc, DOT_PREC, DOT_F32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SWAP_AB:
+        acc = tl.trans(acc)
     omask = mmask[:, None] & nmask[None, :]
     if SPLIT:
         ws_ptrs = ws_ptr + (ks * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
@@ -194,6 +226,15 @@ def _w8a16_kernel(
         y = _scaled(acc, scale_ptr, bias_ptr, offs_n[None, :], nmask[None, :], HAS_BIAS, BITS)
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _tile_dot(a, b, acc, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + a @ b in float32 (one operand x, the other the weight decoded to x's dtype); DOT_F32 runs it on float32
+    copies (the interpreter's bf16 dot, `_INTERPRET_BF16_DOT`)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -349,6 +390,8 @@ _INTERPRET_BF16_DOT = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV = os.environ.get("LRAGENT_FP8_GEMV", "1") == "1"  # single rows through `_w8a16_gemv_kernel` (see w8a16_linear)
 # a split single-row GEMV reduces in its last split (one launch) unless LRAGENT_FP8_GEMV_REDUCE=kernel (two launches)
 GEMV_LAST_SPLIT = os.environ.get("LRAGENT_FP8_GEMV_REDUCE", "last_split") != "kernel"
+# the tiled kernel as W x^T (`_w8a16_kernel`'s SWAP_AB) unless LRAGENT_FP8_SWAP_AB=0
+SWAP_AB = os.environ.get("LRAGENT_FP8_SWAP_AB", "0") == "1"
 GEMV_COUNTERS_OWNER = "fp8_gemv"  # one arrival counter per BLOCK_N channels of a split launch
 GEMV_PDL: bool | None = None  # None: PDL where `pdl_enabled`; tests and sweeps set True / False
 
@@ -439,9 +482,10 @@ def w8a16_linear(
     block_k: int | None = None,
     split_k: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     gemv: bool | None = None,
     act: str | None = None,
+    swap_ab: bool | None = None,
 ) -> torch.Tensor:
     """x [..., K] (bf16 / fp16 / fp32) times the FP8 weight [N, K] (float8_e4m3fn or its bytes as uint8, rows with
     unit stride along K) scaled per row by `scale` [N] (float32) -> [..., N] in `out_dtype` (default x's), plus
@@ -449,7 +493,8 @@ def w8a16_linear(
     "bits" elsewhere; a uint8 weight always decodes with "bits". `gemv` (None: `GEMV`, the environment's
     LRAGENT_FP8_GEMV, on unless 0) sends a single row through `_w8a16_gemv_kernel` (faster at every measured shape);
     `block_n`, `block_k`, `num_warps`, `num_stages`, `split_k` tune either kernel, overriding
-    `w8a16_config` / `gemv_config` (tests, sweeps).
+    `w8a16_config` / `gemv_config` (tests, sweeps). `swap_ab` (None: `SWAP_AB`, LRAGENT_FP8_SWAP_AB) runs the tiled
+    kernel as W x^T (the weight as the MMA's register operand; `_w8a16_kernel`).
 
     `act="silu_mul"`: x [..., 2K] is a [gate | up] row (the fused gate/up projection's output) and the product is
     W times silu(gate) * up, computed in the GEMV's loads with `silu_mul`'s rounding (see `_gemv_x`): the down
@@ -484,7 +529,7 @@ def w8a16_linear(
     bits = decode == "bits"
     if m == 1 and (GEMV if gemv is None else gemv):
         cfg_1 = gemv_config(n, k, block_n, block_k, num_warps, split_k)
-        _gemv(x2, weight, scale, bias, out, bits, cfg_1, num_stages, silu_mul=act == "silu_mul")
+        _gemv(x2, weight, scale, bias, out, bits, cfg_1, num_stages or 3, silu_mul=act == "silu_mul")
         return out.view(*x.shape[:-1], n)
     cfg = w8a16_config(m, n, k, sms, x2.element_size(), block_n, block_k, split_k)
     split = cfg.split_k > 1
@@ -512,10 +557,11 @@ def w8a16_linear(
         EVEN_K=k % cfg.k_per_split == 0,
         EVEN_N=n % cfg.block_n == 0,
         BITS=bits,
+        SWAP_AB=SWAP_AB if swap_ab is None else swap_ab,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_F32=_INTERPRET_BF16_DOT and x.dtype == torch.bfloat16,
-        num_warps=num_warps or 4,
-        num_stages=num_stages,
+        num_warps=num_warps or cfg.num_warps,
+        num_stages=num_stages or cfg.num_stages,
     )
     if split:
         _w8a16_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
