@@ -8,7 +8,8 @@ the time limit. Per episode, two contexts of the action adapter:
              'Question: {question}\\nAnswer:' (ScienceQA: the options listed too), the usual cloze form
 
 and the answer is the candidate with the highest summed log-prob after the context (PMI: minus its log-prob after
-'Answer:' alone). Candidates: ScienceQA the options' texts; HotpotQA spans of the observations
+'Answer:' alone; eol: the candidate followed by the line's end, so a span cut short of the answer pays for
+ending there). Candidates: ScienceQA the options' texts; HotpotQA spans of the observations
 (`hotpotqa_span_scoring.candidates`), 'yes', 'no' and the agent's own answer; HotpotQA also greedy-generates after
 the restated context (up to 24 tokens, to the line's end). Reports accuracy (ScienceQA) or EM / F1 (HotpotQA).
 Run: python benchmarks/answer_restated.py --task scienceqa|hotpotqa [--limit N]
@@ -109,6 +110,7 @@ def score(llm: LLM, rows: list[dict], task: str, batch: int) -> None:
                 for kind, pre, cont in (
                     ("finish", c["finish"], enc(option_continuation(cand))),
                     ("restated", c["restated"], enc(" " + cand)),
+                    ("restated eol", c["restated"], enc(" " + cand + "\n")),
                     ("prior", prior, enc(" " + cand)),
                 ):
                     prompts.append(pre + cont)
@@ -128,6 +130,7 @@ def answers(row: dict, task: str) -> dict[str, str]:
         "finish": [row["lp_finish"][j] for j in idx],
         "restated": [row["lp_restated"][j] for j in idx],
         "restated PMI": [row["lp_restated"][j] - row["lp_prior"][j] for j in idx],
+        "restated eol": [row["lp_restated eol"][j] for j in idx],
     }
     out = {"saved": row["saved"]}
     for name, vals in ways.items():

@@ -29,6 +29,7 @@ from pathlib import Path
 from lragent import LLM, SamplingParams
 from lragent.agents.episode import option_continuation
 from lragent.agents.scoring import exact_match, f1_score, normalize_answer
+from lragent.agents.spans import answer_spans
 
 FILE = "benchmarks/accuracy_h200/eval_hotpotqa.json.gz"
 RUN = ("hotpotqa-shared-a", "non_shared", 1)
@@ -36,29 +37,13 @@ ADAPTER = "lragent/adapters/hotpotqa-shared-a/action"
 MARK = "Finish[\n### Response:\n"
 _OBS = re.compile(r"Obversation: ([^\n]*)")
 _FINISH = re.compile(re.escape(MARK) + r"([^\]\n]*)\]")
-_CAP = r"(?:(?:[A-Z]\.)+|[A-Z][\w'’\-]*(?:\.\w[\w'’\-]*)*)"
-_CONN = r"(?:of|the|and|de|la|le|du|del|der|von|van|da|di)"
-_MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
-_SPAN = re.compile(
-    rf"\d{{1,2}} {_MONTH} \d{{4}}|{_MONTH} \d{{1,2}}, \d{{4}}|{_MONTH} \d{{4}}"
-    rf"|{_CAP}(?: (?:{_CONN} )*{_CAP})*|\d[\d,.]*\d|\d"
-)
 METHODS = ("saved", "sum", "mean", "PMI")
 
 
 def candidates(observations: list[str], cap: int = 60) -> list[str]:
-    """Spans of the observations, later observations first, deduplicated (normalised), at most `cap`."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for obs in reversed(observations):
-        for m in _SPAN.finditer(obs):
-            span = re.sub(r"['’]s$", "", m.group(0).strip(" .,'’-"))
-            for part in (span, *(span.split(" and ") if " and " in span else ())):
-                key = normalize_answer(part)
-                if key and key not in seen and len(out) < cap:
-                    seen.add(key)
-                    out.append(part)
-    return out
+    """Spans of the observations, later observations first, deduplicated (normalised), at most `cap`: the
+    pipeline's own `answer_spans` (`lragent eval --score-spans`) without its yes / no."""
+    return answer_spans(observations, cap, extra=())
 
 
 def episodes(path: str, limit: int | None) -> list[dict]:

@@ -208,6 +208,58 @@ def test_score_options_answers_with_the_most_likely_options_letter():
     assert hot.prediction == "B"
 
 
+def test_score_spans_answers_with_the_most_likely_observed_span():
+    """HotpotQA's Finish under score_spans: one scoring request per span of the observations (then yes / no), after
+    the trajectory cut before the finishing step's thought and the question restated; the best span is the answer
+    and what the trajectory records. The restated context is a prefix of the trajectory plus one line (the prefix
+    cache serves it). Other calls are generated as before; ScienceQA is untouched."""
+    cfg = PipelineConfig(max_iterations=3, score_spans=True, finish_at_cap=True, keep_trajectories=True)
+
+    def favour(role: str, context: str, cont: str) -> float:
+        return (0.0 if cont == " Badr Hari" else -2.0 - len(cont)) if role == "action" else 0.0
+
+    def script(role: str, prompt: str) -> str:
+        if role == "action" and not prompt.endswith("Finish[" + D.RESPONSE):
+            return "Badr Hari"  # the search that finds the answer
+        return searcher("kick boxer")(role, prompt)
+
+    llm = ScriptedLLM(script, scorer=favour)
+    (res,) = run_pipeline(llm, [HOTPOT], cfg)
+    scored = [c for c in llm.log if c.params.prompt_logprobs is not None]
+    assert scored and {c.role for c in scored} == {"action"}
+    assert all(c.params.max_tokens == 1 and c.params.temperature == 0.0 for c in scored)
+    context = scored[0].prompt[: scored[0].params.prompt_logprobs_start]
+    restated = "Question: " + HOTPOT["question"] + "\nAnswer:"
+    assert context.endswith("\n" + restated)
+    head = context[: -len(restated)]
+    assert head.endswith("\n") and head.split("\n")[-2].startswith("Obversation: ")
+    conts = [c.prompt[len(context) :] for c in scored]
+    assert " Badr Hari" in conts and conts[-2:] == [" yes", " no"] and len(set(conts)) == len(conts)
+    assert res.prediction == "Badr Hari" and res.correct  # not the "kick boxer" the script would have generated
+    assert res.trajectory.startswith(head + D.THOUGHT_PROMPT)
+    assert "Aciton: Finish[" + D.RESPONSE + "Badr Hari]\n" in res.trajectory
+    (plain,) = run_pipeline(ScriptedLLM(script), [HOTPOT], PipelineConfig(max_iterations=3, finish_at_cap=True))
+    assert plain.prediction == "kick boxer" and not plain.correct
+    (sci,) = run_pipeline(ScriptedLLM(searcher("B"), scorer=favour), [SCIENCE], cfg)
+    assert sci.prediction == "B"  # ScienceQA answers stay generated
+
+
+def test_score_spans_generates_before_any_observation():
+    """A Finish in the first step (nothing observed yet) is generated, as without score_spans."""
+
+    def script(role: str, prompt: str) -> str:
+        if role == "action":
+            return "Badr Hari"
+        if role == "reflect":
+            return "Fine." if prompt.endswith(D.THOUGHT_PROMPT) else "Reflect[right]"
+        return "I know it." if prompt.endswith(D.THOUGHT_PROMPT) else "Aciton: Finish["
+
+    llm = ScriptedLLM(script, scorer=lambda role, context, cont: 0.0)
+    (res,) = run_pipeline(llm, [HOTPOT], PipelineConfig(max_iterations=3, score_spans=True))
+    assert not [c for c in llm.log if c.params.prompt_logprobs is not None]
+    assert res.prediction == "Badr Hari" and res.finished
+
+
 @pytest.mark.parametrize(("verdict", "accepted"), [("Reflect[right]", True), ("Reflect[right].", True),
                                                    ("Reflect[yes]", False), ("Reflect[right/wrong]", False),
                                                    ("Reflect[wrong]", False)])  # fmt: skip

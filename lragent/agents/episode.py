@@ -25,6 +25,13 @@ Optional guards (EpisodeConfig), both off by default (the paper's loop) and repo
                   far better than they name a letter (the option texts carry the knowledge; the letters are arbitrary
                   labels), the standard multiple-choice scoring of language-model evaluations. The answer written
                   into the trajectory is the letter, as training taught.
+  score_spans   : HotpotQA's Finish answer is chosen by likelihood among spans of the observations so far
+                  (`lragent.agents.spans`: names, dates, numbers; and yes / no): the action agent reads the
+                  trajectory up to the current step's thought, then the question restated as 'Question: {question}
+                  \nAnswer:', and scores each span as its continuation; the most likely span is the answer written
+                  into the trajectory. A small model that finds the answer but copies its own query when asked to
+                  write it (the embedded model's failure mode) reads it off instead. With no observation yet the
+                  answer is generated as usual.
   finish_at_cap : in the last iteration a question without an answer skips the plan's tool call and goes straight to
                   "Aciton: Finish[" (the text the plan would have written), so the action agent must answer; such
                   answers are flagged `forced_finish`.
@@ -43,6 +50,7 @@ from lragent.agents import parsing
 from lragent.agents import tools as T
 from lragent.agents.formats import TrajectoryFormat
 from lragent.agents.scoring import Score
+from lragent.agents.spans import answer_spans
 from lragent.train import data as D
 
 
@@ -83,6 +91,11 @@ class Trajectory:
     def encode(self, chunk: str) -> list[int]:
         """Ids of a chunk appended after the current text (what `append` would add)."""
         return list(self._encode(chunk, False))
+
+
+def restated_question(question: str) -> str:
+    """What score_spans appends below the observations before the spans: the question in the usual cloze form."""
+    return f"Question: {' '.join(question.split())}\nAnswer:"
 
 
 def option_continuation(text: str) -> str:
@@ -146,6 +159,7 @@ class EpisodeConfig:
     constrain_finish: bool = False  # only ScienceQA's Finish letter constrained to the question's options
     finish_at_cap: bool = False  # last iteration without an answer: Finish is chosen for the plan
     score_options: bool = False  # ScienceQA's Finish answer: the option the action agent finds most likely
+    score_spans: bool = False  # HotpotQA's Finish answer: the observation span the action agent finds most likely
 
 
 @dataclass
@@ -174,6 +188,10 @@ class Episode:
     options: tuple[str, ...] = ()  # ScienceQA: the option letters Finish may answer
     option_texts: tuple[str, ...] = ()  # and their texts (what score_options ranks)
     forced_finish: bool = False
+    question: str = ""  # the question as asked (score_spans restates it before the answer)
+    observations: list[str] = field(default_factory=list)  # the tools' observations so far (score_spans' source)
+    thought_at: int = -1  # token count of the trajectory before the current step's thought header (-1: unknown)
+    spans: list[str] = field(default_factory=list)  # the spans the pending scoring call ranks
 
     @property
     def done(self) -> bool:
@@ -199,6 +217,9 @@ class Episode:
         if len(ids) + self.config.max_new_tokens > self.config.max_context_tokens:
             self._halt("context")
             return None
+        spans = self._span_call()
+        if spans is not None:
+            return AgentCall(index, ROLE_OF[self.phase], self.phase, *spans)
         return AgentCall(index, ROLE_OF[self.phase], self.phase, ids, self._choice(), self._candidates())
 
     def _candidates(self) -> list[list[int]] | None:
@@ -208,6 +229,18 @@ class Episode:
         if len(self.option_texts) != len(self.options) or not self.options:
             return None
         return [self.traj.encode(option_continuation(text)) for text in self.option_texts]
+
+    def _span_call(self) -> tuple[list[int], None, list[list[int]]] | None:
+        """Under score_spans, at HotpotQA's Finish after at least one observation: (the restated prompt, no
+        choice, each span's ids after it); remembers the spans for `feed`. None otherwise."""
+        self.spans = []
+        if not (self.config.score_spans and self.task == "hotpotqa" and self.phase is Phase.ACTION):
+            return None
+        if self.tool != "Finish" or not self.observations or self.thought_at < 0 or not self.question:
+            return None
+        self.spans = answer_spans(self.observations)
+        prompt = self.traj.ids[: self.thought_at] + self.traj.encode(restated_question(self.question))
+        return prompt, None, [self.traj.encode(" " + span) for span in self.spans]
 
     def _choice(self) -> list[str] | None:
         """The closed set the pending call's output belongs to (see the module doc), when constraining."""
@@ -234,8 +267,9 @@ class Episode:
         self.stats["generated_tokens"] += len(getattr(output, "token_ids", None) or [])
         text = getattr(output, "text", "") or ""
         scores = getattr(output, "option_scores", None)
-        if scores:  # a scored Finish: the letter of the most likely option (ties: the first)
-            text = self.options[max(range(len(scores)), key=scores.__getitem__)]
+        if scores:  # a scored Finish: the most likely span, or the letter of the most likely option (ties: first)
+            best = max(range(len(scores)), key=scores.__getitem__)
+            text = self.spans[best] if self.spans else self.options[best]
             self.stats["scored_finishes"] += 1
         handler = {
             Phase.PLAN_THOUGHT: self._on_plan_thought,
@@ -281,7 +315,9 @@ class Episode:
         arg = " ".join((arg or "").split())
         self.traj.append(arg + "]\n")
         if self.tool != "Finish":
-            self._observe(self.toolbox.run(self.tool, arg))
+            obs = self.toolbox.run(self.tool, arg)
+            self.observations.append(obs)
+            self._observe(obs)
             self._next_iteration(Phase.PLAN_THOUGHT)
         elif self.answer is None:  # first answer: reflect reviews it
             self.answer = arg
@@ -322,7 +358,12 @@ class Episode:
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _observe(self, obs: str, next_thought: bool = True) -> None:
-        self.traj.append(self.fmt.observe(obs, next_thought))
+        """The observation line, then (unless the episode ends) the next thought header, whose start is kept
+        (`thought_at`): two chunks, the same ids as one (the header starts a line)."""
+        self.traj.append(self.fmt.observe(obs, next_thought=False))
+        if next_thought:
+            self.thought_at = len(self.traj.ids)
+            self.traj.append(D.THOUGHT_PROMPT)
 
     def _observe_free(self, call: str, obs: str, step: str) -> None:
         """An action written without an action-agent call, its observation, then back to plan."""

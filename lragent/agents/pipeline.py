@@ -45,6 +45,7 @@ class PipelineConfig:
     constrain_finish: bool = False  # the same, on ScienceQA's Finish letter only (the question's own letters)
     finish_at_cap: bool = False  # the last iteration of a question without an answer goes to Finish
     score_options: bool = False  # ScienceQA's Finish: the option the action agent finds most likely (episode doc)
+    score_spans: bool = False  # HotpotQA's Finish: the observation span the action agent finds most likely (same)
 
 
 def detect_task(record: dict) -> str:
@@ -101,6 +102,7 @@ def make_episode(
         config=episode_config or EpisodeConfig(),
         options=options,
         option_texts=texts,
+        question=fmt.question(record),
     )
 
 
@@ -284,6 +286,7 @@ def run_pipeline(
         constrain_finish=cfg.constrain_finish,
         finish_at_cap=cfg.finish_at_cap,
         score_options=cfg.score_options,
+        score_spans=cfg.score_spans,
     )
     formats: dict[str, TrajectoryFormat] = {}
     episodes = []

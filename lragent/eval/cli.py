@@ -158,6 +158,12 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         help="ScienceQA's Finish answer chosen by likelihood: the action agent scores each option's text after "
         "'Finish[' (prompt log-probs) and answers with the most likely option's letter",
     )
+    p.add_argument(
+        "--score-spans",
+        action="store_true",
+        help="HotpotQA's Finish answer chosen by likelihood: the action agent reads the question restated below "
+        "its observations and scores their spans (names, dates, numbers; yes / no), answering with the most likely",
+    )
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of T 0.9 / top-p 0.75 / top-k 40")
     p.add_argument("--max-iterations", type=int, default=45)
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per agent call")
@@ -234,6 +240,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         constrain=args.constrain,
         constrain_finish=args.constrain_finish,
         score_options=args.score_options,
+        score_spans=args.score_spans,
         finish_at_cap=not args.free,
     )
     tools = ToolConfig(max_sentences=args.retrieve_sentences or None)
