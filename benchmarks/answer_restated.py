@@ -1,11 +1,12 @@
 """Does restating the question before the answer help the action agent answer? (CPU, offline, one table per task.)
 
 Reads saved H200 trajectories (`lragent eval` JSON), one run, episodes that made a Finish call and were not cut by
-the time limit. Per episode, two contexts of the action adapter:
+the time limit. Per episode, these contexts of the action adapter:
 
   finish   : the trajectory up to the first 'Finish[\\n### Response:\\n' (what `--score-options` scores after)
   restated : the trajectory up to the Thought of that Finish step (every observation kept), then
              'Question: {question}\\nAnswer:' (ScienceQA: the options listed too), the usual cloze form
+  bare     : ScienceQA only: the restated context without the options listed
 
 and the answer is the candidate with the highest summed log-prob after the context (PMI: minus its log-prob after
 'Answer:' alone; eol: the candidate followed by the line's end, so a span cut short of the answer pays for
@@ -76,16 +77,17 @@ def episodes(task: str, limit: int | None) -> list[dict]:
             cands = [" ".join(c.split()) for c in record["choices"]]
             listed = " ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(cands))
             restated = f"{head}Question: {question}\nOptions: {listed}\nAnswer:"
+            bare = f"{head}Question: {question}\nAnswer:"
         else:
             own = _FINISH.search(traj)
             cands = candidates(_OBS.findall(traj[:cut]))
             for extra in ("yes", "no", own.group(1).strip() if own else ""):
                 if extra and normalize_answer(extra) not in {normalize_answer(c) for c in cands}:
                     cands.append(extra)
-            restated = f"{head}Question: {question}\nAnswer:"
+            restated = bare = f"{head}Question: {question}\nAnswer:"
         rows.append(
             {"id": ep["id"], "gold": ep["gold"], "saved": ep["prediction"] or "", "cands": cands,
-             "finish": traj[:cut], "restated": restated}
+             "finish": traj[:cut], "restated": restated, "bare": bare}
         )  # fmt: skip
     return rows[:limit] if limit else rows
 
@@ -100,7 +102,7 @@ def score(llm: LLM, rows: list[dict], task: str, batch: int) -> None:
     gen = SamplingParams(max_tokens=24, temperature=0.0, stop=["\n"])
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        ctx = [{"finish": enc(r["finish"], True), "restated": enc(r["restated"], True)} for r in chunk]
+        ctx = [{k: enc(r[k], True) for k in ("finish", "restated", "bare")} for r in chunk]
         outs = llm.generate([c["restated"] for c in ctx], gen, adapter="action")  # also fills the prefix cache
         for row, out in zip(chunk, outs):
             row["generated"] = out.text.strip().rstrip("]").strip()
@@ -111,6 +113,7 @@ def score(llm: LLM, rows: list[dict], task: str, batch: int) -> None:
                     ("finish", c["finish"], enc(option_continuation(cand))),
                     ("restated", c["restated"], enc(" " + cand)),
                     ("restated eol", c["restated"], enc(" " + cand + "\n")),
+                    *((("bare", c["bare"], enc(" " + cand)),) if task == "scienceqa" else ()),
                     ("prior", prior, enc(" " + cand)),
                 ):
                     prompts.append(pre + cont)
@@ -131,6 +134,14 @@ def answers(row: dict, task: str) -> dict[str, str]:
         "restated": [row["lp_restated"][j] for j in idx],
         "restated PMI": [row["lp_restated"][j] - row["lp_prior"][j] for j in idx],
         "restated eol": [row["lp_restated eol"][j] for j in idx],
+        **(
+            {
+                "bare": [row["lp_bare"][j] for j in idx],
+                "bare PMI": [row["lp_bare"][j] - row["lp_prior"][j] for j in idx],
+            }
+            if task == "scienceqa"
+            else {}
+        ),
     }
     out = {"saved": row["saved"]}
     for name, vals in ways.items():

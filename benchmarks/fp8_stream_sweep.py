@@ -5,12 +5,13 @@ the first replay. A decode step never reuses a weight: each layer's projections 
 enough distinct copies of its weight (>= 1 GB of FP8 weights, bf16 twice that) and one CUDA graph calls the variant
 once per copy; the time per call is the graph's time over the copies. Variants: bf16 `F.linear`, the single-row GEMV
 (default tiles), the tiled `tl.dot` kernel as x W^T (default tiles), per-token activation quantisation with
-`torch._scaled_mm` (the engine's path above `TRITON_MAX_ROWS`), and with `--swap` the tiled kernel as W x^T
-(`swap_ab`) over BLOCK_N x BLOCK_K, warps and stages; for more than one row the x W^T tile over a few shapes too.
+`torch._scaled_mm` (the engine's path above `TRITON_MAX_ROWS`); for more than one row the tiled kernel over a few
+tile shapes too (the eighth session also timed a W x^T form and a multi-row GEMV here, both since removed: see
+BENCHMARKS.md and `benchmarks/round8_h200/`).
 Prints microseconds per call, weight bytes per second and the ratio to bf16 per shape and row count; `BEST` lines
 name the fastest FP8 variant.
 
-    python3 benchmarks/fp8_stream_sweep.py [--rows 1,2,4,8,16,32] [--shapes qkv,o,gate_up,down] [--gigabytes 1] [--swap]
+    python3 benchmarks/fp8_stream_sweep.py [--rows 1,2,4,8,16,32] [--shapes qkv,o,gate_up,down] [--gigabytes 1]
 """
 
 from __future__ import annotations
@@ -25,11 +26,6 @@ from lragent.kernels.triton_fp8 import w8a16_linear
 from lragent.quant.fp8 import Fp8Weight, quantize_fp8
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-# swap-AB tiles: (BLOCK_N, BLOCK_K, warps, stages, split_k or None for w8a16_config's choice)
-SWAP = [
-    (64, 128, 4, 4, None), (64, 128, 4, 6, None), (64, 256, 4, 4, None), (128, 128, 4, 4, None),
-    (128, 128, 8, 4, None), (128, 64, 4, 6, None), (64, 128, 4, 4, 1), (128, 128, 4, 4, 1),
-]  # fmt: skip
 TILED = [(64, 128, 4, 4), (32, 256, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (32, 128, 4, 6)]
 
 
@@ -41,7 +37,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--swap", action="store_true", help="the swap-AB tiles (else the engine's paths only)")
     ap.add_argument("--gigabytes", type=float, default=1.0, help="FP8 weight bytes streamed per graph replay")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -56,9 +51,7 @@ def main() -> None:
 
             bf16 = graph_replay_us(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], reps=5) / copies
             print(f"{name:8} {m:3} {'bf16 F.linear':34} {bf16:8.1f} {n * k * 2 / bf16 / 1e3:7.0f} {1.0:7.2f}")
-            variants = [("fp8 tiled default", dict(gemv=False, swap_ab=False))]
-            if not args.swap:
-                variants = [("fp8 tiled default", dict(gemv=False, swap_ab=False)), ("fp8 _scaled_mm", None)]
+            variants = [("fp8 tiled default", dict(gemv=False)), ("fp8 _scaled_mm", None)]
             if m == 1:
                 variants.insert(0, ("fp8 gemv default", dict(gemv=True)))
             else:
@@ -67,10 +60,6 @@ def main() -> None:
                                                               num_stages=st))
                     for bn, bk, w, st in TILED
                 ]  # fmt: skip
-            for bn, bk, warps, stages, split in SWAP if args.swap else ():
-                label = f"fp8 swap N{bn} K{bk} w{warps} s{stages}" + (f" split{split}" if split else "")
-                kw = dict(gemv=False, swap_ab=True, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-                variants.append((label, {**kw, "split_k": split}))
             best = None
             for label, kw in variants:
                 if kw is None:  # the engine's path above the Triton rows: per-token quantisation + _scaled_mm

@@ -172,13 +172,12 @@ def _w8a16_kernel(
     BITS: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_F32: tl.constexpr,  # dot on float32 copies of both operands (only the interpreter: see `_INTERPRET_BF16_DOT`)
-    SWAP_AB: tl.constexpr = False,  # W as the dot's left operand: acc^T [BLOCK_N, BLOCK_M] = W x^T (see below)
 ):
     """x [M, K] times W [N, K]^T for a [BLOCK_M, BLOCK_N] output tile, K in BLOCK_K steps through `tl.dot`.
 
-    SWAP_AB computes the transposed tile, W [BLOCK_N, BLOCK_K] times x^T [BLOCK_K, BLOCK_M]: the decoded weight is
-    the MMA's left operand, which Hopper's wgmma reads from registers, so the converted tile does not go back
-    through shared memory, and BLOCK_N (not the padded BLOCK_M of a few decode rows) is the MMA's M side."""
+    The transposed form (W x^T, the decoded weight as the MMA's left operand, read by Hopper's wgmma from registers)
+    was measured slower on an H200 at 1-8 rows (1.06-1.56x bf16 against 0.73-1.0x for this one with the decode tiles;
+    eighth session, BENCHMARKS.md) and removed."""
     pid_n = tl.program_id(0)
     ks = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -188,36 +187,24 @@ def _w8a16_kernel(
     mmask = offs_m < M
     nmask = offs_n < N
     k_lo = ks * k_per_split
-    if SWAP_AB:  # W [BLOCK_N, BLOCK_K] and x^T [BLOCK_K, BLOCK_M]: K contiguous in both
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
-        x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k_lo + offs_k)[:, None]
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:  # x [BLOCK_M, BLOCK_K] and W^T [BLOCK_K, BLOCK_N]
-        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
-        w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_lo + offs_k)[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+    # W^T tile [BLOCK_K, BLOCK_N]: K is contiguous in memory (W is row-major [N, K])
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_lo + offs_k)[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_per_split, BLOCK_K):
         kmask = (k_lo + k0 + offs_k) < K  # all true when EVEN_K (x's masks are cheap; W's are skipped then)
-        if SWAP_AB:
-            x = tl.load(x_ptrs, mask=mmask[None, :] & kmask[:, None], other=0.0)
-            if EVEN_K and EVEN_N:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0,
-                            eviction_policy="evict_first")  # fmt: skip
-            acc = _tile_dot(_decode_e4m3(w, BITS).to(x.dtype), x, acc, DOT_PREC, DOT_F32)
+        x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
         else:
-            x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
-            if EVEN_K and EVEN_N:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
-            else:
-                w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0,
-                            eviction_policy="evict_first")  # fmt: skip
-            acc = _tile_dot(x, _decode_e4m3(w, BITS).to(x.dtype), acc, DOT_PREC, DOT_F32)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0, eviction_policy="evict_first")
+        w = _decode_e4m3(w, BITS).to(x.dtype)
+        if DOT_F32:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if SWAP_AB:
-        acc = tl.trans(acc)
     omask = mmask[:, None] & nmask[None, :]
     if SPLIT:
         ws_ptrs = ws_ptr + (ks * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
@@ -226,15 +213,6 @@ def _w8a16_kernel(
         y = _scaled(acc, scale_ptr, bias_ptr, offs_n[None, :], nmask[None, :], HAS_BIAS, BITS)
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def _tile_dot(a, b, acc, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc + a @ b in float32 (one operand x, the other the weight decoded to x's dtype); DOT_F32 runs it on float32
-    copies (the interpreter's bf16 dot, `_INTERPRET_BF16_DOT`)."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -390,8 +368,6 @@ _INTERPRET_BF16_DOT = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV = os.environ.get("LRAGENT_FP8_GEMV", "1") == "1"  # single rows through `_w8a16_gemv_kernel` (see w8a16_linear)
 # a split single-row GEMV reduces in its last split (one launch) unless LRAGENT_FP8_GEMV_REDUCE=kernel (two launches)
 GEMV_LAST_SPLIT = os.environ.get("LRAGENT_FP8_GEMV_REDUCE", "last_split") != "kernel"
-# the tiled kernel as W x^T (`_w8a16_kernel`'s SWAP_AB) unless LRAGENT_FP8_SWAP_AB=0
-SWAP_AB = os.environ.get("LRAGENT_FP8_SWAP_AB", "0") == "1"
 GEMV_COUNTERS_OWNER = "fp8_gemv"  # one arrival counter per BLOCK_N channels of a split launch
 GEMV_PDL: bool | None = None  # None: PDL where `pdl_enabled`; tests and sweeps set True / False
 
@@ -485,7 +461,6 @@ def w8a16_linear(
     num_stages: int | None = None,
     gemv: bool | None = None,
     act: str | None = None,
-    swap_ab: bool | None = None,
 ) -> torch.Tensor:
     """x [..., K] (bf16 / fp16 / fp32) times the FP8 weight [N, K] (float8_e4m3fn or its bytes as uint8, rows with
     unit stride along K) scaled per row by `scale` [N] (float32) -> [..., N] in `out_dtype` (default x's), plus
@@ -493,8 +468,7 @@ def w8a16_linear(
     "bits" elsewhere; a uint8 weight always decodes with "bits". `gemv` (None: `GEMV`, the environment's
     LRAGENT_FP8_GEMV, on unless 0) sends a single row through `_w8a16_gemv_kernel` (faster at every measured shape);
     `block_n`, `block_k`, `num_warps`, `num_stages`, `split_k` tune either kernel, overriding
-    `w8a16_config` / `gemv_config` (tests, sweeps). `swap_ab` (None: `SWAP_AB`, LRAGENT_FP8_SWAP_AB) runs the tiled
-    kernel as W x^T (the weight as the MMA's register operand; `_w8a16_kernel`).
+    `w8a16_config` / `gemv_config` (tests, sweeps).
 
     `act="silu_mul"`: x [..., 2K] is a [gate | up] row (the fused gate/up projection's output) and the product is
     W times silu(gate) * up, computed in the GEMV's loads with `silu_mul`'s rounding (see `_gemv_x`): the down
@@ -557,7 +531,6 @@ def w8a16_linear(
         EVEN_K=k % cfg.k_per_split == 0,
         EVEN_N=n % cfg.block_n == 0,
         BITS=bits,
-        SWAP_AB=SWAP_AB if swap_ab is None else swap_ab,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_F32=_INTERPRET_BF16_DOT and x.dtype == torch.bfloat16,
         num_warps=num_warps or cfg.num_warps,
