@@ -111,3 +111,26 @@ def test_greedy_runs_keep_their_own_label_and_pair_with_greedy_non_shared():
     assert rows["non_shared"].accuracy == pytest.approx(50.0) and rows["non_shared" + g].accuracy == pytest.approx(90.0)
     assert rows["non_shared" + g].delta is None
     assert rows["base_lr_shared" + g].delta == pytest.approx(-20.0)  # against greedy non_shared, not +20 vs sampled
+
+
+def test_span_scored_runs_keep_their_own_label_and_pair_with_their_own_non_shared():
+    """--score-spans runs are `<scheme>/spans` (with greedy `/spans/greedy`) and pair with non_shared of the same
+    variant, so a merge with generated-answer runs of the same seeds compares like with like; the terminal shows
+    them as "/s" (the noise control as "ns reseed/s")."""
+    from lragent.agents.pipeline import PipelineConfig
+    from lragent.eval.report import short_label
+    from lragent.eval.runner import EvalSpec
+
+    sp, g = S.SPANS_SUFFIX, S.GREEDY_SUFFIX
+    spec = EvalSpec(data=[], schemes=["base_lr_shared"], pipeline=PipelineConfig(score_spans=True, greedy=True),
+                    seeds=[1], noise_control=True)  # fmt: skip
+    assert spec.runs() == [("base_lr_shared", "base_lr_shared" + sp + g, 1),
+                           ("non_shared", S.NOISE_LABEL + sp + g, 1 + S.NOISE_SEED_OFFSET)]  # fmt: skip
+    generated = [_q("non_shared", q, 1, q < 2) for q in range(10)]  # 20%
+    spans = [_q("non_shared" + sp, q, 1, q < 6) for q in range(10)]  # 60%
+    spans += [_q("base_lr_shared" + sp, q, 1, q < 5) for q in range(10)]  # 50%
+    rows = {r.scheme: r for r in S.scheme_stats(generated + spans, n_boot=2000)}
+    assert rows["non_shared" + sp].delta is None
+    assert rows["base_lr_shared" + sp].delta == pytest.approx(-10.0)  # against non_shared/spans, not +30
+    assert S.base_label("base_lr_shared" + sp + g) == "base_lr_shared" and S.variant("non_shared") == ""
+    assert short_label(S.NOISE_LABEL + sp) == "ns reseed/s" and short_label("base_shared" + sp + g) == "base_shared/s/g"

@@ -16,7 +16,16 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from lragent.eval.runner import EvalReport, RunSummary
-from lragent.eval.stats import GREEDY_SUFFIX, NOISE_LABEL, SchemeStats, attach_fidelity, scheme_stats
+from lragent.eval.stats import (
+    GREEDY_SUFFIX,
+    NOISE_LABEL,
+    SPANS_SUFFIX,
+    SchemeStats,
+    attach_fidelity,
+    base_label,
+    scheme_stats,
+    variant,
+)
 from lragent.eval.tables import markdown, render
 
 COLUMNS = (
@@ -71,11 +80,22 @@ def _kl(kl: float | None) -> str:
     return f"{kl:.4f}" if kl == 0 or kl >= 1e-3 else f"{kl:.0e}"
 
 
-SHORT_LABELS = {NOISE_LABEL: "ns reseed", NOISE_LABEL + GREEDY_SUFFIX: "ns reseed/g"}
+SHORT_VARIANTS = {SPANS_SUFFIX: "/s", GREEDY_SUFFIX: "/g"}
+
+
+def short_label(label: str) -> str:
+    """A run label in the terminal's scheme column: the noise control as "ns reseed", variants as "/s", "/g"."""
+    base, var = base_label(label), variant(label)
+    for long, short in SHORT_VARIANTS.items():
+        var = var.replace(long, short)
+    return ("ns reseed" if base == NOISE_LABEL else base) + var
+
+
 NOTES = (
     "acc: % correct, 95% bootstrap CI over questions (seeds pooled); Δ: paired difference to non_shared; "
     "ns reseed: non_shared under other seeds (noise control: a scheme's Δ means little unless it exceeds this "
-    "row's); /g: greedy decoding (paired with non_shared/g); OOF: no answer; cap: iteration cap hit; agree/KL: "
+    "row's); /g: greedy decoding (paired with non_shared/g); /s: HotpotQA answers scored among observed spans "
+    "(paired with non_shared/s); OOF: no answer; cap: iteration cap hit; agree/KL: "
     "lragent analyze's next-token agreement and KL to non_shared."
 )
 KEY_HEADER = ["scheme", "acc %", "95% CI", "Δ acc", "Δ 95% CI", "OOF %", "cap %", "agree%", "KL"]
@@ -84,7 +104,7 @@ KEY_HEADER = ["scheme", "acc %", "95% CI", "Δ acc", "Δ 95% CI", "OOF %", "cap 
 def key_row(r: SchemeStats) -> list[str]:
     """The terminal's columns of one scheme (see KEY_HEADER)."""
     return [
-        SHORT_LABELS.get(r.scheme, r.scheme.replace(GREEDY_SUFFIX, "/g")),
+        short_label(r.scheme),
         f"{r.accuracy:.1f}",
         _ci(r.ci),
         "-" if r.delta is None else f"{r.delta:+.1f}",

@@ -29,7 +29,7 @@ from typing import Any
 from lragent.agents.episode import EpisodeResult
 from lragent.agents.pipeline import PipelineConfig, detect_task, run_pipeline
 from lragent.agents.tools import ToolConfig
-from lragent.eval.stats import GREEDY_SUFFIX, NOISE_LABEL, NOISE_SEED_OFFSET, REFERENCE
+from lragent.eval.stats import GREEDY_SUFFIX, NOISE_LABEL, NOISE_SEED_OFFSET, REFERENCE, SPANS_SUFFIX
 from lragent.train.data import ROLES, TASKS
 
 DEFAULT_ADAPTER_ROOT = Path(__file__).resolve().parents[1] / "adapters"
@@ -203,9 +203,10 @@ class EvalSpec:
 
     def runs(self) -> list[tuple[str, str, int]]:
         """(engine scheme, label, seed) of every run per adapter set, seeds innermost; the noise control last.
-        Greedy runs are labelled `<scheme>/greedy` (`GREEDY_SUFFIX`), so that a merge of greedy and sampled runs
-        keeps them apart and pairs each with the non_shared run of its own decoding."""
-        suffix = GREEDY_SUFFIX if self.pipeline.greedy else ""
+        Greedy runs are labelled `<scheme>/greedy` (`GREEDY_SUFFIX`) and runs with scored span answers
+        `<scheme>/spans` (`SPANS_SUFFIX`, both: `/spans/greedy`), so that a merge keeps them apart and pairs each
+        with the non_shared run of its own decoding and answering."""
+        suffix = (SPANS_SUFFIX if self.pipeline.score_spans else "") + (GREEDY_SUFFIX if self.pipeline.greedy else "")
         out = [(scheme, scheme + suffix, seed) for scheme in self.schemes for seed in self.run_seeds()]
         if self.noise_control:
             out += [(REFERENCE, NOISE_LABEL + suffix, seed + NOISE_SEED_OFFSET) for seed in self.run_seeds()]

@@ -21,10 +21,27 @@ import numpy as np
 
 REFERENCE = "non_shared"
 GREEDY_SUFFIX = "/greedy"  # the label suffix of greedy runs: deltas pair them with non_shared/greedy
+SPANS_SUFFIX = "/spans"  # runs whose HotpotQA answers were scored spans (--score-spans): paired with non_shared/spans
+VARIANTS = (SPANS_SUFFIX, GREEDY_SUFFIX)  # the suffixes a run label may end with, in the order they are appended
 NOISE_LABEL = "non_shared/reseed"  # the noise control's scheme label in summaries and tables
 NOISE_SEED_OFFSET = 1000  # the noise control runs seed + this for every seed of the evaluation
 N_BOOT = 2000
 LEVEL = 0.95
+
+
+def variant(label: str) -> str:
+    """The variant suffixes that end a run label (`VARIANTS`, e.g. "/spans/greedy"; "" for plain sampled runs): a
+    scheme's delta is to non_shared of the same variant, and its fidelity that of the label without them."""
+    out = ""
+    for suffix in reversed(VARIANTS):
+        if label.endswith(suffix):
+            out, label = suffix + out, label.removesuffix(suffix)
+    return out
+
+
+def base_label(label: str) -> str:
+    """The label without its variant suffixes ("base_lr_shared/spans/greedy" -> "base_lr_shared")."""
+    return label.removesuffix(variant(label)) if variant(label) else label
 
 
 def bootstrap_ci(
@@ -112,7 +129,7 @@ def scheme_stats(
             capped=_rate(runs, ids, lambda q: q.get("halt_reason") == "max_iterations"),
             forced=_rate(runs, ids, lambda q: bool(q.get("forced_finish"))),
         )
-        reference = REFERENCE + (GREEDY_SUFFIX if scheme.endswith(GREEDY_SUFFIX) else "")
+        reference = REFERENCE + variant(scheme)
         ref = grouped.get((dataset, adapters, reference))
         if ref is not None and scheme != reference:
             _add_delta(row, runs, ref, n_boot, level, seed)
@@ -145,7 +162,7 @@ def attach_fidelity(rows: Sequence[SchemeStats], analyze_report: Mapping) -> Non
     and scheme; non_shared is exact by definition (100%, 0) when analyze ran no control for it."""
     fid = {(s.get("adapters"), f["scheme"]): f for s in analyze_report.get("sets", []) for f in s.get("fidelity", [])}
     for row in rows:
-        scheme = row.scheme.removesuffix(GREEDY_SUFFIX)  # fidelity is a property of the scheme, not the decoding
+        scheme = base_label(row.scheme)  # fidelity is a property of the scheme, not the decoding or answering
         f = fid.get((row.adapters, scheme))
         if f is not None:
             row.agreement, row.kl = 100.0 * float(f["agreement"]), float(f["kl_mean"])
