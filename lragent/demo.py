@@ -17,10 +17,10 @@ picks another set; a set without shared A skips base_lr_shared unless `--force` 
 Decoding is greedy and capped (`--max-iterations`, `--max-tokens`) so the demo takes a few minutes on a CPU. The
 last iteration of an unanswered question goes to Finish (`--free`: the paper's loop, which may end without an
 answer); `--constrain` also constrains the closed-set outputs (tool line, reflect verdict) to their sets through the
-engine's choice constraint (slow on a CPU). The action agent's answer is read off its observations (the most likely
-observed span after the question restated, `lragent eval --score-spans`; `--no-score-spans` generates it, as the
-paper's loop does). The accuracy of a few questions with a 135M model says little (see `lragent eval` and
-`lragent analyze` for that).
+engine's choice constraint (slow on a CPU); `--score-spans` reads the action agent's answer off its observations
+(the most likely observed span after the question restated, as `lragent eval --score-spans`; its scoring requests
+add computed tokens to the cost table, so the default keeps the paper's generated answer). The accuracy of a few
+questions with a 135M model says little (see `lragent eval` and `lragent analyze` for that).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class DemoSpec:
     kv_cache_bytes: int | None = None
     free: bool = False  # the paper's loop: no Finish forced at the iteration cap
     constrain: bool = False  # the engine's choice constraint on the tool line and reflect verdict
-    score_spans: bool = True  # the Finish answer read off the observations (lragent.agents.spans; --no-score-spans)
+    score_spans: bool = False  # the Finish answer read off the observations (lragent.agents.spans; --score-spans)
 
 
 @dataclass
@@ -263,10 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--score-spans",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="the Finish answer is the observed span the action agent finds most likely after the question restated "
-        "(lragent eval --score-spans; on by default: on the H200 it lifts the embedded model's HotpotQA exact match "
-        "from 6%% to 14%%); --no-score-spans: the generated answer, as in the paper's loop",
+        "(lragent eval --score-spans: on the H200 it lifts the embedded model's HotpotQA exact match from 6%% to "
+        "14%%); off by default, so the cost table is the paper's loop's (the scoring requests add computed tokens)",
     )
     return p
 
