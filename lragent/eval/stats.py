@@ -41,7 +41,7 @@ def variant(label: str) -> str:
 
 def base_label(label: str) -> str:
     """The label without its variant suffixes ("base_lr_shared/spans/greedy" -> "base_lr_shared")."""
-    return label.removesuffix(variant(label)) if variant(label) else label
+    return label.removesuffix(variant(label))
 
 
 def bootstrap_ci(

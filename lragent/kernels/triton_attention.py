@@ -753,6 +753,17 @@ def _decode_kernel(
 
 
 @triton.jit
+def _value_up_cols(vup_ptr, slot, stride_vs, stride_vr, g, offs_r, offs_d, D: tl.constexpr, R: tl.constexpr):
+    """Columns `offs_d` of kv head g's block of B_v for adapter `slot` ([R_PAD, len(offs_d)] float32, rows past R
+    zero): what a merged acc_r multiplies to add s (P R) B (split-KV and cascade merges)."""
+    return tl.load(
+        vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + g * D + offs_d[None, :],
+        mask=offs_r[:, None] < R,
+        other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
 def _merge_head(
     pacc_ptr,
     pr_ptr,
@@ -786,11 +797,7 @@ def _merge_head(
     if HAS_LR:
         slot = tl.load(slot_ptr + b)
         scale = tl.load(scaling_ptr + slot)
-        up = tl.load(
-            vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + (h // G) * D + offs_d[None, :],
-            mask=offs_r[:, None] < R,
-            other=0.0,
-        ).to(tl.float32)
+        up = _value_up_cols(vup_ptr, slot, stride_vs, stride_vr, h // G, offs_r, offs_d, D, R)
     offs_s = tl.arange(0, NS_PAD)
     rows = (b64 * NUM_SPLITS + offs_s) * HQ + h
     smask = offs_s < NUM_SPLITS

@@ -44,7 +44,15 @@ import triton.language as tl
 
 from lragent.kernels.backend import KeyLR
 from lragent.kernels.metadata import BatchRows, CascadePlan
-from lragent.kernels.triton_attention import LOG2E, _add_key_lora, _dot_precision, _load_key_up, _num_sms, _Pools
+from lragent.kernels.triton_attention import (
+    LOG2E,
+    _add_key_lora,
+    _dot_precision,
+    _load_key_up,
+    _num_sms,
+    _Pools,
+    _value_up_cols,
+)
 
 MAX_PR_COLUMNS = 128  # widest acc_r a program keeps (a stacked row of more slots x rank falls back to plain decode)
 DEFAULT_MIN_SHARED_TOKENS = 1024  # below this a group's saved reads do not pay for the extra launches
@@ -598,11 +606,7 @@ def _cascade_merge_kernel(
     if HAS_LR:
         if slot != 0:
             scale = tl.load(scaling_ptr + slot)
-            up = tl.load(
-                vup_ptr + slot * stride_vs + offs_r[:, None] * stride_vr + (h // G) * D + offs_d[None, :],
-                mask=offs_r[:, None] < R,
-                other=0.0,
-            ).to(tl.float32)
+            up = _value_up_cols(vup_ptr, slot, stride_vs, stride_vr, h // G, offs_r, offs_d, D, R)
             out = out + scale * tl.sum(acc_r[:, None] * up, 0)
     big_l = tl.where(big_l == 0.0, 1.0, big_l)
     tl.store(out_ptr + b * stride_ot + h * stride_oh + offs_d, (out / big_l).to(out_ptr.dtype.element_ty))
