@@ -122,7 +122,9 @@ def score(llm: LLM, rows: list[dict], task: str, batch: int) -> None:
                     )
                     where.append((i, j, kind))
         for (i, j, kind), out in zip(where, llm.generate(prompts, params, adapter="action")):
-            rows[i].setdefault("lp_" + kind, {})[j] = sum(e.logprob for e in out.prompt_logprobs if e is not None)
+            lps = [e.logprob for e in out.prompt_logprobs if e is not None]
+            rows[i].setdefault("lp_" + kind, {})[j] = sum(lps)
+            rows[i].setdefault("n_" + kind, {})[j] = len(lps)
         print(f"  scored {min(start + batch, len(rows))}/{len(rows)} episodes", flush=True)
 
 
@@ -134,10 +136,13 @@ def answers(row: dict, task: str) -> dict[str, str]:
         "restated": [row["lp_restated"][j] for j in idx],
         "restated PMI": [row["lp_restated"][j] - row["lp_prior"][j] for j in idx],
         "restated eol": [row["lp_restated eol"][j] for j in idx],
+        "finish mean": [row["lp_finish"][j] / row["n_finish"][j] for j in idx],
+        "restated mean": [row["lp_restated"][j] / row["n_restated"][j] for j in idx],
         **(
             {
                 "bare": [row["lp_bare"][j] for j in idx],
                 "bare PMI": [row["lp_bare"][j] - row["lp_prior"][j] for j in idx],
+                "bare mean": [row["lp_bare"][j] / row["n_bare"][j] for j in idx],
             }
             if task == "scienceqa"
             else {}
