@@ -10,7 +10,9 @@ variant once per distinct copy of the weight, >= 1 GB in all, as `fp8_stream_swe
   memory, S - 1 tiles ahead);
 - "tma": the weight tile loaded through a tensor descriptor (the Hopper bulk tensor copy), `num_stages=S`.
 
-Split-K variants add partials with float32 atomics into a zeroed row (the zeroing is in the timed graph). Each
+The variant grid is the second call's (the first, in `benchmarks/round9_h200/call1_gemv_pipeline.log`, timed
+BLOCK_N 16-64 x BLOCK_K 128-256 x 2-4 stages for both forms). Split-K variants add partials with float32 atomics
+into a zeroed row (the zeroing is in the timed graph). Each
 variant is checked against the engine's kernel before it is timed (max |diff| printed). Prints us per call,
 weight GB/s and the ratio to the engine's kernel; `BEST` lines name the fastest per shape.
 
@@ -113,7 +115,7 @@ def main() -> None:
         w8s = [quantize_fp8(torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02) for _ in range(copies)]
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         ref = w8a16_linear(x, *w8s[0]).view(-1).float()
-        base = graph_replay_us(lambda: [w8a16_linear(x, w8, s) for w8, s in w8s], reps=5) / copies
+        base = graph_replay_us(lambda x=x, w8s=w8s: [w8a16_linear(x, w8, s) for w8, s in w8s], reps=5) / copies
         print(f"{name:8} {'engine gemv':30} {base:7.1f} {n * k / base / 1e3:6.0f} {1.0:8.2f}", flush=True)
         best = (base, "engine gemv")
         for kind, bn, bk, st, w, sp in variants(name):
@@ -121,7 +123,10 @@ def main() -> None:
             try:
                 fn = make_variant(kind, bn, bk, st, w, sp, w8s[0][0])
                 diff = (fn(x.view(-1), *w8s[0]).float() - ref).abs().max().item()
-                us = graph_replay_us(lambda fn=fn: [fn(x.view(-1), w8, s) for w8, s in w8s], reps=5) / copies
+                us = (
+                    graph_replay_us(lambda fn=fn, x=x, w8s=w8s: [fn(x.view(-1), w8, s) for w8, s in w8s], reps=5)
+                    / copies
+                )
             except Exception as e:  # a tile that does not compile or fit: say so, keep going
                 print(f"{name:8} {label:30} failed: {type(e).__name__}: {str(e)[:80]}", flush=True)
                 continue

@@ -82,6 +82,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "torch" (reference) or "triton" when available
     enforce_eager: bool = False  # CUDA: no decode graphs (every step launches its kernels from Python)
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay a captured graph
+    # prefill steps of up to this many tokens (and <= 8 sequences) replay a captured graph per token bucket
+    # (16, 32, ... this): an agent's short appended chunk is otherwise bound by launching its kernels; 0: eager
+    cuda_graph_prefill_tokens: int = 512
     # cascade decode (Triton backend): decode rows whose block tables share >= 1024 leading tokens of whole blocks
     # read those keys once per step for the group, inside a cascade variant of each decode graph (1.86x per step for
     # 16 rows over a 32k prefix on an H200). Off by default: it doubles the graphs captured at start-up, and its
@@ -117,6 +120,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "cuda_graph_max_batch", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.cuda_graph_prefill_tokens < 0:
+            raise ValueError("cuda_graph_prefill_tokens must be >= 0 (0: prefill runs eagerly)")
 
     def with_sharing(self, mode: SharingMode | str) -> EngineConfig:
         """This config with `sharing` set (how the engine records what "auto" resolved to)."""

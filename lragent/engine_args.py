@@ -167,6 +167,12 @@ def _add_execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps without CUDA graphs")
     p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured as a graph")
     p.add_argument(
+        "--cuda-graph-prefill-tokens",
+        type=int,
+        default=512,
+        help="prefill steps of up to this many tokens replay a captured graph (0: prefill runs eagerly)",
+    )
+    p.add_argument(
         "--cascade-decode",
         action="store_true",
         help="triton: decode rows sharing >= 1024 cached prefix tokens read them once per step (in the CUDA graphs)",
@@ -225,6 +231,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
+        cuda_graph_prefill_tokens=getattr(args, "cuda_graph_prefill_tokens", 512),
         cascade_decode=getattr(args, "cascade_decode", False),
         warmup=args.warmup,
         seed=args.seed,

@@ -312,6 +312,7 @@ def build_engine(args: argparse.Namespace, system: str, adapters: dict[str, str]
         max_model_len=args.max_model_len,
         warmup=False if args.no_warmup else None,
         tensor_parallel_size=args.tensor_parallel_size,
+        cuda_graph_prefill_tokens=args.cuda_graph_prefill_tokens,
     )
     return LLMEngine(config)
 
@@ -846,6 +847,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--time-budget", type=float, default=None, help="seconds for the whole benchmark; later runs are skipped"
     )
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument(
+        "--cuda-graph-prefill-tokens",
+        type=int,
+        default=512,
+        help="prefill steps of up to this many tokens replay a CUDA graph (0: eager, as before 2026-12-02)",
+    )
     p.add_argument(
         "--profile-decode",
         type=int,

@@ -122,17 +122,27 @@ class DecodeGraphs:
         meta = self.attn.metadata(size, variant=variant)
         return ForwardContext(meta, LoRAMetadata(segments, segments), self.expand_values, positions, positions)
 
+    def pool(self) -> torch.cuda._POOL_HANDLE:
+        """The memory pool every graph of this runner is captured into (decode and prefill: they never overlap)."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
     def _capture(self, size: int, variant: str = "") -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self.attn.pad(size, variant)  # safe contents for the warm-up run (it really executes)
         self.tokens[:, :size] = 0
-        ctx = self._context(size, variant)
-        ids = self.tokens[0, :size]
-        self.model(ids, ctx)  # compiles the kernels for this size outside the capture
-        torch.cuda.synchronize(self.device)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a server thread touching CUDA meanwhile (e.g. a metrics scrape) must not void the capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            hidden = self.model(ids, ctx)
-        return graph, hidden
+        return capture_forward(self.model, self.tokens[0, :size], self._context(size, variant), self.pool())
+
+
+def capture_forward(
+    model: torch.nn.Module, ids: torch.Tensor, ctx: ForwardContext, pool: torch.cuda._POOL_HANDLE
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """One forward pass over static inputs, run once (compiling its kernels outside the capture), then captured
+    into `pool`; returns the graph and its output buffer."""
+    model(ids, ctx)
+    torch.cuda.synchronize(ids.device)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a server thread touching CUDA meanwhile (e.g. a metrics scrape) must not void the capture
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        hidden = model(ids, ctx)
+    return graph, hidden

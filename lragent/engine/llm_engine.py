@@ -170,7 +170,11 @@ class LLMEngine:
             config.max_model_len or self.model_config.max_position_embeddings, self.block_manager.capacity_tokens
         )
         if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
-            self.runner.enable_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs), self.max_model_len)
+            self.runner.enable_cuda_graphs(
+                min(config.cuda_graph_max_batch, config.max_num_seqs),
+                self.max_model_len,
+                min(config.cuda_graph_prefill_tokens, config.max_num_batched_tokens),
+            )
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -273,9 +277,9 @@ class LLMEngine:
             for request_id in list(self._seqs):
                 self.abort(request_id)
         finally:
-            graphs = getattr(self.runner, "graphs", None)
-            if graphs is not None:
-                graphs.clear()
+            runner = getattr(self, "runner", None)
+            if runner is not None:
+                runner.clear_graphs()
             self.model.runtime = None  # a model the caller still holds no longer pins the cache pools and bank
             self._seqs.clear()
             self._listeners.clear()  # listeners are often bound methods of objects that hold this engine
@@ -318,8 +322,7 @@ class LLMEngine:
     def _adapters_changed(self) -> None:
         """Captured decode graphs hold the adapter stacks that existed at capture: recapture on next use. Pools keyed
         by the adapter set (STACKED_LR's stack of every v_proj A) get the new key for every request in flight."""
-        if self.runner.graphs is not None:
-            self.runner.graphs.clear()
+        self.runner.clear_graphs()
         for seq in self._seqs.values():
             self.block_manager.rekey(seq, self._namespaces(seq.adapter, seq.cache_salt))
 

@@ -31,6 +31,7 @@ from lragent.models.llama import CausalLM
 
 if TYPE_CHECKING:
     from lragent.engine.cuda_graph import DecodeGraphs
+    from lragent.engine.prefill_graph import PrefillGraphs
 
 SCORE_ROWS = 256  # prompt log-probs: rows whose logits are computed at once (256 x 128k vocab x 4 B = 128 MiB)
 CRITICAL_KV, HIDDEN = PoolKind.CRITICAL_KV.value, PoolKind.HIDDEN.value  # DROIDSPEAK's pools besides the KV pool
@@ -95,14 +96,38 @@ class ModelRunner:
         self.device = device
         self.block_size = cache.block_size
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA unless enforce_eager
+        self.prefill_graphs: PrefillGraphs | None = None  # short prefill chunks; with the decode graphs
         self.prepare_s = 0.0  # host time of the last run's input preparation (read through StepStats)
         self.forward_s = 0.0  # the last run, end to end
         self._bitmask: torch.Tensor | None = None  # host buffer of structured-output token masks
 
-    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, prefill_tokens: int = 0) -> None:
+        """Decode steps of up to `max_batch` rows, and prefill steps of up to `prefill_tokens` tokens (0: none),
+        replay captured graphs."""
         from lragent.engine.cuda_graph import DecodeGraphs
+        from lragent.engine.prefill_graph import PrefillGraphs
 
         self.graphs = DecodeGraphs(self, max_batch, max_model_len)
+        if prefill_tokens > 0:
+            self.prefill_graphs = PrefillGraphs(self, self.graphs.pool, prefill_tokens, max_model_len)
+
+    def clear_graphs(self) -> None:
+        """Forget every captured graph (adapter stacks changed, or the engine closes)."""
+        if self.prefill_graphs is not None:
+            self.prefill_graphs.clear()
+        if self.graphs is not None:
+            self.graphs.clear()  # last: it drops the pool both captured into
+
+    def capture_graphs(self) -> int:
+        """Capture every decode size and prefill bucket now (start-up); returns how many graphs there are."""
+        count = 0
+        if self.graphs is not None:
+            self.graphs.capture_all()
+            count += len(self.graphs.sizes)
+        if self.prefill_graphs is not None and self.prefill_graphs.enabled:
+            self.prefill_graphs.capture_all()
+            count += len(self.prefill_graphs.sizes)
+        return count
 
     def inputs(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: tokens, positions, adapter slots, and per pool the slots of the entries written."""
@@ -283,6 +308,10 @@ class ModelRunner:
             if hidden is not None:
                 return hidden, None  # every decode row samples
         step = self.inputs(batch) if step is None else step
+        prefill = self.prefill_graphs
+        if prefill is not None and prefill.supports(step):
+            self.prepare_s = time.perf_counter() - start
+            return prefill.run(step)[step.sample_rows], None
         input_ids, ctx, rows = self.prepare(batch, step)
         self.prepare_s = time.perf_counter() - start
         if step.scores is not None:

@@ -56,9 +56,7 @@ def warm_up(engine: LLMEngine) -> float:
     batch = min(engine.config.max_num_seqs, 8)
     _run(engine, [(_tokens(rng, engine, 19 + i), SAMPLED, agents[i % len(agents)]) for i in range(batch)])
     _warm_masks(engine)
-    graphs = engine.runner.graphs
-    if graphs is not None:
-        graphs.capture_all()
+    engine.runner.capture_graphs()
     engine.reset_prefix_cache()
     took = time.perf_counter() - start
     logger.info("warm-up: kernels compiled and %s in %.1f s", _graph_note(engine), took)
@@ -66,8 +64,12 @@ def warm_up(engine: LLMEngine) -> float:
 
 
 def _graph_note(engine: LLMEngine) -> str:
-    graphs = engine.runner.graphs
-    return "no decode graphs" if graphs is None else f"{len(graphs.sizes)} decode graphs captured"
+    runner = engine.runner
+    if runner.graphs is None:
+        return "no decode graphs"
+    prefill = runner.prefill_graphs
+    n_prefill = len(prefill.sizes) if prefill is not None and prefill.enabled else 0
+    return f"{len(runner.graphs.sizes)} decode graphs and {n_prefill} prefill graphs captured"
 
 
 def _long_length(engine: LLMEngine) -> int:

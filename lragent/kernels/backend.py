@@ -103,6 +103,12 @@ class AttentionBackend(ABC):
         """Static input buffers for CUDA-graph decode (`lragent.kernels.graph_inputs.GraphInputs`)."""
         raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
 
+    def prefill_graph_inputs(
+        self, cache: KVCache, pools: list[str], max_seqs: int, max_tokens: int, max_model_len: int, device: torch.device
+    ):
+        """Static input buffers for CUDA-graph prefill of short chunks (`graph_inputs.PrefillGraphInputs`)."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA-graph prefill")
+
     @abstractmethod
     def store(
         self,

@@ -1,4 +1,6 @@
-"""Static attention inputs of CUDA-graph decode: device buffers a captured graph reads, refilled in place per step.
+"""Static attention inputs of CUDA graphs: device buffers a captured graph reads, refilled in place per step.
+
+`GraphInputs` serves decode steps (one token per row), `PrefillGraphInputs` short prefill chunks.
 
 A backend that supports CUDA graphs hands these out (`AttentionBackend.graph_inputs`) and builds the metadata the
 graph captures from views of them (`metadata`). Each replay writes the step's rows into pinned host mirrors and
@@ -14,6 +16,7 @@ decline a step the variant cannot compute (it then runs eagerly).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lragent.kernels.metadata import AttentionMetadata, BatchRows
@@ -133,3 +136,115 @@ class GraphInputs:
         i32[0, n:size] = 1
         i32[1, n:size] = 0
         tables[:, n:size, 0] = 0
+
+
+class PrefillGraphInputs:
+    """Static attention inputs of CUDA-graph prefill: up to `max_seqs` sequences and `max_tokens` new tokens.
+
+    A short prefill chunk (an agent's appended observation, a few dozen tokens after a long cached context) is
+    bound by launching its ~2,000 kernels from Python, not by the GPU; a graph per token bucket replays them in one
+    launch. Padding: token rows past the step's write nowhere (slot -1) and use no adapter; sequence rows past the
+    step's own no tokens (their query tiles exit at once) and no keys. Every replay rewrites the whole used part
+    (prefill steps are few; no incremental tables). The host mirrors are reused only once the previous upload has
+    finished (`uploaded`, an event: a prefill step without sampling never synchronises with the host)."""
+
+    def __init__(
+        self,
+        pools: list[str],
+        max_seqs: int,
+        max_tokens: int,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+    ):
+        self.pools = pools
+        self.has_lr = "lr" in pools
+        self.max_seqs, self.max_tokens = max_seqs, max_tokens
+        self.max_model_len, self.block_size, self.device = max_model_len, block_size, device
+        s, t, w = max_seqs, max_tokens, -(-max_model_len // block_size)
+        self.tok = torch.zeros(3, t, dtype=torch.int64, device=device)  # KV slot, LR slot, adapter slot per token
+        self.seq = torch.zeros(2, s + 1, dtype=torch.int32, device=device)  # query starts [s + 1], contexts [s]
+        self.seq_slot = torch.zeros(s, dtype=torch.int64, device=device)
+        self.tables = torch.zeros(len(pools), s, w, dtype=torch.int32, device=device)
+        self.seg_start = torch.arange(t + 1, dtype=torch.int32, device=device)
+        self.tok_slot32 = torch.zeros(t, dtype=torch.int32, device=device)  # the LoRA kernels' per-token slots
+        pin = device.type == "cuda"
+        self.host_tok = _host(torch.zeros(3, t, dtype=torch.int64), pin)
+        self.host_seq = _host(torch.zeros(2, s + 1, dtype=torch.int32), pin)
+        self.host_seq_slot = _host(torch.zeros(s, dtype=torch.int64), pin)
+        self.host_staging = _host(torch.zeros(self.tables.numel(), dtype=torch.int32), pin)
+        self.staging = torch.zeros(self.tables.numel(), dtype=torch.int32, device=device)
+        self._np_tok, self._np_seq = self.host_tok.numpy(), self.host_seq.numpy()
+        self._np_seq_slot, self._np_staging = self.host_seq_slot.numpy(), self.host_staging.numpy()
+        self.uploaded = torch.cuda.Event() if device.type == "cuda" else None
+
+    def metadata(self, tokens: int) -> AttentionMetadata:
+        """Metadata over views of the static buffers for a graph of `tokens` token rows (what the capture records):
+        the host bounds are the bucket's, so the grids never follow the step's lengths."""
+        s = self.max_seqs
+        return AttentionMetadata(
+            query_lens=[tokens] * s,
+            context_lens=[self.max_model_len] * s,
+            query_start=self.seq[0],
+            context_lens_t=self.seq[1, :s],
+            base_block_tables=self.tables[0],
+            lr_block_tables=self.tables[1] if self.has_lr else None,
+            seq_lora_slots=self.seq_slot,
+            base_write_idx=None,
+            base_slots=self.tok[_KV_SLOT, :tokens],
+            lr_slots=self.tok[_LR_SLOT, :tokens] if self.has_lr else None,
+            is_decode=False,
+            graph_seqs=1,
+        )
+
+    def lora_rows(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row starts 0..tokens, int32 adapter slot per token): one LoRA segment per token row."""
+        return self.seg_start[: tokens + 1], self.tok_slot32[:tokens]
+
+    def pad(self, tokens: int) -> None:
+        """Safe contents for a capture's warm-up run: one sequence of `tokens` tokens over block 0, no writes."""
+        self.tok.zero_()
+        self.tok[_KV_SLOT : _LR_SLOT + 1] = -1
+        self.tok_slot32.zero_()
+        self.seq.zero_()
+        self.seq[0, 1:] = tokens
+        self.seq[1, 0] = tokens
+        self.seq_slot.zero_()
+        self.tables.zero_()
+
+    def fill(self, rows: BatchRows, token_slots: list[int], tokens: int) -> None:
+        """Write the step (n <= tokens new tokens of <= max_seqs sequences) into the host mirrors and upload them
+        asynchronously; rows past the step's are padding (see the class doc)."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()  # the last replay's uploads have read the mirrors
+        n, b = len(token_slots), rows.num_seqs
+        tok, seq, seq_slot = self._np_tok, self._np_seq, self._np_seq_slot
+        tok[_KV_SLOT, :n] = rows.write_slots["kv"]
+        tok[_LR_SLOT, :n] = rows.write_slots["lr"] if self.has_lr else -1
+        tok[_LORA, :n] = token_slots
+        tok[:, n:tokens] = 0
+        tok[_KV_SLOT : _LR_SLOT + 1, n:tokens] = -1
+        seq[0, 0] = 0
+        seq[0, 1 : b + 1] = np.cumsum(rows.query_lens)
+        seq[0, b + 1 :] = n
+        seq[1, :b] = rows.context_lens
+        seq[1, b:] = 0
+        seq_slot[:b] = rows.seq_lora_slots
+        seq_slot[b:] = 0
+        bs = self.block_size
+        used = max(-(-ctx // bs) for ctx in rows.context_lens)
+        corner = self._np_staging[: len(self.pools) * b * used].reshape(len(self.pools), b, used)
+        corner[:] = 0
+        for p, pool in enumerate(self.pools):
+            for i, (blocks, ctx) in enumerate(zip(rows.tables[pool], rows.context_lens)):
+                nb = -(-ctx // bs)
+                corner[p, i, :nb] = blocks[:nb]
+        self.tok[:, :tokens].copy_(self.host_tok[:, :tokens], non_blocking=True)
+        self.tok_slot32[:tokens].copy_(self.tok[_LORA, :tokens])
+        self.seq.copy_(self.host_seq, non_blocking=True)
+        self.seq_slot.copy_(self.host_seq_slot, non_blocking=True)
+        count = corner.size
+        self.staging[:count].copy_(self.host_staging[:count], non_blocking=True)
+        self.tables[:, :b, :used].copy_(self.staging[:count].view(len(self.pools), b, used))
+        if self.uploaded is not None:
+            self.uploaded.record()

@@ -28,6 +28,9 @@ class AttentionMetadata:
     is_decode: bool = False  # every sequence has exactly one new token
     decode_splits: int | None = None  # fixed split-KV count (CUDA graphs: the grid must not follow the lengths)
     cascade: CascadePlan | None = None  # decode rows grouped by shared leading blocks (cascade attention), if any
+    # CUDA-graph prefill: the grid holds padded sequences (no tokens) and padded token rows beyond the step's; the
+    # split-KV count is sized for this many busy sequences, and split partials of padded rows stay readable
+    graph_seqs: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -962,6 +962,7 @@ def paged_prefill(
     num_splits: int | None = None,
     key_lr: KeyLR | None = None,
     key_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    graph_seqs: int | None = None,
 ) -> torch.Tensor:
     """query [T, Hq, d]; pools [num_blocks, block_size, Hkv, d] / [num_lr_blocks, block_size, r]. Returns [T, Hq, d].
 
@@ -970,7 +971,9 @@ def paged_prefill(
     [R_v | R_k] (width 2 r) and keys get the reader's s RoPE(R_k B_k). `key_rows` (keys [rows, Hkv, d], first row
     of each sequence [B] int64, from `key_lr_prefill.materialize_keys`): every sequence reads its keys there instead
     of through the block tables (base values and LR rows still come from the pools); `key_lr` still gives the LR
-    rows' layout [R_v | R_k] and its term is not added again."""
+    rows' layout [R_v | R_k] and its term is not added again. `graph_seqs` (CUDA-graph prefill, whose grid is padded
+    with empty sequences and whose rows past the step's tokens are padding): the split count is sized for that many
+    sequences, and the split rows' adapter slots start at 0 so the merge of a padding row reads a valid slot."""
     if key_rows is not None and key_lr is None:
         raise ValueError("key_rows come with the key_lr they were materialised for (the LR rows' layout)")
     t, hq, d = query.shape
@@ -1001,12 +1004,14 @@ def paged_prefill(
     if num_splits is None:
         num_splits = 1
         if on_gpu and max_context is not None:
-            num_splits = prefill_num_splits(m_tiles * hq * b, max_context, query.device, block_n)
+            num_splits = prefill_num_splits(m_tiles * hq * (graph_seqs or b), max_context, query.device, block_n)
     single = num_splits == 1
     if single:
         pacc = pr = pml = row_slots = out  # unused
     else:
         pacc, pr, pml, row_slots = _split_partials(t, num_splits, hq, d, p.r_pad if p.has_lr else 0, query.device)
+        if graph_seqs is not None and p.has_lr:
+            row_slots.zero_()  # padding rows get no slot from the kernel (their tiles exit): slot 0, zero B
     _prefill_kernel[(m_tiles * num_splits, hq, b)](
         query,
         key_pool,

@@ -9,7 +9,7 @@ import torch
 from lragent.cache.kv_cache import KVCache
 from lragent.kernels import key_lr_prefill
 from lragent.kernels.backend import AttentionBackend, KeyLR, LayerOps
-from lragent.kernels.graph_inputs import GraphInputs
+from lragent.kernels.graph_inputs import GraphInputs, PrefillGraphInputs
 from lragent.kernels.metadata import AttentionMetadata, BatchRows
 from lragent.kernels.triton_attention import default_num_splits, paged_decode, paged_prefill
 from lragent.kernels.triton_cascade import (
@@ -142,6 +142,11 @@ class TritonBackend(AttentionBackend):
     ) -> TritonGraphInputs:
         return TritonGraphInputs(cache.num_kv_heads, self, pools, max_batch, max_model_len, cache.block_size, device)
 
+    def prefill_graph_inputs(
+        self, cache: KVCache, pools: list[str], max_seqs: int, max_tokens: int, max_model_len: int, device: torch.device
+    ) -> PrefillGraphInputs:
+        return PrefillGraphInputs(pools, max_seqs, max_tokens, max_model_len, cache.block_size, device)
+
     def store(self, cache: KVCache, layer: int, key, value, lr, meta: AttentionMetadata) -> None:
         lr_pool = cache.lr[layer] if cache.lr is not None else None
         flags = getattr(cache, "flags", None)  # caches without flag arrays (kernel tests) skip the marking
@@ -206,5 +211,6 @@ class TritonBackend(AttentionBackend):
             context_lens=meta.context_lens_t,
             max_query_len=max(meta.query_lens, default=0),
             max_context=max(meta.context_lens, default=1),
+            graph_seqs=meta.graph_seqs,
             **args,
         )

@@ -1,0 +1,105 @@
+"""Prefill steps through the CUDA-graph inputs (`PrefillGraphs`) against eager prefill.
+
+On the CPU (Triton interpreted) every prefill step a graph would replay also runs through the graph's static,
+bucket-padded inputs without a capture, and its hidden states must equal the eager step's: that checks the padding
+(token rows writing nowhere, empty sequence rows), the bucket-sized metadata and the per-token LoRA rows. On a GPU
+the engine with prefill graphs must produce the eager engine's greedy tokens, with steps counted as replays, also
+over a context long enough for the bucket's split-KV path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lragent.engine.prefill_graph import PrefillGraphs, prefill_buckets
+from lragent.sampling import SamplingParams
+from tests.turns import PREFIX, ROLES, exact_llm, same_outputs
+
+CUDA = torch.cuda.is_available()
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def test_prefill_buckets():
+    assert prefill_buckets(0) == []
+    assert prefill_buckets(16) == [16]
+    assert prefill_buckets(100) == [16, 32, 64, 100]
+    assert prefill_buckets(512) == [16, 32, 64, 128, 256, 512]
+
+
+def _unshared_a(sharing: str) -> dict:
+    """tiny_llama's adapters have their own v_proj A each: base_lr_shared accepts them only when told to."""
+    return {"allow_unshared_a": True} if sharing == "base_lr_shared" else {}
+
+
+def _turns(llm, appended: int = 12) -> None:
+    """A prompt longer than the largest bucket, each agent appending a short chunk and answering in turn (under
+    NON_SHARED an agent recomputes what the others appended), then two sequences prefilling in one step, then a
+    request for prompt log-probs."""
+    traj = list(PREFIX) * 2
+    for i, role in enumerate(ROLES):
+        out = llm.generate([traj], adapter=role, sampling_params=GREEDY)[0]
+        traj = traj + out.token_ids + [200 + i] * appended
+    last = ROLES[-1]  # whose cached prefix reaches furthest under every scheme
+    llm.generate([traj + [7] * 5, traj + [9] * 11], adapter=[last, last], sampling_params=GREEDY)
+    llm.generate([traj + [5] * 3], adapter=last, sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=1))
+
+
+@pytest.mark.parametrize("sharing", ["non_shared", "base_lr_shared", "base_shared", "full_shared"])
+def test_graph_inputs_give_the_eager_hidden_states(tiny_llama, sharing):
+    """Every step a graph supports: its padded static inputs give the eager hidden states. Every other step is one
+    a graph must not replay (too long, prompt log-probs, or only some pools written: LR prefill of cached keys)."""
+    model, adapters = tiny_llama
+    llm = exact_llm(model, adapters, sharing, attention_backend="triton", **_unshared_a(sharing))
+    runner = llm.engine.runner
+    graphs = PrefillGraphs(runner, pool=lambda: None, max_tokens=64, max_model_len=llm.engine.max_model_len)
+    assert graphs.enabled
+    forward, checked, eager_steps = runner._forward, [], []
+
+    def checking_forward(batch):
+        step = runner.inputs(batch)
+        n = len(step.token_ids)
+        if graphs.supports(step):
+            size = graphs.bucket(n)
+            ids, ctx, _ = runner.prepare(batch, step)
+            eager = runner.model(ids, ctx)
+            graphs.fill(step, size)
+            padded = runner.model(graphs.tokens[0, :size], graphs._context(size))
+            torch.testing.assert_close(padded[:n], eager, rtol=1e-4, atol=1e-4)
+            checked.append((n, size, step.rows.num_seqs))
+        elif not step.rows.is_decode:
+            assert n > 64 or step.scores is not None or step.write_idx or step.rows.num_seqs > graphs.max_seqs
+            eager_steps.append((n, step.scores is not None, bool(step.write_idx)))
+        return forward(batch)
+
+    runner._forward = checking_forward
+    _turns(llm)
+    assert any(size > n for n, size, _ in checked), checked  # padded token rows
+    assert any(seqs == 2 for _, _, seqs in checked), checked  # two sequences (and six empty sequence rows)
+    assert any(scored for _, scored, _ in eager_steps)  # prompt log-probs stay eager
+    if sharing == "base_shared":  # another agent's tokens: only their LR rows are computed, eagerly
+        assert any(subset for *_, subset in eager_steps)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sharing", ["non_shared", "base_lr_shared", "base_shared"])
+def test_engine_with_prefill_graphs_matches_eager(tiny_llama, sharing):
+    model, adapters = tiny_llama
+    outs, replays = [], 0
+    for eager in (True, False):
+        llm = exact_llm(
+            model, adapters, sharing, attention_backend="triton", enforce_eager=eager, max_model_len=4096,
+            **_unshared_a(sharing),
+        )  # fmt: skip
+        traj = [(13 * i) % 997 + 1 for i in range(3000)]  # long enough to exercise long-context chunks
+        got = []
+        for i, role in enumerate([*ROLES, *ROLES]):
+            out = llm.generate([traj], adapter=role, sampling_params=GREEDY)[0]
+            got.append(out)
+            traj = traj + out.token_ids + [300 + i] * (5 + 9 * i)
+        outs.append(got)
+        if not eager:
+            replays = llm.engine.runner.prefill_graphs.replays
+        llm.engine.close()
+    assert replays >= 3
+    assert all(same_outputs(g, w) for g, w in zip(outs[1], outs[0])), [o.token_ids for o in outs[1]]
