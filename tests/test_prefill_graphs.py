@@ -93,7 +93,8 @@ def test_engine_with_prefill_graphs_matches_eager(tiny_llama, sharing):
         )  # fmt: skip
         traj = [(13 * i) % 997 + 1 for i in range(3000)]  # long enough to exercise long-context chunks
         got = []
-        for i, role in enumerate([*ROLES, *ROLES]):
+        # two rounds, then the last agent again: under BASE_SHARED only that turn (its own tokens) writes every pool
+        for i, role in enumerate([*ROLES, *ROLES, ROLES[-1]]):
             out = llm.generate([traj], adapter=role, sampling_params=GREEDY)[0]
             got.append(out)
             traj = traj + out.token_ids + [300 + i] * (5 + 9 * i)
@@ -101,5 +102,5 @@ def test_engine_with_prefill_graphs_matches_eager(tiny_llama, sharing):
         if not eager:
             replays = llm.engine.runner.prefill_graphs.replays
         llm.engine.close()
-    assert replays >= 3
+    assert replays >= (1 if sharing == "base_shared" else 3)
     assert all(same_outputs(g, w) for g, w in zip(outs[1], outs[0])), [o.token_ids for o in outs[1]]
