@@ -82,7 +82,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "torch" (reference) or "triton" when available
     enforce_eager: bool = False  # CUDA: no decode graphs (every step launches its kernels from Python)
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay a captured graph
-    # prefill steps of up to this many tokens (and <= 8 sequences) replay a captured graph per token bucket
+    # prefill steps of up to this many tokens (and <= 32 sequences) replay a captured graph per token bucket
     # (16, 32, ... this): an agent's short appended chunk is otherwise bound by launching its kernels; 0: eager
     cuda_graph_prefill_tokens: int = 512
     # cascade decode (Triton backend): decode rows whose block tables share >= 1024 leading tokens of whole blocks

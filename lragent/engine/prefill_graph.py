@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MAX_SEQS = 8  # sequences one prefill graph holds (an agent's chunk, often beside other agents' decode rows)
+MAX_SEQS = 32  # sequences one prefill graph holds (an agent's chunk, often beside other trajectories' decode rows)
 GRAPH_POOLS = frozenset({"kv", "lr"})  # the pools a graph writes (DROIDSPEAK's layer pools are not among them)
 
 
