@@ -10,9 +10,10 @@ the time limit. Per episode, these contexts of the action adapter:
 
 and the answer is the candidate with the highest summed log-prob after the context (PMI: minus its log-prob after
 'Answer:' alone; eol: the candidate followed by the line's end, so a span cut short of the answer pays for
-ending there; mean: the log-prob per token, as lm-evaluation-harness's length-normalised accuracy). Candidates: ScienceQA the options' texts; HotpotQA spans of the observations
-(`hotpotqa_span_scoring.candidates`), 'yes', 'no' and the agent's own answer; HotpotQA also greedy-generates after
-the restated context (up to 24 tokens, to the line's end). Reports accuracy (ScienceQA) or EM / F1 (HotpotQA).
+ending there; mean: the log-prob per token, as lm-evaluation-harness's length-normalised accuracy). Candidates:
+ScienceQA the options' texts; HotpotQA spans of the observations (`hotpotqa_span_scoring.candidates`), 'yes', 'no'
+and the agent's own answer; HotpotQA also greedy-generates after the restated context (up to 24 tokens, to the
+line's end). Reports accuracy (ScienceQA) or EM / F1 (HotpotQA).
 Run: python benchmarks/answer_restated.py --task scienceqa|hotpotqa [--limit N]
 """
 
