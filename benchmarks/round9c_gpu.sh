@@ -12,7 +12,7 @@ T="python3 -m lragent.bench.trace --model dummy:llama-3.1-8b --device cuda --no-
   --systems base_lr_shared"
 step c16_graphs 120 $T --ctx 256 --concurrent 1,16 --out "$R/c16_graphs"
 step c16_eager 120 $T --ctx 256 --concurrent 1,16 --cuda-graph-prefill-tokens 0 --out "$R/c16_eager"
-step t33_graphs 90 $T --ctx 8192 --out "$R/t33_graphs"
+[[ -n "${T33:-}" ]] && step t33_graphs 90 $T --ctx 8192 --out "$R/t33_graphs"
 for f in c16_graphs c16_eager t33_graphs; do echo "== $f" >> "$S"; grep -A3 "^system" "$R/$f.log" | head -4 >> "$S";
   grep -i "error\|Traceback" "$R/$f.log" | head -5 >> "$S"; done
 tar czf "$OUT/$ROUND.tgz" -C "$R" .
