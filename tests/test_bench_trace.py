@@ -295,7 +295,7 @@ def test_step_timers_sum_the_engine_step_stats():
     """The trace's timing columns come from the engine's public StepStats (no wrapping of engine internals)."""
     from lragent.engine.stats import StepStats
 
-    def stats(prefill: bool, prepare: float, forward: float, step: float) -> StepStats:
+    def stats(prefill: bool, prepare: float, forward: float, step: float, graphed: bool = False) -> StepStats:
         return StepStats(
             is_prefill=prefill,
             num_seqs=1,
@@ -304,6 +304,7 @@ def test_step_timers_sum_the_engine_step_stats():
             prepare_s=prepare,
             forward_s=forward,
             step_s=step,
+            graphed=graphed,
         )
 
     class Engine:  # the listener API only
@@ -319,12 +320,14 @@ def test_step_timers_sum_the_engine_step_stats():
     engine = Engine()
     with tb.step_timers(engine) as timers:
         assert timers.summary()["decode_step_ms"] is None  # no decode yet
-        for s in (stats(True, 0.01, 0.5, 0.6), stats(False, 0.001, 0.02, 0.03), stats(False, 0.003, 0.04, 0.05)):
+        steps = (stats(True, 0.01, 0.5, 0.6), stats(False, 0.001, 0.02, 0.03), stats(False, 0.003, 0.04, 0.05, True))
+        for s in steps:
             for listener in engine.listeners:
                 listener(s)
     assert engine.listeners == []  # unsubscribed on the way out
     s = timers.summary()
     assert s["forward_passes"] == {"prefill": 1, "decode": 2}
+    assert s["graph_replays"] == {"prefill": 0, "decode": 1}
     assert s["prefill_forward_s"] == pytest.approx(0.5) and s["decode_forward_s"] == pytest.approx(0.06)
     assert s["decode_step_ms"] == pytest.approx(30.0) and s["host_prepare_ms_per_decode"] == pytest.approx(2.0)
     assert s["host_prepare_prefill_s"] == pytest.approx(0.01) and s["engine_step_s"] == pytest.approx(0.68)

@@ -254,6 +254,7 @@ class StepTimers:
         self.prepare_s = {"prefill": 0.0, "decode": 0.0}
         self.count = {"prefill": 0, "decode": 0}
         self.tokens = {"prefill": 0, "decode": 0}
+        self.graphed = {"prefill": 0, "decode": 0}  # forward passes replayed from CUDA graphs
         self.step_s = 0.0
 
     def __call__(self, stats: StepStats) -> None:
@@ -262,6 +263,7 @@ class StepTimers:
         self.prepare_s[kind] += stats.prepare_s
         self.count[kind] += 1
         self.tokens[kind] += stats.num_tokens
+        self.graphed[kind] += stats.graphed
         self.step_s += stats.step_s
 
     def decode_ms(self, seconds: dict[str, float]) -> float | None:
@@ -271,6 +273,7 @@ class StepTimers:
     def summary(self) -> dict:
         return {
             "forward_passes": dict(self.count),
+            "graph_replays": dict(self.graphed),
             "prefill_forward_s": self.run_s["prefill"],
             "decode_forward_s": self.run_s["decode"],
             "decode_step_ms": self.decode_ms(self.run_s),

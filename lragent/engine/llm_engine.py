@@ -439,6 +439,7 @@ class LLMEngine:
                 self.runner.prepare_s,
                 self.runner.forward_s,
                 time.perf_counter() - start,
+                self.runner.graphed,
             )
             for listener in self._listeners:
                 listener(stats)

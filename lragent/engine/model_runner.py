@@ -99,6 +99,7 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphs | None = None  # short prefill chunks; with the decode graphs
         self.prepare_s = 0.0  # host time of the last run's input preparation (read through StepStats)
         self.forward_s = 0.0  # the last run, end to end
+        self.graphed = False  # the last run replayed a captured graph (read through StepStats)
         self._bitmask: torch.Tensor | None = None  # host buffer of structured-output token masks
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, prefill_tokens: int = 0) -> None:
@@ -246,7 +247,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> StepResult:
         """One forward pass; returns a token (and its log-prob) for each sequence the batch marks as sampling."""
         start = time.perf_counter()
-        self.prepare_s = 0.0
+        self.prepare_s, self.graphed = 0.0, False
         try:
             return self._run(batch)
         finally:
@@ -306,11 +307,12 @@ class ModelRunner:
             self.prepare_s = time.perf_counter() - start
             hidden = None if variant is None else self.graphs.run(step, variant)  # None: it declined the step
             if hidden is not None:
+                self.graphed = True
                 return hidden, None  # every decode row samples
         step = self.inputs(batch) if step is None else step
         prefill = self.prefill_graphs
         if prefill is not None and prefill.supports(step):
-            self.prepare_s = time.perf_counter() - start
+            self.prepare_s, self.graphed = time.perf_counter() - start, True
             return prefill.run(step)[step.sample_rows], None
         input_ids, ctx, rows = self.prepare(batch, step)
         self.prepare_s = time.perf_counter() - start

@@ -17,6 +17,7 @@ class StepStats:
     prepare_s: float  # host time turning the batch into tensors and metadata (0 for a graph replay's refill)
     forward_s: float  # the model runner: prepare + forward + sampling, until the tokens are on the host
     step_s: float  # the whole `step()`: scheduling, forward, block bookkeeping, post-processing
+    graphed: bool = False  # the forward replayed a captured CUDA graph (decode, or a short prefill chunk)
 
     @property
     def kind(self) -> str:
