@@ -9,8 +9,10 @@ graph per token bucket (16, 32, ..., `max_tokens`) replays it in one launch.
 A step is padded to its bucket: token rows past its own write nowhere and use no adapter, and the grid's sequence
 rows past its own run no tokens (`PrefillGraphInputs`). The attention grid and split-KV count follow the bucket,
 never the step (the split count is sized for one sequence over `max_model_len` keys; split partials of empty key
-ranges merge to nothing). What a graph cannot replay runs eagerly, as before: prompt log-probs (their rows' logits
-come out of the forward), steps that write only some pools (LR prefill of tokens whose keys another agent cached),
+ranges merge to nothing). A step that owes only some pools' entries (BASE_SHARED's LR prefill of tokens whose keys
+another agent cached) computes every token's keys and base values in the graph and stores only the owed ones (slot
+-1 for the rest): the cached entries are the same base-model values, so the step reads what the eager one does.
+What a graph cannot replay runs eagerly, as before: prompt log-probs (their rows' logits come out of the forward),
 DROIDSPEAK's layer pools, key adapters under sharing (their keys are materialised by host-sized launches), more
 sequences or tokens than the largest bucket. Graphs share the decode graphs' memory pool (`DecodeGraphs.pool`).
 """
@@ -76,14 +78,14 @@ class PrefillGraphs:
         self.replays = 0  # steps replayed from a graph (a counter for tests and stats)
 
     def supports(self, step: StepInputs) -> bool:
-        """A prefill step every pool of which it writes whole, without prompt scores, within the largest bucket."""
+        """A prefill step without prompt scores within the largest bucket (a step writing only some pools' entries,
+        LR prefill after another agent's keys, computes every token's keys and stores only the ones it owes)."""
         rows = step.rows
         return (
             self.enabled
             and not rows.is_decode
             and step.scores is None
-            and not step.write_idx
-            and rows.kv_write_idx is None
+            and not step.hidden_reads[0]
             and 0 < len(step.token_ids) <= self.sizes[-1]
             and rows.num_seqs <= self.max_seqs
         )
@@ -114,7 +116,7 @@ class PrefillGraphs:
     def fill(self, step: StepInputs, size: int) -> None:
         """Refill the static inputs in place (asynchronous uploads, after the previous ones have read the host
         mirrors)."""
-        self.attn.fill(step.rows, step.token_slots, size)  # waits for the last replay's uploads first
+        self.attn.fill(step.rows, step.token_slots, size, step.write_idx)  # waits for the last uploads first
         n, host = len(step.token_ids), self._np_tokens
         host[0, :n], host[1, :n] = step.token_ids, step.positions
         host[:, n:size] = 0

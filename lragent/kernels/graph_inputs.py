@@ -212,18 +212,29 @@ class PrefillGraphInputs:
         self.seq_slot.zero_()
         self.tables.zero_()
 
-    def fill(self, rows: BatchRows, token_slots: list[int], tokens: int) -> None:
+    def fill(
+        self, rows: BatchRows, token_slots: list[int], tokens: int, write_idx: dict[str, list[int]] | None = None
+    ) -> None:
         """Write the step (n <= tokens new tokens of <= max_seqs sequences) into the host mirrors and upload them
-        asynchronously; rows past the step's are padding (see the class doc)."""
+        asynchronously; rows past the step's are padding (see the class doc). `write_idx`: pool -> the tokens it
+        gets entries for, where not all (LR prefill of keys another agent cached): the graph still computes every
+        token's keys and values, and the others get slot -1, so what is stored (and read back) is the eager step's."""
         if self.uploaded is not None:
             self.uploaded.synchronize()  # the last replay's uploads have read the mirrors
         n, b = len(token_slots), rows.num_seqs
         tok, seq, seq_slot = self._np_tok, self._np_seq, self._np_seq_slot
-        tok[_KV_SLOT, :n] = rows.write_slots["kv"]
-        tok[_LR_SLOT, :n] = rows.write_slots["lr"] if self.has_lr else -1
-        tok[_LORA, :n] = token_slots
+        subsets = write_idx or {}
         tok[:, n:tokens] = 0
-        tok[_KV_SLOT : _LR_SLOT + 1, n:tokens] = -1
+        tok[_KV_SLOT : _LR_SLOT + 1, : max(n, tokens)] = -1
+        for row, pool in ((_KV_SLOT, "kv"), (_LR_SLOT, "lr")):
+            if pool == "lr" and not self.has_lr:
+                continue
+            idx = subsets.get(pool)
+            if idx is None:
+                tok[row, :n] = rows.write_slots[pool]
+            else:
+                tok[row, idx] = rows.write_slots[pool]
+        tok[_LORA, :n] = token_slots
         seq[0, 0] = 0
         seq[0, 1 : b + 1] = np.cumsum(rows.query_lens)
         seq[0, b + 1 :] = n
