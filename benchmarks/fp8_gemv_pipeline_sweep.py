@@ -36,34 +36,21 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 
 
 @triton.jit
-def _gemv_ptr(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, K_PER_SPLIT, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              STAGES: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = tl.program_id(1) * K_PER_SPLIT
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(k_start, k_start + K_PER_SPLIT, BLOCK_K, num_stages=STAGES):
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + (k0 + offs_k)[None, :], eviction_policy="evict_first")
-        x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], 1)
-    if SPLIT:
-        tl.atomic_add(out_ptr + offs_n, acc, sem="relaxed")
-    else:
-        tl.store(out_ptr + offs_n, (acc * tl.load(scale_ptr + offs_n)).to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _gemv_tma(x_ptr, w_desc, scale_ptr, out_ptr, N, K, K_PER_SPLIT, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              STAGES: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+def _gemv(x_ptr, w, scale_ptr, out_ptr, N, K, K_PER_SPLIT, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          STAGES: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """`w`: the FP8 weight's pointer, or with TMA its tensor descriptor (tiles [BLOCK_N, BLOCK_K])."""
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k_start = tl.program_id(1) * K_PER_SPLIT
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_start, k_start + K_PER_SPLIT, BLOCK_K, num_stages=STAGES):
-        w = w_desc.load([n0, k0])
+        if TMA:
+            tile = w.load([n0, k0])
+        else:
+            tile = tl.load(w + offs_n[:, None].to(tl.int64) * K + (k0 + offs_k)[None, :], eviction_policy="evict_first")
         x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], 1)
+        acc += tl.sum(tile.to(tl.float32) * x[None, :], 1)
     if SPLIT:
         tl.atomic_add(out_ptr + offs_n, acc, sem="relaxed")
     else:
@@ -77,19 +64,18 @@ def make_variant(kind: str, bn: int, bk: int, stages: int, warps: int, split: in
     n, k = w8.shape
     per = k // split
     grid = (n // bn, split)
-    kernel = _gemv_tma if kind == "tma" else _gemv_ptr
+    tma = kind == "tma"
 
     def run(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        wa = TensorDescriptor.from_tensor(w, [bn, bk]) if kind == "tma" else w
-        if split > 1:
-            acc = torch.zeros(n, device=x.device, dtype=torch.float32)
-            kernel[grid](x, wa, scale, acc, n, k, per, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, SPLIT=True,
-                         num_warps=warps)  # fmt: skip
-            return (acc * scale).to(x.dtype)
-        out = torch.empty(n, device=x.device, dtype=x.dtype)
-        kernel[grid](x, wa, scale, out, n, k, per, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, SPLIT=False,
-                     num_warps=warps)  # fmt: skip
-        return out
+        wa = TensorDescriptor.from_tensor(w, [bn, bk]) if tma else w
+        out = (
+            torch.zeros(n, device=x.device, dtype=torch.float32)
+            if split > 1
+            else torch.empty_like(scale, dtype=x.dtype)
+        )
+        _gemv[grid](x, wa, scale, out, n, k, per, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, SPLIT=split > 1, TMA=tma,
+                    num_warps=warps)  # fmt: skip
+        return (out * scale).to(x.dtype) if split > 1 else out
 
     return run
 

@@ -119,16 +119,12 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.clear()  # last: it drops the pool both captured into
 
-    def capture_graphs(self) -> int:
-        """Capture every decode size and prefill bucket now (start-up); returns how many graphs there are."""
-        count = 0
+    def capture_graphs(self) -> None:
+        """Capture every decode size and prefill bucket now (start-up), so no request waits for a capture."""
         if self.graphs is not None:
             self.graphs.capture_all()
-            count += len(self.graphs.sizes)
-        if self.prefill_graphs is not None and self.prefill_graphs.enabled:
+        if self.prefill_graphs is not None:
             self.prefill_graphs.capture_all()
-            count += len(self.prefill_graphs.sizes)
-        return count
 
     def inputs(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the batch: tokens, positions, adapter slots, and per pool the slots of the entries written."""

@@ -65,7 +65,7 @@ class PrefillGraphs:
         self.max_seqs = max_seqs
         self.pool = pool
         # a scheme the graphs cannot serve leaves every prefill eager (see the module doc)
-        self.enabled = bool(self.sizes) and set(runner.pools) <= GRAPH_POOLS and not getattr(runner.bank, "key_lr", 0)
+        self.enabled = bool(self.sizes) and set(runner.pools) <= GRAPH_POOLS and not runner.bank.key_lr
         top = self.sizes[-1] if self.sizes else 1
         self.attn = runner.backend.prefill_graph_inputs(
             runner.cache, runner.pools, max_seqs, top, max_model_len, self.device

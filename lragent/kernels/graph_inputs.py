@@ -224,8 +224,8 @@ class PrefillGraphInputs:
         n, b = len(token_slots), rows.num_seqs
         tok, seq, seq_slot = self._np_tok, self._np_seq, self._np_seq_slot
         subsets = write_idx or {}
-        tok[:, n:tokens] = 0
-        tok[_KV_SLOT : _LR_SLOT + 1, : max(n, tokens)] = -1
+        tok[_KV_SLOT : _LR_SLOT + 1, :tokens] = -1  # then the owed entries' slots
+        tok[_LORA, n:tokens] = 0
         for row, pool in ((_KV_SLOT, "kv"), (_LR_SLOT, "lr")):
             if pool == "lr" and not self.has_lr:
                 continue
