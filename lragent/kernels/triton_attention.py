@@ -247,6 +247,8 @@ def _prefill_tile(
     ctx,
     k_ptr,
     v_ptr,
+    k_desc,
+    v_desc,
     lr_ptr,
     bt_row,
     lbt_row,
@@ -277,23 +279,27 @@ def _prefill_tile(
     DOT_PREC: tl.constexpr,
     TRIG_ON_CHIP: tl.constexpr,
     KEY_ROWS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     kpos = n0 + offs_n
-    if MASKED:
-        kmask = kpos < ctx
-        blk = tl.load(bt_row + kpos // BS, mask=kmask, other=0).to(tl.int64)
+    kmask = kpos < ctx
+    if TMA:  # the tile is a run of one page's rows: one block-table read, Hopper's copy engine loads K and V
+        row0 = tl.load(bt_row + n0 // BS).to(tl.int32) * BS + n0 % BS
+        k = k_desc.load([row0, kv_col])
     else:
-        kmask = kpos >= 0
-        blk = tl.load(bt_row + kpos // BS).to(tl.int64)
-    row = blk * BS + (kpos % BS)
-    kv_off = row[:, None] * HKV_D + kv_col + offs_d[None, :]
-    k_at = k_ptr + kv_off
-    if KEY_ROWS:  # the keys were materialised for this reader (`key_lr_prefill`): its contiguous scratch rows
-        k_at = ks_ptr + (kstart + kpos.to(tl.int64))[:, None] * HKV_D + kv_col + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_at, mask=kmask[:, None], other=0.0)
-    else:
-        k = tl.load(k_at)
+        if MASKED:
+            blk = tl.load(bt_row + kpos // BS, mask=kmask, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row + kpos // BS).to(tl.int64)
+        row = blk * BS + (kpos % BS)
+        kv_off = row[:, None] * HKV_D + kv_col + offs_d[None, :]
+        k_at = k_ptr + kv_off
+        if KEY_ROWS:  # the keys were materialised for this reader (`key_lr_prefill`): its contiguous scratch rows
+            k_at = ks_ptr + (kstart + kpos.to(tl.int64))[:, None] * HKV_D + kv_col + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_at, mask=kmask[:, None], other=0.0)
+        else:
+            k = tl.load(k_at)
     if ANY_LR:
         lmask = kpos < lr_end  # lr_end = 0 for slot 0: nothing read
         lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
@@ -312,7 +318,11 @@ def _prefill_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
+    if TMA:
+        v = v_desc.load([row0, kv_col])
+        if MASKED:  # rows past the context hold whatever the page held (NaN poisons a product with p = 0)
+            v = tl.where(kmask[:, None], v, tl.zeros_like(v))
+    elif MASKED:
         v = tl.load(v_ptr + kv_off, mask=kmask[:, None], other=0.0)
     else:
         v = tl.load(v_ptr + kv_off)
@@ -332,6 +342,8 @@ def _prefill_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    k_desc,
+    v_desc,
     lr_ptr,
     bt_ptr,
     lbt_ptr,
@@ -380,6 +392,7 @@ def _prefill_kernel(
     DOT_PREC: tl.constexpr,
     TRIG_ON_CHIP: tl.constexpr,
     KEY_ROWS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     mt = tl.program_id(0) // NUM_SPLITS
     sp = tl.program_id(0) % NUM_SPLITS
@@ -448,6 +461,8 @@ def _prefill_kernel(
             ctx,
             k_ptr,
             v_ptr,
+            k_desc,
+            v_desc,
             lr_ptr,
             bt_row,
             lbt_row,
@@ -478,6 +493,7 @@ def _prefill_kernel(
             DOT_PREC,
             TRIG_ON_CHIP,
             KEY_ROWS,
+            TMA,
         )
     # the diagonal: causal mask and the end of the context
     end = tl.minimum(k_hi, prefix + (mt + 1) * BLOCK_M)
@@ -493,6 +509,8 @@ def _prefill_kernel(
             ctx,
             k_ptr,
             v_ptr,
+            k_desc,
+            v_desc,
             lr_ptr,
             bt_row,
             lbt_row,
@@ -523,6 +541,7 @@ def _prefill_kernel(
             DOT_PREC,
             TRIG_ON_CHIP,
             KEY_ROWS,
+            TMA,
         )
 
     if SINGLE:
@@ -963,6 +982,7 @@ def paged_prefill(
     key_lr: KeyLR | None = None,
     key_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
     graph_seqs: int | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """query [T, Hq, d]; pools [num_blocks, block_size, Hkv, d] / [num_lr_blocks, block_size, r]. Returns [T, Hq, d].
 
@@ -973,7 +993,9 @@ def paged_prefill(
     of through the block tables (base values and LR rows still come from the pools); `key_lr` still gives the LR
     rows' layout [R_v | R_k] and its term is not added again. `graph_seqs` (CUDA-graph prefill, whose grid is padded
     with empty sequences and whose rows past the step's tokens are padding): the split count is sized for that many
-    sequences, and the split rows' adapter slots start at 0 so the merge of a padding row reads a valid slot."""
+    sequences, and the split rows' adapter slots start at 0 so the merge of a padding row reads a valid slot.
+    `tma`: key / value tiles loaded as whole page runs through tensor descriptors (None: on Hopper whenever pages
+    hold whole key tiles, see `_use_tma`; True also runs in the interpreter, for the tests)."""
     if key_rows is not None and key_lr is None:
         raise ValueError("key_rows come with the key_lr they were materialised for (the LR rows' layout)")
     t, hq, d = query.shape
@@ -993,12 +1015,20 @@ def paged_prefill(
     if block_m is None:
         block_m = (64 if wide <= 512 else 32) if on_gpu else 16
         block_m = min(block_m, _pow2_at_least(max_query_len, 16))
+    if tma is None:
+        tma = _use_tma(p, query.device, block_n, key_rows is not None)
     if block_n is None:
         block_n = (64 if wide <= 256 else 32) if on_gpu else 16
+        if tma and on_gpu:  # page-run tiles (H200 probe, BENCHMARKS.md): 128 x 128 with 8 warps on 128-token pages
+            block_n = min(p.bs, 128 if wide <= 256 else 64)
+            if block_n == 128 and max_query_len >= 128 and block_m == 64:
+                block_m = 128
+    if tma and (p.bs % block_n or p.has_klr or key_rows is not None):
+        raise ValueError(f"TMA tiles need pages of whole key tiles ({block_n} keys per tile, pages of {p.bs})")
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
     if num_stages is None:
-        num_stages = 2
+        num_stages = 3 if tma else 2
     lbt = lr_block_tables if (p.any_lr and lr_block_tables is not None) else base_block_tables
     m_tiles = triton.cdiv(max_query_len, block_m)
     if num_splits is None:
@@ -1012,10 +1042,13 @@ def paged_prefill(
         pacc, pr, pml, row_slots = _split_partials(t, num_splits, hq, d, p.r_pad if p.has_lr else 0, query.device)
         if graph_seqs is not None and p.has_lr:
             row_slots.zero_()  # padding rows get no slot from the kernel (their tiles exit): slot 0, zero B
+    k_desc, v_desc = (_kv_descriptor(key_pool, block_n), _kv_descriptor(value_pool, block_n)) if tma else (0, 0)
     _prefill_kernel[(m_tiles * num_splits, hq, b)](
         query,
         key_pool,
         value_pool,
+        k_desc,
+        v_desc,
         p.lr,
         base_block_tables,
         lbt,
@@ -1064,12 +1097,35 @@ def paged_prefill(
         DOT_PREC=_dot_precision(query.dtype),
         TRIG_ON_CHIP=p.trig_on_chip,
         KEY_ROWS=key_rows is not None,
+        TMA=tma,
         num_warps=num_warps,
         num_stages=num_stages,
     )
     if not single:
         _merge_splits(pacc, pr, pml, row_slots, p, lora_scaling, out, num_splits, hq, p.r_pad)
     return out
+
+
+PREFILL_TMA = os.environ.get("LRAGENT_PREFILL_TMA", "auto")  # "0": always the pointer-gather tiles
+
+
+def _use_tma(p: _Pools, device: torch.device, block_n: int | None, keys_built: bool) -> bool:
+    """Page-run tiles through tensor descriptors: Hopper or newer, pages of >= 64 tokens that hold whole key tiles,
+    contiguous pools, keys read as they are (a key-LR rebuild or materialised keys keep the pointer path)."""
+    if PREFILL_TMA == "0" or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    if p.has_klr or keys_built or p.bs < 64 or (block_n is not None and p.bs % block_n):
+        return False
+    return p.key.is_contiguous() and p.value.is_contiguous()
+
+
+def _kv_descriptor(pool: torch.Tensor, block_n: int):
+    """A [blocks * block_size, Hkv * d] view of a key or value pool with [block_n, d] boxes: a tile of page-run
+    rows at (first row, kv head * d)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    d = pool.shape[-1]
+    return TensorDescriptor.from_tensor(pool.reshape(-1, pool.shape[-2] * d), [block_n, d])
 
 
 def _split_partials(rows: int, splits: int, hq: int, d: int, r_pad: int, device: torch.device):
