@@ -1,7 +1,10 @@
 """Which TMA prefill cases disagree with the float64 reference on the GPU? (one fresh process per case)
 
 A kernel fault poisons its CUDA context, so each case runs in its own process; the table lists the relative error
-of the TMA tiles and of the pointer tiles on the same random ragged batch (NaN-poisoned block tails).
+of the TMA tiles (forced, tma 1) and of the pointer tiles (tma 0) on the same random ragged batch (NaN-poisoned
+block tails). Found with it (H200, Triton 3.6): rank-1 16-bit LR rows beside TMA loads are wrong (`_use_tma` now
+keeps those on the pointer tiles; forced here they still show it), and a descriptor box wider than the LR row (the
+LR rows through TMA, since removed) read wrong values.
 Run: python benchmarks/tma_check.py [--jobs 8]
 """
 
@@ -43,11 +46,11 @@ def main() -> None:
     if args.one:
         return one(args.one)
     specs = [
-        ",".join(map(str, (dt, r, 64, 64, 8, 8, t, s)))
+        f"{dt},{r},64,64,8,8,{t},{s}"
         for dt, r, (t, s) in itertools.product(("bf16", "fp16"), (1, 2, 8, "none"), ((0, 2), (1, 3), (1, 2)))
     ]
-    specs += [f"bf16,{r},64,128,32,4,{t},{s}" for r in (1, 8) for t, s in ((1, 3), (0, 2))]
-    specs += ["bf16,8,128,128,32,4,1,3", "bf16,1,128,128,32,4,1,3", "fp32,1,64,64,8,8,1,3"]  # fmt: skip
+    specs += [f"bf16,{r},{bs},128,32,4,1,3" for r in (1, 8) for bs in (64, 128)]
+    specs += ["bf16,8,64,128,32,4,0,2", "fp32,1,64,64,8,8,1,3"]
 
     def run(spec: str) -> str:
         p = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True, timeout=300)

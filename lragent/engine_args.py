@@ -136,7 +136,9 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpu-memory-utilization", type=float, default=0.9, help="CUDA: fraction of the card the engine may use"
     )
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
+    p.add_argument(
+        "--block-size", type=int, default=0, help="tokens per KV cache block (a power of two; 0: 64 on Hopper, else 16)"
+    )
 
 
 def _add_limit_args(p: argparse.ArgumentParser) -> None:

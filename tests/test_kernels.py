@@ -663,3 +663,16 @@ def test_triton_lora_bank_plans_interleaved_and_per_token():
         ref_r = ref_bank.value_shrink(x, layer, segs)
         assert rel_err(bank.value_shrink(x, layer, per_token).cpu(), ref_r.cpu()) < 1e-5
     assert len(bank._plans) <= TritonLoRABank._PLANS_KEPT
+
+
+def test_default_block_size():
+    """Block size 0 (the default) resolves per device: 16 off Hopper (here), 64 on Hopper-or-newer GPUs (TMA tiles)."""
+    from lragent.config import EngineConfig, default_block_size
+
+    assert EngineConfig(device="cpu").block_size == default_block_size("cpu") == 16
+    assert EngineConfig(device="cpu", block_size=32).block_size == 32
+    if CUDA:
+        major = torch.cuda.get_device_capability()[0]
+        assert EngineConfig(device="cuda").block_size == (64 if major >= 9 else 16)
+    with pytest.raises(ValueError, match="power of two"):
+        EngineConfig(device="cpu", block_size=48)

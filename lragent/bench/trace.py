@@ -827,7 +827,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
 
 def _add_engine_config_args(p: argparse.ArgumentParser) -> None:
     """The engine's cache, batching and attention settings."""
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=0, help="tokens per KV block (0: the engine's default)")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV budget (default: the engine's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)

@@ -995,7 +995,8 @@ def paged_prefill(
     with empty sequences and whose rows past the step's tokens are padding): the split count is sized for that many
     sequences, and the split rows' adapter slots start at 0 so the merge of a padding row reads a valid slot.
     `tma`: key / value tiles loaded as whole page runs through tensor descriptors (None: on Hopper whenever pages
-    hold whole key tiles, see `_use_tma`; True also runs in the interpreter, for the tests)."""
+    hold whole key tiles, see `_use_tma`; True also runs in the interpreter, for the tests). The LR rows stay pointer
+    loads: a descriptor box wider than an LR row (rank 8: 16 of 8 columns) read wrong values on the H200."""
     if key_rows is not None and key_lr is None:
         raise ValueError("key_rows come with the key_lr they were materialised for (the LR rows' layout)")
     t, hq, d = query.shape
@@ -1116,6 +1117,8 @@ def _use_tma(p: _Pools, device: torch.device, block_n: int | None, keys_built: b
         return False
     if p.has_klr or keys_built or p.bs < 64 or (block_n is not None and p.bs % block_n):
         return False
+    if p.has_lr and p.r * p.lr.element_size() < 4:  # 2-byte LR rows (rank 1, 16-bit) beside TMA loads: wrong on
+        return False  # the H200 with Triton 3.6 (benchmarks/tma_check.py), right with the pointer tiles
     return p.key.is_contiguous() and p.value.is_contiguous()
 
 
