@@ -302,8 +302,12 @@ def _prefill_tile(
             k = tl.load(k_at)
     if ANY_LR:
         lmask = kpos < lr_end  # lr_end = 0 for slot 0: nothing read
-        lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
-        lrow = lblk * BS + (kpos % BS)
+        if TMA:  # a page run here too: one block-table read, rows in a contiguous strided tile
+            lblk0 = tl.load(lbt_row + n0 // BS, mask=n0 < lr_end, other=0).to(tl.int64)
+            lrow = lblk0 * BS + n0 % BS + offs_n
+        else:
+            lblk = tl.load(lbt_row + kpos // BS, mask=lmask, other=0).to(tl.int64)
+            lrow = lblk * BS + (kpos % BS)
     if HAS_KLR:
         k = _add_key_lora(
             k, lr_ptr, lrow, lmask, kpos, kup, kup_rot, kscale, cos_ptr, sin_ptr, offs_r, offs_d, R, D, LR_W, KLR_COL,
