@@ -641,7 +641,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-new", default="512,1k,2k,4k,8k")
     ap.add_argument("--prefill-prefixes", default="0,8k,32k")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=0, help="tokens per page (0: the engine's default here)")
     ap.add_argument("--stacked-lr", action="store_true", help="LR rows of 3 slots x rank, each sequence its slice")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--json", default="results/bench_kernels.json")
@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda" and not args.smoke:
         print("lragent bench kernels needs a CUDA GPU (use --smoke for a CPU code-path check)", file=sys.stderr)
         return 2
-    from lragent.kernels.triton_attention import DECODE_MERGE
+    from lragent.kernels.triton_attention import DECODE_MERGE, PREFILL_TMA
 
     dtype = getattr(torch, args.dtype)
     if args.smoke:
@@ -745,6 +745,10 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     max_tokens = _pool_tokens(args, only, decode_ctx, decode_b, news, prefixes)
+    if not args.block_size:
+        from lragent.config import default_block_size
+
+        args.block_size = default_block_size(str(device))
     pools = PagedPools(max(max_tokens, 64), args.block_size, args.rank, dtype, device, stacked=args.stacked_lr)
     result = {
         "card": card,
@@ -759,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
             "rank": args.rank,
             "stacked_lr": args.stacked_lr,
             "block_size": args.block_size,
+            "prefill_tma": PREFILL_TMA,  # LRAGENT_PREFILL_TMA: "auto" takes page-run TMA tiles on Hopper, pages >= 64
             "dtype": str(dtype).removeprefix("torch."),
             "decode_merge": DECODE_MERGE,  # how the decode table's split-KV rows merge (LRAGENT_DECODE_MERGE)
         },

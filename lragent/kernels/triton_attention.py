@@ -1121,8 +1121,9 @@ def _use_tma(p: _Pools, device: torch.device, block_n: int | None, keys_built: b
         return False
     if p.has_klr or keys_built or p.bs < 64 or (block_n is not None and p.bs % block_n):
         return False
-    if p.has_lr and p.r * p.lr.element_size() < 4:  # 2-byte LR rows (rank 1, 16-bit) beside TMA loads: wrong on
-        return False  # the H200 with Triton 3.6 (benchmarks/tma_check.py), right with the pointer tiles
+    if p.has_lr and p.r * p.lr.element_size() < 4:  # 2-byte LR rows (rank 1, 16-bit): wrong on the H200 (Triton
+        return False  # 3.6) while the LR rows were gathered per key; right since they are a page run
+        # (benchmarks/tma_check.py, forced), kept on the pointer tiles until the GPU matrix has run that case
     return p.key.is_contiguous() and p.value.is_contiguous()
 
 
