@@ -9,6 +9,8 @@ Two entry points, both reading keys / base values / LR rows through the block ta
   (causal over the new ones), each with its own adapter slot. One program per (query tile, q head, sequence);
   when that is too few programs to fill the GPU (a short chunk, e.g. a tool's output, after a long context) the
   keys are split as in decode and the decode merge kernel combines the partials, one row per query token.
+  On Hopper with pages of >= 64 tokens a key tile is one page run: its keys and values come through tensor
+  descriptors (the bulk-copy engine, one block-table read per tile), its LR rows as one strided tile (`_use_tma`).
 - `paged_decode`: one query token per sequence, split-KV (flash-decoding): program (sequence, kv head, split)
   handles all G = q_heads / kv_heads query heads of its kv head together (G padded to 16 rows of one `tl.dot`),
   writes partial (acc_v, acc_r, max, sum); a second small kernel merges the splits and applies `s acc_r B_g`
