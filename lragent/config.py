@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -55,13 +56,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def hopper_or_newer(device: torch.device | str) -> bool:
+    """A CUDA device of compute capability >= 9 (TMA, programmatic dependent launch); read once per device, since
+    kernels ask on every launch."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
 def default_block_size(device: str) -> int:
     """Pages of 64 tokens on Hopper or newer: a prefill key tile is then one page run that the copy engine loads
     (H200: prefill attention 42% -> 54% of the matmul rate, the 33.7k trace 3.83 -> 3.48 s, BENCHMARKS.md), worth
     the coarser prefix reuse (a trajectory's partly filled last page is recomputed); 16 elsewhere."""
-    if device.startswith("cuda") and torch.cuda.get_device_capability(torch.device(device))[0] >= 9:
-        return 64
-    return 16
+    return 64 if hopper_or_newer(device) else 16
 
 
 @dataclass(frozen=True)

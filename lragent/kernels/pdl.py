@@ -15,12 +15,13 @@ intrinsics, and LRAGENT_PDL not "0". Kernels take a `PDL` constexpr and call the
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from lragent.config import hopper_or_newer
 
 _CUDA_EXTRA = getattr(getattr(tl, "extra", None), "cuda", None)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs programs one by one: nothing to wait for
@@ -28,16 +29,9 @@ HAS_GDC = hasattr(_CUDA_EXTRA, "gdc_wait") and hasattr(_CUDA_EXTRA, "gdc_launch_
 ENABLED = os.environ.get("LRAGENT_PDL", "1") != "0"
 
 
-@functools.cache
-def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL (see the module doc)."""
-    if not (ENABLED and HAS_GDC and device.type == "cuda"):
-        return False
-    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+    return ENABLED and HAS_GDC and hopper_or_newer(device)
 
 
 def launch_options(pdl: bool) -> dict[str, bool]:

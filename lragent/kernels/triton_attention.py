@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lragent.config import hopper_or_newer
 from lragent.kernels.backend import KeyLR
 from lragent.kernels.counters import arrival_counters
 from lragent.kernels.pdl import gdc_launch_dependents, pdl_enabled
@@ -1119,7 +1120,7 @@ PREFILL_TMA = os.environ.get("LRAGENT_PREFILL_TMA", "auto")  # "0": always the p
 def _use_tma(p: _Pools, device: torch.device, block_n: int | None, keys_built: bool) -> bool:
     """Page-run tiles through tensor descriptors: Hopper or newer, pages of >= 64 tokens that hold whole key tiles,
     contiguous pools, keys read as they are (a key-LR rebuild or materialised keys keep the pointer path)."""
-    if PREFILL_TMA == "0" or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+    if PREFILL_TMA == "0" or not hopper_or_newer(device):
         return False
     if p.has_klr or keys_built or p.bs < 64 or (block_n is not None and p.bs % block_n):
         return False
