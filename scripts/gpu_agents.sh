@@ -17,7 +17,8 @@
 #   SEEDS comma list, FLAGS comma list of greedy | force | noise (the noise control: non_shared under seed + 1000)
 #   | constrain (ScienceQA: the Finish answer constrained to the question's own option letters; needs xgrammar:
 #   carry .w/whl, the wheels of benchmarks/round_gpu.sh) | score (ScienceQA: the Finish answer is the option the
-#   action agent finds most likely, lragent eval --score-options) | spans (HotpotQA: the Finish answer is the
+#   action agent finds most likely, lragent eval --score-options) | reader (the same after a reader prompt of the
+#   evidence and the question, calibrated: --score-options reader) | spans (HotpotQA: the Finish answer is the
 #   observation span the action agent finds most likely after the question restated, lragent eval --score-spans).
 # The HotpotQA jobs run easy + medium as one pool, the ScienceQA jobs grade 1-4 + 5-8. A job whose eval.json is
 # already in $W/eval is skipped, so `eval` continues where `train` stopped. $OUT gets eval_<task>.json.gz (merged
@@ -139,6 +140,7 @@ run_job() {
     [[ ,$flags, == *,noise,* ]] && args+=(--noise-control)
     [[ ,$flags, == *,constrain,* ]] && args+=(--constrain-finish)
     [[ ,$flags, == *,score,* ]] && args+=(--score-options)
+    [[ ,$flags, == *,reader,* ]] && args+=(--score-options reader)
     [[ ,$flags, == *,spans,* ]] && args+=(--score-spans)
     local left=$(( deadline - SECONDS ))
     (( left < 90 )) && { say "skip $tag: ${left}s left"; return 0; }

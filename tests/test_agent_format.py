@@ -189,7 +189,7 @@ def test_score_options_answers_with_the_most_likely_options_letter():
     log-probs from the option on, the action adapter); the letter of the best-scored option is the answer and what
     the trajectory records. Other calls are generated as before."""
     three = dict(SCIENCE, choices=["Harrisburg", "Dover", "Wilmington"], pid="s3")
-    cfg = PipelineConfig(max_iterations=3, score_options=True, finish_at_cap=True, keep_trajectories=True)
+    cfg = PipelineConfig(max_iterations=3, score_options="trajectory", finish_at_cap=True, keep_trajectories=True)
     favour = {"Harrisburg]": -5.0, "Dover]": -1.5, "Wilmington]": -3.0}
     llm = ScriptedLLM(searcher("A"), scorer=lambda role, context, cont: favour[cont] if role == "action" else 0.0)
     (res,) = run_pipeline(llm, [three], cfg)
@@ -206,6 +206,50 @@ def test_score_options_answers_with_the_most_likely_options_letter():
     assert first.prediction == "A" and not first.correct
     (hot,) = run_pipeline(ScriptedLLM(searcher()), [HOTPOT], cfg)  # HotpotQA answers stay generated
     assert hot.prediction == "B"
+
+
+def test_score_options_reader_reads_the_evidence_and_calibrates_by_the_prior():
+    """Under score_options="reader" ScienceQA's Finish is scored after a prompt of its own: the informative
+    observations (the caption; not the search error), then the question without its options as a cloze; each
+    option is scored there and after 'Answer:' alone, and the answer is the best difference (the option a raw
+    score would pick loses to its own prior). Without evidence the prompt is the bare question."""
+    pictured = dict(SCIENCE, choices=["Harrisburg", "Dover", "Wilmington"], caption="A map.", orc="[]", pid="s4")
+    raw = {" Harrisburg": -1.0, " Dover": -2.0, " Wilmington": -4.0}
+    prior = {" Harrisburg": -0.5, " Dover": -3.0, " Wilmington": -3.0}
+
+    def scorer(role: str, context: str, cont: str) -> float:
+        assert role == "action"
+        return prior[cont] if context == "Answer:" else raw[cont]
+
+    def script(role: str, prompt: str) -> str:
+        if role == "plan" and not prompt.endswith(D.THOUGHT_PROMPT):
+            return "Aciton: BingSearch[" if "Obversation: Image" in prompt else "Aciton: Image2Text["
+        return searcher("A")(role, prompt)
+
+    cfg = PipelineConfig(max_iterations=3, score_options="reader", finish_at_cap=True, keep_trajectories=True)
+    llm = ScriptedLLM(script, scorer=scorer)
+    (res,) = run_pipeline(llm, [pictured], cfg)
+    scored = [c for c in llm.log if c.params.prompt_logprobs is not None]
+    contexts = [c.prompt[: c.params.prompt_logprobs_start] for c in scored]
+    reader = "Context: Image caption: A map. OCR result: None\nQuestion: What is the capital of Delaware?\nAnswer:"
+    assert T.MSG_SEARCH_ERROR in res.trajectory  # the failed search happened, and is not evidence
+    assert contexts == [reader] * 3 + ["Answer:"] * 3
+    assert [c.prompt[len(x) :] for c, x in zip(scored, contexts)] == [*raw, *raw]
+    assert res.prediction == "B" and res.correct  # raw scores alone would answer A
+    assert "Aciton: Finish[" + D.RESPONSE + "B]\n" in res.trajectory
+    llm = ScriptedLLM(searcher("A"), scorer=scorer)
+    (bare,) = run_pipeline(llm, [dict(pictured, caption="no img", orc="no img")], cfg)
+    assert {c.prompt[: c.params.prompt_logprobs_start] for c in llm.log if c.params.prompt_logprobs is not None} == {
+        "Question: What is the capital of Delaware?\nAnswer:", "Answer:"}  # fmt: skip
+    assert bare.prediction == "B"
+    with pytest.raises(ValueError, match="score_options"):
+        run_pipeline(llm, [pictured], PipelineConfig(score_options="letters"))
+
+
+def test_evidence_keeps_what_the_tools_found():
+    found = ["Image caption: A map. OCR result: None", "Could not find [x]. Similar: ['Dover']"]
+    misses = [T.MSG_SEARCH_ERROR, T.MSG_NO_IMAGE, "Could not find [x]. Similar: []", T.MSG_INVALID["scienceqa"]]
+    assert T.evidence([misses[0], found[0], *misses[1:], found[0], found[1]]) == found
 
 
 def test_score_spans_answers_with_the_most_likely_observed_span():

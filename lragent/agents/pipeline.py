@@ -44,7 +44,7 @@ class PipelineConfig:
     constrain: bool = False  # engine choice constraint on closed-set outputs (see lragent.agents.episode)
     constrain_finish: bool = False  # the same, on ScienceQA's Finish letter only (the question's own letters)
     finish_at_cap: bool = False  # the last iteration of a question without an answer goes to Finish
-    score_options: bool = False  # ScienceQA's Finish: the option the action agent finds most likely (episode doc)
+    score_options: str = ""  # ScienceQA's Finish: the most likely option after "trajectory" / "reader" (episode doc)
     score_spans: bool = False  # HotpotQA's Finish: the observation span the action agent finds most likely (same)
 
 
@@ -150,12 +150,21 @@ class ScoredOutput:
     token_ids: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, outs: list[Any], start: int) -> ScoredOutput:
-        scores = [sum(e.logprob for e in (o.prompt_logprobs or [])[start:] if e is not None) for o in outs]
+    def of(cls, outs: list[Any], start: int, prior: Sequence[Any] = (), prior_start: int = 0) -> ScoredOutput:
+        """Summed log-probs of `outs` from `start` on; with `prior` (the same candidates after the call's prior
+        ids), each minus its prior's (pointwise mutual information with the context)."""
+        scores = [_summed(o, start) for o in outs]
+        if prior:
+            scores = [s - _summed(p, prior_start) for s, p in zip(scores, prior, strict=True)]
+        both = [*outs, *prior]
         names = ("prompt_tokens", "reused_tokens", "base_reused_tokens", "computed_tokens")
-        metrics = {n: sum(metric_value(getattr(o, "metrics", None), n) for o in outs) for n in names}
-        metrics["ttft_s"] = max((metric_value(getattr(o, "metrics", None), "ttft_s") for o in outs), default=0.0)
+        metrics = {n: sum(metric_value(getattr(o, "metrics", None), n) for o in both) for n in names}
+        metrics["ttft_s"] = max((metric_value(getattr(o, "metrics", None), "ttft_s") for o in both), default=0.0)
         return cls(scores, metrics)
+
+
+def _summed(out: Any, start: int) -> float:
+    return sum(e.logprob for e in (out.prompt_logprobs or [])[start:] if e is not None)
 
 
 def call_seed(base: int, qid: str, n: int) -> int:
@@ -193,27 +202,30 @@ class Driver:
     def _generate(self, calls: list[AgentCall], seeds: list[int]) -> list[Any]:
         """One engine batch for the round: a generation per call, and one scoring request per candidate of the
         calls that score (prompt + candidate, prompt log-probs from the candidate on; the prompt's own blocks come
-        from the prefix cache as the scheme allows)."""
+        from the prefix cache as the scheme allows), and one more per candidate after the call's prior ids if any."""
         prompts, roles, params, owners = [], [], [], []
         for i, (c, seed) in enumerate(zip(calls, seeds)):
-            for cand in c.candidates or [None]:
-                prompts.append(c.prompt_ids if cand is None else c.prompt_ids + cand)
+            if c.candidates is None:
+                prompts.append(c.prompt_ids)
+                params.append(sampling_params(self.cfg, seed, self.sampling_cls, c.choice))
                 roles.append(c.role)
-                params.append(
-                    sampling_params(self.cfg, seed, self.sampling_cls, c.choice)
-                    if cand is None
-                    else scoring_params(len(c.prompt_ids), self.sampling_cls)
-                )
-                owners.append(i)
+                owners.append((i, 0))
+                continue
+            for k, context in enumerate([c.prompt_ids] if c.prior_ids is None else [c.prompt_ids, c.prior_ids]):
+                for cand in c.candidates:
+                    prompts.append(context + cand)
+                    params.append(scoring_params(len(context), self.sampling_cls))
+                    roles.append(c.role)
+                    owners.append((i, k))
         outs = self.llm.generate(prompts, adapter=roles, sampling_params=params)
         if len(outs) != len(prompts):
             raise RuntimeError(f"generate returned {len(outs)} outputs for {len(prompts)} prompts")
-        grouped: list[list[Any]] = [[] for _ in calls]
-        for i, out in zip(owners, outs):
-            grouped[i].append(out)
+        grouped: list[tuple[list[Any], list[Any]]] = [([], []) for _ in calls]
+        for (i, k), out in zip(owners, outs):
+            grouped[i][k].append(out)
         return [
-            group[0] if c.candidates is None else ScoredOutput.of(group, len(c.prompt_ids))
-            for c, group in zip(calls, grouped)
+            own[0] if c.candidates is None else ScoredOutput.of(own, len(c.prompt_ids), prior, len(c.prior_ids or ()))
+            for c, (own, prior) in zip(calls, grouped)
         ]
 
     def stats(self) -> dict[str, Any]:

@@ -47,6 +47,27 @@ MSG_INVALID = {
     "scienceqa": "Invalid Action. Valid Actions are Retrieve[<topic>] BingSearch[<topic>] Finish[<answer>] "
     "Image2Text[imgae] and Reflect[right/wrong].",
 }
+# What a tool says when it found nothing (or the loop's own messages): no evidence for a reader (see `evidence`).
+_NO_EVIDENCE = frozenset(
+    (MSG_SEARCH_ERROR, MSG_RETRIEVE_ERROR, MSG_NO_RESULTS, MSG_NO_MORE_RESULTS, MSG_LOOKUP_NO_RETRIEVED,
+     MSG_LOOKUP_NO_SEARCHED, MSG_LOOKUP_INVALID, MSG_NO_IMAGE, MSG_FINISH, MSG_REFLECT_INVALID, MSG_REFLECT_WRONG,
+     MSG_CORRECT, MSG_INCORRECT, *MSG_INVALID.values())
+)  # fmt: skip
+
+
+def evidence(observations: list[str]) -> list[str]:
+    """The observations that carry information, each once, in order: what a reader of the agents' work needs.
+    Failures ('bingSearch error', 'Could not find [x]. Similar: []', invalid actions, no image) are left out
+    (a miss that lists similar titles stays: the titles are what the tools know);
+    on ScienceQA's offline tools that leaves mostly the image's caption and OCR text."""
+    kept: list[str] = []
+    for obs in observations:
+        if obs in _NO_EVIDENCE or (obs.startswith("Could not find [") and obs.endswith("Similar: []")) or obs in kept:
+            continue
+        kept.append(obs)
+    return kept
+
+
 TASK_TOOLS = {
     "hotpotqa": ("BingSearch", "Retrieve", "Lookup", "Finish", "Reflect"),
     "scienceqa": ("Image2Text", "BingSearch", "Retrieve", "Finish", "Reflect"),

@@ -154,9 +154,13 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--score-options",
-        action="store_true",
-        help="ScienceQA's Finish answer chosen by likelihood: the action agent scores each option's text after "
-        "'Finish[' (prompt log-probs) and answers with the most likely option's letter",
+        nargs="?",
+        const="trajectory",
+        default="",
+        choices=["trajectory", "reader"],
+        help="ScienceQA's Finish answer chosen by likelihood, the most likely option's letter: 'trajectory' (the "
+        "default when given alone) scores each option's text after 'Finish[' in the trajectory; 'reader' after a "
+        "short prompt of the evidence the tools returned and the question, calibrated by the option's prior",
     )
     p.add_argument(
         "--score-spans",
