@@ -194,6 +194,33 @@ def test_write_merge_and_reload(tmp_path):
     assert eval_cli.main(["--merge", str(a), "--out", str(tmp_path / "bad")]) == 2  # a JSONL is no eval.json
 
 
+def test_merge_keeps_the_most_complete_copy_of_a_run(tmp_path):
+    """A run found in two files (a run cut by the time limit, then its rerun) is merged once, from the file with
+    fewer questions halted, whichever comes first; --max-time-limited leaves out a run still cut beyond it."""
+    a, b = _files(tmp_path)
+    factory = lambda spec, scheme, aset: ScriptedLLM(Script([("t", "Aciton: Finish[", "Badr Hari")]))  # noqa: E731
+    aset = AdapterSet("x", {"plan": "p", "action": "a", "reflect": "r"}, None)
+    spec = EvalSpec(data=[str(a), str(b)], schemes=["non_shared"], adapter_sets=[aset], together=True)
+    full = write_report(run_eval(spec, llm_factory=factory, log=lambda s: None), tmp_path / "full")["json"]
+    cut = json.loads(Path(full).read_text())
+    for rec in cut["summaries"][:1]:
+        rec["time_limited"] = 40.0
+    for rec in cut["questions"]:
+        rec["prediction"] = "halted"
+    Path(tmp_path / "cut.json").write_text(json.dumps(cut))
+    for order in ([tmp_path / "cut.json", full], [full, tmp_path / "cut.json"]):
+        merged = merge_reports(order)
+        assert len(merged.questions) == 5 and len(merged.summaries) == 3 and merged.spec["dropped"] == []
+        assert {q["prediction"] for q in merged.questions} != {"halted"}
+    only_cut = merge_reports([tmp_path / "cut.json"], max_time_limited=10.0)
+    assert only_cut.questions == [] and only_cut.summaries == []
+    assert only_cut.spec["dropped"] == [{"adapters": "x", "scheme": "non_shared", "seed": 42, "time_limited": 40.0}]
+    assert len(merge_reports([tmp_path / "cut.json"]).questions) == 5  # the default keeps every run
+    argv = ["--merge", str(tmp_path / "cut.json"), "--max-time-limited", "10", "--out", str(tmp_path / "m")]
+    rc = eval_cli.main(argv)
+    assert rc == 0 and json.loads((tmp_path / "m" / "eval.json").read_text())["questions"] == []
+
+
 def test_merge_keeps_greedy_runs_apart_also_from_old_files(tmp_path):
     """A greedy run and a sampled run of the same scheme and seed merge into two rows; a greedy eval.json written
     before greedy labels existed (scheme "non_shared") is relabelled from its spec on merge."""

@@ -121,6 +121,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="seconds for the whole evaluation: later runs are skipped, the last one is cut to fit",
     )
     p.add_argument("--merge", action="store_true", help="merge the eval.json files given as DATA into one report")
+    p.add_argument(
+        "--max-time-limited",
+        type=float,
+        default=100.0,
+        help="with --merge: leave out a run whose questions were halted by the time limit beyond this %% (a run "
+        "found in several files is always taken from the one with the fewest halted)",
+    )
 
 
 def _add_agent_args(p: argparse.ArgumentParser) -> None:
@@ -295,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.merge:
         try:
-            report = merge_reports(args.data)
+            report = merge_reports(args.data, args.max_time_limited)
         except (ValueError, OSError) as e:
             print(f"lragent eval --merge: {e}", file=sys.stderr)
             return 2

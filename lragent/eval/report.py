@@ -267,17 +267,38 @@ def load_report(path: str | Path) -> EvalReport:
     return EvalReport(spec=data.get("spec", {}), summaries=summaries, questions=data.get("questions", []))
 
 
-def merge_reports(paths: Sequence[str | Path]) -> EvalReport:
+def merge_reports(paths: Sequence[str | Path], max_time_limited: float = 100.0) -> EvalReport:
     """Several eval.json files (e.g. one per scheme, run as separate processes) as one report: summaries and
-    questions concatenated in the order given, the specs kept as a list under `merged`."""
+    questions concatenated in the order given, the specs kept as a list under `merged`.
+
+    A run (adapter set, scheme, seed) found in several files is kept once, from the file where the time limit
+    halted the fewest of its questions (a rerun supersedes a run cut short, whichever file comes first); a run that
+    still has more than `max_time_limited` % halted in one of its datasets is left out (halted questions count as
+    wrong), and the spec lists it under `dropped`."""
     reports = [_greedy_labelled(load_report(p)) for p in paths]
     if not reports:
         raise ValueError("nothing to merge")
+    halted: dict[tuple, list[tuple[float, int]]] = {}  # run -> (its worst % halted, file index) per file
+    for i, r in enumerate(reports):
+        worst: dict[tuple, float] = {}
+        for s in r.summaries:
+            worst[_run_key(asdict(s))] = max(worst.get(_run_key(asdict(s)), 0.0), s.time_limited)
+        for key, pct in worst.items():
+            halted.setdefault(key, []).append((pct, i))
+    chosen = {key: min(copies) for key, copies in halted.items()}  # fewest halted; ties: the first file
+    keep = {key: i for key, (pct, i) in chosen.items() if pct <= max_time_limited}
+    dropped = [dict(zip(("adapters", "scheme", "seed"), key), time_limited=pct)
+               for key, (pct, _) in chosen.items() if key not in keep]  # fmt: skip
     return EvalReport(
-        spec={"merged": [{"path": str(p), **r.spec} for p, r in zip(paths, reports)]},
-        summaries=[s for r in reports for s in r.summaries],
-        questions=[q for r in reports for q in r.questions],
+        spec={"merged": [{"path": str(p), **r.spec} for p, r in zip(paths, reports)], "dropped": dropped},
+        summaries=[s for i, r in enumerate(reports) for s in r.summaries if keep.get(_run_key(asdict(s))) == i],
+        questions=[q for i, r in enumerate(reports) for q in r.questions if keep.get(_run_key(q)) == i],
     )
+
+
+def _run_key(record: dict) -> tuple:
+    """One process's run, over all its datasets: (adapter set, scheme, seed) of a summary or a question."""
+    return (record.get("adapters"), record.get("scheme"), record.get("seed", 0))
 
 
 def _greedy_labelled(report: EvalReport) -> EvalReport:
