@@ -34,8 +34,8 @@ FILES = ("scienceqa_grade1-4.jsonl", "scienceqa_grade5-8.jsonl")
 SAVED = Path(__file__).resolve().parent / "accuracy_h200_r6" / "eval_scienceqa.json.gz"
 RUN = ("scienceqa-shared-a", "non_shared", 1)
 ADAPTERS = {
-    "shared-a action": "lragent/adapters/scienceqa-shared-a/action",
-    "independent action": "lragent/adapters/scienceqa-independent/action",
+    "shared-a-action": "lragent/adapters/scienceqa-shared-a/action",
+    "independent-action": "lragent/adapters/scienceqa-independent/action",
 }
 _OBS = re.compile(r"Obversation: (.*)")
 

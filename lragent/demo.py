@@ -40,6 +40,7 @@ from lragent.agents.pipeline import PipelineConfig, run_pipeline
 from lragent.agents.tools import ToolConfig
 from lragent.cache.sharing import SharingMode
 from lragent.eval import tables
+from lragent.eval.cli import add_score_options
 from lragent.eval.runner import DEFAULT_ADAPTER_ROOT, AdapterSet, find_adapter_sets, load_questions, summarize
 from lragent.train import data as D
 
@@ -78,6 +79,7 @@ class DemoSpec:
     free: bool = False  # the paper's loop: no Finish forced at the iteration cap
     constrain: bool = False  # the engine's choice constraint on the tool line and reflect verdict
     score_spans: bool = False  # the Finish answer read off the observations (lragent.agents.spans; --score-spans)
+    score_options: str = ""  # ScienceQA's Finish answer by option likelihood (--score-options [trajectory|reader])
 
 
 @dataclass
@@ -104,6 +106,7 @@ def run_demo(
         keep_trajectories=True,
         constrain=spec.constrain,
         score_spans=spec.score_spans,
+        score_options=spec.score_options,
         finish_at_cap=not spec.free,
     )
     factory = llm_factory or LLM
@@ -268,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(lragent eval --score-spans: on the H200 it lifts the embedded model's HotpotQA exact match from 6%% to "
         "14%%); off by default, so the cost table is the paper's loop's (the scoring requests add computed tokens)",
     )
+    add_score_options(p)
     return p
 
 
@@ -306,6 +310,7 @@ def spec_from_args(args: argparse.Namespace) -> DemoSpec:
         free=args.free,
         constrain=args.constrain,
         score_spans=args.score_spans,
+        score_options=args.score_options,
     )
 
 

@@ -28,7 +28,8 @@
 #   W=/tmp/ga MODEL=smollm2-135m-instruct DEVICE=cpu PY=.venv/bin/python LIMIT=1 MAX_ITERS=2 PAR=2 \
 #     JOBS="hotpotqa-shared-a:base_lr_shared:1 hotpotqa-shared-a:none:1:noise" scripts/gpu_agents.sh eval
 # Settings: BUDGET (s, 570), PAR (8), WORKERS (256), MAX_ITERS (45), DTYPE (float32), KV (per process; default
-# 80% of free GPU memory / PAR), W (/root/agents), GGUF_DIR (/root), PY (python3), OUT (set by the device tool),
+# 80% of free GPU memory less 4 GiB per process for its context, workspaces and graphs, / PAR: eleven processes
+# with 80% / PAR each ran out of memory at start), W (/root/agents), GGUF_DIR (/root), PY (python3), OUT (set by the device tool),
 # the training ones of scripts/train_adapters.sh (STEPS, BATCH, MAX_LEN, EVAL_EVERY, PATIENCE; SAMPLE=0 and
 # MAX_TIME=200 s per role run here: two rounds of side-by-side runs fit one call).
 set -uo pipefail
@@ -119,7 +120,7 @@ kv_default() {
     "$PY" -c "
 import torch
 if not torch.cuda.is_available(): print(1 << 30); raise SystemExit
-free, _ = torch.cuda.mem_get_info(); print(max(1 << 30, int(0.8 * free / $PAR)))"
+free, _ = torch.cuda.mem_get_info(); print(max(1 << 30, int((0.8 * free - $PAR * (4 << 30)) / $PAR)))"
 }
 
 # one job: SET:SCHEMES:SEEDS[:FLAGS] -> $W/eval/<tag>/eval.json

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lragent import demo
+from lragent.eval import cli as eval_cli
 from lragent.eval import tables
 from lragent.train import data as D
 
@@ -121,4 +122,15 @@ def test_demo_questions_are_the_first_n_of_the_file(tmp_path):
     spec = demo.spec_from_args(args)
     _, rows = demo.load_questions(spec.data, spec.questions)
     assert [r["id"] for r in rows] == ["q0", "q1", "q2"]  # file order, no selection by outcome
-    assert not spec.free and not spec.constrain
+    assert not spec.free and not spec.constrain and spec.score_options == ""
+
+
+def test_demo_and_eval_take_the_same_score_options():
+    """`--score-options` alone is the trajectory form, `reader` the reader; both CLIs parse it the same way and
+    refuse other values."""
+    for parser, first in ((demo.build_parser(), ["--data", "x.jsonl"]), (eval_cli.build_parser(), ["x.jsonl"])):
+        assert parser.parse_args(first).score_options == ""
+        assert parser.parse_args([*first, "--score-options"]).score_options == "trajectory"
+        assert parser.parse_args([*first, "--score-options", "reader"]).score_options == "reader"
+        with pytest.raises(SystemExit):
+            parser.parse_args([*first, "--score-options", "letters"])

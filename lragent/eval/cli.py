@@ -159,16 +159,7 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
         help="constrain only ScienceQA's Finish answer to the question's own option letters (e.g. A/B for two "
         "options; engine choice constraint on one short call per answer)",
     )
-    p.add_argument(
-        "--score-options",
-        nargs="?",
-        const="trajectory",
-        default="",
-        choices=["trajectory", "reader"],
-        help="ScienceQA's Finish answer chosen by likelihood, the most likely option's letter: 'trajectory' (the "
-        "default when given alone) scores each option's text after 'Finish[' in the trajectory; 'reader' after a "
-        "short prompt of the evidence the tools returned and the question, calibrated by the option's prior",
-    )
+    add_score_options(p)
     p.add_argument(
         "--score-spans",
         action="store_true",
@@ -193,6 +184,20 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/eval", help="output folder for eval.json, eval.md and eval.png")
     p.add_argument(
         "--fidelity", default=None, metavar="ANALYZE_JSON", help="an analyze.json whose agreement/KL join the table"
+    )
+
+
+def add_score_options(p: argparse.ArgumentParser) -> None:
+    """`--score-options [trajectory|reader]`, shared with `lragent demo` (PipelineConfig.score_options)."""
+    p.add_argument(
+        "--score-options",
+        nargs="?",
+        const="trajectory",
+        default="",
+        choices=["trajectory", "reader"],
+        help="ScienceQA's Finish answer chosen by likelihood, the most likely option's letter: 'trajectory' (the "
+        "default when given alone) scores each option's text after 'Finish[' in the trajectory; 'reader' after a "
+        "short prompt of the evidence the tools returned and the question, calibrated by the option's prior",
     )
 
 
