@@ -28,9 +28,9 @@ Optional guards (EpisodeConfig), both off by default (the paper's loop) and repo
                   has the action agent read instead a short prompt of its own: the evidence the tools returned
                   (`tools.evidence`: on ScienceQA mostly the image's caption), then 'Question: {question}\nAnswer:',
                   each option's text scored after it minus its score after 'Answer:' alone (PMI, Holtzman et al.
-                  2021). The 135M model answers ScienceQA 10 points better in that cloze form than after the
-                  ~450-token AutoAct prompt (benchmarks/scienceqa_reader.py); the scheme then reaches the answer
-                  only through the evidence its agents gathered, not through the cache the answer is read from.
+                  2021). The 135M model answers ScienceQA 8-13 points better in that cloze form than after the
+                  ~450-token AutoAct prompt (README, Results); the scheme then reaches the answer only through the
+                  evidence its agents gathered, not through the cache the answer is read from.
   score_spans   : HotpotQA's Finish answer is chosen by likelihood among spans of the observations so far
                   (`lragent.agents.spans`: names, dates, numbers; and yes / no): the action agent reads the
                   trajectory up to the current step's thought, then the question restated as 'Question: {question}
