@@ -245,9 +245,9 @@ class Episode:
         if len(ids) + self.config.max_new_tokens > self.config.max_context_tokens:
             self._halt("context")
             return None
-        spans = self._span_call() or self._reader_call()
-        if spans is not None:
-            return AgentCall(index, ROLE_OF[self.phase], self.phase, *spans)
+        scored = self._span_call(index) or self._reader_call(index)
+        if scored is not None:
+            return scored
         return AgentCall(index, ROLE_OF[self.phase], self.phase, ids, self._choice(), self._candidates())
 
     def _scores_options(self, mode: str) -> bool:
@@ -262,18 +262,19 @@ class Episode:
             return None
         return [self.traj.encode(option_continuation(text)) for text in self.option_texts]
 
-    def _reader_call(self) -> tuple[list[int], None, list[list[int]], list[int]] | None:
-        """Under score_options "reader", at ScienceQA's Finish: (the reader prompt, no choice, each option's text
-        after it, the prior 'Answer:'); None otherwise."""
+    def _reader_call(self, index: int) -> AgentCall | None:
+        """Under score_options "reader", at ScienceQA's Finish: the action agent's scoring call on the reader
+        prompt, each option's text after it and after the prior 'Answer:'. None otherwise."""
         if not self._scores_options("reader"):
             return None
         prompt = self.traj.encode_prompt(reader_prompt(self.question, T.evidence(self.observations)))
         texts = [self.traj.encode(" " + " ".join(text.split())) for text in self.option_texts]
-        return prompt, None, texts, self.traj.encode_prompt(READER_PRIOR)
+        prior = self.traj.encode_prompt(READER_PRIOR)
+        return AgentCall(index, ROLE_OF[self.phase], self.phase, prompt, candidates=texts, prior_ids=prior)
 
-    def _span_call(self) -> tuple[list[int], None, list[list[int]]] | None:
-        """Under score_spans, at HotpotQA's Finish after at least one observation: (the restated prompt, no
-        choice, each span's ids after it); remembers the spans for `feed`. None otherwise."""
+    def _span_call(self, index: int) -> AgentCall | None:
+        """Under score_spans, at HotpotQA's Finish after at least one observation: the action agent's scoring call
+        on the restated prompt, each span's ids after it; remembers the spans for `feed`. None otherwise."""
         self.spans = []
         if not (self.config.score_spans and self.task == "hotpotqa" and self.phase is Phase.ACTION):
             return None
@@ -281,7 +282,8 @@ class Episode:
             return None
         self.spans = answer_spans(self.observations)
         prompt = self.traj.ids[: self.thought_at] + self.traj.encode(restated_question(self.question))
-        return prompt, None, [self.traj.encode(" " + span) for span in self.spans]
+        spans = [self.traj.encode(" " + span) for span in self.spans]
+        return AgentCall(index, ROLE_OF[self.phase], self.phase, prompt, candidates=spans)
 
     def _choice(self) -> list[str] | None:
         """The closed set the pending call's output belongs to (see the module doc), when constraining."""
