@@ -29,7 +29,8 @@
 #     JOBS="hotpotqa-shared-a:base_lr_shared:1 hotpotqa-shared-a:none:1:noise" scripts/gpu_agents.sh eval
 # Settings: BUDGET (s, 570), PAR (8), WORKERS (256), MAX_ITERS (45), DTYPE (float32), KV (per process; default
 # 80% of free GPU memory less 4 GiB per process for its context, workspaces and graphs, / PAR: eleven processes
-# with 80% / PAR each ran out of memory at start), W (/root/agents), GGUF_DIR (/root), PY (python3), OUT (set by the device tool),
+# with 80% / PAR each ran out of memory at start), W (/root/agents), GGUF_DIR (/root), PY (python3), OUT (set by
+# the device tool),
 # the training ones of scripts/train_adapters.sh (STEPS, BATCH, MAX_LEN, EVAL_EVERY, PATIENCE; SAMPLE=0 and
 # MAX_TIME=200 s per role run here: two rounds of side-by-side runs fit one call).
 set -uo pipefail

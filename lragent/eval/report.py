@@ -278,27 +278,29 @@ def merge_reports(paths: Sequence[str | Path], max_time_limited: float = 100.0) 
     reports = [_greedy_labelled(load_report(p)) for p in paths]
     if not reports:
         raise ValueError("nothing to merge")
-    halted: dict[tuple, list[tuple[float, int]]] = {}  # run -> (its worst % halted, file index) per file
+    worst: dict[tuple, float] = {}  # (run, file index) -> the run's worst % halted over its datasets in that file
     for i, r in enumerate(reports):
-        worst: dict[tuple, float] = {}
         for s in r.summaries:
-            worst[_run_key(asdict(s))] = max(worst.get(_run_key(asdict(s)), 0.0), s.time_limited)
-        for key, pct in worst.items():
-            halted.setdefault(key, []).append((pct, i))
-    chosen = {key: min(copies) for key, copies in halted.items()}  # fewest halted; ties: the first file
-    keep = {key: i for key, (pct, i) in chosen.items() if pct <= max_time_limited}
-    dropped = [dict(zip(("adapters", "scheme", "seed"), key), time_limited=pct)
-               for key, (pct, _) in chosen.items() if key not in keep]  # fmt: skip
+            key = ((s.adapters, s.scheme, s.seed), i)
+            worst[key] = max(worst.get(key, 0.0), s.time_limited)
+    chosen: dict[tuple, tuple[float, int]] = {}  # run -> (% halted, file index): fewest halted, ties the first file
+    for (run, i), pct in worst.items():
+        chosen[run] = min(chosen.get(run, (pct, i)), (pct, i))
+    keep = {run: i for run, (pct, i) in chosen.items() if pct <= max_time_limited}
+    dropped = [dict(zip(("adapters", "scheme", "seed"), run), time_limited=pct)
+               for run, (pct, _) in chosen.items() if run not in keep]  # fmt: skip
     return EvalReport(
         spec={"merged": [{"path": str(p), **r.spec} for p, r in zip(paths, reports)], "dropped": dropped},
-        summaries=[s for i, r in enumerate(reports) for s in r.summaries if keep.get(_run_key(asdict(s))) == i],
+        summaries=[
+            s for i, r in enumerate(reports) for s in r.summaries if keep.get((s.adapters, s.scheme, s.seed)) == i
+        ],
         questions=[q for i, r in enumerate(reports) for q in r.questions if keep.get(_run_key(q)) == i],
     )
 
 
-def _run_key(record: dict) -> tuple:
-    """One process's run, over all its datasets: (adapter set, scheme, seed) of a summary or a question."""
-    return (record.get("adapters"), record.get("scheme"), record.get("seed", 0))
+def _run_key(question: dict) -> tuple:
+    """One process's run, over all its datasets: (adapter set, scheme, seed) of a question's record."""
+    return (question.get("adapters"), question.get("scheme"), question.get("seed", 0))
 
 
 def _greedy_labelled(report: EvalReport) -> EvalReport:
