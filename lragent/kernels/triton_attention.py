@@ -269,6 +269,7 @@ def _prefill_tile(
     sm_scale_log2,
     ks_ptr,
     kstart,
+    vstart,
     HKV_D: tl.constexpr,
     D: tl.constexpr,
     R: tl.constexpr,
@@ -282,6 +283,7 @@ def _prefill_tile(
     DOT_PREC: tl.constexpr,
     TRIG_ON_CHIP: tl.constexpr,
     KEY_ROWS: tl.constexpr,
+    VAL_ROWS: tl.constexpr,
     TMA: tl.constexpr,
 ):
     kpos = n0 + offs_n
@@ -326,13 +328,20 @@ def _prefill_tile(
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if TMA:
-        v = v_desc.load([row0, kv_col])
+        if VAL_ROWS:  # materialised values (`value_lr_prefill`): v_desc is over the reader's contiguous scratch
+            v = v_desc.load([(vstart + n0).to(tl.int32), kv_col])
+        else:
+            v = v_desc.load([row0, kv_col])
         if MASKED:  # rows past the context hold whatever the page held (NaN poisons a product with p = 0)
             v = tl.where(kmask[:, None], v, tl.zeros_like(v))
-    elif MASKED:
-        v = tl.load(v_ptr + kv_off, mask=kmask[:, None], other=0.0)
     else:
-        v = tl.load(v_ptr + kv_off)
+        v_at = v_ptr + kv_off
+        if VAL_ROWS:  # v_ptr is the scratch: this reader's rows from vstart
+            v_at = v_ptr + (vstart + kpos.to(tl.int64))[:, None] * HKV_D + kv_col + offs_d[None, :]
+        if MASKED:
+            v = tl.load(v_at, mask=kmask[:, None], other=0.0)
+        else:
+            v = tl.load(v_at)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     if HAS_LR:
         lr = tl.load(
@@ -369,6 +378,7 @@ def _prefill_kernel(
     sin_ptr,
     ks_ptr,
     kstart_ptr,
+    vstart_ptr,
     sm_scale_log2,
     stride_qt,
     stride_qh,
@@ -399,9 +409,12 @@ def _prefill_kernel(
     DOT_PREC: tl.constexpr,
     TRIG_ON_CHIP: tl.constexpr,
     KEY_ROWS: tl.constexpr,
+    VAL_ROWS: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    mt = tl.program_id(0) // NUM_SPLITS
+    # query tiles in reverse: under the causal mask the last tiles read the most keys, and launching them first
+    # leaves the light ones for the grid's tail (FlashAttention-3's scheduling order)
+    mt = tl.num_programs(0) // NUM_SPLITS - 1 - tl.program_id(0) // NUM_SPLITS
     sp = tl.program_id(0) % NUM_SPLITS
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -448,6 +461,9 @@ def _prefill_kernel(
     kstart = 0
     if KEY_ROWS:
         kstart = tl.load(kstart_ptr + b)
+    vstart = 0
+    if VAL_ROWS:
+        vstart = tl.load(vstart_ptr + b)
 
     # this split's keys (all of them when SINGLE); split bounds fall on key tiles
     split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -487,6 +503,7 @@ def _prefill_kernel(
             sm_scale_log2,
             ks_ptr,
             kstart,
+            vstart,
             HKV * D,
             D,
             R,
@@ -500,6 +517,7 @@ def _prefill_kernel(
             DOT_PREC,
             TRIG_ON_CHIP,
             KEY_ROWS,
+            VAL_ROWS,
             TMA,
         )
     # the diagonal: causal mask and the end of the context
@@ -535,6 +553,7 @@ def _prefill_kernel(
             sm_scale_log2,
             ks_ptr,
             kstart,
+            vstart,
             HKV * D,
             D,
             R,
@@ -548,6 +567,7 @@ def _prefill_kernel(
             DOT_PREC,
             TRIG_ON_CHIP,
             KEY_ROWS,
+            VAL_ROWS,
             TMA,
         )
 
@@ -988,6 +1008,7 @@ def paged_prefill(
     num_splits: int | None = None,
     key_lr: KeyLR | None = None,
     key_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    value_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
     graph_seqs: int | None = None,
     tma: bool | None = None,
 ) -> torch.Tensor:
@@ -998,7 +1019,9 @@ def paged_prefill(
     [R_v | R_k] (width 2 r) and keys get the reader's s RoPE(R_k B_k). `key_rows` (keys [rows, Hkv, d], first row
     of each sequence [B] int64, from `key_lr_prefill.materialize_keys`): every sequence reads its keys there instead
     of through the block tables (base values and LR rows still come from the pools); `key_lr` still gives the LR
-    rows' layout [R_v | R_k] and its term is not added again. `graph_seqs` (CUDA-graph prefill, whose grid is padded
+    rows' layout [R_v | R_k] and its term is not added again. `value_rows` (values [rows, Hkv, d] with the LR term
+    added, first row of each sequence [B] int64, from `value_lr_prefill.materialize_values`; value_up None): every
+    sequence reads its values there and the kernel has no LR term. `graph_seqs` (CUDA-graph prefill, whose grid is padded
     with empty sequences and whose rows past the step's tokens are padding): the split count is sized for that many
     sequences, and the split rows' adapter slots start at 0 so the merge of a padding row reads a valid slot.
     `tma`: key / value tiles loaded as whole page runs through tensor descriptors (None: on Hopper whenever pages
@@ -1006,6 +1029,8 @@ def paged_prefill(
     loads: a descriptor box wider than an LR row (rank 8: 16 of 8 columns) read wrong values on the H200."""
     if key_rows is not None and key_lr is None:
         raise ValueError("key_rows come with the key_lr they were materialised for (the LR rows' layout)")
+    if value_rows is not None and value_up is not None:
+        raise ValueError("value_rows hold the LR term already: pass value_up=None with them")
     t, hq, d = query.shape
     p = _Pools(key_pool, value_pool, lr_pool, value_up, lora_scaling, key_pool.shape[1], key_lr, key_rows is not None)
     if hq % p.hkv:
@@ -1050,11 +1075,12 @@ def paged_prefill(
         pacc, pr, pml, row_slots = _split_partials(t, num_splits, hq, d, p.r_pad if p.has_lr else 0, query.device)
         if graph_seqs is not None and p.has_lr:
             row_slots.zero_()  # padding rows get no slot from the kernel (their tiles exit): slot 0, zero B
-    k_desc, v_desc = (_kv_descriptor(key_pool, block_n), _kv_descriptor(value_pool, block_n)) if tma else (0, 0)
+    values = value_pool if value_rows is None else value_rows[0]
+    k_desc, v_desc = (_kv_descriptor(key_pool, block_n), _kv_descriptor(values, block_n)) if tma else (0, 0)
     _prefill_kernel[(m_tiles * num_splits, hq, b)](
         query,
         key_pool,
-        value_pool,
+        values,
         k_desc,
         v_desc,
         p.lr,
@@ -1075,6 +1101,7 @@ def paged_prefill(
         p.sin,
         key_pool if key_rows is None else key_rows[0],
         context_lens if key_rows is None else key_rows[1],
+        context_lens if value_rows is None else value_rows[1],
         sm_scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -1105,6 +1132,7 @@ def paged_prefill(
         DOT_PREC=_dot_precision(query.dtype),
         TRIG_ON_CHIP=p.trig_on_chip,
         KEY_ROWS=key_rows is not None,
+        VAL_ROWS=value_rows is not None,
         TMA=tma,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -1131,8 +1159,8 @@ def _use_tma(p: _Pools, device: torch.device, block_n: int | None, keys_built: b
 
 
 def _kv_descriptor(pool: torch.Tensor, block_n: int):
-    """A [blocks * block_size, Hkv * d] view of a key or value pool with [block_n, d] boxes: a tile of page-run
-    rows at (first row, kv head * d)."""
+    """A [blocks * block_size, Hkv * d] view of a key or value pool (or a [rows, Hkv, d] scratch of materialised
+    values) with [block_n, d] boxes: a tile of page-run rows at (first row, kv head * d)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     d = pool.shape[-1]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lragent.cache.kv_cache import KVCache
-from lragent.kernels import key_lr_prefill
+from lragent.kernels import key_lr_prefill, value_lr_prefill
 from lragent.kernels.backend import AttentionBackend, KeyLR, LayerOps
 from lragent.kernels.graph_inputs import GraphInputs, PrefillGraphInputs
 from lragent.kernels.metadata import AttentionMetadata, BatchRows
@@ -204,6 +204,13 @@ class TritonBackend(AttentionBackend):
             args.update(key_rows=key_lr_prefill.materialize_keys(
                 cache.key[layer], lr_pool, meta.base_block_tables, args["lr_block_tables"], meta.seq_lora_slots,
                 lora_scaling, key_lr, meta.context_lens,
+            ))  # fmt: skip
+        if args["value_up"] is not None and meta.graph_seqs is None and value_lr_prefill.materialize_values_worth_it(
+            meta.query_lens, meta.context_lens, query.device
+        ):
+            args.update(value_up=None, value_rows=value_lr_prefill.materialize_values(
+                cache.value[layer], lr_pool, meta.base_block_tables, args["lr_block_tables"], meta.seq_lora_slots,
+                value_up, lora_scaling, meta.context_lens, key_lr,
             ))  # fmt: skip
         return paged_prefill(
             query,

@@ -1,0 +1,169 @@
+"""Prefill over materialised values (`lragent.kernels.value_lr_prefill`): V_base + s R B_v written once per reader,
+then the prefill kernel without its LR term, against the float64 reference of Flash-LoRA-Attention."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit of the kernel modules
+
+from test_kernels import DEVICE, TOL, make_case, rel_err, run_kernel  # noqa: E402
+
+from lragent.kernels import value_lr_prefill  # noqa: E402
+from lragent.kernels.backend import KeyLR  # noqa: E402
+from lragent.kernels.triton_backend import TritonBackend  # noqa: E402
+from lragent.kernels.value_lr_prefill import (  # noqa: E402
+    materialize_values,
+    materialize_values_reference,
+    materialize_values_worth_it,
+)
+
+
+def _pool_case(layout: str, seed: int):
+    """Random pools with NaN in every row no sequence owns; `layout`: "plain" (an LR row is one adapter's R),
+    "stacked" (every slot's R side by side) or "key" ([R_v | R_k])."""
+    gen = torch.Generator().manual_seed(seed)
+    bs, hkv, d, rank, slots = 4, 2, 16, 3, 4
+    ctx = [9, 0, 14, 5]
+    seq_slots = [2, 1, 0, 3]
+    nblocks = [-(-c // bs) for c in ctx]
+    total = sum(nblocks) + 2
+    width = {"plain": rank, "stacked": rank * (slots - 1), "key": 2 * rank}[layout]
+    value = torch.full((total, bs, hkv, d), float("nan"))
+    lr = torch.full((total, bs, width), float("nan"))
+    perm, lperm = torch.randperm(total, generator=gen).tolist(), torch.randperm(total, generator=gen).tolist()
+    tables, ltables, used = [], [], 0
+    for c, nb, slot in zip(ctx, nblocks, seq_slots):
+        bt, lbt = perm[used : used + nb], lperm[used : used + nb]
+        used += nb
+        for pos in range(c):
+            value[bt[pos // bs], pos % bs] = torch.randn(hkv, d, generator=gen)
+            if slot:
+                lr[lbt[pos // bs], pos % bs] = torch.randn(width, generator=gen)
+        pad = max(nblocks) - nb
+        tables.append(bt + [-1] * pad)
+        ltables.append((lbt if slot else [-1] * nb) + [-1] * pad)
+    value_up = torch.randn(slots, rank, hkv * d, generator=gen)
+    value_up[0] = 0
+    scaling = torch.rand(slots, generator=gen) + 0.5
+    key_lr = None
+    if layout == "key":
+        key_lr = KeyLR(
+            up=torch.randn(slots, rank, hkv * d, generator=gen), cos=torch.ones(32, d), sin=torch.zeros(32, d)
+        )
+    args = (
+        value.to(DEVICE),
+        lr.to(DEVICE),
+        torch.tensor(tables, dtype=torch.int32, device=DEVICE),
+        torch.tensor(ltables, dtype=torch.int32, device=DEVICE),
+        torch.tensor(seq_slots, dtype=torch.int64, device=DEVICE),
+        value_up.to(DEVICE),
+        scaling.to(DEVICE),
+        ctx,
+    )
+    return args, key_lr
+
+
+@pytest.mark.parametrize("layout", ["plain", "stacked", "key"])
+def test_materialized_values_equal_the_reference(layout):
+    """Every reader's V_base + s R B_v from its own LR slice (slot 0: the base values, no LR row read, its rows
+    NaN-poisoned), sequences back to back, an empty context in the middle."""
+    args, key_lr = _pool_case(layout, seed=len(layout))
+    values, starts = materialize_values(*args, key_lr=key_lr)
+    ref, ref_starts = materialize_values_reference(*args, key_lr=key_lr)
+    assert torch.equal(starts.cpu(), ref_starts.cpu())
+    assert values.shape == ref.shape == (sum(args[-1]), 2, 16)
+    assert not torch.isnan(values).any()
+    assert rel_err(values, ref) < 1e-6
+    # the term is there: the base values alone differ
+    base_only, _ = materialize_values_reference(*args[:4], torch.zeros_like(args[4]), *args[5:], key_lr=key_lr)
+    assert rel_err(base_only, ref) > 1e-2
+
+
+# (seqs, hq, hkv, d, rank, block_size, block_n): the kernel tests' shapes, pages of whole key tiles for TMA
+CASES = [
+    ([(0, 5, 1), (13, 7, 2), (16, 16, 0), (3, 1, 3), (40, 9, 2)], 8, 2, 32, 8, 16, 16),
+    ([(7, 20, 2), (33, 3, 1), (64, 31, 0)], 4, 1, 16, 4, 32, 16),
+]
+
+
+def _with_values(case, value_up=None, **kw):
+    """The prefill kernel over values materialised with `value_up` (None: the case's own)."""
+    m = case.cache, case.meta
+    rows = materialize_values(
+        m[0].value[0], m[0].lr[0], m[1].base_block_tables, m[1].lr_block_tables, m[1].seq_lora_slots,
+        case.value_up if value_up is None else value_up, case.scaling, m[1].context_lens,
+    )  # fmt: skip
+    value_up, case.value_up = case.value_up, None
+    try:
+        return run_kernel(case, decode=False, value_rows=rows, **kw)
+    finally:
+        case.value_up = value_up
+
+
+@pytest.mark.parametrize("case_id", range(len(CASES)))
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_prefill_over_materialized_values_equals_the_reference(case_id, tma, splits):
+    """The kernel reads each reader's scratch rows (pointer tiles, or page runs through a descriptor over the
+    scratch) and adds no LR term; the output is the reference's P (V_base + s R B) with NaN block tails."""
+    seqs, hq, hkv, d, rank, bs, bn = CASES[case_id]
+    case = make_case(seqs, hq, hkv, d, rank, bs, torch.float32, seed=70 + case_id)
+    out = _with_values(case, num_splits=splits, tma=tma, block_n=bn)
+    assert rel_err(out, case.ref) < TOL[torch.float32]
+    # values materialised without the term give another output: the test sees the term
+    assert (
+        rel_err(_with_values(case, torch.zeros_like(case.value_up), num_splits=splits, tma=tma, block_n=bn), case.ref)
+        > 1e-3
+    )
+
+
+def test_value_rows_exclude_value_up():
+    case = make_case([(3, 5, 1)], 2, 1, 16, 4, 4, torch.float32, seed=3)
+    rows = (case.cache.value[0].view(-1, 1, 16), torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="value_up=None"):
+        run_kernel(case, decode=False, value_rows=rows)
+
+
+def test_worth_it_weighs_queries_per_key():
+    cuda = torch.device("cuda")
+    n = value_lr_prefill.MIN_QUERY
+    assert materialize_values_worth_it([n], [n], cuda)  # a whole prompt of MIN_QUERY tokens
+    assert materialize_values_worth_it([8192], [8192 + 32768], cuda)
+    assert not materialize_values_worth_it([24], [33792], cuda)  # a short chunk after a long context
+    assert not materialize_values_worth_it([n - 1], [n - 1], cuda)
+    # token-weighted: one long prompt next to a short chunk after a long context
+    assert not materialize_values_worth_it([n, 16], [n, 4 * n], cuda)
+    assert not materialize_values_worth_it([], [], cuda)
+    assert not materialize_values_worth_it([8192], [8192], torch.device("cpu"))  # auto: GPUs only
+    assert materialize_values_worth_it([1], [1], torch.device("cpu"), mode="materialize")
+    assert not materialize_values_worth_it([8192], [8192], cuda, mode="on_chip")
+    with pytest.raises(ValueError, match="must be one of"):
+        materialize_values_worth_it([1], [1], cuda, mode="always")
+
+
+def test_backend_routes_long_prefill_through_materialized_values(monkeypatch):
+    """The backend materialises when the policy says so (forced here) and gives the on-chip route's output."""
+    case = make_case([(0, 21, 1), (9, 13, 2), (4, 6, 0)], 8, 2, 16, 4, 4, torch.float32, seed=5)
+    backend = TritonBackend()
+    on_chip = backend.attend(case.cache, 0, case.query, case.value_up, case.scaling, case.meta)
+    calls = []
+    real = value_lr_prefill.materialize_values
+
+    def spy(*a, **k):
+        calls.append(a[7])  # the context lengths
+        return real(*a, **k)
+
+    monkeypatch.setattr(value_lr_prefill, "materialize_values", spy)
+    monkeypatch.setattr(value_lr_prefill, "VALUE_LR_PREFILL", "materialize")
+    out = backend.attend(case.cache, 0, case.query, case.value_up, case.scaling, case.meta)
+    assert calls == [[21, 22, 10]]
+    assert rel_err(out, case.ref) < TOL[torch.float32]
+    assert rel_err(out, on_chip) < TOL[torch.float32]
+    monkeypatch.setattr(value_lr_prefill, "VALUE_LR_PREFILL", "on_chip")
+    backend.attend(case.cache, 0, case.query, case.value_up, case.scaling, case.meta)
+    assert len(calls) == 1
