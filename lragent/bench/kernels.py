@@ -413,8 +413,12 @@ def bench_prefill(pools: PagedPools, news, prefixes, timer, dtype, device, calib
 
 
 def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device, calib, kw, baselines: bool) -> dict:
-    """One sequence prefilling `new` tokens over a cached `prefix`: our kernel, itself without the LR term, and (with
-    `baselines`) the contiguous SDPA and naive-materialisation baselines."""
+    """One sequence prefilling `new` tokens over a cached `prefix`: our prefill by the engine's route for these lengths
+    (`value_lr_prefill.materialize_values_worth_it`), and (with `baselines`) the other route, the kernel without the
+    LR term, the contiguous SDPA and naive-materialisation baselines. The materialised route is timed eagerly (its
+    scratch upload is not captured in a graph): for millisecond kernels that is what the engine runs."""
+    from lragent.kernels.value_lr_prefill import materialize_values_worth_it
+
     ctx = prefix + new
     bt, lbt = pools.tables(1, ctx)
     q = torch.randn(new, HQ, D, dtype=dtype, device=device)
@@ -423,17 +427,30 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
     ctx_t = torch.tensor([ctx], dtype=torch.int32, device=device)
     slots = torch.tensor([1], dtype=torch.long, device=device)
 
-    ours, no_lr = _prefill_calls(pools, q, out, bt, lbt, qstart, ctx_t, slots, new, kw)
-    t_ours = timer(ours)
+    calls = _prefill_calls(pools, q, out, bt, lbt, qstart, ctx_t, slots, new, ctx, kw)
+    route = "materialized" if materialize_values_worth_it([new], [ctx], device) else "on_chip"
+    times = {route: timer(calls[route], graph=route == "on_chip")}
+    t_ours = times[route]
     flops = prefill_flops(new, prefix)
-    t_nolr = timer(no_lr) if baselines else float("nan")
     if not baselines:
-        return {"new_tokens": new, "prefix": prefix, "ours_ms": t_ours, "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12}
+        return {
+            "new_tokens": new,
+            "prefix": prefix,
+            "route": route,
+            "ours_ms": t_ours,
+            "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12,
+        }
+    other = "on_chip" if route == "materialized" else "materialized"
+    times[other] = timer(calls[other], graph=other == "on_chip")
+    t_nolr = timer(calls["no_lr"])
     t_plain, backend, t_naive = _prefill_baselines(pools, q, slots, ctx, prefix, timer, dtype, device)
     return {
         "new_tokens": new,
         "prefix": prefix,
+        "route": route,
         "ours_ms": t_ours,
+        "on_chip_ms": times["on_chip"],
+        "materialized_ms": times["materialized"],
         "ours_no_lr_ms": t_nolr,
         "naive_ms": t_naive,
         "sdpa_ms": t_plain,
@@ -447,47 +464,30 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
     }
 
 
-def _prefill_calls(pools: PagedPools, q, out, bt, lbt, qstart, ctx_t, slots, new: int, kw) -> tuple[Callable, Callable]:
-    """Our paged prefill over the case's tensors, and the same kernel without the LR term (value_up None)."""
+def _prefill_calls(
+    pools: PagedPools, q, out, bt, lbt, qstart, ctx_t, slots, new: int, ctx: int, kw
+) -> dict[str, Callable]:
+    """Our paged prefill over the case's tensors by each route: "on_chip" (the LR term in the kernel),
+    "materialized" (values with the term written first, `value_lr_prefill`), and "no_lr" (the kernel without any
+    LR term: what the term costs)."""
     from lragent.kernels.triton_attention import paged_prefill
+    from lragent.kernels.value_lr_prefill import materialize_values
 
-    def ours():
+    def run(lr, lr_tables, value_up, **extra):
         return paged_prefill(
-            q,
-            pools.key,
-            pools.value,
-            pools.lr,
-            bt,
-            lbt,
-            qstart,
-            ctx_t,
-            slots,
-            pools.value_up,
-            pools.scaling,
-            max_query_len=new,
-            out=out,
-            **kw,
-        )
+            q, pools.key, pools.value, lr, bt, lr_tables, qstart, ctx_t, slots, value_up, pools.scaling,
+            max_query_len=new, out=out, **kw, **extra,
+        )  # fmt: skip
 
-    def no_lr():
-        return paged_prefill(
-            q,
-            pools.key,
-            pools.value,
-            None,
-            bt,
-            None,
-            qstart,
-            ctx_t,
-            slots,
-            None,
-            pools.scaling,
-            max_query_len=new,
-            out=out,
-            **kw,
-        )
+    def materialized():
+        rows = materialize_values(pools.value, pools.lr, bt, lbt, slots, pools.value_up, pools.scaling, [ctx])
+        return run(pools.lr, lbt, None, value_rows=rows)
 
-    return ours, no_lr
+    return {
+        "on_chip": lambda: run(pools.lr, lbt, pools.value_up),
+        "materialized": materialized,
+        "no_lr": lambda: run(None, None, None),
+    }
 
 
 def _prefill_baselines(
@@ -515,7 +515,9 @@ def _prefill_baselines(
 def _prefill_line(r: dict) -> str:
     return (
         f"prefill new={_fmt_len(r['new_tokens']):>5} prefix={_fmt_len(r['prefix']):>5} | ours {r['ours_ms']:8.3f} ms"
-        f" {r['ours_TFLOPs']:6.1f} TFLOP/s ({r['ours_pct_matmul']:4.1f}% mm) | sdpa {r['sdpa_ms']:8.3f} ms"
+        f" {r['ours_TFLOPs']:6.1f} TFLOP/s ({r['ours_pct_matmul']:4.1f}% mm, {r['route']}) | on chip"
+        f" {r['on_chip_ms']:8.3f} materialized {r['materialized_ms']:8.3f} no LR {r['ours_no_lr_ms']:8.3f} ms"
+        f" | sdpa {r['sdpa_ms']:8.3f} ms"
         f" {r['sdpa_TFLOPs']:6.1f} [{r['sdpa_backend']}] | naive {r['naive_ms']:8.3f} ms | ours/sdpa"
         f" {r['ours_over_sdpa']:5.2f} naive/ours {r['naive_over_ours']:5.2f}"
     )
@@ -823,13 +825,14 @@ def render_markdown(res: dict) -> str:
         lines.append("")
     if res.get("prefill"):
         lines += [
-            "| prefill new | prefix | ours ms | ours TFLOP/s | % matmul | ours w/o LR ms | SDPA no-LoRA ms | SDPA TFLOP/s | SDPA backend | naive ms | ours / SDPA |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| prefill new | prefix | route | ours ms | ours TFLOP/s | % matmul | on chip ms | materialized ms | ours w/o LR ms | SDPA no-LoRA ms | SDPA TFLOP/s | SDPA backend | naive ms | ours / SDPA |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["prefill"]:
             lines.append(
-                f"| {_fmt_len(r['new_tokens'])} | {_fmt_len(r['prefix'])} | {r['ours_ms']:.3f} | {r['ours_TFLOPs']:.0f} | "
-                f"{r['ours_pct_matmul']:.0f}% | {r['ours_no_lr_ms']:.3f} | {r['sdpa_ms']:.3f} | {r['sdpa_TFLOPs']:.0f} | {r['sdpa_backend']} | "
+                f"| {_fmt_len(r['new_tokens'])} | {_fmt_len(r['prefix'])} | {r['route']} | {r['ours_ms']:.3f} | "
+                f"{r['ours_TFLOPs']:.0f} | {r['ours_pct_matmul']:.0f}% | {r['on_chip_ms']:.3f} | "
+                f"{r['materialized_ms']:.3f} | {r['ours_no_lr_ms']:.3f} | {r['sdpa_ms']:.3f} | {r['sdpa_TFLOPs']:.0f} | {r['sdpa_backend']} | "
                 f"{r['naive_ms']:.3f} | {r['ours_over_sdpa']:.2f} |"
             )
         lines.append("")

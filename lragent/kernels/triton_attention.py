@@ -1021,9 +1021,9 @@ def paged_prefill(
     of through the block tables (base values and LR rows still come from the pools); `key_lr` still gives the LR
     rows' layout [R_v | R_k] and its term is not added again. `value_rows` (values [rows, Hkv, d] with the LR term
     added, first row of each sequence [B] int64, from `value_lr_prefill.materialize_values`; value_up None): every
-    sequence reads its values there and the kernel has no LR term. `graph_seqs` (CUDA-graph prefill, whose grid is padded
-    with empty sequences and whose rows past the step's tokens are padding): the split count is sized for that many
-    sequences, and the split rows' adapter slots start at 0 so the merge of a padding row reads a valid slot.
+    sequence reads its values there and the kernel has no LR term. `graph_seqs` (CUDA-graph prefill, whose grid is
+    padded with empty sequences and whose rows past the step's tokens are padding): the split count is sized for that
+    many sequences, and the split rows' adapter slots start at 0 so the merge of a padding row reads a valid slot.
     `tma`: key / value tiles loaded as whole page runs through tensor descriptors (None: on Hopper whenever pages
     hold whole key tiles, see `_use_tma`; True also runs in the interpreter, for the tests). The LR rows stay pointer
     loads: a descriptor box wider than an LR row (rank 8: 16 of 8 columns) read wrong values on the H200."""

@@ -205,8 +205,10 @@ class TritonBackend(AttentionBackend):
                 cache.key[layer], lr_pool, meta.base_block_tables, args["lr_block_tables"], meta.seq_lora_slots,
                 lora_scaling, key_lr, meta.context_lens,
             ))  # fmt: skip
-        if args["value_up"] is not None and meta.graph_seqs is None and value_lr_prefill.materialize_values_worth_it(
-            meta.query_lens, meta.context_lens, query.device
+        if (
+            args["value_up"] is not None
+            and meta.graph_seqs is None
+            and value_lr_prefill.materialize_values_worth_it(meta.query_lens, meta.context_lens, query.device)
         ):
             args.update(value_up=None, value_rows=value_lr_prefill.materialize_values(
                 cache.value[layer], lr_pool, meta.base_block_tables, args["lr_block_tables"], meta.seq_lora_slots,
