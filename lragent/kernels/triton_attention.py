@@ -411,10 +411,11 @@ def _prefill_kernel(
     KEY_ROWS: tl.constexpr,
     VAL_ROWS: tl.constexpr,
     TMA: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
 ):
-    # query tiles in reverse: under the causal mask the last tiles read the most keys, and launching them first
-    # leaves the light ones for the grid's tail (FlashAttention-3's scheduling order)
-    mt = tl.num_programs(0) // NUM_SPLITS - 1 - tl.program_id(0) // NUM_SPLITS
+    mt = tl.program_id(0) // NUM_SPLITS
+    if HEAVY_FIRST:  # under the causal mask the last query tiles read the most keys: launched first, they leave
+        mt = tl.num_programs(0) // NUM_SPLITS - 1 - mt  # the light ones for the grid's tail (FlashAttention-3's order)
     sp = tl.program_id(0) % NUM_SPLITS
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -1134,6 +1135,7 @@ def paged_prefill(
         KEY_ROWS=key_rows is not None,
         VAL_ROWS=value_rows is not None,
         TMA=tma,
+        HEAVY_FIRST=PREFILL_HEAVY_FIRST,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -1143,6 +1145,8 @@ def paged_prefill(
 
 
 PREFILL_TMA = os.environ.get("LRAGENT_PREFILL_TMA", "auto")  # "0": always the pointer-gather tiles
+# prefill's query tiles launched last tile first (LRAGENT_PREFILL_HEAVY_FIRST=0: in order, for A/B timing)
+PREFILL_HEAVY_FIRST = os.environ.get("LRAGENT_PREFILL_HEAVY_FIRST", "1") != "0"
 
 
 def _use_tma(p: _Pools, device: torch.device, block_n: int | None, keys_built: bool) -> bool:
