@@ -158,6 +158,27 @@ def test_key_adapters_under_shared_keys_equal_non_shared(
             assert out.metrics.computed_tokens < new + 8, (i, out.metrics)
 
 
+@pytest.mark.parametrize("kind", ["shared", "no_keys"])
+def test_gathered_prefill_route_equals_non_shared(tiny_llama, key_adapters, non_shared_turns, kind, monkeypatch):
+    """Every prefill forced through the gathered route (`value_lr_prefill`: keys gathered, or materialised with the
+    key adapters, values with the reader's LR term, no term in the kernel) under base_lr_shared gives non_shared's
+    tokens, with and without key adapters."""
+    from lragent.kernels import value_lr_prefill
+
+    want = (
+        non_shared_turns["shared"]
+        if kind == "shared"
+        else run_turns(engine(tiny_llama, key_adapters[kind], "non_shared"))
+    )
+    calls = []
+    real = value_lr_prefill.gathered_prefill_args
+    monkeypatch.setattr(value_lr_prefill, "VALUE_LR_PREFILL", "materialize")
+    monkeypatch.setattr(value_lr_prefill, "gathered_prefill_args", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    got = run_turns(engine(tiny_llama, key_adapters[kind], "base_lr_shared", attention_backend="triton"))
+    assert all(same_outputs(g, w) for g, w in zip(got, want)), [(g.token_ids, w.token_ids) for g, w in zip(got, want)]
+    assert calls and all((keys is not None) == (kind == "shared") for keys in calls)  # materialised keys passed on
+
+
 def test_controls_key_adapters_matter_and_full_shared_reads_the_producer(tiny_llama, key_adapters, non_shared_turns):
     want = non_shared_turns["shared"]
     without = run_turns(engine(tiny_llama, key_adapters["no_keys"], "non_shared"))

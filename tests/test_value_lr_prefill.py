@@ -1,5 +1,6 @@
-"""Prefill over materialised values (`lragent.kernels.value_lr_prefill`): V_base + s R B_v written once per reader,
-then the prefill kernel without its LR term, against the float64 reference of Flash-LoRA-Attention."""
+"""The gathered prefill route (`lragent.kernels.value_lr_prefill`): keys gathered and V_base + s R B_v written once
+per reader into contiguous scratches, then the prefill kernel without its LR term, against the float64 reference of
+Flash-LoRA-Attention."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from test_kernels import DEVICE, TOL, make_case, rel_err, run_kernel  # noqa: E4
 
 from lragent.kernels import value_lr_prefill  # noqa: E402
 from lragent.kernels.backend import KeyLR  # noqa: E402
+from lragent.kernels.reference import gather_positions  # noqa: E402
 from lragent.kernels.triton_backend import TritonBackend  # noqa: E402
 from lragent.kernels.value_lr_prefill import (  # noqa: E402
+    ScratchRows,
+    gather_rows,
+    gathered_prefill_args,
     materialize_values,
     materialize_values_reference,
     materialize_values_worth_it,
@@ -73,15 +78,26 @@ def test_materialized_values_equal_the_reference(layout):
     """Every reader's V_base + s R B_v from its own LR slice (slot 0: the base values, no LR row read, its rows
     NaN-poisoned), sequences back to back, an empty context in the middle."""
     args, key_lr = _pool_case(layout, seed=len(layout))
-    values, starts = materialize_values(*args, key_lr=key_lr)
+    rows = ScratchRows.of(args[-1], DEVICE)
+    values = materialize_values(*args[:-1], rows, key_lr=key_lr)
     ref, ref_starts = materialize_values_reference(*args, key_lr=key_lr)
-    assert torch.equal(starts.cpu(), ref_starts.cpu())
+    assert torch.equal(rows.starts.cpu(), ref_starts.cpu())
     assert values.shape == ref.shape == (sum(args[-1]), 2, 16)
     assert not torch.isnan(values).any()
     assert rel_err(values, ref) < 1e-6
     # the term is there: the base values alone differ
     base_only, _ = materialize_values_reference(*args[:4], torch.zeros_like(args[4]), *args[5:], key_lr=key_lr)
     assert rel_err(base_only, ref) > 1e-2
+
+
+def test_gather_rows_copies_each_context():
+    """Keys (or adapter-free values) of every sequence back to back, exactly, NaN tails left behind."""
+    args, _ = _pool_case("plain", seed=9)
+    pool, tables, lens = args[0], args[2], args[-1]
+    out = gather_rows(pool, tables, ScratchRows.of(lens, DEVICE))
+    flat = pool.view(-1, *pool.shape[2:])
+    ref = torch.cat([flat[gather_positions(tables[i], n, pool.shape[1])] for i, n in enumerate(lens)])
+    assert torch.equal(out, ref)
 
 
 # (seqs, hq, hkv, d, rank, block_size, block_n): the kernel tests' shapes, pages of whole key tiles for TMA
@@ -91,16 +107,16 @@ CASES = [
 ]
 
 
-def _with_values(case, value_up=None, **kw):
-    """The prefill kernel over values materialised with `value_up` (None: the case's own)."""
-    m = case.cache, case.meta
-    rows = materialize_values(
-        m[0].value[0], m[0].lr[0], m[1].base_block_tables, m[1].lr_block_tables, m[1].seq_lora_slots,
-        case.value_up if value_up is None else value_up, case.scaling, m[1].context_lens,
+def _gathered(case, value_up=None, **kw):
+    """The prefill kernel over gathered keys and values materialised with `value_up` (None: the case's own)."""
+    c, m = case.cache, case.meta
+    args = gathered_prefill_args(
+        c.key[0], c.value[0], c.lr[0], m.base_block_tables, m.lr_block_tables, m.seq_lora_slots,
+        case.value_up if value_up is None else value_up, case.scaling, ScratchRows.of(m.context_lens, DEVICE),
     )  # fmt: skip
     value_up, case.value_up = case.value_up, None
     try:
-        return run_kernel(case, decode=False, value_rows=rows, **kw)
+        return run_kernel(case, decode=False, key_rows=args["key_rows"], value_rows=args["value_rows"], **kw)
     finally:
         case.value_up = value_up
 
@@ -108,18 +124,17 @@ def _with_values(case, value_up=None, **kw):
 @pytest.mark.parametrize("case_id", range(len(CASES)))
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_prefill_over_materialized_values_equals_the_reference(case_id, tma, splits):
-    """The kernel reads each reader's scratch rows (pointer tiles, or page runs through a descriptor over the
-    scratch) and adds no LR term; the output is the reference's P (V_base + s R B) with NaN block tails."""
+def test_prefill_over_gathered_rows_equals_the_reference(case_id, tma, splits):
+    """The kernel reads each reader's scratch rows (pointer tiles, or tiles through descriptors over the scratches,
+    here of more keys than a page holds) and adds no LR term; the output is the reference's P (V_base + s R B)."""
     seqs, hq, hkv, d, rank, bs, bn = CASES[case_id]
     case = make_case(seqs, hq, hkv, d, rank, bs, torch.float32, seed=70 + case_id)
-    out = _with_values(case, num_splits=splits, tma=tma, block_n=bn)
+    bn = 2 * bn if tma else bn  # TMA over a scratch: tiles need not fit a page
+    out = _gathered(case, num_splits=splits, tma=tma, block_n=bn)
     assert rel_err(out, case.ref) < TOL[torch.float32]
     # values materialised without the term give another output: the test sees the term
-    assert (
-        rel_err(_with_values(case, torch.zeros_like(case.value_up), num_splits=splits, tma=tma, block_n=bn), case.ref)
-        > 1e-3
-    )
+    without = _gathered(case, torch.zeros_like(case.value_up), num_splits=splits, tma=tma, block_n=bn)
+    assert rel_err(without, case.ref) > 1e-3
 
 
 def test_value_rows_exclude_value_up():
@@ -146,24 +161,27 @@ def test_worth_it_weighs_queries_per_key():
         materialize_values_worth_it([1], [1], cuda, mode="always")
 
 
-def test_backend_routes_long_prefill_through_materialized_values(monkeypatch):
-    """The backend materialises when the policy says so (forced here) and gives the on-chip route's output."""
+def test_backend_routes_long_prefill_through_gathered_rows(monkeypatch):
+    """The backend gathers when the policy says so (forced here), uploads the scratch rows once per step, and gives
+    the on-chip route's output."""
     case = make_case([(0, 21, 1), (9, 13, 2), (4, 6, 0)], 8, 2, 16, 4, 4, torch.float32, seed=5)
     backend = TritonBackend()
     on_chip = backend.attend(case.cache, 0, case.query, case.value_up, case.scaling, case.meta)
     calls = []
-    real = value_lr_prefill.materialize_values
+    real = value_lr_prefill.gathered_prefill_args
 
     def spy(*a, **k):
-        calls.append(a[7])  # the context lengths
+        calls.append(a[8])  # the scratch rows
         return real(*a, **k)
 
-    monkeypatch.setattr(value_lr_prefill, "materialize_values", spy)
+    monkeypatch.setattr(value_lr_prefill, "gathered_prefill_args", spy)
     monkeypatch.setattr(value_lr_prefill, "VALUE_LR_PREFILL", "materialize")
     out = backend.attend(case.cache, 0, case.query, case.value_up, case.scaling, case.meta)
-    assert calls == [[21, 22, 10]]
+    again = backend.attend(case.cache, 0, case.query, case.value_up, case.scaling, case.meta)  # the next layer
+    assert [r.lens for r in calls] == [[21, 22, 10]] * 2 and calls[0] is calls[1]
     assert rel_err(out, case.ref) < TOL[torch.float32]
     assert rel_err(out, on_chip) < TOL[torch.float32]
+    assert torch.equal(out, again)
     monkeypatch.setattr(value_lr_prefill, "VALUE_LR_PREFILL", "on_chip")
     backend.attend(case.cache, 0, case.query, case.value_up, case.scaling, case.meta)
-    assert len(calls) == 1
+    assert len(calls) == 2

@@ -415,8 +415,7 @@ def bench_prefill(pools: PagedPools, news, prefixes, timer, dtype, device, calib
 def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device, calib, kw, baselines: bool) -> dict:
     """One sequence prefilling `new` tokens over a cached `prefix`: our prefill by the engine's route for these lengths
     (`value_lr_prefill.materialize_values_worth_it`), and (with `baselines`) the other route, the kernel without the
-    LR term, the contiguous SDPA and naive-materialisation baselines. The materialised route is timed eagerly (its
-    scratch upload is not captured in a graph): for millisecond kernels that is what the engine runs."""
+    LR term, the contiguous SDPA and naive-materialisation baselines."""
     from lragent.kernels.value_lr_prefill import materialize_values_worth_it
 
     ctx = prefix + new
@@ -429,7 +428,7 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
 
     calls = _prefill_calls(pools, q, out, bt, lbt, qstart, ctx_t, slots, new, ctx, kw)
     route = "materialized" if materialize_values_worth_it([new], [ctx], device) else "on_chip"
-    times = {route: timer(calls[route], graph=route == "on_chip")}
+    times = {route: timer(calls[route])}
     t_ours = times[route]
     flops = prefill_flops(new, prefix)
     if not baselines:
@@ -441,7 +440,7 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
             "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12,
         }
     other = "on_chip" if route == "materialized" else "materialized"
-    times[other] = timer(calls[other], graph=other == "on_chip")
+    times[other] = timer(calls[other])
     t_nolr = timer(calls["no_lr"])
     t_plain, backend, t_naive = _prefill_baselines(pools, q, slots, ctx, prefix, timer, dtype, device)
     return {
@@ -468,10 +467,10 @@ def _prefill_calls(
     pools: PagedPools, q, out, bt, lbt, qstart, ctx_t, slots, new: int, ctx: int, kw
 ) -> dict[str, Callable]:
     """Our paged prefill over the case's tensors by each route: "on_chip" (the LR term in the kernel),
-    "materialized" (values with the term written first, `value_lr_prefill`), and "no_lr" (the kernel without any
-    LR term: what the term costs)."""
+    "materialized" (keys gathered and values with the term written first, then 128-key tiles without the term:
+    `value_lr_prefill`; the gathers are inside the timed call), and "no_lr" (the paged kernel without any LR term)."""
     from lragent.kernels.triton_attention import paged_prefill
-    from lragent.kernels.value_lr_prefill import materialize_values
+    from lragent.kernels.value_lr_prefill import ScratchRows, gathered_prefill_args
 
     def run(lr, lr_tables, value_up, **extra):
         return paged_prefill(
@@ -479,9 +478,13 @@ def _prefill_calls(
             max_query_len=new, out=out, **kw, **extra,
         )  # fmt: skip
 
+    rows = ScratchRows.of([ctx], q.device)  # once per step in the engine
+
     def materialized():
-        rows = materialize_values(pools.value, pools.lr, bt, lbt, slots, pools.value_up, pools.scaling, [ctx])
-        return run(pools.lr, lbt, None, value_rows=rows)
+        args = gathered_prefill_args(
+            pools.key, pools.value, pools.lr, bt, lbt, slots, pools.value_up, pools.scaling, rows
+        )
+        return run(pools.lr, lbt, args.pop("value_up"), **args)
 
     return {
         "on_chip": lambda: run(pools.lr, lbt, pools.value_up),

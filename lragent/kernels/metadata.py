@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lragent.kernels.value_lr_prefill import ScratchRows
 
 
 @dataclass
@@ -31,6 +35,9 @@ class AttentionMetadata:
     # CUDA-graph prefill: the grid holds padded sequences (no tokens) and padded token rows beyond the step's; the
     # split-KV count is sized for this many busy sequences, and split partials of padded rows stay readable
     graph_seqs: int | None = None
+    # where each sequence's context sits in the gathered prefill scratches (`value_lr_prefill`): uploaded by the
+    # first layer that gathers, read by the rest of the step's layers
+    scratch_rows: ScratchRows | None = None
 
     @property
     def num_seqs(self) -> int:

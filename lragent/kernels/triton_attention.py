@@ -288,9 +288,13 @@ def _prefill_tile(
 ):
     kpos = n0 + offs_n
     kmask = kpos < ctx
-    if TMA:  # the tile is a run of one page's rows: one block-table read, Hopper's copy engine loads K and V
-        row0 = tl.load(bt_row + n0 // BS).to(tl.int32) * BS + n0 % BS
-        k = k_desc.load([row0, kv_col])
+    if TMA:  # the tile is a run of one page's rows (one block-table read) or of a scratch's; Hopper's copy engine
+        if not (KEY_ROWS and VAL_ROWS):  # loads K and V
+            row0 = tl.load(bt_row + n0 // BS).to(tl.int32) * BS + n0 % BS
+        if KEY_ROWS:  # gathered keys (`value_lr_prefill`): k_desc is over the contiguous scratch
+            k = k_desc.load([(kstart + n0).to(tl.int32), kv_col])
+        else:
+            k = k_desc.load([row0, kv_col])
     else:
         if MASKED:
             blk = tl.load(bt_row + kpos // BS, mask=kmask, other=0).to(tl.int64)
@@ -1028,7 +1032,7 @@ def paged_prefill(
     `tma`: key / value tiles loaded as whole page runs through tensor descriptors (None: on Hopper whenever pages
     hold whole key tiles, see `_use_tma`; True also runs in the interpreter, for the tests). The LR rows stay pointer
     loads: a descriptor box wider than an LR row (rank 8: 16 of 8 columns) read wrong values on the H200."""
-    if key_rows is not None and key_lr is None:
+    if key_rows is not None and key_lr is None and value_rows is None:
         raise ValueError("key_rows come with the key_lr they were materialised for (the LR rows' layout)")
     if value_rows is not None and value_up is not None:
         raise ValueError("value_rows hold the LR term already: pass value_up=None with them")
@@ -1049,20 +1053,22 @@ def paged_prefill(
     if block_m is None:
         block_m = (64 if wide <= 512 else 32) if on_gpu else 16
         block_m = min(block_m, _pow2_at_least(max_query_len, 16))
+    gathered = key_rows is not None and value_rows is not None  # K and V from contiguous scratches: no pages read
     if tma is None:
-        tma = _use_tma(p, query.device, block_n, key_rows is not None)
+        tma = _use_tma(p, query.device, block_n, key_rows is not None, gathered)
     if block_n is None:
         block_n = (64 if wide <= 256 else 32) if on_gpu else 16
         if tma and on_gpu:  # page-run tiles (H200 probe, BENCHMARKS.md): 128 x 128 with 8 warps on 128-token pages
-            block_n = min(p.bs, 128 if wide <= 256 else 64)
+            block_n = 128 if wide <= 256 else 64
+            block_n = block_n if gathered else min(p.bs, block_n)
             if block_n == 128 and max_query_len >= 128 and block_m == 64:
                 block_m = 128
-    if tma and (p.bs % block_n or p.has_klr or key_rows is not None):
+    if tma and not gathered and (p.bs % block_n or p.has_klr or key_rows is not None):
         raise ValueError(f"TMA tiles need pages of whole key tiles ({block_n} keys per tile, pages of {p.bs})")
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
-    if num_stages is None:
-        num_stages = 3 if tma else 2
+    if num_stages is None:  # the LR-free 128 x 128 tile ran best with 2 (H200 probe, tenth session)
+        num_stages = (2 if gathered and block_m >= 128 else 3) if tma else 2
     lbt = lr_block_tables if (p.any_lr and lr_block_tables is not None) else base_block_tables
     m_tiles = triton.cdiv(max_query_len, block_m)
     if num_splits is None:
@@ -1076,8 +1082,9 @@ def paged_prefill(
         pacc, pr, pml, row_slots = _split_partials(t, num_splits, hq, d, p.r_pad if p.has_lr else 0, query.device)
         if graph_seqs is not None and p.has_lr:
             row_slots.zero_()  # padding rows get no slot from the kernel (their tiles exit): slot 0, zero B
+    keys = key_pool if key_rows is None else key_rows[0]
     values = value_pool if value_rows is None else value_rows[0]
-    k_desc, v_desc = (_kv_descriptor(key_pool, block_n), _kv_descriptor(values, block_n)) if tma else (0, 0)
+    k_desc, v_desc = (_kv_descriptor(keys, block_n), _kv_descriptor(values, block_n)) if tma else (0, 0)
     _prefill_kernel[(m_tiles * num_splits, hq, b)](
         query,
         key_pool,
@@ -1149,11 +1156,14 @@ PREFILL_TMA = os.environ.get("LRAGENT_PREFILL_TMA", "auto")  # "0": always the p
 PREFILL_HEAVY_FIRST = os.environ.get("LRAGENT_PREFILL_HEAVY_FIRST", "1") != "0"
 
 
-def _use_tma(p: _Pools, device: torch.device, block_n: int | None, keys_built: bool) -> bool:
-    """Page-run tiles through tensor descriptors: Hopper or newer, pages of >= 64 tokens that hold whole key tiles,
-    contiguous pools, keys read as they are (a key-LR rebuild or materialised keys keep the pointer path)."""
+def _use_tma(p: _Pools, device: torch.device, block_n: int | None, keys_built: bool, gathered: bool = False) -> bool:
+    """Tiles through tensor descriptors: Hopper or newer, and either K and V both gathered into contiguous scratches
+    (`gathered`: any tile) or page runs: pages of >= 64 tokens that hold whole key tiles, contiguous pools, keys read
+    as they are (a key-LR rebuild or materialised keys alone keep the pointer path)."""
     if PREFILL_TMA == "0" or not hopper_or_newer(device):
         return False
+    if gathered:
+        return True
     if p.has_klr or keys_built or p.bs < 64 or (block_n is not None and p.bs % block_n):
         return False
     if p.has_lr and p.r * p.lr.element_size() < 4:  # 2-byte LR rows (rank 1, 16-bit): wrong on the H200 (Triton

@@ -210,9 +210,12 @@ class TritonBackend(AttentionBackend):
             and meta.graph_seqs is None
             and value_lr_prefill.materialize_values_worth_it(meta.query_lens, meta.context_lens, query.device)
         ):
-            args.update(value_up=None, value_rows=value_lr_prefill.materialize_values(
-                cache.value[layer], lr_pool, meta.base_block_tables, args["lr_block_tables"], meta.seq_lora_slots,
-                value_up, lora_scaling, meta.context_lens, key_lr,
+            if meta.scratch_rows is None:
+                meta.scratch_rows = value_lr_prefill.ScratchRows.of(meta.context_lens, query.device)
+            keys = args.pop("key_rows")[0] if "key_rows" in args else None
+            args.update(value_lr_prefill.gathered_prefill_args(
+                cache.key[layer], cache.value[layer], lr_pool, meta.base_block_tables, args["lr_block_tables"],
+                meta.seq_lora_slots, value_up, lora_scaling, meta.scratch_rows, key_lr, keys,
             ))  # fmt: skip
         return paged_prefill(
             query,

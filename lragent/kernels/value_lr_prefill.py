@@ -1,14 +1,16 @@
-"""Long prefill chunks read values with the LR term already added: V' = V_base + s R B_v, once per reader.
+"""Long prefill chunks read gathered keys and values with the LR term already added, V' = V_base + s R B_v.
 
 Flash-LoRA-Attention keeps the LR term out of the value pool: every key tile adds `P R` to a rank-r accumulator and
 the merge applies `s (P R) B_v` once. That is the right trade where attention streams the cache (decode, short
 chunks): it reads r extra numbers per key instead of d. A long prefill chunk is compute-bound instead: each key
 tile is read once per query tile and head, and the LR accumulator costs every tile a second small MMA, an LR row
-gather and its rescale (on the H200, 6-11% of the prefill kernel's time, BENCHMARKS.md). Here one launch per layer
-writes each prefill sequence's values `V_base + s (R B_v)` (float32 sum, rounded to the pool's dtype, as the
-model's own v_proj output would be) into a contiguous scratch, and the prefill kernel reads them there with no LR
-term (`paged_prefill(value_rows=...)`). The scratch costs the context's values once more in memory traffic per
-layer, which `materialize_values_worth_it` weighs against the chunk's attention work.
+gather and its rescale (on the H200, 6-11% of the prefill kernel's time, BENCHMARKS.md), while page-run tiles are
+limited to a page's keys. Here one launch per layer writes each prefill sequence's values `V_base + s (R B_v)`
+(float32 sum, rounded to the pool's dtype, as the model's own v_proj output would be) and one its keys into
+contiguous scratches (sequences back to back), and the prefill kernel reads both there with no LR term and with
+128-key tiles whatever the page size (`paged_prefill(key_rows=..., value_rows=...)`). The scratches cost the
+context's keys and values once more in memory traffic per layer, which `materialize_values_worth_it` weighs
+against the chunk's attention work. With key adapters the keys come from `key_lr_prefill.materialize_keys`.
 
 `VALUE_LR_PREFILL` (environment `LRAGENT_VALUE_LR_PREFILL`): "auto" (the default: on a GPU, for chunks whose
 token-weighted query length reaches `MIN_QUERY`), "materialize" (always: tests) or "on_chip" (never).
@@ -18,6 +20,7 @@ token-weighted query length reaches `MIN_QUERY`), "materialize" (always: tests) 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -34,7 +37,29 @@ if VALUE_LR_PREFILL not in MODES:
     raise ValueError(f"LRAGENT_VALUE_LR_PREFILL must be one of {MODES}, got {VALUE_LR_PREFILL!r}")
 # "auto" materialises when the chunk's queries per context key (token-weighted) reach this: below it the prefill
 # is closer to streaming the cache, where reading r numbers per key beats writing and re-reading d of them
-MIN_QUERY = int(os.environ.get("LRAGENT_VALUE_LR_MIN_QUERY", "512"))
+MIN_QUERY = int(os.environ.get("LRAGENT_VALUE_LR_MIN_QUERY", "1024"))
+
+
+@dataclass(frozen=True)
+class ScratchRows:
+    """Where each prefill sequence's context sits in a gathered scratch (sequences back to back): uploaded once per
+    step (`of`), read by every layer's gathers and by the prefill kernel."""
+
+    lens: list[int]  # host: each sequence's context length
+    lens_t: torch.Tensor  # [B] int32
+    starts: torch.Tensor  # [B] int64 first row of each sequence
+
+    @staticmethod
+    def of(context_lens: list[int], device: torch.device) -> ScratchRows:
+        return ScratchRows(
+            list(context_lens),
+            upload(context_lens, torch.int32, device),
+            upload(row_starts(context_lens), torch.int64, device),
+        )
+
+    @property
+    def total(self) -> int:
+        return sum(self.lens)
 
 
 def materialize_values_worth_it(
@@ -54,8 +79,8 @@ def materialize_values_worth_it(
 
 
 @triton.jit(do_not_specialize=["stride_bt", "stride_lbt"])
-def _materialize_kernel(
-    v_ptr,
+def _gather_kernel(
+    pool_ptr,
     lr_ptr,
     bt_ptr,
     lbt_ptr,
@@ -77,10 +102,11 @@ def _materialize_kernel(
     LR_SLICE: tl.constexpr,
     BS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_LR: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Program (key tile, kv head, sequence): V_base + s R B_v of the reader into its scratch rows (a slot-0 reader
-    gets its base values: it reads no LR row)."""
+    """Program (key tile, kv head, sequence): the pool's rows of the sequence's context into its scratch rows, with
+    `HAS_LR` the reader's s R B_v added (a slot-0 reader gets its base values: it reads no LR row)."""
     n0 = tl.program_id(0) * BLOCK_N
     g = tl.program_id(1)
     b = tl.program_id(2)
@@ -89,27 +115,50 @@ def _materialize_kernel(
         return
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    offs_r = tl.arange(0, R_PAD)
     kpos = n0 + offs_n
     kmask = kpos < ctx
     b64 = b.to(tl.int64)
     blk = tl.load(bt_ptr + b64 * stride_bt + kpos // BS, mask=kmask, other=0).to(tl.int64)
-    v = tl.load(v_ptr + (blk * BS + kpos % BS)[:, None] * (HKV * D) + g * D + offs_d[None, :], mask=kmask[:, None])
-    slot = tl.load(slot_ptr + b)
-    out = v.to(tl.float32)
-    if slot != 0:
-        lblk = tl.load(lbt_ptr + b64 * stride_lbt + kpos // BS, mask=kmask, other=0).to(tl.int64)
-        lr_col = (slot - 1) * LR_SLICE  # this reader's slice of a stacked LR row (else 0)
-        lr = tl.load(
-            lr_ptr + (lblk * BS + kpos % BS)[:, None] * LR_W + lr_col + offs_r[None, :],
-            mask=kmask[:, None] & (offs_r[None, :] < R),
-            other=0.0,
-        )
-        up = _value_up_cols(vup_ptr, slot, stride_vs, stride_vr, g, offs_r, offs_d, D, R)
-        scale = tl.load(scaling_ptr + slot)
-        out += scale * tl.dot(lr.to(tl.float32), up, input_precision=DOT_PREC)
+    v = tl.load(pool_ptr + (blk * BS + kpos % BS)[:, None] * (HKV * D) + g * D + offs_d[None, :], mask=kmask[:, None])
+    out = v
+    if HAS_LR:
+        slot = tl.load(slot_ptr + b)
+        if slot != 0:
+            offs_r = tl.arange(0, R_PAD)
+            lblk = tl.load(lbt_ptr + b64 * stride_lbt + kpos // BS, mask=kmask, other=0).to(tl.int64)
+            lr_col = (slot - 1) * LR_SLICE  # this reader's slice of a stacked LR row (else 0)
+            lr = tl.load(
+                lr_ptr + (lblk * BS + kpos % BS)[:, None] * LR_W + lr_col + offs_r[None, :],
+                mask=kmask[:, None] & (offs_r[None, :] < R),
+                other=0.0,
+            )
+            up = _value_up_cols(vup_ptr, slot, stride_vs, stride_vr, g, offs_r, offs_d, D, R)
+            scale = tl.load(scaling_ptr + slot)
+            out = (v.to(tl.float32) + scale * tl.dot(lr.to(tl.float32), up, input_precision=DOT_PREC)).to(v.dtype)
     rows = tl.load(start_ptr + b) + kpos.to(tl.int64)
-    tl.store(out_ptr + rows[:, None] * (HKV * D) + g * D + offs_d[None, :], out.to(v.dtype), mask=kmask[:, None])
+    tl.store(out_ptr + rows[:, None] * (HKV * D) + g * D + offs_d[None, :], out, mask=kmask[:, None])
+
+
+def _block_n(pool: torch.Tensor, block_n: int | None) -> int:
+    return block_n or (64 if pool.device.type == "cuda" else 16)
+
+
+def gather_rows(
+    pool: torch.Tensor, block_tables: torch.Tensor, rows: ScratchRows, block_n: int | None = None
+) -> torch.Tensor:
+    """[rows.total, Hkv, d]: each sequence's context of a key or value pool, contiguous. One launch, no sync."""
+    bs, hkv, d = pool.shape[1:]
+    out = pool.new_empty(max(1, rows.total), hkv, d)
+    bn = _block_n(pool, block_n)
+    grid = (triton.cdiv(max(rows.lens, default=0), bn), hkv, len(rows.lens))
+    if grid[0] > 0:
+        _gather_kernel[grid](
+            pool, pool, block_tables, block_tables, rows.lens_t, rows.starts, rows.starts, pool, pool, out,
+            block_tables.stride(0), block_tables.stride(0), 0, 0,
+            HKV=hkv, D=d, R=1, R_PAD=16, LR_W=1, LR_SLICE=0, BS=bs, BLOCK_N=bn, HAS_LR=False, DOT_PREC="ieee",
+            num_warps=4,
+        )  # fmt: skip
+    return out
 
 
 def materialize_values(
@@ -120,31 +169,50 @@ def materialize_values(
     seq_lora_slots: torch.Tensor,
     value_up: torch.Tensor,
     lora_scaling: torch.Tensor,
-    context_lens: list[int],
+    rows: ScratchRows,
     key_lr: KeyLR | None = None,
     block_n: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [sum(context_lens), Hkv, d] in the pool's dtype, first row of each sequence [B] int64): every prefill
-    sequence's whole context with its reader's value adapter term. One launch, no host synchronisation. `key_lr`:
-    LR rows are [R_v | R_k] (the value part is read). No LR block tables: the LR rows sit where the base rows do."""
+) -> torch.Tensor:
+    """[rows.total, Hkv, d] in the pool's dtype: every prefill sequence's whole context of values with its reader's
+    adapter term. One launch, no host synchronisation. `key_lr`: LR rows are [R_v | R_k] (the value part is read).
+    No LR block tables: the LR rows sit where the base rows do."""
     bs, hkv, d = value_pool.shape[1:]
     lr_block_tables = base_block_tables if lr_block_tables is None else lr_block_tables
-    starts = row_starts(context_lens)
-    values = value_pool.new_empty(max(1, sum(context_lens)), hkv, d)
-    start_t = upload(starts, torch.int64, value_pool.device)
-    ctx_t = upload(context_lens, torch.int32, value_pool.device)
+    values = value_pool.new_empty(max(1, rows.total), hkv, d)
     p = _Pools(value_pool, value_pool, lr_pool, value_up, lora_scaling, bs, key_lr)
-    if block_n is None:
-        block_n = 64 if value_pool.device.type == "cuda" else 16
-    grid = (triton.cdiv(max(context_lens, default=0), block_n), hkv, len(context_lens))
+    bn = _block_n(value_pool, block_n)
+    grid = (triton.cdiv(max(rows.lens, default=0), bn), hkv, len(rows.lens))
     if grid[0] > 0:
-        _materialize_kernel[grid](
-            value_pool, p.lr, base_block_tables, lr_block_tables, ctx_t, start_t, seq_lora_slots, lora_scaling,
-            p.vup, values, base_block_tables.stride(0), lr_block_tables.stride(0), p.stride_vs, p.stride_vr,
-            HKV=hkv, D=d, R=p.r, R_PAD=p.r_pad, LR_W=p.lr_width, LR_SLICE=p.lr_slice, BS=bs, BLOCK_N=block_n,
-            DOT_PREC=_dot_precision(value_pool.dtype), num_warps=4,
+        _gather_kernel[grid](
+            value_pool, p.lr, base_block_tables, lr_block_tables, rows.lens_t, rows.starts, seq_lora_slots,
+            lora_scaling, p.vup, values, base_block_tables.stride(0), lr_block_tables.stride(0), p.stride_vs,
+            p.stride_vr, HKV=hkv, D=d, R=p.r, R_PAD=p.r_pad, LR_W=p.lr_width, LR_SLICE=p.lr_slice, BS=bs,
+            BLOCK_N=bn, HAS_LR=True, DOT_PREC=_dot_precision(value_pool.dtype), num_warps=4,
         )  # fmt: skip
-    return values, start_t
+    return values
+
+
+def gathered_prefill_args(
+    key_pool: torch.Tensor,
+    value_pool: torch.Tensor,
+    lr_pool: torch.Tensor,
+    base_block_tables: torch.Tensor,
+    lr_block_tables: torch.Tensor | None,
+    seq_lora_slots: torch.Tensor,
+    value_up: torch.Tensor,
+    lora_scaling: torch.Tensor,
+    rows: ScratchRows,
+    key_lr: KeyLR | None = None,
+    keys: torch.Tensor | None = None,
+) -> dict:
+    """`paged_prefill`'s keyword arguments for the gathered route: key_rows (`keys` when materialised already, with
+    key adapters; else gathered here), value_rows with the LR term, and value_up None (no term in the kernel)."""
+    if keys is None:
+        keys = gather_rows(key_pool, base_block_tables, rows)
+    values = materialize_values(
+        value_pool, lr_pool, base_block_tables, lr_block_tables, seq_lora_slots, value_up, lora_scaling, rows, key_lr
+    )
+    return dict(key_rows=(keys, rows.starts), value_rows=(values, rows.starts), value_up=None)
 
 
 def materialize_values_reference(
@@ -158,7 +226,8 @@ def materialize_values_reference(
     context_lens: list[int],
     key_lr: KeyLR | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`materialize_values` in plain torch (gathers through the block tables, float64 sum): the exact oracle."""
+    """`materialize_values` in plain torch (gathers through the block tables, float64 sum): the exact oracle, with
+    each sequence's first row."""
     bs, hkv, d = value_pool.shape[1:]
     lr_block_tables = base_block_tables if lr_block_tables is None else lr_block_tables
     rank, width = value_up.shape[1], lr_pool.shape[-1]
@@ -179,6 +248,6 @@ def materialize_values_reference(
 
 
 def scratch_bytes(context_lens: list[int], value_pool: torch.Tensor) -> int:
-    """What `materialize_values` allocates: the contexts' values."""
+    """What the gathered route allocates per layer: the contexts' keys and values."""
     hkv, d = value_pool.shape[-2:]
-    return sum(context_lens) * hkv * d * value_pool.element_size()
+    return 2 * sum(context_lens) * hkv * d * value_pool.element_size()
