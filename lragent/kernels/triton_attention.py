@@ -1059,7 +1059,7 @@ def paged_prefill(
     if block_n is None:
         block_n = (64 if wide <= 256 else 32) if on_gpu else 16
         if tma and on_gpu:  # page-run tiles (H200 probe, BENCHMARKS.md): 128 x 128 with 8 warps on 128-token pages
-            block_n = 128 if wide <= 256 else 64
+            block_n = 128 if wide <= 256 else 64 if wide <= 512 else 32  # fp32 at d 256: shared memory
             block_n = block_n if gathered else min(p.bs, block_n)
             if block_n == 128 and max_query_len >= 128 and block_m == 64:
                 block_m = 128
