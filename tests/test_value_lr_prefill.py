@@ -144,15 +144,18 @@ def test_value_rows_exclude_value_up():
         run_kernel(case, decode=False, value_rows=rows)
 
 
-def test_worth_it_weighs_queries_per_key():
+def test_worth_it_weighs_query_key_pairs_per_key():
     cuda = torch.device("cuda")
-    n = value_lr_prefill.MIN_QUERY
-    assert materialize_values_worth_it([n], [n], cuda)  # a whole prompt of MIN_QUERY tokens
+    n = value_lr_prefill.MIN_PAIRS
+    assert materialize_values_worth_it([2 * n], [2 * n], cuda)  # a whole prompt: n causal pairs a key
+    assert not materialize_values_worth_it([2 * n - 2], [2 * n - 2], cuda)
     assert materialize_values_worth_it([8192], [8192 + 32768], cuda)
+    q_hi, q_lo = 11 * n // 10, 9 * n // 10  # a chunk after a prefix of 8 n: each prefix key pairs with every query
+    assert materialize_values_worth_it([q_hi], [q_hi + 8 * n], cuda)
+    assert not materialize_values_worth_it([q_lo], [q_lo + 8 * n], cuda)
     assert not materialize_values_worth_it([24], [33792], cuda)  # a short chunk after a long context
-    assert not materialize_values_worth_it([n - 1], [n - 1], cuda)
-    # token-weighted: one long prompt next to a short chunk after a long context
-    assert not materialize_values_worth_it([n, 16], [n, 4 * n], cuda)
+    # summed over the step: one long prompt next to a short chunk after a long context
+    assert not materialize_values_worth_it([2 * n, 16], [2 * n, 8 * n], cuda)
     assert not materialize_values_worth_it([], [], cuda)
     assert not materialize_values_worth_it([8192], [8192], torch.device("cpu"))  # auto: GPUs only
     assert materialize_values_worth_it([1], [1], torch.device("cpu"), mode="materialize")

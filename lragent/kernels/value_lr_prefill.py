@@ -12,8 +12,8 @@ contiguous scratches (sequences back to back), and the prefill kernel reads both
 context's keys and values once more in memory traffic per layer, which `materialize_values_worth_it` weighs
 against the chunk's attention work. With key adapters the keys come from `key_lr_prefill.materialize_keys`.
 
-`VALUE_LR_PREFILL` (environment `LRAGENT_VALUE_LR_PREFILL`): "auto" (the default: on a GPU, for chunks whose
-token-weighted query length reaches `MIN_QUERY`), "materialize" (always: tests) or "on_chip" (never).
+`VALUE_LR_PREFILL` (environment `LRAGENT_VALUE_LR_PREFILL`): "auto" (the default: on a GPU, for steps with at least
+`MIN_PAIRS` causal query-key pairs per context key), "materialize" (always: tests) or "on_chip" (never).
 `materialize_values_reference` is the slow exact torch route the tests compare the kernel with.
 """
 
@@ -35,9 +35,11 @@ VALUE_LR_PREFILL = os.environ.get("LRAGENT_VALUE_LR_PREFILL", "auto")
 MODES = ("auto", "on_chip", "materialize")
 if VALUE_LR_PREFILL not in MODES:
     raise ValueError(f"LRAGENT_VALUE_LR_PREFILL must be one of {MODES}, got {VALUE_LR_PREFILL!r}")
-# "auto" materialises when the chunk's queries per context key (token-weighted) reach this: below it the prefill
-# is closer to streaming the cache, where reading r numbers per key beats writing and re-reading d of them
-MIN_QUERY = int(os.environ.get("LRAGENT_VALUE_LR_MIN_QUERY", "1024"))
+# "auto" gathers when the chunk's causal query-key pairs per context key reach this: below it the prefill is closer
+# to streaming the cache, where reading r numbers per key beats writing and re-reading the keys and values (H200,
+# bench kernels, twelfth session: 2k new tokens alone (1,024 pairs a key) 4% slower gathered, 2k after 8k (1,843)
+# 7% faster, 1k after 8k (967) 2% slower)
+MIN_PAIRS = int(os.environ.get("LRAGENT_VALUE_LR_MIN_PAIRS", "1536"))
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,9 @@ class ScratchRows:
 def materialize_values_worth_it(
     query_lens: list[int], context_lens: list[int], device: torch.device, mode: str | None = None
 ) -> bool:
-    """Whether a prefill step with these lengths should read materialised values (see the module docstring):
-    sum(q_i * ctx_i) >= MIN_QUERY * sum(ctx_i), i.e. each context key serves that many queries on average."""
+    """Whether a prefill step with these lengths should take the gathered route (see the module docstring): its
+    causal query-key pairs, sum(q_i (ctx_i - q_i / 2)), reach MIN_PAIRS per context key, sum(ctx_i): the
+    attention work each gathered key and value row serves."""
     mode = VALUE_LR_PREFILL if mode is None else mode
     if mode not in MODES:
         raise ValueError(f"value LR prefill mode must be one of {MODES}, got {mode!r}")
@@ -75,7 +78,8 @@ def materialize_values_worth_it(
     if device.type != "cuda":
         return False
     keys = sum(context_lens)
-    return keys > 0 and sum(q * c for q, c in zip(query_lens, context_lens)) >= MIN_QUERY * keys
+    pairs = sum(q * (c - q / 2) for q, c in zip(query_lens, context_lens))
+    return keys > 0 and pairs >= MIN_PAIRS * keys
 
 
 @triton.jit(do_not_specialize=["stride_bt", "stride_lbt"])
