@@ -209,6 +209,19 @@ def test_prefill_small(case_id, splits):
     assert rel_err(run_kernel(case, decode=False, num_splits=splits), case.ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (8, 2), (9, 3)])
+def test_prefill_gqa_packing(hq, hkv, splits, pack, monkeypatch):
+    """A program's rows are tokens x the G query heads of its kv head (G = 3: a tile's last row is padding), or one
+    query head's tokens (LRAGENT_PREFILL_GQA_PACK=0): both give the reference's output."""
+    import lragent.kernels.triton_attention as ta
+
+    monkeypatch.setattr(ta, "PREFILL_GQA_PACK", pack)
+    case = make_case([(0, 11, 1), (13, 7, 2), (5, 1, 0), (30, 18, 3)], hq, hkv, 16, 4, 8, torch.float32, seed=hq)
+    assert rel_err(run_kernel(case, decode=False, num_splits=splits), case.ref) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("splits", [1, 2])
 def test_prefill_no_lr_pool(splits):
     """FullShared: no LR pool, value_up None."""

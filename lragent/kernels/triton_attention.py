@@ -416,29 +416,36 @@ def _prefill_kernel(
     VAL_ROWS: tl.constexpr,
     TMA: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
+    GP: tl.constexpr,
 ):
+    # GP > 1 (GQA packing): a program's BLOCK_M rows are TOK tokens x the GP = G query heads of one kv head, so every
+    # key and value tile is read once per kv head instead of once per query head; GP = 1: one query head's tokens
+    TOK: tl.constexpr = BLOCK_M // GP
     mt = tl.program_id(0) // NUM_SPLITS
     if HEAVY_FIRST:  # under the causal mask the last query tiles read the most keys: launched first, they leave
         mt = tl.num_programs(0) // NUM_SPLITS - 1 - mt  # the light ones for the grid's tail (FlashAttention-3's order)
     sp = tl.program_id(0) % NUM_SPLITS
-    h = tl.program_id(1)
+    hh = tl.program_id(1)  # the kv head (GP > 1) or the query head
     b = tl.program_id(2)
     q0 = tl.load(qstart_ptr + b)
     qlen = tl.load(qstart_ptr + b + 1) - q0
-    if mt * BLOCK_M >= qlen:
+    if mt * TOK >= qlen:
         return
     ctx = tl.load(ctx_ptr + b)
     prefix = ctx - qlen
-    g = h // G
+    g = (hh * GP) // G
 
-    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_m = tl.arange(0, BLOCK_M)
+    offs_m = mt * TOK + rows_m // GP  # each row's token
+    heads = hh * GP + rows_m % GP  # and query head
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_r = tl.arange(0, R_PAD)
-    rmask = offs_m < qlen
+    rmask = (offs_m < qlen) & (rows_m < TOK * GP)
     qpos = prefix + offs_m
     q_rows = (q0 + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    q_at = q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_at, mask=rmask[:, None], other=0.0)
 
     use_lr = False
     lr_end = 0
@@ -475,7 +482,7 @@ def _prefill_kernel(
     k_lo = sp * split_len
     k_hi = tl.minimum(k_lo + split_len, ctx)
     # keys strictly before the tile's first query: no mask at all
-    first_q = prefix + mt * BLOCK_M
+    first_q = prefix + mt * TOK
     full_end = (first_q // BLOCK_N) * BLOCK_N
     for n0 in range(k_lo, tl.minimum(full_end, k_hi), BLOCK_N):
         acc, acc_r, m_i, l_i = _prefill_tile(
@@ -526,7 +533,7 @@ def _prefill_kernel(
             TMA,
         )
     # the diagonal: causal mask and the end of the context
-    end = tl.minimum(k_hi, prefix + (mt + 1) * BLOCK_M)
+    end = tl.minimum(k_hi, prefix + (mt + 1) * TOK)
     for n0 in range(tl.maximum(full_end, k_lo), end, BLOCK_N):
         acc, acc_r, m_i, l_i = _prefill_tile(
             acc,
@@ -595,17 +602,17 @@ def _prefill_kernel(
             DOT_PREC,
         )
         tl.store(
-            out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+            out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=rmask[:, None],
         )
     else:
-        # partials laid out as decode's [T, NUM_SPLITS, HQ, ...], one row per query token; the merge reads each
-        # row's adapter slot from row_slot (written here once per row: no host-side expansion)
+        # partials laid out as decode's [T, NUM_SPLITS, HQ, ...], one row per (query token, head); the merge reads
+        # each token's adapter slot from row_slot (written here once per token: no host-side expansion)
         if HAS_LR:
-            if (sp == 0) & (h == 0):
+            if (sp == 0) & (hh == 0):
                 tl.store(row_slot_ptr + q_rows, tl.zeros([BLOCK_M], dtype=tl.int64) + slot, mask=rmask)
-        base = (q_rows * NUM_SPLITS + sp) * (HKV * G) + h
+        base = (q_rows * NUM_SPLITS + sp) * (HKV * G) + heads
         _store_partials(pacc_ptr, pr_ptr, pml_ptr, base, rmask, acc, acc_r, m_i, l_i, offs_d, offs_r, D, R_PAD, HAS_LR)
 
 
@@ -1050,9 +1057,11 @@ def paged_prefill(
     on_gpu = query.device.type == "cuda"
     wide = query.element_size() * d  # bytes per row: fp32 (tests only) and d 256 get smaller tiles
     # tiles from the H200 sweep (BENCHMARKS.md): 64 x 64 with 4 warps beat 128-row tiles with 8 warps at d 128
+    g = hq // p.hkv
     if block_m is None:
         block_m = (64 if wide <= 512 else 32) if on_gpu else 16
-        block_m = min(block_m, _pow2_at_least(max_query_len, 16))
+    gp = g if PREFILL_GQA_PACK and 1 < g <= block_m else 1  # GQA packing: see `_prefill_kernel`
+    block_m = min(block_m, _pow2_at_least(max_query_len * gp, 16))
     gathered = key_rows is not None and value_rows is not None  # K and V from contiguous scratches: no pages read
     if tma is None:
         tma = _use_tma(p, query.device, block_n, key_rows is not None, gathered)
@@ -1061,7 +1070,7 @@ def paged_prefill(
         if tma and on_gpu:  # page-run tiles (H200 probe, BENCHMARKS.md): 128 x 128 with 8 warps on 128-token pages
             block_n = 128 if wide <= 256 else 64 if wide <= 512 else 32  # fp32 at d 256: shared memory
             block_n = block_n if gathered else min(p.bs, block_n)
-            if block_n == 128 and max_query_len >= 128 and block_m == 64:
+            if block_n == 128 and max_query_len * gp >= 128 and block_m == 64:
                 block_m = 128
     if tma and not gathered and (p.bs % block_n or p.has_klr or key_rows is not None):
         raise ValueError(f"TMA tiles need pages of whole key tiles ({block_n} keys per tile, pages of {p.bs})")
@@ -1070,11 +1079,12 @@ def paged_prefill(
     if num_stages is None:  # the LR-free 128 x 128 tile ran best with 2 (H200 probe, tenth session)
         num_stages = (2 if gathered and block_m >= 128 else 3) if tma else 2
     lbt = lr_block_tables if (p.any_lr and lr_block_tables is not None) else base_block_tables
-    m_tiles = triton.cdiv(max_query_len, block_m)
+    m_tiles = triton.cdiv(max_query_len, block_m // gp)
     if num_splits is None:
         num_splits = 1
         if on_gpu and max_context is not None:
-            num_splits = prefill_num_splits(m_tiles * hq * (graph_seqs or b), max_context, query.device, block_n)
+            programs = m_tiles * (hq // gp) * (graph_seqs or b)
+            num_splits = prefill_num_splits(programs, max_context, query.device, block_n)
     single = num_splits == 1
     if single:
         pacc = pr = pml = row_slots = out  # unused
@@ -1085,7 +1095,7 @@ def paged_prefill(
     keys = key_pool if key_rows is None else key_rows[0]
     values = value_pool if value_rows is None else value_rows[0]
     k_desc, v_desc = (_kv_descriptor(keys, block_n), _kv_descriptor(values, block_n)) if tma else (0, 0)
-    _prefill_kernel[(m_tiles * num_splits, hq, b)](
+    _prefill_kernel[(m_tiles * num_splits, hq // gp, b)](
         query,
         key_pool,
         values,
@@ -1143,6 +1153,7 @@ def paged_prefill(
         VAL_ROWS=value_rows is not None,
         TMA=tma,
         HEAVY_FIRST=PREFILL_HEAVY_FIRST,
+        GP=gp,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -1154,6 +1165,9 @@ def paged_prefill(
 PREFILL_TMA = os.environ.get("LRAGENT_PREFILL_TMA", "auto")  # "0": always the pointer-gather tiles
 # prefill's query tiles launched last tile first (LRAGENT_PREFILL_HEAVY_FIRST=0: in order, for A/B timing)
 PREFILL_HEAVY_FIRST = os.environ.get("LRAGENT_PREFILL_HEAVY_FIRST", "1") != "0"
+# prefill packs the G query heads of a kv head into one program's rows (LRAGENT_PREFILL_GQA_PACK=0: a program per
+# query head, each reading its kv head's keys and values again)
+PREFILL_GQA_PACK = os.environ.get("LRAGENT_PREFILL_GQA_PACK", "1") != "0"
 
 
 def _use_tma(p: _Pools, device: torch.device, block_n: int | None, keys_built: bool, gathered: bool = False) -> bool:
