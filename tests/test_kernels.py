@@ -209,7 +209,7 @@ def test_prefill_small(case_id, splits):
     assert rel_err(run_kernel(case, decode=False, num_splits=splits), case.ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("pack", ["1", "0"])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (8, 2), (9, 3)])
 def test_prefill_gqa_packing(hq, hkv, splits, pack, monkeypatch):
@@ -220,6 +220,15 @@ def test_prefill_gqa_packing(hq, hkv, splits, pack, monkeypatch):
     monkeypatch.setattr(ta, "PREFILL_GQA_PACK", pack)
     case = make_case([(0, 11, 1), (13, 7, 2), (5, 1, 0), (30, 18, 3)], hq, hkv, 16, 4, 8, torch.float32, seed=hq)
     assert rel_err(run_kernel(case, decode=False, num_splits=splits), case.ref) < TOL[torch.float32]
+
+
+def test_gqa_packing_policy(monkeypatch):
+    """ "auto" packs short chunks only (long ones are compute-bound: more diagonal tiles cost more there)."""
+    import lragent.kernels.triton_attention as ta
+
+    for mode, short, long in (("auto", True, False), ("1", True, True), ("0", False, False)):
+        monkeypatch.setattr(ta, "PREFILL_GQA_PACK", mode)
+        assert ta._gqa_pack(ta.GQA_PACK_ROWS) is short and ta._gqa_pack(ta.GQA_PACK_ROWS + 1) is long
 
 
 @pytest.mark.parametrize("splits", [1, 2])

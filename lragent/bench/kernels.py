@@ -475,7 +475,7 @@ def _prefill_calls(
     def run(lr, lr_tables, value_up, **extra):
         return paged_prefill(
             q, pools.key, pools.value, lr, bt, lr_tables, qstart, ctx_t, slots, value_up, pools.scaling,
-            max_query_len=new, out=out, **kw, **extra,
+            max_query_len=new, max_context=ctx, out=out, **kw, **extra,
         )  # fmt: skip
 
     rows = ScratchRows.of([ctx], q.device)  # once per step in the engine

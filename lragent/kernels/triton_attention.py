@@ -1060,7 +1060,7 @@ def paged_prefill(
     g = hq // p.hkv
     if block_m is None:
         block_m = (64 if wide <= 512 else 32) if on_gpu else 16
-    gp = g if PREFILL_GQA_PACK and 1 < g <= block_m else 1  # GQA packing: see `_prefill_kernel`
+    gp = g if 1 < g <= block_m and _gqa_pack(max_query_len * g) else 1  # GQA packing: see `_prefill_kernel`
     block_m = min(block_m, _pow2_at_least(max_query_len * gp, 16))
     gathered = key_rows is not None and value_rows is not None  # K and V from contiguous scratches: no pages read
     if tma is None:
@@ -1165,9 +1165,18 @@ def paged_prefill(
 PREFILL_TMA = os.environ.get("LRAGENT_PREFILL_TMA", "auto")  # "0": always the pointer-gather tiles
 # prefill's query tiles launched last tile first (LRAGENT_PREFILL_HEAVY_FIRST=0: in order, for A/B timing)
 PREFILL_HEAVY_FIRST = os.environ.get("LRAGENT_PREFILL_HEAVY_FIRST", "1") != "0"
-# prefill packs the G query heads of a kv head into one program's rows (LRAGENT_PREFILL_GQA_PACK=0: a program per
-# query head, each reading its kv head's keys and values again)
-PREFILL_GQA_PACK = os.environ.get("LRAGENT_PREFILL_GQA_PACK", "1") != "0"
+# prefill packs the G query heads of a kv head into one program's rows: "auto" for short chunks (at most
+# GQA_PACK_ROWS query rows, tokens x G), "1" always, "0" never (a program per query head, each reading its kv
+# head's keys and values again). Long chunks are compute-bound and ran up to 6% slower packed (H200, twelfth
+# session: four times the diagonal tiles)
+PREFILL_GQA_PACK = os.environ.get("LRAGENT_PREFILL_GQA_PACK", "auto")
+if PREFILL_GQA_PACK not in ("auto", "0", "1"):
+    raise ValueError(f"LRAGENT_PREFILL_GQA_PACK must be auto, 0 or 1, got {PREFILL_GQA_PACK!r}")
+GQA_PACK_ROWS = 256
+
+
+def _gqa_pack(rows: int) -> bool:
+    return PREFILL_GQA_PACK == "1" or (PREFILL_GQA_PACK == "auto" and rows <= GQA_PACK_ROWS)
 
 
 def _use_tma(p: _Pools, device: torch.device, block_n: int | None, keys_built: bool, gathered: bool = False) -> bool:

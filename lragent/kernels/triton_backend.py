@@ -210,6 +210,7 @@ class TritonBackend(AttentionBackend):
             and meta.graph_seqs is None
             and value_lr_prefill.materialize_values_worth_it(meta.query_lens, meta.context_lens, query.device)
         ):
+            assert lr_pool is not None and value_up is not None  # value_up passed on only with an LR pool
             if meta.scratch_rows is None:
                 meta.scratch_rows = value_lr_prefill.ScratchRows.of(meta.context_lens, query.device)
             keys = args.pop("key_rows")[0] if "key_rows" in args else None
