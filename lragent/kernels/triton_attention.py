@@ -1217,18 +1217,20 @@ def _split_partials(rows: int, splits: int, hq: int, d: int, r_pad: int, device:
     return pacc, pr, pml, row_slots
 
 
-# short chunks after contexts shorter than this run unsplit: there the attention is a few milliseconds at most,
-# and on an H200 a first version of the split (with more host-side work per layer) made 24-token chunks ~6 ms
-# slower below ~17k keys while saving 10-20 ms from ~25k (trace step latencies, BENCHMARKS.md)
-PREFILL_SPLIT_MIN_CONTEXT = 8192
+# short chunks after contexts shorter than this run unsplit. 8192 while eager short chunks paid the split's host
+# work per layer (a first version made 24-token chunks ~6 ms slower below ~17k keys); with GQA-packed tiles and
+# CUDA-graph prefill a 32-token chunk after 1k keys is 8 programs of 17 key tiles each unsplit (H200, twelfth
+# session: 0.034 ms against SDPA's 0.020)
+PREFILL_SPLIT_MIN_CONTEXT = 2048
 
 
 def prefill_num_splits(programs: int, max_context: int, device: torch.device, block_n: int = 64) -> int:
     """Split-KV count for a prefill grid of `programs` (query tile, head, sequence) programs: enough splits for
-    about one wave when the grid alone is under half a wave and the context is long, >= 4 key tiles a split;
-    1 otherwise."""
+    about one wave when the grid alone is under an eighth of one and the context is long, >= 4 key tiles a split;
+    1 otherwise. (Under half a wave, as before, split 512-token chunks in two: 0.36 ms against 0.21 unsplit after
+    8k keys on the H200, twelfth session, the partials' write and merge costing more than the idle SMs.)"""
     wave = 4 * _num_sms(device)
-    if 2 * programs >= wave or max_context < PREFILL_SPLIT_MIN_CONTEXT:
+    if 8 * programs > wave or max_context < PREFILL_SPLIT_MIN_CONTEXT:
         return 1
     return max(1, min(wave // max(1, programs), -(-max_context // (4 * block_n)), 64))
 
