@@ -157,6 +157,10 @@ def test_worth_it_weighs_query_key_pairs_per_key():
     # summed over the step: one long prompt next to a short chunk after a long context
     assert not materialize_values_worth_it([2 * n, 16], [2 * n, 8 * n], cuda)
     assert not materialize_values_worth_it([], [], cuda)
+    limit = value_lr_prefill.MAX_SCRATCH_BYTES  # scratches past the limit keep the on-chip route
+    assert materialize_values_worth_it([8192], [8192], cuda, row_bytes=limit // 8192)
+    assert not materialize_values_worth_it([8192], [8192], cuda, row_bytes=limit // 8192 + 1)
+    assert materialize_values_worth_it([8192], [8192], cuda, mode="materialize", row_bytes=limit)
     assert not materialize_values_worth_it([8192], [8192], torch.device("cpu"))  # auto: GPUs only
     assert materialize_values_worth_it([1], [1], torch.device("cpu"), mode="materialize")
     assert not materialize_values_worth_it([8192], [8192], cuda, mode="on_chip")

@@ -416,7 +416,7 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
     """One sequence prefilling `new` tokens over a cached `prefix`: our prefill by the engine's route for these lengths
     (`value_lr_prefill.materialize_values_worth_it`), and (with `baselines`) the other route, the kernel without the
     LR term, the contiguous SDPA and naive-materialisation baselines."""
-    from lragent.kernels.value_lr_prefill import materialize_values_worth_it
+    from lragent.kernels.value_lr_prefill import materialize_values_worth_it, row_bytes
 
     ctx = prefix + new
     bt, lbt = pools.tables(1, ctx)
@@ -427,7 +427,11 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
     slots = torch.tensor([1], dtype=torch.long, device=device)
 
     calls = _prefill_calls(pools, q, out, bt, lbt, qstart, ctx_t, slots, new, ctx, kw)
-    route = "materialized" if materialize_values_worth_it([new], [ctx], device) else "on_chip"
+    route = (
+        "materialized"
+        if materialize_values_worth_it([new], [ctx], device, row_bytes=row_bytes(pools.value))
+        else "on_chip"
+    )
     times = {route: timer(calls[route])}
     t_ours = times[route]
     flops = prefill_flops(new, prefix)

@@ -208,7 +208,12 @@ class TritonBackend(AttentionBackend):
         if (
             args["value_up"] is not None
             and meta.graph_seqs is None
-            and value_lr_prefill.materialize_values_worth_it(meta.query_lens, meta.context_lens, query.device)
+            and value_lr_prefill.materialize_values_worth_it(
+                meta.query_lens,
+                meta.context_lens,
+                query.device,
+                row_bytes=value_lr_prefill.row_bytes(cache.value[layer]),
+            )
         ):
             assert lr_pool is not None and value_up is not None  # value_up passed on only with an LR pool
             if meta.scratch_rows is None:

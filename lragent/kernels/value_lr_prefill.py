@@ -40,6 +40,9 @@ if VALUE_LR_PREFILL not in MODES:
 # bench kernels, twelfth session: 2k new tokens alone (1,024 pairs a key) 4% slower gathered, 2k after 8k (1,843)
 # 7% faster, 1k after 8k (967) 2% slower)
 MIN_PAIRS = int(os.environ.get("LRAGENT_VALUE_LR_MIN_PAIRS", "1536"))
+# the scratches are transient (one layer) but outside the KV budget's measured step peak: a step whose scratches
+# would pass this keeps the on-chip route (512 MiB: 131k context tokens of Llama-3.1-8B's keys and values in bf16)
+MAX_SCRATCH_BYTES = int(os.environ.get("LRAGENT_VALUE_LR_MAX_SCRATCH", str(512 << 20)))
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,16 @@ class ScratchRows:
 
 
 def materialize_values_worth_it(
-    query_lens: list[int], context_lens: list[int], device: torch.device, mode: str | None = None
+    query_lens: list[int],
+    context_lens: list[int],
+    device: torch.device,
+    mode: str | None = None,
+    row_bytes: int = 0,
 ) -> bool:
     """Whether a prefill step with these lengths should take the gathered route (see the module docstring): its
     causal query-key pairs, sum(q_i (ctx_i - q_i / 2)), reach MIN_PAIRS per context key, sum(ctx_i): the
-    attention work each gathered key and value row serves."""
+    attention work each gathered key and value row serves; and ("auto") its scratches, `row_bytes` a context
+    token, stay within MAX_SCRATCH_BYTES."""
     mode = VALUE_LR_PREFILL if mode is None else mode
     if mode not in MODES:
         raise ValueError(f"value LR prefill mode must be one of {MODES}, got {mode!r}")
@@ -79,7 +87,7 @@ def materialize_values_worth_it(
         return False
     keys = sum(context_lens)
     pairs = sum(q * (c - q / 2) for q, c in zip(query_lens, context_lens))
-    return keys > 0 and pairs >= MIN_PAIRS * keys
+    return keys > 0 and pairs >= MIN_PAIRS * keys and keys * row_bytes <= MAX_SCRATCH_BYTES
 
 
 @triton.jit(do_not_specialize=["stride_bt", "stride_lbt"])
@@ -251,7 +259,7 @@ def materialize_values_reference(
     return values, torch.tensor(row_starts(context_lens), dtype=torch.int64, device=value_pool.device)
 
 
-def scratch_bytes(context_lens: list[int], value_pool: torch.Tensor) -> int:
-    """What the gathered route allocates per layer: the contexts' keys and values."""
+def row_bytes(value_pool: torch.Tensor) -> int:
+    """What the gathered route allocates per layer and context token: its key and its value."""
     hkv, d = value_pool.shape[-2:]
-    return 2 * sum(context_lens) * hkv * d * value_pool.element_size()
+    return 2 * hkv * d * value_pool.element_size()
