@@ -22,9 +22,9 @@ from lragent.kernels.value_lr_prefill import (  # noqa: E402
     ScratchRows,
     gather_rows,
     gathered_prefill_args,
+    gathered_route_worth_it,
     materialize_values,
     materialize_values_reference,
-    materialize_values_worth_it,
 )
 
 
@@ -147,25 +147,25 @@ def test_value_rows_exclude_value_up():
 def test_worth_it_weighs_query_key_pairs_per_key():
     cuda = torch.device("cuda")
     n = value_lr_prefill.MIN_PAIRS
-    assert materialize_values_worth_it([2 * n], [2 * n], cuda)  # a whole prompt: n causal pairs a key
-    assert not materialize_values_worth_it([2 * n - 2], [2 * n - 2], cuda)
-    assert materialize_values_worth_it([8192], [8192 + 32768], cuda)
+    assert gathered_route_worth_it([2 * n], [2 * n], cuda)  # a whole prompt: n causal pairs a key
+    assert not gathered_route_worth_it([2 * n - 2], [2 * n - 2], cuda)
+    assert gathered_route_worth_it([8192], [8192 + 32768], cuda)
     q_hi, q_lo = 11 * n // 10, 9 * n // 10  # a chunk after a prefix of 8 n: each prefix key pairs with every query
-    assert materialize_values_worth_it([q_hi], [q_hi + 8 * n], cuda)
-    assert not materialize_values_worth_it([q_lo], [q_lo + 8 * n], cuda)
-    assert not materialize_values_worth_it([24], [33792], cuda)  # a short chunk after a long context
+    assert gathered_route_worth_it([q_hi], [q_hi + 8 * n], cuda)
+    assert not gathered_route_worth_it([q_lo], [q_lo + 8 * n], cuda)
+    assert not gathered_route_worth_it([24], [33792], cuda)  # a short chunk after a long context
     # summed over the step: one long prompt next to a short chunk after a long context
-    assert not materialize_values_worth_it([2 * n, 16], [2 * n, 8 * n], cuda)
-    assert not materialize_values_worth_it([], [], cuda)
+    assert not gathered_route_worth_it([2 * n, 16], [2 * n, 8 * n], cuda)
+    assert not gathered_route_worth_it([], [], cuda)
     limit = value_lr_prefill.MAX_SCRATCH_BYTES  # scratches past the limit keep the on-chip route
-    assert materialize_values_worth_it([8192], [8192], cuda, row_bytes=limit // 8192)
-    assert not materialize_values_worth_it([8192], [8192], cuda, row_bytes=limit // 8192 + 1)
-    assert materialize_values_worth_it([8192], [8192], cuda, mode="materialize", row_bytes=limit)
-    assert not materialize_values_worth_it([8192], [8192], torch.device("cpu"))  # auto: GPUs only
-    assert materialize_values_worth_it([1], [1], torch.device("cpu"), mode="materialize")
-    assert not materialize_values_worth_it([8192], [8192], cuda, mode="on_chip")
+    assert gathered_route_worth_it([8192], [8192], cuda, row_bytes=limit // 8192)
+    assert not gathered_route_worth_it([8192], [8192], cuda, row_bytes=limit // 8192 + 1)
+    assert gathered_route_worth_it([8192], [8192], cuda, mode="materialize", row_bytes=limit)
+    assert not gathered_route_worth_it([8192], [8192], torch.device("cpu"))  # auto: GPUs only
+    assert gathered_route_worth_it([1], [1], torch.device("cpu"), mode="materialize")
+    assert not gathered_route_worth_it([8192], [8192], cuda, mode="on_chip")
     with pytest.raises(ValueError, match="must be one of"):
-        materialize_values_worth_it([1], [1], cuda, mode="always")
+        gathered_route_worth_it([1], [1], cuda, mode="always")
 
 
 def test_backend_routes_long_prefill_through_gathered_rows(monkeypatch):

@@ -414,9 +414,9 @@ def bench_prefill(pools: PagedPools, news, prefixes, timer, dtype, device, calib
 
 def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device, calib, kw, baselines: bool) -> dict:
     """One sequence prefilling `new` tokens over a cached `prefix`: our prefill by the engine's route for these lengths
-    (`value_lr_prefill.materialize_values_worth_it`), and (with `baselines`) the other route, the kernel without the
+    (`value_lr_prefill.gathered_route_worth_it`), and (with `baselines`) the other route, the kernel without the
     LR term, the contiguous SDPA and naive-materialisation baselines."""
-    from lragent.kernels.value_lr_prefill import materialize_values_worth_it, row_bytes
+    from lragent.kernels.value_lr_prefill import gathered_route_worth_it, row_bytes
 
     ctx = prefix + new
     bt, lbt = pools.tables(1, ctx)
@@ -427,11 +427,7 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
     slots = torch.tensor([1], dtype=torch.long, device=device)
 
     calls = _prefill_calls(pools, q, out, bt, lbt, qstart, ctx_t, slots, new, ctx, kw)
-    route = (
-        "materialized"
-        if materialize_values_worth_it([new], [ctx], device, row_bytes=row_bytes(pools.value))
-        else "on_chip"
-    )
+    route = "gathered" if gathered_route_worth_it([new], [ctx], device, row_bytes=row_bytes(pools.value)) else "on_chip"
     times = {route: timer(calls[route])}
     t_ours = times[route]
     flops = prefill_flops(new, prefix)
@@ -443,7 +439,7 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
             "ours_ms": t_ours,
             "ours_TFLOPs": flops / (t_ours * 1e-3) / 1e12,
         }
-    other = "on_chip" if route == "materialized" else "materialized"
+    other = "on_chip" if route == "gathered" else "gathered"
     times[other] = timer(calls[other])
     t_nolr = timer(calls["no_lr"])
     t_plain, backend, t_naive = _prefill_baselines(pools, q, slots, ctx, prefix, timer, dtype, device)
@@ -453,7 +449,7 @@ def _prefill_case(pools: PagedPools, new: int, prefix: int, timer, dtype, device
         "route": route,
         "ours_ms": t_ours,
         "on_chip_ms": times["on_chip"],
-        "materialized_ms": times["materialized"],
+        "gathered_ms": times["gathered"],
         "ours_no_lr_ms": t_nolr,
         "naive_ms": t_naive,
         "sdpa_ms": t_plain,
@@ -471,7 +467,7 @@ def _prefill_calls(
     pools: PagedPools, q, out, bt, lbt, qstart, ctx_t, slots, new: int, ctx: int, kw
 ) -> dict[str, Callable]:
     """Our paged prefill over the case's tensors by each route: "on_chip" (the LR term in the kernel),
-    "materialized" (keys gathered and values with the term written first, then 128-key tiles without the term:
+    "gathered" (keys gathered and values with the term written first, then 128-key tiles without the term:
     `value_lr_prefill`; the gathers are inside the timed call), and "no_lr" (the paged kernel without any LR term)."""
     from lragent.kernels.triton_attention import paged_prefill
     from lragent.kernels.value_lr_prefill import ScratchRows, gathered_prefill_args
@@ -484,7 +480,7 @@ def _prefill_calls(
 
     rows = ScratchRows.of([ctx], q.device)  # once per step in the engine
 
-    def materialized():
+    def gathered():
         args = gathered_prefill_args(
             pools.key, pools.value, pools.lr, bt, lbt, slots, pools.value_up, pools.scaling, rows
         )
@@ -492,7 +488,7 @@ def _prefill_calls(
 
     return {
         "on_chip": lambda: run(pools.lr, lbt, pools.value_up),
-        "materialized": materialized,
+        "gathered": gathered,
         "no_lr": lambda: run(None, None, None),
     }
 
@@ -523,7 +519,7 @@ def _prefill_line(r: dict) -> str:
     return (
         f"prefill new={_fmt_len(r['new_tokens']):>5} prefix={_fmt_len(r['prefix']):>5} | ours {r['ours_ms']:8.3f} ms"
         f" {r['ours_TFLOPs']:6.1f} TFLOP/s ({r['ours_pct_matmul']:4.1f}% mm, {r['route']}) | on chip"
-        f" {r['on_chip_ms']:8.3f} materialized {r['materialized_ms']:8.3f} no LR {r['ours_no_lr_ms']:8.3f} ms"
+        f" {r['on_chip_ms']:8.3f} gathered {r['gathered_ms']:8.3f} no LR {r['ours_no_lr_ms']:8.3f} ms"
         f" | sdpa {r['sdpa_ms']:8.3f} ms"
         f" {r['sdpa_TFLOPs']:6.1f} [{r['sdpa_backend']}] | naive {r['naive_ms']:8.3f} ms | ours/sdpa"
         f" {r['ours_over_sdpa']:5.2f} naive/ours {r['naive_over_ours']:5.2f}"
@@ -832,14 +828,14 @@ def render_markdown(res: dict) -> str:
         lines.append("")
     if res.get("prefill"):
         lines += [
-            "| prefill new | prefix | route | ours ms | ours TFLOP/s | % matmul | on chip ms | materialized ms | ours w/o LR ms | SDPA no-LoRA ms | SDPA TFLOP/s | SDPA backend | naive ms | ours / SDPA |",
+            "| prefill new | prefix | route | ours ms | ours TFLOP/s | % matmul | on chip ms | gathered ms | ours w/o LR ms | SDPA no-LoRA ms | SDPA TFLOP/s | SDPA backend | naive ms | ours / SDPA |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["prefill"]:
             lines.append(
                 f"| {_fmt_len(r['new_tokens'])} | {_fmt_len(r['prefix'])} | {r['route']} | {r['ours_ms']:.3f} | "
                 f"{r['ours_TFLOPs']:.0f} | {r['ours_pct_matmul']:.0f}% | {r['on_chip_ms']:.3f} | "
-                f"{r['materialized_ms']:.3f} | {r['ours_no_lr_ms']:.3f} | {r['sdpa_ms']:.3f} | {r['sdpa_TFLOPs']:.0f} | {r['sdpa_backend']} | "
+                f"{r['gathered_ms']:.3f} | {r['ours_no_lr_ms']:.3f} | {r['sdpa_ms']:.3f} | {r['sdpa_TFLOPs']:.0f} | {r['sdpa_backend']} | "
                 f"{r['naive_ms']:.3f} | {r['ours_over_sdpa']:.2f} |"
             )
         lines.append("")

@@ -208,7 +208,7 @@ class TritonBackend(AttentionBackend):
         if (
             args["value_up"] is not None
             and meta.graph_seqs is None
-            and value_lr_prefill.materialize_values_worth_it(
+            and value_lr_prefill.gathered_route_worth_it(
                 meta.query_lens,
                 meta.context_lens,
                 query.device,

@@ -9,7 +9,7 @@ limited to a page's keys. Here one launch per layer writes each prefill sequence
 (float32 sum, rounded to the pool's dtype, as the model's own v_proj output would be) and one its keys into
 contiguous scratches (sequences back to back), and the prefill kernel reads both there with no LR term and with
 128-key tiles whatever the page size (`paged_prefill(key_rows=..., value_rows=...)`). The scratches cost the
-context's keys and values once more in memory traffic per layer, which `materialize_values_worth_it` weighs
+context's keys and values once more in memory traffic per layer, which `gathered_route_worth_it` weighs
 against the chunk's attention work. With key adapters the keys come from `key_lr_prefill.materialize_keys`.
 
 `VALUE_LR_PREFILL` (environment `LRAGENT_VALUE_LR_PREFILL`): "auto" (the default: on a GPU, for steps with at least
@@ -67,7 +67,7 @@ class ScratchRows:
         return sum(self.lens)
 
 
-def materialize_values_worth_it(
+def gathered_route_worth_it(
     query_lens: list[int],
     context_lens: list[int],
     device: torch.device,
