@@ -643,7 +643,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lragent bench kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--decode-contexts", default="1k,2k,4k,8k,16k,32k,64k")
     ap.add_argument("--decode-batches", default="1,8,32")
-    ap.add_argument("--prefill-new", default="512,1k,2k,4k,8k")
+    ap.add_argument("--prefill-new", default="32,256,512,1k,2k,4k,8k")  # 32 / 256: an agent turn's chunk
     ap.add_argument("--prefill-prefixes", default="0,8k,32k")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=0, help="tokens per page (0: the engine's default here)")
