@@ -652,6 +652,21 @@ def test_bench_kernels_smoke(tmp_path):
     assert res["decode"] and res["prefill"] and res["lora"] and "targets" in res
 
 
+def test_bench_kernels_prefill_targets():
+    """Issue 17's prefill targets read off the rows: 8k new tokens alone at >= 60% of the matmul rate, and no shape
+    slower than SDPA."""
+    from lragent.bench.kernels import targets
+
+    rows = [
+        {"new_tokens": 8192, "prefix": 0, "ours_pct_matmul": 61.1, "ours_over_sdpa": 0.75},
+        {"new_tokens": 32, "prefix": 1024, "ours_pct_matmul": 2.4, "ours_over_sdpa": 1.69},
+    ]
+    met = targets([], rows)["met"]
+    assert met["prefill_8k_60pct_matmul"] and not met["prefill_no_slower_than_sdpa"]
+    met = targets([], [{**rows[0], "ours_pct_matmul": 59.9}])["met"]
+    assert not met["prefill_8k_60pct_matmul"] and met["prefill_no_slower_than_sdpa"]
+
+
 def test_triton_lora_bank_plans_interleaved_and_per_token():
     """Two segment lists used alternately (FULL_SHARED: all tokens for q, the base-written subset for k/v) hit their
     own cached plans; the one-segment-per-row plan of CUDA-graph decode (slot 0 rows included) gives the same deltas."""

@@ -625,6 +625,10 @@ def targets(decode: list[dict], prefill: list[dict]) -> dict:
         "decode_ge8k_max_ours_over_sdpa": max((r["ours_over_sdpa"] for r in long), default=None),
         "decode_32k_min_naive_over_ours": min((r["naive_over_ours"] for r in at32), default=None),
         "prefill_max_ours_over_sdpa": max((r["ours_over_sdpa"] for r in prefill), default=None),
+        # issue 17: >= 60% of the bf16 matmul rate at 8k new tokens, never slower than SDPA
+        "prefill_8k_pct_matmul": next(
+            (r["ours_pct_matmul"] for r in prefill if (r["new_tokens"], r["prefix"]) == (8192, 0)), None
+        ),
     }
     out["met"] = {
         "decode_80pct_copy_bw": out["decode_ge8k_min_pct_copy_bw"] is not None
@@ -635,6 +639,9 @@ def targets(decode: list[dict], prefill: list[dict]) -> dict:
         and out["decode_32k_min_naive_over_ours"] >= 2,
         "prefill_within_1.25x_sdpa": out["prefill_max_ours_over_sdpa"] is not None
         and out["prefill_max_ours_over_sdpa"] <= 1.25,
+        "prefill_no_slower_than_sdpa": out["prefill_max_ours_over_sdpa"] is not None
+        and out["prefill_max_ours_over_sdpa"] <= 1.0,
+        "prefill_8k_60pct_matmul": out["prefill_8k_pct_matmul"] is not None and out["prefill_8k_pct_matmul"] >= 60,
     }
     return out
 
