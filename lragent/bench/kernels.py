@@ -602,14 +602,16 @@ def sweep(pools, timer, dtype, device, calib) -> dict:
         (128, 32, 8, 3),
     ]:
         kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
-        for new, prefix in ((4096, 0), (2048, 16384)):
+        for new, prefix in ((4096, 0), (2048, 16384), (256, 8192)):  # the last: an agent turn's chunk (on chip)
             try:
                 r = bench_prefill(pools, [new], [prefix], timer, dtype, device, calib, kw, baselines=False)[0]
                 res["prefill"].append(
-                    {**kw, "new": new, "prefix": prefix, "ours_ms": r["ours_ms"], "TFLOPs": r["ours_TFLOPs"]}
-                )
+                    {**kw, "new": new, "prefix": prefix, "route": r["route"], "ours_ms": r["ours_ms"],
+                     "TFLOPs": r["ours_TFLOPs"]}
+                )  # fmt: skip
                 print(
-                    f"sweep prefill {kw} new={new} prefix={prefix}: {r['ours_ms']:.3f} ms {r['ours_TFLOPs']:.0f} TFLOP/s",
+                    f"sweep prefill {kw} new={new} prefix={prefix} ({r['route']}): {r['ours_ms']:.3f} ms"
+                    f" {r['ours_TFLOPs']:.0f} TFLOP/s",
                     flush=True,
                 )
             except Exception as e:  # noqa: BLE001
