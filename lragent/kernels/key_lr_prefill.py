@@ -38,6 +38,22 @@ def row_starts(context_lens: list[int]) -> list[int]:
     return [sum(context_lens[:i]) for i in range(len(context_lens))]
 
 
+@triton.jit
+def _context_tile(pool_ptr, bt_row, kpos, kmask, g, offs_d, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    """Kv head g's rows at positions `kpos` of one sequence (block-table row `bt_row`) of a key or value pool."""
+    blk = tl.load(bt_row + kpos // BS, mask=kmask, other=0).to(tl.int64)
+    return tl.load(
+        pool_ptr + (blk * BS + kpos % BS)[:, None] * (HKV * D) + g * D + offs_d[None, :], mask=kmask[:, None]
+    )
+
+
+@triton.jit
+def _store_scratch_tile(out_ptr, start_ptr, b, tile, kpos, kmask, g, offs_d, HKV: tl.constexpr, D: tl.constexpr):
+    """The tile into sequence b's scratch rows (its first row at start_ptr[b]), kv head g's columns."""
+    rows = tl.load(start_ptr + b) + kpos.to(tl.int64)
+    tl.store(out_ptr + rows[:, None] * (HKV * D) + g * D + offs_d[None, :], tile, mask=kmask[:, None])
+
+
 @triton.jit(do_not_specialize=["stride_bt", "stride_lbt"])
 def _materialize_kernel(
     k_ptr,
@@ -80,8 +96,7 @@ def _materialize_kernel(
     kpos = n0 + offs_n
     kmask = kpos < ctx
     b64 = b.to(tl.int64)
-    blk = tl.load(bt_ptr + b64 * stride_bt + kpos // BS, mask=kmask, other=0).to(tl.int64)
-    k = tl.load(k_ptr + (blk * BS + kpos % BS)[:, None] * (HKV * D) + g * D + offs_d[None, :], mask=kmask[:, None])
+    k = _context_tile(k_ptr, bt_ptr + b64 * stride_bt, kpos, kmask, g, offs_d, HKV, D, BS)
     slot = tl.load(slot_ptr + b)
     lmask = kpos < tl.where(slot != 0, ctx, 0)  # a slot-0 reader adds nothing and reads no LR row
     lblk = tl.load(lbt_ptr + b64 * stride_lbt + kpos // BS, mask=lmask, other=0).to(tl.int64)
@@ -92,8 +107,7 @@ def _materialize_kernel(
         k, lr_ptr, lrow, lmask, kpos, kup, kup_rot, kscale, cos_ptr, sin_ptr, offs_r, offs_d, R, D, LR_W, KLR_COL,
         DOT_PREC, TRIG_ON_CHIP,
     )  # fmt: skip
-    rows = tl.load(start_ptr + b) + kpos.to(tl.int64)
-    tl.store(out_ptr + rows[:, None] * (HKV * D) + g * D + offs_d[None, :], k, mask=kmask[:, None])
+    _store_scratch_tile(out_ptr, start_ptr, b, k, kpos, kmask, g, offs_d, HKV, D)
 
 
 def materialize_keys(

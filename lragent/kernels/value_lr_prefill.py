@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from lragent.kernels.backend import KeyLR, upload
-from lragent.kernels.key_lr_prefill import row_starts
+from lragent.kernels.key_lr_prefill import _context_tile, _store_scratch_tile, row_starts
 from lragent.kernels.reference import gather_positions, lr_row_layout
 from lragent.kernels.triton_attention import _dot_precision, _Pools, _value_up_cols
 
@@ -130,8 +130,7 @@ def _gather_kernel(
     kpos = n0 + offs_n
     kmask = kpos < ctx
     b64 = b.to(tl.int64)
-    blk = tl.load(bt_ptr + b64 * stride_bt + kpos // BS, mask=kmask, other=0).to(tl.int64)
-    v = tl.load(pool_ptr + (blk * BS + kpos % BS)[:, None] * (HKV * D) + g * D + offs_d[None, :], mask=kmask[:, None])
+    v = _context_tile(pool_ptr, bt_ptr + b64 * stride_bt, kpos, kmask, g, offs_d, HKV, D, BS)
     out = v
     if HAS_LR:
         slot = tl.load(slot_ptr + b)
@@ -147,30 +146,33 @@ def _gather_kernel(
             up = _value_up_cols(vup_ptr, slot, stride_vs, stride_vr, g, offs_r, offs_d, D, R)
             scale = tl.load(scaling_ptr + slot)
             out = (v.to(tl.float32) + scale * tl.dot(lr.to(tl.float32), up, input_precision=DOT_PREC)).to(v.dtype)
-    rows = tl.load(start_ptr + b) + kpos.to(tl.int64)
-    tl.store(out_ptr + rows[:, None] * (HKV * D) + g * D + offs_d[None, :], out, mask=kmask[:, None])
+    _store_scratch_tile(out_ptr, start_ptr, b, out, kpos, kmask, g, offs_d, HKV, D)
 
 
-def _block_n(pool: torch.Tensor, block_n: int | None) -> int:
-    return block_n or (64 if pool.device.type == "cuda" else 16)
+def _gather(pool: torch.Tensor, rows: ScratchRows, block_n: int | None, *args, **consts) -> torch.Tensor:
+    """[rows.total, Hkv, d] in the pool's dtype from one `_gather_kernel` launch; `args` are its pointers and strides
+    after the pool's (LR pool, block tables, lengths, ... as the kernel lists them) and `consts` its LR constexprs."""
+    bs, hkv, d = pool.shape[1:]
+    out = pool.new_empty(max(1, rows.total), hkv, d)
+    bn = block_n or (64 if pool.device.type == "cuda" else 16)
+    grid = (triton.cdiv(max(rows.lens, default=0), bn), hkv, len(rows.lens))
+    if grid[0] > 0:
+        lr, bt, lbt, slots, scaling, vup, stride_vs, stride_vr = args
+        _gather_kernel[grid](
+            pool, lr, bt, lbt, rows.lens_t, rows.starts, slots, scaling, vup, out, bt.stride(0), lbt.stride(0),
+            stride_vs, stride_vr, HKV=hkv, D=d, BS=bs, BLOCK_N=bn, num_warps=4, **consts,
+        )  # fmt: skip
+    return out
 
 
 def gather_rows(
     pool: torch.Tensor, block_tables: torch.Tensor, rows: ScratchRows, block_n: int | None = None
 ) -> torch.Tensor:
     """[rows.total, Hkv, d]: each sequence's context of a key or value pool, contiguous. One launch, no sync."""
-    bs, hkv, d = pool.shape[1:]
-    out = pool.new_empty(max(1, rows.total), hkv, d)
-    bn = _block_n(pool, block_n)
-    grid = (triton.cdiv(max(rows.lens, default=0), bn), hkv, len(rows.lens))
-    if grid[0] > 0:
-        _gather_kernel[grid](
-            pool, pool, block_tables, block_tables, rows.lens_t, rows.starts, rows.starts, pool, pool, out,
-            block_tables.stride(0), block_tables.stride(0), 0, 0,
-            HKV=hkv, D=d, R=1, R_PAD=16, LR_W=1, LR_SLICE=0, BS=bs, BLOCK_N=bn, HAS_LR=False, DOT_PREC="ieee",
-            num_warps=4,
-        )  # fmt: skip
-    return out
+    return _gather(
+        pool, rows, block_n, pool, block_tables, block_tables, rows.starts, pool, pool, 0, 0,
+        R=1, R_PAD=16, LR_W=1, LR_SLICE=0, HAS_LR=False, DOT_PREC="ieee",
+    )  # fmt: skip
 
 
 def materialize_values(
@@ -188,20 +190,13 @@ def materialize_values(
     """[rows.total, Hkv, d] in the pool's dtype: every prefill sequence's whole context of values with its reader's
     adapter term. One launch, no host synchronisation. `key_lr`: LR rows are [R_v | R_k] (the value part is read).
     No LR block tables: the LR rows sit where the base rows do."""
-    bs, hkv, d = value_pool.shape[1:]
     lr_block_tables = base_block_tables if lr_block_tables is None else lr_block_tables
-    values = value_pool.new_empty(max(1, rows.total), hkv, d)
-    p = _Pools(value_pool, value_pool, lr_pool, value_up, lora_scaling, bs, key_lr)
-    bn = _block_n(value_pool, block_n)
-    grid = (triton.cdiv(max(rows.lens, default=0), bn), hkv, len(rows.lens))
-    if grid[0] > 0:
-        _gather_kernel[grid](
-            value_pool, p.lr, base_block_tables, lr_block_tables, rows.lens_t, rows.starts, seq_lora_slots,
-            lora_scaling, p.vup, values, base_block_tables.stride(0), lr_block_tables.stride(0), p.stride_vs,
-            p.stride_vr, HKV=hkv, D=d, R=p.r, R_PAD=p.r_pad, LR_W=p.lr_width, LR_SLICE=p.lr_slice, BS=bs,
-            BLOCK_N=bn, HAS_LR=True, DOT_PREC=_dot_precision(value_pool.dtype), num_warps=4,
-        )  # fmt: skip
-    return values
+    p = _Pools(value_pool, value_pool, lr_pool, value_up, lora_scaling, value_pool.shape[1], key_lr)
+    return _gather(
+        value_pool, rows, block_n, p.lr, base_block_tables, lr_block_tables, seq_lora_slots, lora_scaling, p.vup,
+        p.stride_vs, p.stride_vr, R=p.r, R_PAD=p.r_pad, LR_W=p.lr_width, LR_SLICE=p.lr_slice, HAS_LR=True,
+        DOT_PREC=_dot_precision(value_pool.dtype),
+    )  # fmt: skip
 
 
 def gathered_prefill_args(
