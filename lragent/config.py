@@ -114,6 +114,11 @@ class EngineConfig:
     cascade_decode: bool = False
     # compile every kernel variant and capture every decode graph at start-up (None: on CUDA, where they compile)
     warmup: bool | None = None
+    # decode one step ahead (vLLM's async scheduling, SGLang's overlap scheduler): while step t runs, step t+1 is
+    # launched with t's tokens read on the device, so the host's bookkeeping between steps no longer idles the GPU.
+    # Steady decode only (no request waiting, no output constraint or penalty that needs the previous token on the
+    # host); None: on for CUDA without tensor parallelism
+    async_scheduling: bool | None = None
     seed: int = 0
     # ranks the model's heads and MLP columns are split over, one process each (lragent.distributed.tensor_parallel)
     tensor_parallel_size: int = 1

@@ -186,6 +186,13 @@ def _add_execution_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CUDA: skip the start-up warm-up (kernels then compile, and graphs capture, inside the first requests)",
     )
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode one step ahead, the next step launched before this one's tokens reach the host (default: on "
+        "for CUDA without tensor parallelism)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of unseeded requests' sampling")
     p.add_argument(
         "--tensor-parallel-size",
@@ -236,6 +243,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cuda_graph_prefill_tokens=getattr(args, "cuda_graph_prefill_tokens", 512),
         cascade_decode=getattr(args, "cascade_decode", False),
         warmup=args.warmup,
+        async_scheduling=getattr(args, "async_scheduling", None),
         seed=args.seed,
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         quantization=getattr(args, "quantization", None),

@@ -197,7 +197,7 @@ class _DecliningGraphs:
     def supports(self, batch) -> bool:
         return not batch.is_prefill
 
-    def run(self, step, variant: str = ""):
+    def run(self, step, variant: str = "", feed=None):
         self.asked.append(variant)
         return None
 

@@ -58,7 +58,7 @@ def test_graph_inputs_give_the_eager_hidden_states(tiny_llama, sharing):
     assert graphs.enabled
     forward, checked, eager_steps = runner._forward, [], []
 
-    def checking_forward(batch):
+    def checking_forward(batch, feed=None):
         step = runner.inputs(batch)
         n = len(step.token_ids)
         if graphs.supports(step):
@@ -72,7 +72,7 @@ def test_graph_inputs_give_the_eager_hidden_states(tiny_llama, sharing):
         elif not step.rows.is_decode:
             assert n > top or step.scores is not None or step.rows.num_seqs > graphs.max_seqs
             eager_steps.append((n, step.scores is not None))
-        return forward(batch)
+        return forward(batch, feed)
 
     runner._forward = checking_forward
     _turns(llm)

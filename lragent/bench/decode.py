@@ -197,6 +197,7 @@ def floor_report(args) -> list[dict]:
                 sharing=args.sharing,
                 dtype=args.dtype,
                 enforce_eager=args.enforce_eager,
+                async_scheduling=args.async_scheduling,
                 quantization=args.quantization,
                 tensor_parallel_size=args.tensor_parallel_size,
                 stats=split,
@@ -309,6 +310,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the first N prompt tokens are common to the batch and cached once first (implies --no-hf)",
     )
     parser.add_argument("--cascade-decode", action="store_true", help="engine option: shared-prefix decode")
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="engine option: decode one step ahead of the host (default: the engine's, on for CUDA)",
+    )
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs (ranks) of our engine")
     parser.add_argument("--seed", type=int, default=0, help="base of the per-request seeds when sampling")
     add_sampling_args(parser)
@@ -355,6 +362,8 @@ def _time_batches(args: argparse.Namespace) -> list[dict]:
                 extra["quantization"] = args.quantization
             if args.cascade_decode:
                 extra["cascade_decode"] = True
+            if args.async_scheduling is not None:
+                extra["async_scheduling"] = args.async_scheduling
             if args.tensor_parallel_size > 1:
                 extra["tensor_parallel_size"] = args.tensor_parallel_size
             if args.shared_prefix >= args.prompt_len:

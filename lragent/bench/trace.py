@@ -316,6 +316,7 @@ def build_engine(args: argparse.Namespace, system: str, adapters: dict[str, str]
         warmup=False if args.no_warmup else None,
         tensor_parallel_size=args.tensor_parallel_size,
         cuda_graph_prefill_tokens=args.cuda_graph_prefill_tokens,
+        async_scheduling=args.async_scheduling,
     )
     return LLMEngine(config)
 
@@ -850,6 +851,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--time-budget", type=float, default=None, help="seconds for the whole benchmark; later runs are skipped"
     )
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode one step ahead of the host (default: the engine's, on for CUDA)",
+    )
     p.add_argument(
         "--cuda-graph-prefill-tokens",
         type=int,

@@ -64,14 +64,15 @@ class BlockManager:
         seq.num_computed = min(seq.tables[n].cached for n in self.pools)
         return True
 
-    def can_append(self, seq: Sequence) -> bool:
-        if self.blocks_for(len(seq)) <= len(seq.tables[KV].blocks):
+    def can_append(self, seq: Sequence, ahead: int = 0) -> bool:
+        if self.blocks_for(len(seq) + ahead) <= len(seq.tables[KV].blocks):
             return True
         return all(pool.num_available() >= 1 for pool in self.pools.values())
 
-    def append_slot(self, seq: Sequence) -> None:
-        """Grow the block tables to cover the position about to be computed."""
-        if self.blocks_for(len(seq)) > len(seq.tables[KV].blocks):
+    def append_slot(self, seq: Sequence, ahead: int = 0) -> None:
+        """Grow the block tables to cover the position about to be computed (`ahead`: that many positions after
+        it, for tokens in flight)."""
+        if self.blocks_for(len(seq) + ahead) > len(seq.tables[KV].blocks):
             for name, pool in self.pools.items():
                 seq.tables[name].blocks += pool.allocate(1)
 

@@ -53,6 +53,9 @@ class DecodeGraphs:
         host = torch.zeros(2, self.max_batch, dtype=torch.int64)
         self.host_tokens = host.pin_memory() if pin else host
         self._np_tokens = self.host_tokens.numpy()
+        # the last step's uploads from the host mirrors (here and the backend's): a step launched ahead refills the
+        # mirrors while the previous step may still be queued, so it first waits for their copies (not the step)
+        self._uploaded: torch.cuda.Event | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # the plain graph of each size
         self._variant_graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays: dict[str, int] = {}  # replays per variant ("" plain): a counter for tests and stats
@@ -91,21 +94,23 @@ class DecodeGraphs:
             logger.debug("captured the %s decode graph of batch size %d in %.2f s", variant or "plain", size, took)
         return graphs[key]
 
-    def run(self, step: StepInputs, variant: str = "") -> torch.Tensor | None:
+    def run(self, step: StepInputs, variant: str = "", feed: torch.Tensor | None = None) -> torch.Tensor | None:
         """Final hidden states [rows, hidden] of one decode step; None: the variant's graph cannot compute this step
-        (its inputs declined it), run it eagerly."""
+        (its inputs declined it), run it eagerly. `feed`: the input ids on the device (a step run ahead)."""
         n = step.rows.num_seqs
         size = next(s for s in self.sizes if s >= n)
         graph, hidden = self._ensure(size, variant)
-        if not self.fill(step, size, variant):
+        if not self.fill(step, size, variant, feed):
             return None
         graph.replay()
         self.replays[variant] = self.replays.get(variant, 0) + 1
         return hidden[:n]
 
-    def fill(self, step: StepInputs, size: int, variant: str = "") -> bool:
+    def fill(self, step: StepInputs, size: int, variant: str = "", feed: torch.Tensor | None = None) -> bool:
         """Refill the static inputs in place (asynchronous uploads; no host sync); False, nothing written: the
-        variant's graph cannot compute this step."""
+        variant's graph cannot compute this step. `feed`: the ids on the device, copied over the host's."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
         if not self.attn.fill(step.rows, size, variant):
             return False
         n = step.rows.num_seqs
@@ -114,6 +119,11 @@ class DecodeGraphs:
         if n < size:
             host[:, n:size] = 0
         self.tokens[:, :size].copy_(self.host_tokens[:, :size], non_blocking=True)
+        if feed is not None:
+            self.tokens[0, :n].copy_(feed)
+        if self.device.type == "cuda":
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
         return True
 
     def _context(self, size: int, variant: str = "") -> ForwardContext:

@@ -19,7 +19,7 @@ from lragent.cache.sharing import PoolKind, default_critical_layers, get_scheme
 from lragent.config import EngineConfig
 from lragent.distributed.tensor_parallel import Shard, load_model_shard
 from lragent.engine.block_manager import BlockManager
-from lragent.engine.model_runner import ModelRunner, StepResult
+from lragent.engine.model_runner import LaunchedStep, ModelRunner, StepResult
 from lragent.engine.scheduler import ScheduledBatch, Scheduler
 from lragent.engine.sequence import PromptLogprob, RequestMetrics, Sequence
 from lragent.engine.stats import StepStats
@@ -180,6 +180,10 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._listeners: list[Callable[[StepStats], None]] = []
         self._grammars: GrammarBackend | None = None  # built on the first structured-output request
+        on = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        self.async_scheduling = on and self.shard.size == 1  # (ranks in lockstep would each need the same ahead)
+        self._inflight: LaunchedStep | None = None  # async scheduling: the decode step queued ahead of the host
+        self._undelivered: list[RequestOutput] = []  # outputs of a step collected outside `step` (`_drain`)
         self.warmup_s = 0.0
         if config.warmup if config.warmup is not None else self.device.type == "cuda":
             self.warmup_s = warm_up(self)
@@ -270,6 +274,7 @@ class LLMEngine:
 
         if getattr(self, "_closed", False):
             return
+        self._drain()
         self._closed = True
         if self.workers is not None:
             self.workers.close()
@@ -322,6 +327,7 @@ class LLMEngine:
     def _adapters_changed(self) -> None:
         """Captured decode graphs hold the adapter stacks that existed at capture: recapture on next use. Pools keyed
         by the adapter set (STACKED_LR's stack of every v_proj A) get the new key for every request in flight."""
+        self._drain()  # the step queued ahead replays a graph about to be dropped
         self.runner.clear_graphs()
         for seq in self._seqs.values():
             self.block_manager.rekey(seq, self._namespaces(seq.adapter, seq.cache_salt))
@@ -411,7 +417,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._undelivered)
 
     # ---- the step ------------------------------------------------------------------------------------------
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
@@ -423,32 +429,117 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, post-process. Returns an output for every sequence that got a token or
-        failed. A failure is contained to the requests it concerns: the rest of the batch goes on."""
+        failed. A failure is contained to the requests it concerns: the rest of the batch goes on.
+
+        With async scheduling a steady decode step is launched, then the next one is queued behind it (its input ids
+        read from the first one's draws on the device), and only then does the host wait for the first one's tokens:
+        the host's bookkeeping runs while the device computes, instead of between steps."""
         start = time.perf_counter()
         self._forward("step")  # before this rank's step: the model's collectives need every rank in it
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        outputs = self._step(batch)
-        if self._listeners:
-            stats = StepStats(
-                batch.is_prefill,
-                len(batch.seqs),
-                batch.total_tokens,
-                len(outputs),
-                self.runner.prepare_s,
-                self.runner.forward_s,
-                time.perf_counter() - start,
-                self.runner.graphed,
-            )
-            for listener in self._listeners:
-                listener(stats)
+        outputs, self._undelivered = self._undelivered, []
+        launched, self._inflight = self._inflight, None
+        if launched is None:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return outputs
+            launched = self._launch(batch) if self._runs_ahead(batch) else None
+            if launched is None:
+                outputs += self._step(batch)
+                self._notify(batch, len(outputs), start)
+                return outputs
+        self._inflight = self._launch_ahead(launched)
+        outputs += self._collect(launched)
+        self._notify(launched.batch, len(outputs), start)
         return outputs
 
+    def _notify(self, batch: ScheduledBatch, num_outputs: int, start: float) -> None:
+        if not self._listeners:
+            return
+        runner = self.runner
+        stats = StepStats(
+            batch.is_prefill,
+            len(batch.seqs),
+            batch.total_tokens,
+            num_outputs,
+            runner.prepare_s,
+            runner.forward_s,
+            time.perf_counter() - start,
+            runner.graphed,
+        )
+        for listener in self._listeners:
+            listener(stats)
+
     def _step(self, batch: ScheduledBatch) -> list[RequestOutput]:
-        sampled, failed = self._run(batch)
+        """Run the batch and wait for it."""
+        return self._finish(batch, *self._run(batch))
+
+    # ---- async scheduling: one decode step queued ahead of the host ---------------------------------------
+    def _runs_ahead(self, batch: ScheduledBatch) -> bool:
+        """A decode batch every sequence of which may have a step queued before its next token is on the host."""
+        return self.async_scheduling and not batch.is_prefill and all(self._continues_ahead(s) for s in batch.seqs)
+
+    def _continues_ahead(self, seq: Sequence) -> bool:
+        """Whether the step after the one in flight can be queued now: no rule reads the in-flight token on the host
+        first (an output constraint's mask, penalties over the history), and no length limit ends the sequence
+        with the in-flight token (an end-of-sequence token or stop string may: that step's work is then dropped)."""
+        p = seq.params
+        return (
+            seq.grammar is None
+            and not p.penalized
+            and len(seq.output_ids) + 2 <= p.max_tokens
+            and len(seq) + 2 <= self.max_model_len
+        )
+
+    def _launch(self, batch: ScheduledBatch, after: LaunchedStep | None = None) -> LaunchedStep | None:
+        """Queue the batch on the device; None if that failed (the caller runs it the synchronous way, or not
+        ahead)."""
+        try:
+            return self.runner.launch(batch, after)
+        except Exception:
+            logger.exception(
+                "launching a decode step over %d sequences failed; running it synchronously", len(batch.seqs)
+            )
+            return None
+
+    def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
+        """Queue the decode step after `launched` when it is the step the scheduler would give next."""
+        prev = launched.batch
+        if prev.is_prefill or not all(prev.samples):
+            return None
+        seqs = [s for s in prev.seqs if not s.is_finished]
+        if not seqs or not all(self._continues_ahead(s) for s in seqs):
+            return None
+        batch = self.scheduler.schedule_ahead(seqs)
+        return None if batch is None else self._launch(batch, launched)
+
+    def _collect(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's draws and post-process them as `_step` does. Sequences that finished or were
+        aborted after it was queued are left out. If the step failed, its sequences run again one by one (a re-run
+        writes the same cache slots with the same values)."""
+        live = [s for s in launched.batch.seqs if not s.is_finished]
+        if not live:
+            return []
+        try:
+            sampled = self._sampled(launched.batch, launched.result())
+        except Exception:
+            logger.exception("a decode step over %d sequences failed; retrying them one by one", len(live))
+            batch = ScheduledBatch(live, [1] * len(live), is_prefill=False)  # (its in-flight token is on the host now)
+            return self._finish(batch, *self._run_one_by_one(batch))
+        return self._finish(launched.batch, sampled, {})
+
+    def _drain(self) -> None:
+        """Collect the step queued ahead now (before its graphs are dropped or the engine closes); its outputs go out
+        with the next `step`."""
+        launched, self._inflight = getattr(self, "_inflight", None), None
+        if launched is not None:
+            self._undelivered += self._collect(launched)
+
+    def _finish(
+        self, batch: ScheduledBatch, sampled: dict[Sequence, Sampled], failed: dict[Sequence, str]
+    ) -> list[RequestOutput]:
+        """Post-process a step that ran: progress, publishing, the drawn tokens and the failures."""
         outputs = [self._fail(seq, why) for seq, why in failed.items()]
-        done = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if s not in failed]
+        done = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if s not in failed and not s.is_finished]
         for seq, n in done:
             self.block_manager.on_computed(seq, n)
             if batch.is_prefill:
@@ -474,6 +565,9 @@ class LLMEngine:
             return self._sampled(batch, self.runner.run(batch)), {}
         except Exception:
             logger.exception("engine step over %d sequences failed; retrying them one by one", len(batch.seqs))
+        return self._run_one_by_one(batch)
+
+    def _run_one_by_one(self, batch: ScheduledBatch) -> tuple[dict[Sequence, Sampled], dict[Sequence, str]]:
         sampled, failed = {}, {}
         for seq, n in zip(batch.seqs, batch.num_tokens):
             single = ScheduledBatch([seq], [n], batch.is_prefill)

@@ -18,7 +18,7 @@ import torch
 
 from lragent.cache.kv_cache import HiddenRows, KVCache
 from lragent.cache.sharing import PoolKind, SharingScheme
-from lragent.engine.sampler import SampleResult, SamplingBatch, sample
+from lragent.engine.sampler import PendingSample, SampleResult, SamplingBatch, sample_async
 from lragent.engine.scheduler import ScheduledBatch
 from lragent.engine.sequence import KV, PromptLogprob, Sequence
 from lragent.engine.structured import allocate_bitmask, apply_bitmask
@@ -43,6 +43,26 @@ class StepResult(NamedTuple):
 
     sampled: SampleResult
     prompt: tuple[tuple[int, int, PromptLogprob], ...] = ()
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device (`ModelRunner.launch`): its draws reach the host with `result()`, and the next
+    step can read them on the device first (`feed`)."""
+
+    batch: ScheduledBatch
+    drawn: PendingSample | None
+    prompt: tuple[tuple[int, int, PromptLogprob], ...] = ()
+
+    def feed(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The tokens this step draws for `seqs` (some of its sampling sequences), int64 on the device."""
+        assert self.drawn is not None, "a step that samples nothing feeds no step"
+        rows = {s: i for i, s in enumerate(self.batch.sampling_seqs)}
+        return self.drawn.tokens([rows[s] for s in seqs])
+
+    def result(self) -> StepResult:
+        sampled = SampleResult([], [], []) if self.drawn is None else self.drawn.result()
+        return StepResult(sampled, self.prompt)
 
 
 @dataclass
@@ -130,6 +150,8 @@ class ModelRunner:
         """Flatten the batch: tokens, positions, adapter slots, and per pool the slots of the entries written."""
         if not batch.is_prefill and all(t.cached <= s.num_computed for s in batch.seqs for t in s.tables.values()):
             return self._decode_inputs(batch)
+        if batch.ahead:
+            raise ValueError("only decode steps that write every pool run ahead of their inputs")
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -166,14 +188,15 @@ class ModelRunner:
         return StepInputs(ids, positions, token_slots, rows, sample_rows, scored, subsets, reads)
 
     def _decode_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        """One token per sequence, written to every pool (the per-step hot path of decoding: kept lean)."""
-        bs, seqs = self.block_size, batch.seqs
-        positions = [s.num_computed for s in seqs]
+        """One token per sequence, written to every pool (the per-step hot path of decoding: kept lean). A step
+        run ahead computes the position after the in-flight token, whose id the device supplies (0 here)."""
+        bs, seqs, ahead = self.block_size, batch.seqs, batch.ahead
+        positions = [s.num_computed + ahead for s in seqs]
         writes = {}
         for p in self.pools:
             blocks = [s.tables[p].blocks for s in seqs]
             writes[p] = [b[pos // bs] * bs + pos % bs for b, pos in zip(blocks, positions)]
-        ids = [s.token_ids[pos] for s, pos in zip(seqs, positions)]
+        ids = [0] * len(seqs) if ahead else [s.token_ids[pos] for s, pos in zip(seqs, positions)]
         step = StepInputs(ids, positions, [s.lora_slot for s in seqs], self._rows(batch, writes, None), [])
         step.sample_rows = list(range(len(seqs)))
         return step
@@ -182,7 +205,7 @@ class ModelRunner:
         seqs = batch.seqs
         return BatchRows(
             query_lens=list(batch.num_tokens),
-            context_lens=[s.num_computed + n for s, n in zip(seqs, batch.num_tokens)],
+            context_lens=[s.num_computed + batch.ahead + n for s, n in zip(seqs, batch.num_tokens)],
             seq_lora_slots=[s.lora_slot for s in seqs],
             tables={p: [s.tables[p].blocks for s in seqs] for p in self.pools},
             write_slots=writes,
@@ -242,25 +265,31 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> StepResult:
         """One forward pass; returns a token (and its log-prob) for each sequence the batch marks as sampling."""
+        return self.launch(batch).result()
+
+    def launch(self, batch: ScheduledBatch, after: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one forward pass and its sampling on the device without waiting for the draws. `after`: the step in
+        flight whose tokens are this (decode) batch's input ids, read on the device (`batch.ahead` is 1)."""
         start = time.perf_counter()
         self.prepare_s, self.graphed = 0.0, False
         try:
-            return self._run(batch)
+            return self._launch(batch, None if after is None else after.feed(batch.seqs))
         finally:
             self.forward_s = time.perf_counter() - start
 
     @torch.inference_mode()
-    def _run(self, batch: ScheduledBatch) -> StepResult:
-        hidden, scores = self._forward(batch)
+    def _launch(self, batch: ScheduledBatch, feed: torch.Tensor | None) -> LaunchedStep:
+        hidden, scores = self._forward(batch, feed)
         prompt = () if scores is None else self._score_prompt(hidden[-len(scores.rows) :], scores)
         seqs = batch.sampling_seqs
         if not seqs:
-            return StepResult(SampleResult([], [], []), prompt)
+            return LaunchedStep(batch, None, prompt)
         masks = self._grammar_masks(seqs)  # host work while the device runs the forward
         logits = self.model.logits(hidden[: len(seqs)])
         if masks is not None:
             apply_bitmask(logits, *masks)
-        return StepResult(sample(logits, self.sampling_batch(seqs, logits.shape[-1])), prompt)
+        drawn = sample_async(logits, self.sampling_batch(seqs, logits.shape[-1], batch.ahead))
+        return LaunchedStep(batch, drawn, prompt)
 
     def _score_prompt(self, hidden: torch.Tensor, scores: PromptScores) -> tuple[tuple[int, int, PromptLogprob], ...]:
         """Each scored row's log-prob of the prompt's next token (and the top alternatives), in slices of rows so a
@@ -293,36 +322,44 @@ class ModelRunner:
             seqs[i].grammar.fill(bitmask, i)
         return bitmask, rows
 
-    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, PromptScores | None]:
-        """Final hidden states of the sampling rows, then of the rows that score prompt tokens (if any)."""
+    def _forward(
+        self, batch: ScheduledBatch, feed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, PromptScores | None]:
+        """Final hidden states of the sampling rows, then of the rows that score prompt tokens (if any). `feed`: the
+        input ids on the device (a decode step run ahead)."""
         start = time.perf_counter()
         step = None
         if self.graphs is not None and self.graphs.supports(batch):
             step = self.inputs(batch)
             variant = self.backend.decode_graph(step.rows)  # e.g. "cascade": the graph with a cascade plan
             self.prepare_s = time.perf_counter() - start
-            hidden = None if variant is None else self.graphs.run(step, variant)  # None: it declined the step
+            hidden = None if variant is None else self.graphs.run(step, variant, feed)  # None: declined the step
             if hidden is not None:
                 self.graphed = True
                 return hidden, None  # every decode row samples
         step = self.inputs(batch) if step is None else step
         prefill = self.prefill_graphs
-        if prefill is not None and prefill.supports(step):
+        if prefill is not None and feed is None and prefill.supports(step):
             self.prepare_s, self.graphed = time.perf_counter() - start, True
             return prefill.run(step)[step.sample_rows], None
         input_ids, ctx, rows = self.prepare(batch, step)
+        if feed is not None:
+            input_ids = feed
         self.prepare_s = time.perf_counter() - start
         if step.scores is not None:
             rows = rows + step.scores.rows
         out = self.model(input_ids, ctx)
         return out[rows], step.scores
 
-    def sampling_batch(self, seqs: list[Sequence], vocab_size: int) -> SamplingBatch:
-        """Each row's draw is keyed by its request's seed and the position of the token it draws."""
+    def sampling_batch(self, seqs: list[Sequence], vocab_size: int, ahead: int = 0) -> SamplingBatch:
+        """Each row's draw is keyed by its request's seed and the position of the token it draws (`ahead`: tokens in
+        flight before it). Penalties read the history, so a step with them never runs ahead."""
         params = [s.params for s in seqs]
         penalized = any(p.penalized for p in params)
+        if penalized and ahead:
+            raise ValueError("penalties need the previous tokens on the host: the step cannot run ahead")
         return SamplingBatch.build(
-            params, [s.seed for s in seqs], [len(s) for s in seqs],
+            params, [s.seed for s in seqs], [len(s) + ahead for s in seqs],
             [s.token_ids for s in seqs] if penalized else None, [s.prompt_len for s in seqs] if penalized else None,
             vocab_size, self.device,
         )  # fmt: skip

@@ -22,6 +22,9 @@ class ScheduledBatch:
     num_tokens: list[int]  # tokens each sequence computes in this step
     is_prefill: bool
     samples: list[bool] = field(default_factory=list)  # per sequence: gets its next token this step
+    # tokens each sequence has in flight beyond what the host knows (async scheduling: the step launched before the
+    # previous one's tokens arrived computes the position after them)
+    ahead: int = 0
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -94,6 +97,19 @@ class Scheduler:
                 self.blocks.append_slot(seq)
                 seqs.append(seq)
         return ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False) if seqs else None
+
+    def schedule_ahead(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+        """The decode step after the one in flight over `seqs`, before its tokens are known (async scheduling): the
+        step `schedule` would give next, or None when it could differ (requests waiting to be admitted, running
+        sequences outside `seqs`) or the cache cannot grow every sequence by the in-flight token and the next one
+        (the normal path preempts then)."""
+        if not seqs or self.waiting or len(seqs) != len(self.running) or set(seqs) != set(self.running):
+            return None
+        if not all(self.blocks.can_append(s, ahead=1) for s in seqs):
+            return None
+        for s in seqs:
+            self.blocks.append_slot(s, ahead=1)
+        return ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False, ahead=1)
 
     def preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq)

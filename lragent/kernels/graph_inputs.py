@@ -100,7 +100,7 @@ class GraphInputs:
         self.i64[:, :size].copy_(self.host_i64[:, :size], non_blocking=True)
         self.i32[:, :size].copy_(self.host_i32[:, :size], non_blocking=True)
         # only the used corner of the tables travels: staged contiguously, then scattered on the device
-        # (the previous step's copies are done: its sampling synchronised with the host)
+        # (the previous step's copies are done: `DecodeGraphs.fill` waits for them before any mirror is written)
         corner = self.host_tables[:, :size, :used]
         count = corner.numel()
         self.host_staging[:count].view(corner.shape).copy_(corner)
