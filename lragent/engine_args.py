@@ -176,8 +176,10 @@ def _add_execution_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cascade-decode",
-        action="store_true",
-        help="triton: decode rows sharing >= 1024 cached prefix tokens read them once per step (in the CUDA graphs)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="triton: decode rows sharing >= 1024 cached prefix tokens read them once per step (in the CUDA graphs; "
+        "default: on for CUDA)",
     )
     p.add_argument(
         "--no-warmup",
@@ -241,7 +243,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         cuda_graph_prefill_tokens=getattr(args, "cuda_graph_prefill_tokens", 512),
-        cascade_decode=getattr(args, "cascade_decode", False),
+        cascade_decode=getattr(args, "cascade_decode", None),
         warmup=args.warmup,
         async_scheduling=getattr(args, "async_scheduling", None),
         seed=args.seed,

@@ -650,6 +650,18 @@ def test_bench_kernels_smoke(tmp_path):
 
     res = json.loads(out.read_text())
     assert res["decode"] and res["prefill"] and res["lora"] and "targets" in res
+    assert all(r["layers"] == 32 and r["layer_ms"] > 0 for r in res["decode"])  # per layer of a step, too
+
+
+def test_bench_kernels_decode_targets():
+    """Issue 17's batch-1 decode target read off the 8k row, timed alone and per layer of a step."""
+    from lragent.bench.kernels import targets
+
+    row = {"batch": 1, "context": 8192, "ours_pct_copy_bw": 30.3, "layer_pct_copy_bw": 61.0, "ours_over_sdpa": 1.0}
+    out = targets([row, {**row, "batch": 8, "layer_pct_copy_bw": 10.0}], [])
+    assert out["decode_b1_8k_layer_pct_copy_bw"] == 61.0 and out["met"]["decode_b1_8k_layer_60pct_copy_bw"]
+    assert not out["met"]["decode_b1_8k_60pct_copy_bw"]
+    assert not targets([{**row, "layer_pct_copy_bw": 59.0}], [])["met"]["decode_b1_8k_layer_60pct_copy_bw"]
 
 
 def test_bench_kernels_prefill_targets():

@@ -309,7 +309,12 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the first N prompt tokens are common to the batch and cached once first (implies --no-hf)",
     )
-    parser.add_argument("--cascade-decode", action="store_true", help="engine option: shared-prefix decode")
+    parser.add_argument(
+        "--cascade-decode",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="engine option: shared-prefix decode (default: the engine's, on for CUDA)",
+    )
     parser.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
@@ -360,8 +365,8 @@ def _time_batches(args: argparse.Namespace) -> list[dict]:
             extra = {"tokenizer": args.tokenizer} if args.tokenizer else {}
             if args.quantization:
                 extra["quantization"] = args.quantization
-            if args.cascade_decode:
-                extra["cascade_decode"] = True
+            if args.cascade_decode is not None:
+                extra["cascade_decode"] = args.cascade_decode
             if args.async_scheduling is not None:
                 extra["async_scheduling"] = args.async_scheduling
             if args.tensor_parallel_size > 1:

@@ -216,11 +216,19 @@ def _naive_values(v_base, lr, b_sel, scale):
     return v_base + scale * torch.einsum("blr,brhd->bhld", lr, b_sel)
 
 
-def bench_decode(pools: PagedPools, batches, contexts, timer, dtype, device, calib, kw, baselines=True) -> list[dict]:
+STREAM_POOL_TOKENS = 1 << 18  # decode "per layer": the pools hold >= 1 GiB of K + V at the 8B shape, 16x the L2
+STREAM_MAX_BYTES = 8 << 30  # ... and SDPA's contiguous per-layer copies at most this much
+
+
+def bench_decode(
+    pools: PagedPools, batches, contexts, timer, dtype, device, calib, kw, baselines=True, layers: int = 0
+) -> list[dict]:
     rows = []
     for ctx in contexts:
         for batch in batches:
             row = _decode_case(pools, batch, ctx, timer, dtype, device, calib, kw, baselines)
+            if layers and baselines:
+                row.update(_decode_layers(pools, batch, ctx, layers, timer, dtype, device, calib, kw))
             rows.append(row)
             if baselines:
                 print(_decode_line(row), flush=True)
@@ -281,6 +289,36 @@ def _decode_case(pools: PagedPools, batch: int, ctx: int, timer, dtype, device, 
         "sdpa_pct_copy_bw": 100 * plain_bytes / (t_plain * 1e-3) / 1e9 / calib["copy_bandwidth_GBps"],
         "ours_over_sdpa": t_ours / t_plain,
         "naive_over_ours": t_naive / t_ours,
+    }
+
+
+def _decode_layers(pools: PagedPools, batch: int, ctx: int, layers: int, timer, dtype, device, calib, kw) -> dict:
+    """The decode case as a model step runs it: `layers` calls back to back in one CUDA graph, each over its own
+    block tables (its own keys and values, as each layer has), per call. Timed alone, one call per replay after an
+    L2 flush (the columns before), the case also pays the graph's launch and the flush's dirty L2 lines, which a
+    step's attention, following the layer's weight reads, does not. SDPA (no LoRA) the same way over contiguous
+    per-layer copies where they fit (NaN otherwise)."""
+    _, _, slots, ctx_t, q, out = _decode_inputs(pools, batch, ctx, dtype, device)
+    calls = [_decode_calls(pools, q, out, *pools.tables(batch, ctx), ctx_t, slots, ctx, kw)[0] for _ in range(layers)]
+    t_ours = timer(lambda: [call() for call in calls]) / layers
+    nbytes = _decode_bytes(pools, batch, ctx, dtype)
+    plain_bytes = batch * ctx * 2 * HKV * D * torch.finfo(dtype).bits // 8
+    t_sdpa = float("nan")
+    if plain_bytes * layers <= STREAM_MAX_BYTES:
+        kv = [torch.randn(2, batch, HKV, ctx, D, dtype=dtype, device=device) for _ in range(layers)]
+        qc = q.view(batch, HQ, 1, D)
+        sdpa = [sdpa_fn(qc, k, v, 0)[0] for k, v in kv]
+        t_sdpa = timer(lambda: [call() for call in sdpa]) / layers
+        kv = sdpa = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    copy = calib["copy_bandwidth_GBps"]
+    return {
+        "layers": layers,
+        "layer_ms": t_ours,
+        "layer_pct_copy_bw": 100 * nbytes / (t_ours * 1e-3) / 1e9 / copy,
+        "sdpa_layer_ms": t_sdpa,
+        "sdpa_layer_pct_copy_bw": 100 * plain_bytes / (t_sdpa * 1e-3) / 1e9 / copy,
     }
 
 
@@ -393,6 +431,12 @@ def _decode_line(r: dict) -> str:
         f" {r['ours_GBps']:7.0f} GB/s ({r['ours_pct_copy_bw']:5.1f}% copy) | sdpa {r['sdpa_ms']:8.3f} ms"
         f" ({r['sdpa_pct_copy_bw']:5.1f}%) | naive {r['naive_ms']:8.3f} ms | ours/sdpa {r['ours_over_sdpa']:5.2f}"
         f" naive/ours {r['naive_over_ours']:5.2f}"
+        + (
+            f" | per layer of {r['layers']}: ours {r['layer_ms'] * 1e3:6.1f} us ({r['layer_pct_copy_bw']:5.1f}%)"
+            f" sdpa {r['sdpa_layer_ms'] * 1e3:6.1f} us ({r['sdpa_layer_pct_copy_bw']:5.1f}%)"
+            if "layers" in r
+            else ""
+        )
     )
 
 
@@ -626,6 +670,9 @@ def targets(decode: list[dict], prefill: list[dict]) -> dict:
         "decode_ge8k_min_pct_copy_bw": min((r["ours_pct_copy_bw"] for r in long), default=None),
         "decode_ge8k_max_ours_over_sdpa": max((r["ours_over_sdpa"] for r in long), default=None),
         "decode_32k_min_naive_over_ours": min((r["naive_over_ours"] for r in at32), default=None),
+        # issue 17: batch 1 at 8k >= 60% of copy bandwidth, timed alone and per layer of a step
+        "decode_b1_8k_pct_copy_bw": _b1_8k(decode, "ours_pct_copy_bw"),
+        "decode_b1_8k_layer_pct_copy_bw": _b1_8k(decode, "layer_pct_copy_bw"),
         "prefill_max_ours_over_sdpa": max((r["ours_over_sdpa"] for r in prefill), default=None),
         # issue 17: >= 60% of the bf16 matmul rate at 8k new tokens, never slower than SDPA
         "prefill_8k_pct_matmul": next(
@@ -644,14 +691,27 @@ def targets(decode: list[dict], prefill: list[dict]) -> dict:
         "prefill_no_slower_than_sdpa": out["prefill_max_ours_over_sdpa"] is not None
         and out["prefill_max_ours_over_sdpa"] <= 1.0,
         "prefill_8k_60pct_matmul": out["prefill_8k_pct_matmul"] is not None and out["prefill_8k_pct_matmul"] >= 60,
+        "decode_b1_8k_60pct_copy_bw": (out["decode_b1_8k_pct_copy_bw"] or 0) >= 60,
+        "decode_b1_8k_layer_60pct_copy_bw": (out["decode_b1_8k_layer_pct_copy_bw"] or 0) >= 60,
     }
     return out
+
+
+def _b1_8k(decode: list[dict], key: str) -> float | None:
+    return next((r[key] for r in decode if (r["batch"], r["context"]) == (1, 8192) and key in r), None)
 
 
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lragent bench kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--decode-contexts", default="1k,2k,4k,8k,16k,32k,64k")
     ap.add_argument("--decode-batches", default="1,8,32")
+    ap.add_argument(
+        "--decode-layers",
+        type=int,
+        default=32,
+        help="also time each decode case per layer of a step: this many calls in one graph, each over its own keys "
+        "(0: off)",
+    )
     ap.add_argument("--prefill-new", default="32,256,512,1k,2k,4k,8k")  # 32 / 256: an agent turn's chunk
     ap.add_argument("--prefill-prefixes", default="0,8k,32k")
     ap.add_argument("--rank", type=int, default=8)
@@ -704,6 +764,7 @@ def _pool_tokens(
         16384 + 2048 if args.sweep else 0,
         max(decode_ctx) * max(decode_b) if args.merge_compare else 0,
         32 * 16384 if args.sweep and not args.smoke else 0,
+        STREAM_POOL_TOKENS if "decode" in only and args.decode_layers and not args.smoke else 0,
     )
 
 
@@ -718,7 +779,14 @@ def _recalibrate(calib: dict, again: dict, decode: list[dict]) -> None:
         )
         ratio = calib["copy_bandwidth_GBps"] / again["copy_bandwidth_GBps"]
         for r in decode:
-            for key in ("ours_pct_copy_bw", "sdpa_pct_copy_bw", "kernel_pct_copy_bw", "last_split_pct_copy_bw"):
+            for key in (
+                "ours_pct_copy_bw",
+                "sdpa_pct_copy_bw",
+                "kernel_pct_copy_bw",
+                "last_split_pct_copy_bw",
+                "layer_pct_copy_bw",
+                "sdpa_layer_pct_copy_bw",
+            ):
                 if key in r:
                     r[key] *= ratio
         calib.update(copy_bandwidth_GBps=again["copy_bandwidth_GBps"])
@@ -785,7 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.sweep:
         result["sweep"] = sweep(pools, timer, dtype, device, calib)
-    decode = bench_decode(pools, decode_b, decode_ctx, timer, dtype, device, calib, {}) if "decode" in only else []
+    decode = []
+    if "decode" in only:
+        decode = bench_decode(pools, decode_b, decode_ctx, timer, dtype, device, calib, {}, layers=args.decode_layers)
     merge: list[dict] = []
     if args.merge_compare:
         merge = bench_merge(pools, decode_b, decode_ctx, _parse_list(args.merge_compare), timer, dtype, device, calib)
@@ -813,14 +883,20 @@ def render_markdown(res: dict) -> str:
     ]
     if res.get("decode"):
         lines += [
-            "| decode B | context | splits | ours ms | ours GB/s | % copy bw | ours w/o LR ms | SDPA no-LoRA ms | SDPA % copy bw | naive ms | ours / SDPA | naive / ours |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| decode B | context | splits | ours ms | ours GB/s | % copy bw | ours w/o LR ms | SDPA no-LoRA ms | SDPA % copy bw | naive ms | ours / SDPA | naive / ours | per layer: ours us | % copy bw | SDPA us | SDPA % copy bw |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["decode"]:
+            layer = (
+                f" {r['layer_ms'] * 1e3:.1f} | {r['layer_pct_copy_bw']:.0f}% | {r['sdpa_layer_ms'] * 1e3:.1f} | "
+                f"{r['sdpa_layer_pct_copy_bw']:.0f}% |"
+                if "layers" in r
+                else " - | - | - | - |"
+            )
             lines.append(
                 f"| {r['batch']} | {_fmt_len(r['context'])} | {r['num_splits']} | {r['ours_ms']:.3f} | {r['ours_GBps']:.0f} | "
                 f"{r['ours_pct_copy_bw']:.0f}% | {r['ours_no_lr_ms']:.3f} | {r['sdpa_ms']:.3f} | {r['sdpa_pct_copy_bw']:.0f}% | {r['naive_ms']:.3f} | "
-                f"{r['ours_over_sdpa']:.2f} | {r['naive_over_ours']:.2f} |"
+                f"{r['ours_over_sdpa']:.2f} | {r['naive_over_ours']:.2f} |{layer}"
             )
         lines.append("")
     if res.get("decode_merge"):

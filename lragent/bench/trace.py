@@ -317,6 +317,7 @@ def build_engine(args: argparse.Namespace, system: str, adapters: dict[str, str]
         tensor_parallel_size=args.tensor_parallel_size,
         cuda_graph_prefill_tokens=args.cuda_graph_prefill_tokens,
         async_scheduling=args.async_scheduling,
+        cascade_decode=args.cascade_decode,
     )
     return LLMEngine(config)
 
@@ -851,6 +852,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--time-budget", type=float, default=None, help="seconds for the whole benchmark; later runs are skipped"
     )
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument(
+        "--cascade-decode",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode rows sharing >= 1024 cached prefix tokens read them once per step (default: the engine's, on "
+        "for CUDA)",
+    )
     p.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,

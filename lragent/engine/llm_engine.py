@@ -137,7 +137,8 @@ class LLMEngine:
                 )
             logger.info("%s: the torch attention backend (critical layers need it)", self.scheme.mode.value)
             self.backend = backend = make_backend("torch", self.device)
-        if config.cascade_decode and not backend.enable_cascade(config.block_size):
+        cascade = config.cascade_decode if config.cascade_decode is not None else self.device.type == "cuda"
+        if cascade and not backend.enable_cascade(config.block_size) and config.cascade_decode:
             logger.info("cascade_decode: the %s attention backend has no cascade decode (plain decode)", backend.name)
         self.fused_layers = backend.layer_ops is not None  # the backend provides the fused form of the layers
         if self.fused_layers:
