@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,8 @@ class AttentionMetadata:
     # where each sequence's context sits in the gathered prefill scratches (`value_lr_prefill`): uploaded by the
     # first layer that gathers, read by the rest of the step's layers
     scratch_rows: ScratchRows | None = None
+    # the step's FlashInfer plan on the gathered route (`flashinfer_prefill.RaggedPrefill`): made by the first layer
+    library_prefill: Any = None
 
     @property
     def num_seqs(self) -> int:

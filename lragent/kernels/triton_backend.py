@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lragent.cache.kv_cache import KVCache
-from lragent.kernels import key_lr_prefill, value_lr_prefill
+from lragent.kernels import flashinfer_prefill, key_lr_prefill, value_lr_prefill
 from lragent.kernels.backend import AttentionBackend, KeyLR, LayerOps
 from lragent.kernels.graph_inputs import GraphInputs, PrefillGraphInputs
 from lragent.kernels.metadata import AttentionMetadata, BatchRows
@@ -223,6 +223,13 @@ class TritonBackend(AttentionBackend):
                 cache.key[layer], cache.value[layer], lr_pool, meta.base_block_tables, args["lr_block_tables"],
                 meta.seq_lora_slots, value_up, lora_scaling, meta.scratch_rows, key_lr, keys,
             ))  # fmt: skip
+            if flashinfer_prefill.serves(query):  # plain attention over the gathered rows: the library's, if faster
+                if meta.library_prefill is None:
+                    kv_heads = cache.key[layer].shape[2]
+                    meta.library_prefill = flashinfer_prefill.RaggedPrefill(
+                        meta.query_lens, meta.context_lens, query, kv_heads
+                    )
+                return meta.library_prefill.run(query, args["key_rows"][0], args["value_rows"][0])
         return paged_prefill(
             query,
             query_start=meta.query_start,
