@@ -214,3 +214,34 @@ def test_a_queued_step_whose_result_fails_is_run_again(tiny_llama, monkeypatch):
     got = drive(make_engine(tiny_llama, True), requests)[0]
     assert failures == [2, 2]
     assert same(got, want)
+
+
+def test_stop_strings_constraints_and_samples_on_the_embedded_model(qv_adapters, monkeypatch):
+    """With a tokenizer: a stop string ends a sequence while a step for it is queued, a JSON-constrained request
+    keeps its batch waiting for each token (its mask follows the token) until it finishes, n = 2 samples follow the
+    first one's prompt blocks; every text and token as without async scheduling."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    requests = [
+        ("Name three colours.", SamplingParams(max_tokens=40, temperature=0.9, seed=5, stop=[" and", "."]), "plan"),
+        ("Give a JSON object.", SamplingParams(max_tokens=24, temperature=0.0, json_schema=schema), "action"),
+        ("Count: one, two,", SamplingParams(max_tokens=40, temperature=0.0, n=2, seed=2), None),
+    ]
+
+    def run(ahead: bool):
+        from lragent import LLM
+
+        llm = LLM(
+            adapters=qv_adapters, sharing="base_lr_shared", allow_unshared_a=True, max_model_len=512, warmup=False,
+            async_scheduling=ahead,
+        )  # fmt: skip
+        prompts, params, adapters = (list(x) for x in zip(*requests))
+        outs = [(o.token_ids, o.text, o.finish_reason) for o in llm.generate(prompts, adapters, params)]
+        llm.close()
+        return outs
+
+    sync = run(False)
+    launches = count_ahead(monkeypatch)
+    ahead = run(True)
+    assert ahead == sync and len(ahead) == 4  # (n = 2: two outputs for the last prompt)
+    assert {o[2] for o in ahead} == {"stop", "length"} and ahead[1][1].startswith("{")
+    assert launches
