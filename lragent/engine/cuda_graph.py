@@ -99,6 +99,7 @@ class DecodeGraphs:
         (its inputs declined it), run it eagerly. `feed`: the input ids on the device (a step run ahead)."""
         n = step.rows.num_seqs
         size = next(s for s in self.sizes if s >= n)
+        self._wait_uploads()  # (a capture's warm-up writes the host mirrors too)
         graph, hidden = self._ensure(size, variant)
         if not self.fill(step, size, variant, feed):
             return None
@@ -109,8 +110,7 @@ class DecodeGraphs:
     def fill(self, step: StepInputs, size: int, variant: str = "", feed: torch.Tensor | None = None) -> bool:
         """Refill the static inputs in place (asynchronous uploads; no host sync); False, nothing written: the
         variant's graph cannot compute this step. `feed`: the ids on the device, copied over the host's."""
-        if self._uploaded is not None:
-            self._uploaded.synchronize()
+        self._wait_uploads()
         if not self.attn.fill(step.rows, size, variant):
             return False
         n = step.rows.num_seqs
@@ -125,6 +125,13 @@ class DecodeGraphs:
             self._uploaded = torch.cuda.Event()
             self._uploaded.record()
         return True
+
+    def _wait_uploads(self) -> None:
+        """Wait until the last step's uploads have left the host mirrors (they may be queued behind a step still
+        running when the next one is prepared ahead of it)."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+            self._uploaded = None
 
     def _context(self, size: int, variant: str = "") -> ForwardContext:
         segments = self.bank.per_row_segments(*self.attn.lora_rows(size))
