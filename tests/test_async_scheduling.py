@@ -245,3 +245,29 @@ def test_stop_strings_constraints_and_samples_on_the_embedded_model(qv_adapters,
     assert ahead == sync and len(ahead) == 4  # (n = 2: two outputs for the last prompt)
     assert {o[2] for o in ahead} == {"stop", "length"} and ahead[1][1].startswith("{")
     assert launches
+
+
+def test_step_listeners_get_the_collected_steps_timings(tiny_llama, monkeypatch):
+    """A step listener hears of each collected step with that step's own timings (its launch and the wait for its
+    tokens), not those of the step launched after it."""
+    from lragent.engine.model_runner import LaunchedStep
+
+    engine = make_engine(tiny_llama, True)
+    heard, collected = [], []
+    engine.add_step_listener(heard.append)
+    result = LaunchedStep.result
+
+    def recorded(self):
+        out = result(self)
+        if not self.batch.is_prefill:
+            collected.append(self)
+        return out
+
+    monkeypatch.setattr(LaunchedStep, "result", recorded)
+    drive(engine, [(p, GREEDY, a) for p, a in zip(prompts(2), ("plan", "action"))])
+    decode = [s for s in heard if not s.is_prefill]
+    assert len(decode) == len(collected) >= 20
+    for stats, step in zip(decode, collected):
+        assert stats.forward_s == step.launch_s + step.wait_s and stats.prepare_s == step.prepare_s
+        assert stats.num_seqs == len(step.batch.seqs)
+    assert any(step.batch.ahead for step in collected)

@@ -450,22 +450,25 @@ class LLMEngine:
                 return outputs
         self._inflight = self._launch_ahead(launched)
         outputs += self._collect(launched)
-        self._notify(launched.batch, len(outputs), start)
+        self._notify(launched.batch, len(outputs), start, launched)
         return outputs
 
-    def _notify(self, batch: ScheduledBatch, num_outputs: int, start: float) -> None:
+    def _notify(
+        self, batch: ScheduledBatch, num_outputs: int, start: float, launched: LaunchedStep | None = None
+    ) -> None:
+        """Step listeners get this step's stats (a launched step's own timings: the runner has launched the next)."""
         if not self._listeners:
             return
-        runner = self.runner
+        timed = self.runner if launched is None else launched
         stats = StepStats(
             batch.is_prefill,
             len(batch.seqs),
             batch.total_tokens,
             num_outputs,
-            runner.prepare_s,
-            runner.forward_s,
+            timed.prepare_s,
+            timed.forward_s,
             time.perf_counter() - start,
-            runner.graphed,
+            timed.graphed,
         )
         for listener in self._listeners:
             listener(stats)

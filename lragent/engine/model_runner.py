@@ -53,6 +53,16 @@ class LaunchedStep:
     batch: ScheduledBatch
     drawn: PendingSample | None
     prompt: tuple[tuple[int, int, PromptLogprob], ...] = ()
+    prepare_s: float = 0.0  # host time turning the batch into inputs
+    launch_s: float = 0.0  # host time queueing it (preparation included)
+    graphed: bool = False  # the forward replays a captured graph
+    wait_s: float = 0.0  # host time `result()` waited for the draws
+
+    @property
+    def forward_s(self) -> float:
+        """Host time the step held the runner: its launch and the wait for its tokens (not the time it spent queued
+        behind another step while the host did other work)."""
+        return self.launch_s + self.wait_s
 
     def feed(self, seqs: list[Sequence]) -> torch.Tensor:
         """The tokens this step draws for `seqs` (some of its sampling sequences), int64 on the device."""
@@ -61,7 +71,9 @@ class LaunchedStep:
         return self.drawn.tokens([rows[s] for s in seqs])
 
     def result(self) -> StepResult:
+        start = time.perf_counter()
         sampled = SampleResult([], [], []) if self.drawn is None else self.drawn.result()
+        self.wait_s = time.perf_counter() - start
         return StepResult(sampled, self.prompt)
 
 
@@ -118,7 +130,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA unless enforce_eager
         self.prefill_graphs: PrefillGraphs | None = None  # short prefill chunks; with the decode graphs
         self.prepare_s = 0.0  # host time of the last run's input preparation (read through StepStats)
-        self.forward_s = 0.0  # the last run, end to end
+        self.forward_s = 0.0  # the last run, end to end (a launch alone: its queueing)
         self.graphed = False  # the last run replayed a captured graph (read through StepStats)
         self._bitmask: torch.Tensor | None = None  # host buffer of structured-output token masks
 
@@ -265,7 +277,10 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> StepResult:
         """One forward pass; returns a token (and its log-prob) for each sequence the batch marks as sampling."""
-        return self.launch(batch).result()
+        launched = self.launch(batch)
+        result = launched.result()
+        self.forward_s = launched.forward_s
+        return result
 
     def launch(self, batch: ScheduledBatch, after: LaunchedStep | None = None) -> LaunchedStep:
         """Queue one forward pass and its sampling on the device without waiting for the draws. `after`: the step in
@@ -273,9 +288,11 @@ class ModelRunner:
         start = time.perf_counter()
         self.prepare_s, self.graphed = 0.0, False
         try:
-            return self._launch(batch, None if after is None else after.feed(batch.seqs))
+            launched = self._launch(batch, None if after is None else after.feed(batch.seqs))
         finally:
             self.forward_s = time.perf_counter() - start
+        launched.prepare_s, launched.launch_s, launched.graphed = self.prepare_s, self.forward_s, self.graphed
+        return launched
 
     @torch.inference_mode()
     def _launch(self, batch: ScheduledBatch, feed: torch.Tensor | None) -> LaunchedStep:

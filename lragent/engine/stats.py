@@ -15,7 +15,9 @@ class StepStats:
     num_tokens: int  # tokens run through the model
     num_sampled: int  # sequences that got a token (or failed) this step
     prepare_s: float  # host time turning the batch into tensors and metadata (0 for a graph replay's refill)
-    forward_s: float  # the model runner: prepare + forward + sampling, until the tokens are on the host
+    # the model runner: prepare + forward + sampling, until the tokens are on the host (a step run ahead: its launch
+    # and the wait for its tokens, not the time it ran behind the previous step while the host worked)
+    forward_s: float
     step_s: float  # the whole `step()`: scheduling, forward, block bookkeeping, post-processing
     graphed: bool = False  # the forward replayed a captured CUDA graph (decode, or a short prefill chunk)
 
