@@ -33,6 +33,7 @@ DISTRIBUTIONS = {
     "cv2": "opencv-python",
     "bs4": "beautifulsoup4",
     "google.protobuf": "protobuf",
+    "flashinfer": "flashinfer-python",
 }
 # Which extra a module-level import may come from, by the file's place in the package: the library (the core) must
 # import without any extra, so an extra's package imported there must be imported lazily (inside a function).
