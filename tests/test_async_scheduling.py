@@ -269,5 +269,5 @@ def test_step_listeners_get_the_collected_steps_timings(tiny_llama, monkeypatch)
     assert len(decode) == len(collected) >= 20
     for stats, step in zip(decode, collected):
         assert stats.forward_s == step.launch_s + step.wait_s and stats.prepare_s == step.prepare_s
-        assert stats.num_seqs == len(step.batch.seqs)
+        assert stats.num_seqs == len(step.batch.seqs) and stats.ahead == bool(step.batch.ahead)
     assert any(step.batch.ahead for step in collected)

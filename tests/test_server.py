@@ -69,8 +69,13 @@ def adapter_roots(*adapter_sets: dict[str, str]) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def server(shared_a_adapters, qv_adapters):
+    # async scheduling on, as a CUDA server runs by default: steady decode steps are queued ahead of the host
     config = EngineConfig(
-        adapters=shared_a_adapters, sharing="base_lr_shared", kv_cache_bytes=48 << 20, max_model_len=MAX_LEN
+        adapters=shared_a_adapters,
+        sharing="base_lr_shared",
+        kv_cache_bytes=48 << 20,
+        max_model_len=MAX_LEN,
+        async_scheduling=True,
     )
     engine = LLMEngine(config)
     roots = adapter_roots(shared_a_adapters, qv_adapters)
@@ -164,6 +169,8 @@ def test_best_of_returns_the_best_samples_and_bills_them_all(server):
 
 
 def test_streaming_matches_non_streaming(server):
+    steps = []
+    server.engine.add_step_listener(steps.append)
     client = server.client()
     messages = [{"role": "user", "content": "Write one sentence about the sea."}]
     kw = dict(model="plan", messages=messages, max_tokens=8, temperature=0)
@@ -193,6 +200,8 @@ def test_streaming_matches_non_streaming(server):
     )
     plain = client.completions.create(model="action", prompt="One, two,", max_tokens=6, temperature=0)
     assert "".join(p.choices[0].text for p in pieces) == plain.choices[0].text
+    server.engine.remove_step_listener(steps.append)
+    assert any(s.ahead for s in steps)  # decode steps were queued ahead of the host
 
 
 # ---- sharing across agents ------------------------------------------------------------------------------------

@@ -469,6 +469,7 @@ class LLMEngine:
             timed.forward_s,
             time.perf_counter() - start,
             timed.graphed,
+            batch.ahead > 0,
         )
         for listener in self._listeners:
             listener(stats)

@@ -20,6 +20,7 @@ class StepStats:
     forward_s: float
     step_s: float  # the whole `step()`: scheduling, forward, block bookkeeping, post-processing
     graphed: bool = False  # the forward replayed a captured CUDA graph (decode, or a short prefill chunk)
+    ahead: bool = False  # async scheduling: the step was queued before its input tokens reached the host
 
     @property
     def kind(self) -> str:
