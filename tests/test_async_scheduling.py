@@ -271,3 +271,17 @@ def test_step_listeners_get_the_collected_steps_timings(tiny_llama, monkeypatch)
         assert stats.forward_s == step.launch_s + step.wait_s and stats.prepare_s == step.prepare_s
         assert stats.num_seqs == len(step.batch.seqs) and stats.ahead == bool(step.batch.ahead)
     assert any(step.batch.ahead for step in collected)
+
+
+def test_a_step_left_queued_after_the_last_request_does_not_delay_the_next(tiny_llama):
+    """When every sequence of the queued step has finished, the next request is scheduled by the very next step."""
+    drawn = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)
+    probe = drive(make_engine(tiny_llama, False), [(prompts(1)[0], drawn, "plan")])[0][0][0]
+    first = next(i for i in range(4, 24) if probe[i] not in probe[:i])
+    engine = make_engine(tiny_llama, True)
+    stop = SamplingParams(max_tokens=24, temperature=1.0, seed=3, stop_token_ids=[probe[first]])
+    assert drive(engine, [(prompts(1)[0], stop, "plan")])[0][0][2] == "stop"
+    assert engine._inflight is not None  # (the scenario: a step still queued for the finished sequence)
+    engine.add_request(prompts(2)[1], GREEDY, "action")
+    first = engine.step()  # the new request's prefill: its first token
+    assert len(first) == 1 and len(first[0].new_token_ids) == 1

@@ -439,6 +439,8 @@ class LLMEngine:
         self._forward("step")  # before this rank's step: the model's collectives need every rank in it
         outputs, self._undelivered = self._undelivered, []
         launched, self._inflight = self._inflight, None
+        if launched is not None and all(s.is_finished for s in launched.batch.seqs):
+            launched = None  # a step queued for sequences that all finished since: nothing to wait for
         if launched is None:
             batch = self.scheduler.schedule()
             if batch is None:
