@@ -487,15 +487,11 @@ class LLMEngine:
 
     def _continues_ahead(self, seq: Sequence) -> bool:
         """Whether the step after the one in flight can be queued now: no rule reads the in-flight token on the host
-        first (an output constraint's mask, penalties over the history), and no length limit ends the sequence
-        with the in-flight token (an end-of-sequence token or stop string may: that step's work is then dropped)."""
+        first (an output constraint's mask; penalties read a history the draws keep on the device), and no length
+        limit ends the sequence with the in-flight token (an end-of-sequence token or stop string may: that step's
+        work is then dropped)."""
         p = seq.params
-        return (
-            seq.grammar is None
-            and not p.penalized
-            and len(seq.output_ids) + 2 <= p.max_tokens
-            and len(seq) + 2 <= self.max_model_len
-        )
+        return seq.grammar is None and len(seq.output_ids) + 2 <= p.max_tokens and len(seq) + 2 <= self.max_model_len
 
     def _launch(self, batch: ScheduledBatch, after: LaunchedStep | None = None) -> LaunchedStep | None:
         """Queue the batch on the device; None if that failed (the caller runs it the synchronous way, or not
@@ -503,6 +499,7 @@ class LLMEngine:
         try:
             return self.runner.launch(batch, after)
         except Exception:
+            self.runner.history.forget(batch.seqs)  # (its draws may have been recorded)
             logger.exception(
                 "launching a decode step over %d sequences failed; running it synchronously", len(batch.seqs)
             )
@@ -530,6 +527,8 @@ class LLMEngine:
             sampled = self._sampled(launched.batch, launched.result())
         except Exception:
             logger.exception("a decode step over %d sequences failed; retrying them one by one", len(live))
+            self._inflight = None  # the step queued behind it read its draws: dropped, it runs again after
+            self.runner.history.forget(launched.batch.seqs)  # (the failed draws may have been recorded)
             batch = ScheduledBatch(live, [1] * len(live), is_prefill=False)  # (its in-flight token is on the host now)
             return self._finish(batch, *self._run_one_by_one(batch))
         return self._finish(launched.batch, sampled, {})
@@ -572,6 +571,7 @@ class LLMEngine:
             return self._sampled(batch, self.runner.run(batch)), {}
         except Exception:
             logger.exception("engine step over %d sequences failed; retrying them one by one", len(batch.seqs))
+        self.runner.history.forget(batch.seqs)  # (the failed draws may have been recorded)
         return self._run_one_by_one(batch)
 
     def _run_one_by_one(self, batch: ScheduledBatch) -> tuple[dict[Sequence, Sampled], dict[Sequence, str]]:

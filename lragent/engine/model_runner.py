@@ -18,6 +18,7 @@ import torch
 
 from lragent.cache.kv_cache import HiddenRows, KVCache
 from lragent.cache.sharing import PoolKind, SharingScheme
+from lragent.engine.penalty_history import PenaltyHistory
 from lragent.engine.sampler import PendingSample, SampleResult, SamplingBatch, sample_async
 from lragent.engine.scheduler import ScheduledBatch
 from lragent.engine.sequence import KV, PromptLogprob, Sequence
@@ -129,6 +130,7 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA unless enforce_eager
         self.prefill_graphs: PrefillGraphs | None = None  # short prefill chunks; with the decode graphs
+        self.history = PenaltyHistory(device)  # penalised sequences' token histories on the device
         self.prepare_s = 0.0  # host time of the last run's input preparation (read through StepStats)
         self.forward_s = 0.0  # the last run, end to end (a launch alone: its queueing)
         self.graphed = False  # the last run replayed a captured graph (read through StepStats)
@@ -305,7 +307,11 @@ class ModelRunner:
         logits = self.model.logits(hidden[: len(seqs)])
         if masks is not None:
             apply_bitmask(logits, *masks)
-        drawn = sample_async(logits, self.sampling_batch(seqs, logits.shape[-1], batch.ahead))
+        vocab = logits.shape[-1]
+        rows = self.history.rows(seqs, vocab) if any(s.params.penalized for s in seqs) else None
+        drawn = sample_async(logits, self.sampling_batch(seqs, vocab, batch.ahead, rows))
+        if rows is not None:
+            self.history.record(rows, drawn.flat)  # on the device, before any later step samples
         return LaunchedStep(batch, drawn, prompt)
 
     def _score_prompt(self, hidden: torch.Tensor, scores: PromptScores) -> tuple[tuple[int, int, PromptLogprob], ...]:
@@ -368,15 +374,14 @@ class ModelRunner:
         out = self.model(input_ids, ctx)
         return out[rows], step.scores
 
-    def sampling_batch(self, seqs: list[Sequence], vocab_size: int, ahead: int = 0) -> SamplingBatch:
+    def sampling_batch(
+        self, seqs: list[Sequence], vocab_size: int, ahead: int = 0, history_rows: list[int] | None = None
+    ) -> SamplingBatch:
         """Each row's draw is keyed by its request's seed and the position of the token it draws (`ahead`: tokens in
-        flight before it). Penalties read the history, so a step with them never runs ahead."""
-        params = [s.params for s in seqs]
-        penalized = any(p.penalized for p in params)
-        if penalized and ahead:
-            raise ValueError("penalties need the previous tokens on the host: the step cannot run ahead")
+        flight before it). Penalties read each row's history on the device (`history_rows`, `PenaltyHistory`),
+        which the draws keep current, so a step with them can run ahead too."""
+        history = None if history_rows is None else self.history.gather(history_rows)
         return SamplingBatch.build(
-            params, [s.seed for s in seqs], [len(s) + ahead for s in seqs],
-            [s.token_ids for s in seqs] if penalized else None, [s.prompt_len for s in seqs] if penalized else None,
-            vocab_size, self.device,
+            [s.params for s in seqs], [s.seed for s in seqs], [len(s) + ahead for s in seqs], None, None,
+            vocab_size, self.device, history,
         )  # fmt: skip

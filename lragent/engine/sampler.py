@@ -101,8 +101,10 @@ class SamplingBatch:
         prompt_lens: list[int] | None,
         vocab_size: int,
         device: torch.device,
+        history: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplingBatch:
-        """`histories` (token ids so far) and `prompt_lens` are read only for rows with penalties."""
+        """`histories` (token ids so far) and `prompt_lens` are read only for rows with penalties; `history`: those
+        rows' (seen, counts) already on the device (`PenaltyHistory`), instead of building them from the lists."""
 
         def t(values: list, dtype: torch.dtype) -> torch.Tensor:
             host = torch.tensor(values, dtype=dtype)
@@ -122,7 +124,7 @@ class SamplingBatch:
             min_p=t([p.min_p for p in params], torch.float32),
             keys=t(keys, torch.int64),
             bias=_bias(params, vocab_size, t),
-            penalties=_penalties(params, histories, prompt_lens, vocab_size, device, t),
+            penalties=_penalties(params, histories, prompt_lens, vocab_size, device, t, history),
             all_greedy=all(greedy),
             truncates=truncates,
             max_top_k=max([k for k, g in zip(top_k, greedy) if not g], default=vocab_size),
@@ -138,11 +140,19 @@ def _bias(params: list[SamplingParams], vocab: int, t) -> tuple[torch.Tensor, to
     return t(list(rows), torch.int64), t(list(toks), torch.int64), t(list(vals), torch.float32)
 
 
-def _penalties(params, histories, prompt_lens, vocab: int, device: torch.device, t):
+def _penalties(params, histories, prompt_lens, vocab: int, device: torch.device, t, history=None):
     """(seen [B, V] bool over prompt + output, output counts [B, V], repetition, presence, frequency) or None.
 
-    The penalised rows' histories go up as two flat (row, token) uploads and two scatters, not a pair per row."""
-    if not any(p.penalized for p in params) or histories is None or prompt_lens is None:
+    The penalised rows' histories go up as two flat (row, token) uploads and two scatters, not a pair per row (the
+    reference of `PenaltyHistory`, whose rows `history` carries when given)."""
+    if not any(p.penalized for p in params):
+        return None
+    rep = t([p.repetition_penalty for p in params], torch.float32)
+    pres = t([p.presence_penalty for p in params], torch.float32)
+    freq = t([p.frequency_penalty for p in params], torch.float32)
+    if history is not None:
+        return history[0], history[1], rep, pres, freq
+    if histories is None or prompt_lens is None:
         return None
     b = len(params)
     seen_rows: list[int] = []
@@ -165,9 +175,6 @@ def _penalties(params, histories, prompt_lens, vocab: int, device: torch.device,
     seen[rows[:n_seen], ids[:n_seen]] = True
     counts = torch.zeros(b, vocab, dtype=torch.float32, device=device)
     counts.index_put_((rows[n_seen:], ids[n_seen:]), torch.ones(n_out, device=device), accumulate=True)
-    rep = t([p.repetition_penalty for p in params], torch.float32)
-    pres = t([p.presence_penalty for p in params], torch.float32)
-    freq = t([p.frequency_penalty for p in params], torch.float32)
     return seen, counts, rep, pres, freq
 
 
