@@ -12,7 +12,7 @@ from lragent import cli
 from lragent.bench import decode as db
 from lragent.bench import sampler as sb
 from lragent.bench import trace as tb
-from lragent.bench.decoding import describe, request_params, request_seed, sampling_options
+from lragent.bench.decoding import describe, engine_only, request_params, request_seed, sampling_options
 
 AUTOACT = ["--temperature", "0.9", "--top-p", "0.75", "--top-k", "40"]
 AUTOACT_OPTS = {"temperature": 0.9, "top_p": 0.75, "top_k": 40}
@@ -56,6 +56,37 @@ def test_decoding_options_build_seeded_requests():
         sampling_options(type("A", (), {"temperature": 0.9, "top_p": 0.0, "top_k": -1})())
 
 
+def test_penalty_options_reach_the_requests():
+    flags = type("A", (), {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.2})
+    greedy_opts = sampling_options(flags())
+    assert greedy_opts == {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.2}
+    greedy = request_params(greedy_opts, 3, max_tokens=2)
+    assert greedy.greedy and greedy.repetition_penalty == 1.2 and greedy.penalized
+    assert describe(greedy_opts) == "greedy + repetition_penalty 1.2"
+    sampled_opts = {**AUTOACT_OPTS, "frequency_penalty": 0.3, "presence_penalty": -0.5}
+    sampled = request_params(sampled_opts, 4, max_tokens=2)
+    assert (sampled.frequency_penalty, sampled.presence_penalty, sampled.seed) == (0.3, -0.5, 4)
+    assert describe(sampled_opts).endswith("seeded) + presence_penalty -0.5 + frequency_penalty 0.3")
+    assert engine_only(sampled_opts) == "--presence-penalty, --frequency-penalty"
+    assert engine_only(AUTOACT_OPTS) is None and engine_only({"json_schema": {}}) == "--json-schema"
+    assert sampling_options(type("A", (), AUTOACT_OPTS)()) == AUTOACT_OPTS  # penalties off: not recorded
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        sampling_options(type("A", (), {**AUTOACT_OPTS, "frequency_penalty": 3.0})())
+
+
+def test_decode_bench_with_penalties_times_the_engine_only(tmp_path, tiny_llama, capsys):
+    common = ["--model", tiny_llama[0], "--batch", "2", "--prompt-len", "8", "--new-tokens", "4"]
+    out = tmp_path / "decode.json"
+    assert db.main([*common, "--out", str(out), *AUTOACT, "--repetition-penalty", "1.3"]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["sampling"] == {**AUTOACT_OPTS, "repetition_penalty": 1.3}
+    assert data["rows"][0]["hf_peft_tok_s"] is None and data["rows"][0]["lragent_tok_s"] > 0  # HF has no such run
+    assert "penalised=1 " in printed and "+ repetition_penalty 1.3" in printed
+    with pytest.raises(SystemExit):
+        db.main([*common, "--presence-penalty", "5"])
+
+
 def test_decode_bench_records_sampling(tmp_path, tiny_llama, capsys):
     model = tiny_llama[0]
     common = ["--model", model, "--batch", "2", "--prompt-len", "8", "--new-tokens", "4"]
@@ -67,7 +98,7 @@ def test_decode_bench_records_sampling(tmp_path, tiny_llama, capsys):
     assert "decoding: sampled (T 0.9, top-p 0.75, top-k 40, seeded)" in printed
     row = data["rows"][0]
     assert row["batch"] == 2 and row["lragent_tok_s"] > 0 and row["hf_peft_tok_s"] > 0 and row["new_tokens_mean"] == 4
-    assert "DECODE decoding=sampled temperature=0.9 top_p=0.75 top_k=40 json_schema=0 b2_tok_s=" in printed
+    assert "DECODE decoding=sampled temperature=0.9 top_p=0.75 top_k=40 json_schema=0 penalised=0 b2_tok_s=" in printed
     # greedy stays the default; --no-hf times the engine only
     assert db.main([*common, "--out", str(out), "--no-hf"]) == 0
     data = json.loads(out.read_text())

@@ -30,8 +30,10 @@ from lragent.bench.adapters import model_config_for, write_random_adapters
 from lragent.bench.decoding import (
     add_sampling_args,
     describe,
+    engine_only,
     is_constrained,
     is_greedy,
+    penalties,
     request_params,
     request_seed,
     sampling_options,
@@ -356,7 +358,7 @@ def _floor_main(args: argparse.Namespace) -> None:
 def _time_batches(args: argparse.Namespace) -> list[dict]:
     """Decode throughput of our engine (and HF + PEFT unless skipped) at every --batch, one row each."""
     rows = []
-    skip_hf = args.no_hf or args.shared_prefix or is_constrained(args.sampling)  # HF + PEFT: none of these
+    skip_hf = args.no_hf or args.shared_prefix or engine_only(args.sampling)  # HF + PEFT: none of these
     with tempfile.TemporaryDirectory() as tmp:
         adapter = write_random_adapters(args.model, Path(tmp), ["plan"], rank=8)["plan"]
         for batch in args.batch:
@@ -396,6 +398,7 @@ def _print_table(args: argparse.Namespace, rows: list[dict], decoding: str) -> N
     print(
         f"DECODE decoding={decoding.split(' ')[0]} temperature={args.temperature:g} top_p={args.top_p:g} "
         f"top_k={args.top_k} json_schema={int(is_constrained(args.sampling))} "
+        f"penalised={int(bool(penalties(args.sampling)))} "
         + " ".join(f"b{r['batch']}_tok_s={r['lragent_tok_s']:.4g}" for r in rows)
     )
 

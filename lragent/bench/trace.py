@@ -51,7 +51,7 @@ from lragent.bench.adapters import model_config_for, write_random_adapters
 from lragent.bench.decoding import (
     add_sampling_args,
     describe,
-    is_constrained,
+    engine_only,
     request_params,
     request_seed,
     sampling_options,
@@ -1090,9 +1090,9 @@ def _run_hf_system(run: _Run, system: str, model: Any, vocab: int) -> None:
 
 def _run_hf_systems(run: _Run, systems: list[str], adapters: dict[str, str], vocab: int) -> None:
     """The HF + PEFT baselines: one PeftModel with every agent's adapter, shared by both systems."""
-    if systems and is_constrained(run.args.sampling):
+    if systems and (flags := engine_only(run.args.sampling)):
         for system in systems:
-            run.skip_all(system, "skipped (--json-schema: engine only)", [1])
+            run.skip_all(system, f"skipped ({flags}: engine only)", [1])
         return
     if not systems:
         return
