@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+from collections import deque
+
 import pytest
 
-from lragent.cache.block_pool import BlockPool
+from lragent.cache.block_pool import Block, BlockPool
 from lragent.cache.kv_cache import CacheLayout
 from lragent.cache.prefix_hash import block_hashes
 from lragent.cache.sharing import PoolKind, SharingMode, get_scheme
@@ -39,6 +42,52 @@ def test_pool_refcount_cache_and_lru_eviction():
     assert pool.peek([111, 222]) == 1  # block of hash 222 (the tail) was evicted first
     with pytest.raises(MemoryError):
         pool.allocate(2)
+
+
+class EagerPool(BlockPool):
+    """The pool as it was: every block made up front, all ids in the free queue in order."""
+
+    def __init__(self, name: str, num_blocks: int):
+        super().__init__(name, num_blocks)
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free = deque(range(num_blocks))
+
+
+def test_lazy_blocks_hand_out_what_eager_blocks_did():
+    rng = random.Random(7)
+    lazy, eager = BlockPool("t", 24), EagerPool("t", 24)
+    held: list[list[int]] = []
+    for step in range(400):
+        op = rng.random()
+        if op < 0.45 and lazy.num_available():
+            n = rng.randint(1, min(4, lazy.num_available()))
+            got = lazy.allocate(n)
+            assert got == eager.allocate(n), step
+            for block_id in got:
+                if rng.random() < 0.6:
+                    h = rng.randint(0, 30)
+                    lazy.register(block_id, h), eager.register(block_id, h)
+            held.append(got)
+        elif op < 0.8 and held:
+            ids = held.pop(rng.randrange(len(held)))
+            lazy.release(ids), eager.release(ids)
+        elif op < 0.95:
+            hashes = [rng.randint(0, 30) for _ in range(3)]
+            found = lazy.match(hashes)
+            assert found == eager.match(hashes), step
+            if found:
+                held.append(found)
+        else:
+            lazy.drop_cached(), eager.drop_cached()
+        assert lazy.num_available() == eager.num_available() and lazy.usage() == eager.usage(), step
+    with pytest.raises(MemoryError):
+        lazy.allocate(lazy.num_available() + 1)
+
+
+def test_a_huge_pool_makes_its_blocks_when_used():
+    pool = BlockPool("t", 10**9)
+    assert pool.num_available() == 10**9 and pool.usage()["blocks_total"] == 10**9
+    assert pool.allocate(3) == [0, 1, 2] and len(pool.blocks) == 3 and pool.num_in_use() == 3
 
 
 def test_release_twice_is_caught():

@@ -22,22 +22,23 @@ class PoolStats:
 
 class BlockPool:
     """Blocks move between three states: in use (ref_count > 0), cached (free but still findable by hash, evicted
-    least-recently-freed first) and free (no content)."""
+    least-recently-freed first) and free (no content).
+
+    A block's bookkeeping is made when the block is first handed out (ids in order, before any freed one is reused):
+    a small model on a large GPU has tens of millions of blocks, and making them all up front took seconds of start-up
+    and gigabytes of host memory for blocks most runs never touch."""
 
     def __init__(self, name: str, num_blocks: int):
         self.name = name
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: deque[int] = deque(range(num_blocks))
+        self.num_blocks = num_blocks
+        self.blocks: list[Block] = []  # blocks[i] is block i, for the ids handed out so far
+        self.free: deque[int] = deque()  # freed ids without content, reused after the never-used ones
         self.cached: OrderedDict[int, None] = OrderedDict()  # block ids with ref_count 0 and a hash, LRU first
         self.by_hash: dict[int, int] = {}
         self.stats = PoolStats()
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
     def num_available(self) -> int:
-        return len(self.free) + len(self.cached)
+        return self.num_blocks - len(self.blocks) + len(self.free) + len(self.cached)
 
     def num_in_use(self) -> int:
         return self.num_blocks - self.num_available()
@@ -91,6 +92,9 @@ class BlockPool:
         self.by_hash[block_hash] = block_id
 
     def _pop_free(self) -> int:
+        if len(self.blocks) < self.num_blocks:
+            self.blocks.append(Block(len(self.blocks)))
+            return len(self.blocks) - 1
         if self.free:
             return self.free.popleft()
         block_id, _ = self.cached.popitem(last=False)
