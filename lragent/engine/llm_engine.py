@@ -283,9 +283,8 @@ class LLMEngine:
             for request_id in list(self._seqs):
                 self.abort(request_id)
         finally:
-            runner = getattr(self, "runner", None)
-            if runner is not None:
-                runner.clear_graphs()
+            if getattr(self, "runner", None) is not None:  # no local: it would pin the cache past the release
+                self.runner.clear_graphs()
             self.model.runtime = None  # a model the caller still holds no longer pins the cache pools and bank
             self._seqs.clear()
             self._listeners.clear()  # listeners are often bound methods of objects that hold this engine
