@@ -388,3 +388,43 @@ def test_fp8_fused_silu_down_matches_unfused(tiny_llama, tmp_path, monkeypatch):
         # asked at the prefill (declined: many rows) and at each decode step of each layer (fused: one row)
         assert bool(fused_rows) == asked, (adapter, fused_rows)
         assert not asked or (fused_rows.count(1) == 3 * config.num_layers and set(fused_rows) == {0, 1})
+
+
+def test_fp8_fused_norm_gate_up_matches_unfused(tiny_llama, tmp_path, monkeypatch):
+    """Triton backend with every projection on the Triton W8A16 kernel: a lone sequence's decode rows run the
+    residual add + RMSNorm before the MLP inside the gate/up GEMV (`Fp8Weight.linear_add_rms_norm`, through
+    `MLP.normed_gate_up`), and generate the tokens and logprobs of the same engine with that fusion declined (the
+    norm kernel, then the GEMV). Once a loaded adapter targets gate_proj, the normalised row stays materialised
+    for every sequence (the adapter's delta reads it): the fusion is not even asked for."""
+    import lragent.quant.fp8 as fp8_module
+    from lragent.bench.adapters import write_peft_adapter
+
+    model, adapters = tiny_llama
+    config = ModelConfig.from_file(f"{model}/config.json")
+    gate = write_peft_adapter(tmp_path / "gate", config, ("q_proj", "gate_proj"), seed=4, b_scale=0.05)
+    monkeypatch.setattr(fp8_module, "FP8_GEMM", "triton")
+    dev = {"device": "cuda"} if torch.cuda.is_available() else {}
+    real, fused_rows = Fp8Weight.linear_add_rms_norm, []
+
+    def spy(self: Fp8Weight, x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+        out = real(self, x, *args)
+        fused_rows.append(x.shape[0] if out is not None else 0)
+        return out
+
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True)
+    plain = _engine(model, adapters, "fp8", backend="triton", **dev)
+    with_gate = _engine(model, {**adapters, "gate": str(gate)}, "fp8", backend="triton", **dev)
+    for llm, adapter, asked in ((plain, None, True), (plain, "plan", True), (with_gate, "plan", False),
+                                (with_gate, "gate", False)):  # fmt: skip
+        assert llm.engine.fused_layers
+        fused_rows.clear()
+        monkeypatch.setattr(Fp8Weight, "linear_add_rms_norm", spy)
+        got = llm.generate(PROMPTS[:1], greedy, adapter=adapter)
+        monkeypatch.setattr(fp8_module, "NORM_PROLOGUE", False)
+        want = llm.generate(PROMPTS[:1], greedy, adapter=adapter)
+        monkeypatch.setattr(fp8_module, "NORM_PROLOGUE", True)
+        assert got[0].token_ids == want[0].token_ids
+        assert max(abs(a - b) for a, b in zip(got[0].logprobs, want[0].logprobs)) < 1e-5
+        # asked at the prefill (declined: many rows) and at each decode step of each layer (fused: one row)
+        assert bool(fused_rows) == asked, (adapter, fused_rows)
+        assert not asked or (fused_rows.count(1) == 3 * config.num_layers and set(fused_rows) == {0, 1})

@@ -468,3 +468,56 @@ def test_engine_greedy_tokens_same_on_both_paths(tiny_llama, monkeypatch):
     for other, tol in (("dequant", 0.05), ("scaled_mm", 0.3)):
         first = [abs(a.logprobs[0] - b.logprobs[0]) for a, b in zip(outs["triton"], outs[other])]
         assert max(first) < tol, (other, first)
+
+
+def _add_norm_row(k: int, dtype: torch.dtype, seed: int):
+    """The attention output, the residual stream and the norm's weight of one row, as the decoder layer has them."""
+    gen = torch.Generator().manual_seed(seed)
+    x, res = torch.randn(1, k, generator=gen), 4 * torch.randn(1, k, generator=gen)
+    weight = 1 + 0.2 * torch.randn(k, generator=gen)
+    return x.to(DEVICE, dtype), res.to(DEVICE, dtype), weight.to(DEVICE, dtype)
+
+
+# (N, K, BLOCK_N, BLOCK_K, split_k): ragged N / K (K not a power of two: the norm's block is padded), split-K off and
+# on, one tile per split, the default tiles (None)
+ADD_NORM_CASES = [(72, 200, 32, 64, 1), (64, 256, 16, 128, 1), (40, 200, 16, 32, 3), (17, 256, 16, 64, 2),
+                  (5, 40, 16, 16, 1), (24, 1000, None, None, None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k", "block_n", "block_k", "split_k"), ADD_NORM_CASES)
+def test_w8a16_gemv_add_rms_norm_prologue(n, k, block_n, block_k, split_k, dtype, pdl, monkeypatch):
+    """The gate/up GEMV with the residual add + RMSNorm as its prologue: the new residual equals `add_rms_norm`'s
+    sum bit for bit (one program writes it), and the product equals that kernel's normalised row through the same
+    GEMV (bit for bit in the interpreter, where both reduce the norm alike; within the GEMV's own tolerance on a
+    GPU, where the two kernels may sum the squares in different orders), and the dequantised reference."""
+    import lragent.kernels.triton_fp8 as tf
+    from lragent.kernels.triton_fp8 import w8a16_add_rms_norm_linear
+    from lragent.kernels.triton_fused import add_rms_norm
+
+    monkeypatch.setattr(tf, "GEMV_PDL", pdl)
+    _, w8, scale, _ = _problem(1, n, k, dtype, seed=n * k + 1, bias=False)
+    x, res, weight = _add_norm_row(k, dtype, seed=n + k)
+    h, total = add_rms_norm(x, res, weight, 1e-5)
+    kw = dict(block_n=block_n, block_k=block_k, split_k=split_k)
+    got, got_total = w8a16_add_rms_norm_linear(x, res, weight, 1e-5, w8, scale, **kw)
+    assert torch.equal(got_total, total) and got.shape == (1, n)
+    _check(got, h, w8, scale, None)
+    if not CUDA:
+        assert torch.equal(got, w8a16_linear(h, w8, scale, gemv=True, **kw))
+    flat, flat_total = w8a16_add_rms_norm_linear(x.view(-1), res.view(-1), weight, 1e-5, w8, scale, **kw)
+    assert flat.shape == (n,) and torch.equal(flat, got.view(-1)) and torch.equal(flat_total, total.view(-1))
+
+
+def test_add_rms_norm_prologue_only_for_single_rows():
+    """One row with a residual of its shape and dtype, on the GEMV path; else refused (the caller runs the norm)."""
+    from lragent.kernels.triton_fp8 import can_fuse_add_norm, w8a16_add_rms_norm_linear
+
+    _, w8, scale, _ = _problem(1, 24, 64, torch.float32, seed=0, bias=False)
+    x, res, weight = _add_norm_row(64, torch.float32, seed=2)
+    assert can_fuse_add_norm(x, res) and not can_fuse_add_norm(x, res, gemv=False)
+    assert not can_fuse_add_norm(x, None) and not can_fuse_add_norm(x, res.double())
+    assert not can_fuse_add_norm(x.expand(2, -1), res.expand(2, -1))
+    with pytest.raises(ValueError, match="one row"):
+        w8a16_add_rms_norm_linear(x.expand(2, -1), res.expand(2, -1), weight, 1e-5, w8, scale)

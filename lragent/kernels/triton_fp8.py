@@ -251,11 +251,43 @@ def _load_k(ptr, offs, K, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _gemv_x(x_ptr, offs, K, MASKED: tl.constexpr, SILU_MUL: tl.constexpr):
+def _row_rstd(x_ptr, res_ptr, sum_ptr, K, eps, STORE, KP2: tl.constexpr):
+    """1 / rms(x + res) over the whole row, as `triton_fused._add_rms_norm_kernel` computes it (the sum rounded to
+    the activation dtype, squares summed in float32 in one reduction over a power-of-two block); the program that
+    has STORE writes the sum (the new residual stream) to sum_ptr."""
+    cols = tl.arange(0, KP2)
+    mask = cols < K
+    r = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    r = (r + tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(sum_ptr.dtype.element_ty)
+    if STORE:
+        tl.store(sum_ptr + cols, r, mask=mask)
+    rf = r.to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(rf * rf, axis=0) / K + eps)
+
+
+@triton.jit
+def _gemv_x(
+    x_ptr,
+    offs,
+    K,
+    MASKED: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    ADD_NORM: tl.constexpr = False,
+    res_ptr=None,
+    nw_ptr=None,
+    rstd=None,
+):
     """x[offs] in float32. With SILU_MUL, x_ptr is a [gate | up] row of 2K and x = silu(gate) * up, computed as
     `triton_fused._silu_mul_kernel` does (float32, the SiLU and the product each rounded to the activation dtype),
-    so the down projection sees the very values that kernel would have written, without their round trip."""
-    if SILU_MUL:
+    so the down projection sees the very values that kernel would have written, without their round trip. With
+    ADD_NORM, x = RMSNorm(x + res) * nw given the row's `rstd` (`_row_rstd`), rounded where `_add_rms_norm_kernel`
+    rounds: the sum, the normalised row and the weighted row."""
+    if ADD_NORM:
+        ty = x_ptr.dtype.element_ty
+        r = _load_k(x_ptr, offs, K, MASKED).to(tl.float32) + _load_k(res_ptr, offs, K, MASKED).to(tl.float32)
+        normed = (r.to(ty).to(tl.float32) * rstd).to(ty).to(tl.float32)
+        return (_load_k(nw_ptr, offs, K, MASKED).to(tl.float32) * normed).to(ty).to(tl.float32)
+    elif SILU_MUL:
         ty = x_ptr.dtype.element_ty
         gate = _load_k(x_ptr, offs, K, MASKED).to(tl.float32)
         up = _load_k(x_ptr + K, offs, K, MASKED).to(tl.float32)
@@ -286,6 +318,10 @@ def _w8a16_gemv_kernel(
     out_ptr,
     ws_ptr,
     cnt_ptr,  # LAST_SPLIT: one int32 arrival counter per BLOCK_N channels (`lragent.kernels.counters`)
+    res_ptr,  # ADD_NORM: the residual row, the norm's weight, the new residual (x + res) written by program (0, 0)
+    nw_ptr,
+    sum_ptr,
+    eps,
     N,
     K,
     K_PER_SPLIT,
@@ -300,6 +336,8 @@ def _w8a16_gemv_kernel(
     SILU_MUL: tl.constexpr = False,  # x_ptr holds [gate | up] (2K): x = silu(gate) * up on the fly (`_gemv_x`)
     LAST_SPLIT: tl.constexpr = False,  # with SPLIT: the last split to finish reduces (no `_w8a16_reduce_kernel`)
     PDL: tl.constexpr = False,  # launched with PDL (`lragent.kernels.pdl`): first weight tile before the wait
+    ADD_NORM: tl.constexpr = False,  # x = RMSNorm(x + res) * nw on the fly (`_row_rstd`, `_gemv_x`)
+    KP2: tl.constexpr = 1,  # ADD_NORM: the power of two >= K the row's norm is reduced over
 ):
     """One row of x: y[n] = scale[n] * sum_k W[n, k] x[k] for BLOCK_N output channels per program, without `tl.dot`
     (which pads the row to 16): each [BLOCK_N, BLOCK_K] weight tile is read along K (contiguous bytes, wide loads),
@@ -311,7 +349,10 @@ def _w8a16_gemv_kernel(
     Without a `tl.dot` Triton does not pipeline the loop: a program has one weight tile in flight at a time, and the
     memory stays busy through many programs per SM. Issuing two tiles' loads before reducing either was measured
     slower at every Llama-3.1-8B projection on an H200 (seventh session: the doubled registers cost more programs
-    per SM than the extra bytes in flight gain)."""
+    per SM than the extra bytes in flight gain).
+
+    With ADD_NORM every program first reduces the whole row's norm (K elements, from L2 after the first program)
+    and program (0, 0) writes the new residual: the residual add + RMSNorm before the MLP needs no launch of its own."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = tl.program_id(1) * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
@@ -320,18 +361,24 @@ def _w8a16_gemv_kernel(
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     k_tail = k_start
+    rstd = 0.0
+    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
     if PDL:
         # the weights are no earlier kernel's output: load the first tile while the kernel that writes x may still
         # run, then wait for it before reading x (every split has at least one tile)
         gdc_launch_dependents()
         w = _load_w(w_ptrs, nmask, k_start + offs_k, K, not EVEN_N, not EVEN_K)
         gdc_wait()
-        x = _gemv_x(x_ptr, k_start + offs_k, K, not EVEN_K, SILU_MUL)
+        if ADD_NORM:
+            rstd = _row_rstd(x_ptr, res_ptr, sum_ptr, K, eps, first, KP2)
+        x = _gemv_x(x_ptr, k_start + offs_k, K, not EVEN_K, SILU_MUL, ADD_NORM, res_ptr, nw_ptr, rstd)
         acc += tl.sum(_decode_e4m3(w, BITS).to(tl.float32) * x[None, :], 1)
         w_ptrs += BLOCK_K
         k_tail = k_start + BLOCK_K
+    elif ADD_NORM:
+        rstd = _row_rstd(x_ptr, res_ptr, sum_ptr, K, eps, first, KP2)
     for k0 in range(k_tail, k_end, BLOCK_K):
-        x = _gemv_x(x_ptr, k0 + offs_k, K, not EVEN_K, SILU_MUL)
+        x = _gemv_x(x_ptr, k0 + offs_k, K, not EVEN_K, SILU_MUL, ADD_NORM, res_ptr, nw_ptr, rstd)
         w = _load_w(w_ptrs, nmask, k0 + offs_k, K, not EVEN_N, not EVEN_K)
         acc += tl.sum(_decode_e4m3(w, BITS).to(tl.float32) * x[None, :], 1)
         w_ptrs += BLOCK_K
@@ -410,9 +457,11 @@ def _gemv(
     cfg: GemvConfig,
     num_stages: int,
     silu_mul: bool = False,
+    add_norm: AddNorm | None = None,
 ) -> None:
     """One row through `_w8a16_gemv_kernel` (and the split reduce when cfg.split_k > 1) into out [1, N]; with
-    `silu_mul`, x is the [gate | up] row of 2K and the kernel multiplies W by silu(gate) * up."""
+    `silu_mul`, x is the [gate | up] row of 2K and the kernel multiplies W by silu(gate) * up; with `add_norm`, by
+    RMSNorm(x + residual) * weight, writing x + residual to `add_norm.total`."""
     n, k = weight.shape
     per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, per_split)
@@ -422,10 +471,12 @@ def _gemv(
     last = splits > 1 and GEMV_LAST_SPLIT
     cnt = arrival_counters(tiles, x.device, GEMV_COUNTERS_OWNER) if last else out  # unread unless `last`
     pdl = pdl_enabled(x.device) if GEMV_PDL is None else GEMV_PDL
+    norm = add_norm or AddNorm(x, x, x, 0.0)  # never read without ADD_NORM
     _w8a16_gemv_kernel[(tiles, splits)](
-        x, weight, scale, bias_arg, out, ws, cnt, n, k, per_split, weight.stride(0), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
-        BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul, LAST_SPLIT=last, PDL=pdl,
+        x, weight, scale, bias_arg, out, ws, cnt, norm.residual, norm.weight, norm.total, norm.eps, n, k, per_split,
+        weight.stride(0), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
+        EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0, BITS=bits, SPLIT=splits > 1, SILU_MUL=silu_mul,
+        LAST_SPLIT=last, PDL=pdl, ADD_NORM=add_norm is not None, KP2=triton.next_power_of_2(k) if add_norm else 1,
         num_warps=cfg.num_warps, num_stages=num_stages, **launch_options(pdl),
     )  # fmt: skip
     if splits > 1 and not last:
@@ -433,6 +484,67 @@ def _gemv(
             ws, scale, bias_arg, out, 1, n, splits, out.stride(0), BLOCK=REDUCE_BLOCK, HAS_BIAS=bias is not None,
             BITS=bits, num_warps=4,
         )  # fmt: skip
+
+
+class AddNorm(NamedTuple):
+    """The residual add + RMSNorm a GEMV may compute as its prologue (`w8a16_add_rms_norm_linear`)."""
+
+    residual: torch.Tensor  # [1, K], added to x
+    weight: torch.Tensor  # [K], the norm's weight
+    total: torch.Tensor  # [1, K], receives x + residual (the new residual stream)
+    eps: float
+
+
+def w8a16_add_rms_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    decode: str | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(RMSNorm(x + residual) * norm_weight, W), x + residual) for one row x [1, K] in one launch: what
+    `triton_fused.add_rms_norm` and `w8a16_linear` compute in two, bit for bit (the same roundings, the norm
+    reduced as that kernel reduces it), without the normalised row's round trip through memory. Only a single row
+    on the GEMV path (`can_fuse_add_norm`); anything else raises ValueError."""
+    if not can_fuse_add_norm(x, residual):
+        raise ValueError(f"the add + RMSNorm prologue needs one row with its residual, got {tuple(x.shape)}")
+    k, n = x.shape[-1], weight.shape[0]
+    assert weight.shape[1] == k and weight.stride(1) == 1 and norm_weight.shape == (k,), (weight.shape, k)
+    x2, res2 = x.reshape(1, k).contiguous(), residual.reshape(1, k).contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    total = torch.empty_like(x2)
+    bits = _decode_bits(weight, decode, x.device)
+    weight = weight.view(torch.uint8) if bits else weight
+    cfg = gemv_config(n, k, block_n, block_k, num_warps, split_k)
+    _gemv(x2, weight, scale, bias, out, bits, cfg, 3, add_norm=AddNorm(res2, norm_weight, total, eps))
+    return out.view(*x.shape[:-1], n), total.view(x.shape)
+
+
+def can_fuse_add_norm(x: torch.Tensor, residual: torch.Tensor | None, gemv: bool | None = None) -> bool:
+    """Whether one row and its residual can take the GEMV's add + RMSNorm prologue (the GEMV path on)."""
+    return (
+        residual is not None
+        and x.numel() == x.shape[-1] > 0
+        and residual.shape == x.shape
+        and residual.dtype == x.dtype
+        and (GEMV if gemv is None else gemv)
+    )
+
+
+def _decode_bits(weight: torch.Tensor, decode: str | None, device: torch.device) -> bool:
+    """Whether the weight decodes from its bytes ("bits": uint8 weights, older GPUs, or asked) or natively."""
+    decode = "bits" if weight.dtype == torch.uint8 else decode or _device_info(device)[1]
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    return decode == "bits"
 
 
 ACTS = ("silu_mul",)
@@ -492,15 +604,12 @@ def w8a16_linear(
         if bias is not None:
             out += bias
         return out.view(*x.shape[:-1], n)
-    sms, default_decode = _device_info(x.device)
-    decode = "bits" if weight.dtype == torch.uint8 else decode or default_decode
-    if decode not in DECODES:
-        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
-    if decode == "bits" and weight.dtype != torch.uint8:
+    sms = _device_info(x.device)[0]
+    bits = _decode_bits(weight, decode, x.device)
+    if bits and weight.dtype != torch.uint8:
         weight = weight.view(torch.uint8)
     has_bias = bias is not None
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
-    bits = decode == "bits"
     if m == 1 and (GEMV if gemv is None else gemv):
         cfg_1 = gemv_config(n, k, block_n, block_k, num_warps, split_k)
         _gemv(x2, weight, scale, bias, out, bits, cfg_1, num_stages or 3, silu_mul=act == "silu_mul")

@@ -65,7 +65,9 @@ class LinearWeight(Protocol):
     `lragent.quant.fp8.Fp8Weight`); the model never builds one.
 
     It may also offer `linear_silu_mul(gate_up, bias) -> Tensor | None`: its matmul of silu(gate) * up computed
-    from the [gate | up] row itself (one launch instead of two), None where it cannot (see `linear_silu_mul`)."""
+    from the [gate | up] row itself (one launch instead of two), None where it cannot (see `linear_silu_mul`); and
+    `linear_add_rms_norm(x, residual, norm_weight, eps) -> (Tensor, Tensor) | None`: its matmul of the normalised
+    x + residual, and that sum, in one launch (see `MLP.normed_gate_up`)."""
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -187,13 +189,35 @@ class MLP(nn.Module):
     def fuse(self) -> None:
         self.gate_up_weight, _ = _fuse_linears(self.gate_proj, self.up_proj)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, rt: Runtime) -> torch.Tensor:
+    def normed_gate_up(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, rt: Runtime
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up(norm(x + residual)), x + residual) where the gate/up weight computes the add and the norm as its
+        matmul's prologue (FP8 weights, one decode row: no norm launch), else None and the caller runs `norm`.
+        Not when an adapter of the bank targets gate_proj or up_proj: its delta reads the normalised row itself."""
+        fused = getattr(self.gate_up_weight, "linear_add_rms_norm", None)
+        if rt.ops is None or fused is None or self.bank_reads_input(rt.bank):
+            return None
+        return fused(x, residual, norm.weight, norm.eps)
+
+    @staticmethod
+    def bank_reads_input(bank: LoRABank) -> bool:
+        """Whether a loaded adapter targets gate_proj or up_proj (asked of the whole bank: a captured decode graph
+        serves any slot, and adapter loads recapture)."""
+        return bank.has("gate_proj") or bank.has("up_proj")
+
+    def forward(
+        self, x: torch.Tensor | None, ctx: ForwardContext, rt: Runtime, gate_up: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The MLP of x, or of a gate/up output already computed (`normed_gate_up`: then no gate/up adapter)."""
         segs, bank, layer = ctx.lora.segments, rt.bank, self.layer
         if rt.ops is not None and self.gate_up_weight is not None:
-            gate_up = linear(x, self.gate_up_weight)
-            gate, up = gate_up.chunk(2, dim=-1)
-            bank.add_delta(gate, x, layer, "gate_proj", segs)
-            bank.add_delta(up, x, layer, "up_proj", segs)
+            if gate_up is None:
+                assert x is not None
+                gate_up = linear(x, self.gate_up_weight)
+                gate, up = gate_up.chunk(2, dim=-1)
+                bank.add_delta(gate, x, layer, "gate_proj", segs)
+                bank.add_delta(up, x, layer, "up_proj", segs)
             # a down_proj adapter's delta reads h = silu(gate) * up itself: then h is materialised. Asked of the whole
             # bank, not this batch's slots: a captured decode graph serves any slot (adapter loads recapture)
             if not bank.has("down_proj"):
@@ -202,6 +226,7 @@ class MLP(nn.Module):
                     return y
             h = rt.ops.silu_mul(gate_up)
         else:
+            assert x is not None
             gate = _with_lora(self.gate_proj(x), bank.delta(x, layer, "gate_proj", segs))
             up = _with_lora(self.up_proj(x), bank.delta(x, layer, "up_proj", segs))
             h = F.silu(gate) * up
@@ -237,7 +262,12 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the residual stream and this layer's MLP output, which the next norm adds (one fused kernel)."""
         x, h = self.input_layernorm(h, pending, rt.ops)
-        x, h = self.post_attention_layernorm(self.self_attn(x, ctx, rt), h, rt.ops)
+        attn = self.self_attn(x, ctx, rt)
+        fused = self.mlp.normed_gate_up(attn, h, self.post_attention_layernorm, rt)
+        if fused is not None:  # the gate/up GEMV added and normalised the row itself
+            gate_up, h = fused
+            return h, self.mlp(None, ctx, rt, gate_up=gate_up)
+        x, h = self.post_attention_layernorm(attn, h, rt.ops)
         return h, self.mlp(x, ctx, rt)
 
 

@@ -53,6 +53,9 @@ FP8_GEMMS = ("auto", "torch", "triton")
 FP8_GEMM = os.environ.get("LRAGENT_FP8_GEMM", "auto")
 if FP8_GEMM not in FP8_GEMMS:
     raise ValueError(f"LRAGENT_FP8_GEMM must be one of {', '.join(FP8_GEMMS)}, got {FP8_GEMM!r}")
+# a decode row's gate/up GEMV computes the residual add + RMSNorm before it (LRAGENT_FP8_NORM_PROLOGUE=0: the norm
+# kernel runs first, as for bf16 weights)
+NORM_PROLOGUE = os.environ.get("LRAGENT_FP8_NORM_PROLOGUE", "1") == "1"
 # (module holding them, projections in row order, attribute of their fused weight or None)
 GROUPS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
     ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_weight"),
@@ -141,6 +144,21 @@ class Fp8Weight:
         if not can_fuse_act(gate_up, "silu_mul"):
             return None
         return w8a16_linear(gate_up, self.data, self.scale, bias, self.dtype, act="silu_mul")
+
+    def linear_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(linear(RMSNorm(x + residual) * norm_weight), x + residual) in one launch: the Triton GEMV adds and
+        normalises the row as it loads it (`w8a16_add_rms_norm_linear`, with `add_rms_norm`'s roundings), so the
+        gate/up projection of a decode step skips the norm kernel. None where that does not apply (more than one
+        row, this weight not on the Triton path, the GEMV off, another width or dtype)."""
+        if not (NORM_PROLOGUE and self.triton_rows) or x.shape[-1] != self.data.shape[1] or x.dtype != self.dtype:
+            return None
+        from lragent.kernels.triton_fp8 import can_fuse_add_norm, w8a16_add_rms_norm_linear
+
+        if not can_fuse_add_norm(x, residual):
+            return None
+        return w8a16_add_rms_norm_linear(x, residual, norm_weight, eps, self.data, self.scale)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in] -> [..., out] in the model dtype, as F.linear(x, W, bias) with W the dequantised weight."""
