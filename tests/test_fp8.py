@@ -20,6 +20,7 @@ from lragent.engine_args import HelpFormatter, add_engine_args, engine_config
 from lragent.model_config import ModelConfig
 from lragent.models.llama import Attention, linear
 from lragent.models.loader import empty_model
+from lragent.quant import fp8 as fp8_module
 from lragent.quant import quantize_model
 from lragent.quant.fp8 import (
     FP8,
@@ -331,8 +332,6 @@ def test_fp8_engine_on_gpu_agrees_with_bf16(tiny_llama):
 def test_fp8_engine_triton_gemm_matches_old_path(engines, tiny_llama, monkeypatch):
     """LRAGENT_FP8_GEMM=triton (here via `FP8_GEMM`): every projection runs the Triton W8A16 kernel (interpreted on
     CPU, float32), and the greedy tokens equal those of the old path (dequantise + F.linear), LoRA included."""
-    import lragent.quant.fp8 as fp8_module
-
     model, adapters = tiny_llama
     monkeypatch.setattr(fp8_module, "FP8_GEMM", "triton")
     llm = _engine(model, adapters, "fp8")
@@ -351,80 +350,65 @@ def test_fp8_engine_triton_gemm_matches_old_path(engines, tiny_llama, monkeypatc
             assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
 
 
-def test_fp8_fused_silu_down_matches_unfused(tiny_llama, tmp_path, monkeypatch):
+# (the Fp8Weight method that fuses, the projection whose adapter makes the layer materialise that input instead)
+FUSIONS = {
+    "silu_mul into down": ("linear_silu_mul", "down_proj"),
+    "add + RMSNorm into gate/up": ("linear_add_rms_norm", "gate_proj"),
+}
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_fp8_fused_prologue_matches_unfused(fusion, tiny_llama, tmp_path, monkeypatch):
     """Triton backend (fused layers) with every projection on the Triton W8A16 kernel: a lone sequence's decode
-    rows run the down projection with silu(gate) * up computed in its GEMV (`Fp8Weight.linear_silu_mul`), and
-    generate the tokens and logprobs of the same engine with that fusion declined (silu_mul kernel, then the
-    GEMV). Once any loaded adapter targets down_proj, h stays materialised for every sequence (its delta reads h,
-    and a captured decode graph serves any adapter): the fusion is not even asked for."""
-    import lragent.quant.fp8 as fp8_module
+    rows compute a layer's elementwise step inside the next GEMV (silu(gate) * up in the down projection,
+    `Fp8Weight.linear_silu_mul`; the residual add + RMSNorm before the MLP in the gate/up projection,
+    `Fp8Weight.linear_add_rms_norm` through `MLP.normed_gate_up`), and generate the tokens and logprobs of the same
+    engine with that fusion declined (the elementwise kernel, then the GEMV). Once any loaded adapter targets the
+    projection that reads that step's output (down_proj / gate_proj), the output stays materialised for every
+    sequence (the adapter's delta reads it, and a captured decode graph serves any adapter): the fusion is not even
+    asked for."""
     from lragent.bench.adapters import write_peft_adapter
 
+    method, target = FUSIONS[fusion]
     model, adapters = tiny_llama
     config = ModelConfig.from_file(f"{model}/config.json")
-    down = write_peft_adapter(tmp_path / "down", config, ("q_proj", "down_proj"), seed=3, b_scale=0.05)
+    other = write_peft_adapter(tmp_path / "other", config, ("q_proj", target), seed=3, b_scale=0.05)
     monkeypatch.setattr(fp8_module, "FP8_GEMM", "triton")
     dev = {"device": "cuda"} if torch.cuda.is_available() else {}
-    real, fused_rows = Fp8Weight.linear_silu_mul, []
+    real, fused_rows = getattr(Fp8Weight, method), []
 
-    def spy(self: Fp8Weight, gate_up: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        out = real(self, gate_up, bias)
-        fused_rows.append(gate_up.shape[0] if out is not None else 0)
-        return out
-
-    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True)
-    plain = _engine(model, adapters, "fp8", backend="triton", **dev)
-    with_down = _engine(model, {**adapters, "down": str(down)}, "fp8", backend="triton", **dev)
-    for llm, adapter, asked in ((plain, None, True), (plain, "plan", True), (with_down, "plan", False),
-                                (with_down, "down", False)):  # fmt: skip
-        assert llm.engine.fused_layers
-        fused_rows.clear()
-        monkeypatch.setattr(Fp8Weight, "linear_silu_mul", spy)
-        got = llm.generate(PROMPTS[:1], greedy, adapter=adapter)
-        monkeypatch.setattr(Fp8Weight, "linear_silu_mul", lambda self, gate_up, bias=None: None)
-        want = llm.generate(PROMPTS[:1], greedy, adapter=adapter)
-        assert got[0].token_ids == want[0].token_ids
-        assert max(abs(a - b) for a, b in zip(got[0].logprobs, want[0].logprobs)) < 1e-5
-        # asked at the prefill (declined: many rows) and at each decode step of each layer (fused: one row)
-        assert bool(fused_rows) == asked, (adapter, fused_rows)
-        assert not asked or (fused_rows.count(1) == 3 * config.num_layers and set(fused_rows) == {0, 1})
-
-
-def test_fp8_fused_norm_gate_up_matches_unfused(tiny_llama, tmp_path, monkeypatch):
-    """Triton backend with every projection on the Triton W8A16 kernel: a lone sequence's decode rows run the
-    residual add + RMSNorm before the MLP inside the gate/up GEMV (`Fp8Weight.linear_add_rms_norm`, through
-    `MLP.normed_gate_up`), and generate the tokens and logprobs of the same engine with that fusion declined (the
-    norm kernel, then the GEMV). Once a loaded adapter targets gate_proj, the normalised row stays materialised
-    for every sequence (the adapter's delta reads it): the fusion is not even asked for."""
-    import lragent.quant.fp8 as fp8_module
-    from lragent.bench.adapters import write_peft_adapter
-
-    model, adapters = tiny_llama
-    config = ModelConfig.from_file(f"{model}/config.json")
-    gate = write_peft_adapter(tmp_path / "gate", config, ("q_proj", "gate_proj"), seed=4, b_scale=0.05)
-    monkeypatch.setattr(fp8_module, "FP8_GEMM", "triton")
-    dev = {"device": "cuda"} if torch.cuda.is_available() else {}
-    real, fused_rows = Fp8Weight.linear_add_rms_norm, []
-
-    def spy(self: Fp8Weight, x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def spy(self: Fp8Weight, x: torch.Tensor, *args: object) -> object:
         out = real(self, x, *args)
         fused_rows.append(x.shape[0] if out is not None else 0)
         return out
 
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True)
     plain = _engine(model, adapters, "fp8", backend="triton", **dev)
-    with_gate = _engine(model, {**adapters, "gate": str(gate)}, "fp8", backend="triton", **dev)
-    for llm, adapter, asked in ((plain, None, True), (plain, "plan", True), (with_gate, "plan", False),
-                                (with_gate, "gate", False)):  # fmt: skip
+    with_other = _engine(model, {**adapters, "other": str(other)}, "fp8", backend="triton", **dev)
+    for llm, adapter, asked in ((plain, None, True), (plain, "plan", True), (with_other, "plan", False),
+                                (with_other, "other", False)):  # fmt: skip
         assert llm.engine.fused_layers
         fused_rows.clear()
-        monkeypatch.setattr(Fp8Weight, "linear_add_rms_norm", spy)
+        monkeypatch.setattr(Fp8Weight, method, spy)
         got = llm.generate(PROMPTS[:1], greedy, adapter=adapter)
-        monkeypatch.setattr(fp8_module, "NORM_PROLOGUE", False)
+        monkeypatch.setattr(Fp8Weight, method, lambda self, *args: None)
         want = llm.generate(PROMPTS[:1], greedy, adapter=adapter)
-        monkeypatch.setattr(fp8_module, "NORM_PROLOGUE", True)
         assert got[0].token_ids == want[0].token_ids
         assert max(abs(a - b) for a, b in zip(got[0].logprobs, want[0].logprobs)) < 1e-5
         # asked at the prefill (declined: many rows) and at each decode step of each layer (fused: one row)
         assert bool(fused_rows) == asked, (adapter, fused_rows)
         assert not asked or (fused_rows.count(1) == 3 * config.num_layers and set(fused_rows) == {0, 1})
+
+
+def test_fp8_norm_prologue_switch(tiny_llama, monkeypatch):
+    """LRAGENT_FP8_NORM_PROLOGUE=0 (`NORM_PROLOGUE`) declines the add + RMSNorm fusion; on by default."""
+    model, adapters = tiny_llama
+    monkeypatch.setattr(fp8_module, "FP8_GEMM", "triton")
+    dev = {"device": "cuda"} if torch.cuda.is_available() else {}
+    llm = _engine(model, adapters, "fp8", backend="triton", **dev)
+    mlp = llm.engine.model.model.layers[0].mlp
+    x = torch.randn(1, ModelConfig.from_file(f"{model}/config.json").hidden_size, device=llm.engine.device)
+    norm = llm.engine.model.model.layers[0].post_attention_layernorm
+    assert fp8_module.NORM_PROLOGUE and mlp.gate_up_weight.linear_add_rms_norm(x, x, norm.weight, norm.eps)
+    monkeypatch.setattr(fp8_module, "NORM_PROLOGUE", False)
+    assert mlp.gate_up_weight.linear_add_rms_norm(x, x, norm.weight, norm.eps) is None
