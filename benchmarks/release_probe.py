@@ -47,24 +47,29 @@ def chain(obj: object, depth: int = 4, seen: set[int] | None = None, indent: str
         chain(ref, depth - 1, seen, indent + "  ")
 
 
+def _engine(folder: str, adapters: dict[str, str], **options: object) -> LLM:
+    """The engine of tests/test_engine_release.py's budget test (tiny model, pages of 8, graphs up to 8 rows)."""
+    return LLM(
+        model=folder,
+        adapters=adapters,
+        sharing="base_shared",
+        block_size=8,
+        warmup=False,
+        device=DEVICE,
+        max_model_len=512,
+        max_num_seqs=8,
+        cuda_graph_max_batch=8,
+        **options,
+    )
+
+
 def main() -> None:
     folder, adapters = write_tiny_llama(Path(tempfile.mkdtemp()))
     greedy = SamplingParams(temperature=0.0, max_tokens=3)
     for name, variant in VARIANTS.items():
         options = {"gpu_memory_utilization": 0.3, **variant}
         keep = options.pop("keep", False)
-        llm = LLM(
-            model=folder,
-            adapters=adapters,
-            sharing="base_shared",
-            block_size=8,
-            warmup=False,
-            device=DEVICE,
-            max_model_len=512,
-            max_num_seqs=8,
-            cuda_graph_max_batch=8,
-            **options,
-        )
+        llm = _engine(folder, adapters, **options)
         outs = llm.generate([[1, 2, 3], [4, 5, 6]], adapter=["plan", "action"], sampling_params=greedy)
         kept = [outs, llm.cache_stats()] if keep else []  # as the budget test holds them across close()
         del outs
@@ -94,18 +99,7 @@ def three_in_a_row(folder: str, adapters: dict[str, str]) -> None:
     """tests/test_engine_release.py::test_three_engines_in_a_row_get_the_same_budget, printing what it measures."""
     greedy = SamplingParams(temperature=0.0, max_tokens=3)
     for i in range(3):
-        with LLM(
-            model=folder,
-            adapters=adapters,
-            sharing="base_shared",
-            block_size=8,
-            warmup=False,
-            device=DEVICE,
-            gpu_memory_utilization=0.5,
-            max_model_len=512,
-            max_num_seqs=8,
-            cuda_graph_max_batch=8,
-        ) as llm:
+        with _engine(folder, adapters, gpu_memory_utilization=0.5) as llm:
             llm.generate([[1, 2, 3], [4, 5, 6]], adapter=["plan", "action"], sampling_params=greedy)
             budget = llm.cache_stats()["bytes_allocated"] / 2**30
             cache = weakref.ref(llm.engine.cache)

@@ -511,9 +511,10 @@ def w8a16_add_rms_norm_linear(
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(RMSNorm(x + residual) * norm_weight, W), x + residual) for one row x [1, K] in one launch: what
-    `triton_fused.add_rms_norm` and `w8a16_linear` compute in two, bit for bit (the same roundings, the norm
-    reduced as that kernel reduces it), without the normalised row's round trip through memory. Only a single row
-    on the GEMV path (`can_fuse_add_norm`); anything else raises ValueError."""
+    `triton_fused.add_rms_norm` and `w8a16_linear` compute in two, with the same roundings (the sum exactly; the
+    product bit for bit in the interpreter, where both kernels reduce the norm alike, and within the GEMV's
+    tolerance compiled, where the sums of squares may run in another order), without the normalised row's round
+    trip through memory. Only a single row on the GEMV path (`can_fuse_add_norm`); anything else raises ValueError."""
     if not can_fuse_add_norm(x, residual):
         raise ValueError(f"the add + RMSNorm prologue needs one row with its residual, got {tuple(x.shape)}")
     k, n = x.shape[-1], weight.shape[0]
